@@ -1,0 +1,438 @@
+"""Local Hugging Face checkpoints <-> zsjax params, and local tokenizers.
+
+Reads ``config.json`` plus one or many ``*.safetensors`` files (with or without
+``model.safetensors.index.json``) tensor by tensor with the safetensors numpy
+backend: no torch, no hub. Writes directories that
+``transformers.AutoModelForCausalLM.from_pretrained`` loads.
+
+One table (``_weight_rules``) names every HF tensor, the zsjax param it fills
+and the layout change between them; loading, saving and shape checks all read
+it, so the two directions cannot drift apart.
+
+Layouts: HF linear weights are ``[out, in]``; zsjax kernels are ``[in, out]``
+with heads split out (``q_proj``: ``[D, N, H]``, ``o_proj``: ``[N, H, D]``) and
+a leading ``[Y]`` layer axis on everything inside ``layers``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from zsjax.model import ModelConfig, RopeScaling, param_shapes
+
+CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_HF_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+# Tensors some exporters write that carry no learned state.
+_IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+  """A checkpoint directory that cannot be read into the expected params."""
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
+  """Rope theta and scaling from either the legacy keys or ``rope_parameters``."""
+  params = dict(hf.get("rope_parameters") or {})
+  scaling = dict(hf.get("rope_scaling") or {})
+  theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+  merged = {**scaling, **params}
+  kind = merged.get("rope_type", merged.get("type", "default"))
+  if kind == "default":
+    return float(theta), None
+  if kind == "linear":
+    return float(theta), RopeScaling(kind="linear", factor=float(merged["factor"]))
+  if kind == "llama3":
+    return float(theta), RopeScaling(
+        kind="llama3", factor=float(merged["factor"]),
+        low_freq_factor=float(merged["low_freq_factor"]),
+        high_freq_factor=float(merged["high_freq_factor"]),
+        original_max_position_embeddings=int(merged["original_max_position_embeddings"]))
+  raise CheckpointError(
+      f"config.json: rope type {kind!r} is not supported (supported: default, linear, "
+      "llama3). Remove 'rope_scaling' to run without scaling if the context fits.")
+
+
+def _as_tuple(value) -> tuple[int, ...]:
+  if value is None:
+    return ()
+  return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
+def config_from_hf(hf: Mapping[str, Any], dtype=jnp.float32, source: str = CONFIG_FILE) -> ModelConfig:
+  """``ModelConfig`` from a parsed HF ``config.json`` of the Qwen2 or Llama family."""
+  model_type = hf.get("model_type")
+  if model_type not in _HF_ARCHITECTURES:
+    raise CheckpointError(
+        f"{source}: model_type={model_type!r} (architectures={hf.get('architectures')}) is not "
+        f"supported; zsjax reads {sorted(_HF_ARCHITECTURES)} (Qwen2/Qwen2.5, Llama 3.x).")
+  if hf.get("use_sliding_window"):
+    raise CheckpointError(f"{source}: use_sliding_window=true is not supported; set it to false "
+                          "(Qwen2.5 checkpoints ship with it off).")
+  if hf.get("hidden_act", "silu") != "silu":
+    raise CheckpointError(f"{source}: hidden_act={hf['hidden_act']!r}; only 'silu' is supported.")
+  missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                         "num_attention_heads") if k not in hf]
+  if missing:
+    raise CheckpointError(f"{source}: required field(s) {missing} are missing.")
+  theta, scaling = _rope_from_hf(hf)
+  num_heads = int(hf["num_attention_heads"])
+  head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+  if model_type == "qwen2":
+    qkv_bias, o_bias, mlp_bias = True, False, False
+  else:
+    qkv_bias = o_bias = bool(hf.get("attention_bias", False))
+    mlp_bias = bool(hf.get("mlp_bias", False))
+  dtype = jnp.dtype(dtype).name
+  return ModelConfig(
+      arch=model_type, vocab_size=int(hf["vocab_size"]), embed_dim=int(hf["hidden_size"]),
+      mlp_dim=int(hf["intermediate_size"]), num_layers=int(hf["num_hidden_layers"]),
+      num_heads=num_heads, num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+      head_dim=int(head_dim), rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      rope_theta=theta, rope_scaling=scaling, qkv_bias=qkv_bias, o_bias=o_bias,
+      mlp_bias=mlp_bias, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+      bos_token_id=hf.get("bos_token_id"), eos_token_ids=_as_tuple(hf.get("eos_token_id")),
+      pad_token_id=hf.get("pad_token_id"), dtype=dtype, param_dtype=dtype)
+
+
+def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
+  """An HF ``config.json`` dict. Rope settings are written in both the legacy
+  (``rope_theta``/``rope_scaling``) and the current (``rope_parameters``) form."""
+  if cfg.arch == "qwen2" and (not cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias):
+    raise CheckpointError("Qwen2 checkpoints have q/k/v biases only: export needs qkv_bias=True, "
+                          f"o_bias=False, mlp_bias=False (got {cfg.qkv_bias}, {cfg.o_bias}, "
+                          f"{cfg.mlp_bias}); use arch='llama' for other bias layouts.")
+  if cfg.arch == "llama" and cfg.qkv_bias != cfg.o_bias:
+    raise CheckpointError("Llama's attention_bias sets q/k/v and o biases together: export needs "
+                          f"qkv_bias == o_bias (got {cfg.qkv_bias}, {cfg.o_bias}).")
+  scaling = None
+  rope_parameters = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+  if cfg.rope_scaling is not None:
+    s = cfg.rope_scaling
+    scaling = {"rope_type": s.kind, "factor": s.factor}
+    if s.kind == "llama3":
+      scaling.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
+                     original_max_position_embeddings=s.original_max_position_embeddings)
+    rope_parameters = {**scaling, "rope_theta": cfg.rope_theta}
+  eos = list(cfg.eos_token_ids)
+  out = {
+      "architectures": [_HF_ARCHITECTURES[cfg.arch]], "model_type": cfg.arch,
+      "vocab_size": cfg.vocab_size, "hidden_size": cfg.embed_dim,
+      "intermediate_size": cfg.mlp_dim, "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+      "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps,
+      "rope_theta": cfg.rope_theta, "rope_scaling": scaling, "rope_parameters": rope_parameters,
+      "tie_word_embeddings": cfg.tie_embeddings,
+      "max_position_embeddings": cfg.max_position_embeddings,
+      "bos_token_id": cfg.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+      "pad_token_id": cfg.pad_token_id, "torch_dtype": torch_dtype, "dtype": torch_dtype,
+      "use_cache": True,
+  }
+  if cfg.arch == "llama":
+    out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+  else:
+    out.update(use_sliding_window=False, sliding_window=None)
+  return out
+
+
+# --------------------------------------------------------------------- weight table
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+  """One HF tensor name (``{i}`` = layer) <-> one zsjax param path."""
+
+  hf_name: str
+  path: tuple[str, ...]
+  to_jax: Callable[[np.ndarray], np.ndarray]
+  to_hf: Callable[[np.ndarray], np.ndarray]
+  layered: bool = False
+
+
+def _same(x):
+  return x
+
+
+def _transpose(x):
+  return x.T
+
+
+def _weight_rules(cfg: ModelConfig, head: str = "lm") -> list[_Rule]:
+  d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+  def heads_in(heads):  # HF [heads*H, D] <-> [D, heads, H]
+    return (lambda w: w.T.reshape(d, heads, h), lambda w: w.reshape(d, heads * h).T)
+
+  def heads_bias(heads):  # HF [heads*H] <-> [heads, H]
+    return (lambda b: b.reshape(heads, h), lambda b: b.reshape(heads * h))
+
+  heads_out = (lambda w: w.T.reshape(n, h, d), lambda w: w.reshape(n * h, d).T)  # HF [D, N*H]
+  pre = "model.layers.{i}."
+  rules = [
+      _Rule("model.embed_tokens.weight", ("embed", "embedding"), _same, _same),
+      _Rule("model.norm.weight", ("final_norm", "scale"), _same, _same),
+      _Rule(pre + "input_layernorm.weight", ("layers", "input_norm", "scale"), _same, _same, True),
+      _Rule(pre + "post_attention_layernorm.weight", ("layers", "post_attn_norm", "scale"),
+            _same, _same, True),
+  ]
+  for proj, heads in (("q_proj", n), ("k_proj", k), ("v_proj", k)):
+    rules.append(_Rule(pre + f"self_attn.{proj}.weight", ("layers", "attn", proj, "kernel"),
+                       *heads_in(heads), True))
+    if cfg.qkv_bias:
+      rules.append(_Rule(pre + f"self_attn.{proj}.bias", ("layers", "attn", proj, "bias"),
+                         *heads_bias(heads), True))
+  rules.append(_Rule(pre + "self_attn.o_proj.weight", ("layers", "attn", "o_proj", "kernel"),
+                     *heads_out, True))
+  if cfg.o_bias:
+    rules.append(_Rule(pre + "self_attn.o_proj.bias", ("layers", "attn", "o_proj", "bias"),
+                       _same, _same, True))
+  for proj in ("gate_proj", "up_proj", "down_proj"):
+    rules.append(_Rule(pre + f"mlp.{proj}.weight", ("layers", "mlp", proj, "kernel"),
+                       _transpose, _transpose, True))
+    if cfg.mlp_bias:
+      rules.append(_Rule(pre + f"mlp.{proj}.bias", ("layers", "mlp", proj, "bias"),
+                         _same, _same, True))
+  if head == "lm" and not cfg.tie_embeddings:
+    rules.append(_Rule("lm_head.weight", ("lm_head",), _transpose, _transpose))
+  return rules
+
+
+def _hf_shape(rule: _Rule, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The HF shape of a (one-layer) param of ``shape``, computed without allocating."""
+  return rule.to_hf(_ShapeProbe(shape)).shape
+
+
+class _ShapeProbe:
+  """Stands in for a large array: supports ``.T``, ``.reshape`` and ``.shape``."""
+
+  def __init__(self, shape):
+    self.shape = tuple(shape)
+
+  @property
+  def T(self):  # noqa: N802 (numpy's name)
+    return _ShapeProbe(self.shape[::-1])
+
+  def reshape(self, *shape):
+    shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+    return _ShapeProbe(tuple(int(s) for s in shape))
+
+
+# ------------------------------------------------------------------------- reading
+
+
+def _tensor_files(directory: Path) -> dict[str, Path]:
+  """Maps every tensor name in the checkpoint to the file that holds it."""
+  index = directory / INDEX_FILE
+  if index.exists():
+    weight_map = json.loads(index.read_text()).get("weight_map")
+    if not isinstance(weight_map, dict):
+      raise CheckpointError(f"{index}: has no 'weight_map' object.")
+    files = {name: directory / fname for name, fname in weight_map.items()}
+    for path in sorted(set(files.values())):
+      if not path.exists():
+        raise CheckpointError(f"{index} lists {path.name}, which does not exist in {directory}.")
+    return files
+  paths = sorted(directory.glob("*.safetensors"))
+  if not paths:
+    others = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+    hint = (f" It has {others}: convert them to safetensors first "
+            "(transformers: model.save_pretrained(dir, safe_serialization=True)).") if others else ""
+    raise CheckpointError(f"{directory}: no *.safetensors files found.{hint}")
+  files = {}
+  for path in paths:
+    with safe_open(path, framework="numpy") as f:
+      for name in f.keys():
+        files[name] = path
+  return files
+
+
+def read_config(path: str | os.PathLike, dtype=jnp.float32) -> ModelConfig:
+  """The ``ModelConfig`` of a local HF checkpoint directory."""
+  directory = Path(path)
+  if not directory.is_dir():
+    raise CheckpointError(f"Checkpoint directory {directory} does not exist (or is not a "
+                          "directory); give a local HF model directory, not a hub name.")
+  config_path = directory / CONFIG_FILE
+  if not config_path.exists():
+    raise CheckpointError(f"{config_path} is missing: an HF checkpoint directory needs "
+                          "config.json beside its *.safetensors files.")
+  try:
+    hf = json.loads(config_path.read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{config_path} is not valid JSON: {e}") from None
+  return config_from_hf(hf, dtype, source=str(config_path))
+
+
+def iter_checkpoint_tensors(path: str | os.PathLike, cfg: ModelConfig, head: str = "lm"
+                            ) -> Iterator[tuple[tuple[str, ...], int | None, np.ndarray]]:
+  """Yields ``(param_path, layer_or_None, array)`` in zsjax layout, one HF tensor at a
+  time, after checking that each is present and has the expected shape, and that
+  the checkpoint holds no tensor the model would not use."""
+  directory = Path(path)
+  files = _tensor_files(directory)
+  shapes = param_shapes(cfg, head)
+  expected_names = set()
+  rules = _weight_rules(cfg, head)
+  for rule in rules:
+    for layer in (range(cfg.num_layers) if rule.layered else [None]):
+      expected_names.add(rule.hf_name.format(i=layer))
+  unexpected = sorted(n for n in files if n not in expected_names
+                      and not n.endswith(_IGNORABLE_SUFFIXES)
+                      and not (n == "lm_head.weight" and (cfg.tie_embeddings or head != "lm")))
+  if unexpected:
+    raise CheckpointError(
+        f"{directory}: tensor(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} are not "
+        f"used by the {cfg.arch} model of config.json ({cfg.num_layers} layers, qkv_bias="
+        f"{cfg.qkv_bias}, mlp_bias={cfg.mlp_bias}, tie_embeddings={cfg.tie_embeddings}); the "
+        "checkpoint and its config.json do not match.")
+
+  open_files: dict[Path, Any] = {}
+  try:
+    for rule in rules:
+      param_shape = _get(shapes, rule.path).shape
+      want = _hf_shape(rule, param_shape[1:] if rule.layered else param_shape)
+      for layer in (range(cfg.num_layers) if rule.layered else [None]):
+        name = rule.hf_name.format(i=layer)
+        if name not in files:
+          raise CheckpointError(
+              f"{directory}: tensor {name!r} (expected shape {list(want)}) is missing from the "
+              f"checkpoint files {sorted({p.name for p in files.values()})}.")
+        file = files[name]
+        if file not in open_files:
+          open_files[file] = safe_open(file, framework="numpy").__enter__()
+        handle = open_files[file]
+        found = tuple(handle.get_slice(name).get_shape())
+        if found != tuple(want):
+          raise CheckpointError(
+              f"{file}: tensor {name!r} has shape {list(found)}, expected {list(want)} for "
+              f"the config in {directory / CONFIG_FILE}; the checkpoint and its config do not match.")
+        yield rule.path, layer, rule.to_jax(handle.get_tensor(name))
+  finally:
+    for handle in open_files.values():
+      handle.__exit__(None, None, None)
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _set(tree, path, value):
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, *, head: str = "lm"
+                    ) -> tuple[ModelConfig, Any]:
+  """Reads a local HF directory into ``(ModelConfig, params)``.
+
+  ``dtype`` is both the param and the compute dtype of the returned config
+  (change the latter with ``dataclasses.replace(cfg, dtype=...)``). With
+  ``head="value"`` the LM head is skipped and a zero value head added (a PPO
+  critic initialised from a policy checkpoint).
+  """
+  cfg = read_config(path, dtype)
+  np_dtype = np.dtype(jnp.dtype(dtype))
+  shapes = param_shapes(cfg, head)
+  buffers: dict = {}
+  for param_path, layer, array in iter_checkpoint_tensors(path, cfg, head):
+    if layer is None:
+      _set(buffers, param_path, array.astype(np_dtype))
+      continue
+    try:
+      buffer = _get(buffers, param_path)
+    except KeyError:
+      buffer = np.empty(_get(shapes, param_path).shape, np_dtype)
+      _set(buffers, param_path, buffer)
+    buffer[layer] = array.astype(np_dtype)
+  if head == "value":
+    _set(buffers, ("value_head",), np.zeros(shapes["value_head"].shape, np_dtype))
+  params = jax.tree_util.tree_map(jnp.asarray, buffers)
+  return cfg, params
+
+
+# ------------------------------------------------------------------------- writing
+
+
+def hf_state_dict(cfg: ModelConfig, params, dtype=None) -> dict[str, np.ndarray]:
+  """The HF-named numpy tensors of ``params`` (one host copy)."""
+  tensors = {}
+  for rule in _weight_rules(cfg):
+    value = np.asarray(jax.device_get(_get(params, rule.path)))
+    if dtype is not None:
+      value = value.astype(np.dtype(jnp.dtype(dtype)))
+    for layer in (range(cfg.num_layers) if rule.layered else [None]):
+      piece = value if layer is None else value[layer]
+      tensors[rule.hf_name.format(i=layer)] = np.ascontiguousarray(rule.to_hf(piece))
+  return tensors
+
+
+def save_checkpoint(path: str | os.PathLike, cfg: ModelConfig, params, *, dtype=None,
+                    max_shard_bytes: int = 2 << 30) -> Path:
+  """Writes ``config.json`` and safetensors (sharded with an index above
+  ``max_shard_bytes``) that transformers' ``from_pretrained`` loads."""
+  directory = Path(path)
+  directory.mkdir(parents=True, exist_ok=True)
+  tensors = hf_state_dict(cfg, params, dtype)
+  dtype_name = np.dtype(next(iter(tensors.values())).dtype).name
+  (directory / CONFIG_FILE).write_text(json.dumps(config_to_hf(cfg, dtype_name), indent=2) + "\n")
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  for name, tensor in tensors.items():
+    if shards[-1] and size + tensor.nbytes > max_shard_bytes:
+      shards.append({})
+      size = 0
+    shards[-1][name] = tensor
+    size += tensor.nbytes
+  for stale in directory.glob("*.safetensors"):
+    stale.unlink()
+  (directory / INDEX_FILE).unlink(missing_ok=True)
+  metadata = {"format": "pt"}  # transformers expects this marker
+  if len(shards) == 1:
+    save_file(shards[0], str(directory / SINGLE_FILE), metadata=metadata)
+    return directory
+  weight_map = {}
+  for i, shard in enumerate(shards):
+    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    save_file(shard, str(directory / fname), metadata=metadata)
+    weight_map.update({name: fname for name in shard})
+  total = sum(t.nbytes for t in tensors.values())
+  (directory / INDEX_FILE).write_text(json.dumps(
+      {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+  return directory
+
+
+# ----------------------------------------------------------------------- tokenizer
+
+
+def load_tokenizer(path: str | os.PathLike, **kwargs):
+  """A tokenizer from a local directory (never the hub)."""
+  from transformers import AutoTokenizer  # heavy import, only where tokenizers are used
+
+  directory = Path(path)
+  if not directory.is_dir():
+    raise FileNotFoundError(f"Tokenizer directory {directory} does not exist; give a local "
+                            "directory holding tokenizer.json / tokenizer_config.json.")
+  return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, **kwargs)
+
+
+__all__ = ["CheckpointError", "config_from_hf", "config_to_hf", "read_config",
+           "iter_checkpoint_tensors", "load_checkpoint", "save_checkpoint", "hf_state_dict",
+           "load_tokenizer"]

@@ -1,0 +1,429 @@
+"""Decoder-only transformer for the Qwen2 / Qwen2.5 and Llama-3.x families.
+
+One pure Flax Linen module serves the policy, the frozen reference, the PPO critic
+(``head="value"``) and the search simulator: they differ only in their params.
+
+Shape legend (used in comments and einsum strings):
+  B batch, L tokens in this call, S cache slots, D model width, N query heads,
+  K kv heads, G = N // K query heads per kv head, H head dim, F MLP width,
+  V vocab, Y layers.
+
+Params carry logical axis names (``vocab``, ``embed``, ``mlp``, ``heads``,
+``kv_heads``, ``head_dim``, ``norm``, ``layers``, ``value``); ``zsjax.sharding``
+maps them onto a mesh. No code in this file mentions a mesh.
+
+Attention masks
+---------------
+Without a cache, a token at index i of row b attends to index j <= i of the same
+row when ``segment_ids[b, i] == segment_ids[b, j] != 0``. A 0/1 padding mask is a
+valid ``segment_ids`` (left or right padding); distinct ids pack several
+sequences into one row. ``positions`` (the rotary positions) default to
+``arange(L)``; pass ``cumsum(mask) - 1`` for left padding, or restart them per
+packed segment.
+
+KV cache layout
+---------------
+``KVCache(k, v, lengths)`` with ``k``, ``v``: ``[Y, B, S, K, H]`` and
+``lengths``: ``[B]`` int32. Row b holds its tokens contiguously in slots
+``[0, lengths[b])``; slot index equals the token's position in the row. A call
+with a cache writes its L tokens at slots ``lengths[b] + arange(L)`` (writes
+past S are dropped, never clamped onto live slots), the token at chunk index i
+attends to slots ``<= lengths[b] + i``, and ``lengths`` advances by the number
+of real tokens (``segment_ids != 0``, a right-padded chunk) or by L. Slots past
+``lengths`` may hold stale values: they are never attended and the next write
+overwrites them. Prefill (L > 1, any per-row offsets) and decode (L == 1) are the
+same call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_NEG_INF = -1e30  # finite, so a fully masked row gives a uniform softmax, not NaN
+_ARCHS = ("qwen2", "llama")
+_REMAT = ("none", "full", "dots")
+_HEADS = ("lm", "value", "hidden")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Rotary frequency scaling. ``kind``: ``"linear"`` or ``"llama3"``."""
+
+  kind: str = "llama3"
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+  def __post_init__(self):
+    if self.kind not in ("linear", "llama3"):
+      raise ValueError(
+          f"RopeScaling.kind={self.kind!r} is not supported; use 'linear' or "
+          "'llama3', or None for unscaled rotary embeddings.")
+    if self.factor <= 0:
+      raise ValueError(f"RopeScaling.factor={self.factor} must be > 0.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture and numerics of one decoder. Frozen and hashable (jit-static)."""
+
+  vocab_size: int
+  embed_dim: int  # D
+  mlp_dim: int  # F
+  num_layers: int  # Y
+  num_heads: int  # N
+  num_kv_heads: int  # K
+  head_dim: int  # H
+  arch: str = "llama"  # HF model_type: "qwen2" or "llama"
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  qkv_bias: bool = False  # Qwen2: True
+  o_bias: bool = False  # Llama attention_bias sets both qkv_bias and o_bias
+  mlp_bias: bool = False
+  tie_embeddings: bool = False
+  max_position_embeddings: int = 4096
+  bos_token_id: int | None = None
+  eos_token_ids: tuple[int, ...] = ()
+  pad_token_id: int | None = None
+  dtype: str = "float32"  # activations / matmuls
+  param_dtype: str = "float32"
+  remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs)
+
+  def __post_init__(self):
+    positive = ("vocab_size", "embed_dim", "mlp_dim", "num_layers", "num_heads",
+                "num_kv_heads", "head_dim")
+    for name in positive:
+      value = getattr(self, name)
+      if not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"ModelConfig.{name}={value!r} must be a positive integer.")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"ModelConfig.num_heads={self.num_heads} is not a multiple of "
+          f"num_kv_heads={self.num_kv_heads}; grouped-query attention needs "
+          "num_heads = G * num_kv_heads.")
+    if self.head_dim % 2:
+      raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even for rotary embeddings.")
+    if self.arch not in _ARCHS:
+      raise ValueError(f"ModelConfig.arch={self.arch!r} is not one of {_ARCHS}.")
+    if self.remat not in _REMAT:
+      raise ValueError(f"ModelConfig.remat={self.remat!r} is not one of {_REMAT}.")
+    for name in ("dtype", "param_dtype"):
+      value = getattr(self, name)
+      try:
+        jnp.dtype(value)
+      except TypeError:
+        raise ValueError(f"ModelConfig.{name}={value!r} is not a dtype name "
+                         "(use 'float32' or 'bfloat16').") from None
+      object.__setattr__(self, name, jnp.dtype(value).name)
+    if isinstance(self.rope_scaling, Mapping):
+      object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+    object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
+    """Builds a config from a mapping (e.g. a ``ConfigDict``), naming unknown keys."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"Unknown model config field(s) {unknown}; known fields: {sorted(known)}.")
+    values = dict(values)
+    if values.get("rope_scaling") is not None and not isinstance(values["rope_scaling"], RopeScaling):
+      values["rope_scaling"] = RopeScaling(**dict(values["rope_scaling"]))
+    if "eos_token_ids" in values:
+      values["eos_token_ids"] = tuple(values["eos_token_ids"])
+    return cls(**values)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def params_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  @property
+  def groups(self) -> int:  # G
+    return self.num_heads // self.num_kv_heads
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Per-layer keys and values of every row; layout in the module docstring."""
+
+  k: jax.Array  # [Y, B, S, K, H]
+  v: jax.Array  # [Y, B, S, K, H]
+  lengths: jax.Array  # [B] int32, filled slots per row
+
+  @property
+  def max_length(self) -> int:  # S
+    return self.k.shape[2]
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
+  """An empty cache of ``max_length`` slots per row (``dtype`` defaults to cfg.dtype)."""
+  dtype = cfg.compute_dtype if dtype is None else dtype
+  shape = (cfg.num_layers, batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                 lengths=jnp.zeros((batch_size,), jnp.int32))
+
+
+def rope_inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
+  """Rotary inverse frequencies ``[H / 2]`` (float32), scaled as configured."""
+  exponents = np.arange(0, cfg.head_dim, 2, dtype=np.float32) / np.float32(cfg.head_dim)
+  inv_freq = (np.float32(1.0) / np.power(np.float32(cfg.rope_theta), exponents)).astype(np.float32)
+  scaling = cfg.rope_scaling
+  if scaling is None:
+    return inv_freq
+  if scaling.kind == "linear":
+    return (inv_freq / np.float32(scaling.factor)).astype(np.float32)
+  # Llama 3: long wavelengths are slowed by `factor`, short ones kept, and the
+  # band between interpolated smoothly.
+  old_len = np.float32(scaling.original_max_position_embeddings)
+  low_wavelen = old_len / np.float32(scaling.low_freq_factor)
+  high_wavelen = old_len / np.float32(scaling.high_freq_factor)
+  wavelen = np.float32(2 * np.pi) / inv_freq
+  scaled = np.where(wavelen > low_wavelen, inv_freq / np.float32(scaling.factor), inv_freq)
+  smooth = (old_len / wavelen - np.float32(scaling.low_freq_factor)) / (
+      np.float32(scaling.high_freq_factor) - np.float32(scaling.low_freq_factor))
+  smoothed = (1 - smooth) * scaled / np.float32(scaling.factor) + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """cos and sin ``[B, L, H / 2]`` (float32) for integer ``positions [B, L]``."""
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inverse_frequencies(cfg))
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates ``x [B, L, heads, H]`` by half-split pairs (the HF convention), in float32."""
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+def _param_init(names: tuple[str, ...], init=nn.initializers.normal(stddev=0.02)):
+  return nn.with_logical_partitioning(init, names)
+
+
+class RMSNorm(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):  # [B, L, D]
+    scale = self.param("scale", _param_init(("norm",), nn.initializers.ones),
+                       (x.shape[-1],), self.cfg.params_dtype)
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+    return scale.astype(self.cfg.compute_dtype) * xf.astype(self.cfg.compute_dtype)
+
+
+def _dense(cfg: ModelConfig, features, axis, names, bias_names, use_bias, name):
+  return nn.DenseGeneral(
+      features=features, axis=axis, use_bias=use_bias, dtype=cfg.compute_dtype,
+      param_dtype=cfg.params_dtype, kernel_init=_param_init(names),
+      bias_init=_param_init(bias_names, nn.initializers.zeros), name=name)
+
+
+class Attention(nn.Module):
+  """Grouped-query attention with rotary positions and an optional cache slice."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, cos, sin, mask, cache_k, cache_v, lengths):
+    cfg = self.cfg
+    b, l, _ = x.shape
+    n, k, g, h = cfg.num_heads, cfg.num_kv_heads, cfg.groups, cfg.head_dim
+    q = _dense(cfg, (n, h), -1, ("embed", "heads", "head_dim"), ("heads", "head_dim"),
+               cfg.qkv_bias, "q_proj")(x)  # [B, L, N, H]
+    key = _dense(cfg, (k, h), -1, ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"),
+                 cfg.qkv_bias, "k_proj")(x)  # [B, L, K, H]
+    value = _dense(cfg, (k, h), -1, ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"),
+                   cfg.qkv_bias, "v_proj")(x)  # [B, L, K, H]
+    q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin)
+
+    if cache_k is not None:
+      slots = lengths[:, None] + jnp.arange(l)  # [B, L]
+      rows = jnp.arange(b)[:, None]
+      cache_k = cache_k.at[rows, slots].set(key.astype(cache_k.dtype), mode="drop")
+      cache_v = cache_v.at[rows, slots].set(value.astype(cache_v.dtype), mode="drop")
+      key, value = cache_k.astype(cfg.compute_dtype), cache_v.astype(cfg.compute_dtype)  # [B, S, K, H]
+
+    q = q.reshape(b, l, k, g, h)  # [B, L, K, G, H]
+    logits = jnp.einsum("blkgh,bskh->bkgls", q, key, preferred_element_type=jnp.float32)
+    logits = logits * (h ** -0.5)
+    logits = jnp.where(mask[:, None, None, :, :], logits, _NEG_INF)  # mask [B, L, L or S]
+    probs = jax.nn.softmax(logits, axis=-1).astype(cfg.compute_dtype)
+    out = jnp.einsum("bkgls,bskh->blkgh", probs, value).reshape(b, l, n, h)
+    out = _dense(cfg, cfg.embed_dim, (-2, -1), ("heads", "head_dim", "embed"), ("embed",),
+                 cfg.o_bias, "o_proj")(out)  # [B, L, D]
+    return out, cache_k, cache_v
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):  # [B, L, D]
+    cfg = self.cfg
+    gate = _dense(cfg, cfg.mlp_dim, -1, ("embed", "mlp"), ("mlp",), cfg.mlp_bias, "gate_proj")(x)
+    up = _dense(cfg, cfg.mlp_dim, -1, ("embed", "mlp"), ("mlp",), cfg.mlp_bias, "up_proj")(x)
+    return _dense(cfg, cfg.embed_dim, -1, ("mlp", "embed"), ("embed",), cfg.mlp_bias,
+                  "down_proj")(nn.silu(gate) * up)  # [B, L, F] -> [B, L, D]
+
+
+class DecoderBlock(nn.Module):
+  """Pre-norm attention + SwiGLU block; the body of the layer scan."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, layer_cache, cos, sin, mask, lengths):
+    cache_k, cache_v = layer_cache if layer_cache is not None else (None, None)
+    attn, cache_k, cache_v = Attention(self.cfg, name="attn")(
+        RMSNorm(self.cfg, name="input_norm")(x), cos, sin, mask, cache_k, cache_v, lengths)
+    x = x + attn
+    x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attn_norm")(x))
+    new_cache = (cache_k, cache_v) if layer_cache is not None else None
+    return x, new_cache
+
+
+def _remat_policy(name: str):
+  return {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
+
+
+def attention_mask(segment_ids: jax.Array) -> jax.Array:
+  """Causal, same-segment, non-padding mask ``[B, L, L]`` from ``segment_ids [B, L]``."""
+  l = segment_ids.shape[1]
+  causal = jnp.arange(l)[:, None] >= jnp.arange(l)[None, :]  # [L, L]
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]
+  return causal[None] & same & (segment_ids[:, None, :] != 0)
+
+
+def cache_attention_mask(lengths: jax.Array, chunk_length: int, max_length: int) -> jax.Array:
+  """Mask ``[B, L, S]``: chunk token i of row b sees slots ``<= lengths[b] + i``."""
+  last_visible = lengths[:, None] + jnp.arange(chunk_length)  # [B, L]
+  return jnp.arange(max_length)[None, None, :] <= last_visible[:, :, None]
+
+
+class Transformer(nn.Module):
+  """The decoder. ``head``: ``"lm"`` logits ``[B, L, V]`` (float32), ``"value"``
+  scalar values ``[B, L]`` (float32, the PPO critic), ``"hidden"`` final hidden
+  states ``[B, L, D]``.
+
+  ``apply({"params": p}, tokens)`` returns the head's output; with
+  ``cache=KVCache`` it returns ``(output, new_cache)``. ``tokens [B, L]`` int32;
+  ``positions [B, L]`` int32; ``segment_ids [B, L]`` int32 (0 = padding);
+  ``embeddings [B, L, D]`` replaces the token lookup when given.
+  """
+
+  cfg: ModelConfig
+  head: str = "lm"
+
+  @nn.compact
+  def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
+               embeddings=None):
+    cfg = self.cfg
+    if self.head not in _HEADS:
+      raise ValueError(f"Transformer.head={self.head!r} is not one of {_HEADS}.")
+    b, l = tokens.shape if embeddings is None else embeddings.shape[:2]  # [B, L]
+    if cache is not None:
+      if positions is None:
+        positions = cache.lengths[:, None] + jnp.arange(l, dtype=jnp.int32)
+      mask = cache_attention_mask(cache.lengths, l, cache.max_length)  # [B, L, S]
+    else:
+      if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+      if segment_ids is None:
+        segment_ids = jnp.ones((b, l), jnp.int32)
+      mask = attention_mask(segment_ids)  # [B, L, L]
+
+    embed = nn.Embed(cfg.vocab_size, cfg.embed_dim, dtype=cfg.compute_dtype,
+                     param_dtype=cfg.params_dtype,
+                     embedding_init=_param_init(("vocab", "embed")), name="embed")
+    # `embeddings [B, L, D]` replaces the token lookup (soft prompts, gradient probes).
+    x = embed(tokens) if embeddings is None else embeddings.astype(cfg.compute_dtype)  # [B, L, D]
+    cos, sin = rope_tables(cfg, positions)  # [B, L, H/2]
+
+    block = DecoderBlock
+    if cfg.remat != "none":
+      block = nn.remat(block, prevent_cse=False, policy=_remat_policy(cfg.remat))
+    layers = nn.scan(
+        block, variable_axes={"params": 0}, split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+    layer_cache = (cache.k, cache.v) if cache is not None else None
+    lengths = cache.lengths if cache is not None else None
+    x, new_layer_cache = layers(x, layer_cache, cos, sin, mask, lengths)
+    x = RMSNorm(cfg, name="final_norm")(x)
+
+    if self.head == "lm":
+      if cfg.tie_embeddings:
+        table = embed.embedding  # [V, D]
+        out = jnp.einsum("bld,vd->blv", x, table.astype(cfg.compute_dtype),
+                         preferred_element_type=jnp.float32)
+      else:
+        kernel = self.param("lm_head", _param_init(("embed", "vocab")),
+                            (cfg.embed_dim, cfg.vocab_size), cfg.params_dtype)
+        out = jnp.einsum("bld,dv->blv", x, kernel.astype(cfg.compute_dtype),
+                         preferred_element_type=jnp.float32)
+    elif self.head == "value":
+      kernel = self.param("value_head", _param_init(("embed", "value"), nn.initializers.zeros),
+                          (cfg.embed_dim, 1), cfg.params_dtype)
+      out = jnp.einsum("bld,do->blo", x, kernel.astype(cfg.compute_dtype),
+                       preferred_element_type=jnp.float32)[..., 0]
+    else:
+      out = x
+
+    if cache is None:
+      return out
+    if segment_ids is None:
+      advance = jnp.full((b,), l, jnp.int32)
+    else:
+      advance = jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
+    new_k, new_v = new_layer_cache
+    new_cache = KVCache(k=new_k, v=new_v,
+                        lengths=jnp.minimum(cache.lengths + advance, cache.max_length))
+    return out, new_cache
+
+
+def _init_variables(cfg: ModelConfig, rng: jax.Array, head: str):
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return Transformer(cfg, head=head).init(rng, tokens)
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, head: str = "lm"):
+  """Random params (plain arrays, logical-axis boxes removed)."""
+  return nn.unbox(_init_variables(cfg, rng, head))["params"]
+
+
+def param_shapes(cfg: ModelConfig, head: str = "lm"):
+  """``jax.ShapeDtypeStruct`` tree of the params, computed without allocating."""
+  return nn.unbox(jax.eval_shape(functools.partial(_init_variables, cfg, head=head),
+                                 jax.random.key(0)))["params"]
+
+
+def logical_axes(cfg: ModelConfig, head: str = "lm"):
+  """Tree of ``PartitionSpec`` whose entries are logical axis names, one per param."""
+  boxed = jax.eval_shape(functools.partial(_init_variables, cfg, head=head), jax.random.key(0))
+  return nn.get_partition_spec(boxed)["params"]
+
+
+def count_params(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
