@@ -1,0 +1,61 @@
+"""Every config builds, and the main job runs end to end from the command line."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zsjax.main import JOBS
+from zsjax.model import ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.py"))
+
+
+def load_config(path, arg=None):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_builds_and_names_a_known_job(path):
+  config = load_config(path)
+  assert config.job in JOBS
+  assert ModelConfig.from_dict(config.model.to_dict()).num_layers > 0
+  doc = (path.read_text().split('"""')[1])
+  assert "python -m zsjax.main" in doc and "Expected" in doc
+
+
+def test_model_check_llama_arg_builds_a_scaled_llama():
+  cfg = ModelConfig.from_dict(load_config(ROOT / "configs/model_check.py", "llama").model.to_dict())
+  assert cfg.arch == "llama" and cfg.rope_scaling.kind == "llama3"
+
+
+def run_main(tmp_path, *args):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  return subprocess.run([sys.executable, "-m", "zsjax.main", f"--workdir={tmp_path}", *args],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_main_job_default_runs_and_reports(tmp_path):
+  result = run_main(tmp_path, "--config=configs/tiny_world.py",
+                    "--config.model_check.new_tokens=6", "--config.model.num_layers=2")
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads((tmp_path / "model_check.json").read_text())
+  assert report["ok"] is True and report["layers"] == 2
+  assert report["decode_vs_full_max_abs_logit_diff"] < 1e-4
+  assert (tmp_path / "hf_export" / "config.json").exists()
+  assert "decode_vs_full_max_abs_logit_diff" in result.stdout
+
+
+def test_main_rejects_typos_and_unknown_jobs(tmp_path):
+  typo = run_main(tmp_path, "--config=configs/tiny_world.py", "--config.model.num_layerz=2")
+  assert typo.returncode != 0 and "num_layerz" in typo.stderr
+  job = run_main(tmp_path, "--config=configs/tiny_world.py", "--config.job=nope")
+  assert job.returncode != 0 and "config.job='nope'" in job.stderr
