@@ -278,19 +278,19 @@ def read_config(path: str | os.PathLike, dtype=jnp.float32) -> ModelConfig:
   return config_from_hf(hf, dtype, source=str(config_path))
 
 
-def iter_checkpoint_tensors(path: str | os.PathLike, cfg: ModelConfig, head: str = "lm"
-                            ) -> Iterator[tuple[tuple[str, ...], int | None, np.ndarray]]:
-  """Yields ``(param_path, layer_or_None, array)`` in zsjax layout, one HF tensor at a
-  time, after checking that each is present and has the expected shape, and that
-  the checkpoint holds no tensor the model would not use."""
+def iter_checkpoint_params(path: str | os.PathLike, cfg: ModelConfig, head: str = "lm",
+                           dtype=jnp.float32) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+  """Yields ``(param_path, host_array)`` in zsjax layout, one param at a time (a
+  layered param is stacked from its per-layer HF tensors), reading one HF tensor at
+  a time. Checks first that the checkpoint holds no tensor the model would not use,
+  then that each tensor is present with the expected shape."""
   directory = Path(path)
   files = _tensor_files(directory)
   shapes = param_shapes(cfg, head)
-  expected_names = set()
+  np_dtype = np.dtype(jnp.dtype(dtype))
   rules = _weight_rules(cfg, head)
-  for rule in rules:
-    for layer in (range(cfg.num_layers) if rule.layered else [None]):
-      expected_names.add(rule.hf_name.format(i=layer))
+  expected_names = {rule.hf_name.format(i=layer) for rule in rules
+                    for layer in (range(cfg.num_layers) if rule.layered else [None])}
   unexpected = sorted(n for n in files if n not in expected_names
                       and not n.endswith(_IGNORABLE_SUFFIXES)
                       and not (n == "lm_head.weight" and (cfg.tie_embeddings or head != "lm")))
@@ -302,26 +302,33 @@ def iter_checkpoint_tensors(path: str | os.PathLike, cfg: ModelConfig, head: str
         "checkpoint and its config.json do not match.")
 
   open_files: dict[Path, Any] = {}
+
+  def read(name: str, want: tuple[int, ...]) -> np.ndarray:
+    if name not in files:
+      raise CheckpointError(
+          f"{directory}: tensor {name!r} (expected shape {list(want)}) is missing from the "
+          f"checkpoint files {sorted({p.name for p in files.values()})}.")
+    file = files[name]
+    if file not in open_files:
+      open_files[file] = safe_open(file, framework="numpy").__enter__()
+    found = tuple(open_files[file].get_slice(name).get_shape())
+    if found != tuple(want):
+      raise CheckpointError(
+          f"{file}: tensor {name!r} has shape {list(found)}, expected {list(want)} for the "
+          f"config in {directory / CONFIG_FILE}; the checkpoint and its config do not match.")
+    return open_files[file].get_tensor(name)
+
   try:
     for rule in rules:
-      param_shape = _get(shapes, rule.path).shape
-      want = _hf_shape(rule, param_shape[1:] if rule.layered else param_shape)
-      for layer in (range(cfg.num_layers) if rule.layered else [None]):
-        name = rule.hf_name.format(i=layer)
-        if name not in files:
-          raise CheckpointError(
-              f"{directory}: tensor {name!r} (expected shape {list(want)}) is missing from the "
-              f"checkpoint files {sorted({p.name for p in files.values()})}.")
-        file = files[name]
-        if file not in open_files:
-          open_files[file] = safe_open(file, framework="numpy").__enter__()
-        handle = open_files[file]
-        found = tuple(handle.get_slice(name).get_shape())
-        if found != tuple(want):
-          raise CheckpointError(
-              f"{file}: tensor {name!r} has shape {list(found)}, expected {list(want)} for "
-              f"the config in {directory / CONFIG_FILE}; the checkpoint and its config do not match.")
-        yield rule.path, layer, rule.to_jax(handle.get_tensor(name))
+      shape = _get(shapes, rule.path).shape
+      if not rule.layered:
+        yield rule.path, rule.to_jax(read(rule.hf_name, _hf_shape(rule, shape))).astype(np_dtype)
+        continue
+      stacked = np.empty(shape, np_dtype)
+      for layer in range(cfg.num_layers):
+        tensor = read(rule.hf_name.format(i=layer), _hf_shape(rule, shape[1:]))
+        stacked[layer] = rule.to_jax(tensor)
+      yield rule.path, stacked
   finally:
     for handle in open_files.values():
       handle.__exit__(None, None, None)
@@ -339,32 +346,35 @@ def _set(tree, path, value):
   tree[path[-1]] = value
 
 
-def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, *, head: str = "lm"
-                    ) -> tuple[ModelConfig, Any]:
+def _place(array: np.ndarray, sharding) -> jax.Array:
+  """Puts a host array on device; with a sharding, each device receives only its
+  own slice (no full copy on any one device; works across processes)."""
+  if sharding is None:
+    return jnp.asarray(array)
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, *, head: str = "lm",
+                    plan=None) -> tuple[ModelConfig, Any]:
   """Reads a local HF directory into ``(ModelConfig, params)``.
 
   ``dtype`` is both the param and the compute dtype of the returned config
   (change the latter with ``dataclasses.replace(cfg, dtype=...)``). With
   ``head="value"`` the LM head is skipped and a zero value head added (a PPO
-  critic initialised from a policy checkpoint).
+  critic initialised from a policy checkpoint). With ``plan`` (a
+  ``zsjax.sharding.ShardingPlan``) every param is placed straight onto its shards
+  as it is read; host memory holds one param at a time either way.
   """
   cfg = read_config(path, dtype)
-  np_dtype = np.dtype(jnp.dtype(dtype))
-  shapes = param_shapes(cfg, head)
-  buffers: dict = {}
-  for param_path, layer, array in iter_checkpoint_tensors(path, cfg, head):
-    if layer is None:
-      _set(buffers, param_path, array.astype(np_dtype))
-      continue
-    try:
-      buffer = _get(buffers, param_path)
-    except KeyError:
-      buffer = np.empty(_get(shapes, param_path).shape, np_dtype)
-      _set(buffers, param_path, buffer)
-    buffer[layer] = array.astype(np_dtype)
+  shardings = plan.params(cfg, head) if plan is not None else None
+  params: dict = {}
+  for param_path, array in iter_checkpoint_params(path, cfg, head, dtype):
+    _set(params, param_path, _place(array, shardings and _get(shardings, param_path)))
+    del array
   if head == "value":
-    _set(buffers, ("value_head",), np.zeros(shapes["value_head"].shape, np_dtype))
-  params = jax.tree_util.tree_map(jnp.asarray, buffers)
+    shape = param_shapes(cfg, head)["value_head"].shape
+    _set(params, ("value_head",), _place(np.zeros(shape, np.dtype(jnp.dtype(dtype))),
+                                         shardings and shardings["value_head"]))
   return cfg, params
 
 
@@ -372,10 +382,15 @@ def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, *, head: str = "
 
 
 def hf_state_dict(cfg: ModelConfig, params, dtype=None) -> dict[str, np.ndarray]:
-  """The HF-named numpy tensors of ``params`` (one host copy)."""
+  """The HF-named numpy tensors of ``params`` (one host copy, gathered from every
+  device and process; call it on all processes when params span several)."""
   tensors = {}
   for rule in _weight_rules(cfg):
-    value = np.asarray(jax.device_get(_get(params, rule.path)))
+    value = _get(params, rule.path)
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+      from jax.experimental import multihost_utils  # params spread over several processes
+      value = multihost_utils.process_allgather(value, tiled=True)
+    value = np.asarray(jax.device_get(value))
     if dtype is not None:
       value = value.astype(np.dtype(jnp.dtype(dtype)))
     for layer in (range(cfg.num_layers) if rule.layered else [None]):
@@ -434,5 +449,5 @@ def load_tokenizer(path: str | os.PathLike, **kwargs):
 
 
 __all__ = ["CheckpointError", "config_from_hf", "config_to_hf", "read_config",
-           "iter_checkpoint_tensors", "load_checkpoint", "save_checkpoint", "hf_state_dict",
+           "iter_checkpoint_params", "load_checkpoint", "save_checkpoint", "hf_state_dict",
            "load_tokenizer"]

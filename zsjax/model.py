@@ -403,6 +403,21 @@ class Transformer(nn.Module):
     return out, new_cache
 
 
+def token_log_probs(cfg: ModelConfig, params, tokens, segment_ids=None, positions=None):
+  """Log-probability of each token given the ones before it: ``[B, L]`` float32,
+  with 0 at index 0 (nothing predicts the first token) and at padding."""
+  logits = Transformer(cfg).apply({"params": params}, tokens, positions=positions,
+                                  segment_ids=segment_ids)  # [B, L, V]
+  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+  picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, L-1]
+  picked = jnp.pad(picked, ((0, 0), (1, 0)))
+  if segment_ids is not None:
+    # A token is predicted only from an earlier token of its own segment.
+    same = jnp.pad(segment_ids[:, 1:] == segment_ids[:, :-1], ((0, 0), (1, 0)))
+    picked = jnp.where(same & (segment_ids != 0), picked, 0.0)
+  return picked
+
+
 def _init_variables(cfg: ModelConfig, rng: jax.Array, head: str):
   tokens = jnp.zeros((1, 1), jnp.int32)
   return Transformer(cfg, head=head).init(rng, tokens)

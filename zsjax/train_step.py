@@ -1,0 +1,143 @@
+"""Train state, optimizer, and the sharded jitted entry points that update or score
+a model: ``update(state, batch, rng) -> (state, metrics)``, gradients, log-probs.
+
+Every entry point is ``jax.jit`` with explicit ``in_shardings``/``out_shardings``
+from a ``zsjax.sharding.ShardingPlan``; the state is donated to the update. The
+losses are pure functions ``loss_fn(params, batch, rng) -> (loss, metrics)``;
+``next_token_loss`` (masked next-token cross-entropy, token mean) is the SFT and
+benchmark loss, and the RL losses plug in the same way.
+
+Batches are dicts of ``[B, L]`` arrays: ``tokens`` (int32), ``loss_mask`` (1 on
+tokens the loss predicts), optional ``segment_ids`` (0 = padding; packed rows)
+and ``positions``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from zsjax.model import ModelConfig, init_params, param_shapes, token_log_probs
+from zsjax.sharding import ShardingPlan
+
+LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # [] int32, updates applied so far
+  params: Any
+  opt_state: Any
+
+
+def learning_rate_schedule(learning_rate: float, total_steps: int, warmup_fraction: float = 0.0,
+                           decay: str = "constant") -> optax.Schedule:
+  """Linear warmup over ``warmup_fraction * total_steps`` updates, then constant or
+  cosine decay to 0 at ``total_steps``."""
+  if not 0.0 <= warmup_fraction <= 1.0:
+    raise ValueError(f"warmup_fraction={warmup_fraction} must lie in [0, 1].")
+  warmup = int(round(warmup_fraction * total_steps))
+  if decay == "constant":
+    after = optax.constant_schedule(learning_rate)
+  elif decay == "cosine":
+    after = optax.cosine_decay_schedule(learning_rate, max(total_steps - warmup, 1))
+  else:
+    raise ValueError(f"decay={decay!r} is not 'constant' or 'cosine'.")
+  if warmup == 0:
+    return after
+  return optax.join_schedules(
+      [optax.linear_schedule(learning_rate / warmup, learning_rate, warmup - 1), after], [warmup])
+
+
+def make_optimizer(learning_rate: float, total_steps: int, *, warmup_fraction: float = 0.0,
+                   decay: str = "constant", weight_decay: float = 0.0, clip_norm: float = 1.0,
+                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
+  """AdamW after global-norm clipping; returns ``(tx, schedule)``."""
+  schedule = learning_rate_schedule(learning_rate, total_steps, warmup_fraction, decay)
+  parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm > 0 else []
+  parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+  return optax.chain(*parts), schedule
+
+
+def next_token_loss(cfg: ModelConfig, params, batch: dict, rng: jax.Array | None = None):
+  """Masked next-token negative log-likelihood, averaged over target tokens."""
+  del rng
+  logp = token_log_probs(cfg, params, batch["tokens"], batch.get("segment_ids"),
+                         batch.get("positions"))  # [B, L]
+  mask = batch["loss_mask"].astype(jnp.float32)  # [B, L]
+  count = jnp.sum(mask)
+  loss = -jnp.sum(logp * mask) / jnp.maximum(count, 1.0)
+  return loss, {"loss/nll": loss, "data/target_tokens": count}
+
+
+def init_state(cfg: ModelConfig, tx, rng: jax.Array, head: str = "lm") -> TrainState:
+  params = init_params(cfg, rng, head)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def state_shardings(cfg: ModelConfig, tx, plan: ShardingPlan, head: str = "lm") -> TrainState:
+  """NamedSharding tree of a ``TrainState`` (params by the plan's rules, optimizer
+  moments like their params, step replicated)."""
+  params = plan.params(cfg, head)
+  return TrainState(step=plan.replicated(), params=params,
+                    opt_state=plan.opt_state(tx, param_shapes(cfg, head), params))
+
+
+def create_train_state(cfg: ModelConfig, tx, plan: ShardingPlan, *, rng: jax.Array | None = None,
+                       params=None, head: str = "lm") -> tuple[TrainState, TrainState]:
+  """A sharded ``TrainState`` and its shardings, built shape-first: every array is
+  created directly on its shards (from ``rng``, or from given ``params``)."""
+  shardings = state_shardings(cfg, tx, plan, head)
+  if params is None:
+    if rng is None:
+      raise ValueError("create_train_state needs rng (random init) or params (e.g. from hf).")
+    init = jax.jit(functools.partial(init_state, cfg, tx, head=head), out_shardings=shardings)
+    return init(rng), shardings
+  params = jax.device_put(params, shardings.params)
+  opt_state = jax.jit(tx.init, in_shardings=(shardings.params,),
+                      out_shardings=shardings.opt_state)(params)
+  step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+  return TrainState(step=step, params=params, opt_state=opt_state), shardings
+
+
+def make_update_step(loss_fn: LossFn, tx, plan: ShardingPlan, shardings: TrainState,
+                     batch_shardings, schedule: optax.Schedule | None = None):
+  """``update(state, batch, rng) -> (state, metrics)``, jitted and sharded, state
+  donated. The step's rng is ``fold_in(rng, state.step)``."""
+
+  def update(state: TrainState, batch, rng):
+    rng = jax.random.fold_in(rng, state.step)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {**metrics, "loss/total": loss, "optim/grad_norm": optax.global_norm(grads),
+               "optim/update_norm": optax.global_norm(updates)}
+    if schedule is not None:
+      metrics["optim/lr"] = schedule(state.step)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return jax.jit(update, in_shardings=(shardings, batch_shardings, plan.replicated()),
+                 out_shardings=(shardings, plan.replicated()), donate_argnums=(0,))
+
+
+def make_grad_fn(loss_fn: LossFn, plan: ShardingPlan, param_shardings, batch_shardings):
+  """``grads(params, batch, rng) -> ((loss, metrics), grads)``, jitted and sharded;
+  gradients come back laid out like the params."""
+  return jax.jit(jax.value_and_grad(loss_fn, has_aux=True),
+                 in_shardings=(param_shardings, batch_shardings, plan.replicated()),
+                 out_shardings=((plan.replicated(), plan.replicated()), param_shardings))
+
+
+def make_log_prob_fn(cfg: ModelConfig, plan: ShardingPlan, param_shardings, batch_size: int,
+                     length: int):
+  """``log_probs(params, tokens, segment_ids) -> [B, L]`` (``zsjax.model.token_log_probs``),
+  jitted with batch-sharded inputs and output."""
+  spec = jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
+  row = plan.batch(spec)
+  return jax.jit(lambda p, tokens, segment_ids: token_log_probs(cfg, p, tokens, segment_ids),
+                 in_shardings=(param_shardings, row, row), out_shardings=row)
