@@ -222,9 +222,21 @@ class ShardingPlan:
     self.check_divisible(shapes, logical, what="cache")
     return self.shardings(logical)
 
+  def process_rows(self, global_batch_size: int, process_index: int | None = None) -> np.ndarray:
+    """The global batch rows that this process feeds (sorted), read off the
+    batch sharding: a data loader on each host loads exactly these."""
+    sharding = self.batch(jax.ShapeDtypeStruct((global_batch_size,), np.int32))
+    process_index = jax.process_index() if process_index is None else process_index
+    rows = set()
+    for device, index in sharding.devices_indices_map((global_batch_size,)).items():
+      if device.process_index == process_index:
+        rows.update(range(global_batch_size)[index[0]])
+    return np.array(sorted(rows), np.int64)
+
   def put_batch(self, local_batch):
     """Places a host batch: the whole batch on one process, or this process's rows
-    (``make_array_from_process_local_data``) when several processes share the mesh."""
+    (``process_rows``, via ``make_array_from_process_local_data``) when several
+    processes share the mesh."""
     if jax.process_count() == 1:
       return jax.device_put(local_batch, self.batch(local_batch))
 
