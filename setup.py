@@ -27,6 +27,7 @@ setup(
         "numpy>=2.0",
         "ml-dtypes>=0.6",
         "tqdm>=4.70",
+        "matplotlib>=3.9",
     ],
     extras_require={
         # torch only for logit-parity tests against transformers' PyTorch models;

@@ -9,8 +9,11 @@ Shape legend (used in comments and einsum strings):
   V vocab, Y layers.
 
 Params carry logical axis names (``vocab``, ``embed``, ``mlp``, ``heads``,
-``kv_heads``, ``head_dim``, ``norm``, ``layers``, ``value``); ``zsjax.sharding``
-maps them onto a mesh. No code in this file mentions a mesh.
+``kv_heads``, ``head_dim``, ``norm``, ``layers``, ``value``); activations are
+pinned with logical names too (``batch``, ``length``, ``act_embed``, ...), which
+take effect only inside ``activation_sharding`` (entered by
+``zsjax.sharding.ShardingPlan.context()``).
+``zsjax.sharding`` maps the names onto a mesh; no code in this file mentions one.
 
 Attention masks
 ---------------
@@ -37,6 +40,8 @@ same call.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 from typing import Any, Mapping
@@ -217,6 +222,31 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return rotated.astype(x.dtype)
 
 
+# Maps a tuple of logical names to a sharding while a ShardingPlan is active
+# (``zsjax.sharding.ShardingPlan.context``); None otherwise. The model sees only
+# this opaque function, never a mesh.
+_ACTIVATION_SHARDING: contextvars.ContextVar = contextvars.ContextVar(
+    "zsjax_activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(names_to_sharding):
+  """Makes ``constrain`` pin activations with ``names_to_sharding(names)``."""
+  token = _ACTIVATION_SHARDING.set(names_to_sharding)
+  try:
+    yield
+  finally:
+    _ACTIVATION_SHARDING.reset(token)
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+  """Pins an activation's layout by logical names; a no-op outside
+  ``activation_sharding``. Keeps XLA from, e.g., replicating the batch to match
+  FSDP-sharded weights instead of gathering the weights."""
+  to_sharding = _ACTIVATION_SHARDING.get()
+  return x if to_sharding is None else jax.lax.with_sharding_constraint(x, to_sharding(names))
+
+
 def _param_init(names: tuple[str, ...], init=nn.initializers.normal(stddev=0.02)):
   return nn.with_logical_partitioning(init, names)
 
@@ -257,6 +287,9 @@ class Attention(nn.Module):
     value = _dense(cfg, (k, h), -1, ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"),
                    cfg.qkv_bias, "v_proj")(x)  # [B, L, K, H]
     q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin)
+    q = constrain(q, ("batch", "length", "heads", "head_dim"))
+    key = constrain(key, ("batch", "length", "kv_heads", "head_dim"))
+    value = constrain(value, ("batch", "length", "kv_heads", "head_dim"))
 
     if cache_k is not None:
       slots = lengths[:, None] + jnp.arange(l)  # [B, L]
@@ -284,8 +317,9 @@ class MLP(nn.Module):
     cfg = self.cfg
     gate = _dense(cfg, cfg.mlp_dim, -1, ("embed", "mlp"), ("mlp",), cfg.mlp_bias, "gate_proj")(x)
     up = _dense(cfg, cfg.mlp_dim, -1, ("embed", "mlp"), ("mlp",), cfg.mlp_bias, "up_proj")(x)
+    hidden = constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))  # [B, L, F]
     return _dense(cfg, cfg.embed_dim, -1, ("mlp", "embed"), ("embed",), cfg.mlp_bias,
-                  "down_proj")(nn.silu(gate) * up)  # [B, L, F] -> [B, L, D]
+                  "down_proj")(hidden)  # [B, L, D]
 
 
 class DecoderBlock(nn.Module):
@@ -300,6 +334,7 @@ class DecoderBlock(nn.Module):
         RMSNorm(self.cfg, name="input_norm")(x), cos, sin, mask, cache_k, cache_v, lengths)
     x = x + attn
     x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attn_norm")(x))
+    x = constrain(x, ("batch", "length", "act_embed"))
     new_cache = (cache_k, cache_v) if layer_cache is not None else None
     return x, new_cache
 
@@ -359,6 +394,7 @@ class Transformer(nn.Module):
                      embedding_init=_param_init(("vocab", "embed")), name="embed")
     # `embeddings [B, L, D]` replaces the token lookup (soft prompts, gradient probes).
     x = embed(tokens) if embeddings is None else embeddings.astype(cfg.compute_dtype)  # [B, L, D]
+    x = constrain(x, ("batch", "length", "act_embed"))
     cos, sin = rope_tables(cfg, positions)  # [B, L, H/2]
 
     block = DecoderBlock
@@ -391,6 +427,8 @@ class Transformer(nn.Module):
     else:
       out = x
 
+    if self.head == "lm":
+      out = constrain(out, ("batch", "length", "vocab"))
     if cache is None:
       return out
     if segment_ids is None:
@@ -438,6 +476,16 @@ def logical_axes(cfg: ModelConfig, head: str = "lm"):
   """Tree of ``PartitionSpec`` whose entries are logical axis names, one per param."""
   boxed = jax.eval_shape(functools.partial(_init_variables, cfg, head=head), jax.random.key(0))
   return nn.get_partition_spec(boxed)["params"]
+
+
+def model_flops_per_token(cfg: ModelConfig, length: int, training: bool = True) -> float:
+  """Matmul FLOPs per token of a length-``length`` sequence: 2 per multiply-add in
+  every projection, the LM head and attention (scores and mixing over all ``length``
+  keys, as computed); a training step (forward + backward) is 3x the forward."""
+  d, n, k, h, f = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+  per_layer = 2 * d * h * (2 * n + 2 * k) + 2 * 3 * d * f + 2 * 2 * length * n * h
+  forward = cfg.num_layers * per_layer + 2 * d * cfg.vocab_size
+  return float(3 * forward if training else forward)
 
 
 def count_params(params) -> int:

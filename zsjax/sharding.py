@@ -147,6 +147,14 @@ class ShardingPlan:
   def batch_divisor(self) -> int:
     return self.sizes["data"] * self.sizes["fsdp"]
 
+  def context(self):
+    """Makes the model's activation constraints (``zsjax.model.constrain``) follow
+    this plan. Enter it inside the function being traced; the jitted entry points
+    of ``zsjax.train_step`` do."""
+    from zsjax.model import activation_sharding
+
+    return activation_sharding(lambda names: NamedSharding(self.mesh, self.mesh_axes(P(*names))))
+
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, P())
 

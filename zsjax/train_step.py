@@ -112,7 +112,8 @@ def make_update_step(loss_fn: LossFn, tx, plan: ShardingPlan, shardings: TrainSt
 
   def update(state: TrainState, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    with plan.context():
+      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**metrics, "loss/total": loss, "optim/grad_norm": optax.global_norm(grads),
@@ -128,8 +129,11 @@ def make_update_step(loss_fn: LossFn, tx, plan: ShardingPlan, shardings: TrainSt
 def make_grad_fn(loss_fn: LossFn, plan: ShardingPlan, param_shardings, batch_shardings):
   """``grads(params, batch, rng) -> ((loss, metrics), grads)``, jitted and sharded;
   gradients come back laid out like the params."""
-  return jax.jit(jax.value_and_grad(loss_fn, has_aux=True),
-                 in_shardings=(param_shardings, batch_shardings, plan.replicated()),
+  def grads(params, batch, rng):
+    with plan.context():
+      return jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng)
+
+  return jax.jit(grads, in_shardings=(param_shardings, batch_shardings, plan.replicated()),
                  out_shardings=((plan.replicated(), plan.replicated()), param_shardings))
 
 
@@ -139,5 +143,9 @@ def make_log_prob_fn(cfg: ModelConfig, plan: ShardingPlan, param_shardings, batc
   jitted with batch-sharded inputs and output."""
   spec = jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
   row = plan.batch(spec)
-  return jax.jit(lambda p, tokens, segment_ids: token_log_probs(cfg, p, tokens, segment_ids),
-                 in_shardings=(param_shardings, row, row), out_shardings=row)
+
+  def log_probs(params, tokens, segment_ids):
+    with plan.context():
+      return token_log_probs(cfg, params, tokens, segment_ids)
+
+  return jax.jit(log_probs, in_shardings=(param_shardings, row, row), out_shardings=row)
