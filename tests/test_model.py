@@ -143,7 +143,7 @@ def test_left_padding_with_mask_and_positions_matches_unpadded(params):
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
   out = forward(params, padded, positions=positions, segment_ids=mask)
   ref = forward(params, seq)
-  np.testing.assert_allclose(out[:, pad:], ref, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(out[:, pad:], ref, atol=1e-4, rtol=1e-4)
   assert np.all(np.isfinite(np.asarray(out)))  # fully masked pad rows stay finite
 
 
@@ -153,8 +153,8 @@ def test_packed_segments_match_separate_sequences(params):
   segment = jnp.asarray([[1] * 5 + [2] * 6])
   positions = jnp.asarray([list(range(5)) + list(range(6))])
   out = forward(params, packed, positions=positions, segment_ids=segment)
-  np.testing.assert_allclose(out[:, :5], forward(params, a), atol=1e-5, rtol=1e-5)
-  np.testing.assert_allclose(out[:, 5:], forward(params, b), atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(out[:, :5], forward(params, a), atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(out[:, 5:], forward(params, b), atol=1e-4, rtol=1e-4)
 
 
 def test_remat_gives_same_loss_and_gradients(params):

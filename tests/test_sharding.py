@@ -51,7 +51,10 @@ def reference():
 
 
 def run_step(plan):
-  tx, schedule = T.make_optimizer(1e-2, 10)
+  # eps=1e-3 keeps Adam's first step (~ lr * g / (|g| + eps)) smooth in g, so the
+  # updated params inherit the gradients' agreement instead of amplifying the
+  # rounding of entries with |g| near eps.
+  tx, schedule = T.make_optimizer(1e-2, 10, eps=1e-3)
   loss_fn = functools.partial(T.next_token_loss, CFG)
   batch = make_batch()
   state, shardings = T.create_train_state(CFG, tx, plan, rng=jax.random.key(0))
@@ -71,12 +74,8 @@ def test_preset_matches_single_device(strategy, reference):
   np.testing.assert_allclose(out["loss"], reference["loss"], rtol=1e-5)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                          out["grads"], reference["grads"])
-  # Adam's first step is ~lr * g / (|g| + eps): for the few entries whose gradient
-  # is near eps it amplifies float rounding. Every entry stays within 0.5% of one
-  # lr-sized step (lr = 1e-2) and almost all agree to 1e-6.
-  diffs = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel() for a, b in zip(
-      jax.tree_util.tree_leaves(out["params"]), jax.tree_util.tree_leaves(reference["params"]))])
-  assert diffs.max() < 5e-5 and np.mean(diffs < 1e-6) > 0.999, (diffs.max(), np.mean(diffs < 1e-6))
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                         out["params"], reference["params"])
   np.testing.assert_allclose(out["metrics"]["optim/grad_norm"],
                              reference["metrics"]["optim/grad_norm"], rtol=1e-5)
   assert int(out["state"].step) == 1

@@ -313,15 +313,39 @@ class Attention(nn.Module):
     return out, cache_k, cache_v
 
 
+class _ProjectionWeights(nn.Module):
+  """The kernel (and bias) of a projection, returned rather than applied."""
+
+  cfg: ModelConfig
+  shape: tuple[int, ...]
+  names: tuple[str, ...]
+  use_bias: bool
+
+  @nn.compact
+  def __call__(self):
+    kernel = self.param("kernel", _param_init(self.names), self.shape, self.cfg.params_dtype)
+    bias = (self.param("bias", _param_init(self.names[-1:], nn.initializers.zeros),
+                       self.shape[-1:], self.cfg.params_dtype) if self.use_bias else None)
+    return kernel, bias
+
+
 class MLP(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x):  # [B, L, D]
     cfg = self.cfg
-    gate = _dense(cfg, cfg.mlp_dim, -1, ("embed", "mlp"), ("mlp",), cfg.mlp_bias, "gate_proj")(x)
-    up = _dense(cfg, cfg.mlp_dim, -1, ("embed", "mlp"), ("mlp",), cfg.mlp_bias, "up_proj")(x)
-    hidden = constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))  # [B, L, F]
+    shape, names = (cfg.embed_dim, cfg.mlp_dim), ("embed", "mlp")
+    w_gate, b_gate = _ProjectionWeights(cfg, shape, names, cfg.mlp_bias, name="gate_proj")()
+    w_up, b_up = _ProjectionWeights(cfg, shape, names, cfg.mlp_bias, name="up_proj")()
+    # Gate and up as one [D, 2, F] matmul: same params and FLOPs, one larger GEMM
+    # each way (the MLP backward is ~20% faster on XLA:CPU than with two).
+    kernel = jnp.stack([w_gate, w_up], axis=1).astype(cfg.compute_dtype)  # [D, 2, F]
+    gate_up = jnp.einsum("bld,dcf->blcf", x, kernel)  # [B, L, 2, F]
+    if cfg.mlp_bias:
+      gate_up = gate_up + jnp.stack([b_gate, b_up]).astype(cfg.compute_dtype)
+    hidden = nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
+    hidden = constrain(hidden, ("batch", "length", "mlp"))  # [B, L, F]
     return _dense(cfg, cfg.embed_dim, -1, ("mlp", "embed"), ("embed",), cfg.mlp_bias,
                   "down_proj")(hidden)  # [B, L, D]
 
