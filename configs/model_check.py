@@ -37,6 +37,13 @@ def get_config(arg=None):
   config.job = "model_check"
   config.seed = 0
   config.model = model_config(arg or "qwen2")
+  # Sharding: mesh sizes (-1 = the devices left over) and a preset of zsjax.sharding.
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.sharding = "dp"  # dp | fsdp | tp | fsdp_tp
+  config.sharding_rules = ()  # (logical_name, mesh_axes) pairs overriding the preset
+  # Multi-host: empty = one process, or JAX_COORDINATOR_ADDRESS from the environment.
+  config.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address="", num_processes=0, process_id=-1))
   config.model_check = ml_collections.ConfigDict(dict(
       checkpoint="",  # a local HF directory; empty = random model from config.model
       batch_size=4,

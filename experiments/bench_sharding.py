@@ -133,7 +133,7 @@ def matmul_peak(devices, size: int, dtype, steps: int) -> float:
   f = jax.jit(lambda x, y: jnp.einsum("dij,djk->dik", x, y), out_shardings=sharding)
   jax.block_until_ready(f(a, b))
   times = []
-  for _ in range(max(steps, 3)):
+  for _ in range(max(steps, 10)):
     start = time.perf_counter()
     jax.block_until_ready(f(a, b))
     times.append(time.perf_counter() - start)
@@ -157,7 +157,7 @@ def _memory(compiled) -> dict[str, int]:
   return out
 
 
-def bench_one(args, cfg, strategy: str, devices, peak_flops: float | None) -> dict:
+def bench_one(args, cfg, strategy: str, devices) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -223,8 +223,6 @@ def bench_one(args, cfg, strategy: str, devices, peak_flops: float | None) -> di
   row.update(step_s=step, step_s_min=min(times), step_s_max=max(times), tokens_per_s=tokens / step,
              model_tflop_s=model_flops / step / 1e12,
              loss=float(np.asarray(metrics["loss/total"])))
-  if peak_flops:
-    row["mfu"] = model_flops / step / peak_flops
   peaks = [d.memory_stats().get("peak_bytes_in_use", 0) for d in devices
            if d.memory_stats() is not None] if hasattr(devices[0], "memory_stats") else []
   row["device_peak_bytes"] = max(peaks) if peaks else None
@@ -301,15 +299,24 @@ def main(argv=None):
              "(run this script in a fresh process).")
   cfg = model_config(args)
   strategies = [s for s in args.strategies.split(",") if s]
-  peak = None if args.plan else matmul_peak(devices, args.peak_size, jnp.dtype(args.dtype),
-                                            args.steps)
-  rows = [bench_one(args, cfg, s, devices, peak) for s in strategies]
+  # The peak is measured before and after the strategies and the higher kept, so a
+  # noisy (low) peak cannot inflate MFU.
+  measure = functools.partial(matmul_peak, devices, args.peak_size, jnp.dtype(args.dtype),
+                              args.steps)
+  peak = None if args.plan else measure()
+  rows = [bench_one(args, cfg, s, devices) for s in strategies]
+  if not args.plan:
+    peak = max(peak, measure())
+    for r in rows:
+      if "step_s" in r:
+        r["mfu"] = r["model_tflop_s"] * 1e12 / peak
   header = (f"# bench_sharding: {args.hf_config or args.model}, {len(devices)} x "
             f"{devices[0].platform} ({devices[0].device_kind}), batch {args.batch} x length "
             f"{args.length}, dtype {args.dtype}, remat {args.remat}"
             + (", plan only" if args.plan else
                f"\nmatmul peak {peak / 1e9:.1f} GFLOP/s (all devices, {args.peak_size}^3 "
-               f"{args.dtype}); step time = median of {args.steps} after {args.warmup} warm-up")
+               f"{args.dtype}, best of >= 10 runs before and after)"
+               f"\nstep time = median of {args.steps} after {args.warmup} warm-up")
             + "\ncommand: python experiments/bench_sharding.py " + " ".join(sys.argv[1:]))
   print(header)
   print(markdown_table(rows))

@@ -37,8 +37,9 @@ def test_model_check_llama_arg_builds_a_scaled_llama():
   assert cfg.arch == "llama" and cfg.rope_scaling.kind == "llama3"
 
 
-def run_main(tmp_path, *args):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+def run_main(tmp_path, *args, devices=1):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
   return subprocess.run([sys.executable, "-m", "zsjax.main", f"--workdir={tmp_path}", *args],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
@@ -59,3 +60,20 @@ def test_main_rejects_typos_and_unknown_jobs(tmp_path):
   assert typo.returncode != 0 and "num_layerz" in typo.stderr
   job = run_main(tmp_path, "--config=configs/tiny_world.py", "--config.job=nope")
   assert job.returncode != 0 and "config.job='nope'" in job.stderr
+
+
+def test_main_job_runs_sharded_on_eight_devices(tmp_path):
+  result = run_main(tmp_path, "--config=configs/tiny_world.py", "--config.sharding=fsdp_tp",
+                    "--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.mesh.tensor=2",
+                    "--config.model_check.new_tokens=4", "--config.model.num_layers=2", devices=8)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads((tmp_path / "model_check.json").read_text())
+  assert report["ok"] is True and report["sharding"] == "fsdp_tp"
+  assert report["mesh"] == str({"data": 1, "fsdp": 4, "tensor": 2})
+  assert report["decode_vs_full_max_abs_logit_diff"] < 1e-4
+
+
+def test_main_names_a_mesh_that_does_not_fit(tmp_path):
+  result = run_main(tmp_path, "--config=configs/tiny_world.py", "--config.mesh.data=3", devices=8)
+  assert result.returncode != 0
+  assert "has 3 devices but 8 are available" in result.stderr

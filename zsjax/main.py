@@ -14,6 +14,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from zsjax import sharding
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a configs/<name>.py file, optionally ':arg'.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (checkpoints, logs, results).")
@@ -25,6 +27,7 @@ JOBS = {
 
 
 def run_job(config, workdir: str):
+  sharding.initialize_distributed(config.get("distributed"))
   job = config.get("job")
   if job not in JOBS:
     raise app.UsageError(

@@ -25,6 +25,7 @@ import numpy as np
 
 from zsjax import hf
 from zsjax.model import ModelConfig, Transformer, count_params, init_cache, init_params
+from zsjax.sharding import ShardingPlan, is_main_process
 
 
 def greedy_decode(cfg: ModelConfig, params, prompts, prompt_lengths, new_tokens: int):
@@ -75,13 +76,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   check = config.model_check
   timings = {}
 
+  plan = ShardingPlan.from_config(config)
   start = time.perf_counter()
   if check.checkpoint:
-    cfg, params = hf.load_checkpoint(check.checkpoint)
+    cfg, params = hf.load_checkpoint(check.checkpoint, plan=plan)
     source = str(check.checkpoint)
   else:
     cfg = ModelConfig.from_dict(config.model.to_dict())
-    params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(config.seed))
+    params = jax.jit(init_params, static_argnums=0, out_shardings=plan.params(cfg))(
+        cfg, jax.random.key(config.seed))
     source = "random init from config.model"
   timings["load_s"] = time.perf_counter() - start
 
@@ -98,18 +101,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   prompts = rng.integers(0, cfg.vocab_size, (b, p)).astype(np.int32)
   prompt_lengths = rng.integers(max(1, p // 2), p + 1, (b,)).astype(np.int32)
   prompt_lengths[0] = p
-  decode = jax.jit(greedy_decode, static_argnums=(0, 4))
+  rows = plan.batch(prompts)
+
+  def decode_fn(params, prompts, prompt_lengths):
+    with plan.context():
+      return greedy_decode(cfg, params, prompts, prompt_lengths, t)
+
+  decode = jax.jit(decode_fn, in_shardings=(plan.params(cfg), rows, plan.batch(prompt_lengths)),
+                   out_shardings=(rows, plan.batch(np.zeros((b, t, 1)))))
   start = time.perf_counter()
-  jax.block_until_ready(decode(cfg, params, prompts, prompt_lengths, t))
+  jax.block_until_ready(decode(params, prompts, prompt_lengths))
   timings["decode_compile_s"] = time.perf_counter() - start
   start = time.perf_counter()
-  generated, cached_logits = jax.block_until_ready(decode(cfg, params, prompts, prompt_lengths, t))
+  generated, cached_logits = jax.block_until_ready(decode(params, prompts, prompt_lengths))
   timings["decode_s"] = time.perf_counter() - start
   full_logits = full_forward_logits(cfg, params, prompts, prompt_lengths, generated)
   decode_diff = float(np.abs(np.asarray(cached_logits) - full_logits).max())
 
   report = {
       "source": source, "arch": cfg.arch, "params": count_params(params),
+      "sharding": plan.strategy, "mesh": str(plan.sizes),
       "layers": cfg.num_layers, "embed_dim": cfg.embed_dim,
       "export_max_abs_diff": export_diff, "export_config_equal": cfg_back == cfg,
       "decode_vs_full_max_abs_logit_diff": decode_diff, "tolerance": check.tolerance,
@@ -118,6 +129,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   }
   report["ok"] = bool(decode_diff <= check.tolerance and export_diff == 0.0
                       and report["export_config_equal"])
+  if not is_main_process():
+    return report
   (workdir / "model_check.json").write_text(json.dumps(report, indent=2) + "\n")
   width = max(len(k) for k in report)
   print("\n".join(f"{k:<{width}}  {v:.6g}" if isinstance(v, float) else f"{k:<{width}}  {v}"
