@@ -1,0 +1,101 @@
+"""The update step and its pieces, against independent computations."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zsjax import model as M
+from zsjax import sharding as S
+from zsjax import train_step as T
+
+CFG = M.ModelConfig(vocab_size=37, embed_dim=20, mlp_dim=28, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=6)
+
+
+def one_device_plan():
+  return S.ShardingPlan(S.make_mesh({"data": 1}, jax.devices()[:1]), S.rules_for("dp"), "dp")
+
+
+def test_token_log_probs_match_numpy_log_softmax():
+  params = M.init_params(CFG, jax.random.key(0))
+  tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 9)).astype(np.int32)
+  segment = np.ones_like(tokens)
+  segment[1, 6:] = 0
+  got = np.asarray(M.token_log_probs(CFG, params, jnp.asarray(tokens), jnp.asarray(segment)))
+  logits = np.asarray(M.Transformer(CFG).apply({"params": params}, jnp.asarray(tokens),
+                                                segment_ids=jnp.asarray(segment)), np.float64)
+  logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  want = np.zeros(tokens.shape)
+  for b in range(2):
+    for t in range(1, 9):
+      if segment[b, t]:
+        want[b, t] = logits[b, t - 1, tokens[b, t]] - logz[b, t - 1]
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  assert np.all(got[1, 6:] == 0) and np.all(got[:, 0] == 0)
+
+
+def test_masked_tokens_get_exactly_zero_gradient():
+  """Changing a token that is neither a target nor context before any target
+  leaves the loss and gradient untouched; the loss is the token mean."""
+  params = M.init_params(CFG, jax.random.key(1))
+  tokens = np.random.default_rng(1).integers(0, CFG.vocab_size, (2, 8)).astype(np.int32)
+  mask = np.zeros((2, 8), np.int32)
+  mask[:, 2:6] = 1  # targets 2..5; token 7 comes after every target
+  batch = {"tokens": jnp.asarray(tokens), "loss_mask": jnp.asarray(mask)}
+  loss_and_grad = jax.jit(jax.value_and_grad(
+      lambda p, b: T.next_token_loss(CFG, p, b)[0]))
+  loss, grad = loss_and_grad(params, batch)
+  changed = tokens.copy()
+  changed[:, 7] = (changed[:, 7] + 1) % CFG.vocab_size
+  loss2, grad2 = loss_and_grad(params, {**batch, "tokens": jnp.asarray(changed)})
+  assert float(loss) == float(loss2)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, grad, grad2)
+  logp = M.token_log_probs(CFG, params, jnp.asarray(tokens))
+  np.testing.assert_allclose(loss, -np.sum(np.asarray(logp) * mask) / mask.sum(), rtol=1e-6)
+
+
+def test_learning_rate_schedule_warmup_then_constant():
+  schedule = T.learning_rate_schedule(1e-3, total_steps=20, warmup_fraction=0.25)
+  values = [float(schedule(i)) for i in range(8)]
+  np.testing.assert_allclose(values[:5], [2e-4, 4e-4, 6e-4, 8e-4, 1e-3], rtol=1e-6)
+  np.testing.assert_allclose(values[5:], [1e-3] * 3, rtol=1e-6)
+  cosine = T.learning_rate_schedule(1.0, total_steps=10, decay="cosine")
+  np.testing.assert_allclose(float(cosine(5)), 0.5 * (1 + np.cos(np.pi * 0.5)), rtol=1e-6)
+  with pytest.raises(ValueError, match="warmup_fraction=1.5"):
+    T.learning_rate_schedule(1.0, 10, warmup_fraction=1.5)
+
+
+def test_update_does_not_retrace_and_lowers_the_loss():
+  plan = one_device_plan()
+  tx, schedule = T.make_optimizer(3e-2, 50, warmup_fraction=0.1)
+  state, shardings = T.create_train_state(CFG, tx, plan, rng=jax.random.key(2))
+  rng = np.random.default_rng(3)
+  fixed = {"tokens": rng.integers(0, CFG.vocab_size, (4, 10)).astype(np.int32),
+           "loss_mask": np.ones((4, 10), np.int32)}
+  update = T.make_update_step(functools.partial(T.next_token_loss, CFG), tx, plan, shardings,
+                              plan.batch(fixed), schedule)
+  losses = []
+  for step in range(12):
+    batch = fixed if step % 2 == 0 else {**fixed, "tokens": rng.integers(
+        0, CFG.vocab_size, (4, 10)).astype(np.int32)}
+    state, metrics = update(state, plan.put_batch(batch), jax.random.key(4))
+    if step % 2 == 0:
+      losses.append(float(metrics["loss/total"]))
+  assert update._cache_size() == 1  # one compile for every batch of this shape
+  assert int(state.step) == 12
+  assert losses[-1] < 0.8 * losses[0], losses  # it learns the repeated batch
+  np.testing.assert_allclose(float(metrics["optim/lr"]), 3e-2, rtol=1e-6)
+
+
+def test_create_train_state_from_given_params_keeps_them():
+  plan = one_device_plan()
+  tx, _ = T.make_optimizer(1e-3, 10)
+  params = M.init_params(CFG, jax.random.key(5))
+  state, _ = T.create_train_state(CFG, tx, plan, params=params)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, state.params, params)
+  assert int(state.step) == 0
+  with pytest.raises(ValueError, match="needs rng"):
+    T.create_train_state(CFG, tx, plan)
