@@ -299,8 +299,9 @@ class Attention(nn.Module):
       key, value = cache_k.astype(cfg.compute_dtype), cache_v.astype(cfg.compute_dtype)  # [B, S, K, H]
 
     # Query groups ahead of the length axis, so both einsums are plain batched
-    # matmuls over (B, K, G); this layout is ~1.7x faster on XLA:CPU and leaves the
-    # keys/values (and so the cache) in place.
+    # matmuls over (B, K, G): on XLA:CPU the attention forward is ~1.7x and its
+    # backward ~1.3x faster than with q as [B, L, K, G, H]. Keys and values (and so
+    # the cache) keep their layout.
     q = q.reshape(b, l, k, g, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, L, H]
     logits = jnp.einsum("bkglh,bskh->bkgls", q, key, preferred_element_type=jnp.float32)
     logits = logits * (h ** -0.5)
