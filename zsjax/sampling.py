@@ -1,0 +1,87 @@
+"""Token samplers as small frozen dataclasses (hashable, so jit-static).
+
+``sample(strategy, logits [B, V], rng) -> (tokens [B] int32, log_probs [B] f32)``.
+
+The returned log-prob is that of the chosen token under the policy's sampling
+distribution *before* top-k/top-p truncation, ``log_softmax(logits / T)`` (T = 1
+for greedy): the quantity a teacher-forced forward recomputes, so the first
+importance ratio of an RL update is exactly 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+_NEG_INF = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class Greedy:
+  """Argmax decoding (evaluation)."""
+
+  @property
+  def temperature(self) -> float:
+    return 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """Temperature sampling with optional top-k (0 = off) and top-p (1.0 = off)."""
+
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+
+  def __post_init__(self):
+    if self.temperature <= 0:
+      raise ValueError(f"Sampling.temperature={self.temperature} must be > 0; use Greedy() "
+                       "for argmax decoding.")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"Sampling.top_p={self.top_p} must lie in (0, 1].")
+    if self.top_k < 0:
+      raise ValueError(f"Sampling.top_k={self.top_k} must be >= 0 (0 = off).")
+
+
+def from_config(config) -> Greedy | Sampling:
+  """``{"kind": "greedy"}`` or ``{"kind": "sample", temperature, top_p, top_k}``."""
+  kind = config.get("kind", "sample")
+  if kind == "greedy":
+    return Greedy()
+  if kind == "sample":
+    return Sampling(temperature=config.get("temperature", 1.0), top_p=config.get("top_p", 1.0),
+                    top_k=config.get("top_k", 0))
+  raise ValueError(f"sampling kind={kind!r} is not 'greedy' or 'sample'.")
+
+
+def truncate(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """Sets logits outside the top-k / top-p (nucleus) set to -inf. ``[B, V]``.
+
+  The nucleus is the smallest set of most likely tokens whose probability reaches
+  ``top_p``; the most likely token is always kept."""
+  if top_k and top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
+    logits = jnp.where(logits >= kth, logits, _NEG_INF)
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V] descending
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each rank
+    keep = before < top_p  # rank 0 always kept
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits >= cutoff, logits, _NEG_INF)
+  return logits
+
+
+def sample(strategy: Greedy | Sampling, logits: jax.Array, rng: jax.Array):
+  """Draws one token per row; returns ``(tokens [B], log_probs [B])``."""
+  logits = logits.astype(jnp.float32)
+  scaled = logits / strategy.temperature
+  log_probs = jax.nn.log_softmax(scaled, axis=-1)  # [B, V]
+  if isinstance(strategy, Greedy):
+    tokens = jnp.argmax(logits, axis=-1)
+  else:
+    tokens = jax.random.categorical(rng, truncate(scaled, strategy.top_k, strategy.top_p), axis=-1)
+  tokens = tokens.astype(jnp.int32)
+  return tokens, jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
