@@ -1,0 +1,144 @@
+"""The template's text pieces, and tag matching in token space against plain
+string search, with a byte-level BPE tokenizer that merges tags with neighbours."""
+
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zsjax import template as T
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_question_prompt_and_observation_text():
+  assert T.format_question("  who wrote it ") == "who wrote it?"
+  assert T.format_question("who wrote it?") == "who wrote it?"
+  message = T.user_message("where is X")
+  assert message.endswith("Question: where is X?\n") and "<search>" in message
+  assert T.render_observation(["a b", " c "]) == "\n\n<information>Doc 1: a b\nDoc 2: c</information>\n\n"
+
+
+def test_chat_template_wrapping_when_the_tokenizer_has_one(tokenizer):
+  plain = T.render_prompt("q", tokenizer)
+  assert plain == T.user_message("q")  # no chat template: the bare message
+  tokenizer.chat_template = "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}" \
+                            "{% if add_generation_prompt %}[assistant]{% endif %}"
+  try:
+    wrapped = T.render_prompt("q", tokenizer)
+    assert wrapped == "[user]" + T.user_message("q") + "[assistant]"
+    assert T.render_prompt("q", tokenizer, use_chat_template=False) == plain
+  finally:
+    tokenizer.chat_template = None
+
+
+@pytest.mark.parametrize("turn,expected", [
+    ("<think>x</think><search> who is A </search>", ("search", "who is A")),
+    ("<answer> Paris </answer> trailing", ("answer", "Paris")),
+    ("<search>a</search><answer>b</answer>", ("search", "a")),
+    ("<answer>b</answer><search>a</search>", ("answer", "b")),
+    ("<search> unterminated", ("invalid", "")),
+    ("just text", ("invalid", "")),
+    ("<search>a</answer>", ("invalid", "")),
+])
+def test_parse_action(turn, expected):
+  assert tuple(T.parse_action(turn)) == expected
+
+
+def test_cut_after_first_close():
+  assert T.cut_after_first_close("a<search>q</search> more </answer>") == "a<search>q</search>"
+  assert T.cut_after_first_close("no tags") == "no tags"
+
+
+def naive_hits(data: bytes, tags):
+  """(end byte index, bit) of every tag occurrence, by plain search."""
+  hits = set()
+  for i, tag in enumerate(tags):
+    tag_bytes = tag.encode()
+    start = data.find(tag_bytes)
+    while start != -1:
+      hits.add((start + len(tag_bytes) - 1, 1 << i))
+      start = data.find(tag_bytes, start + 1)
+  return hits
+
+
+def test_automaton_matches_plain_search_on_bytes():
+  # "swer>" and "er" end inside "<answer>": found only through fail-link outputs.
+  tags = T.TAGS + ("<information>", "a<", "swer>", "er")
+  delta, output = T.build_automaton(tags)
+  rng = random.Random(0)
+  alphabet = "<>/searchnswinfotm aw"
+  for _ in range(200):
+    pieces = list(alphabet) + list(tags) * 2  # single characters and whole tags
+    text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 60)))
+    data = text.encode()
+    state, found = 0, set()
+    for i, byte in enumerate(data):
+      state = delta[state, byte]
+      for bit in range(len(tags)):
+        if output[state] & (1 << bit):
+          found.add((i, 1 << bit))
+    assert found == naive_hits(data, tags), text
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  corpus = ["<think> we need the capital </think>\n<search> capital of France </search>\n",
+            "<answer> Paris </answer>", "<answer>Paris</answer>.", "x</search>y<search>z",
+            "<information>Doc 1: Paris is the capital.</information>\n\n"] * 50
+  # Frequent boundary pairs, so that tags merge with neighbours ('>\n', '> ').
+  corpus += ["> <", ">\n<", ">x", "y<"] * 80
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(corpus, trainers.BpeTrainer(
+      vocab_size=280, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      special_tokens=["<|end|>"]))
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>")
+
+
+def test_token_matcher_agrees_with_byte_positions(tokenizer):
+  vocab = len(tokenizer) + 5  # a model vocabulary padded past the tokenizer's
+  matcher = T.build_tag_matcher(tokenizer, vocab_size=vocab)
+  assert matcher.transitions.shape == (1 + sum(map(len, T.TAGS)) - 4, vocab)  # '<' and '</' shared
+  pieces = T.token_bytes(tokenizer, vocab)
+  rng = random.Random(1)
+  words = ["Paris", " the", "capital", " of", "\n", " ", ".", "x", "<", ">", "/", "search",
+           "answer"] + list(T.TAGS) * 3
+  spanning = merged = 0
+  for _ in range(300):
+    text = "".join(rng.choice(words) for _ in range(rng.randint(1, 25)))
+    ids = tokenizer.encode(text)
+    data = b"".join(pieces[i] for i in ids)
+    assert data == text.encode()  # byte-level BPE round-trips
+    ends = np.cumsum([len(pieces[i]) for i in ids]) - 1  # last byte of each token
+    starts = ends - np.array([len(pieces[i]) for i in ids]) + 1
+    want = np.zeros(len(ids), np.int64)
+    for end_byte, bit in naive_hits(data, T.TAGS):
+      token = int(np.searchsorted(ends, end_byte))
+      want[token] |= bit
+      tag_len = len(T.TAGS[bit.bit_length() - 1])
+      first = int(np.searchsorted(ends, end_byte - tag_len + 1))
+      spanning += first < token
+      merged += starts[token] < end_byte - tag_len + 1 or ends[token] > end_byte
+    got = np.asarray(matcher.scan(jnp.asarray([ids], jnp.int32)))[0]
+    np.testing.assert_array_equal(got, want, err_msg=text)
+  assert spanning > 20 and merged > 20  # both hard cases were exercised
+
+
+def test_matcher_step_inside_jit(tokenizer):
+  matcher = T.build_tag_matcher(tokenizer)
+  ids = tokenizer.encode("think <search> q </search> done")
+  step = jax.jit(lambda m, s, t: m.step(s, t))
+  state = jnp.zeros((1,), jnp.int32)
+  masks = []
+  for token in ids:
+    state, done = step(matcher, state, jnp.asarray([token], jnp.int32))
+    masks.append(int(done[0]))
+  assert masks.count(T.SEARCH_OPEN) == 1 and masks.count(T.SEARCH_CLOSE) == 1
+  assert masks.index(T.SEARCH_CLOSE) > masks.index(T.SEARCH_OPEN)
+  assert all(m & T.CLOSING == 0 for m in masks[:masks.index(T.SEARCH_CLOSE)])
