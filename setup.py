@@ -28,6 +28,7 @@ setup(
         "ml-dtypes>=0.6",
         "tqdm>=4.70",
         "matplotlib>=3.9",
+        "bm25s>=0.3.16,<0.4",
     ],
     extras_require={
         # torch only for logit-parity tests against transformers' PyTorch models;

@@ -1,0 +1,195 @@
+"""Search engines: the simulator prompt, document parsing, BM25 over a local
+corpus, the HTTP engine's timeouts and retries (against a local server), and the
+io_callback bridge from jitted code."""
+
+import http.server
+import json
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zsjax import search as S
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_prompt_keyword_is_the_only_difference():
+  prompt = S.SimulatorPrompt()
+  useful = prompt.render(" capital of France ", "What is the capital of France?", "Paris", False)
+  noisy = prompt.render(" capital of France ", "What is the capital of France?", "Paris", True)
+  assert useful.count("useful") + useful.count("Useful") == 3
+  assert noisy.replace("noisy", "useful").replace("Noisy", "Useful") == useful
+  assert "Query: capital of France\n" in useful and useful.endswith("Useful Output:")
+  assert '"What is the capital of France?"' in useful and "answer is Paris" in useful
+  prefix, suffix = prompt.split("What is the capital of France?", "Paris", noisy=True)
+  assert prefix + "capital of France" + suffix == noisy
+
+
+@pytest.mark.parametrize("template,needle", [
+    ("no query here {quality}", "'{query}' exactly once"),
+    ("{query} without the keyword", "no '{quality}'"),
+    ("{query} {quality} {colour}", "unknown placeholder 'colour'"),
+])
+def test_bad_templates_are_named(template, needle):
+  with pytest.raises(ValueError, match=needle):
+    S.SimulatorPrompt(template)
+
+
+def test_parse_documents_cuts_at_top_k_and_collapses_blank_lines():
+  text = "Doc 1: first\n\n\nline two\nDoc 2: second\nDoc 3: third\nDoc 4: fourth"
+  assert S.parse_documents(text, 2) == ["first\nline two", "second"]
+  assert S.parse_documents(text, 5) == ["first\nline two", "second", "third", "fourth"]
+  assert S.parse_documents("just one paragraph", 5) == ["just one paragraph"]
+  assert S.parse_documents("", 5) == []
+
+
+@pytest.fixture()
+def corpus_file(tmp_path):
+  rows = [{"id": str(i), "contents": text} for i, text in enumerate([
+      "Paris is the capital and largest city of France.",
+      "Berlin is the capital of Germany.",
+      "The Seine is a river that flows through Paris.",
+      "Mount Fuji is the highest mountain in Japan."])]
+  path = tmp_path / "corpus.jsonl"
+  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  return path
+
+
+def test_bm25_ranks_the_matching_document_first(corpus_file):
+  engine = S.BM25Engine.from_jsonl(corpus_file, top_k=2)
+  result = engine.search([S.SearchRequest("capital of Germany"), S.SearchRequest("highest mountain Japan"),
+                          S.SearchRequest("zzzz unknown")])
+  assert result.documents[0][0] == "Berlin is the capital of Germany."
+  assert len(result.documents[0]) == 2
+  assert result.documents[1] == ["Mount Fuji is the highest mountain in Japan."]  # only score > 0
+  assert result.documents[2] == [] and result.failed == [False] * 3
+
+
+def test_bm25_corpus_errors_name_file_line_and_field(tmp_path):
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"contents": "ok"}\n{"text": "wrong field"}\n')
+  with pytest.raises(ValueError, match=r"bad\.jsonl:2: no string field 'contents'.*\['text'\]"):
+    S.BM25Engine.from_jsonl(bad)
+  bad.write_text('{"contents": "ok"}\nnot json\n')
+  with pytest.raises(ValueError, match=r"bad\.jsonl:2: not valid JSON"):
+    S.BM25Engine.from_jsonl(bad)
+  with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+    S.BM25Engine.from_jsonl(tmp_path / "missing.jsonl")
+
+
+class _Server:
+  """A local completion server whose behaviour each test sets: 'ok', 'slow',
+  'error' (HTTP 500) or 'garbage' (not JSON). Loopback only."""
+
+  def __init__(self):
+    self.mode, self.requests = "ok", []
+    outer = self
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      def log_message(self, *args):
+        pass
+
+      def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        outer.requests.append(body)
+        if outer.mode == "slow":
+          time.sleep(1.0)
+        if outer.mode == "error":
+          self.send_response(500)
+          self.end_headers()
+          return
+        payload = b"not json" if outer.mode == "garbage" else json.dumps({"choices": [
+            {"index": i, "text": f" Doc 1: about {p.split('Query: ')[1].split(chr(10))[0]}\n"
+                                 "Doc 2: more\nDoc 3: x\nDoc 4: y\nDoc 5: z\nDoc 6: cut"}
+            for i, p in enumerate(body["prompt"])]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        try:
+          self.wfile.write(payload)
+        except BrokenPipeError:
+          pass
+
+    self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+    self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+    self.thread.start()
+
+  def close(self):
+    self.httpd.shutdown()
+    self.httpd.server_close()
+
+
+@pytest.fixture()
+def server():
+  s = _Server()
+  yield s
+  s.close()
+
+
+def test_http_engine_sends_the_trajectory_context_and_parses_documents(server):
+  engine = S.HttpSimulatorEngine(server.url, "sim", timeout_s=2.0, max_retries=0)
+  result = engine.search([S.SearchRequest("capital of France", "Capital of France?", "Paris", False),
+                          S.SearchRequest("river in Paris", "Which river?", "Seine", True)])
+  assert result.failed == [False, False]
+  assert result.documents[0] == ["about capital of France", "more", "x", "y", "z"]
+  prompts = server.requests[0]["prompt"]
+  assert "Useful Output:" in prompts[0] and '"Capital of France?"' in prompts[0]
+  assert "Noisy Output:" in prompts[1] and "answer is Seine" in prompts[1]
+  assert server.requests[0]["temperature"] == 0.8 and server.requests[0]["max_tokens"] == 600
+
+
+@pytest.mark.parametrize("mode", ["slow", "error", "garbage"])
+def test_http_engine_gives_up_after_bounded_retries(server, mode):
+  server.mode = mode
+  engine = S.HttpSimulatorEngine(server.url, "sim", timeout_s=0.3, max_retries=2, backoff_s=0.05)
+  start = time.perf_counter()
+  result = engine.search([S.SearchRequest("q")])
+  elapsed = time.perf_counter() - start
+  assert result.documents == [[]] and result.failed == [True]
+  assert engine.stats["failures"] == 1 and engine.stats["retries"] == 2
+  assert len(server.requests) == 3 and engine.stats["last_error"]
+  assert elapsed < 3 * 0.3 + 0.05 + 0.1 + 1.0  # three timeouts and two backoffs, no hang
+
+
+def test_unreachable_server_fails_fast():
+  engine = S.HttpSimulatorEngine("http://127.0.0.1:9", "sim", timeout_s=0.5, max_retries=1,
+                                 backoff_s=0.01)
+  result = engine.search([S.SearchRequest("q")])
+  assert result.failed == [True] and engine.stats["failures"] == 1
+
+
+def test_host_search_from_jitted_code(corpus_file):
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator([corpus_file.read_text()] * 3, trainers.BpeTrainer(
+      vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
+  host = S.HostSearch(S.BM25Engine.from_jsonl(corpus_file, top_k=1), tokenizer, max_doc_tokens=64)
+  host.set_context(["q0", "q1"], ["a0", "a1"])
+  queries = ["capital of Germany", "highest mountain"]
+  encoded = [tokenizer.encode(q) for q in queries]
+  width = max(map(len, encoded))
+  query_tokens = np.zeros((2, width), np.int32)
+  for i, ids in enumerate(encoded):
+    query_tokens[i, :len(ids)] = ids
+  lengths = np.array([len(e) for e in encoded], np.int32)
+
+  @jax.jit
+  def call(row_ids, tokens, lengths, active, noisy):
+    docs, doc_lengths, failed = host(row_ids, tokens, lengths, active, noisy)
+    return docs, doc_lengths + 0, failed  # traced work after the callback
+
+  docs, doc_lengths, failed = call(jnp.arange(2), query_tokens, lengths,
+                                   jnp.array([True, False]), jnp.array([False, False]))
+  text = tokenizer.decode(np.asarray(docs[0, :doc_lengths[0]]).tolist())
+  assert text == "Doc 1: Berlin is the capital of Germany."
+  assert int(doc_lengths[1]) == 0 and not bool(failed.any())  # the inactive row is not searched
