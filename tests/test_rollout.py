@@ -1,0 +1,255 @@
+"""The jitted rollout: each path of the turn state machine with scripted policy
+outputs, equality with the Python-driven oracle, sampling log-probs, the
+useful/noisy draw, and one compile per batch shape."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zsjax import model as M
+from zsjax import rollout as R
+from zsjax import search as S
+from zsjax import template as T
+from zsjax.rollout_reference import python_rollout
+from zsjax.sampling import Greedy, Sampling
+
+transformers = pytest.importorskip("transformers")
+
+QUESTIONS = ["What is the capital of France?", "Which river flows through Paris?",
+             "Who wrote Hamlet?", "Where is Mount Fuji?"]
+ANSWERS = ["Paris", "Seine", "Shakespeare", "Japan"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  corpus = [T.INSTRUCTION, T.INVALID_ACTION_FEEDBACK, T.render_observation(["a result"]),
+            "<think> hmm </think><search> capital of France </search><answer> Paris </answer>",
+            S.DEFAULT_SIMULATOR_TEMPLATE] + QUESTIONS + ANSWERS
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(corpus * 5, trainers.BpeTrainer(
+      vocab_size=380, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      special_tokens=["<|end|>", "<|pad|>"]))
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>",
+                                              pad_token="<|pad|>")
+
+
+@pytest.fixture(scope="module")
+def world(tokenizer):
+  cfg = M.ModelConfig(vocab_size=len(tokenizer), embed_dim=32, mlp_dim=48, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, arch="qwen2", qkv_bias=True)
+  params = jax.tree_util.tree_map(lambda x: x * 20 if x.ndim > 1 else x,
+                                  M.init_params(cfg, jax.random.key(0)))
+  static = R.prepare_static_tokens(tokenizer)
+  matcher = T.build_tag_matcher(tokenizer)
+  return cfg, params, static, matcher
+
+
+class ScriptedEngine:
+  """A host engine whose documents are a function of the query."""
+
+  top_k = 5
+
+  def __init__(self):
+    self.requests = []
+
+  def search(self, requests):
+    self.requests.extend(requests)
+    return S.SearchResult([[f"result for {r.query.strip()}"] for r in requests],
+                          [False] * len(requests))
+
+
+def run_both(tokenizer, world, config, sampling, scripts=None, questions=QUESTIONS[:2], step=1,
+             rng=jax.random.key(7), samples_per_prompt=1):
+  cfg, params, static, matcher = world
+  prompts = [T.render_prompt(q) for q in questions]
+  answers = (ANSWERS * len(questions))[:len(questions)]
+  batch = R.prepare_batch(tokenizer, prompts, questions, answers,
+                          samples_per_prompt=samples_per_prompt, pad_id=static.pad_id)
+  script = None
+  if scripts is not None:
+    # A row's script is a list of turns (each tokenized on its own, as a policy's
+    # turn ends at its closing token) or a list of token ids.
+    ids = [sum((tokenizer.encode(turn) for turn in s), []) if isinstance(s[0], str) else s
+           for s in scripts]
+    script = np.full((len(ids), max(map(len, ids)) + 1), -1, np.int32)
+    for i, row in enumerate(ids):
+      script[i, :len(row)] = row
+  jit_engine = ScriptedEngine()
+  host = S.HostSearch(jit_engine, tokenizer, max_doc_tokens=48, pad_id=static.pad_id)
+  host.set_context(questions, answers)
+  rollout = R.make_rollout(cfg, matcher, static, R.host_engine(host), config, sampling,
+                           doc_width=48)
+  fast = jax.jit(rollout)(params, None, batch, rng, step,
+                          None if script is None else jnp.asarray(script))
+  oracle_engine = ScriptedEngine()
+  slow = python_rollout(cfg, params, tokenizer, static, oracle_engine, config, sampling, batch,
+                        questions, answers, rng, step, script=script)
+  return jax.device_get(fast), slow, jit_engine, oracle_engine
+
+
+def assert_same(fast, slow):
+  for name in ("tokens", "loss_mask", "lengths", "turns", "searches", "noisy_calls",
+               "answered", "truncated"):
+    np.testing.assert_array_equal(getattr(fast, name), getattr(slow, name), err_msg=name)
+
+
+def decode(tokenizer, traj, row):
+  n = int(traj.lengths[row])
+  return tokenizer.decode(np.asarray(traj.tokens[row, :n]).tolist())
+
+
+def generated_text(tokenizer, traj, row):
+  ids = np.asarray(traj.tokens[row])[np.asarray(traj.loss_mask[row]) == 1]
+  return tokenizer.decode(ids.tolist())
+
+
+CONFIG = R.RolloutConfig(max_turns=2, max_new_tokens=40, max_obs_tokens=96, max_length=320,
+                         max_query_tokens=24)
+
+
+def test_search_information_answer(tokenizer, world):
+  turns = ["<think> need it </think><search> capital of France </search>",
+           "<answer> Paris </answer>"]
+  scripts = [turns] * 2
+  fast, slow, engine, oracle = run_both(tokenizer, world, CONFIG, Greedy(), scripts)
+  assert_same(fast, slow)
+  assert fast.answered.all() and (fast.searches == 1).all() and (fast.turns == 2).all()
+  assert [r.query.strip() for r in engine.requests] == ["capital of France"] * 2
+  assert [r.query.strip() for r in oracle.requests] == ["capital of France"] * 2
+  text = decode(tokenizer, fast, 0)
+  assert ("</search>\n\n<information>Doc 1: result for capital of France</information>\n\n"
+          "<answer> Paris </answer>") in text
+  # the loss mask is 1 on exactly the scripted tokens: not the prompt, not the documents
+  assert generated_text(tokenizer, fast, 0) == "".join(turns)
+  assert int(fast.loss_mask[0].sum()) == sum(len(tokenizer.encode(t)) for t in turns)
+
+
+def test_invalid_action_gets_feedback_then_answer(tokenizer, world):
+  scripts = [["<search> q </answer>", "<answer> Seine </answer>"]] * 2
+  fast, slow, engine, _ = run_both(tokenizer, world, CONFIG, Greedy(), scripts)
+  assert_same(fast, slow)
+  assert fast.answered.all() and (fast.searches == 0).all() and (fast.turns == 2).all()
+  assert engine.requests == []
+  assert T.INVALID_ACTION_FEEDBACK in decode(tokenizer, fast, 0)
+  assert generated_text(tokenizer, fast, 1) == "".join(scripts[1])
+
+
+def test_answer_in_the_first_turn(tokenizer, world):
+  fast, slow, _, _ = run_both(tokenizer, world, CONFIG, Greedy(), [["<answer> Paris </answer>"]] * 2)
+  assert_same(fast, slow)
+  assert fast.answered.all() and (fast.turns == 1).all()
+  assert decode(tokenizer, fast, 0).endswith("<answer> Paris </answer>")
+
+
+def test_eos_without_answer(tokenizer, world):
+  eos = tokenizer.eos_token_id
+  scripts = [tokenizer.encode("<think> no idea </think>") + [eos]] * 2
+  fast, slow, _, _ = run_both(tokenizer, world, CONFIG, Greedy(), scripts)
+  assert_same(fast, slow)
+  assert not fast.answered.any() and (fast.turns == 1).all()
+  last = int(fast.lengths[0]) - 1
+  assert int(fast.tokens[0, last]) == eos and int(fast.loss_mask[0, last]) == 1
+
+
+def test_max_turns_then_a_final_turn_without_documents(tokenizer, world):
+  scripts = [["<search> a </search>", "<search> b </search>", "<search> c </search>"]] * 2
+  fast, slow, engine, _ = run_both(tokenizer, world, CONFIG, Greedy(), scripts)
+  assert_same(fast, slow)
+  assert (fast.turns == 3).all() and (fast.searches == 2).all() and not fast.answered.any()
+  assert [r.query.strip() for r in engine.requests] == ["a", "a", "b", "b"]
+  assert decode(tokenizer, fast, 0).endswith("<search> c </search>")  # nothing inserted after
+
+
+def test_context_overflow_sets_truncated(tokenizer, world):
+  # the prompts (~200 tokens) and the first turn fit; the documents do not
+  short = R.RolloutConfig(max_turns=2, max_new_tokens=40, max_obs_tokens=96, max_length=222,
+                          max_query_tokens=24)
+  scripts = [["<search> capital of France </search>"]] * 2
+  fast, slow, _, _ = run_both(tokenizer, world, short, Greedy(), scripts)
+  assert_same(fast, slow)
+  assert fast.truncated.all() and not fast.answered.any()
+  assert (fast.lengths <= short.max_length).all()
+
+
+def test_greedy_matches_the_python_rollout_on_a_random_model(tokenizer, world):
+  config = R.RolloutConfig(max_turns=2, max_new_tokens=8, max_obs_tokens=96, max_length=320)
+  fast, slow, _, _ = run_both(tokenizer, world, config, Greedy(), questions=QUESTIONS)
+  assert_same(fast, slow)
+  assert (fast.turns == 3).all()  # random tokens: invalid actions until the final turn
+  np.testing.assert_allclose(fast.log_probs, slow.log_probs, atol=1e-4)
+
+
+def test_sampling_log_probs_equal_teacher_forced(tokenizer, world):
+  cfg, params, _, _ = world
+  config = R.RolloutConfig(max_turns=1, max_new_tokens=10, max_obs_tokens=96, max_length=320)
+  fast, _, _, _ = run_both(tokenizer, world, config, Sampling(temperature=1.0),
+                           questions=QUESTIONS, samples_per_prompt=2)
+  segment = (np.arange(fast.tokens.shape[1])[None, :] < fast.lengths[:, None]).astype(np.int32)
+  forced = M.token_log_probs(cfg, params, jnp.asarray(fast.tokens), jnp.asarray(segment))
+  mask = np.asarray(fast.loss_mask) == 1
+  assert mask.sum() > 40
+  np.testing.assert_allclose(np.asarray(forced)[mask], np.asarray(fast.log_probs)[mask],
+                             atol=2e-4)
+  assert (np.asarray(fast.log_probs)[~mask] == 0).all()
+
+
+def test_noisy_draw_follows_p_and_is_per_call(tokenizer, world):
+  config = R.RolloutConfig(max_turns=3, max_new_tokens=40, max_obs_tokens=96, max_length=480,
+                           noise_start=0.3, noise_end=0.3)
+  cfg, params, static, matcher = world
+  questions = QUESTIONS * 8  # 32 rows x 3 search turns = 96 calls
+  scripts = [["<search> q </search>"] * 3] * len(questions)
+  fast, slow, engine, _ = run_both(tokenizer, world, config, Greedy(), scripts,
+                                   questions=questions)
+  assert_same(fast, slow)
+  calls = int(fast.searches.sum())
+  assert calls == 96
+  share = fast.noisy_calls.sum() / calls
+  assert abs(share - 0.3) < 3.5 * np.sqrt(0.3 * 0.7 / calls), share
+  assert sum(r.noisy for r in engine.requests) == int(fast.noisy_calls.sum())
+
+
+def test_same_shape_batches_compile_once(tokenizer, world):
+  cfg, params, static, matcher = world
+  host = S.HostSearch(ScriptedEngine(), tokenizer, max_doc_tokens=48, pad_id=static.pad_id)
+  config = R.RolloutConfig(max_turns=1, max_new_tokens=4, max_obs_tokens=96, max_length=320)
+  rollout = jax.jit(R.make_rollout(cfg, matcher, static, R.host_engine(host), config,
+                                   Sampling(), doc_width=48))
+  for pair in (QUESTIONS[:2], QUESTIONS[2:]):
+    host.set_context(pair, ANSWERS)
+    batch = R.prepare_batch(tokenizer, [T.render_prompt(q) for q in pair], pair, ANSWERS[:2],
+                            pad_id=static.pad_id, prompt_width=256, sim_prefix_width=160)
+    jax.block_until_ready(rollout(params, None, batch, jax.random.key(1), 3))
+  with pytest.raises(ValueError, match="more than the fixed width 8"):
+    R.prepare_batch(tokenizer, ["a long prompt " * 5], ["q"], ["a"], prompt_width=8)
+  assert rollout._cache_size() == 1
+
+
+def test_on_device_simulator_writes_documents_into_the_context(tokenizer, world):
+  cfg, params, static, _ = world
+  sim_matcher = T.build_tag_matcher(tokenizer, tags=("Doc 6",))
+  engine = R.simulator_engine(cfg, sim_matcher, static, max_new_tokens=12, max_prompt=176)
+  rollout = jax.jit(R.make_rollout(cfg, T.build_tag_matcher(tokenizer), static, engine, CONFIG,
+                                   Greedy(), doc_width=12))
+  questions = QUESTIONS[:2]
+  batch = R.prepare_batch(tokenizer, [T.render_prompt(q) for q in questions], questions,
+                          ANSWERS[:2], pad_id=static.pad_id)
+  script = np.full((2, 40), -1, np.int32)
+  ids = tokenizer.encode("<search> capital of France </search>") + tokenizer.encode(
+      "<answer> Paris </answer>")
+  script[:, :len(ids)] = ids
+  traj = jax.device_get(rollout(params, params, batch, jax.random.key(3), 1, jnp.asarray(script)))
+  assert (traj.searches == 1).all() and traj.answered.all()
+  text = decode(tokenizer, traj, 0)
+  between = text.split("<information>")[1].split("</information>")[0]
+  assert len(between) > 0  # the simulator's (random-model) text was inserted
+  mask = np.asarray(traj.loss_mask[0])
+  n_obs = int(traj.lengths[0]) - int(traj.prompt_lengths[0]) - int(mask.sum())
+  assert n_obs > len(np.asarray(static.obs_open)) + len(np.asarray(static.obs_close))

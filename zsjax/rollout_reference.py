@@ -1,0 +1,171 @@
+"""The Python-driven rollout: the same semantics as ``zsjax.rollout`` with a host
+loop over jitted prefill / one-token decode steps and string parsing of each turn
+(the way the reference code works). It is the oracle of the rollout tests and
+the baseline of ``experiments/bench_rollout.py``; train with the jitted one.
+
+Stops and actions are decided on the decoded text of the turn (``</search>`` /
+``</answer>`` found in it; ``zsjax.template.parse_action``), not with the byte
+automaton, so the two implementations check each other. Search calls go to a
+host engine (``zsjax.search.HostEngine``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zsjax.curriculum import noise_probability
+from zsjax.model import ModelConfig, Transformer, init_cache
+from zsjax.rollout import RolloutBatch, RolloutConfig, StaticTokens, Trajectories
+from zsjax.sampling import Greedy, Sampling, sample
+from zsjax.search import SearchRequest
+from zsjax.template import render_documents
+
+
+@functools.lru_cache(maxsize=8)
+def _steps(cfg: ModelConfig):
+  model = Transformer(cfg)
+  forward = jax.jit(lambda p, tokens, segment, cache: model.apply(
+      {"params": p}, tokens, segment_ids=segment, cache=cache))
+  return forward
+
+
+def python_rollout(policy_cfg: ModelConfig, policy_params, tokenizer, static: StaticTokens,
+                   engine, config: RolloutConfig, sampling: Greedy | Sampling,
+                   batch: RolloutBatch, questions, answers, rng, step: int, script=None
+                   ) -> Trajectories:
+  """Host-driven rollout; arguments as ``zsjax.rollout`` plus the host ``engine``
+  and the questions / first gold answers that ``batch.row_ids`` index."""
+  forward = _steps(policy_cfg)
+  s_len = config.max_length
+  prompt = np.asarray(batch.prompt_tokens)
+  prompt_len = np.asarray(batch.prompt_lengths)
+  b, p = prompt.shape
+  row_ids = np.asarray(batch.row_ids)
+  eos = set(static.eos_ids)
+  obs_open, obs_close = list(np.asarray(static.obs_open)), list(np.asarray(static.obs_close))
+  feedback = list(np.asarray(static.feedback))
+  p_noise = float(noise_probability(jnp.asarray(step), start=config.noise_start,
+                                    end=config.noise_end, total_steps=config.total_steps,
+                                    base=config.noise_base))
+
+  seqs = [list(prompt[i, :prompt_len[i]]) for i in range(b)]
+  mask = [[0] * int(prompt_len[i]) for i in range(b)]
+  logps = [[0.0] * int(prompt_len[i]) for i in range(b)]
+  cache = init_cache(policy_cfg, b, s_len)
+  segment = (np.arange(p)[None, :] < prompt_len[:, None]).astype(np.int32)
+  logits, cache = forward(policy_params, jnp.asarray(prompt), jnp.asarray(segment), cache)
+  last = np.asarray(logits)[np.arange(b), prompt_len - 1]
+  done = np.zeros(b, bool)
+  answered, truncated = np.zeros(b, bool), np.zeros(b, bool)
+  turns, searches, noisy_calls, failed = (np.zeros(b, np.int32) for _ in range(4))
+  generated = np.zeros(b, np.int32)
+
+  for turn in range(config.max_turns + 1):
+    turn_rng = jax.random.fold_in(rng, turn)
+    decode_rng = jax.random.fold_in(turn_rng, 0)
+    active = ~done
+    live = active.copy()
+    turn_tokens = [[] for _ in range(b)]
+    hit_eos = np.zeros(b, bool)
+    i = 0
+    while i < config.max_new_tokens and live.any():
+      sampled, logp = sample(sampling, jnp.asarray(last), jax.random.fold_in(decode_rng, i))
+      sampled, logp = np.asarray(sampled), np.asarray(logp)
+      if script is not None:
+        forced = np.asarray(script)[np.arange(b), np.minimum(generated, script.shape[1] - 1)]
+        sampled = np.where(forced >= 0, forced, sampled)
+        scaled = jax.nn.log_softmax(jnp.asarray(last) / sampling.temperature, -1)
+        logp = np.asarray(scaled)[np.arange(b), sampled]
+      write = live & np.array([len(s) < s_len for s in seqs])
+      truncated |= live & ~write
+      token = np.where(write, sampled, static.pad_id).astype(np.int32)
+      for r in np.flatnonzero(write):
+        seqs[r].append(int(token[r]))
+        mask[r].append(1)
+        logps[r].append(float(logp[r]))
+        turn_tokens[r].append(int(token[r]))
+      logits, cache = forward(policy_params, jnp.asarray(token[:, None]),
+                              jnp.asarray(write[:, None].astype(np.int32)), cache)
+      last = np.where(write[:, None], np.asarray(logits)[:, 0], last)
+      generated += write
+      still = write.copy()
+      for r in np.flatnonzero(write):
+        text = tokenizer.decode(turn_tokens[r], skip_special_tokens=False)
+        if int(token[r]) in eos:
+          hit_eos[r] = True
+          still[r] = False
+        elif "</search>" in text or "</answer>" in text:
+          still[r] = False
+      live = still
+      i += 1
+
+    final = turn == config.max_turns
+    noisy_draw = np.asarray(jax.random.uniform(jax.random.fold_in(turn_rng, 1), (b,))) < p_noise
+    requests, search_rows = [], []
+    inserts = {}
+    for r in np.flatnonzero(active):
+      turns[r] += 1
+      text = tokenizer.decode(turn_tokens[r], skip_special_tokens=False)
+      ends = [text.find(t) + len(t) for t in ("</search>", "</answer>") if t in text]
+      text = text[:min(ends)] if ends else text
+      kind = "invalid"
+      if text.endswith("</answer>") and "<answer>" in text:
+        kind = "answer"
+      elif text.endswith("</search>") and "<search>" in text[:-len("</search>")]:
+        kind = "search"
+      if kind == "answer":
+        answered[r] = True
+      if kind == "answer" or hit_eos[r] or truncated[r] or final:
+        done[r] = True
+        continue
+      if kind == "search":
+        query = text[:-len("</search>")].rsplit("<search>", 1)[1]
+        requests.append(SearchRequest(query, questions[row_ids[r]], answers[row_ids[r]],
+                                      bool(noisy_draw[r])))
+        search_rows.append(r)
+      else:
+        inserts[r] = feedback
+    if requests:
+      result = engine.search(requests)
+      cap = config.max_obs_tokens - len(obs_open) - len(obs_close)
+      for r, docs, fail in zip(search_rows, result.documents, result.failed):
+        ids = tokenizer.encode(render_documents(docs), add_special_tokens=False) if docs else []
+        inserts[r] = obs_open + ids[:cap] + obs_close
+        failed[r] += fail
+        searches[r] += 1
+        noisy_calls[r] += bool(noisy_draw[r])
+    width = config.max_obs_tokens
+    obs = np.full((b, width), static.pad_id, np.int32)
+    obs_len = np.zeros(b, np.int32)
+    for r, ids in inserts.items():
+      if len(seqs[r]) + len(ids) > s_len:
+        truncated[r] = done[r] = True
+        if r in search_rows:
+          searches[r] -= 1
+          noisy_calls[r] -= bool(noisy_draw[r])
+        continue
+      obs[r, :len(ids)] = ids
+      obs_len[r] = len(ids)
+      seqs[r].extend(int(t) for t in ids)
+      mask[r].extend([0] * len(ids))
+      logps[r].extend([0.0] * len(ids))
+    segment = (np.arange(width)[None, :] < obs_len[:, None]).astype(np.int32)
+    logits, cache = forward(policy_params, jnp.asarray(obs), jnp.asarray(segment), cache)
+    inserted = obs_len > 0
+    last = np.where(inserted[:, None], np.asarray(logits)[np.arange(b), np.maximum(obs_len - 1, 0)],
+                    last)
+
+  tokens = np.full((b, s_len), static.pad_id, np.int32)
+  loss_mask = np.zeros((b, s_len), np.int32)
+  log_probs = np.zeros((b, s_len), np.float32)
+  for r in range(b):
+    n = len(seqs[r])
+    tokens[r, :n], loss_mask[r, :n], log_probs[r, :n] = seqs[r], mask[r], logps[r]
+  return Trajectories(
+      tokens=tokens, loss_mask=loss_mask, log_probs=log_probs, prompt_lengths=prompt_len,
+      lengths=np.asarray([len(s) for s in seqs], np.int32), turns=turns, searches=searches,
+      noisy_calls=noisy_calls, failed_searches=failed, answered=answered, truncated=truncated)
