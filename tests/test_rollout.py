@@ -253,3 +253,27 @@ def test_on_device_simulator_writes_documents_into_the_context(tokenizer, world)
   mask = np.asarray(traj.loss_mask[0])
   n_obs = int(traj.lengths[0]) - int(traj.prompt_lengths[0]) - int(mask.sum())
   assert n_obs > len(np.asarray(static.obs_open)) + len(np.asarray(static.obs_close))
+
+
+def test_sharded_rollout_matches_one_device(tokenizer, world):
+  from zsjax import sharding as SH
+
+  cfg, params, static, matcher = world
+  questions = QUESTIONS
+  host = S.HostSearch(ScriptedEngine(), tokenizer, max_doc_tokens=48, pad_id=static.pad_id)
+  host.set_context(questions, ANSWERS)
+  config = R.RolloutConfig(max_turns=1, max_new_tokens=12, max_obs_tokens=96, max_length=320)
+  rollout = R.make_rollout(cfg, matcher, static, R.host_engine(host), config, Greedy(),
+                           doc_width=48)
+  batch = R.prepare_batch(tokenizer, [T.render_prompt(q) for q in questions], questions, ANSWERS,
+                          samples_per_prompt=2, pad_id=static.pad_id)
+  one = jax.device_get(jax.jit(rollout)(params, None, batch, jax.random.key(5), 1))
+  plan = SH.ShardingPlan(SH.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}),
+                         SH.rules_for("fsdp_tp"), "fsdp_tp")
+  sharded = R.shard_rollout(rollout, plan, cfg)(params, None, batch, jax.random.key(5), 1)
+  assert sharded.tokens.sharding.spec[0] == ("data", "fsdp")
+  assert_same(jax.device_get(sharded), one)
+  with pytest.raises(ValueError, match="not divisible by data x fsdp = 4"):
+    small = R.prepare_batch(tokenizer, [T.render_prompt(QUESTIONS[0])], QUESTIONS[:1],
+                            ANSWERS[:1], pad_id=static.pad_id)
+    R.shard_rollout(rollout, plan, cfg)(params, None, small, jax.random.key(5), 1)

@@ -402,6 +402,47 @@ def make_rollout(policy_cfg: ModelConfig, matcher: TagMatcher, static: StaticTok
   return rollout
 
 
+def shard_rollout(rollout, plan, policy_cfg: ModelConfig, *, engine_state_shardings=None):
+  """``jax.jit`` of a rollout with explicit shardings from a
+  ``zsjax.sharding.ShardingPlan``: policy params by the plan's rules, rows split
+  over ``data`` x ``fsdp``, traced inside the plan's context (activation
+  constraints). ``engine_state_shardings``: e.g. ``plan.params(sim_cfg)`` for the
+  on-device simulator, None (replicated) otherwise."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from zsjax.sharding import BATCH_AXES
+
+  rows, repl = NamedSharding(plan.mesh, P(BATCH_AXES)), plan.replicated()
+  rows2 = NamedSharding(plan.mesh, P(BATCH_AXES, None))
+  per_kind = NamedSharding(plan.mesh, P(None, BATCH_AXES))
+  batch_shardings = RolloutBatch(
+      prompt_tokens=rows2, prompt_lengths=rows, row_ids=rows,
+      sim_prefix=NamedSharding(plan.mesh, P(None, BATCH_AXES, None)),
+      sim_prefix_lengths=per_kind, sim_suffix=repl, sim_suffix_lengths=repl)
+  out_shardings = Trajectories(tokens=rows2, loss_mask=rows2, log_probs=rows2,
+                               prompt_lengths=rows, lengths=rows, turns=rows, searches=rows,
+                               noisy_calls=rows, failed_searches=rows, answered=rows,
+                               truncated=rows)
+
+  def run(policy_params, engine_state, batch, rng, step):
+    with plan.context():
+      return rollout(policy_params, engine_state, batch, rng, step)
+
+  jitted = jax.jit(run, in_shardings=(plan.params(policy_cfg), engine_state_shardings or repl,
+                                      batch_shardings, repl, repl),
+                   out_shardings=out_shardings)
+
+  def call(policy_params, engine_state, batch: RolloutBatch, rng, step):
+    rows_in_batch = batch.prompt_tokens.shape[0]
+    if rows_in_batch % plan.batch_divisor:  # before JAX places anything
+      raise ValueError(f"rollout batch of {rows_in_batch} rows is not divisible by data x fsdp "
+                       f"= {plan.batch_divisor} (mesh {plan.sizes}); use a multiple of it.")
+    return jitted(policy_params, engine_state, batch, rng, step)
+
+  call.jitted = jitted
+  return call
+
+
 # ------------------------------------------------------------- host preparation
 
 
@@ -478,5 +519,6 @@ def prepare_batch(tokenizer, prompts, questions, answers, sim_prompt=None, *,
 
 
 __all__ = ["RolloutConfig", "RolloutBatch", "Trajectories", "StaticTokens", "EngineOutput",
-           "make_rollout", "simulator_engine", "host_engine", "prepare_static_tokens",
+           "make_rollout", "shard_rollout", "simulator_engine", "host_engine",
+           "prepare_static_tokens",
            "prepare_batch", "concat_ragged", "gather_span", "tokens_covering_tail"]
