@@ -264,6 +264,7 @@ def make_rollout(policy_cfg: ModelConfig, matcher: TagMatcher, static: StaticTok
   if static.feedback.shape[0] > obs_width:
     raise ValueError(f"RolloutConfig.max_obs_tokens={obs_width} is shorter than the "
                      f"{static.feedback.shape[0]}-token invalid-action feedback.")
+  feedback_width = int(static.feedback.shape[0])
 
   def rollout(policy_params, engine_state, batch: RolloutBatch, rng, step, script=None):
     b, p = batch.prompt_tokens.shape
@@ -382,11 +383,24 @@ def make_rollout(policy_cfg: ModelConfig, matcher: TagMatcher, static: StaticTok
       in_obs = jnp.arange(obs_width)[None, :] < obs_len[:, None]
       state["tokens"] = state["tokens"].at[rows[:, None], jnp.where(in_obs, slots, s_len)].set(
           obs, mode="drop")
-      logits, state["cache"] = model.apply({"params": policy_params}, obs,
-                                           segment_ids=in_obs.astype(jnp.int32),
-                                           cache=state["cache"])
-      last_obs = jnp.take_along_axis(logits, jnp.maximum(obs_len - 1, 0)[:, None, None], 1)[:, 0]
-      state["last"] = jnp.where(insert[:, None], last_obs, state["last"])
+
+      def prefill(width):
+        def run(operand):
+          cache, last = operand
+          logits, cache = model.apply({"params": policy_params}, obs[:, :width],
+                                      segment_ids=in_obs[:, :width].astype(jnp.int32),
+                                      cache=cache)
+          index = jnp.clip(obs_len - 1, 0, width - 1)[:, None, None]
+          last_obs = jnp.take_along_axis(logits, index, 1)[:, 0]
+          return cache, jnp.where(insert[:, None], last_obs, last)
+        return run
+
+      # Prefill only what is inserted: nothing (final turn, all rows done), the
+      # feedback alone (a short chunk), or documents (the full observation width).
+      branch = jnp.where(~jnp.any(insert), 0, jnp.where(jnp.any(insert & do_search), 2, 1))
+      state["cache"], state["last"] = jax.lax.switch(
+          branch, [lambda operand: operand, prefill(feedback_width), prefill(obs_width)],
+          (state["cache"], state["last"]))
       state["length"] = state["length"] + obs_len
       return state
 

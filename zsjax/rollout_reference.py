@@ -153,11 +153,12 @@ def python_rollout(policy_cfg: ModelConfig, policy_params, tokenizer, static: St
       seqs[r].extend(int(t) for t in ids)
       mask[r].extend([0] * len(ids))
       logps[r].extend([0.0] * len(ids))
-    segment = (np.arange(width)[None, :] < obs_len[:, None]).astype(np.int32)
-    logits, cache = forward(policy_params, jnp.asarray(obs), jnp.asarray(segment), cache)
     inserted = obs_len > 0
-    last = np.where(inserted[:, None], np.asarray(logits)[np.arange(b), np.maximum(obs_len - 1, 0)],
-                    last)
+    if inserted.any():  # nothing to prefill on the final turn
+      segment = (np.arange(width)[None, :] < obs_len[:, None]).astype(np.int32)
+      logits, cache = forward(policy_params, jnp.asarray(obs), jnp.asarray(segment), cache)
+      last = np.where(inserted[:, None],
+                      np.asarray(logits)[np.arange(b), np.maximum(obs_len - 1, 0)], last)
 
   tokens = np.full((b, s_len), static.pad_id, np.int32)
   loss_mask = np.zeros((b, s_len), np.int32)
