@@ -113,8 +113,7 @@ def bench_size(name, args, peak):
       sim_suffix_lengths=jnp.ones((2,), jnp.int32))
   host = HostSearch(NoSearch(), tokenizer, max_doc_tokens=8, pad_id=static.pad_id)
   host.set_context([""] * b, [""] * b)
-  rollout = jax.jit(R.make_rollout(cfg, matcher, static, R.host_engine(host), config, Greedy(),
-                                   doc_width=8))
+  rollout = jax.jit(R.make_rollout(cfg, matcher, static, R.host_engine(host), config, Greedy()))
   generated = b * t * turns
 
   def best(fn):

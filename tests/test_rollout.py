@@ -2,7 +2,6 @@
 outputs, equality with the Python-driven oracle, sampling log-probs, the
 useful/noisy draw, and one compile per batch shape."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -84,8 +83,7 @@ def run_both(tokenizer, world, config, sampling, scripts=None, questions=QUESTIO
   jit_engine = ScriptedEngine()
   host = S.HostSearch(jit_engine, tokenizer, max_doc_tokens=48, pad_id=static.pad_id)
   host.set_context(questions, answers)
-  rollout = R.make_rollout(cfg, matcher, static, R.host_engine(host), config, sampling,
-                           doc_width=48)
+  rollout = R.make_rollout(cfg, matcher, static, R.host_engine(host), config, sampling)
   fast = jax.jit(rollout)(params, None, batch, rng, step,
                           None if script is None else jnp.asarray(script))
   oracle_engine = ScriptedEngine()
@@ -221,7 +219,7 @@ def test_same_shape_batches_compile_once(tokenizer, world):
   host = S.HostSearch(ScriptedEngine(), tokenizer, max_doc_tokens=48, pad_id=static.pad_id)
   config = R.RolloutConfig(max_turns=1, max_new_tokens=4, max_obs_tokens=96, max_length=320)
   rollout = jax.jit(R.make_rollout(cfg, matcher, static, R.host_engine(host), config,
-                                   Sampling(), doc_width=48))
+                                   Sampling()))
   for pair in (QUESTIONS[:2], QUESTIONS[2:]):
     host.set_context(pair, ANSWERS)
     batch = R.prepare_batch(tokenizer, [T.render_prompt(q) for q in pair], pair, ANSWERS[:2],
@@ -237,7 +235,7 @@ def test_on_device_simulator_writes_documents_into_the_context(tokenizer, world)
   sim_matcher = T.build_tag_matcher(tokenizer, tags=("Doc 6",))
   engine = R.simulator_engine(cfg, sim_matcher, static, max_new_tokens=12, max_prompt=176)
   rollout = jax.jit(R.make_rollout(cfg, T.build_tag_matcher(tokenizer), static, engine, CONFIG,
-                                   Greedy(), doc_width=12))
+                                   Greedy()))
   questions = QUESTIONS[:2]
   batch = R.prepare_batch(tokenizer, [T.render_prompt(q) for q in questions], questions,
                           ANSWERS[:2], pad_id=static.pad_id)
@@ -263,8 +261,7 @@ def test_sharded_rollout_matches_one_device(tokenizer, world):
   host = S.HostSearch(ScriptedEngine(), tokenizer, max_doc_tokens=48, pad_id=static.pad_id)
   host.set_context(questions, ANSWERS)
   config = R.RolloutConfig(max_turns=1, max_new_tokens=12, max_obs_tokens=96, max_length=320)
-  rollout = R.make_rollout(cfg, matcher, static, R.host_engine(host), config, Greedy(),
-                           doc_width=48)
+  rollout = R.make_rollout(cfg, matcher, static, R.host_engine(host), config, Greedy())
   batch = R.prepare_batch(tokenizer, [T.render_prompt(q) for q in questions], questions, ANSWERS,
                           samples_per_prompt=2, pad_id=static.pad_id)
   one = jax.device_get(jax.jit(rollout)(params, None, batch, jax.random.key(5), 1))

@@ -246,8 +246,7 @@ def host_engine(host_search) -> Engine:
 
 
 def make_rollout(policy_cfg: ModelConfig, matcher: TagMatcher, static: StaticTokens,
-                 engine: Engine, config: RolloutConfig, sampling: Greedy | Sampling,
-                 *, doc_width: int):
+                 engine: Engine, config: RolloutConfig, sampling: Greedy | Sampling):
   """Builds ``rollout(policy_params, engine_state, batch, rng, step, script=None)``
   (not yet jitted: wrap it in ``jax.jit`` with the shardings you need).
 
