@@ -190,15 +190,6 @@ COLUMNS = ("size", "params", "generated_tokens", "jit_compile_s", "jit_tokens_pe
            "flops_fraction_of_peak", "jit_equals_python")
 
 
-def table(rows):
-  cols = [c for c in COLUMNS if any(c in r for r in rows)]
-  lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-  for r in rows:
-    lines.append("| " + " | ".join(
-        f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "n/a")) for c in cols) + " |")
-  return "\n".join(lines)
-
-
 def main(argv=None):
   args = parse_args(argv)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -206,7 +197,7 @@ def main(argv=None):
   import jax.numpy as jnp
 
   sys.path.insert(0, str(Path(__file__).resolve().parent))
-  from bench_sharding import matmul_peak
+  from bench_sharding import markdown_table, matmul_peak
 
   devices = jax.devices()[:1]
   peak = matmul_peak(devices, 2048, jnp.float32, 10)
@@ -216,11 +207,11 @@ def main(argv=None):
             f"{devices[0].platform}\nmatmul peak {peak / 1e9:.1f} GFLOP/s (one device, 2048^3)"
             "\ncommand: python experiments/bench_rollout.py " + " ".join(sys.argv[1:]))
   print(header)
-  print(table(rows))
+  print(markdown_table(rows, COLUMNS))
   if args.out:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(f"{header}\n\n{table(rows)}\n")
+    (out / "results.md").write_text(f"{header}\n\n{markdown_table(rows, COLUMNS)}\n")
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
   keys = ("jit_tokens_per_s", "python_tokens_per_s", "hf_tokens_per_s", "ratio_vs_python",
           "ratio_vs_hf", "flops_fraction_of_peak")

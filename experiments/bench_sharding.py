@@ -247,8 +247,9 @@ def _fmt(value) -> str:
   return str(value)
 
 
-def markdown_table(rows) -> str:
-  cols = [c for c in COLUMNS if any(c in r for r in rows)]
+def markdown_table(rows, columns=COLUMNS) -> str:
+  """A markdown table of ``rows`` (dicts) over the ``columns`` any row has."""
+  cols = [c for c in columns if any(c in r for r in rows)]
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   for r in rows:
     lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
