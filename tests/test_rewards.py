@@ -1,0 +1,41 @@
+"""Answer extraction and scores against hand-computed values."""
+
+import pytest
+
+from zsjax import rewards as W
+from zsjax import template
+
+
+def test_normalize_answer():
+  assert W.normalize_answer("  The  Eiffel-Tower, in PARIS! ") == "eiffeltower in paris"
+  assert W.normalize_answer("an apple a day") == "apple day"
+  assert W.normalize_answer("theatre") == "theatre"  # 'the' only as a word
+
+
+def test_extract_answer_reads_the_last_answer_of_the_response_only():
+  assert W.extract_answer("<answer> A </answer> then <answer>B </answer>") == "B"
+  assert W.extract_answer("<answer> unterminated") is None
+  assert W.extract_answer("no tags") is None
+  # the prompt's example answer must never count: the response alone is scored
+  assert "<answer>" in template.INSTRUCTION
+  assert W.extract_answer("<think> hmm </think>") is None
+
+
+def test_f1_by_hand():
+  # prediction tokens: [paris, france] ; gold: [paris] -> P=1/2, R=1, F1=2/3
+  assert W.f1("Paris, France", ["Paris"]) == pytest.approx(2 / 3)
+  # best over golds
+  assert W.f1("New York City", ["York", "new york city"]) == pytest.approx(1.0)
+  # multiplicity: pred [x x y] vs gold [x y y] overlap in one x and one y, P = R = 2/3
+  assert W.f1("x x y", ["x y y"]) == pytest.approx(2 / 3)
+  assert W.f1(None, ["x"]) == 0.0 and W.f1("z", ["x"]) == 0.0
+
+
+def test_strict_and_substring_em():
+  assert W.exact_match("the Paris", ["paris"]) == 1.0
+  assert W.exact_match("Paris, France", ["Paris"]) == 0.0
+  assert W.substring_match("Paris, France", ["Paris"]) == 1.0
+  assert W.substring_match("Par", ["Paris"]) == 0.0
+  assert W.exact_match(None, "x") == 0.0 and W.substring_match(None, "x") == 0.0
+  with pytest.raises(ValueError, match="gold answers"):
+    W.f1("x", [])

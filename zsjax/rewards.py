@@ -1,0 +1,72 @@
+"""Answer extraction and scoring (host side), METHOD.md §5.
+
+* ``normalize_answer``: SQuAD normalisation (lower case, no punctuation, no
+  articles a/an/the, single spaces).
+* ``extract_answer``: the content of the last complete ``<answer>…</answer>`` of
+  the *response* (never the prompt, whose instructions contain an example
+  answer); None when there is none, which scores 0.
+* ``f1`` (the training reward), ``exact_match`` (strict) and
+  ``substring_match`` (the normalised gold inside the normalised prediction: what
+  the reference code calls EM), each the max over the gold answers.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import string
+from typing import Sequence
+
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = set(string.punctuation)
+
+
+def normalize_answer(s: str) -> str:
+  s = s.lower()
+  s = "".join(ch for ch in s if ch not in _PUNCTUATION)
+  s = _ARTICLES.sub(" ", s)
+  return " ".join(s.split())
+
+
+def extract_answer(response: str) -> str | None:
+  """The last complete ``<answer>…</answer>`` of a response, stripped."""
+  found = _ANSWER.findall(response)
+  return found[-1].strip() if found else None
+
+
+def _golds(golds: str | Sequence[str]) -> list[str]:
+  golds = [golds] if isinstance(golds, str) else list(golds)
+  if not golds:
+    raise ValueError("no gold answers given; every question needs at least one.")
+  return golds
+
+
+def _token_f1(prediction: str, gold: str) -> float:
+  pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
+  common = collections.Counter(pred) & collections.Counter(ref)
+  overlap = sum(common.values())
+  if overlap == 0:
+    return 0.0
+  precision, recall = overlap / len(pred), overlap / len(ref)
+  return 2 * precision * recall / (precision + recall)
+
+
+def f1(prediction: str | None, golds: str | Sequence[str]) -> float:
+  if prediction is None:
+    return 0.0
+  return max(_token_f1(prediction, g) for g in _golds(golds))
+
+
+def exact_match(prediction: str | None, golds: str | Sequence[str]) -> float:
+  if prediction is None:
+    return 0.0
+  pred = normalize_answer(prediction)
+  return float(any(pred == normalize_answer(g) for g in _golds(golds)))
+
+
+def substring_match(prediction: str | None, golds: str | Sequence[str]) -> float:
+  if prediction is None:
+    return 0.0
+  pred = normalize_answer(prediction)
+  return float(any(normalize_answer(g) in pred for g in _golds(golds)))
