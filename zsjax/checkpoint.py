@@ -1,0 +1,83 @@
+"""Checkpoints with Orbax: save, keep the last k, resume (sharded), export to HF.
+
+A checkpoint holds a pytree of arrays (e.g. ``zsjax.train_step.TrainState``:
+step, params, optimizer state; a PPO critic's too) and a JSON dict of
+everything else a resumed run needs (data position, rng seed words, config).
+Restoring takes an abstract target (``jax.ShapeDtypeStruct`` with shardings),
+so each process reads only its own shards.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def abstract_like(tree, shardings=None):
+  """``ShapeDtypeStruct`` tree of ``tree`` (arrays or structs), with ``shardings``
+  (a matching NamedSharding tree) or each array's own sharding."""
+  if shardings is None:
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        tree)
+  return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                tree, shardings)
+
+
+class Checkpointer:
+  """Orbax ``CheckpointManager`` under ``directory`` keeping the last ``max_to_keep``."""
+
+  def __init__(self, directory: str | Path, max_to_keep: int = 3, async_save: bool = True):
+    if max_to_keep < 1:
+      raise ValueError(f"max_to_keep={max_to_keep} must be >= 1.")
+    self.directory = Path(directory).absolute()
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save))
+
+  def save(self, step: int, state, extra: dict[str, Any] | None = None, force: bool = False) -> bool:
+    """Saves ``state`` (arrays) and ``extra`` (JSON) as ``step``; asynchronous
+    unless disabled: ``wait`` before reading it back or exiting."""
+    return self.manager.save(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra or {})), force=force)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def restore(self, target, step: int | None = None) -> tuple[Any, dict]:
+    """``(state, extra)`` of ``step`` (default: the latest). ``target``: the state's
+    abstract tree (``abstract_like``), which sets structure, dtypes and shardings."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory} to restore.")
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
+    return restored.state, dict(restored.extra or {})
+
+  def restore_or(self, target, fallback) -> tuple[Any, dict, bool]:
+    """Resume: the latest checkpoint if there is one, else ``fallback()``'s state.
+    Returns ``(state, extra, resumed)``."""
+    if self.latest_step() is None:
+      return fallback(), {}, False
+    state, extra = self.restore(target)
+    return state, extra, True
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def export_hf(directory: str | Path, cfg, params) -> Path:
+  """The policy as an HF checkpoint (``zsjax.hf.save_checkpoint``)."""
+  from zsjax import hf
+
+  return hf.save_checkpoint(directory, cfg, params)

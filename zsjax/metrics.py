@@ -1,0 +1,97 @@
+"""Metrics: TensorBoard event files and JSON lines, written by process 0.
+
+Names are slash-separated (``reward/f1``, ``loss/kl``, ``time/rollout_s``). Values
+may be device arrays: ``write_later`` keeps a step's metrics on device and
+fetches them when the next step's arrive, so the host never waits on the device
+in the middle of a training loop (``flush`` writes the last ones).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+
+def _scalar(name: str, value: Any) -> float:
+  array = np.asarray(jax.device_get(value))
+  if array.size != 1:
+    raise ValueError(f"metric {name!r} has shape {array.shape}; metrics must be scalars.")
+  return float(array.reshape(()))
+
+
+class MetricWriter:
+  """Writes ``{name: scalar}`` per step to ``WORKDIR/tensorboard`` and
+  ``WORKDIR/metrics.jsonl`` (one object per step: ``{"step": s, name: value}``)."""
+
+  def __init__(self, workdir: str | Path, enabled: bool | None = None):
+    if enabled is None:
+      enabled = jax.process_index() == 0
+    self.enabled = enabled
+    self.workdir = Path(workdir)
+    self._pending: tuple[int, Mapping[str, Any]] | None = None
+    self._tb = None
+    self._jsonl = None
+    if enabled:
+      from tensorboard.summary import Writer
+
+      self.workdir.mkdir(parents=True, exist_ok=True)
+      self._tb = Writer(str(self.workdir / "tensorboard"))
+      self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Writes now (fetching device values); returns the floats written."""
+    values = {}
+    for name, value in metrics.items():
+      if "/" not in name:
+        raise ValueError(f"metric name {name!r} is not slash-named; use e.g. 'train/{name}'.")
+      values[name] = _scalar(name, value)
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+      raise FloatingPointError(f"step {step}: metric(s) {bad} are not finite.")
+    if self.enabled:
+      for name, value in values.items():
+        self._tb.add_scalar(name, value, step=int(step))
+      self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **values}) + "\n")
+      self._jsonl.flush()
+    return values
+
+  def write_later(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float] | None:
+    """Keeps this step's (device) metrics and writes the previous step's."""
+    written = self.flush()
+    self._pending = (step, dict(metrics))
+    return written
+
+  def flush(self) -> dict[str, float] | None:
+    written = None
+    if self._pending is not None:
+      step, metrics = self._pending
+      self._pending = None
+      written = self.write(step, metrics)
+    if self.enabled:
+      self._tb.flush()
+    return written
+
+  def close(self) -> None:
+    self.flush()
+    if self.enabled:
+      self._tb.close()
+      self._jsonl.close()
+      self.enabled = False
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+  """The records of a ``metrics.jsonl`` file."""
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
