@@ -22,11 +22,11 @@ from zsjax.model import ModelConfig, Transformer, init_cache
 from zsjax.rollout import RolloutBatch, RolloutConfig, StaticTokens, Trajectories
 from zsjax.sampling import Greedy, Sampling, sample
 from zsjax.search import SearchRequest
-from zsjax.template import render_documents
+from zsjax.template import cut_after_first_close, render_documents
 
 
 @functools.lru_cache(maxsize=8)
-def _steps(cfg: ModelConfig):
+def _forward_fn(cfg: ModelConfig):
   model = Transformer(cfg)
   forward = jax.jit(lambda p, tokens, segment, cache: model.apply(
       {"params": p}, tokens, segment_ids=segment, cache=cache))
@@ -39,7 +39,7 @@ def python_rollout(policy_cfg: ModelConfig, policy_params, tokenizer, static: St
                    ) -> Trajectories:
   """Host-driven rollout; arguments as ``zsjax.rollout`` plus the host ``engine``
   and the questions / first gold answers that ``batch.row_ids`` index."""
-  forward = _steps(policy_cfg)
+  forward = _forward_fn(policy_cfg)
   s_len = config.max_length
   prompt = np.asarray(batch.prompt_tokens)
   prompt_len = np.asarray(batch.prompt_lengths)
@@ -109,9 +109,7 @@ def python_rollout(policy_cfg: ModelConfig, policy_params, tokenizer, static: St
     inserts = {}
     for r in np.flatnonzero(active):
       turns[r] += 1
-      text = tokenizer.decode(turn_tokens[r], skip_special_tokens=False)
-      ends = [text.find(t) + len(t) for t in ("</search>", "</answer>") if t in text]
-      text = text[:min(ends)] if ends else text
+      text = cut_after_first_close(tokenizer.decode(turn_tokens[r], skip_special_tokens=False))
       kind = "invalid"
       if text.endswith("</answer>") and "<answer>" in text:
         kind = "answer"
