@@ -32,8 +32,8 @@ KV cache layout
 with a cache writes its L tokens at slots ``lengths[b] + arange(L)`` (writes
 past S are dropped, never clamped onto live slots), the token at chunk index i
 attends to the filled slots ``< lengths[b]`` and to chunk tokens ``<= i``,
-and ``lengths`` advances by the number of real tokens (``segment_ids != 0``, a right-padded chunk) or by L. Slots past
-``lengths`` may hold stale values: they are never attended and the next write
+and ``lengths`` advances by the number of real tokens (``segment_ids != 0``, a
+right-padded chunk) or by L. Slots past ``lengths`` may hold stale values: they are never attended and the next write
 overwrites them. Prefill (L > 1, any per-row offsets) and decode (L == 1) are the
 same call.
 """

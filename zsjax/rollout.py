@@ -41,7 +41,7 @@ import numpy as np
 
 from zsjax.curriculum import noise_probability
 from zsjax.model import ModelConfig, Transformer, init_cache
-from zsjax.sampling import Greedy, Sampling, sample
+from zsjax.sampling import Greedy, Sampling, log_prob_of, sample
 from zsjax.template import (ANSWER_CLOSE, ANSWER_OPEN, CLOSING, INFORMATION_CLOSE,
                             INFORMATION_OPEN, INVALID_ACTION_FEEDBACK, SEARCH_CLOSE, SEARCH_OPEN,
                             TAGS, TagMatcher)
@@ -63,6 +63,11 @@ class RolloutConfig:
   noise_end: float = 0.5
   noise_base: float = 4.0
   total_steps: int = 203
+
+  def noise_probability(self, step):
+    """The curriculum's p(noisy) at ``step`` (Python or traced)."""
+    return noise_probability(step, start=self.noise_start, end=self.noise_end,
+                             total_steps=self.total_steps, base=self.noise_base)
 
   def __post_init__(self):
     for name in ("max_turns", "max_new_tokens", "max_obs_tokens", "max_length",
@@ -269,9 +274,7 @@ def make_rollout(policy_cfg: ModelConfig, matcher: TagMatcher, static: StaticTok
     b, p = batch.prompt_tokens.shape
     if p > s_len:
       raise ValueError(f"prompts of {p} tokens exceed RolloutConfig.max_length={s_len}.")
-    p_noise = noise_probability(jnp.asarray(step), start=config.noise_start,
-                                end=config.noise_end, total_steps=config.total_steps,
-                                base=config.noise_base)
+    p_noise = config.noise_probability(jnp.asarray(step))
     tokens = jnp.full((b, s_len), static.pad_id, jnp.int32).at[:, :p].set(batch.prompt_tokens)
     segment = (jnp.arange(p)[None, :] < batch.prompt_lengths[:, None]).astype(jnp.int32)
     cache = init_cache(policy_cfg, b, s_len)
@@ -298,8 +301,7 @@ def make_rollout(policy_cfg: ModelConfig, matcher: TagMatcher, static: StaticTok
         if script is not None:
           forced = script[rows, jnp.minimum(c["generated"], script.shape[1] - 1)]
           sampled = jnp.where(forced >= 0, forced, sampled)
-          logp = jnp.take_along_axis(jax.nn.log_softmax(c["last"] / sampling.temperature, -1),
-                                     sampled[:, None], 1)[:, 0]
+          logp = log_prob_of(sampling, c["last"], sampled)
         full = c["length"] >= s_len
         write = c["live"] & ~full
         token = jnp.where(write, sampled, static.pad_id)
@@ -421,17 +423,11 @@ def shard_rollout(rollout, plan, policy_cfg: ModelConfig, *, engine_state_shardi
   over ``data`` x ``fsdp``, traced inside the plan's context (activation
   constraints). ``engine_state_shardings``: e.g. ``plan.params(sim_cfg)`` for the
   on-device simulator, None (replicated) otherwise."""
-  from jax.sharding import NamedSharding, PartitionSpec as P
-
-  from zsjax.sharding import BATCH_AXES
-
-  rows, repl = NamedSharding(plan.mesh, P(BATCH_AXES)), plan.replicated()
-  rows2 = NamedSharding(plan.mesh, P(BATCH_AXES, None))
-  per_kind = NamedSharding(plan.mesh, P(None, BATCH_AXES))
+  rows, rows2, repl = plan.rows(1), plan.rows(2), plan.replicated()
   batch_shardings = RolloutBatch(
       prompt_tokens=rows2, prompt_lengths=rows, row_ids=rows,
-      sim_prefix=NamedSharding(plan.mesh, P(None, BATCH_AXES, None)),
-      sim_prefix_lengths=per_kind, sim_suffix=repl, sim_suffix_lengths=repl)
+      sim_prefix=plan.rows(3, axis=1), sim_prefix_lengths=plan.rows(2, axis=1),
+      sim_suffix=repl, sim_suffix_lengths=repl)
   out_shardings = Trajectories(tokens=rows2, loss_mask=rows2, log_probs=rows2,
                                prompt_lengths=rows, lengths=rows, turns=rows, searches=rows,
                                noisy_calls=rows, failed_searches=rows, answered=rows,

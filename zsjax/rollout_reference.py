@@ -17,12 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zsjax.curriculum import noise_probability
 from zsjax.model import ModelConfig, Transformer, init_cache
 from zsjax.rollout import RolloutBatch, RolloutConfig, StaticTokens, Trajectories
-from zsjax.sampling import Greedy, Sampling, sample
-from zsjax.search import SearchRequest
-from zsjax.template import cut_after_first_close, render_documents
+from zsjax.sampling import Greedy, Sampling, log_prob_of, sample
+from zsjax.search import SearchRequest, document_tokens
+from zsjax.template import cut_after_first_close
 
 
 @functools.lru_cache(maxsize=8)
@@ -48,9 +47,7 @@ def python_rollout(policy_cfg: ModelConfig, policy_params, tokenizer, static: St
   eos = set(static.eos_ids)
   obs_open, obs_close = list(np.asarray(static.obs_open)), list(np.asarray(static.obs_close))
   feedback = list(np.asarray(static.feedback))
-  p_noise = float(noise_probability(jnp.asarray(step), start=config.noise_start,
-                                    end=config.noise_end, total_steps=config.total_steps,
-                                    base=config.noise_base))
+  p_noise = float(config.noise_probability(jnp.asarray(step)))
 
   seqs = [list(prompt[i, :prompt_len[i]]) for i in range(b)]
   mask = [[0] * int(prompt_len[i]) for i in range(b)]
@@ -78,8 +75,7 @@ def python_rollout(policy_cfg: ModelConfig, policy_params, tokenizer, static: St
       if script is not None:
         forced = np.asarray(script)[np.arange(b), np.minimum(generated, script.shape[1] - 1)]
         sampled = np.where(forced >= 0, forced, sampled)
-        scaled = jax.nn.log_softmax(jnp.asarray(last) / sampling.temperature, -1)
-        logp = np.asarray(scaled)[np.arange(b), sampled]
+        logp = np.asarray(log_prob_of(sampling, jnp.asarray(last), jnp.asarray(sampled)))
       write = live & np.array([len(s) < s_len for s in seqs])
       truncated |= live & ~write
       token = np.where(write, sampled, static.pad_id).astype(np.int32)
@@ -131,8 +127,7 @@ def python_rollout(policy_cfg: ModelConfig, policy_params, tokenizer, static: St
       result = engine.search(requests)
       cap = config.max_obs_tokens - len(obs_open) - len(obs_close)
       for r, docs, fail in zip(search_rows, result.documents, result.failed):
-        ids = tokenizer.encode(render_documents(docs), add_special_tokens=False) if docs else []
-        inserts[r] = obs_open + ids[:cap] + obs_close
+        inserts[r] = obs_open + document_tokens(tokenizer, docs)[:cap] + obs_close
         failed[r] += fail
         searches[r] += 1
         noisy_calls[r] += bool(noisy_draw[r])

@@ -74,14 +74,20 @@ def truncate(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array
   return logits
 
 
+def log_prob_of(strategy: Greedy | Sampling, logits: jax.Array, tokens: jax.Array) -> jax.Array:
+  """``log_softmax(logits / T)[tokens]``: the log-prob ``sample`` reports, for any
+  given tokens (e.g. forced ones). ``logits [B, V]``, ``tokens [B]`` -> ``[B]``."""
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32) / strategy.temperature, axis=-1)
+  return jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
+
+
 def sample(strategy: Greedy | Sampling, logits: jax.Array, rng: jax.Array):
   """Draws one token per row; returns ``(tokens [B], log_probs [B])``."""
   logits = logits.astype(jnp.float32)
-  scaled = logits / strategy.temperature
-  log_probs = jax.nn.log_softmax(scaled, axis=-1)  # [B, V]
   if isinstance(strategy, Greedy):
     tokens = jnp.argmax(logits, axis=-1)
   else:
-    tokens = jax.random.categorical(rng, truncate(scaled, strategy.top_k, strategy.top_p), axis=-1)
+    scaled = truncate(logits / strategy.temperature, strategy.top_k, strategy.top_p)
+    tokens = jax.random.categorical(rng, scaled, axis=-1)
   tokens = tokens.astype(jnp.int32)
-  return tokens, jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
+  return tokens, log_prob_of(strategy, logits, tokens)

@@ -236,6 +236,14 @@ class HttpSimulatorEngine:
 # ------------------------------------------------------------- from jitted code
 
 
+def document_tokens(tokenizer, documents: Sequence[str]) -> list[int]:
+  """Token ids of documents as inserted into the policy's context: rendered
+  ``Doc 1: …\nDoc 2: …`` (none for no documents)."""
+  if not documents:
+    return []
+  return tokenizer.encode(render_documents(documents), add_special_tokens=False)
+
+
 class HostSearch:
   """Calls a host engine from jitted code (``io_callback``) and returns the
   documents as tokens.
@@ -272,8 +280,7 @@ class HostSearch:
                                     bool(noisy[i])))
     result = self.engine.search(requests)
     for i, docs, fail in zip(rows, result.documents, result.failed):
-      ids = self.tokenizer.encode(render_documents(docs), add_special_tokens=False) if docs else []
-      ids = ids[:self.max_doc_tokens]
+      ids = document_tokens(self.tokenizer, docs)[:self.max_doc_tokens]
       tokens[i, :len(ids)] = ids
       lengths[i] = len(ids)
       failed[i] = fail

@@ -204,8 +204,13 @@ class ShardingPlan:
 
   # -- batches and caches
 
-  def batch_spec(self, ndim: int) -> P:
-    return self.mesh_axes(P("batch", *(None,) * (ndim - 1)))
+  def batch_spec(self, ndim: int, axis: int = 0) -> P:
+    """Mesh axes of an ``ndim`` array whose dim ``axis`` holds the batch rows."""
+    return self.mesh_axes(P(*("batch" if i == axis else None for i in range(ndim))))
+
+  def rows(self, ndim: int, axis: int = 0) -> NamedSharding:
+    """Sharding of an ``ndim`` array split over its batch rows (dim ``axis``)."""
+    return NamedSharding(self.mesh, self.batch_spec(ndim, axis))
 
   def batch(self, tree):
     """Shardings splitting the leading (batch) dim of every leaf (checked)."""
@@ -218,7 +223,7 @@ class ShardingPlan:
             f"batch size {shape[0]} is not divisible by data x fsdp = "
             f"{self.sizes['data']} x {self.sizes['fsdp']} = {self.batch_divisor} devices "
             f"(mesh {self.sizes}); use a batch size that is a multiple of {self.batch_divisor}.")
-      return NamedSharding(self.mesh, self.batch_spec(len(shape)))
+      return self.rows(len(shape))
     return jax.tree_util.tree_map(one, tree)
 
   def cache(self, cfg, batch_size: int, max_length: int):
