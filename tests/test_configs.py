@@ -27,9 +27,34 @@ def load_config(path, arg=None):
 def test_config_builds_and_names_a_known_job(path):
   config = load_config(path)
   assert config.job in JOBS
-  assert ModelConfig.from_dict(config.model.to_dict()).num_layers > 0
+  models = [config.model] if "model" in config else [config.policy.model, config.simulator.model]
+  for model in models:
+    fields = {**model.to_dict(), "vocab_size": model.get("vocab_size") or 100}
+    assert ModelConfig.from_dict(fields).num_layers > 0
   doc = (path.read_text().split('"""')[1])
   assert "python -m zsjax.main" in doc and "Expected" in doc
+
+
+@pytest.mark.parametrize("arg", [f"{m},{a}" for m in ("qwen2.5-3b", "qwen2.5-7b", "llama3.2-3b")
+                                 for a in ("reinforce", "grpo", "ppo")])
+def test_paper_rl_configs_carry_the_paper_settings(arg):
+  from zsjax import train_rl
+
+  config = load_config(ROOT / "configs/zerosearch.py", arg)
+  train_rl.check_config(config)
+  r = config.rl
+  assert (r.prompts_per_step, r.samples_per_prompt, r.total_steps) == (64, 5, 203)
+  assert (r.learning_rate, r.kl_coef, r.kl_type, r.entropy_coef, r.clip_eps) == (
+      1e-6, 0.001, "k3", 0.001, 0.2)
+  assert r.minibatch_size == 256 and r.epochs == 1 and config.engine.top_k == 5
+  assert r.warmup_fraction == (0.285 if r.algorithm == "ppo" else 0.95)
+  start, end = {"qwen2.5-3b": (0.0, 0.25), "qwen2.5-7b": (0.0, 0.75),
+                "llama3.2-3b": (0.25, 0.5)}[arg.split(",")[0]]
+  assert (config.curriculum.start, config.curriculum.end) == (start, end)
+  if r.algorithm == "ppo":
+    assert (r.critic_learning_rate, r.value_clip, r.gamma, r.lam) == (1e-5, 0.5, 1.0, 1.0)
+  with pytest.raises(ValueError, match="config.policy.checkpoint"):  # paths are the user's
+    train_rl.load_model(config.policy, None, None, 100, (), what="policy")
 
 
 def test_model_check_llama_arg_builds_a_scaled_llama():

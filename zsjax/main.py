@@ -23,6 +23,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (checkpoints, 
 # job name -> "module:function"
 JOBS = {
     "model_check": "zsjax.model_check:run",
+    "rl": "zsjax.train_rl:run",
 }
 
 

@@ -476,19 +476,44 @@ class Transformer(nn.Module):
     return out, new_cache
 
 
-def token_log_probs(cfg: ModelConfig, params, tokens, segment_ids=None, positions=None):
-  """Log-probability of each token given the ones before it: ``[B, L]`` float32,
-  with 0 at index 0 (nothing predicts the first token) and at padding."""
+def predicted_by_previous(values: jax.Array) -> jax.Array:
+  """Aligns per-position outputs with the token they score: ``out[:, t]`` comes
+  from position ``t - 1`` (0 at t = 0). ``[B, L, ...] -> [B, L, ...]``."""
+  return jnp.pad(values[:, :-1], [(0, 0), (1, 0)] + [(0, 0)] * (values.ndim - 2))
+
+
+def _scored(segment_ids, length):
+  """``[B, L]`` bool: tokens predicted from an earlier token of their own segment."""
+  if segment_ids is None:
+    return jnp.arange(length)[None, :] > 0
+  same = jnp.pad(segment_ids[:, 1:] == segment_ids[:, :-1], ((0, 0), (1, 0)))
+  return same & (segment_ids != 0)
+
+
+def token_log_probs(cfg: ModelConfig, params, tokens, segment_ids=None, positions=None, *,
+                    temperature: float = 1.0, with_entropy: bool = False):
+  """Log-probability of each token given the ones before it under
+  ``softmax(logits / temperature)``: ``[B, L]`` float32, 0 at index 0 (nothing
+  predicts the first token) and at padding. With ``with_entropy`` also returns the
+  entropy of the distribution that predicted each token ``[B, L]``."""
   logits = Transformer(cfg).apply({"params": params}, tokens, positions=positions,
                                   segment_ids=segment_ids)  # [B, L, V]
-  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-  picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, L-1]
-  picked = jnp.pad(picked, ((0, 0), (1, 0)))
-  if segment_ids is not None:
-    # A token is predicted only from an earlier token of its own segment.
-    same = jnp.pad(segment_ids[:, 1:] == segment_ids[:, :-1], ((0, 0), (1, 0)))
-    picked = jnp.where(same & (segment_ids != 0), picked, 0.0)
-  return picked
+  logp_all = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32) / temperature, axis=-1)
+  picked = jnp.take_along_axis(logp_all, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, L-1]
+  scored = _scored(segment_ids, tokens.shape[1])
+  logp = jnp.where(scored, jnp.pad(picked, ((0, 0), (1, 0))), 0.0)
+  if not with_entropy:
+    return logp
+  entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)  # [B, L-1]
+  return logp, jnp.where(scored, jnp.pad(entropy, ((0, 0), (1, 0))), 0.0)
+
+
+def token_values(cfg: ModelConfig, params, tokens, segment_ids=None, positions=None):
+  """A critic's (``head="value"``) value of each token, read at the position
+  before it like a log-prob: ``[B, L]``, 0 where ``token_log_probs`` is 0."""
+  values = Transformer(cfg, head="value").apply({"params": params}, tokens, positions=positions,
+                                               segment_ids=segment_ids)  # [B, L]
+  return jnp.where(_scored(segment_ids, tokens.shape[1]), predicted_by_previous(values), 0.0)
 
 
 def _init_variables(cfg: ModelConfig, rng: jax.Array, head: str):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+ALGORITHMS = ("reinforce", "grpo", "ppo")
 KL_TYPES = ("k1", "k2", "k3")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean")
 
@@ -69,6 +70,32 @@ def gae_advantages(token_rewards: jax.Array, values: jax.Array, mask: jax.Array,
   if whiten:
     advantages = masked_whiten(advantages, mask)
   return advantages, returns
+
+
+def advantages_and_returns(algorithm: str, rewards: jax.Array, mask: jax.Array,
+                           group_ids: jax.Array, old_logp: jax.Array, ref_logp: jax.Array,
+                           values: jax.Array, *, kl_coef: float = 0.001, gamma: float = 1.0,
+                           lam: float = 1.0):
+  """Advantages of one step's trajectories for ``algorithm`` (reinforce | grpo |
+  ppo): ``rewards [N]``, per-token ``[N, L]`` inputs, ``group_ids [N]``. Returns
+  ``(advantages [N, L], returns [N, L], token_rewards [N, L])``: the sequence
+  reward sits on each row's last policy token, and PPO adds ``-kl_coef * k1`` to
+  every policy token's reward (its KL lives in the reward, not the loss)."""
+  mask = mask.astype(jnp.float32)
+  length = mask.shape[1]
+  last = length - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # [N] last policy token
+  has = (mask.sum(axis=1) > 0).astype(jnp.float32)
+  token_rewards = jax.nn.one_hot(last, length) * (rewards * has)[:, None]
+  zeros = jnp.zeros_like(mask)
+  if algorithm == "reinforce":
+    return reinforce_advantages(rewards, mask), zeros, token_rewards
+  if algorithm == "grpo":
+    return grpo_advantages(rewards, group_ids)[:, None] * mask, zeros, token_rewards
+  if algorithm == "ppo":
+    token_rewards = token_rewards - kl_coef * kl_penalty(old_logp, ref_logp, "k1") * mask
+    advantages, returns = gae_advantages(token_rewards, values, mask, gamma, lam)
+    return advantages, returns, token_rewards
+  raise ValueError(f"algorithm={algorithm!r} is not one of {ALGORITHMS}.")
 
 
 def kl_penalty(logp: jax.Array, ref_logp: jax.Array, kl_type: str) -> jax.Array:

@@ -149,3 +149,88 @@ def make_log_prob_fn(cfg: ModelConfig, plan: ShardingPlan, param_shardings, batc
       return token_log_probs(cfg, params, tokens, segment_ids)
 
   return jax.jit(log_probs, in_shardings=(param_shardings, row, row), out_shardings=row)
+
+
+def split_rows(tree, chunks: int, plan: ShardingPlan):
+  """``[N, ...] -> [chunks, N / chunks, ...]``, chunk c holding rows c, c + chunks,
+  ...: every device keeps a share of every chunk (no resharding)."""
+  def one(x):
+    x = x.reshape((x.shape[0] // chunks, chunks) + x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(x, plan.rows(x.ndim, axis=1))
+  return jax.tree_util.tree_map(one, tree)
+
+
+def join_rows(x: jax.Array) -> jax.Array:
+  """The inverse of ``split_rows`` for one array."""
+  return x.swapaxes(0, 1).reshape((-1,) + x.shape[2:])
+
+
+def make_chunked_score_fn(score_fn, plan: ShardingPlan, param_shardings, chunk_rows: int):
+  """``score(params, tokens, segment_ids) -> [N, L]``, jitted and row-sharded, running
+  ``score_fn(params, tokens, segment_ids)`` on ``chunk_rows`` rows at a time
+  (``lax.map``) so activation memory stays that of one chunk."""
+  row2 = plan.rows(2)
+
+  def score(params, tokens, segment_ids):
+    chunks = max(tokens.shape[0] // chunk_rows, 1)
+    with plan.context():
+      parts = split_rows((tokens, segment_ids), chunks, plan)
+      return join_rows(jax.lax.map(lambda p: score_fn(params, *p), parts))
+
+  return jax.jit(score, in_shardings=(param_shardings, row2, row2), out_shardings=row2)
+
+
+def make_accumulating_update(loss_fn, tx, plan: ShardingPlan, shardings: TrainState,
+                             batch_shardings, micro_batch_size: int | None = None,
+                             aggregation: str = "token_mean", schedule=None, prefix: str = ""):
+  """``update(state, batch, rng) -> (state, metrics)`` over one (mini)batch, jitted
+  with the state donated, for a loss ``loss_fn(params, micro_batch, normalizer, rng)
+  -> (loss, metrics)`` that sums over its tokens and divides by ``normalizer``.
+
+  The batch is split into micro-batches of ``micro_batch_size`` rows (None: one);
+  their gradients, losses and metrics
+  are summed with the normalizer of the *whole* batch (its ``loss_mask`` token
+  count, or for ``seq_mean_token_mean`` its sequence count), so the result equals
+  one pass over the batch. An update whose loss or gradient norm is not finite is
+  not applied: the state comes back unchanged and ``{prefix}optim/skipped`` is 1."""
+
+  def update(state: TrainState, batch, rng):
+    rng = jax.random.fold_in(rng, state.step)
+    mask = batch["loss_mask"].astype(jnp.float32)  # [B, L]
+    if aggregation == "token_mean":
+      normalizer = jnp.maximum(mask.sum(), 1.0)
+    else:
+      normalizer = jnp.maximum((mask.sum(axis=1) > 0).sum().astype(jnp.float32), 1.0)
+    rows = mask.shape[0]
+    if micro_batch_size and rows % micro_batch_size:
+      raise ValueError(f"a batch of {rows} rows does not split into micro-batches of "
+                       f"{micro_batch_size}; use a micro-batch size that divides it.")
+    micro = split_rows(batch, rows // (micro_batch_size or rows), plan)  # [k, B / k, ...]
+
+    def grads_of(micro_batch):
+      with plan.context():
+        return jax.value_and_grad(loss_fn, has_aux=True)(state.params, micro_batch, normalizer,
+                                                         rng)
+
+    def body(total, micro_batch):
+      return jax.tree_util.tree_map(jnp.add, total, grads_of(micro_batch)), None
+
+    first = jax.tree_util.tree_map(lambda x: x[0], micro)
+    zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype),
+                                   jax.eval_shape(grads_of, first))
+    ((loss, metrics), grads), _ = jax.lax.scan(body, zeros, micro)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    new = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, state)
+    metrics = {**metrics, f"{prefix}loss/total": loss, f"{prefix}optim/grad_norm": grad_norm,
+               f"{prefix}optim/update_norm": optax.global_norm(updates),
+               f"{prefix}optim/skipped": 1.0 - ok.astype(jnp.float32)}
+    if schedule is not None:
+      metrics[f"{prefix}optim/lr"] = schedule(state.step)
+    return new, metrics
+
+  return jax.jit(update, in_shardings=(shardings, batch_shardings, plan.replicated()),
+                 out_shardings=(shardings, plan.replicated()), donate_argnums=(0,))

@@ -1,0 +1,125 @@
+"""ZeroSearch RL (job "rl"): the paper's settings, or a tiny random model.
+
+Arg: "<model>[,<algorithm>]"
+  model      tiny | qwen2.5-3b | qwen2.5-7b | llama3.2-3b
+  algorithm  reinforce (the paper's default) | grpo | ppo
+
+Commands:
+  # the paper, Qwen2.5-7B base policy, REINFORCE, simulator on device (8 x 80 GB GPUs)
+  python -m zsjax.main --config=configs/zerosearch.py:qwen2.5-7b,reinforce --workdir=/runs/zs7b \\
+      --config.policy.checkpoint=/models/Qwen2.5-7B --config.simulator.checkpoint=/models/Sim-14B \\
+      --config.data.train_files=/data/nq_hotpotqa_train.parquet
+  # a tiny random policy and simulator on a synthetic QA set, CPU, ~1 minute
+  python -m zsjax.main --config=configs/zerosearch.py:tiny --workdir=/tmp/zs_tiny
+
+Hardware and expected results (Expected):
+  qwen2.5-7b / qwen2.5-3b / llama3.2-3b: one node of 8 GPUs with >= 80 GB each
+    (FSDP over all of them); 203 steps. The paper reports average EM over seven QA
+    sets of 40.93 (7B), 34.47 (3B) and 36.07 (LLaMA-3.2-3B) with REINFORCE; GRPO
+    33.17 and PPO 32.67 for Qwen2.5-3B (METHOD.md §8). Evaluate with job "eval".
+    The LLaMA policy cannot share token ids with a Qwen simulator, so its config
+    calls a served simulator over HTTP (config.engine.url).
+  tiny: a 2-core CPU; random models learn nothing useful, so only the mechanics
+    are shown: metrics.jsonl, TensorBoard events, checkpoints and an HF export in
+    WORKDIR; reward/f1 stays near 0.
+
+Hyperparameters (METHOD.md §7): 64 prompts x 5 samples per step, 203 steps, lr
+1e-6 with linear warmup over 95% of updates (28.5% for PPO), one epoch in
+minibatches of 256 trajectories, KL 0.001 (k3, added), entropy 0.001, clip 0.2,
+top-5 documents; PPO: GAE gamma = lambda = 1, critic lr 1e-5, value clip 0.5.
+"""
+
+import ml_collections
+
+MODELS = ("tiny", "qwen2.5-3b", "qwen2.5-7b", "llama3.2-3b")
+ALGORITHMS = ("reinforce", "grpo", "ppo")
+
+# The paper's curriculum per policy (start -> end noise probability).
+CURRICULUM = {"qwen2.5-3b": (0.0, 0.25), "qwen2.5-7b": (0.0, 0.75), "llama3.2-3b": (0.25, 0.5),
+              "tiny": (0.0, 0.5)}
+
+
+def tiny_model() -> ml_collections.ConfigDict:
+  """A small random Qwen2-style decoder (vocab 0 = the tokenizer's size)."""
+  return ml_collections.ConfigDict(dict(
+      arch="qwen2", vocab_size=0, embed_dim=64, mlp_dim=128, num_layers=2, num_heads=4,
+      num_kv_heads=2, head_dim=16, qkv_bias=True, tie_embeddings=True,
+      max_position_embeddings=4096, eos_token_ids=(), dtype="float32", param_dtype="float32",
+      remat="none"))
+
+
+def get_config(arg=None):
+  model, _, algorithm = (arg or "tiny").partition(",")
+  algorithm = algorithm or "reinforce"
+  if model not in MODELS:
+    raise ValueError(f"config arg model {model!r} is not one of {MODELS}.")
+  if algorithm not in ALGORITHMS:
+    raise ValueError(f"config arg algorithm {algorithm!r} is not one of {ALGORITHMS}.")
+  tiny = model == "tiny"
+
+  config = ml_collections.ConfigDict()
+  config.job = "rl"
+  config.seed = 0
+  config.progress = True  # progress bar with ETA on the terminal
+  config.tokenizer = ""  # a local directory; empty = the policy checkpoint's
+  # tiny: build a small synthetic QA set and tokenizer in WORKDIR when no data is given.
+  config.synthetic_data = tiny
+
+  config.policy = ml_collections.ConfigDict(dict(
+      checkpoint="",  # a local HF directory; empty = random model from `model`
+      param_dtype="float32", dtype="float32" if tiny else "bfloat16",
+      remat="none" if tiny else "full", model=tiny_model()))
+  config.simulator = ml_collections.ConfigDict(dict(
+      checkpoint="", param_dtype="float32" if tiny else "bfloat16",
+      dtype="float32" if tiny else "bfloat16", remat="none", model=tiny_model(),
+      template="",  # empty = zsjax.search.DEFAULT_SIMULATOR_TEMPLATE; paste the paper's here
+      max_prefix_tokens=192 if tiny else 320,  # simulator prompt before the query
+      max_new_tokens=32 if tiny else 512, temperature=0.8 if not tiny else 1.0))
+  config.engine = ml_collections.ConfigDict(dict(
+      kind="simulator",  # simulator (on device) | bm25 (config.engine.corpus) | http
+      top_k=5, corpus="", text_field="contents",
+      url="", model="", timeout_s=30.0, max_retries=2))
+  config.data = ml_collections.ConfigDict(dict(
+      train_files="",  # comma-separated .parquet / .jsonl (common QA or Search-R1 format)
+      on_error="skip", limit=0, chat_template=not tiny))
+  config.rollout = ml_collections.ConfigDict(dict(
+      max_turns=2 if tiny else 5, max_new_tokens=24 if tiny else 500,
+      max_obs_tokens=64 if tiny else 2048, max_length=512 if tiny else 4096,
+      max_query_tokens=16 if tiny else 64, max_prompt_tokens=256 if tiny else 512))
+  config.sampling = ml_collections.ConfigDict(dict(kind="sample", temperature=1.0, top_p=1.0,
+                                                   top_k=0))
+  start, end = CURRICULUM[model]
+  config.curriculum = ml_collections.ConfigDict(dict(
+      kind="exponential", start=start, end=end, base=4.0, probability=0.5))
+  config.rl = ml_collections.ConfigDict(dict(
+      algorithm=algorithm, reward="f1",
+      prompts_per_step=4 if tiny else 64, samples_per_prompt=2 if tiny else 5,
+      total_steps=3 if tiny else 203, epochs=1,
+      minibatch_size=8 if tiny else 256, micro_batch_size=8 if tiny else 16,
+      score_batch_size=8 if tiny else 32,
+      learning_rate=1e-4 if tiny else 1e-6,
+      warmup_fraction=0.285 if algorithm == "ppo" else 0.95, weight_decay=0.0, grad_clip=1.0,
+      clip_eps=0.2, dual_clip=0.0,  # 0 = off; the paper's setting would be 3
+      kl_coef=0.001, kl_type="k3", entropy_coef=0.001,
+      aggregation="token_mean",  # | seq_mean_token_mean
+      loss_mask="policy",  # | response (ablation: inserted documents in the loss too)
+      critic_learning_rate=1e-5 if not tiny else 1e-4, critic_warmup_fraction=0.0,
+      value_clip=0.5, gamma=1.0, lam=1.0))
+  config.checkpoint = ml_collections.ConfigDict(dict(
+      every=1 if tiny else 20, max_to_keep=3, async_save=True, export_hf=True))
+  # Test hooks that simulate faults: kill the process mid-step / NaN rewards at a step.
+  config.fault_injection = ml_collections.ConfigDict(dict(kill_at_step=0, nan_at_step=0))
+  config.mesh = ml_collections.ConfigDict(dict(data=-1 if tiny else 1, fsdp=1 if tiny else -1,
+                                               tensor=1))
+  config.sharding = "dp" if tiny else "fsdp"
+  config.sharding_rules = ()
+  config.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address="", num_processes=0, process_id=-1))
+
+  if not tiny:
+    for section in (config.policy, config.simulator):
+      section.model = ml_collections.ConfigDict()  # real runs load checkpoints
+  if model == "llama3.2-3b":
+    config.engine.kind = "http"
+    config.engine.model = "simulator"
+  return config

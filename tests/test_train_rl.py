@@ -1,0 +1,306 @@
+"""The RL loop: its pieces against independent computations, and whole runs on a
+tiny random model (TensorBoard events, checkpoints, HF export, exact resume after
+a kill, a NaN stop that saves nothing corrupt)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zsjax import model as M
+from zsjax import rl
+from zsjax import train_rl
+from zsjax import train_step as TS
+from zsjax.metrics import read_jsonl
+from zsjax.sharding import ShardingPlan
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = M.ModelConfig(vocab_size=61, embed_dim=24, mlp_dim=40, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=6, arch="qwen2", qkv_bias=True)
+
+
+def load_config(arg="tiny"):
+  path = ROOT / "configs/zerosearch.py"
+  spec = importlib.util.spec_from_file_location("zerosearch", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_token_log_probs_temperature_and_entropy_match_numpy():
+  params = M.init_params(CFG, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, CFG.vocab_size, (3, 11)).astype(np.int32)
+  segment = np.ones((3, 11), np.int32)
+  segment[1, 7:] = 0  # padding
+  logp, ent = M.token_log_probs(CFG, params, jnp.asarray(tokens), jnp.asarray(segment),
+                                temperature=0.7, with_entropy=True)
+  logits = np.asarray(M.Transformer(CFG).apply({"params": params}, jnp.asarray(tokens),
+                                               segment_ids=jnp.asarray(segment)), np.float64)
+  lp = log_softmax(logits / 0.7)
+  want = np.zeros((3, 11))
+  want_ent = np.zeros((3, 11))
+  for b in range(3):
+    for t in range(1, 11):
+      if segment[b, t]:
+        want[b, t] = lp[b, t - 1, tokens[b, t]]
+        want_ent[b, t] = -(np.exp(lp[b, t - 1]) * lp[b, t - 1]).sum()
+  np.testing.assert_allclose(np.asarray(logp), want, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(ent), want_ent, atol=2e-5)
+
+
+@pytest.mark.parametrize("algorithm", ["reinforce", "grpo", "ppo"])
+def test_advantages_put_the_reward_on_the_last_policy_token(algorithm):
+  mask = np.array([[0, 1, 1, 0, 1, 0], [0, 0, 1, 1, 0, 0], [0, 1, 0, 0, 0, 0],
+                   [0, 0, 0, 0, 0, 0]], np.float32)
+  rewards = np.array([1.0, 0.5, 0.0, 2.0], np.float32)
+  groups = np.array([0, 0, 1, 1])
+  old = np.linspace(-2, -1, 24, dtype=np.float32).reshape(4, 6)
+  ref = old - 0.1
+  values = np.linspace(0, 1, 24, dtype=np.float32).reshape(4, 6) * mask
+  adv, returns, token_rewards = rl.advantages_and_returns(
+      algorithm, jnp.asarray(rewards), jnp.asarray(mask), jnp.asarray(groups), jnp.asarray(old),
+      jnp.asarray(ref), jnp.asarray(values), kl_coef=0.1)
+  last = np.zeros((4, 6))
+  last[0, 4], last[1, 3], last[2, 1] = 1.0, 0.5, 0.0  # row 3 has no policy token: no reward
+  if algorithm == "reinforce":
+    np.testing.assert_allclose(adv, rewards[:, None] * mask)
+    np.testing.assert_allclose(token_rewards, last)
+  elif algorithm == "grpo":
+    # groups {1.0, 0.5} and {0.0, 2.0}: (r - mean) / (unbiased std + 1e-6)
+    z = np.array([0.25, -0.25, -1.0, 1.0]) / (np.array([0.5, 0.5, 2.0, 2.0]) / np.sqrt(2) + 1e-6)
+    np.testing.assert_allclose(adv, z[:, None] * mask, rtol=1e-5)
+  else:
+    want_rewards = last - 0.1 * 0.1 * mask  # k1 = old - ref = 0.1 on every policy token
+    np.testing.assert_allclose(token_rewards, want_rewards, atol=1e-6)
+    # gamma = lambda = 1: return = reward-to-go over the row's policy tokens
+    want_returns = np.zeros((4, 6))
+    for b in range(4):
+      acc = 0.0
+      for t in reversed(range(6)):
+        if mask[b, t]:
+          acc += want_rewards[b, t]
+          want_returns[b, t] = acc
+    np.testing.assert_allclose(returns, want_returns, atol=1e-6)
+    raw = (want_returns - values) * mask
+    mean = raw.sum() / mask.sum()
+    std = np.sqrt((((raw - mean) * mask) ** 2).sum() / (mask.sum() - 1))
+    np.testing.assert_allclose(adv, (raw - mean) / std * mask, rtol=1e-4, atol=1e-5)
+
+
+def test_accumulated_update_equals_one_batch_on_eight_devices():
+  plan = ShardingPlan.from_config({"mesh": {"data": -1}, "sharding": "dp"})
+  tx, _ = TS.make_optimizer(1e-2, 10)
+  rng = np.random.default_rng(1)
+  m, length = 32, 9
+  batch = {"tokens": rng.integers(0, CFG.vocab_size, (m, length)).astype(np.int32),
+           "segment_ids": np.ones((m, length), np.int32),
+           "loss_mask": (rng.random((m, length)) < 0.6).astype(np.int32),
+           "old_logp": -rng.random((m, length)).astype(np.float32),
+           "advantages": rng.normal(size=(m, length)).astype(np.float32)}
+  batch["loss_mask"][:, 0] = 0
+
+  def objective(params, mb, normalizer, rng):
+    del rng
+    logp = M.token_log_probs(CFG, params, mb["tokens"], mb["segment_ids"])
+    return rl.policy_loss(logp, mb["old_logp"], mb["old_logp"], mb["advantages"],
+                          mb["loss_mask"], kl_coef=0.1, normalizer=normalizer)
+
+  shardings = {k: plan.rows(2) for k in batch}
+  results = []
+  for micro in (None, 8):  # one pass over 32 rows; 4 micro-batches of 8
+    state, state_sh = TS.create_train_state(CFG, tx, plan, rng=jax.random.key(3))
+    update = TS.make_accumulating_update(objective, tx, plan, state_sh, shardings, micro)
+    state, metrics = update(state, jax.device_put(batch, shardings), jax.random.key(0))
+    results.append((jax.device_get(state.params), jax.device_get(metrics)))
+  (p1, m1), (p4, m4) = results
+  for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p4)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+  for key in ("loss/total", "loss/pg", "loss/kl", "optim/grad_norm"):
+    np.testing.assert_allclose(m1[key], m4[key], rtol=2e-5, err_msg=key)
+
+
+def test_answers_are_read_from_policy_tokens_only():
+  from zsjax.template import INVALID_ACTION_FEEDBACK
+
+  class Tok:  # a character-level stand-in: token id = code point
+    def decode(self, ids, skip_special_tokens=True):
+      return "".join(map(chr, ids))
+
+  def row(parts):
+    ids = [ord(c) for text, _ in parts for c in text]
+    mask = [m for text, m in parts for _ in text]
+    return ids, mask
+
+  rows = [row([("Q? ", 0), ("<answer> Paris </answer>", 1)]),
+          # the feedback message (inserted, mask 0) names the tags: no answer here
+          row([("Q? ", 0), ("<search> x </answer>", 1), (INVALID_ACTION_FEEDBACK, 0)]),
+          # the prompt's example answer is not the response's
+          row([("e.g. <answer> Lisbon </answer> Q? ", 0), ("no idea", 1)])]
+  width = max(len(ids) for ids, _ in rows)
+  tokens = np.zeros((3, width), np.int64)
+  mask = np.zeros((3, width), np.int32)
+  for i, (ids, m) in enumerate(rows):
+    tokens[i, :len(ids)], mask[i, :len(m)] = ids, m
+
+  class Traj:
+    pass
+
+  traj = Traj()
+  traj.tokens, traj.loss_mask = tokens, mask
+  scores = train_rl.score_answers(Tok(), traj, [["Paris"], ["and"], ["Lisbon"]], "f1")
+  np.testing.assert_array_equal(scores["has_answer"], [1, 0, 0])
+  np.testing.assert_array_equal(scores["train"], [1, 0, 0])
+
+
+def test_bad_settings_name_the_field():
+  config = load_config()
+  config.rl.minibatch_size = 3
+  with pytest.raises(ValueError, match="config.rl.minibatch_size=3"):
+    train_rl.check_config(config)
+  config = load_config()
+  config.rl.algorithm = "dpo"
+  with pytest.raises(ValueError, match="config.rl.algorithm='dpo'"):
+    train_rl.check_config(config)
+
+
+# ------------------------------------------------------------ whole runs
+
+
+def tiny_config(algorithm="reinforce", steps=3, **engine):
+  config = load_config(f"tiny,{algorithm}")
+  config.progress = False
+  config.rl.total_steps = steps
+  config.rollout.max_new_tokens = 12
+  config.rollout.max_turns = 1
+  config.simulator.max_new_tokens = 12
+  config.checkpoint.async_save = False
+  config.engine.update(engine)
+  return config
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory):
+  from zsjax import tinyworld
+
+  directory = tmp_path_factory.mktemp("world")
+  return tinyworld.ensure(directory, seed=0)
+
+
+def with_world(config, world):
+  config.synthetic_data = False
+  config.data.train_files = world["train"]
+  config.tokenizer = world["tokenizer"]
+  config.engine.corpus = world["corpus"]
+  return config
+
+
+def comparable(records):
+  return [{k: v for k, v in r.items() if not k.startswith(("time", "perf/"))} for r in records]
+
+
+def test_run_writes_events_checkpoints_export_and_resumes_exactly_after_a_kill(tmp_path,
+                                                                             world_dir):
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  from zsjax.checkpoint import Checkpointer
+
+  config = with_world(tiny_config(steps=3), world_dir)
+  full = tmp_path / "full"
+  summary = train_rl.run(config, str(full))
+  records = read_jsonl(full / "metrics.jsonl")
+  assert [r["step"] for r in records] == [1, 2, 3]
+  assert summary["final_step"] == 3
+  for r in records:
+    assert 0.0 <= r["reward/f1"] <= 1.0 and r["loss/ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+  p = [r["curriculum/p_noise"] for r in records]
+  assert p[0] < p[1] < p[2] == pytest.approx(0.5)
+
+  events = EventAccumulator(str(full / "tensorboard"))
+  events.Reload()
+  tags = events.Tags()["tensors"] + events.Tags()["scalars"]
+  for name in ("reward/f1", "loss/kl", "curriculum/p_noise", "optim/grad_norm", "time/rollout_s"):
+    assert name in tags, name
+  assert Checkpointer(full / "checkpoints").all_steps() == [1, 2, 3]
+  from zsjax import hf
+  cfg, params = hf.load_checkpoint(full / "hf_export")
+  assert cfg.num_layers == 2 and (full / "hf_export" / "tokenizer.json").exists()
+
+  # The same run killed (SIGKILL) in the middle of step 3, then started again.
+  resumed = tmp_path / "resumed"
+  overrides = [f"--config.data.train_files={world_dir['train']}",
+               f"--config.tokenizer={world_dir['tokenizer']}", "--config.synthetic_data=False",
+               "--config.progress=False", "--config.rl.total_steps=3",
+               "--config.rollout.max_new_tokens=12", "--config.rollout.max_turns=1",
+               "--config.simulator.max_new_tokens=12", "--config.checkpoint.async_save=False",
+               "--config.fault_injection.kill_at_step=3"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  killed = subprocess.run([sys.executable, "-m", "zsjax.main", "--config=configs/zerosearch.py:tiny",
+                           f"--workdir={resumed}", *overrides], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert killed.returncode == -9, killed.stderr[-3000:]
+  assert Checkpointer(resumed / "checkpoints").latest_step() == 2
+  train_rl.run(config, str(resumed))
+  assert comparable(read_jsonl(resumed / "metrics.jsonl")) == comparable(records)
+  _, back = hf.load_checkpoint(resumed / "hf_export")
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(back)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_nan_loss_stops_naming_step_and_metric_and_saves_nothing_corrupt(tmp_path, world_dir):
+  from zsjax.checkpoint import Checkpointer
+
+  config = with_world(tiny_config(steps=3), world_dir)
+  config.fault_injection.nan_at_step = 2
+  trainer = train_rl.RLTrainer(config, tmp_path)
+  with pytest.raises(FloatingPointError, match=r"RL step 2: .*loss/.*last checkpoint is step 1"):
+    trainer.train()
+  checkpointer = Checkpointer(tmp_path / "checkpoints")
+  assert checkpointer.all_steps() == [1]
+  state, extra = checkpointer.restore(trainer.state_target())
+  assert extra["step"] == 1
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state))
+
+
+@pytest.mark.parametrize("algorithm,engine", [("grpo", "bm25"), ("ppo", "simulator")])
+def test_other_algorithms_and_engines_run(tmp_path, world_dir, algorithm, engine):
+  config = with_world(tiny_config(algorithm, steps=2, kind=engine), world_dir)
+  config.checkpoint.export_hf = False
+  config.rollout.max_turns = 2
+  config.sampling.temperature = 1.5  # random models rarely close a tag; help them search
+  train_rl.run(config, str(tmp_path))
+  records = read_jsonl(tmp_path / "metrics.jsonl")
+  assert len(records) == 2 and all(r["optim/skipped"] == 0.0 for r in records)
+  if algorithm == "ppo":
+    assert "critic/loss/total" in records[0] and "loss/value" in records[0]
+  # the reference and policy differ after one update: the KL term is live
+  assert records[1]["loss/kl"] > 0.0 or algorithm == "ppo"
+  json.dumps(records)
+
+
+def test_fsdp_run_matches_data_parallel_run(tmp_path, world_dir):
+  runs = {}
+  for name, mesh, strategy in (("dp", dict(data=8, fsdp=1, tensor=1), "dp"),
+                               ("fsdp_tp", dict(data=2, fsdp=2, tensor=2), "fsdp_tp")):
+    config = with_world(tiny_config(steps=2), world_dir)
+    config.checkpoint.export_hf = False
+    config.mesh.update(mesh)
+    config.sharding = strategy
+    train_rl.run(config, str(tmp_path / name))
+    runs[name] = comparable(read_jsonl(tmp_path / name / "metrics.jsonl"))
+  for a, b in zip(runs["dp"], runs["fsdp_tp"]):
+    for key in ("reward/f1", "response/length", "rollout/turns", "response/policy_tokens"):
+      assert a[key] == b[key], key
+    for key in ("loss/policy", "loss/kl", "optim/grad_norm", "loss/entropy"):
+      assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-6), key

@@ -1,0 +1,285 @@
+"""Question-answering data on ``datasets``: one row format for every source.
+
+Every loader returns a ``datasets.Dataset`` with the columns
+
+  id             str, unique within the dataset (made from source and row when absent)
+  question       str
+  golden_answers list[str], at least one
+  data_source    str  (e.g. "nq", "hotpotqa"; the file's stem when absent)
+
+from any of these row formats, found row by row:
+
+* the common QA format: ``question``, ``golden_answers`` (a list or one string),
+  optional ``id``;
+* the reference training parquet (Search-R1 / ZeroSearch): ``data_source``,
+  ``prompt`` (chat messages), ``golden_answers`` and/or
+  ``reward_model.ground_truth.target``, ``extra_info.index``, often ``question``.
+  The question is the ``question`` column when present, else the text after the
+  last ``Question:`` of the prompt's user message (never the prompt's worked
+  example, and never another row's question).
+
+Malformed rows (no question, no gold answer, wrong types, bad JSON) are reported
+with file, row and field; ``on_error="skip"`` drops them with a logged warning
+and lists them in a ``LoadReport``, ``"raise"`` stops at the first one. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import datasets
+
+COLUMNS = ("id", "question", "golden_answers", "data_source")
+ON_ERROR = ("skip", "raise")
+
+
+class DataError(ValueError):
+  """A malformed file or row; the message names the file, row and field."""
+
+
+@dataclasses.dataclass
+class LoadReport:
+  """What a load kept and what it skipped (``(file, row, reason)`` per skipped row)."""
+
+  source: str
+  kept: int = 0
+  skipped: list[tuple[str, int, str]] = dataclasses.field(default_factory=list)
+
+  def summary(self) -> str:
+    return f"{self.source}: kept {self.kept} rows, skipped {len(self.skipped)}"
+
+
+def _nested(row: Mapping[str, Any], *keys):
+  value: Any = row
+  for key in keys:
+    if not isinstance(value, Mapping) or key not in value:
+      return None
+    value = value[key]
+  return value
+
+
+def _answers(value, field: str) -> list[str]:
+  if value is None:
+    return []
+  if isinstance(value, str):
+    value = [value]
+  if hasattr(value, "tolist"):  # numpy arrays from parquet
+    value = value.tolist()
+  if not isinstance(value, (list, tuple)):
+    raise DataError(f"field {field!r} is a {type(value).__name__}; expected a list of strings")
+  out = []
+  for a in value:
+    if not isinstance(a, (str, int, float)) or isinstance(a, bool):
+      raise DataError(f"field {field!r} holds a {type(a).__name__}; expected strings")
+    if str(a).strip():
+      out.append(str(a).strip())
+  return out
+
+
+def _question_from_prompt(prompt) -> str | None:
+  if hasattr(prompt, "tolist"):
+    prompt = prompt.tolist()
+  if isinstance(prompt, str):
+    text = prompt
+  elif isinstance(prompt, (list, tuple)):
+    users = [m.get("content", "") for m in prompt if isinstance(m, Mapping)
+             and m.get("role") == "user"]
+    text = users[-1] if users else ""
+  else:
+    return None
+  if "Question:" not in text:
+    return None
+  question = text.rsplit("Question:", 1)[1].strip().split("\n")[0].strip()
+  return question or None
+
+
+def normalize_row(row: Mapping[str, Any], *, source: str, index: int) -> dict:
+  """One row in the common format; raises ``DataError`` naming the field."""
+  if not isinstance(row, Mapping):
+    raise DataError(f"row is a {type(row).__name__}, not an object")
+  question = row.get("question")
+  if question is None and "prompt" in row:
+    question = _question_from_prompt(row["prompt"])
+    if question is None:
+      raise DataError("field 'prompt' holds no 'Question:' line and there is no 'question' field")
+  if not isinstance(question, str) or not question.strip():
+    raise DataError(f"field 'question' is {question!r}; expected a non-empty string")
+  golds = _answers(row.get("golden_answers"), "golden_answers")
+  if not golds:
+    golds = _answers(_nested(row, "reward_model", "ground_truth", "target"),
+                     "reward_model.ground_truth.target")
+  if not golds:
+    raise DataError("no gold answer: 'golden_answers' and 'reward_model.ground_truth.target' "
+                    "are missing or empty")
+  data_source = row.get("data_source") or source
+  if not isinstance(data_source, str):
+    raise DataError(f"field 'data_source' is {data_source!r}; expected a string")
+  row_id = row.get("id")
+  if row_id is None:
+    extra = _nested(row, "extra_info", "index")
+    row_id = f"{data_source}-{extra if extra is not None else index}"
+  return {"id": str(row_id), "question": question.strip(), "golden_answers": golds,
+          "data_source": data_source}
+
+
+def _raw_rows(path: Path) -> Iterable[tuple[int, Any]]:
+  """``(row number, row or DataError)`` of a jsonl/json/parquet file (rows from 1)."""
+  suffix = path.suffix.lower()
+  if suffix == ".jsonl":
+    with open(path, encoding="utf-8") as f:
+      for number, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          yield number, json.loads(line)
+        except json.JSONDecodeError as e:
+          yield number, DataError(f"invalid JSON ({e.msg} at column {e.colno})")
+  elif suffix == ".json":
+    rows = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(rows, Mapping) and "data" in rows:
+      rows = rows["data"]
+    if not isinstance(rows, list):
+      raise DataError(f"{path}: a .json file must hold a list of rows (or {{'data': [...]}})")
+    yield from enumerate(rows, 1)
+  elif suffix == ".parquet":
+    table = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
+    yield from enumerate(table, 1)
+  else:
+    raise DataError(f"{path}: unknown file type {suffix!r}; use .jsonl, .json or .parquet")
+
+
+def load_qa(sources: str | Path | Sequence[str | Path], *, on_error: str = "skip",
+            limit: int | None = None, data_source: str | None = None,
+            report: list | None = None) -> datasets.Dataset:
+  """Loads and merges local QA files (common or training format) into one
+  ``datasets.Dataset`` with ``COLUMNS``. Row ids are made unique across files.
+
+  ``limit``: keep the first ``limit`` good rows of each file. ``report``: a list
+  that receives one ``LoadReport`` per file."""
+  if on_error not in ON_ERROR:
+    raise ValueError(f"on_error={on_error!r} is not one of {ON_ERROR}.")
+  if isinstance(sources, (str, Path)):
+    sources = [s for s in str(sources).split(",") if s]
+  rows: list[dict] = []
+  seen: set[str] = set()
+  for source in sources:
+    path = Path(source)
+    if not path.exists():
+      raise DataError(f"data file {str(path)!r} does not exist; give a local .jsonl, .json or "
+                      ".parquet path (nothing is downloaded).")
+    file_report = LoadReport(str(path))
+    for number, raw in _raw_rows(path):
+      if limit is not None and file_report.kept >= limit:
+        break
+      try:
+        if isinstance(raw, DataError):
+          raise raw
+        row = normalize_row(raw, source=data_source or path.stem, index=number - 1)
+      except DataError as e:
+        message = f"{path}, row {number}: {e}"
+        if on_error == "raise":
+          raise DataError(message + " (on_error='skip' drops such rows with a warning)") from None
+        logging.warning("skipping %s", message)
+        file_report.skipped.append((str(path), number, str(e)))
+        continue
+      if row["id"] in seen:  # ids collide across sources (the reference numbering does)
+        row["id"] = f"{row['id']}@{path.stem}:{number}"
+      seen.add(row["id"])
+      rows.append(row)
+      file_report.kept += 1
+    if file_report.skipped:
+      logging.warning("%s", file_report.summary())
+    if report is not None:
+      report.append(file_report)
+  if not rows:
+    raise DataError(f"no usable rows in {[str(s) for s in sources]}.")
+  features = datasets.Features({"id": datasets.Value("string"),
+                                "question": datasets.Value("string"),
+                                "golden_answers": datasets.Sequence(datasets.Value("string")),
+                                "data_source": datasets.Value("string")})
+  return datasets.Dataset.from_list(rows, features=features)
+
+
+def _check_sft_row(row, where: str) -> None:
+  for field in ("prompt", "target"):
+    value = row.get(field) if isinstance(row, Mapping) else None
+    if not isinstance(value, str) or not value.strip():
+      raise DataError(f"{where}: field {field!r} is {value!r}; expected a non-empty string")
+
+
+def load_sft(source: str | Path, *, on_error: str = "skip") -> dict[str, datasets.Dataset]:
+  """Supervised examples by split: a ``datasets`` directory (``save_to_disk`` of a
+  ``DatasetDict``, or of one ``Dataset`` with a ``split`` column) or a
+  jsonl/json/parquet file; rows need string ``prompt`` and ``target`` (a
+  ``split`` column, when present, assigns rows; otherwise all are ``train``)."""
+  if on_error not in ON_ERROR:
+    raise ValueError(f"on_error={on_error!r} is not one of {ON_ERROR}.")
+  path = Path(source)
+  if not path.exists():
+    raise DataError(f"SFT data {str(path)!r} does not exist; give a datasets directory or a "
+                    ".jsonl / .json / .parquet file.")
+  if path.is_dir():
+    loaded = datasets.load_from_disk(str(path))
+    raw = {name: list(enumerate(split, 1)) for name, split in loaded.items()} \
+        if isinstance(loaded, datasets.DatasetDict) else {"": list(enumerate(loaded, 1))}
+  else:
+    raw = {"": list(_raw_rows(path))}
+  by_split: dict[str, list[dict]] = {}
+  for split_name, rows in raw.items():
+    for number, row in rows:
+      where = f"{path}{'[' + split_name + ']' if split_name else ''}, row {number}"
+      try:
+        if isinstance(row, DataError):
+          raise DataError(f"{where}: {row}")
+        _check_sft_row(row, where)
+      except DataError as e:
+        if on_error == "raise":
+          raise
+        logging.warning("skipping %s", e)
+        continue
+      name = split_name or str(row.get("split") or "train")
+      by_split.setdefault(name, []).append(dict(row))
+  if not by_split:
+    raise DataError(f"no usable SFT rows in {path}.")
+  return {name: datasets.Dataset.from_list(rows) for name, rows in by_split.items()}
+
+
+def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
+  """Writes rows as JSON lines (creating parent directories)."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    for row in rows:
+      f.write(json.dumps(dict(row), ensure_ascii=False) + "\n")
+  return path
+
+
+def epoch_order(num_rows: int, seed: int, epoch: int):
+  """The row order of one pass over the data: a permutation fixed by (seed, epoch)."""
+  import numpy as np
+
+  return np.random.default_rng([seed, epoch]).permutation(num_rows)
+
+
+def batch_rows(num_rows: int, batch_size: int, seed: int, step: int):
+  """Row indices of training step ``step`` (from 0): consecutive slices of the
+  concatenated epoch orders, so the data position is a function of the step."""
+  import numpy as np
+
+  out = []
+  position = step * batch_size
+  while len(out) < batch_size:
+    epoch, offset = divmod(position, num_rows)
+    take = min(batch_size - len(out), num_rows - offset)
+    out.extend(epoch_order(num_rows, seed, epoch)[offset:offset + take].tolist())
+    position += take
+  return np.asarray(out, np.int64)
+
+
+__all__ = ["COLUMNS", "DataError", "LoadReport", "normalize_row", "load_qa", "load_sft",
+           "write_jsonl",
+           "epoch_order", "batch_rows"]

@@ -1,0 +1,212 @@
+"""The tiny world: a seeded synthetic encyclopedia, its questions and its tokenizer.
+
+Everything the offline default needs is generated here from one seed, nothing is
+downloaded:
+
+* entities: people, cities, countries, films and organizations, with made-up
+  names built from syllables (no real-world facts to lean on);
+* typed relations: a person was *born in* a city and *works for* an
+  organization; a city is *located in* a country; a film was *directed by* a
+  person; an organization was *founded in* a city;
+* one short encyclopedia-style document per entity, stating its relations;
+* single-hop questions (one relation) and two-hop questions (a chain of two:
+  "In which country was X born?"), each with gold answers and aliases;
+* train / dev / test splits, disjoint in questions;
+* a byte-level BPE tokenizer trained on the world's text and the template's,
+  saved in HF format; the template's tags are ordinary text (several tokens).
+
+``build(directory, seed)`` writes ``corpus.jsonl`` (``{"id", "contents"}``),
+``{train,dev,test}.parquet`` (``zsjax.data`` columns plus ``hops``),
+``tokenizer/`` and ``world.json``; ``ensure`` reuses a directory already built
+with the same settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+_ONSETS = ["b", "br", "c", "d", "dr", "f", "g", "gr", "h", "k", "l", "m", "n", "p", "r", "s",
+           "st", "t", "th", "v", "z"]
+_VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "io"]
+_CODAS = ["", "", "n", "r", "l", "s", "th", "m", "k"]
+_FILM_WORDS = ["Silent", "Golden", "Last", "Hidden", "Broken", "Distant", "Crimson", "Quiet",
+               "Iron", "Winter", "Paper", "Glass", "Burning", "Northern", "Lost", "Open"]
+_FILM_NOUNS = ["Harbor", "Garden", "River", "Mirror", "Road", "Letter", "Tower", "Season",
+               "Island", "Bridge", "Voyage", "Promise", "Lantern", "Forest", "Echo", "Orchard"]
+_ORG_KINDS = ["Guild", "Institute", "Company", "Society", "Foundation", "Works", "Trust"]
+_JOBS = ["painter", "engineer", "writer", "chemist", "architect", "composer", "historian",
+         "physician", "sculptor", "economist"]
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldSize:
+  countries: int = 6
+  cities: int = 24
+  people: int = 80
+  films: int = 30
+  organizations: int = 16
+  test_fraction: float = 0.15
+  dev_fraction: float = 0.1
+  vocab_size: int = 1024
+
+
+def _name(rng: np.random.Generator, syllables: int) -> str:
+  parts = [rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)]
+  return "".join(parts).capitalize()
+
+
+def generate(seed: int, size: WorldSize = WorldSize()) -> dict:
+  """The world as plain data: entities, relations, documents and questions."""
+  rng = np.random.default_rng(seed)
+  used: set[str] = set()
+
+  def fresh(make):
+    while True:
+      name = make()
+      if name.lower() not in used:
+        used.add(name.lower())
+        return name
+
+  countries = [fresh(lambda: _name(rng, 2) + "ia") for _ in range(size.countries)]
+  cities = [fresh(lambda: _name(rng, 2)) for _ in range(size.cities)]
+  people = [fresh(lambda: f"{_name(rng, 2)} {_name(rng, 2)}") for _ in range(size.people)]
+  films = [fresh(lambda: f"The {rng.choice(_FILM_WORDS)} {rng.choice(_FILM_NOUNS)}")
+           for _ in range(size.films)]
+  orgs = [fresh(lambda: f"{_name(rng, 2)} {rng.choice(_ORG_KINDS)}")
+          for _ in range(size.organizations)]
+
+  city_country = {c: countries[i % len(countries)] if i < len(countries) else
+                  str(rng.choice(countries)) for i, c in enumerate(cities)}
+  born_in = {p: str(rng.choice(cities)) for p in people}
+  works_for = {p: str(rng.choice(orgs)) for p in people}
+  job = {p: str(rng.choice(_JOBS)) for p in people}
+  directed_by = {f: str(rng.choice(people)) for f in films}
+  founded_in = {o: str(rng.choice(cities)) for o in orgs}
+  year = {o: int(rng.integers(1820, 2000)) for o in orgs}
+  film_year = {f: int(rng.integers(1950, 2020)) for f in films}
+
+  def person_alias(p):
+    first, last = p.split(" ")
+    return [f"{first[0]}. {last}"]
+
+  aliases = {p: person_alias(p) for p in people}
+  aliases.update({o: [o.split(" ")[0]] for o in orgs})
+  aliases.update({c: [c[:-2] if c.endswith("ia") else c] for c in countries})
+
+  docs = []
+  for c in countries:
+    members = [x for x in cities if city_country[x] == c]
+    docs.append((c, f"{c} is a country. Its cities include {', '.join(members)}."))
+  for c in cities:
+    docs.append((c, f"{c} is a city located in {city_country[c]}."))
+  for p in people:
+    last = p.split(" ")[1]
+    docs.append((p, f"{p} is a {job[p]} born in {born_in[p]}. {last} works for "
+                    f"{works_for[p]}."))
+  for f in films:
+    docs.append((f, f"{f} is a {film_year[f]} film directed by {directed_by[f]}."))
+  for o in orgs:
+    docs.append((o, f"{o} is an organization founded in {founded_in[o]} in {year[o]}."))
+
+  def golds(entity):
+    return [entity] + aliases.get(entity, [])
+
+  questions = []
+  for p in people:
+    questions.append((f"Where was {p} born?", golds(born_in[p]), 1))
+    questions.append((f"Who does {p} work for?", golds(works_for[p]), 1))
+    questions.append((f"In which country was {p} born?", golds(city_country[born_in[p]]), 2))
+    questions.append((f"In which city was the employer of {p} founded?",
+                      golds(founded_in[works_for[p]]), 2))
+  for c in cities:
+    questions.append((f"In which country is {c} located?", golds(city_country[c]), 1))
+  for f in films:
+    questions.append((f"Who directed {f}?", golds(directed_by[f]), 1))
+    questions.append((f"Where was the director of {f} born?", golds(born_in[directed_by[f]]), 2))
+  for o in orgs:
+    questions.append((f"In which city was {o} founded?", golds(founded_in[o]), 1))
+    questions.append((f"In which country was {o} founded?", golds(city_country[founded_in[o]]), 2))
+
+  order = rng.permutation(len(questions))
+  n_test = int(round(size.test_fraction * len(questions)))
+  n_dev = int(round(size.dev_fraction * len(questions)))
+  split_of = {}
+  for rank, i in enumerate(order):
+    split_of[int(i)] = "test" if rank < n_test else "dev" if rank < n_test + n_dev else "train"
+  rows = {"train": [], "dev": [], "test": []}
+  for i, (question, answers, hops) in enumerate(questions):
+    rows[split_of[i]].append({"id": f"tw-{i}", "question": question, "golden_answers": answers,
+                              "data_source": "tinyworld", "hops": hops})
+  return {"seed": seed, "size": dataclasses.asdict(size),
+          "corpus": [{"id": f"doc-{i}", "title": t, "contents": text}
+                     for i, (t, text) in enumerate(docs)],
+          "splits": rows}
+
+
+def train_tokenizer(texts, vocab_size: int, directory: str | Path):
+  """A byte-level BPE tokenizer trained on ``texts``, saved as an HF tokenizer
+  directory (``<|endoftext|>`` is EOS and padding); returns the loaded tokenizer."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from transformers import PreTrainedTokenizerFast
+
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(texts, trainers.BpeTrainer(
+      vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      special_tokens=["<|endoftext|>"], show_progress=False))
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                 pad_token="<|endoftext|>")
+  fast.save_pretrained(str(directory))
+  return fast
+
+
+def build(directory: str | Path, seed: int, size: WorldSize = WorldSize()) -> dict:
+  """Writes the world to ``directory``; returns the paths as a dict."""
+  import datasets
+
+  from zsjax import search, template
+
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  world = generate(seed, size)
+  from zsjax.data import write_jsonl
+
+  write_jsonl(directory / "corpus.jsonl", world["corpus"])
+  for split, rows in world["splits"].items():
+    datasets.Dataset.from_list(rows).to_parquet(str(directory / f"{split}.parquet"))
+  texts = [d["contents"] for d in world["corpus"]]
+  texts += [r["question"] for rows in world["splits"].values() for r in rows]
+  texts += [template.INSTRUCTION, template.INVALID_ACTION_FEEDBACK,
+            template.render_observation(["Doc text."]), search.DEFAULT_SIMULATOR_TEMPLATE,
+            "<think> I need to look this up. </think><search> query </search>"
+            "<answer> answer </answer>"]
+  train_tokenizer(texts * 3, size.vocab_size, directory / "tokenizer")
+  meta = {"seed": seed, "size": dataclasses.asdict(size),
+          "counts": {k: len(v) for k, v in world["splits"].items()},
+          "documents": len(world["corpus"])}
+  (directory / "world.json").write_text(json.dumps(meta, indent=2) + "\n")
+  return paths(directory)
+
+
+def paths(directory: str | Path) -> dict:
+  directory = Path(directory)
+  return {"corpus": str(directory / "corpus.jsonl"), "tokenizer": str(directory / "tokenizer"),
+          **{split: str(directory / f"{split}.parquet") for split in ("train", "dev", "test")}}
+
+
+def ensure(directory: str | Path, seed: int, size: WorldSize = WorldSize()) -> dict:
+  """``build`` unless ``directory`` already holds this seed's world."""
+  meta = Path(directory) / "world.json"
+  if meta.exists():
+    old = json.loads(meta.read_text())
+    if old.get("seed") == seed and old.get("size") == dataclasses.asdict(size):
+      return paths(directory)
+  return build(directory, seed, size)
+
+
+__all__ = ["WorldSize", "generate", "train_tokenizer", "build", "paths", "ensure"]
