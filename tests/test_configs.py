@@ -27,12 +27,27 @@ def load_config(path, arg=None):
 def test_config_builds_and_names_a_known_job(path):
   config = load_config(path)
   assert config.job in JOBS
-  models = [config.model] if "model" in config else [config.policy.model, config.simulator.model]
+  if "policy" in config:
+    models = [config.policy.model, config.simulator.model]
+  elif "checkpoint" in config.model:  # a model section: checkpoint or random model fields
+    models = [config.model.model]
+  else:
+    models = [config.model]
   for model in models:
     fields = {**model.to_dict(), "vocab_size": model.get("vocab_size") or 100}
     assert ModelConfig.from_dict(fields).num_layers > 0
   doc = (path.read_text().split('"""')[1])
   assert "python -m zsjax.main" in doc and "Expected" in doc
+
+
+@pytest.mark.parametrize("arg", ["tiny", "qwen2.5-7b", "sft"])
+def test_sim_tuning_config_args_build(arg):
+  config = load_config(ROOT / "configs/sim_tuning.py", arg)
+  assert config.job == ("sft" if arg == "sft" else "sim_tuning") and config.job in JOBS
+  if arg == "qwen2.5-7b":  # METHOD.md §7: lr 1e-6, batch 2, 1000 steps, LLM judge
+    assert (config.sft.learning_rate, config.sft.batch_size, config.sft.total_steps) == (
+        1e-6, 2, 1000)
+    assert config.sim_tuning.judge == "llm" and config.sim_tuning.balance
 
 
 @pytest.mark.parametrize("arg", [f"{m},{a}" for m in ("qwen2.5-3b", "qwen2.5-7b", "llama3.2-3b")

@@ -24,6 +24,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (checkpoints, 
 JOBS = {
     "model_check": "zsjax.model_check:run",
     "rl": "zsjax.train_rl:run",
+    "sft": "zsjax.train_sft:run",
+    "sim_tuning": "zsjax.sim_tuning:run",
 }
 
 

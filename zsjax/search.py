@@ -121,6 +121,7 @@ class SearchRequest:
   question: str = ""
   answer: str = ""
   noisy: bool = False
+  row: int = -1  # the batch row that searched (HostSearch sets it)
 
 
 @dataclasses.dataclass
@@ -277,7 +278,7 @@ class HostSearch:
                                     skip_special_tokens=True)
       requests.append(SearchRequest(query, self.questions[r] if r < len(self.questions) else "",
                                     self.answers[r] if r < len(self.answers) else "",
-                                    bool(noisy[i])))
+                                    bool(noisy[i]), row=i))
     result = self.engine.search(requests)
     for i, docs, fail in zip(rows, result.documents, result.failed):
       ids = document_tokens(self.tokenizer, docs)[:self.max_doc_tokens]

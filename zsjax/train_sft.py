@@ -1,0 +1,213 @@
+"""Supervised tuning (``job="sft"``): the loss on target tokens only, packed rows.
+
+Used for the search simulator (prompt = the simulator prompt with the
+useful/noisy keyword, target = its documents) and for a policy warm start
+(prompt = the policy prompt, target = a demonstration).
+
+Each example is ``prompt + target + EOS``; the loss is the mean next-token
+negative log-likelihood over the target and EOS tokens (prompt tokens have loss
+weight 0). Examples are packed first-fit into rows of ``max_length`` tokens,
+each with its own segment id and positions from 0, so attention never crosses
+examples. Same sharding, checkpoints, metrics and HF export as RL; a restarted
+run resumes from its last checkpoint and the data order follows from the step.
+
+Shape legend: B rows per batch, L ``max_length``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from zsjax import data as data_lib
+from zsjax import hf
+from zsjax.checkpoint import Checkpointer, abstract_like
+from zsjax.metrics import MetricWriter, read_jsonl
+from zsjax.sharding import ShardingPlan, is_main_process
+from zsjax.train_step import (create_train_state, init_state, make_optimizer,
+                              make_update_step, next_token_loss)
+
+
+def tokenize_examples(tokenizer, rows, max_length: int, eos_id: int):
+  """``[(ids, target_mask)]`` per example: prompt then target then EOS, cut to
+  ``max_length`` (the target's tail is dropped). Also returns how many were cut."""
+  out, cut = [], 0
+  for row in rows:
+    prompt = tokenizer.encode(row["prompt"], add_special_tokens=False)
+    target = tokenizer.encode(row["target"], add_special_tokens=False) + [eos_id]
+    ids = prompt + target
+    mask = [0] * len(prompt) + [1] * len(target)
+    if len(ids) > max_length:
+      cut += 1
+      ids, mask = ids[:max_length], mask[:max_length]
+    if sum(mask):
+      out.append((ids, mask))
+  return out, cut
+
+
+def pack(examples, max_length: int, pad_id: int) -> dict[str, np.ndarray]:
+  """First-fit packing into rows of ``max_length``: ``tokens``, ``loss_mask``,
+  ``segment_ids`` (1, 2, ... per example; 0 = padding) and ``positions``, each
+  ``[R, L]``. The examples' order is kept within a row."""
+  rows: list[list[tuple[list[int], list[int]]]] = []
+  room: list[int] = []
+  for example in examples:
+    n = len(example[0])
+    for r, free in enumerate(room):
+      if free >= n:
+        rows[r].append(example)
+        room[r] -= n
+        break
+    else:
+      rows.append([example])
+      room.append(max_length - n)
+  shape = (len(rows), max_length)
+  out = {"tokens": np.full(shape, pad_id, np.int32), "loss_mask": np.zeros(shape, np.int32),
+         "segment_ids": np.zeros(shape, np.int32), "positions": np.zeros(shape, np.int32)}
+  for r, row in enumerate(rows):
+    at = 0
+    for segment, (ids, mask) in enumerate(row, 1):
+      n = len(ids)
+      out["tokens"][r, at:at + n] = ids
+      out["loss_mask"][r, at:at + n] = mask
+      out["segment_ids"][r, at:at + n] = segment
+      out["positions"][r, at:at + n] = np.arange(n)
+      at += n
+  return out
+
+
+def packed_split(tokenizer, dataset, max_length: int, eos_id: int, pad_id: int, what: str):
+  examples, cut = tokenize_examples(tokenizer, dataset, max_length, eos_id)
+  if not examples:
+    raise ValueError(f"{what}: no example has a target token within max_length={max_length}.")
+  packed = pack(examples, max_length, pad_id)
+  return packed, {"examples": len(examples), "rows": len(packed["tokens"]), "cut": cut,
+                  "target_tokens": int(packed["loss_mask"].sum())}
+
+
+def evaluate_nll(eval_fn, params, packed, batch_size: int, plan) -> float:
+  """Mean target-token NLL over all packed rows (the last batch padded with empty rows)."""
+  rows = len(packed["tokens"])
+  total = count = 0.0
+  for start in range(0, rows, batch_size):
+    batch = {k: v[start:start + batch_size] for k, v in packed.items()}
+    short = batch_size - len(batch["tokens"])
+    if short:
+      batch = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)])
+               for k, v in batch.items()}
+    nll_sum, n = eval_fn(params, plan.put_batch(batch))
+    total += float(nll_sum)
+    count += float(n)
+  return total / max(count, 1.0)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  from tqdm import tqdm
+
+  from zsjax.train_rl import load_model
+
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  s = config.sft
+  if s.batch_size <= 0 or s.total_steps <= 0:
+    raise ValueError(f"config.sft.batch_size={s.batch_size} and config.sft.total_steps="
+                     f"{s.total_steps} must be positive.")
+  plan = ShardingPlan.from_config(config)
+  if s.batch_size % plan.batch_divisor:
+    raise ValueError(f"config.sft.batch_size={s.batch_size} is not a multiple of data x fsdp = "
+                     f"{plan.batch_divisor} (mesh {plan.sizes}).")
+  tokenizer_dir = config.tokenizer or config.model.checkpoint
+  tokenizer = hf.load_tokenizer(tokenizer_dir)
+  eos = tokenizer.eos_token_id
+  if eos is None:
+    raise ValueError(f"the tokenizer in {tokenizer_dir} has no EOS token; SFT targets end in it.")
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+  key = jax.random.key(config.seed)
+  cfg, initial = load_model(config.model, plan, jax.random.fold_in(key, 1), len(tokenizer),
+                            (eos,), what="model")
+
+  splits = data_lib.load_sft(s.data, on_error=config.get("on_error", "skip"))
+  if "train" not in splits:
+    raise ValueError(f"config.sft.data={s.data!r} has no 'train' split (found {sorted(splits)}).")
+  train, train_info = packed_split(tokenizer, splits["train"], s.max_length, eos, pad, "train")
+  held_out = None
+  if "test" in splits and len(splits["test"]):
+    held_out, _ = packed_split(tokenizer, splits["test"], s.max_length, eos, pad, "test")
+
+  tx, schedule = make_optimizer(s.learning_rate, s.total_steps, warmup_fraction=s.warmup_fraction,
+                                decay=s.decay, weight_decay=s.weight_decay, clip_norm=s.grad_clip)
+  state, shardings = create_train_state(cfg, tx, plan, params=initial)
+  spec = {k: jax.ShapeDtypeStruct((s.batch_size, s.max_length), jnp.int32) for k in train}
+  batch_shardings = plan.batch(spec)
+  loss_fn = functools.partial(next_token_loss, cfg)
+  update = make_update_step(lambda p, b, r: loss_fn(p, b, r), tx, plan, shardings,
+                            batch_shardings, schedule)
+
+  def eval_step(params, batch):
+    with plan.context():
+      loss, metrics = loss_fn(params, batch)
+    count = metrics["data/target_tokens"]
+    return loss * count, count
+
+  eval_fn = jax.jit(eval_step, in_shardings=(shardings.params, batch_shardings),
+                    out_shardings=(plan.replicated(), plan.replicated()))
+
+  checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.max_to_keep,
+                              async_save=config.checkpoint.async_save)
+  target = abstract_like(jax.eval_shape(lambda: init_state(cfg, tx, jax.random.key(0))), shardings)
+  state, extra, resumed = checkpointer.restore_or(target, lambda: state)
+  start = int(extra.get("step", 0))
+  metrics_file = workdir / "metrics.jsonl"
+  if is_main_process() and metrics_file.exists():
+    kept = [r for r in read_jsonl(metrics_file) if r["step"] <= start]
+    metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+  summary = {"data": train_info, "resumed_from": start}
+  if held_out is not None and start == 0:
+    summary["eval/nll_before"] = evaluate_nll(eval_fn, state.params, held_out, s.batch_size, plan)
+  rows = len(train["tokens"])
+  with MetricWriter(workdir) as writer, tqdm(
+      total=s.total_steps, initial=start, desc="sft", unit="step",
+      disable=not is_main_process() or not config.get("progress", True)) as bar:
+    for step in range(start + 1, s.total_steps + 1):
+      t0 = time.perf_counter()
+      index = data_lib.batch_rows(rows, s.batch_size, config.seed, step - 1)
+      batch = plan.put_batch({k: v[index] for k, v in train.items()})
+      state, metrics = update(state, batch, key)
+      metrics = dict(jax.device_get(metrics))
+      metrics["time/step_s"] = time.perf_counter() - t0
+      metrics["perf/tokens_per_s"] = float(train["segment_ids"][index].astype(bool).sum()) / \
+          metrics["time/step_s"]
+      if held_out is not None and (step % s.eval_every == 0 or step == s.total_steps):
+        nll = evaluate_nll(eval_fn, state.params, held_out, s.batch_size, plan)
+        metrics.update({"eval/nll": nll, "eval/perplexity": float(np.exp(nll))})
+      try:
+        last = writer.write(step, metrics)
+      except FloatingPointError as e:
+        checkpointer.close()
+        raise FloatingPointError(f"SFT step {step}: {e} Last checkpoint: step "
+                                 f"{checkpointer.latest_step()}.") from None
+      summary.setdefault("loss/first", last["loss/nll"])
+      summary.update(last)
+      bar.set_postfix({"nll": f"{last['loss/nll']:.3f}"}, refresh=False)
+      bar.update(1)
+      if step % config.checkpoint.every == 0 or step == s.total_steps:
+        checkpointer.save(step, state, extra={"step": step, "seed": config.seed})
+  checkpointer.close()
+  if config.checkpoint.export_hf and is_main_process():
+    export = hf.save_checkpoint(workdir / "hf_export", cfg, state.params)
+    tokenizer.save_pretrained(str(export))
+    summary["hf_export"] = str(export)
+  if is_main_process():
+    (workdir / "sft_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  return summary
+
+
+__all__ = ["tokenize_examples", "pack", "packed_split", "evaluate_nll", "run"]
