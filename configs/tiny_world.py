@@ -1,27 +1,94 @@
-"""The main job's offline default.
+"""The main job's offline default: the paper's whole pipeline in a tiny world.
 
 Command:  python -m zsjax.main --config=configs/tiny_world.py --workdir=/tmp/zsjax_tiny
-Hardware: 2-core CPU, no accelerator, nothing downloaded.
+          (--config.seed=N makes a different world and training run)
+Arg: "default" | "ci" (a smaller world and shorter stages, for the test suite).
+Hardware: a 2-core CPU, no accelerator, nothing downloaded.
 
-Status: the tiny-world pipeline (synthetic world, BM25 engine, simulator tuning,
-RL, evaluation) is not built yet. Until it is, this config runs the `model_check`
-job of configs/model_check.py on a small random Qwen2-style model.
-Expected now (~30 s): a printed table with decode_vs_full_max_abs_logit_diff
-below 1e-4, export_max_abs_diff 0 and ok True; WORKDIR/model_check.json and an
-HF export in WORKDIR/hf_export/.
+Stages (zsjax/pipeline.py; each skipped when its output exists): build the world
+-> pretrain a simulator LM on its documents -> tune it as a search simulator on
+rule-labelled BM25 results -> warm-start a policy on format demonstrations from
+another world -> RL against the simulator (REINFORCE, noise curriculum) and,
+for comparison, against BM25 -> evaluate everything with BM25, greedy.
+Expected: WORKDIR/results.json, results.md (EM / substring EM / F1 on
+single-hop, two-hop and all test questions for warm_start, direct, rag,
+rl_simulator, rl_real_search), plots/*.png, per-stage TensorBoard logs and
+checkpoints, final_policy/ (HF). The committed run and its numbers are in
+experiments/results/tiny_world/.
 """
 
-import importlib.util
-from pathlib import Path
+import ml_collections
+
+INSTRUCTION = ("Find the answer with a search engine: write a query between <search> and "
+               "</search>; results come back between <information> and </information>. "
+               "Write the final answer between <answer> and </answer>.")
+SIMULATOR_TEMPLATE = ("Question: {question}\nAnswer: {answer}\nQuery: {query}\n"
+                      "{Quality} documents:\n")
 
 
-def _sibling(name):
-  spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+def model(embed_dim: int, layers: int, mlp_dim: int) -> dict:
+  return dict(arch="qwen2", vocab_size=0, embed_dim=embed_dim, mlp_dim=mlp_dim,
+              num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=embed_dim // 4,
+              qkv_bias=True, tie_embeddings=True, max_position_embeddings=1024,
+              eos_token_ids=(), dtype="float32", param_dtype="float32", remat="none")
+
+
+def sft(steps: int, batch: int, length: int, lr: float) -> dict:
+  return dict(data="", max_length=length, batch_size=batch, total_steps=steps,
+              learning_rate=lr, warmup_fraction=0.05, decay="cosine", weight_decay=0.0,
+              grad_clip=1.0, eval_every=max(steps // 2, 1))
 
 
 def get_config(arg=None):
-  del arg
-  return _sibling("model_check").get_config("qwen2")
+  arg = arg or "default"
+  if arg not in ("default", "ci"):
+    raise ValueError(f"config arg {arg!r} is not 'default' or 'ci'.")
+  ci = arg == "ci"
+  config = ml_collections.ConfigDict()
+  config.job = "tiny_world"
+  config.seed = 0
+  config.progress = True
+  config.world = ml_collections.ConfigDict(dict(
+      countries=4 if ci else 6, cities=12 if ci else 24, people=30 if ci else 80,
+      films=10 if ci else 30, organizations=8 if ci else 16, test_fraction=0.15,
+      dev_fraction=0.1, vocab_size=768 if ci else 1024))
+  config.instruction = INSTRUCTION
+  config.simulator_template = SIMULATOR_TEMPLATE
+  config.top_k = 3
+  config.simulator_model = ml_collections.ConfigDict(model(64, 2, 192) if ci else model(96, 2, 256))
+  config.policy_model = ml_collections.ConfigDict(model(64, 2, 192) if ci else model(96, 2, 256))
+  config.pretrain = ml_collections.ConfigDict(sft(20 if ci else 150, 8, 64, 3e-3))
+  config.sim_tuning = ml_collections.ConfigDict(dict(
+      num_questions=0, test_fraction=0.1, report_rows=8 if ci else 32,
+      report_new_tokens=32 if ci else 64,
+      policy=dict(checkpoint="", param_dtype="float32", dtype="float32", remat="none", model={}),
+      rollout=dict(max_turns=2, max_new_tokens=24, max_obs_tokens=96, max_length=384,
+                   max_query_tokens=16),
+      sampling=dict(kind="greedy"), prompt_width=64))
+  config.sim_sft = ml_collections.ConfigDict(sft(20 if ci else 150, 8, 160, 3e-3))
+  config.warm_start = ml_collections.ConfigDict(sft(20 if ci else 200, 8, 320, 3e-3))
+  config.rl = ml_collections.ConfigDict(dict(
+      simulator=dict(max_prefix_tokens=80, max_new_tokens=48 if ci else 72, temperature=1.0),
+      rollout=dict(max_turns=2, max_new_tokens=20, max_obs_tokens=96, max_length=384,
+                   max_query_tokens=16, max_prompt_tokens=96),
+      sampling=dict(kind="sample", temperature=1.0, top_p=1.0, top_k=0),
+      curriculum=dict(kind="exponential", start=0.0, end=0.5, base=4.0, probability=0.5),
+      rl=dict(algorithm="reinforce", reward="f1", prompts_per_step=8 if ci else 16,
+              samples_per_prompt=2 if ci else 4, total_steps=2 if ci else 30, epochs=1,
+              minibatch_size=16 if ci else 64, micro_batch_size=16 if ci else 32,
+              score_batch_size=16 if ci else 32, learning_rate=1e-4, warmup_fraction=0.1,
+              weight_decay=0.0, grad_clip=1.0, clip_eps=0.2, dual_clip=0.0, kl_coef=0.001,
+              kl_type="k3", entropy_coef=0.001, aggregation="token_mean", loss_mask="policy",
+              critic_learning_rate=1e-4, critic_warmup_fraction=0.0, value_clip=0.5,
+              gamma=1.0, lam=1.0)))
+  config.eval_sample_size = 16 if ci else 0  # 0 = every test question
+  config.eval_batch_size = 16
+  config.eval_prompt_width = 256  # RAG prompts carry the documents
+  config.checkpoint = ml_collections.ConfigDict(dict(every=1000, max_to_keep=1, async_save=False,
+                                                     export_hf=True))
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.sharding = "dp"
+  config.sharding_rules = ()
+  config.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address="", num_processes=0, process_id=-1))
+  return config

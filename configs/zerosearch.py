@@ -81,7 +81,8 @@ def get_config(arg=None):
       url="", model="", timeout_s=30.0, max_retries=2))
   config.data = ml_collections.ConfigDict(dict(
       train_files="",  # comma-separated .parquet / .jsonl (common QA or Search-R1 format)
-      on_error="skip", limit=0, chat_template=not tiny))
+      on_error="skip", limit=0, chat_template=not tiny,
+      instruction=""))  # the policy's instruction; empty = zsjax.template.INSTRUCTION
   config.rollout = ml_collections.ConfigDict(dict(
       max_turns=2 if tiny else 5, max_new_tokens=24 if tiny else 500,
       max_obs_tokens=64 if tiny else 2048, max_length=512 if tiny else 4096,

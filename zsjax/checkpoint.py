@@ -60,6 +60,15 @@ class Checkpointer:
         state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
     return restored.state, dict(restored.extra or {})
 
+  def restore_raw(self, step: int | None = None) -> Any:
+    """The saved array tree of ``step`` (default: the latest) without a target:
+    nested dicts of host arrays (e.g. ``raw["policy"]["params"]`` of an RL run)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory} to restore.")
+    return self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore())).state
+
   def restore_or(self, target, fallback) -> tuple[Any, dict, bool]:
     """Resume: the latest checkpoint if there is one, else ``fallback()``'s state.
     Returns ``(state, extra, resumed)``."""

@@ -248,6 +248,43 @@ def load_sft(source: str | Path, *, on_error: str = "skip") -> dict[str, dataset
   return {name: datasets.Dataset.from_list(rows) for name, rows in by_split.items()}
 
 
+# The seven evaluation sets (METHOD.md §8): FlashRAG's hub copies in the common format,
+# the split the paper evaluates, and whether the set is multi-hop.
+BENCHMARKS = {
+    "nq": ("nq", "test", False), "triviaqa": ("triviaqa", "test", False),
+    "popqa": ("popqa", "test", False), "hotpotqa": ("hotpotqa", "dev", True),
+    "2wikimultihopqa": ("2wikimultihopqa", "dev", True), "musique": ("musique", "dev", True),
+    "bamboogle": ("bamboogle", "test", True)}
+HUB_REPO = "RUC-NLPIR/FlashRAG_datasets"
+
+
+def load_benchmark(name: str, path: str | Path = "", *, on_error: str = "skip",
+                   report: list | None = None) -> datasets.Dataset:
+  """One evaluation set: from a local file (any format ``load_qa`` reads) or, with no
+  path and the machine online, from the hub copy (``HUB_REPO``)."""
+  if path:
+    return load_qa(path, on_error=on_error, data_source=name, report=report)
+  import os
+
+  if name not in BENCHMARKS:
+    raise DataError(f"unknown benchmark {name!r} with no local path; known: {sorted(BENCHMARKS)} "
+                    "(or give name=path).")
+  if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+    raise DataError(f"benchmark {name!r}: no local path and the hub is offline; download "
+                    f"{HUB_REPO}/{BENCHMARKS[name][0]} elsewhere and give name=/path/file.jsonl.")
+  config_name, split, _ = BENCHMARKS[name]
+  hub = datasets.load_dataset(HUB_REPO, config_name, split=split)
+  rows = []
+  for index, row in enumerate(hub):
+    try:
+      rows.append(normalize_row(row, source=name, index=index))
+    except DataError as e:
+      if on_error == "raise":
+        raise DataError(f"{HUB_REPO}/{config_name}, row {index + 1}: {e}") from None
+      logging.warning("skipping %s/%s row %d: %s", HUB_REPO, config_name, index + 1, e)
+  return datasets.Dataset.from_list(rows)
+
+
 def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
   """Writes rows as JSON lines (creating parent directories)."""
   path = Path(path)
@@ -280,6 +317,6 @@ def batch_rows(num_rows: int, batch_size: int, seed: int, step: int):
   return np.asarray(out, np.int64)
 
 
-__all__ = ["COLUMNS", "DataError", "LoadReport", "normalize_row", "load_qa", "load_sft",
+__all__ = ["BENCHMARKS", "HUB_REPO", "load_benchmark", "COLUMNS", "DataError", "LoadReport", "normalize_row", "load_qa", "load_sft",
            "write_jsonl",
            "epoch_order", "batch_rows"]

@@ -25,7 +25,9 @@ JOBS = {
     "model_check": "zsjax.model_check:run",
     "rl": "zsjax.train_rl:run",
     "sft": "zsjax.train_sft:run",
+    "eval": "zsjax.evaluate:run",
     "sim_tuning": "zsjax.sim_tuning:run",
+    "tiny_world": "zsjax.pipeline:run",
 }
 
 

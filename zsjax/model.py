@@ -437,6 +437,10 @@ class Transformer(nn.Module):
         length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
     layer_cache = (cache.k, cache.v) if cache is not None else None
     lengths = cache.lengths if cache is not None else None
+    if lengths is not None:
+      # A fresh cache has constant lengths; without the barrier XLA constant-folds the
+      # whole masked [B, K, G, L, S] score block of a prefill at compile time (seconds).
+      lengths = jax.lax.optimization_barrier(lengths)
     x, new_layer_cache = layers(x, layer_cache, cos, sin, mask, lengths)
     x = RMSNorm(cfg, name="final_norm")(x)
 

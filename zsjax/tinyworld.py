@@ -115,21 +115,25 @@ def generate(seed: int, size: WorldSize = WorldSize()) -> dict:
   def golds(entity):
     return [entity] + aliases.get(entity, [])
 
+  # (question, gold answers, hops, bridge entity of a two-hop chain or "")
   questions = []
   for p in people:
-    questions.append((f"Where was {p} born?", golds(born_in[p]), 1))
-    questions.append((f"Who does {p} work for?", golds(works_for[p]), 1))
-    questions.append((f"In which country was {p} born?", golds(city_country[born_in[p]]), 2))
+    questions.append((f"Where was {p} born?", golds(born_in[p]), 1, ""))
+    questions.append((f"Who does {p} work for?", golds(works_for[p]), 1, ""))
+    questions.append((f"In which country was {p} born?", golds(city_country[born_in[p]]), 2,
+                      born_in[p]))
     questions.append((f"In which city was the employer of {p} founded?",
-                      golds(founded_in[works_for[p]]), 2))
+                      golds(founded_in[works_for[p]]), 2, works_for[p]))
   for c in cities:
-    questions.append((f"In which country is {c} located?", golds(city_country[c]), 1))
+    questions.append((f"In which country is {c} located?", golds(city_country[c]), 1, ""))
   for f in films:
-    questions.append((f"Who directed {f}?", golds(directed_by[f]), 1))
-    questions.append((f"Where was the director of {f} born?", golds(born_in[directed_by[f]]), 2))
+    questions.append((f"Who directed {f}?", golds(directed_by[f]), 1, ""))
+    questions.append((f"Where was the director of {f} born?", golds(born_in[directed_by[f]]), 2,
+                      directed_by[f]))
   for o in orgs:
-    questions.append((f"In which city was {o} founded?", golds(founded_in[o]), 1))
-    questions.append((f"In which country was {o} founded?", golds(city_country[founded_in[o]]), 2))
+    questions.append((f"In which city was {o} founded?", golds(founded_in[o]), 1, ""))
+    questions.append((f"In which country was {o} founded?", golds(city_country[founded_in[o]]), 2,
+                      founded_in[o]))
 
   order = rng.permutation(len(questions))
   n_test = int(round(size.test_fraction * len(questions)))
@@ -138,9 +142,9 @@ def generate(seed: int, size: WorldSize = WorldSize()) -> dict:
   for rank, i in enumerate(order):
     split_of[int(i)] = "test" if rank < n_test else "dev" if rank < n_test + n_dev else "train"
   rows = {"train": [], "dev": [], "test": []}
-  for i, (question, answers, hops) in enumerate(questions):
+  for i, (question, answers, hops, bridge) in enumerate(questions):
     rows[split_of[i]].append({"id": f"tw-{i}", "question": question, "golden_answers": answers,
-                              "data_source": "tinyworld", "hops": hops})
+                              "data_source": "tinyworld", "hops": hops, "bridge": bridge})
   return {"seed": seed, "size": dataclasses.asdict(size),
           "corpus": [{"id": f"doc-{i}", "title": t, "contents": text}
                      for i, (t, text) in enumerate(docs)],
@@ -179,6 +183,9 @@ def build(directory: str | Path, seed: int, size: WorldSize = WorldSize()) -> di
   write_jsonl(directory / "corpus.jsonl", world["corpus"])
   for split, rows in world["splits"].items():
     datasets.Dataset.from_list(rows).to_parquet(str(directory / f"{split}.parquet"))
+  for hops, name in ((1, "single_hop"), (2, "two_hop")):
+    write_jsonl(directory / f"test_{name}.jsonl",
+                [r for r in world["splits"]["test"] if r["hops"] == hops])
   texts = [d["contents"] for d in world["corpus"]]
   texts += [r["question"] for rows in world["splits"].values() for r in rows]
   texts += [template.INSTRUCTION, template.INVALID_ACTION_FEEDBACK,
@@ -196,7 +203,9 @@ def build(directory: str | Path, seed: int, size: WorldSize = WorldSize()) -> di
 def paths(directory: str | Path) -> dict:
   directory = Path(directory)
   return {"corpus": str(directory / "corpus.jsonl"), "tokenizer": str(directory / "tokenizer"),
-          **{split: str(directory / f"{split}.parquet") for split in ("train", "dev", "test")}}
+          **{split: str(directory / f"{split}.parquet") for split in ("train", "dev", "test")},
+          "test_single_hop": str(directory / "test_single_hop.jsonl"),
+          "test_two_hop": str(directory / "test_two_hop.jsonl")}
 
 
 def ensure(directory: str | Path, seed: int, size: WorldSize = WorldSize()) -> dict:

@@ -376,7 +376,8 @@ class RLTrainer:
     examples = [self.data[int(i)] for i in rows]
     questions = [e["question"] for e in examples]
     first_golds = [e["golden_answers"][0] for e in examples]
-    prompts = [template.render_prompt(q, self.tokenizer,
+    instruction = self.config.data.get("instruction") or template.INSTRUCTION
+    prompts = [template.render_prompt(q, self.tokenizer, instruction,
                                       use_chat_template=self.config.data.chat_template)
                for q in questions]
     try:

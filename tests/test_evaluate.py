@@ -1,0 +1,125 @@
+"""The evaluation harness: data in every format (malformed rows included), every set
+and method in the table, counts equal to the fixtures, and per-question records
+that reproduce the averages."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+
+from zsjax import data
+from zsjax import evaluate as E
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_config(arg="tiny"):
+  spec = importlib.util.spec_from_file_location("eval_cfg", ROOT / "configs/eval.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  from zsjax import tinyworld
+
+  return tinyworld.ensure(tmp_path_factory.mktemp("world"), seed=2)
+
+
+def write_fixtures(directory: Path, world) -> dict[str, int]:
+  """Three sets in three formats with malformed rows; returns the good-row counts."""
+  test = datasets.Dataset.from_parquet(world["test"]).to_list()
+  # common format, jsonl, with a row without answers and a broken line
+  rows = [{"id": r["id"], "question": r["question"], "golden_answers": r["golden_answers"]}
+          for r in test[:5]]
+  rows.insert(2, {"id": "bad", "question": "No answers?", "golden_answers": []})
+  data.write_jsonl(directory / "nq.jsonl", rows)
+  with open(directory / "nq.jsonl", "a") as f:
+    f.write("{broken\n")
+  # a .json list, answers as a single string
+  (directory / "popqa.json").write_text(json.dumps(
+      [{"question": r["question"], "golden_answers": r["golden_answers"][0]} for r in test[5:12]]))
+  # the reference training parquet format: question only inside the chat prompt
+  train_rows = [{"data_source": "hotpotqa",
+                 "prompt": [{"role": "user", "content": f"Instructions...\nQuestion: {r['question']}\n"}],
+                 "reward_model": {"ground_truth": {"target": r["golden_answers"]}, "style": "rule"},
+                 "extra_info": {"index": i, "split": "test"}} for i, r in enumerate(test[12:15])]
+  train_rows.append({"data_source": "hotpotqa", "prompt": [{"role": "user", "content": "none"}],
+                     "reward_model": {"ground_truth": {"target": ["x"]}, "style": "rule"},
+                     "extra_info": {"index": 9, "split": "test"}})
+  datasets.Dataset.from_list(train_rows).to_parquet(str(directory / "hotpotqa.parquet"))
+  return {"nq": 5, "popqa": 7, "hotpotqa": 3}
+
+
+def test_loaders_report_malformed_rows_with_file_row_and_field(tmp_path, world):
+  write_fixtures(tmp_path, world)
+  report = []
+  ds = data.load_qa(tmp_path / "nq.jsonl", report=report)
+  assert len(ds) == 5 and len(report[0].skipped) == 2
+  assert report[0].skipped[0][1:] == (3, report[0].skipped[0][2])
+  assert "no gold answer" in report[0].skipped[0][2]
+  with pytest.raises(data.DataError, match=r"nq.jsonl, row 3: no gold answer"):
+    data.load_qa(tmp_path / "nq.jsonl", on_error="raise")
+  hotpot = data.load_qa(tmp_path / "hotpotqa.parquet")
+  test = datasets.Dataset.from_parquet(world["test"]).to_list()
+  assert hotpot["question"] == [r["question"] for r in test[12:15]]
+  assert hotpot["id"] == ["hotpotqa-0", "hotpotqa-1", "hotpotqa-2"]
+  with pytest.raises(data.DataError, match="offline"):
+    data.load_benchmark("nq")  # tests run with HF_HUB_OFFLINE=1
+
+
+def test_summarize_on_literal_records():
+  records = [{"set": "a", "em": 1.0, "substring_em": 1.0, "f1": 1.0},
+             {"set": "a", "em": 0.0, "substring_em": 1.0, "f1": 0.5},
+             {"set": "b", "em": 0.0, "substring_em": 0.0, "f1": 0.25}]
+  out = E.summarize(records)
+  assert out["a"] == {"em": 0.5, "substring_em": 1.0, "f1": 0.75, "count": 2}
+  assert out["b"]["count"] == 1 and out["b"]["f1"] == 0.25
+  assert out["average"]["em"] == 0.25 and out["average"]["f1"] == 0.5  # mean over sets
+
+
+def test_prompts_of_each_method():
+  rag = E.method_prompt("rag", "Who?", documents=["Ann lives in Lund."])
+  assert "Doc 1: Ann lives in Lund." in rag and rag.rstrip().endswith("Question: Who?")
+  assert "<search>" in E.method_prompt("search", "Who?")
+  assert "<search>" not in E.method_prompt("direct", "Who?")
+  with pytest.raises(ValueError, match="evaluation method 'beam'"):
+    E.method_prompt("beam", "Who?")
+
+
+def test_eval_job_covers_every_set_method_and_question(tmp_path, world):
+  counts = write_fixtures(tmp_path, world)
+  config = load_config("tiny")
+  config.progress = False
+  config.synthetic_data = False
+  config.tokenizer = world["tokenizer"]
+  config.engine.corpus = world["corpus"]
+  config.eval.sets = ",".join(f"{name}={tmp_path / file}" for name, file in
+                              (("nq", "nq.jsonl"), ("popqa", "popqa.json"),
+                               ("hotpotqa", "hotpotqa.parquet")))
+  config.eval.batch_size = 4  # 5, 7 and 3 questions: every set has a partial batch
+  config.rollout.max_new_tokens = 10
+  out = tmp_path / "out"
+  results = E.run(config, str(out))
+  assert set(results["methods"]) == set(E.METHODS)
+  assert results["skipped_rows"] == {"nq": 2, "popqa": 0, "hotpotqa": 1}
+  records = [json.loads(line) for line in open(out / "predictions.jsonl")]
+  for method, sets in results["methods"].items():
+    assert {k: v["count"] for k, v in sets.items() if k != "average"} == counts
+    for name, n in counts.items():
+      rows = [r for r in records if r["method"] == method and r["set"] == name]
+      assert len(rows) == n and len({r["id"] for r in rows}) == n
+      for metric in E.METRICS:
+        assert sets[name][metric] == pytest.approx(np.mean([r[metric] for r in rows]))
+    assert sets["average"]["em"] == pytest.approx(np.mean([sets[s]["em"] for s in counts]))
+    if method != "search":
+      assert all(r["searches"] == 0 for r in records if r["method"] == method)
+  table = (out / "results.md").read_text()
+  for method in E.METHODS:
+    for name in counts:
+      assert f"| {method} | {name} |" in table
+  assert len((out / "results.csv").read_text().splitlines()) == 1 + 4 * 4

@@ -1,0 +1,329 @@
+"""Evaluation (``job="eval"``): any policy, any engine, any QA sets, and baselines.
+
+Methods (the same harness, greedy decoding, the same scoring):
+
+  search  the tagged template with a search engine (the trained method, or the
+          base model "without RL");
+  direct  answer at once, no search;
+  cot     reason, then answer, no search;
+  rag     one retrieval with the question as the query, the documents in the
+          prompt, then answer (no further search).
+
+Every question of every set is evaluated (the last batch is padded and the
+padding dropped); a set larger than ``sample_size`` is sampled with the seed.
+Scores: strict EM, substring EM and F1 (``zsjax.rewards``) of the last
+``<answer>`` the policy wrote, per set and averaged over sets. Outputs in the
+workdir: ``results.json`` (``methods.<method>.<set>.<metric>`` plus
+``average``), ``results.md`` and ``results.csv`` tables, and
+``predictions.jsonl`` with one record per question (the full trajectory text).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zsjax import rewards
+from zsjax import rollout as rollout_lib
+from zsjax import template
+from zsjax.sampling import Greedy
+
+METHODS = ("search", "direct", "cot", "rag")
+METRICS = ("em", "substring_em", "f1")
+
+DIRECT_INSTRUCTION = (
+    "Answer the question below directly, with no explanation. Write only the answer between "
+    "<answer> and </answer>, for example <answer> Lisbon </answer>.")
+COT_INSTRUCTION = (
+    "Answer the question below. First reason step by step inside <think> and </think>, then "
+    "write only the answer between <answer> and </answer>, for example <answer> Lisbon </answer>.")
+RAG_INSTRUCTION = (
+    "Answer the question below using the documents that follow. Write only the answer between "
+    "<answer> and </answer>, for example <answer> Lisbon </answer>.")
+
+
+def method_prompt(method: str, question: str, tokenizer=None, documents: Sequence[str] = (),
+                  use_chat_template: bool = False, search_instruction: str = "") -> str:
+  """The policy prompt of an evaluation method (``search_instruction`` replaces the
+  template's instruction, for policies trained with another)."""
+  if method == "search":
+    instruction = search_instruction or template.INSTRUCTION
+  elif method == "direct":
+    instruction = DIRECT_INSTRUCTION
+  elif method == "cot":
+    instruction = COT_INSTRUCTION
+  elif method == "rag":
+    instruction = f"{RAG_INSTRUCTION}\n{template.render_documents(documents)}"
+  else:
+    raise ValueError(f"evaluation method {method!r} is not one of {METHODS}.")
+  return template.render_prompt(question, tokenizer, instruction,
+                                use_chat_template=use_chat_template)
+
+
+def _score(prediction, golds) -> dict[str, float]:
+  return {"em": rewards.exact_match(prediction, golds),
+          "substring_em": rewards.substring_match(prediction, golds),
+          "f1": rewards.f1(prediction, golds)}
+
+
+class Evaluator:
+  """Holds a jitted rollout per method for one policy and one engine."""
+
+  def __init__(self, policy_cfg, params, tokenizer, *, engine=None, engine_state=None,
+               host_search=None, retriever=None, rollout_config=None, batch_size: int = 8,
+               prompt_width: int = 512, use_chat_template: bool = False,
+               sim_prefix_width: int = 320, instruction: str = "", sim_prompt=None):
+    self.cfg, self.params, self.tokenizer = policy_cfg, params, tokenizer
+    self.static = rollout_lib.prepare_static_tokens(tokenizer, vocab_size=policy_cfg.vocab_size)
+    self.matcher = template.build_tag_matcher(tokenizer, vocab_size=policy_cfg.vocab_size)
+    self.engine, self.engine_state = engine, engine_state
+    self.host_search, self.retriever = host_search, retriever
+    self.config = rollout_config or rollout_lib.RolloutConfig()
+    self.batch_size, self.prompt_width = batch_size, prompt_width
+    self.use_chat_template = use_chat_template
+    self.instruction = instruction
+    self.sim_prompt = sim_prompt
+    self.sim_prefix_width = sim_prefix_width  # fixed, so every batch has one shape
+    self._rollouts = {}
+
+  def _rollout(self, method: str):
+    if method not in self._rollouts:
+      import dataclasses
+
+      searching = method == "search"
+      if searching and self.engine is None:
+        raise ValueError("method 'search' needs an engine (simulator, bm25 or http).")
+      config = self.config if searching else dataclasses.replace(self.config, max_turns=0)
+      engine = self.engine if searching else _no_engine
+      self._rollouts[method] = jax.jit(rollout_lib.make_rollout(
+          self.cfg, self.matcher, self.static, engine, config, Greedy()))
+    return self._rollouts[method]
+
+  def run_set(self, method: str, rows: Sequence[dict], set_name: str = "") -> list[dict]:
+    """One record per row: prediction, scores, counts and the response text."""
+    records = []
+    b = self.batch_size
+    rollout = self._rollout(method)
+    for start in range(0, len(rows), b):
+      chunk = list(rows[start:start + b])
+      n = len(chunk)
+      chunk += [chunk[-1]] * (b - n)  # one shape for every batch; padding dropped below
+      questions = [r["question"] for r in chunk]
+      firsts = [list(r["golden_answers"])[0] for r in chunk]
+      documents = [[] for _ in chunk]
+      if method == "rag":
+        if self.retriever is None:
+          raise ValueError("method 'rag' needs a retriever (a BM25 engine).")
+        from zsjax.search import SearchRequest
+
+        documents = self.retriever.search([SearchRequest(q) for q in questions]).documents
+      prompts = [method_prompt(method, q, self.tokenizer, d, self.use_chat_template,
+                               self.instruction)
+                 for q, d in zip(questions, documents)]
+      width = self.sim_prefix_width
+      batch = rollout_lib.prepare_batch(self.tokenizer, prompts, questions, firsts,
+                                        self.sim_prompt, pad_id=self.static.pad_id,
+                                        prompt_width=self.prompt_width,
+                                        sim_prefix_width=width)
+      if self.host_search is not None:
+        self.host_search.set_context(questions, firsts)
+      traj = jax.device_get(rollout(self.params, self.engine_state, batch, jax.random.key(0),
+                                    jnp.int32(self.config.total_steps)))
+      for i in range(n):
+        ids = np.asarray(traj.tokens[i])
+        mask = np.asarray(traj.loss_mask[i]) == 1
+        sampled = self.tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
+        prediction = rewards.extract_answer(sampled)
+        start_i, end_i = int(traj.prompt_lengths[i]), int(traj.lengths[i])
+        records.append({
+            "set": set_name, "id": chunk[i].get("id", str(start + i)), "method": method,
+            "question": chunk[i]["question"], "golden_answers": list(chunk[i]["golden_answers"]),
+            "prediction": prediction, **_score(prediction, list(chunk[i]["golden_answers"])),
+            "turns": int(traj.turns[i]), "searches": int(traj.searches[i]),
+            "truncated": bool(traj.truncated[i]),
+            "response": self.tokenizer.decode(ids[start_i:end_i].tolist(),
+                                              skip_special_tokens=True)})
+    return records
+
+
+def _no_engine(engine_state, batch, query, query_lengths, active, noisy, rng):
+  b = query.shape[0]
+  return rollout_lib.EngineOutput(jnp.zeros((b, 1), jnp.int32), jnp.zeros((b,), jnp.int32),
+                                  jnp.zeros((b,), bool))
+
+
+def summarize(records: Sequence[dict]) -> dict:
+  """``{set: {metric: mean, "count": n}}`` plus ``"average"`` (the mean over sets)."""
+  out: dict = {}
+  for name in dict.fromkeys(r["set"] for r in records):
+    rows = [r for r in records if r["set"] == name]
+    out[name] = {m: float(np.mean([r[m] for r in rows])) for m in METRICS}
+    out[name]["count"] = len(rows)
+  sets = list(out)
+  out["average"] = {m: float(np.mean([out[s][m] for s in sets])) for m in METRICS}
+  out["average"]["count"] = sum(out[s]["count"] for s in sets)
+  return out
+
+
+def write_tables(results: dict, directory: Path, metric_names=METRICS) -> str:
+  """``results.md`` and ``results.csv``: one row per (method, set); returns the markdown."""
+  lines = ["| method | set | n | " + " | ".join(metric_names) + " |",
+           "|---|---|---|" + "---|" * len(metric_names)]
+  csv_rows = [["method", "set", "n", *metric_names]]
+  for method, sets in results["methods"].items():
+    for name, scores in sets.items():
+      values = [f"{100 * scores[m]:.1f}" for m in metric_names]
+      lines.append(f"| {method} | {name} | {scores['count']} | " + " | ".join(values) + " |")
+      csv_rows.append([method, name, scores["count"], *[f"{scores[m]:.4f}" for m in metric_names]])
+  markdown = "\n".join(lines) + "\n\n(scores in %)\n"
+  (directory / "results.md").write_text(markdown)
+  with open(directory / "results.csv", "w", newline="") as f:
+    csv.writer(f).writerows(csv_rows)
+  return markdown
+
+
+def sample_rows(dataset, sample_size: int, seed: int) -> list[dict]:
+  """All rows when the set is small enough, else ``sample_size`` of them (seeded, in order)."""
+  n = len(dataset)
+  if not sample_size or n <= sample_size:
+    return [dataset[i] for i in range(n)]
+  keep = sorted(np.random.default_rng(seed).choice(n, size=sample_size, replace=False).tolist())
+  return [dataset[i] for i in keep]
+
+
+# -------------------------------------------------------------------- the job
+
+
+def load_policy(section, tokenizer, plan=None):
+  """``(cfg, params)`` from ``section.checkpoint`` (HF directory), optionally with the
+  params of an Orbax checkpoint (``section.orbax_dir``: an RL or SFT workdir's
+  ``checkpoints/``; ``section.orbax_step``: 0 = latest)."""
+  from zsjax.train_rl import load_model
+
+  cfg, params = load_model(section, plan, jax.random.key(0), len(tokenizer),
+                           (tokenizer.eos_token_id,), what="policy")
+  if section.get("orbax_dir"):
+    from zsjax.checkpoint import Checkpointer
+
+    checkpointer = Checkpointer(section.orbax_dir, async_save=False)
+    raw = checkpointer.restore_raw(section.get("orbax_step") or None)
+    tree = raw.get("policy", raw)
+    loaded = tree["params"] if "params" in tree else tree
+    want = jax.tree_util.tree_structure(params)
+    if jax.tree_util.tree_structure(loaded) != want:
+      raise ValueError(f"{section.orbax_dir}: the checkpoint's params do not match the model "
+                       "of config.policy (architecture or sizes differ).")
+    params = jax.tree_util.tree_map(lambda p, x: jnp.asarray(x, p.dtype), params, loaded)
+  return cfg, params
+
+
+def parse_sets(spec: str) -> list[tuple[str, str]]:
+  """``"nq=/data/nq.jsonl,hotpotqa=/data/hotpot.parquet,bamboogle"`` -> ``[(name, path)]``
+  (no path: the hub copy, when online)."""
+  out = []
+  for item in [s for s in spec.split(",") if s.strip()]:
+    name, _, path = item.partition("=")
+    out.append((name.strip(), path.strip()))
+  if not out:
+    raise ValueError("config.eval.sets is empty; give 'name=path' pairs.")
+  return out
+
+
+def run(config, workdir: str) -> dict:
+  from zsjax import data as data_lib
+  from zsjax import hf, search
+  from zsjax.sharding import ShardingPlan
+
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if config.get("synthetic_data") and not config.eval.sets:
+    import ml_collections
+
+    from zsjax import tinyworld
+
+    world = tinyworld.ensure(workdir / "world", config.seed)
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.eval.sets = (f"single_hop={world['test_single_hop']},"
+                        f"two_hop={world['test_two_hop']}")
+    config.tokenizer = config.tokenizer or world["tokenizer"]
+    config.engine.corpus = config.engine.corpus or world["corpus"]
+  e = config.eval
+  methods = [m.strip() for m in e.methods.split(",") if m.strip()]
+  for m in methods:
+    if m not in METHODS:
+      raise ValueError(f"config.eval.methods has {m!r}; choose from {METHODS}.")
+  tokenizer = hf.load_tokenizer(config.tokenizer or config.policy.checkpoint)
+  plan = ShardingPlan.from_config({"mesh": {"data": 1, "fsdp": 1, "tensor": 1}},
+                                  devices=jax.devices()[:1])
+  cfg, params = load_policy(config.policy, tokenizer, plan)
+  rollout_config = rollout_lib.RolloutConfig(**config.rollout.to_dict())
+  engine = engine_state = host = retriever = None
+  kind = config.engine.kind
+  sim_prompt = search.SimulatorPrompt(config.get("simulator_template") or
+                                      search.DEFAULT_SIMULATOR_TEMPLATE, top_k=config.engine.top_k)
+  if config.engine.corpus:
+    retriever = search.BM25Engine.from_jsonl(config.engine.corpus, top_k=config.engine.top_k,
+                                             text_field=config.engine.text_field)
+  if "search" in methods:
+    if kind in ("bm25", "http"):
+      host_engine = retriever if kind == "bm25" else search.HttpSimulatorEngine(
+          config.engine.url, config.engine.model, sim_prompt, timeout_s=config.engine.timeout_s,
+          max_retries=config.engine.max_retries)
+      if host_engine is None:
+        raise ValueError("config.engine.kind='bm25' needs config.engine.corpus.")
+      host = search.HostSearch(host_engine, tokenizer, rollout_config.max_obs_tokens,
+                               pad_id=tokenizer.pad_token_id or 0)
+      engine, engine_state = rollout_lib.host_engine(host), jnp.zeros((), jnp.int32)
+    elif kind == "simulator":
+      from zsjax.train_rl import load_model
+
+      sim_cfg, engine_state = load_model(config.simulator, plan, jax.random.key(1),
+                                         len(tokenizer), (tokenizer.eos_token_id,),
+                                         what="simulator")
+      marker = f"Doc {config.engine.top_k + 1}"
+      static = rollout_lib.prepare_static_tokens(tokenizer, vocab_size=cfg.vocab_size)
+      engine = rollout_lib.simulator_engine(
+          sim_cfg, template.build_tag_matcher(tokenizer, vocab_size=sim_cfg.vocab_size,
+                                              tags=(marker,)), static,
+          max_new_tokens=config.simulator.max_new_tokens,
+          max_prompt=config.simulator.max_prefix_tokens + rollout_config.max_query_tokens + 64,
+          sampling=Greedy(), marker_bytes=len(marker))
+    else:
+      raise ValueError(f"config.engine.kind={kind!r} is not simulator, bm25 or http.")
+  evaluator = Evaluator(cfg, params, tokenizer, engine=engine, engine_state=engine_state,
+                        host_search=host, retriever=retriever, rollout_config=rollout_config,
+                        batch_size=e.batch_size, prompt_width=e.prompt_width,
+                        use_chat_template=config.get("chat_template", False),
+                        sim_prefix_width=config.simulator.max_prefix_tokens,
+                        sim_prompt=sim_prompt, instruction=config.get("instruction", ""))
+
+  sets = []
+  for name, path in parse_sets(e.sets):
+    report: list = []
+    dataset = data_lib.load_benchmark(name, path, on_error=e.on_error, report=report)
+    sets.append((name, sample_rows(dataset, e.sample_size, config.seed), report))
+  results = {"methods": {}, "skipped_rows": {name: sum(len(r.skipped) for r in reports)
+                                             for name, _, reports in sets}}
+  with open(workdir / "predictions.jsonl", "w", encoding="utf-8") as out:
+    for method in methods:
+      records = []
+      for name, rows, _ in sets:
+        records += evaluator.run_set(method, rows, name)
+      for r in records:
+        out.write(json.dumps(r, ensure_ascii=False) + "\n")
+      results["methods"][method] = summarize(records)
+  (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+  markdown = write_tables(results, workdir)
+  if config.get("progress", True):
+    print(markdown)
+  return results
+
+
+__all__ = ["METHODS", "METRICS", "Evaluator", "method_prompt", "summarize", "write_tables",
+           "sample_rows", "load_policy", "parse_sets", "run"]

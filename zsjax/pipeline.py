@@ -1,0 +1,332 @@
+"""The tiny world end to end (``job="tiny_world"``): the paper's pipeline at small
+scale, offline, from nothing.
+
+Stages (each writes under WORKDIR and is skipped when its output exists, so a
+rerun resumes):
+
+  world        the seeded world, its splits, BM25 corpus and tokenizer
+               (``zsjax.tinyworld``);
+  pretrain     a small simulator LM trained on the world's documents (``train_sft``);
+  sim_tuning   trajectories of an oracle searcher against BM25 (each training
+               question, and for two-hop questions the bridge entity, as queries)
+               -> rule-judged useful / noisy labels -> balanced SFT set -> the
+               pretrained LM tuned into the search simulator (``sim_tuning``);
+  warm_start   the policy LM trained on *format* demonstrations from a second,
+               disjoint world (another seed): search the question, read the
+               documents, answer with a name taken from the documents (not
+               necessarily the right one). It learns the template and the world's
+               language, not the test world's facts, and not which name answers;
+  rl_simulator the warm-start policy trained with RL (REINFORCE by default)
+               against the tuned simulator under the noise curriculum;
+  rl_real      the same RL against the real BM25 engine (the paper's comparison);
+  evaluate     the test split with the real BM25 engine, greedy, for the
+               warm-start policy, direct answering, one-shot RAG, and both RL
+               policies; strict EM, substring EM and F1 on single-hop, two-hop and
+               all questions.
+
+Outputs: ``results.json`` (``methods.<method>.<split>.<metric>`` and
+``stage_seconds.<stage>``), ``results.md``, ``plots/*.png``, TensorBoard logs and
+checkpoints of every training stage, and ``final_policy/`` (HF export of the
+policy trained against the simulator).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+from zsjax import tinyworld
+from zsjax.data import write_jsonl
+from zsjax.template import render_observation, render_prompt
+
+METHODS = ("warm_start", "direct", "rag", "rl_simulator", "rl_real_search")
+SPLITS = ("single_hop", "two_hop", "all")
+
+
+def _log(config, message: str) -> None:
+  if config.get("progress", True):
+    print(f"[tiny_world] {message}", flush=True)
+
+
+def demonstrations(world: dict, engine, instruction: str, seed: int) -> list[dict]:
+  """Format demonstrations on ``world`` (a world other than the test world):
+  ``prompt`` = the policy prompt, ``target`` = a trajectory that searches the
+  question (and the bridge entity of a two-hop question), sees the BM25
+  documents exactly as the rollout inserts them, and answers with a name drawn
+  from those documents."""
+  from zsjax.search import SearchRequest
+
+  rng = np.random.default_rng(seed)
+  names = sorted({d["title"] for d in world["corpus"]}, key=len, reverse=True)
+  rows = []
+  for q in world["splits"]["train"]:
+    queries = [q["question"]] + ([q["bridge"]] if q["bridge"] else [])
+    parts, seen_docs = [], []
+    for query in queries:
+      docs = engine.search([SearchRequest(query)]).documents[0]
+      seen_docs += docs
+      parts.append(f"<search> {query} </search>{render_observation(docs)}")
+    text = " ".join(seen_docs)
+    mentioned = [n for n in names if n in text and n not in q["question"]] or names[:1]
+    parts.append(f"<answer> {mentioned[rng.integers(len(mentioned))]} </answer>")
+    rows.append({"prompt": render_prompt(q["question"], None, instruction, False),
+                 "target": "".join(parts)})
+  return rows
+
+
+def _sub_config(config, **sections) -> ml_collections.ConfigDict:
+  out = ml_collections.ConfigDict({
+      "seed": config.seed, "progress": config.progress, "mesh": config.mesh.to_dict(),
+      "sharding": config.sharding, "sharding_rules": config.sharding_rules,
+      "distributed": config.distributed.to_dict()})
+  for name, value in sections.items():
+    out[name] = value.to_dict() if hasattr(value, "to_dict") else value
+  return out
+
+
+def _stage(config, workdir: Path, name: str, marker: str, fn, seconds: dict):
+  done = workdir / marker
+  if done.exists():
+    _log(config, f"{name}: done before, skipped")
+    return
+  _log(config, f"{name} ...")
+  start = time.perf_counter()
+  fn()
+  seconds[name] = time.perf_counter() - start
+  (workdir / "stage_seconds.json").write_text(json.dumps(seconds, indent=2) + "\n")
+  _log(config, f"{name}: {seconds[name]:.1f} s")
+
+
+def run(config, workdir: str) -> dict:
+  from zsjax import search, sim_tuning, train_rl, train_sft
+
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  seconds_file = workdir / "stage_seconds.json"
+  seconds = json.loads(seconds_file.read_text()) if seconds_file.exists() else {}
+  size = tinyworld.WorldSize(**config.world.to_dict())
+  world_dir = workdir / "world"
+  paths = {}
+
+  def build_world():
+    paths.update(tinyworld.ensure(world_dir, config.seed, size))
+
+  _stage(config, workdir, "world", "world/world.json", build_world, seconds)
+  paths = tinyworld.paths(world_dir)
+  tokenizer = paths["tokenizer"]
+  instruction = config.instruction
+  sim_template = config.simulator_template
+
+  # -- simulator: pretrain on documents, then tune on labelled BM25 results
+  def pretrain():
+    rows = [{"prompt": f"Title: {d['title']}\n", "target": d["contents"]}
+            for d in _read(paths["corpus"])]
+    write_jsonl(workdir / "pretrain" / "documents.jsonl", rows)
+    sub = _sub_config(config, tokenizer=tokenizer, model=dict(
+        checkpoint="", param_dtype="float32", dtype="float32", remat="none",
+        model=config.simulator_model.to_dict()), sft=dict(
+            config.pretrain.to_dict(), data=str(workdir / "pretrain" / "documents.jsonl")),
+        checkpoint=config.checkpoint)
+    train_sft.run(sub, str(workdir / "pretrain"))
+
+  _stage(config, workdir, "pretrain", "pretrain/sft_summary.json", pretrain, seconds)
+
+  def tune_simulator():
+    engine = search.BM25Engine.from_jsonl(paths["corpus"], top_k=config.top_k)
+    train = _parquet_rows(paths["train"])
+    trajectories = []
+    for q in train:  # an oracle searcher: the question, then the bridge entity
+      queries = [q["question"]] + ([q["bridge"]] if q["bridge"] else [])
+      docs = engine.search([search.SearchRequest(x) for x in queries]).documents
+      trajectories.append({"id": q["id"], "question": q["question"],
+                           "golden_answers": list(q["golden_answers"]),
+                           "searches": [{"query": x, "documents": d} for x, d in zip(queries, docs)],
+                           "answer": None, "correct": 0.0, "f1": 0.0})
+    out = workdir / "sim_tuning"
+    write_jsonl(out / "trajectories.jsonl", trajectories)
+    sub = _sub_config(
+        config, tokenizer=tokenizer, synthetic_data=False, simulator_template=sim_template,
+        model=dict(checkpoint=str(workdir / "pretrain" / "hf_export"), param_dtype="float32",
+                   dtype="float32", remat="none", model={}),
+        data=dict(train_files=paths["train"], on_error="skip"),
+        engine=dict(kind="bm25", corpus=paths["corpus"], text_field="contents",
+                    top_k=config.top_k, url="", model="", timeout_s=30.0, max_retries=2),
+        sim_tuning=dict(config.sim_tuning.to_dict(), queries="question", batch_size=16,
+                        judge="rule", judge_checkpoint="", judge_prompt="", balance=True),
+        sft=config.sim_sft, checkpoint=config.checkpoint)
+    sim_tuning.run(sub, str(out))
+
+  _stage(config, workdir, "sim_tuning", "sim_tuning/sim_tuning.json", tune_simulator, seconds)
+
+  # -- policy: format warm start on another world, then RL
+  def warm_start():
+    demo_world = tinyworld.generate(config.seed + 7919, size)
+    engine = search.BM25Engine([d["contents"] for d in demo_world["corpus"]], top_k=config.top_k)
+    rows = demonstrations(demo_world, engine, instruction, config.seed)
+    write_jsonl(workdir / "warm_start" / "demos.jsonl", rows)
+    sub = _sub_config(config, tokenizer=tokenizer, model=dict(
+        checkpoint="", param_dtype="float32", dtype="float32", remat="none",
+        model=config.policy_model.to_dict()), sft=dict(
+            config.warm_start.to_dict(), data=str(workdir / "warm_start" / "demos.jsonl")),
+        checkpoint=config.checkpoint)
+    train_sft.run(sub, str(workdir / "warm_start"))
+
+  _stage(config, workdir, "warm_start", "warm_start/sft_summary.json", warm_start, seconds)
+
+  def rl(engine_kind: str, name: str):
+    def go():
+      base = ml_collections.ConfigDict(config.rl.to_dict())
+      sub = _sub_config(
+          config, tokenizer=tokenizer, synthetic_data=False,
+          policy=dict(checkpoint=str(workdir / "warm_start" / "hf_export"), param_dtype="float32",
+                      dtype="float32", remat="none", model={}),
+          simulator=dict(checkpoint=str(workdir / "sim_tuning" / "sft" / "hf_export"),
+                         param_dtype="float32", dtype="float32", remat="none", model={},
+                         template=sim_template, **base.simulator.to_dict()),
+          engine=dict(kind=engine_kind, top_k=config.top_k, corpus=paths["corpus"],
+                      text_field="contents", url="", model="", timeout_s=30.0, max_retries=2),
+          data=dict(train_files=paths["train"], on_error="skip", limit=0, chat_template=False,
+                    instruction=instruction),
+          rollout=base.rollout, sampling=base.sampling, curriculum=base.curriculum,
+          rl=base.rl, checkpoint=dict(config.checkpoint.to_dict(), every=base.rl.total_steps),
+          fault_injection=dict(kill_at_step=0, nan_at_step=0))
+      train_rl.run(sub, str(workdir / name))
+    return go
+
+  _stage(config, workdir, "rl_simulator", "rl_simulator/rl_summary.json",
+         rl("simulator", "rl_simulator"), seconds)
+  _stage(config, workdir, "rl_real_search", "rl_real_search/rl_summary.json",
+         rl("bm25", "rl_real_search"), seconds)
+
+  # -- evaluation with the real engine
+  def evaluate_all():
+    results = evaluate_policies(config, workdir, paths, tokenizer, instruction)
+    (workdir / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
+
+  _stage(config, workdir, "evaluate", "evaluation.json", evaluate_all, seconds)
+
+  methods = json.loads((workdir / "evaluation.json").read_text())
+  results = {"methods": methods, "stage_seconds": seconds,
+             "total_seconds": float(sum(seconds.values())), "seed": config.seed}
+  (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+  table = results_table(results)
+  (workdir / "results.md").write_text(table + "\n")
+  plot_training(workdir)
+  import shutil
+
+  final = workdir / "final_policy"
+  if not final.exists():
+    shutil.copytree(workdir / "rl_simulator" / "hf_export", final)
+  if config.get("progress", True):
+    print(table)
+  return results
+
+
+def _read(path) -> list[dict]:
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _parquet_rows(path) -> list[dict]:
+  import datasets
+
+  return datasets.Dataset.from_parquet(str(path)).to_list()
+
+
+def evaluate_policies(config, workdir: Path, paths: dict, tokenizer_dir: str,
+                      instruction: str) -> dict:
+  """``{method: {split: {metric: value}}}`` on the test split with BM25, greedy."""
+  import jax
+  import jax.numpy as jnp
+
+  from zsjax import evaluate, hf, rollout as rollout_lib, search
+
+  tokenizer = hf.load_tokenizer(tokenizer_dir)
+  rows = {"single_hop": _read(paths["test_single_hop"]), "two_hop": _read(paths["test_two_hop"])}
+  sample = config.eval_sample_size
+  rows = {k: evaluate.sample_rows(v, sample, config.seed) for k, v in rows.items()}
+  retriever = search.BM25Engine.from_jsonl(paths["corpus"], top_k=config.top_k)
+  rc = config.rl.rollout
+  rollout_config = rollout_lib.RolloutConfig(
+      max_turns=rc.max_turns, max_new_tokens=rc.max_new_tokens, max_obs_tokens=rc.max_obs_tokens,
+      max_length=rc.max_length, max_query_tokens=rc.max_query_tokens)
+  policies = {"warm_start": ("warm_start/hf_export", "search"),
+              "direct": ("warm_start/hf_export", "direct"),
+              "rag": ("warm_start/hf_export", "rag"),
+              "rl_simulator": ("rl_simulator/hf_export", "search"),
+              "rl_real_search": ("rl_real_search/hf_export", "search")}
+  out, predictions = {}, []
+  for name, (directory, method) in policies.items():
+    cfg, params = hf.load_checkpoint(workdir / directory)
+    host = search.HostSearch(retriever, tokenizer, rollout_config.max_obs_tokens,
+                             pad_id=tokenizer.pad_token_id or 0)
+    evaluator = evaluate.Evaluator(
+        cfg, params, tokenizer, engine=rollout_lib.host_engine(host),
+        engine_state=jnp.zeros((), jnp.int32), host_search=host, retriever=retriever,
+        rollout_config=rollout_config, batch_size=config.eval_batch_size,
+        prompt_width=config.eval_prompt_width, instruction=instruction,
+        sim_prefix_width=config.rl.simulator.max_prefix_tokens,
+        sim_prompt=search.SimulatorPrompt(config.simulator_template, top_k=config.top_k))
+    records = []
+    for split, split_rows in rows.items():
+      records += evaluator.run_set(method, split_rows, split)
+    summary = evaluate.summarize(records)
+    out[name] = {split: {m: summary[split][m] for m in evaluate.METRICS} for split in rows}
+    out[name]["all"] = {m: float(np.mean([r[m] for r in records])) for m in evaluate.METRICS}
+    out[name]["searches_per_question"] = float(np.mean([r["searches"] for r in records]))
+    predictions += [dict(r, method=name) for r in records]
+    del params
+    jax.clear_caches()
+  write_jsonl(workdir / "predictions.jsonl", predictions)
+  return out
+
+
+def results_table(results: dict) -> str:
+  lines = ["| method | " + " | ".join(f"{s} EM" for s in SPLITS) + " | all substring EM | "
+           "all F1 | searches / question |", "|---|" + "---|" * (len(SPLITS) + 3)]
+  for method in METHODS:
+    r = results["methods"][method]
+    cells = [f"{100 * r[s]['em']:.1f}" for s in SPLITS]
+    cells += [f"{100 * r['all']['substring_em']:.1f}", f"{100 * r['all']['f1']:.1f}",
+              f"{r['searches_per_question']:.2f}"]
+    lines.append(f"| {method} | " + " | ".join(cells) + " |")
+  seconds = results["stage_seconds"]
+  lines += ["", "Stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
+            + f"; total {sum(seconds.values()):.0f} s."]
+  return "\n".join(lines)
+
+
+def plot_training(workdir: Path) -> None:
+  """PNG plots of RL against the simulator and against BM25: training reward,
+  EM, searches per question and p_noise over steps."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  from zsjax.metrics import read_jsonl
+
+  (workdir / "plots").mkdir(exist_ok=True)
+  runs = {name: read_jsonl(workdir / name / "metrics.jsonl")
+          for name in ("rl_simulator", "rl_real_search")
+          if (workdir / name / "metrics.jsonl").exists()}
+  for key, title in (("reward/f1", "training reward (F1)"), ("reward/em", "training EM"),
+                     ("rollout/searches", "searches per trajectory"),
+                     ("curriculum/p_noise", "noise probability")):
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for name, records in runs.items():
+      ax.plot([r["step"] for r in records], [r[key] for r in records], label=name)
+    ax.set_xlabel("RL step")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(workdir / "plots" / f"{key.replace('/', '_')}.png", dpi=100)
+    plt.close(fig)
+
+
+__all__ = ["METHODS", "SPLITS", "demonstrations", "evaluate_policies", "results_table",
+           "plot_training", "run"]
