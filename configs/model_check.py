@@ -52,3 +52,9 @@ def get_config(arg=None):
       tolerance=1e-4,
   ))
   return config
+
+
+def sweep(add):
+  """Two seeds of a 2-layer model (the sweep tool's test)."""
+  for seed in (0, 1):
+    add(seed=seed, **{"model.num_layers": 2, "model_check.new_tokens": 4})

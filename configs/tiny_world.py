@@ -55,6 +55,12 @@ def get_config(arg=None):
   config.instruction = INSTRUCTION
   config.simulator_template = SIMULATOR_TEMPLATE
   config.top_k = 3
+  # Share of demonstrations (from another world) whose answer is the right one; the
+  # rest answer with another name from the documents: format, not skill.
+  config.demo_correct_fraction = 0.3
+  # False: RL uses the pretrained LM with the simulator prompt, untuned (the paper's
+  # prompt-only simulator).
+  config.tune_simulator = True
   config.simulator_model = ml_collections.ConfigDict(model(64, 2, 192) if ci else model(96, 2, 256))
   config.policy_model = ml_collections.ConfigDict(model(64, 2, 192) if ci else model(96, 2, 256))
   config.pretrain = ml_collections.ConfigDict(sft(20 if ci else 150, 8, 64, 3e-3))
@@ -92,3 +98,44 @@ def get_config(arg=None):
   config.distributed = ml_collections.ConfigDict(dict(
       coordinator_address="", num_processes=0, process_id=-1))
   return config
+
+
+# The paper's ablations at tiny-world scale (experiments/sweep.py --sweep=NAME), three
+# seeds each. Every point also trains against BM25 (rl_real_search), which gives the
+# simulator-vs-real-engine comparison.
+SEEDS = (0, 1, 2)
+
+
+def sweep(add):
+  """Simulator vs real engine: the default pipeline over seeds."""
+  for seed in SEEDS:
+    add(seed=seed)
+
+
+def sweep_simulator(add):
+  """Tuned simulator vs prompt-only (the pretrained LM, never tuned)."""
+  for seed in SEEDS:
+    for tuned in (True, False):
+      add(seed=seed, tune_simulator=tuned)
+
+
+def sweep_curriculum(add):
+  """Curriculum 0 -> 0.5 vs fixed p = 0.5 vs no noise."""
+  for seed in SEEDS:
+    add(seed=seed)
+    add(seed=seed, **{"rl.curriculum.kind": "fixed", "rl.curriculum.probability": 0.5})
+    add(seed=seed, **{"rl.curriculum.kind": "fixed", "rl.curriculum.probability": 0.0})
+
+
+def sweep_loss_mask(add):
+  """Loss on policy tokens only vs on inserted documents too."""
+  for seed in SEEDS:
+    for mask in ("policy", "response"):
+      add(seed=seed, **{"rl.rl.loss_mask": mask})
+
+
+def sweep_algorithms(add):
+  """REINFORCE vs GRPO vs PPO."""
+  for seed in SEEDS:
+    for algorithm in ("reinforce", "grpo", "ppo"):
+      add(seed=seed, **{"rl.rl.algorithm": algorithm})

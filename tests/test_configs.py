@@ -29,6 +29,8 @@ def test_config_builds_and_names_a_known_job(path):
   assert config.job in JOBS
   if "policy" in config:
     models = [config.policy.model, config.simulator.model]
+  elif "policy_model" in config:
+    models = [config.policy_model, config.simulator_model]
   elif "checkpoint" in config.model:  # a model section: checkpoint or random model fields
     models = [config.model.model]
   else:
@@ -86,8 +88,8 @@ def run_main(tmp_path, *args, devices=1):
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_main_job_default_runs_and_reports(tmp_path):
-  result = run_main(tmp_path, "--config=configs/tiny_world.py",
+def test_model_check_job_runs_and_reports(tmp_path):
+  result = run_main(tmp_path, "--config=configs/model_check.py",
                     "--config.model_check.new_tokens=6", "--config.model.num_layers=2")
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((tmp_path / "model_check.json").read_text())
@@ -98,14 +100,14 @@ def test_main_job_default_runs_and_reports(tmp_path):
 
 
 def test_main_rejects_typos_and_unknown_jobs(tmp_path):
-  typo = run_main(tmp_path, "--config=configs/tiny_world.py", "--config.model.num_layerz=2")
+  typo = run_main(tmp_path, "--config=configs/model_check.py", "--config.model.num_layerz=2")
   assert typo.returncode != 0 and "num_layerz" in typo.stderr
   job = run_main(tmp_path, "--config=configs/tiny_world.py", "--config.job=nope")
   assert job.returncode != 0 and "config.job='nope'" in job.stderr
 
 
-def test_main_job_runs_sharded_on_eight_devices(tmp_path):
-  result = run_main(tmp_path, "--config=configs/tiny_world.py", "--config.sharding=fsdp_tp",
+def test_model_check_runs_sharded_on_eight_devices(tmp_path):
+  result = run_main(tmp_path, "--config=configs/model_check.py", "--config.sharding=fsdp_tp",
                     "--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.mesh.tensor=2",
                     "--config.model_check.new_tokens=4", "--config.model.num_layers=2", devices=8)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -116,6 +118,6 @@ def test_main_job_runs_sharded_on_eight_devices(tmp_path):
 
 
 def test_main_names_a_mesh_that_does_not_fit(tmp_path):
-  result = run_main(tmp_path, "--config=configs/tiny_world.py", "--config.mesh.data=3", devices=8)
+  result = run_main(tmp_path, "--config=configs/model_check.py", "--config.mesh.data=3", devices=8)
   assert result.returncode != 0
   assert "has 3 devices but 8 are available" in result.stderr

@@ -52,12 +52,14 @@ def _log(config, message: str) -> None:
     print(f"[tiny_world] {message}", flush=True)
 
 
-def demonstrations(world: dict, engine, instruction: str, seed: int) -> list[dict]:
+def demonstrations(world: dict, engine, instruction: str, seed: int,
+                   correct_fraction: float = 0.0) -> list[dict]:
   """Format demonstrations on ``world`` (a world other than the test world):
   ``prompt`` = the policy prompt, ``target`` = a trajectory that searches the
   question (and the bridge entity of a two-hop question), sees the BM25
-  documents exactly as the rollout inserts them, and answers with a name drawn
-  from those documents."""
+  documents exactly as the rollout inserts them, and answers with the right
+  answer for a ``correct_fraction`` of the questions, otherwise with another
+  name drawn from those documents."""
   from zsjax.search import SearchRequest
 
   rng = np.random.default_rng(seed)
@@ -72,7 +74,10 @@ def demonstrations(world: dict, engine, instruction: str, seed: int) -> list[dic
       parts.append(f"<search> {query} </search>{render_observation(docs)}")
     text = " ".join(seen_docs)
     mentioned = [n for n in names if n in text and n not in q["question"]] or names[:1]
-    parts.append(f"<answer> {mentioned[rng.integers(len(mentioned))]} </answer>")
+    answer = mentioned[rng.integers(len(mentioned))]
+    if rng.random() < correct_fraction:
+      answer = q["golden_answers"][0]
+    parts.append(f"<answer> {answer} </answer>")
     rows.append({"prompt": render_prompt(q["question"], None, instruction, False),
                  "target": "".join(parts)})
   return rows
@@ -160,13 +165,15 @@ def run(config, workdir: str) -> dict:
         sft=config.sim_sft, checkpoint=config.checkpoint)
     sim_tuning.run(sub, str(out))
 
-  _stage(config, workdir, "sim_tuning", "sim_tuning/sim_tuning.json", tune_simulator, seconds)
+  if config.get("tune_simulator", True):
+    _stage(config, workdir, "sim_tuning", "sim_tuning/sim_tuning.json", tune_simulator, seconds)
 
   # -- policy: format warm start on another world, then RL
   def warm_start():
     demo_world = tinyworld.generate(config.seed + 7919, size)
     engine = search.BM25Engine([d["contents"] for d in demo_world["corpus"]], top_k=config.top_k)
-    rows = demonstrations(demo_world, engine, instruction, config.seed)
+    rows = demonstrations(demo_world, engine, instruction, config.seed,
+                          config.get("demo_correct_fraction", 0.0))
     write_jsonl(workdir / "warm_start" / "demos.jsonl", rows)
     sub = _sub_config(config, tokenizer=tokenizer, model=dict(
         checkpoint="", param_dtype="float32", dtype="float32", remat="none",
@@ -177,6 +184,10 @@ def run(config, workdir: str) -> dict:
 
   _stage(config, workdir, "warm_start", "warm_start/sft_summary.json", warm_start, seconds)
 
+  simulator_dir = workdir / "sim_tuning" / "sft" / "hf_export"
+  if not config.get("tune_simulator", True):
+    simulator_dir = workdir / "pretrain" / "hf_export"  # prompt-only simulator
+
   def rl(engine_kind: str, name: str):
     def go():
       base = ml_collections.ConfigDict(config.rl.to_dict())
@@ -184,7 +195,7 @@ def run(config, workdir: str) -> dict:
           config, tokenizer=tokenizer, synthetic_data=False,
           policy=dict(checkpoint=str(workdir / "warm_start" / "hf_export"), param_dtype="float32",
                       dtype="float32", remat="none", model={}),
-          simulator=dict(checkpoint=str(workdir / "sim_tuning" / "sft" / "hf_export"),
+          simulator=dict(checkpoint=str(simulator_dir),
                          param_dtype="float32", dtype="float32", remat="none", model={},
                          template=sim_template, **base.simulator.to_dict()),
           engine=dict(kind=engine_kind, top_k=config.top_k, corpus=paths["corpus"],
