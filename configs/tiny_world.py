@@ -58,6 +58,10 @@ def get_config(arg=None):
   # Share of demonstrations (from another world) whose answer is the right one; the
   # rest answer with another name from the documents: format, not skill.
   config.demo_correct_fraction = 0.3
+  # Where demonstrations come from: "other" (a disjoint world) or "train" (this
+  # world's training questions; documents without loss, answers drawn from the
+  # documents, right only by chance).
+  config.demo_world = "train"
   # False: RL uses the pretrained LM with the simulator prompt, untuned (the paper's
   # prompt-only simulator).
   config.tune_simulator = True

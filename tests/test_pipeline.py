@@ -41,11 +41,15 @@ def test_demonstrations_show_the_format_not_the_test_world(tmp_path):
   engine = search.BM25Engine([d["contents"] for d in demo["corpus"]], top_k=2)
   rows = pipeline.demonstrations(demo, engine, INSTRUCTION, seed=0)
   assert len(rows) == len(demo["splits"]["train"])
-  test_names = {d["title"] for d in tinyworld.generate(0)["corpus"]}
+  test_docs = [d["contents"] for d in tinyworld.generate(0)["corpus"]]
   for row in rows[:10]:
     assert row["target"].startswith("<search> ") and "<information>Doc 1:" in row["target"]
     assert row["target"].rstrip().endswith("</answer>")
-    assert not any(name in row["target"] for name in test_names)
+    assert not any(doc in row["target"] for doc in test_docs)  # no test-world fact
+    # documents are inserted text: they carry no loss, the policy's own turns do
+    assert row["target_loss"] == [int(not seg.startswith("\n\n<information>"))
+                                  for seg in row["target_segments"]]
+    assert "".join(row["target_segments"]) == row["target"]
 
 
 def test_ci_sized_pipeline_runs_every_stage(tmp_path, capsys):

@@ -204,3 +204,15 @@ def test_load_sft_reports_malformed_rows(tmp_path):
   assert {k: len(v) for k, v in splits.items()} == {"train": 1, "test": 1}
   with pytest.raises(data.DataError, match=r"demos.jsonl, row 2: field 'target' is ''"):
     data.load_sft(path, on_error="raise")
+
+
+def test_segmented_targets_weight_each_piece(tokenizer):
+  row = {"prompt": "Q: x", "target": "<search> x </search>DOCS<answer> y </answer>",
+         "target_segments": ["<search> x </search>", "DOCS", "<answer> y </answer>"],
+         "target_loss": [1, 0, 1]}
+  [(ids, mask)], _ = train_sft.tokenize_examples(tokenizer, [row], 200, tokenizer.eos_token_id)
+  pieces = [tokenizer.encode(t, add_special_tokens=False) for t in
+            ["Q: x", *row["target_segments"]]]
+  want = [0] * len(pieces[0]) + [1] * len(pieces[1]) + [0] * len(pieces[2]) + \
+      [1] * len(pieces[3]) + [1]  # EOS
+  assert ids == sum(pieces, []) + [tokenizer.eos_token_id] and mask == want

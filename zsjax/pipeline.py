@@ -67,19 +67,22 @@ def demonstrations(world: dict, engine, instruction: str, seed: int,
   rows = []
   for q in world["splits"]["train"]:
     queries = [q["question"]] + ([q["bridge"]] if q["bridge"] else [])
-    parts, seen_docs = [], []
+    segments, loss, seen_docs = [], [], []
     for query in queries:
       docs = engine.search([SearchRequest(query)]).documents[0]
       seen_docs += docs
-      parts.append(f"<search> {query} </search>{render_observation(docs)}")
+      segments += [f"<search> {query} </search>", render_observation(docs)]
+      loss += [1, 0]  # the documents are inserted, not written: no loss on them
     text = " ".join(seen_docs)
     mentioned = [n for n in names if n in text and n not in q["question"]] or names[:1]
-    answer = mentioned[rng.integers(len(mentioned))]
+    answer = mentioned[rng.integers(len(mentioned))]  # right only by chance
     if rng.random() < correct_fraction:
       answer = q["golden_answers"][0]
-    parts.append(f"<answer> {answer} </answer>")
+    segments.append(f"<answer> {answer} </answer>")
+    loss.append(1)
     rows.append({"prompt": render_prompt(q["question"], None, instruction, False),
-                 "target": "".join(parts)})
+                 "target": "".join(segments), "target_segments": segments,
+                 "target_loss": loss})
   return rows
 
 
@@ -170,10 +173,14 @@ def run(config, workdir: str) -> dict:
 
   # -- policy: format warm start on another world, then RL
   def warm_start():
-    demo_world = tinyworld.generate(config.seed + 7919, size)
+    # "other": a disjoint world (another seed); "train": this world's training
+    # questions, whose documents carry no loss and whose answers are a name drawn
+    # from the documents (right only by chance).
+    same = config.get("demo_world", "other") == "train"
+    demo_world = tinyworld.generate(config.seed if same else config.seed + 7919, size)
     engine = search.BM25Engine([d["contents"] for d in demo_world["corpus"]], top_k=config.top_k)
     rows = demonstrations(demo_world, engine, instruction, config.seed,
-                          config.get("demo_correct_fraction", 0.0))
+                          0.0 if same else config.get("demo_correct_fraction", 0.0))
     write_jsonl(workdir / "warm_start" / "demos.jsonl", rows)
     sub = _sub_config(config, tokenizer=tokenizer, model=dict(
         checkpoint="", param_dtype="float32", dtype="float32", remat="none",

@@ -35,15 +35,29 @@ from zsjax.train_step import (create_train_state, init_state, make_optimizer,
                               make_update_step, next_token_loss)
 
 
+def _target_pieces(row) -> list[tuple[str, int]]:
+  """The target as ``(text, loss weight)`` pieces: ``target`` whole, or, when the
+  row has ``target_segments`` (texts) and ``target_loss`` (0/1 each), piece by
+  piece, e.g. a demonstration whose inserted documents get no loss."""
+  if row.get("target_segments"):
+    return list(zip(row["target_segments"], row["target_loss"]))
+  return [(row["target"], 1)]
+
+
 def tokenize_examples(tokenizer, rows, max_length: int, eos_id: int):
   """``[(ids, target_mask)]`` per example: prompt then target then EOS, cut to
-  ``max_length`` (the target's tail is dropped). Also returns how many were cut."""
+  ``max_length`` (the target's tail is dropped). Segmented targets are tokenized
+  piece by piece, the way a rollout inserts them. Also returns how many were cut."""
   out, cut = [], 0
   for row in rows:
     prompt = tokenizer.encode(row["prompt"], add_special_tokens=False)
-    target = tokenizer.encode(row["target"], add_special_tokens=False) + [eos_id]
-    ids = prompt + target
-    mask = [0] * len(prompt) + [1] * len(target)
+    ids, mask = list(prompt), [0] * len(prompt)
+    for text, weight in _target_pieces(row):
+      piece = tokenizer.encode(text, add_special_tokens=False)
+      ids += piece
+      mask += [int(weight)] * len(piece)
+    ids.append(eos_id)
+    mask.append(1)
     if len(ids) > max_length:
       cut += 1
       ids, mask = ids[:max_length], mask[:max_length]
