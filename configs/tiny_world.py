@@ -62,6 +62,7 @@ def get_config(arg=None):
   # world's training questions; documents without loss, answers drawn from the
   # documents, right only by chance).
   config.demo_world = "train"
+  config.demo_worlds = 0  # other worlds whose questions also give demonstrations
   # False: RL uses the pretrained LM with the simulator prompt, untuned (the paper's
   # prompt-only simulator).
   config.tune_simulator = True

@@ -173,14 +173,21 @@ def run(config, workdir: str) -> dict:
 
   # -- policy: format warm start on another world, then RL
   def warm_start():
-    # "other": a disjoint world (another seed); "train": this world's training
-    # questions, whose documents carry no loss and whose answers are a name drawn
-    # from the documents (right only by chance).
-    same = config.get("demo_world", "other") == "train"
-    demo_world = tinyworld.generate(config.seed if same else config.seed + 7919, size)
-    engine = search.BM25Engine([d["contents"] for d in demo_world["corpus"]], top_k=config.top_k)
-    rows = demonstrations(demo_world, engine, instruction, config.seed,
-                          0.0 if same else config.get("demo_correct_fraction", 0.0))
+    # Demonstrations come from `demo_worlds` other worlds (other seeds: many distinct
+    # names, so copying pays and memorising does not) and, with demo_world="train",
+    # from this world's training questions too: their documents carry no loss and
+    # their answers are a name drawn from the documents (right only by chance).
+    worlds = [(tinyworld.generate(config.seed + 7919 * (k + 1), size),
+               config.get("demo_correct_fraction", 0.0))
+              for k in range(max(config.get("demo_worlds", 0),
+                                 int(config.get("demo_world", "other") == "other")))]
+    if config.get("demo_world", "other") == "train":
+      worlds.append((tinyworld.generate(config.seed, size), 0.0))
+    rows = []
+    for k, (demo_world, correct) in enumerate(worlds):
+      engine = search.BM25Engine([d["contents"] for d in demo_world["corpus"]],
+                                 top_k=config.top_k)
+      rows += demonstrations(demo_world, engine, instruction, config.seed + k, correct)
     write_jsonl(workdir / "warm_start" / "demos.jsonl", rows)
     sub = _sub_config(config, tokenizer=tokenizer, model=dict(
         checkpoint="", param_dtype="float32", dtype="float32", remat="none",
