@@ -7,14 +7,16 @@ Hardware: a 2-core CPU, no accelerator, nothing downloaded.
 
 Stages (zsjax/pipeline.py; each skipped when its output exists): build the world
 -> pretrain a simulator LM on its documents -> tune it as a search simulator on
-rule-labelled BM25 results -> warm-start a policy on format demonstrations from
-another world -> RL against the simulator (REINFORCE, noise curriculum) and,
-for comparison, against BM25 -> evaluate everything with BM25, greedy.
-Expected: WORKDIR/results.json, results.md (EM / substring EM / F1 on
+rule-labelled BM25 results -> warm-start a policy on format demonstrations (no
+loss on documents, answers right only by chance) -> RL against the simulator
+(REINFORCE, noise curriculum) and, for comparison, against BM25 -> evaluate
+everything with BM25, greedy.
+Expected (4-7 min): WORKDIR/results.json, results.md (EM / substring EM / F1 on
 single-hop, two-hop and all test questions for warm_start, direct, rag,
 rl_simulator, rl_real_search), plots/*.png, per-stage TensorBoard logs and
 checkpoints, final_policy/ (HF). The committed run and its numbers are in
-experiments/results/tiny_world/.
+experiments/results/tiny_world/: the paper's effect does not show yet (RL
+3.1% EM, baselines 0%), see the diagnosis in experiments/results/README.md.
 """
 
 import ml_collections

@@ -11,11 +11,13 @@ rerun resumes):
                question, and for two-hop questions the bridge entity, as queries)
                -> rule-judged useful / noisy labels -> balanced SFT set -> the
                pretrained LM tuned into the search simulator (``sim_tuning``);
-  warm_start   the policy LM trained on *format* demonstrations from a second,
-               disjoint world (another seed): search the question, read the
-               documents, answer with a name taken from the documents (not
-               necessarily the right one). It learns the template and the world's
-               language, not the test world's facts, and not which name answers;
+  warm_start   the policy LM trained on *format* demonstrations: search the
+               question (and a two-hop question's bridge entity), read the BM25
+               documents, answer with a name drawn from them (right only by
+               chance). The documents carry no loss, so it learns the template,
+               not the world's facts and not which name answers. Demonstrations
+               come from this world's training questions (``demo_world="train"``)
+               and/or from other worlds (``demo_worlds``);
   rl_simulator the warm-start policy trained with RL (REINFORCE by default)
                against the tuned simulator under the noise curriculum;
   rl_real      the same RL against the real BM25 engine (the paper's comparison);
