@@ -146,16 +146,26 @@ def run(config, workdir: str) -> dict:
   _stage(config, workdir, "pretrain", "pretrain/sft_summary.json", pretrain, seconds)
 
   def tune_simulator():
-    engine = search.BM25Engine.from_jsonl(paths["corpus"], top_k=config.top_k)
-    train = _parquet_rows(paths["train"])
+    # An oracle searcher (the question, then a two-hop question's bridge entity)
+    # against BM25, on this world's training questions and on `sim_worlds` other
+    # worlds (many distinct answers: the simulator must learn to copy the answer in
+    # its prompt into useful documents, not memorise them).
+    sources = [("", _parquet_rows(paths["train"]),
+                search.BM25Engine.from_jsonl(paths["corpus"], top_k=config.top_k))]
+    for k in range(config.get("sim_worlds", 0)):
+      other = tinyworld.generate(config.seed + 104729 * (k + 1), size)
+      sources.append((f"w{k}-", other["splits"]["train"], search.BM25Engine(
+          [d["contents"] for d in other["corpus"]], top_k=config.top_k)))
     trajectories = []
-    for q in train:  # an oracle searcher: the question, then the bridge entity
-      queries = [q["question"]] + ([q["bridge"]] if q["bridge"] else [])
-      docs = engine.search([search.SearchRequest(x) for x in queries]).documents
-      trajectories.append({"id": q["id"], "question": q["question"],
-                           "golden_answers": list(q["golden_answers"]),
-                           "searches": [{"query": x, "documents": d} for x, d in zip(queries, docs)],
-                           "answer": None, "correct": 0.0, "f1": 0.0})
+    for prefix, train, engine in sources:
+      for q in train:
+        queries = [q["question"]] + ([q["bridge"]] if q["bridge"] else [])
+        docs = engine.search([search.SearchRequest(x) for x in queries]).documents
+        trajectories.append({"id": prefix + q["id"], "question": q["question"],
+                             "golden_answers": list(q["golden_answers"]),
+                             "searches": [{"query": x, "documents": d}
+                                          for x, d in zip(queries, docs)],
+                             "answer": None, "correct": 0.0, "f1": 0.0})
     out = workdir / "sim_tuning"
     write_jsonl(out / "trajectories.jsonl", trajectories)
     sub = _sub_config(
