@@ -12,3 +12,14 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+  """Paths of a tiny world (seed 0) built once for the whole session."""
+  from zsjax import tinyworld
+
+  return tinyworld.ensure(tmp_path_factory.mktemp("world"), seed=0)

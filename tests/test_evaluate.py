@@ -2,7 +2,6 @@
 and method in the table, counts equal to the fixtures, and per-question records
 that reproduce the averages."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,21 +12,8 @@ import pytest
 from zsjax import data
 from zsjax import evaluate as E
 
-ROOT = Path(__file__).resolve().parents[1]
+from config_files import load_config
 
-
-def load_config(arg="tiny"):
-  spec = importlib.util.spec_from_file_location("eval_cfg", ROOT / "configs/eval.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-  from zsjax import tinyworld
-
-  return tinyworld.ensure(tmp_path_factory.mktemp("world"), seed=2)
 
 
 def write_fixtures(directory: Path, world) -> dict[str, int]:
@@ -93,7 +79,7 @@ def test_prompts_of_each_method():
 
 def test_eval_job_covers_every_set_method_and_question(tmp_path, world):
   counts = write_fixtures(tmp_path, world)
-  config = load_config("tiny")
+  config = load_config("eval", "tiny")
   config.progress = False
   config.synthetic_data = False
   config.tokenizer = world["tokenizer"]

@@ -1,22 +1,14 @@
 """The tiny-world pipeline at CI size: every stage runs, every artifact exists, a
 rerun skips every stage, and evaluation through the harness reproduces the table."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from zsjax import pipeline, tinyworld
 
-ROOT = Path(__file__).resolve().parents[1]
+from config_files import load_config
 
-
-def load_config(arg):
-  spec = importlib.util.spec_from_file_location("tiny_world_cfg", ROOT / "configs/tiny_world.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def test_worlds_are_seeded_and_splits_disjoint():
@@ -53,7 +45,7 @@ def test_demonstrations_show_the_format_not_the_test_world(tmp_path):
 
 
 def test_ci_sized_pipeline_runs_every_stage(tmp_path, capsys):
-  config = load_config("ci")
+  config = load_config("tiny_world", "ci")
   config.progress = False
   config.rl.rl.total_steps = 3
   results = pipeline.run(config, str(tmp_path))
@@ -79,10 +71,7 @@ def test_ci_sized_pipeline_runs_every_stage(tmp_path, capsys):
   # Evaluating the final policy through the harness job reproduces its row.
   from zsjax import evaluate
 
-  spec = importlib.util.spec_from_file_location("eval_cfg", ROOT / "configs/eval.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  eval_config = module.get_config("tiny")
+  eval_config = load_config("eval", "tiny")
   world = tinyworld.paths(tmp_path / "world")
   eval_config.update_from_flattened_dict({
       "progress": False, "synthetic_data": False, "tokenizer": world["tokenizer"],

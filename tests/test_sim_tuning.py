@@ -1,9 +1,7 @@
 """Simulator tuning: collection, labelling, the SFT set, packed SFT with the loss on
 target tokens only, the quality report, and the whole job on a tiny world."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,22 +15,7 @@ from zsjax import train_sft
 from zsjax.metrics import read_jsonl
 from zsjax.train_step import next_token_loss
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_config(arg):
-  spec = importlib.util.spec_from_file_location("sim_tuning_cfg", ROOT / "configs/sim_tuning.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-  from zsjax import tinyworld
-
-  return tinyworld.ensure(tmp_path_factory.mktemp("world"), seed=1)
-
+from config_files import load_config
 
 @pytest.fixture(scope="module")
 def tokenizer(world):
@@ -160,7 +143,7 @@ def test_collection_with_a_searching_policy_records_queries_documents_and_resume
 
 
 def test_sim_tuning_job_runs_every_stage_and_resumes(tmp_path, capsys):
-  config = load_config("tiny")
+  config = load_config("sim_tuning", "tiny")
   config.progress = False
   config.sim_tuning.num_questions = 90
   config.sim_tuning.report_rows = 8

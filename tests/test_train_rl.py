@@ -2,7 +2,6 @@
 tiny random model (TensorBoard events, checkpoints, HF export, exact resume after
 a kill, a NaN stop that saves nothing corrupt)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -21,17 +20,11 @@ from zsjax import train_step as TS
 from zsjax.metrics import read_jsonl
 from zsjax.sharding import ShardingPlan
 
+from config_files import load_config
+
 ROOT = Path(__file__).resolve().parents[1]
 CFG = M.ModelConfig(vocab_size=61, embed_dim=24, mlp_dim=40, num_layers=2, num_heads=4,
                     num_kv_heads=2, head_dim=6, arch="qwen2", qkv_bias=True)
-
-
-def load_config(arg="tiny"):
-  path = ROOT / "configs/zerosearch.py"
-  spec = importlib.util.spec_from_file_location("zerosearch", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def log_softmax(x):
@@ -166,11 +159,11 @@ def test_answers_are_read_from_policy_tokens_only():
 
 
 def test_bad_settings_name_the_field():
-  config = load_config()
+  config = load_config("zerosearch", "tiny")
   config.rl.minibatch_size = 3
   with pytest.raises(ValueError, match="config.rl.minibatch_size=3"):
     train_rl.check_config(config)
-  config = load_config()
+  config = load_config("zerosearch", "tiny")
   config.rl.algorithm = "dpo"
   with pytest.raises(ValueError, match="config.rl.algorithm='dpo'"):
     train_rl.check_config(config)
@@ -180,7 +173,7 @@ def test_bad_settings_name_the_field():
 
 
 def tiny_config(algorithm="reinforce", steps=3, **engine):
-  config = load_config(f"tiny,{algorithm}")
+  config = load_config("zerosearch", f"tiny,{algorithm}")
   config.progress = False
   config.rl.total_steps = steps
   config.rollout.max_new_tokens = 12
@@ -189,14 +182,6 @@ def tiny_config(algorithm="reinforce", steps=3, **engine):
   config.checkpoint.async_save = False
   config.engine.update(engine)
   return config
-
-
-@pytest.fixture(scope="module")
-def world_dir(tmp_path_factory):
-  from zsjax import tinyworld
-
-  directory = tmp_path_factory.mktemp("world")
-  return tinyworld.ensure(directory, seed=0)
 
 
 def with_world(config, world):
@@ -212,11 +197,11 @@ def comparable(records):
 
 
 def test_run_writes_events_checkpoints_export_and_resumes_exactly_after_a_kill(tmp_path,
-                                                                             world_dir):
+                                                                             world):
   from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
   from zsjax.checkpoint import Checkpointer
 
-  config = with_world(tiny_config(steps=3), world_dir)
+  config = with_world(tiny_config(steps=3), world)
   full = tmp_path / "full"
   summary = train_rl.run(config, str(full))
   records = read_jsonl(full / "metrics.jsonl")
@@ -239,8 +224,8 @@ def test_run_writes_events_checkpoints_export_and_resumes_exactly_after_a_kill(t
 
   # The same run killed (SIGKILL) in the middle of step 3, then started again.
   resumed = tmp_path / "resumed"
-  overrides = [f"--config.data.train_files={world_dir['train']}",
-               f"--config.tokenizer={world_dir['tokenizer']}", "--config.synthetic_data=False",
+  overrides = [f"--config.data.train_files={world['train']}",
+               f"--config.tokenizer={world['tokenizer']}", "--config.synthetic_data=False",
                "--config.progress=False", "--config.rl.total_steps=3",
                "--config.rollout.max_new_tokens=12", "--config.rollout.max_turns=1",
                "--config.simulator.max_new_tokens=12", "--config.checkpoint.async_save=False",
@@ -258,10 +243,10 @@ def test_run_writes_events_checkpoints_export_and_resumes_exactly_after_a_kill(t
     np.testing.assert_array_equal(a, b)
 
 
-def test_nan_loss_stops_naming_step_and_metric_and_saves_nothing_corrupt(tmp_path, world_dir):
+def test_nan_loss_stops_naming_step_and_metric_and_saves_nothing_corrupt(tmp_path, world):
   from zsjax.checkpoint import Checkpointer
 
-  config = with_world(tiny_config(steps=3), world_dir)
+  config = with_world(tiny_config(steps=3), world)
   config.fault_injection.nan_at_step = 2
   trainer = train_rl.RLTrainer(config, tmp_path)
   with pytest.raises(FloatingPointError, match=r"RL step 2: .*loss/.*last checkpoint is step 1"):
@@ -274,8 +259,8 @@ def test_nan_loss_stops_naming_step_and_metric_and_saves_nothing_corrupt(tmp_pat
 
 
 @pytest.mark.parametrize("algorithm,engine", [("grpo", "bm25"), ("ppo", "simulator")])
-def test_other_algorithms_and_engines_run(tmp_path, world_dir, algorithm, engine):
-  config = with_world(tiny_config(algorithm, steps=2, kind=engine), world_dir)
+def test_other_algorithms_and_engines_run(tmp_path, world, algorithm, engine):
+  config = with_world(tiny_config(algorithm, steps=2, kind=engine), world)
   config.checkpoint.export_hf = False
   config.rollout.max_turns = 2
   config.sampling.temperature = 1.5  # random models rarely close a tag; help them search
@@ -289,11 +274,11 @@ def test_other_algorithms_and_engines_run(tmp_path, world_dir, algorithm, engine
   json.dumps(records)
 
 
-def test_fsdp_run_matches_data_parallel_run(tmp_path, world_dir):
+def test_fsdp_run_matches_data_parallel_run(tmp_path, world):
   runs = {}
   for name, mesh, strategy in (("dp", dict(data=8, fsdp=1, tensor=1), "dp"),
                                ("fsdp_tp", dict(data=2, fsdp=2, tensor=2), "fsdp_tp")):
-    config = with_world(tiny_config(steps=2), world_dir)
+    config = with_world(tiny_config(steps=2), world)
     config.checkpoint.export_hf = False
     config.mesh.update(mesh)
     config.sharding = strategy

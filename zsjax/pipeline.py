@@ -98,6 +98,19 @@ def _sub_config(config, **sections) -> ml_collections.ConfigDict:
   return out
 
 
+def _train_lm(config, directory: Path, tokenizer: str, model, sft, rows) -> None:
+  """A random LM of shape ``model`` trained with ``zsjax.train_sft`` on ``rows``
+  (written to ``directory/data.jsonl``); outputs land in ``directory``."""
+  from zsjax import train_sft
+
+  data = write_jsonl(directory / "data.jsonl", rows)
+  sub = _sub_config(config, tokenizer=tokenizer, model=dict(
+      checkpoint="", param_dtype="float32", dtype="float32", remat="none",
+      model=model.to_dict()), sft=dict(sft.to_dict(), data=str(data)),
+      checkpoint=config.checkpoint)
+  train_sft.run(sub, str(directory))
+
+
 def _stage(config, workdir: Path, name: str, marker: str, fn, seconds: dict):
   done = workdir / marker
   if done.exists():
@@ -112,7 +125,7 @@ def _stage(config, workdir: Path, name: str, marker: str, fn, seconds: dict):
 
 
 def run(config, workdir: str) -> dict:
-  from zsjax import search, sim_tuning, train_rl, train_sft
+  from zsjax import search, sim_tuning, train_rl
 
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -135,13 +148,8 @@ def run(config, workdir: str) -> dict:
   def pretrain():
     rows = [{"prompt": f"Title: {d['title']}\n", "target": d["contents"]}
             for d in _read(paths["corpus"])]
-    write_jsonl(workdir / "pretrain" / "documents.jsonl", rows)
-    sub = _sub_config(config, tokenizer=tokenizer, model=dict(
-        checkpoint="", param_dtype="float32", dtype="float32", remat="none",
-        model=config.simulator_model.to_dict()), sft=dict(
-            config.pretrain.to_dict(), data=str(workdir / "pretrain" / "documents.jsonl")),
-        checkpoint=config.checkpoint)
-    train_sft.run(sub, str(workdir / "pretrain"))
+    _train_lm(config, workdir / "pretrain", tokenizer, config.simulator_model, config.pretrain,
+              rows)
 
   _stage(config, workdir, "pretrain", "pretrain/sft_summary.json", pretrain, seconds)
 
@@ -200,13 +208,8 @@ def run(config, workdir: str) -> dict:
       engine = search.BM25Engine([d["contents"] for d in demo_world["corpus"]],
                                  top_k=config.top_k)
       rows += demonstrations(demo_world, engine, instruction, config.seed + k, correct)
-    write_jsonl(workdir / "warm_start" / "demos.jsonl", rows)
-    sub = _sub_config(config, tokenizer=tokenizer, model=dict(
-        checkpoint="", param_dtype="float32", dtype="float32", remat="none",
-        model=config.policy_model.to_dict()), sft=dict(
-            config.warm_start.to_dict(), data=str(workdir / "warm_start" / "demos.jsonl")),
-        checkpoint=config.checkpoint)
-    train_sft.run(sub, str(workdir / "warm_start"))
+    _train_lm(config, workdir / "warm_start", tokenizer, config.policy_model, config.warm_start,
+              rows)
 
   _stage(config, workdir, "warm_start", "warm_start/sft_summary.json", warm_start, seconds)
 
