@@ -33,6 +33,7 @@ from zsjax import rewards
 from zsjax import rollout as rollout_lib
 from zsjax import template
 from zsjax.sampling import Greedy
+from zsjax.train_rl import policy_answer
 
 METHODS = ("search", "direct", "cot", "rag")
 METRICS = ("em", "substring_em", "f1")
@@ -137,9 +138,7 @@ class Evaluator:
                                     jnp.int32(self.config.total_steps)))
       for i in range(n):
         ids = np.asarray(traj.tokens[i])
-        mask = np.asarray(traj.loss_mask[i]) == 1
-        sampled = self.tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
-        prediction = rewards.extract_answer(sampled)
+        prediction = policy_answer(self.tokenizer, ids, traj.loss_mask[i])
         start_i, end_i = int(traj.prompt_lengths[i]), int(traj.lengths[i])
         records.append({
             "set": set_name, "id": chunk[i].get("id", str(start + i)), "method": method,
@@ -272,11 +271,8 @@ def run(config, workdir: str) -> dict:
                                              text_field=config.engine.text_field)
   if "search" in methods:
     if kind in ("bm25", "http"):
-      host_engine = retriever if kind == "bm25" else search.HttpSimulatorEngine(
-          config.engine.url, config.engine.model, sim_prompt, timeout_s=config.engine.timeout_s,
-          max_retries=config.engine.max_retries)
-      if host_engine is None:
-        raise ValueError("config.engine.kind='bm25' needs config.engine.corpus.")
+      host_engine = retriever if kind == "bm25" and retriever is not None else \
+          search.engine_from_config(config.engine, sim_prompt)
       host = search.HostSearch(host_engine, tokenizer, rollout_config.max_obs_tokens,
                                pad_id=tokenizer.pad_token_id or 0)
       engine, engine_state = rollout_lib.host_engine(host), jnp.zeros((), jnp.int32)

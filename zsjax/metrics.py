@@ -29,7 +29,10 @@ class MetricWriter:
   """Writes ``{name: scalar}`` per step to ``WORKDIR/tensorboard`` and
   ``WORKDIR/metrics.jsonl`` (one object per step: ``{"step": s, name: value}``)."""
 
-  def __init__(self, workdir: str | Path, enabled: bool | None = None):
+  def __init__(self, workdir: str | Path, enabled: bool | None = None,
+               resume_from: int | None = None):
+    """``resume_from``: a run restarted from the checkpoint of that step first drops
+    the ``metrics.jsonl`` records of later steps (written before the restart)."""
     if enabled is None:
       enabled = jax.process_index() == 0
     self.enabled = enabled
@@ -41,8 +44,12 @@ class MetricWriter:
       from tensorboard.summary import Writer
 
       self.workdir.mkdir(parents=True, exist_ok=True)
+      jsonl = self.workdir / "metrics.jsonl"
+      if resume_from is not None and jsonl.exists():
+        kept = [r for r in read_jsonl(jsonl) if r["step"] <= resume_from]
+        jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept))
       self._tb = Writer(str(self.workdir / "tensorboard"))
-      self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
+      self._jsonl = open(jsonl, "a", encoding="utf-8")
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
     """Writes now (fetching device values); returns the floats written."""
@@ -92,6 +99,6 @@ class MetricWriter:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-  """The records of a ``metrics.jsonl`` file."""
+  """The records of a JSON-lines file (``metrics.jsonl``, trajectories, pairs)."""
   with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]

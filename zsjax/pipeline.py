@@ -43,6 +43,7 @@ import numpy as np
 
 from zsjax import tinyworld
 from zsjax.data import write_jsonl
+from zsjax.metrics import read_jsonl
 from zsjax.template import render_observation, render_prompt
 
 METHODS = ("warm_start", "direct", "rag", "rl_simulator", "rl_real_search")
@@ -147,7 +148,7 @@ def run(config, workdir: str) -> dict:
   # -- simulator: pretrain on documents, then tune on labelled BM25 results
   def pretrain():
     rows = [{"prompt": f"Title: {d['title']}\n", "target": d["contents"]}
-            for d in _read(paths["corpus"])]
+            for d in read_jsonl(paths["corpus"])]
     _train_lm(config, workdir / "pretrain", tokenizer, config.simulator_model, config.pretrain,
               rows)
 
@@ -266,11 +267,6 @@ def run(config, workdir: str) -> dict:
   return results
 
 
-def _read(path) -> list[dict]:
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 def _parquet_rows(path) -> list[dict]:
   import datasets
 
@@ -286,7 +282,7 @@ def evaluate_policies(config, workdir: Path, paths: dict, tokenizer_dir: str,
   from zsjax import evaluate, hf, rollout as rollout_lib, search
 
   tokenizer = hf.load_tokenizer(tokenizer_dir)
-  rows = {"single_hop": _read(paths["test_single_hop"]), "two_hop": _read(paths["test_two_hop"])}
+  rows = {"single_hop": read_jsonl(paths["test_single_hop"]), "two_hop": read_jsonl(paths["test_two_hop"])}
   sample = config.eval_sample_size
   rows = {k: evaluate.sample_rows(v, sample, config.seed) for k, v in rows.items()}
   retriever = search.BM25Engine.from_jsonl(paths["corpus"], top_k=config.top_k)
@@ -347,8 +343,6 @@ def plot_training(workdir: Path) -> None:
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-
-  from zsjax.metrics import read_jsonl
 
   (workdir / "plots").mkdir(exist_ok=True)
   runs = {name: read_jsonl(workdir / name / "metrics.jsonl")

@@ -234,6 +234,20 @@ class HttpSimulatorEngine:
     return SearchResult([[] for _ in prompts], [True] * len(prompts))
 
 
+def engine_from_config(engine, prompt: SimulatorPrompt = SimulatorPrompt()) -> HostEngine:
+  """The host engine a config's ``engine`` section names: ``kind="bm25"`` (BM25 over
+  ``corpus``) or ``kind="http"`` (``url``, ``model``, ``timeout_s``, ``max_retries``)."""
+  if engine.kind == "bm25":
+    if not engine.corpus:
+      raise ValueError("config.engine.kind='bm25' needs config.engine.corpus (a jsonl file).")
+    return BM25Engine.from_jsonl(engine.corpus, top_k=engine.top_k, text_field=engine.text_field)
+  if engine.kind == "http":
+    return HttpSimulatorEngine(engine.url, engine.model, prompt, timeout_s=engine.timeout_s,
+                               max_retries=engine.max_retries)
+  raise ValueError(f"config.engine.kind={engine.kind!r} is not a host engine; use 'bm25' or "
+                   "'http'.")
+
+
 # ------------------------------------------------------------- from jitted code
 
 

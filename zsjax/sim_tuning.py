@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zsjax import rewards
+from zsjax.metrics import read_jsonl
 from zsjax import rollout as rollout_lib
 from zsjax.search import SearchRequest, SearchResult, SimulatorPrompt
 from zsjax.template import render_documents, render_prompt
@@ -57,10 +58,7 @@ class RecordingEngine:
 
 
 def _done_ids(path: Path) -> set[str]:
-  if not path.exists():
-    return set()
-  with open(path, encoding="utf-8") as f:
-    return {json.loads(line)["id"] for line in f if line.strip()}
+  return {r["id"] for r in read_jsonl(path)} if path.exists() else set()
 
 
 def collect_trajectories(path: str | Path, examples, engine, *, tokenizer=None, policy=None,
@@ -152,14 +150,8 @@ def _policy_chunk(chunk, policy, tokenizer, batch_size, script_fn, score_answers
   for request, docs in recorder.records:
     by_row.setdefault(request.row, []).append({"query": request.query.strip(),
                                                "documents": list(docs)})
-  records = []
-  for i, e in enumerate(chunk):
-    answer = None
-    if scores["has_answer"][i]:
-      sampled = traj.tokens[i][traj.loss_mask[i] == 1]
-      answer = rewards.extract_answer(tokenizer.decode(sampled.tolist(), skip_special_tokens=True))
-    records.append({"searches": by_row.get(i, []), "answer": answer})
-  return records
+  return [{"searches": by_row.get(i, []), "answer": scores["answers"][i]}
+          for i in range(len(chunk))]
 
 
 # ------------------------------------------------------------------ labelling
@@ -371,11 +363,6 @@ def format_report(report: dict) -> str:
 # ----------------------------------------------------------------- the job
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 def _stage(name: str, done: bool, progress: bool) -> bool:
   if done and progress:
     print(f"[sim_tuning] {name}: output exists, skipped")
@@ -412,16 +399,7 @@ def run(config, workdir: str) -> dict:
   if c.num_questions and c.num_questions < len(examples):
     order = np.random.default_rng(config.seed).permutation(len(examples))[:c.num_questions]
     examples = examples.select(sorted(order.tolist()))
-  if config.engine.kind == "bm25":
-    engine = search.BM25Engine.from_jsonl(config.engine.corpus, top_k=config.engine.top_k,
-                                          text_field=config.engine.text_field)
-  elif config.engine.kind == "http":
-    e = config.engine
-    engine = search.HttpSimulatorEngine(e.url, e.model, sim_prompt, timeout_s=e.timeout_s,
-                                        max_retries=e.max_retries)
-  else:
-    raise ValueError(f"config.engine.kind={config.engine.kind!r}: collection needs a real "
-                     "engine, 'bm25' or 'http'.")
+  engine = search.engine_from_config(config.engine, sim_prompt)  # a real engine collects
   policy = None
   if c.queries == "policy":
     from zsjax.rollout import RolloutConfig
@@ -450,7 +428,7 @@ def run(config, workdir: str) -> dict:
                        c.judge_prompt or DEFAULT_JUDGE_PROMPT)
     else:
       raise ValueError(f"config.sim_tuning.judge={c.judge!r} is not 'rule' or 'llm'.")
-    pairs = label_pairs(_read_jsonl(trajectories), judge)
+    pairs = label_pairs(read_jsonl(trajectories), judge)
     kept = balance(pairs, config.seed) if c.balance else pairs
     summary["labels"] = {"before_balance": label_counts(pairs), "after_balance": label_counts(kept)}
     if not kept:
@@ -460,7 +438,7 @@ def run(config, workdir: str) -> dict:
     write_jsonl(pairs_file, kept)
     (workdir / "labels.json").write_text(json.dumps(summary["labels"], indent=2) + "\n")
   if _stage("dataset", dataset_dir.exists(), progress):
-    save_sft_dataset(sft_rows(_read_jsonl(pairs_file), sim_prompt), dataset_dir,
+    save_sft_dataset(sft_rows(read_jsonl(pairs_file), sim_prompt), dataset_dir,
                      test_fraction=c.test_fraction, seed=config.seed)
 
   from zsjax import train_sft

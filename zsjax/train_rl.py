@@ -52,7 +52,7 @@ from zsjax import sampling as sampling_lib
 from zsjax import search as search_lib
 from zsjax import template
 from zsjax.checkpoint import Checkpointer, abstract_like
-from zsjax.metrics import MetricWriter, read_jsonl
+from zsjax.metrics import MetricWriter
 from zsjax.model import ModelConfig, init_params, token_log_probs, token_values
 from zsjax.sharding import ShardingPlan, is_main_process
 from zsjax.train_step import (TrainState, init_state, make_accumulating_update,
@@ -178,21 +178,28 @@ def place(array: np.ndarray, sharding):
   return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
+def policy_answer(tokenizer, tokens: np.ndarray, loss_mask: np.ndarray) -> str | None:
+  """The last ``<answer>`` of the text the policy itself sampled (the loss-mask
+  tokens of one row): never the prompt, and never a document or the
+  invalid-action message, which names the tags."""
+  sampled = np.asarray(tokens)[np.asarray(loss_mask) == 1]
+  return rewards.extract_answer(tokenizer.decode(sampled.tolist(), skip_special_tokens=True))
+
+
 def score_answers(tokenizer, traj, golds: list[list[str]], reward: str) -> dict[str, np.ndarray]:
-  """Per-row answers scored on the host: ``{"train": [N], "f1", "em", "substring_em",
-  "has_answer"}``. The answer is the last ``<answer>`` of the text the policy
-  itself sampled (loss-mask tokens): never the prompt, and never a document or
-  the invalid-action message, which names the tags."""
+  """Per-row answers (``policy_answer``) scored on the host: ``{"train": [N], "f1",
+  "em", "substring_em", "has_answer", "answers"}`` (``answers``: strings or None)."""
   out = {k: np.zeros(len(golds), np.float32) for k in ("f1", "em", "substring_em", "has_answer")}
+  answers = []
   for i, gold in enumerate(golds):
-    sampled = traj.tokens[i][traj.loss_mask[i] == 1]
-    response = tokenizer.decode(sampled.tolist(), skip_special_tokens=True)
-    answer = rewards.extract_answer(response)
+    answer = policy_answer(tokenizer, traj.tokens[i], traj.loss_mask[i])
+    answers.append(answer)
     out["f1"][i] = rewards.f1(answer, gold)
     out["em"][i] = rewards.exact_match(answer, gold)
     out["substring_em"][i] = rewards.substring_match(answer, gold)
     out["has_answer"][i] = answer is not None
   out["train"] = out[reward].copy()
+  out["answers"] = answers
   return out
 
 
@@ -279,13 +286,7 @@ class RLTrainer:
       self.engine_state = self.sim_params
       self.engine_shardings = self.plan.params(self.sim_cfg)
       return
-    if kind == "bm25":
-      host = search_lib.BM25Engine.from_jsonl(config.engine.corpus, top_k=config.engine.top_k,
-                                              text_field=config.engine.text_field)
-    else:
-      e = config.engine
-      host = search_lib.HttpSimulatorEngine(e.url, e.model, self.sim_prompt, timeout_s=e.timeout_s,
-                                            max_retries=e.max_retries)
+    host = search_lib.engine_from_config(config.engine, self.sim_prompt)
     self.host_search = search_lib.HostSearch(host, tok, self.rollout_config.max_obs_tokens,
                                              pad_id=self.static.pad_id)
     self.engine = rollout_lib.host_engine(self.host_search)
@@ -501,13 +502,9 @@ class RLTrainer:
     if resumed and extra.get("algorithm", r.algorithm) != r.algorithm:
       raise ValueError(f"{workdir} holds a {extra['algorithm']!r} run; config.rl.algorithm="
                        f"{r.algorithm!r}. Use a new --workdir.")
-    metrics_file = workdir / "metrics.jsonl"
-    if is_main_process() and metrics_file.exists():  # drop records after the checkpoint
-      kept = [rec for rec in read_jsonl(metrics_file) if rec["step"] <= start]
-      metrics_file.write_text("".join(json.dumps(rec) + "\n" for rec in kept))
     fault = dict(config.get("fault_injection", {}) or {})
     last = {}
-    with MetricWriter(workdir) as writer, tqdm(
+    with MetricWriter(workdir, resume_from=start) as writer, tqdm(
         total=r.total_steps, initial=start, desc=f"rl/{r.algorithm}", unit="step",
         disable=not is_main_process() or not config.get("progress", True)) as bar:
       for step in range(start + 1, r.total_steps + 1):

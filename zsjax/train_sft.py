@@ -29,7 +29,7 @@ import numpy as np
 from zsjax import data as data_lib
 from zsjax import hf
 from zsjax.checkpoint import Checkpointer, abstract_like
-from zsjax.metrics import MetricWriter, read_jsonl
+from zsjax.metrics import MetricWriter
 from zsjax.sharding import ShardingPlan, is_main_process
 from zsjax.train_step import (create_train_state, init_state, make_optimizer,
                               make_update_step, next_token_loss)
@@ -178,16 +178,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   target = abstract_like(jax.eval_shape(lambda: init_state(cfg, tx, jax.random.key(0))), shardings)
   state, extra, resumed = checkpointer.restore_or(target, lambda: state)
   start = int(extra.get("step", 0))
-  metrics_file = workdir / "metrics.jsonl"
-  if is_main_process() and metrics_file.exists():
-    kept = [r for r in read_jsonl(metrics_file) if r["step"] <= start]
-    metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
-
   summary = {"data": train_info, "resumed_from": start}
   if held_out is not None and start == 0:
     summary["eval/nll_before"] = evaluate_nll(eval_fn, state.params, held_out, s.batch_size, plan)
   rows = len(train["tokens"])
-  with MetricWriter(workdir) as writer, tqdm(
+  with MetricWriter(workdir, resume_from=start) as writer, tqdm(
       total=s.total_steps, initial=start, desc="sft", unit="step",
       disable=not is_main_process() or not config.get("progress", True)) as bar:
     for step in range(start + 1, s.total_steps + 1):
