@@ -54,13 +54,13 @@ def get_config(arg=None):
   config.world = ml_collections.ConfigDict(dict(
       countries=4 if ci else 6, cities=12 if ci else 24, people=30 if ci else 80,
       films=10 if ci else 30, organizations=8 if ci else 16, test_fraction=0.15,
-      dev_fraction=0.1, vocab_size=768 if ci else 1024))
+      dev_fraction=0.1, vocab_size=1536))
   config.instruction = INSTRUCTION
   config.simulator_template = SIMULATOR_TEMPLATE
   config.top_k = 3
   # Share of demonstrations (from another world) whose answer is the right one; the
   # rest answer with another name from the documents: format, not skill.
-  config.demo_correct_fraction = 0.3
+  config.demo_correct_fraction = 0.0
   # Where demonstrations come from: "other" (a disjoint world) or "train" (this
   # world's training questions; documents without loss, answers drawn from the
   # documents, right only by chance).
@@ -76,7 +76,7 @@ def get_config(arg=None):
   config.tune_simulator = True
   config.simulator_model = ml_collections.ConfigDict(model(64, 2, 192) if ci else model(96, 2, 256))
   config.policy_model = ml_collections.ConfigDict(model(64, 2, 192) if ci else model(96, 2, 256))
-  config.pretrain = ml_collections.ConfigDict(sft(20 if ci else 150, 8, 64, 3e-3))
+  config.pretrain = ml_collections.ConfigDict(sft(20 if ci else 400, 8, 96, 3e-3))
   config.sim_tuning = ml_collections.ConfigDict(dict(
       num_questions=0, test_fraction=0.1, report_rows=8 if ci else 32,
       report_new_tokens=32 if ci else 64,
@@ -102,7 +102,7 @@ def get_config(arg=None):
               weight_decay=0.0, grad_clip=1.0, clip_eps=0.2, dual_clip=0.0, kl_coef=0.001,
               kl_type="k3", entropy_coef=0.0, aggregation="token_mean", loss_mask="policy",
               critic_learning_rate=1e-4, critic_warmup_fraction=0.0, value_clip=0.5,
-              gamma=1.0, lam=1.0)))
+              gamma=1.0, lam=1.0, sample_every=5, sample_rows=4)))
   config.eval_sample_size = 16 if ci else 0  # 0 = every test question
   config.eval_batch_size = 16
   config.eval_prompt_width = 256  # RAG prompts carry the documents

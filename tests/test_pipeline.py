@@ -3,6 +3,7 @@ rerun skips every stage, and evaluation through the harness reproduces the table
 
 import json
 
+import numpy as np
 import pytest
 
 from zsjax import pipeline, tinyworld
@@ -24,6 +25,50 @@ def test_worlds_are_seeded_and_splits_disjoint():
     assert any(g in docs[r["bridge"]] for g in r["golden_answers"])
 
 
+def test_every_name_is_one_token_of_a_kind_specific_pool(world, tmp_path):
+  from transformers import AutoTokenizer
+
+  pools = tinyworld.name_pools()
+  words = [w for pool in pools.values() for w in pool]
+  assert len(words) == len(set(words))  # a word names one kind of thing only
+  tokenizer = AutoTokenizer.from_pretrained(world["tokenizer"])
+  assert all(len(tokenizer.tokenize(" " + w)) == 1 for w in words)
+  generated = tinyworld.generate(0)
+  for doc in generated["corpus"]:
+    if doc["kind"] != "film":
+      assert doc["title"] in pools[doc["kind"]]  # one word: one token
+  with pytest.raises(ValueError, match="vocab_size=300"):
+    tinyworld.build(tmp_path / "small", 0, tinyworld.WorldSize(vocab_size=300))
+  with pytest.raises(ValueError, match="city names"):
+    tinyworld.generate(0, tinyworld.WorldSize(cities=10_000))
+
+
+def test_oracle_searches_pair_useful_and_answer_free_documents():
+  from zsjax import search, sim_tuning
+
+  world = tinyworld.generate(3)
+  engine = search.BM25Engine([d["contents"] for d in world["corpus"]], top_k=12)
+  questions = world["splits"]["train"][:30]
+  trajectories = pipeline.oracle_trajectories([("x-", questions, engine)], top_k=3)
+  judge = sim_tuning.RuleJudge()
+  for q, t in zip(questions, trajectories):
+    assert t["id"] == "x-" + q["id"]
+    queries = [q["question"]] + ([q["bridge"]] if q["bridge"] else [])
+    assert [s["query"] for s in t["searches"]] == [x for x in queries for _ in range(2)]
+    for plain, without in zip(t["searches"][::2], t["searches"][1::2]):
+      assert plain["documents"] == engine.search(
+          [search.SearchRequest(plain["query"])]).documents[0][:3]
+      # BM25 returns only documents sharing a term with the query: at most 3 remain
+      assert len(without["documents"]) <= 3
+      assert not judge.useful("", q["golden_answers"], "", without["documents"])
+      assert all(d in engine.search([search.SearchRequest(plain["query"])]).documents[0]
+                 for d in without["documents"])
+  # single-hop questions: the plain top 3 hold the answer (BM25 finds the entity)
+  single = [t for q, t in zip(questions, trajectories) if q["hops"] == 1]
+  assert np.mean([judge.useful("", t["golden_answers"], "", t["searches"][0]["documents"])
+                  for t in single]) > 0.8
+
+
 def test_demonstrations_show_the_format_not_the_test_world(tmp_path):
   from zsjax import search
   from zsjax.template import INSTRUCTION
@@ -42,6 +87,17 @@ def test_demonstrations_show_the_format_not_the_test_world(tmp_path):
     assert row["target_loss"] == [int(not seg.startswith("\n\n<information>"))
                                   for seg in row["target_segments"]]
     assert "".join(row["target_segments"]) == row["target"]
+  # the answer is a name of the gold answer's kind read from the documents
+  kind = {d["title"]: d["kind"] for d in demo["corpus"]}
+  questions = {r["question"]: r for r in demo["splits"]["train"]}
+  typed = 0
+  for row in rows:
+    q = questions[row["prompt"].split("Question: ")[-1].strip()]
+    answer = row["target_segments"][-1].removeprefix("<answer> ").removesuffix(" </answer>")
+    docs = "".join(row["target_segments"][:-1])
+    assert answer in docs and answer in kind
+    typed += kind[answer] == kind[q["golden_answers"][0]]
+  assert typed / len(rows) > 0.9
 
 
 def test_ci_sized_pipeline_runs_every_stage(tmp_path, capsys):

@@ -44,7 +44,7 @@ import numpy as np
 from zsjax import tinyworld
 from zsjax.data import write_jsonl
 from zsjax.metrics import read_jsonl
-from zsjax.template import render_observation, render_prompt
+from zsjax.template import render_documents, render_observation, render_prompt
 
 METHODS = ("warm_start", "direct", "rag", "rl_simulator", "rl_real_search")
 SPLITS = ("single_hop", "two_hop", "all")
@@ -61,12 +61,14 @@ def demonstrations(world: dict, engine, instruction: str, seed: int,
   ``prompt`` = the policy prompt, ``target`` = a trajectory that searches the
   question (and the bridge entity of a two-hop question), sees the BM25
   documents exactly as the rollout inserts them, and answers with the right
-  answer for a ``correct_fraction`` of the questions, otherwise with another
-  name drawn from those documents."""
+  answer for a ``correct_fraction`` of the questions, otherwise with a name drawn
+  from those documents (of the gold answer's kind where there is one: a city for
+  a "where" question), right only by chance."""
   from zsjax.search import SearchRequest
 
   rng = np.random.default_rng(seed)
   names = sorted({d["title"] for d in world["corpus"]}, key=len, reverse=True)
+  kind = {d["title"]: d["kind"] for d in world["corpus"]}
   rows = []
   for q in world["splits"]["train"]:
     queries = [q["question"]] + ([q["bridge"]] if q["bridge"] else [])
@@ -78,7 +80,11 @@ def demonstrations(world: dict, engine, instruction: str, seed: int,
       loss += [1, 0]  # the documents are inserted, not written: no loss on them
     text = " ".join(seen_docs)
     mentioned = [n for n in names if n in text and n not in q["question"]] or names[:1]
-    answer = mentioned[rng.integers(len(mentioned))]  # right only by chance
+    # A name of the gold answer's kind (a city for "where", ...) when the documents
+    # hold one: the format of a good answer, right only by chance.
+    typed = [n for n in mentioned if kind.get(n) == kind.get(q["golden_answers"][0])]
+    mentioned = typed or mentioned
+    answer = mentioned[rng.integers(len(mentioned))]
     if rng.random() < correct_fraction:
       answer = q["golden_answers"][0]
     segments.append(f"<answer> {answer} </answer>")
@@ -87,6 +93,34 @@ def demonstrations(world: dict, engine, instruction: str, seed: int,
                  "target": "".join(segments), "target_segments": segments,
                  "target_loss": loss})
   return rows
+
+
+def oracle_trajectories(sources, top_k: int) -> list[dict]:
+  """Searches of an oracle searcher, in ``sim_tuning`` trajectory form: for every
+  training question of every ``(id_prefix, questions, engine)`` source, the
+  question (and a two-hop question's bridge entity) as queries, each recorded
+  twice: with the engine's top ``top_k`` documents, and with its best ``top_k``
+  documents that contain no gold answer (shorter, or empty, when the engine
+  finds fewer: labelling skips empty results). ``engine`` should return more
+  than ``top_k`` documents."""
+  from zsjax.search import SearchRequest
+  from zsjax.sim_tuning import RuleJudge
+
+  judge = RuleJudge()
+  trajectories = []
+  for prefix, questions, engine in sources:
+    for q in questions:
+      golds = list(q["golden_answers"])
+      queries = [q["question"]] + ([q["bridge"]] if q["bridge"] else [])
+      searches = []
+      for query, docs in zip(queries, engine.search([SearchRequest(x) for x in queries]).documents):
+        without = [d for d in docs if not judge.useful("", golds, "", [d])][:top_k]
+        searches += [{"query": query, "documents": list(docs[:top_k])},
+                     {"query": query, "documents": without}]
+      trajectories.append({"id": prefix + q["id"], "question": q["question"],
+                           "golden_answers": golds, "searches": searches, "answer": None,
+                           "correct": 0.0, "f1": 0.0})
+  return trajectories
 
 
 def _sub_config(config, **sections) -> ml_collections.ConfigDict:
@@ -147,8 +181,13 @@ def run(config, workdir: str) -> dict:
 
   # -- simulator: pretrain on documents, then tune on labelled BM25 results
   def pretrain():
-    rows = [{"prompt": f"Title: {d['title']}\n", "target": d["contents"]}
-            for d in read_jsonl(paths["corpus"])]
+    # The world's documents as search results: each entity's name as the query,
+    # its BM25 top-k rendered the way the simulator will have to write them.
+    engine = search.BM25Engine.from_jsonl(paths["corpus"], top_k=config.top_k)
+    titles = [d["title"] for d in read_jsonl(paths["corpus"])]
+    results = engine.search([search.SearchRequest(t) for t in titles]).documents
+    rows = [{"prompt": f"Query: {t}\nDocuments:\n", "target": render_documents(docs)}
+            for t, docs in zip(titles, results)]
     _train_lm(config, workdir / "pretrain", tokenizer, config.simulator_model, config.pretrain,
               rows)
 
@@ -159,22 +198,18 @@ def run(config, workdir: str) -> dict:
     # against BM25, on this world's training questions and on `sim_worlds` other
     # worlds (many distinct answers: the simulator must learn to copy the answer in
     # its prompt into useful documents, not memorise them).
+    # Each query is searched twice: BM25's top-k as is, and BM25's best k documents
+    # that do *not* hold the answer (relevant-looking, unhelpful: the paper's noisy
+    # documents). The rule judge then labels both, so every query gives the
+    # simulator a useful and a noisy example of the same request.
+    wide = config.top_k * 4
     sources = [("", _parquet_rows(paths["train"]),
-                search.BM25Engine.from_jsonl(paths["corpus"], top_k=config.top_k))]
+                search.BM25Engine.from_jsonl(paths["corpus"], top_k=wide))]
     for k in range(config.get("sim_worlds", 0)):
       other = tinyworld.generate(config.seed + 104729 * (k + 1), size)
       sources.append((f"w{k}-", other["splits"]["train"], search.BM25Engine(
-          [d["contents"] for d in other["corpus"]], top_k=config.top_k)))
-    trajectories = []
-    for prefix, train, engine in sources:
-      for q in train:
-        queries = [q["question"]] + ([q["bridge"]] if q["bridge"] else [])
-        docs = engine.search([search.SearchRequest(x) for x in queries]).documents
-        trajectories.append({"id": prefix + q["id"], "question": q["question"],
-                             "golden_answers": list(q["golden_answers"]),
-                             "searches": [{"query": x, "documents": d}
-                                          for x, d in zip(queries, docs)],
-                             "answer": None, "correct": 0.0, "f1": 0.0})
+          [d["contents"] for d in other["corpus"]], top_k=wide)))
+    trajectories = oracle_trajectories(sources, config.top_k)
     out = workdir / "sim_tuning"
     write_jsonl(out / "trajectories.jsonl", trajectories)
     sub = _sub_config(

@@ -4,7 +4,8 @@ Everything the offline default needs is generated here from one seed, nothing is
 downloaded:
 
 * entities: people, cities, countries, films and organizations, with made-up
-  names built from syllables (no real-world facts to lean on);
+  names (no real-world facts to lean on) drawn from fixed per-kind pools of
+  syllable words shared by all worlds (``name_pools``);
 * typed relations: a person was *born in* a city and *works for* an
   organization; a city is *located in* a country; a film was *directed by* a
   person; an organization was *founded in* a city;
@@ -13,9 +14,10 @@ downloaded:
   "In which country was X born?"), each with gold answers and aliases;
 * train / dev / test splits, disjoint in questions;
 * a byte-level BPE tokenizer trained on the world's text and the template's,
-  saved in HF format; the template's tags are ordinary text (several tokens).
+  saved in HF format; the template's tags are ordinary text (several tokens),
+  and every pool word is one token (``build`` checks it).
 
-``build(directory, seed)`` writes ``corpus.jsonl`` (``{"id", "contents"}``),
+``build(directory, seed)`` writes ``corpus.jsonl`` (``{"id", "title", "kind", "contents"}``),
 ``{train,dev,test}.parquet`` (``zsjax.data`` columns plus ``hops``),
 ``tokenizer/`` and ``world.json``; ``ensure`` reuses a directory already built
 with the same settings.
@@ -51,33 +53,71 @@ class WorldSize:
   organizations: int = 16
   test_fraction: float = 0.15
   dev_fraction: float = 0.1
-  vocab_size: int = 1024
+  vocab_size: int = 1536
 
 
-def _name(rng: np.random.Generator, syllables: int) -> str:
-  parts = [rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)]
+# Every world draws its names from fixed pools of made-up words, one pool per
+# kind of name (countries, cities, people, organizations), and the
+# world's tokenizer holds each pool word as a single token. So a 2-layer model
+# copies a name (into a query, an answer, a document) as one token instead of
+# spelling out syllables, and can tell a city from a person by the word itself
+# (the skills a real LLM brings; a model this small does not learn them in
+# minutes). Worlds differ in which words name what and in every relation, so
+# nothing about one world's facts carries over to another.
+POOL_SIZES = {"country": 24, "city": 64, "person": 224, "organization": 40}
+_POOL_SEED = 20260917
+
+
+def _syllable_word(rng: np.random.Generator) -> str:
+  parts = [rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(2)]
   return "".join(parts).capitalize()
+
+
+def name_pools() -> dict[str, list[str]]:
+  """The shared pools of name words, by kind (fixed; independent of the seed)."""
+  rng = np.random.default_rng(_POOL_SEED)
+  seen = {w.lower() for w in _FILM_WORDS + _FILM_NOUNS + _ORG_KINDS + _JOBS}
+  pools = {}
+  for kind, n in POOL_SIZES.items():
+    pools[kind] = []
+    while len(pools[kind]) < n:
+      word = _syllable_word(rng)
+      if word.lower() not in seen and len(word) <= 9:
+        seen.add(word.lower())
+        pools[kind].append(word)
+  return pools
 
 
 def generate(seed: int, size: WorldSize = WorldSize()) -> dict:
   """The world as plain data: entities, relations, documents and questions."""
+  pools = name_pools()
+  need = {"country": size.countries, "city": size.cities, "person": size.people,
+          "organization": size.organizations}
+  for kind, n in need.items():
+    if n > len(pools[kind]):
+      raise ValueError(f"WorldSize {size} needs {n} distinct {kind} names but the shared "
+                       f"pool holds {len(pools[kind])}: make the world smaller.")
+  if size.films > len(_FILM_WORDS) * len(_FILM_NOUNS):
+    raise ValueError(f"WorldSize.films={size.films} exceeds the "
+                     f"{len(_FILM_WORDS) * len(_FILM_NOUNS)} distinct film titles.")
   rng = np.random.default_rng(seed)
+
+  def draw(kind):
+    return [pools[kind][i] for i in rng.permutation(len(pools[kind]))[:need[kind]]]
+
+  countries, cities = draw("country"), draw("city")
+  people, orgs = draw("person"), draw("organization")
   used: set[str] = set()
 
   def fresh(make):
     while True:
       name = make()
-      if name.lower() not in used:
-        used.add(name.lower())
+      if name not in used:
+        used.add(name)
         return name
 
-  countries = [fresh(lambda: _name(rng, 2) + "ia") for _ in range(size.countries)]
-  cities = [fresh(lambda: _name(rng, 2)) for _ in range(size.cities)]
-  people = [fresh(lambda: f"{_name(rng, 2)} {_name(rng, 2)}") for _ in range(size.people)]
   films = [fresh(lambda: f"The {rng.choice(_FILM_WORDS)} {rng.choice(_FILM_NOUNS)}")
            for _ in range(size.films)]
-  orgs = [fresh(lambda: f"{_name(rng, 2)} {rng.choice(_ORG_KINDS)}")
-          for _ in range(size.organizations)]
 
   city_country = {c: countries[i % len(countries)] if i < len(countries) else
                   str(rng.choice(countries)) for i, c in enumerate(cities)}
@@ -89,13 +129,10 @@ def generate(seed: int, size: WorldSize = WorldSize()) -> dict:
   year = {o: int(rng.integers(1820, 2000)) for o in orgs}
   film_year = {f: int(rng.integers(1950, 2020)) for f in films}
 
-  def person_alias(p):
-    first, last = p.split(" ")
-    return [f"{first[0]}. {last}"]
-
-  aliases = {p: person_alias(p) for p in people}
-  aliases.update({o: [o.split(" ")[0]] for o in orgs})
-  aliases.update({c: [c[:-2] if c.endswith("ia") else c] for c in countries})
+  org_kind = {o: str(rng.choice(_ORG_KINDS)) for o in orgs}
+  # Aliases: an organization's full name ("Diogoth Guild"), a country's formal one.
+  aliases = {o: [f"{o} {org_kind[o]}"] for o in orgs}
+  aliases.update({c: [f"Republic of {c}"] for c in countries})
 
   docs = []
   for c in countries:
@@ -104,13 +141,16 @@ def generate(seed: int, size: WorldSize = WorldSize()) -> dict:
   for c in cities:
     docs.append((c, f"{c} is a city located in {city_country[c]}."))
   for p in people:
-    last = p.split(" ")[1]
-    docs.append((p, f"{p} is a {job[p]} born in {born_in[p]}. {last} works for "
+    docs.append((p, f"{p} is a {job[p]} born in {born_in[p]}. {p} works for "
                     f"{works_for[p]}."))
   for f in films:
     docs.append((f, f"{f} is a {film_year[f]} film directed by {directed_by[f]}."))
   for o in orgs:
     docs.append((o, f"{o} is an organization founded in {founded_in[o]} in {year[o]}."))
+
+  kind = {**{c: "country" for c in countries}, **{c: "city" for c in cities},
+          **{p: "person" for p in people}, **{f: "film" for f in films},
+          **{o: "organization" for o in orgs}}
 
   def golds(entity):
     return [entity] + aliases.get(entity, [])
@@ -146,7 +186,7 @@ def generate(seed: int, size: WorldSize = WorldSize()) -> dict:
     rows[split_of[i]].append({"id": f"tw-{i}", "question": question, "golden_answers": answers,
                               "data_source": "tinyworld", "hops": hops, "bridge": bridge})
   return {"seed": seed, "size": dataclasses.asdict(size),
-          "corpus": [{"id": f"doc-{i}", "title": t, "contents": text}
+          "corpus": [{"id": f"doc-{i}", "title": t, "kind": kind[t], "contents": text}
                      for i, (t, text) in enumerate(docs)],
           "splits": rows}
 
@@ -192,7 +232,15 @@ def build(directory: str | Path, seed: int, size: WorldSize = WorldSize()) -> di
             template.render_observation(["Doc text."]), search.DEFAULT_SIMULATOR_TEMPLATE,
             "<think> I need to look this up. </think><search> query </search>"
             "<answer> answer </answer>"]
-  train_tokenizer(texts * 3, size.vocab_size, directory / "tokenizer")
+  # Every pool word (after a space, as names appear in text) becomes one token.
+  pool = [w for words in name_pools().values() for w in words]
+  texts = texts * 3 + [" " + " ".join(pool)] * 20
+  tokenizer = train_tokenizer(texts, size.vocab_size, directory / "tokenizer")
+  split = [w for w in pool if len(tokenizer.tokenize(" " + w)) != 1]
+  if split:
+    raise ValueError(
+        f"WorldSize.vocab_size={size.vocab_size} is too small to hold every name word as "
+        f"one token ({len(split)} of {len(pool)} split, e.g. {split[:3]}): raise it.")
   meta = {"seed": seed, "size": dataclasses.asdict(size),
           "counts": {k: len(v) for k, v in world["splits"].items()},
           "documents": len(world["corpus"])}

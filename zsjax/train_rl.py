@@ -463,6 +463,10 @@ class RLTrainer:
     timings["update_s"] = time.perf_counter() - t
     timings["step_s"] = time.perf_counter() - t0
 
+    every = int(r.get("sample_every", 0) or 0)
+    if every and step % every == 0 and is_main_process():
+      self.write_samples(step, traj, golds, scores)
+
     metrics = {k: float(np.mean([m[k] for m in update_metrics])) for k in update_metrics[0]}
     generated = float(traj.loss_mask.sum())
     response = traj.lengths - traj.prompt_lengths
@@ -485,6 +489,24 @@ class RLTrainer:
         **{f"time/{k}": v for k, v in timings.items()},
     })
     return RLState(policy=policy, critic=critic), metrics
+
+  def write_samples(self, step: int, traj, golds, scores) -> None:
+    """Appends the step's first ``rl.sample_rows`` trajectories, decoded, to
+    ``WORKDIR/samples.jsonl``: what the policy wrote and what the engine answered."""
+    records = []
+    for i in range(min(int(self.settings.get("sample_rows", 4)), len(golds))):
+      start, end = int(traj.prompt_lengths[i]), int(traj.lengths[i])
+      records.append({
+          "step": step, "row": i, "golden_answers": golds[i], "answer": scores["answers"][i],
+          "reward": float(scores["train"][i]), "searches": int(traj.searches[i]),
+          "noisy_calls": int(traj.noisy_calls[i]),
+          "prompt": self.tokenizer.decode(np.asarray(traj.tokens[i, :start]).tolist(),
+                                          skip_special_tokens=True),
+          "response": self.tokenizer.decode(np.asarray(traj.tokens[i, start:end]).tolist(),
+                                            skip_special_tokens=True)})
+    with open(self.workdir / "samples.jsonl", "a") as f:
+      for record in records:
+        f.write(json.dumps(record) + "\n")
 
   # -- the loop
 
