@@ -43,30 +43,43 @@ def test_every_name_is_one_token_of_a_kind_specific_pool(world, tmp_path):
     tinyworld.generate(0, tinyworld.WorldSize(cities=10_000))
 
 
-def test_oracle_searches_pair_useful_and_answer_free_documents():
+def test_oracle_searches_are_labelled_by_what_answers_the_query():
   from zsjax import search, sim_tuning
 
   world = tinyworld.generate(3)
   engine = search.BM25Engine([d["contents"] for d in world["corpus"]], top_k=12)
-  questions = world["splits"]["train"][:30]
-  trajectories = pipeline.oracle_trajectories([("x-", questions, engine)], top_k=3)
-  judge = sim_tuning.RuleJudge()
-  for q, t in zip(questions, trajectories):
+  questions = world["splits"]["train"]
+  trajectories, pairs = pipeline.oracle_searches(
+      [("x-", questions, world["corpus"], engine)], top_k=3, seed=0)
+  judge = pipeline.QueryJudge(questions, world["corpus"])
+  by_text = {q["question"]: q for q in questions}
+  docs_of = {d["title"]: d["contents"] for d in world["corpus"]}
+  for q, t in zip(questions[:40], trajectories):
     assert t["id"] == "x-" + q["id"]
-    queries = [q["question"]] + ([q["bridge"]] if q["bridge"] else [])
-    assert [s["query"] for s in t["searches"]] == [x for x in queries for _ in range(2)]
+    queries = [s["query"] for s in t["searches"]][::2]
+    assert queries[0] == q["question"] and (queries[1] == q["bridge"] if q["bridge"] else True)
+    wrong = by_text[queries[-1]]  # another question of the same relation
+    assert wrong["relation"] == q["relation"] and wrong["question"] != q["question"]
     for plain, without in zip(t["searches"][::2], t["searches"][1::2]):
       assert plain["documents"] == engine.search(
           [search.SearchRequest(plain["query"])]).documents[0][:3]
-      # BM25 returns only documents sharing a term with the query: at most 3 remain
       assert len(without["documents"]) <= 3
-      assert not judge.useful("", q["golden_answers"], "", without["documents"])
-      assert all(d in engine.search([search.SearchRequest(plain["query"])]).documents[0]
-                 for d in without["documents"])
-  # single-hop questions: the plain top 3 hold the answer (BM25 finds the entity)
-  single = [t for q, t in zip(questions, trajectories) if q["hops"] == 1]
-  assert np.mean([judge.useful("", t["golden_answers"], "", t["searches"][0]["documents"])
-                  for t in single]) > 0.8
+      assert not judge.useful(q["question"], q["golden_answers"], without["query"],
+                              without["documents"])
+  # the judge reads the query: the wrong entity's results answer *its* question
+  q = questions[0]
+  other = next(o for o in questions if o["relation"] == q["relation"] and o is not q)
+  other_docs = engine.search([search.SearchRequest(other["question"])]).documents[0][:3]
+  assert judge.useful(q["question"], q["golden_answers"], other["question"], other_docs)
+  assert sim_tuning.RuleJudge().useful(
+      "", other["golden_answers"], "", other_docs)  # an independent check of the same fact
+  bridge_q = next(o for o in questions if o["bridge"])
+  assert judge.useful("", [], bridge_q["bridge"], [docs_of[bridge_q["bridge"]]])
+  assert not judge.useful("", [], bridge_q["bridge"],
+                          [d for t, d in docs_of.items() if t != bridge_q["bridge"]][:3])
+  labels = sim_tuning.label_counts(pairs)
+  assert labels["useful"] > 0 and labels["noisy"] > 0
+  assert len(pairs) == sum(bool(s["documents"]) for t in trajectories for s in t["searches"])
 
 
 def test_demonstrations_show_the_format_not_the_test_world(tmp_path):

@@ -6,18 +6,22 @@ rerun resumes):
 
   world        the seeded world, its splits, BM25 corpus and tokenizer
                (``zsjax.tinyworld``);
-  pretrain     a small simulator LM trained on the world's documents (``train_sft``);
-  sim_tuning   trajectories of an oracle searcher against BM25 (each training
-               question, and for two-hop questions the bridge entity, as queries)
-               -> rule-judged useful / noisy labels -> balanced SFT set -> the
-               pretrained LM tuned into the search simulator (``sim_tuning``);
-  warm_start   the policy LM trained on *format* demonstrations: search the
-               question (and a two-hop question's bridge entity), read the BM25
-               documents, answer with a name drawn from them (right only by
-               chance). The documents carry no loss, so it learns the template,
-               not the world's facts and not which name answers. Demonstrations
-               come from this world's training questions (``demo_world="train"``)
-               and/or from other worlds (``demo_worlds``);
+  pretrain     a small simulator LM trained on the world's documents, shown as
+               search results (each entity's name as the query, its BM25 top-k
+               as the text) (``train_sft``);
+  sim_tuning   searches of an oracle against BM25 (each training question, a
+               two-hop question's bridge entity, and a question about another
+               entity as a miscopied query would be), each with BM25's top-k and
+               with its best answer-free documents, labelled useful / noisy by
+               whether they answer the *query* (``QueryJudge``) -> balanced SFT
+               set -> the pretrained LM tuned into the search simulator
+               (``sim_tuning``);
+  warm_start   the policy LM trained on *format* demonstrations from other
+               worlds: search the question (and a two-hop question's bridge
+               entity), read the BM25 documents, answer with a name of the right
+               kind drawn from them (right only by chance). The documents carry
+               no loss, so it learns the template, not facts and not which name
+               answers;
   rl_simulator the warm-start policy trained with RL (REINFORCE by default)
                against the tuned simulator under the noise curriculum;
   rl_real      the same RL against the real BM25 engine (the paper's comparison);
@@ -95,32 +99,67 @@ def demonstrations(world: dict, engine, instruction: str, seed: int,
   return rows
 
 
-def oracle_trajectories(sources, top_k: int) -> list[dict]:
-  """Searches of an oracle searcher, in ``sim_tuning`` trajectory form: for every
-  training question of every ``(id_prefix, questions, engine)`` source, the
-  question (and a two-hop question's bridge entity) as queries, each recorded
-  twice: with the engine's top ``top_k`` documents, and with its best ``top_k``
-  documents that contain no gold answer (shorter, or empty, when the engine
-  finds fewer: labelling skips empty results). ``engine`` should return more
-  than ``top_k`` documents."""
-  from zsjax.search import SearchRequest
-  from zsjax.sim_tuning import RuleJudge
+class QueryJudge:
+  """The tiny world's judge of a search: useful iff the documents answer the
+  *query* (the paper labels a result useful "if it holds enough to answer the
+  query"), which the world knows: a query that is one of its questions is
+  answered by a gold answer of that question, a query that names an entity by
+  the entity's own document. Other queries fall back to the trajectory's own
+  question (``sim_tuning.RuleJudge``). Judging the query, not the question, is
+  what keeps a tuned simulator from writing the answer into the results of a
+  query about something else."""
 
-  judge = RuleJudge()
-  trajectories = []
-  for prefix, questions, engine in sources:
+  def __init__(self, questions: list[dict], corpus: list[dict]):
+    self.golds = {q["question"]: list(q["golden_answers"]) for q in questions}
+    self.entity_docs = {d["title"]: d["contents"] for d in corpus}
+
+  def useful(self, question, golds, query, documents) -> bool:
+    from zsjax.sim_tuning import RuleJudge
+
+    query = query.strip()
+    if query in self.entity_docs:
+      return any(self.entity_docs[query] == d.strip() for d in documents)
+    return RuleJudge().useful(question, self.golds.get(query, golds), query, documents)
+
+
+def oracle_searches(sources, top_k: int, seed: int) -> tuple[list[dict], list[dict]]:
+  """What an oracle searcher sees, as ``sim_tuning`` trajectories and labelled
+  pairs. ``sources`` holds ``(id_prefix, questions, corpus, engine)`` per world;
+  for each question the queries are the question, a two-hop question's bridge
+  entity, and another question of the same relation (a query about the wrong
+  entity, as a policy that miscopies a name would write). Each query is recorded
+  twice: with the engine's top ``top_k`` documents, and with its best ``top_k``
+  documents that do not answer the query (fewer, or none, when the engine finds
+  fewer; labelling skips empty results). ``engine`` should return more than
+  ``top_k``. Pairs are labelled with ``QueryJudge``."""
+  from zsjax.search import SearchRequest
+  from zsjax.sim_tuning import label_pairs
+
+  rng = np.random.default_rng(seed)
+  trajectories, pairs = [], []
+  for prefix, questions, corpus, engine in sources:
+    judge = QueryJudge(questions, corpus)
+    by_relation: dict[str, list[dict]] = {}
     for q in questions:
-      golds = list(q["golden_answers"])
+      by_relation.setdefault(q.get("relation", ""), []).append(q)
+    source = []
+    for q in questions:
       queries = [q["question"]] + ([q["bridge"]] if q["bridge"] else [])
+      others = [o for o in by_relation[q.get("relation", "")] if o["question"] != q["question"]]
+      if others:
+        queries.append(others[rng.integers(len(others))]["question"])
       searches = []
       for query, docs in zip(queries, engine.search([SearchRequest(x) for x in queries]).documents):
-        without = [d for d in docs if not judge.useful("", golds, "", [d])][:top_k]
+        without = [d for d in docs if not judge.useful(q["question"], q["golden_answers"], query,
+                                                       [d])][:top_k]
         searches += [{"query": query, "documents": list(docs[:top_k])},
                      {"query": query, "documents": without}]
-      trajectories.append({"id": prefix + q["id"], "question": q["question"],
-                           "golden_answers": golds, "searches": searches, "answer": None,
-                           "correct": 0.0, "f1": 0.0})
-  return trajectories
+      source.append({"id": prefix + q["id"], "question": q["question"],
+                     "golden_answers": list(q["golden_answers"]), "searches": searches,
+                     "answer": None, "correct": 0.0, "f1": 0.0})
+    trajectories += source
+    pairs += label_pairs(source, judge)
+  return trajectories, pairs
 
 
 def _sub_config(config, **sections) -> ml_collections.ConfigDict:
@@ -194,24 +233,29 @@ def run(config, workdir: str) -> dict:
   _stage(config, workdir, "pretrain", "pretrain/sft_summary.json", pretrain, seconds)
 
   def tune_simulator():
-    # An oracle searcher (the question, then a two-hop question's bridge entity)
-    # against BM25, on this world's training questions and on `sim_worlds` other
-    # worlds (many distinct answers: the simulator must learn to copy the answer in
-    # its prompt into useful documents, not memorise them).
-    # Each query is searched twice: BM25's top-k as is, and BM25's best k documents
-    # that do *not* hold the answer (relevant-looking, unhelpful: the paper's noisy
-    # documents). The rule judge then labels both, so every query gives the
-    # simulator a useful and a noisy example of the same request.
+    # An oracle searcher (the question, a two-hop question's bridge entity, and a
+    # question about another entity) against BM25, on this world's training
+    # questions and on `sim_worlds` other worlds (many distinct answers: the
+    # simulator must learn to copy what its prompt holds, not memorise documents).
+    # The oracle's searches are labelled by what they answer (QueryJudge) and
+    # written as sim_tuning's labelled pairs, so its own rule-based labelling of
+    # the question's answer is skipped.
     wide = config.top_k * 4
-    sources = [("", _parquet_rows(paths["train"]),
-                search.BM25Engine.from_jsonl(paths["corpus"], top_k=wide))]
+    corpus = read_jsonl(paths["corpus"])
+    sources = [("", _parquet_rows(paths["train"]), corpus,
+                search.BM25Engine([d["contents"] for d in corpus], top_k=wide))]
     for k in range(config.get("sim_worlds", 0)):
       other = tinyworld.generate(config.seed + 104729 * (k + 1), size)
-      sources.append((f"w{k}-", other["splits"]["train"], search.BM25Engine(
+      sources.append((f"w{k}-", other["splits"]["train"], other["corpus"], search.BM25Engine(
           [d["contents"] for d in other["corpus"]], top_k=wide)))
-    trajectories = oracle_trajectories(sources, config.top_k)
+    trajectories, pairs = oracle_searches(sources, config.top_k, config.seed)
     out = workdir / "sim_tuning"
     write_jsonl(out / "trajectories.jsonl", trajectories)
+    kept = sim_tuning.balance(pairs, config.seed)
+    write_jsonl(out / "pairs.jsonl", kept)
+    (out / "labels.json").write_text(json.dumps(
+        {"judge": "pipeline.QueryJudge", "before_balance": sim_tuning.label_counts(pairs),
+         "after_balance": sim_tuning.label_counts(kept)}, indent=2) + "\n")
     sub = _sub_config(
         config, tokenizer=tokenizer, synthetic_data=False, simulator_template=sim_template,
         model=dict(checkpoint=str(workdir / "pretrain" / "hf_export"), param_dtype="float32",

@@ -18,7 +18,8 @@ downloaded:
   and every pool word is one token (``build`` checks it).
 
 ``build(directory, seed)`` writes ``corpus.jsonl`` (``{"id", "title", "kind", "contents"}``),
-``{train,dev,test}.parquet`` (``zsjax.data`` columns plus ``hops``),
+``{train,dev,test}.parquet`` (``zsjax.data`` columns plus ``hops``, ``bridge``
+and ``relation``),
 ``tokenizer/`` and ``world.json``; ``ensure`` reuses a directory already built
 with the same settings.
 """
@@ -155,25 +156,27 @@ def generate(seed: int, size: WorldSize = WorldSize()) -> dict:
   def golds(entity):
     return [entity] + aliases.get(entity, [])
 
-  # (question, gold answers, hops, bridge entity of a two-hop chain or "")
+  # (relation, question, gold answers, hops, bridge entity of a two-hop chain or "")
   questions = []
   for p in people:
-    questions.append((f"Where was {p} born?", golds(born_in[p]), 1, ""))
-    questions.append((f"Who does {p} work for?", golds(works_for[p]), 1, ""))
-    questions.append((f"In which country was {p} born?", golds(city_country[born_in[p]]), 2,
-                      born_in[p]))
-    questions.append((f"In which city was the employer of {p} founded?",
+    questions.append(("born_in", f"Where was {p} born?", golds(born_in[p]), 1, ""))
+    questions.append(("works_for", f"Who does {p} work for?", golds(works_for[p]), 1, ""))
+    questions.append(("birth_country", f"In which country was {p} born?",
+                      golds(city_country[born_in[p]]), 2, born_in[p]))
+    questions.append(("employer_city", f"In which city was the employer of {p} founded?",
                       golds(founded_in[works_for[p]]), 2, works_for[p]))
   for c in cities:
-    questions.append((f"In which country is {c} located?", golds(city_country[c]), 1, ""))
+    questions.append(("located_in", f"In which country is {c} located?",
+                      golds(city_country[c]), 1, ""))
   for f in films:
-    questions.append((f"Who directed {f}?", golds(directed_by[f]), 1, ""))
-    questions.append((f"Where was the director of {f} born?", golds(born_in[directed_by[f]]), 2,
-                      directed_by[f]))
+    questions.append(("directed_by", f"Who directed {f}?", golds(directed_by[f]), 1, ""))
+    questions.append(("director_birthplace", f"Where was the director of {f} born?",
+                      golds(born_in[directed_by[f]]), 2, directed_by[f]))
   for o in orgs:
-    questions.append((f"In which city was {o} founded?", golds(founded_in[o]), 1, ""))
-    questions.append((f"In which country was {o} founded?", golds(city_country[founded_in[o]]), 2,
-                      founded_in[o]))
+    questions.append(("founded_in", f"In which city was {o} founded?", golds(founded_in[o]),
+                      1, ""))
+    questions.append(("founded_country", f"In which country was {o} founded?",
+                      golds(city_country[founded_in[o]]), 2, founded_in[o]))
 
   order = rng.permutation(len(questions))
   n_test = int(round(size.test_fraction * len(questions)))
@@ -182,9 +185,10 @@ def generate(seed: int, size: WorldSize = WorldSize()) -> dict:
   for rank, i in enumerate(order):
     split_of[int(i)] = "test" if rank < n_test else "dev" if rank < n_test + n_dev else "train"
   rows = {"train": [], "dev": [], "test": []}
-  for i, (question, answers, hops, bridge) in enumerate(questions):
+  for i, (relation, question, answers, hops, bridge) in enumerate(questions):
     rows[split_of[i]].append({"id": f"tw-{i}", "question": question, "golden_answers": answers,
-                              "data_source": "tinyworld", "hops": hops, "bridge": bridge})
+                              "data_source": "tinyworld", "hops": hops, "bridge": bridge,
+                              "relation": relation})
   return {"seed": seed, "size": dataclasses.asdict(size),
           "corpus": [{"id": f"doc-{i}", "title": t, "kind": kind[t], "contents": text}
                      for i, (t, text) in enumerate(docs)],
