@@ -71,7 +71,10 @@ def get_config(arg=None):
       sampling=dict(kind="greedy"), prompt_width=512,
       judge="rule" if tiny else "llm", judge_checkpoint="", judge_prompt="",
       balance=True, test_fraction=0.15,
-      report_rows=64 if tiny else 500, report_new_tokens=64 if tiny else 512))
+      # report_queries: "all" held-out pairs, or "question" (only searches of the
+      # question itself, where useful documents should hold the gold answer)
+      report_rows=64 if tiny else 500, report_new_tokens=64 if tiny else 512,
+      report_queries="all"))
   config.sft = ml_collections.ConfigDict(dict(
       data="",  # set by the sim_tuning job; for job sft a datasets dir or a jsonl/parquet file
       max_length=256 if tiny else 2048, batch_size=8 if tiny else 2,

@@ -6,18 +6,20 @@ Arg: "default" | "ci" (a smaller world and shorter stages, for the test suite).
 Hardware: a 2-core CPU, no accelerator, nothing downloaded.
 
 Stages (zsjax/pipeline.py; each skipped when its output exists): build the world
--> pretrain a simulator LM on its documents -> tune it as a search simulator on
-rule-labelled BM25 results -> warm-start a policy on format demonstrations (no
-loss on documents, answers right only by chance) -> RL against the simulator
-(REINFORCE, noise curriculum) and, for comparison, against BM25 -> evaluate
-everything with BM25, greedy.
-Expected (~11 min): WORKDIR/results.json, results.md (EM / substring EM / F1 on
+-> pretrain a simulator LM on its documents (as search results) -> tune it as a
+search simulator on oracle BM25 searches labelled by whether they answer the
+query -> warm-start a policy on format demonstrations (no loss on documents,
+answers a name of the right kind drawn from them, right only by chance) -> RL
+against the simulator (REINFORCE, noise curriculum) and, for comparison, against
+BM25 -> evaluate everything with BM25, greedy.
+Expected (~13 min): WORKDIR/results.json, results.md (EM / substring EM / F1 on
 single-hop, two-hop and all test questions for warm_start, direct, rag,
 rl_simulator, rl_real_search), plots/*.png, per-stage TensorBoard logs and
-checkpoints, final_policy/ (HF). The committed run and its numbers are in
-experiments/results/tiny_world/: RL against BM25 10.8% test EM, against the
-simulator 3.1%, warm start / direct / RAG 0% -- the simulator side of the
-paper's effect does not show yet; see experiments/results/README.md.
+checkpoints, final_policy/ (HF). The committed run is in
+experiments/results/tiny_world/: test EM warm start 21.5, direct 0.0, RAG 7.7,
+RL against the simulator 33.8, RL against BM25 33.8 -- RL with the simulator
+matches RL with the real engine and beats both baselines, but gains 12.3 points
+over the warm start, not the 20 the issue asks; see experiments/results/README.md.
 """
 
 import ml_collections
@@ -25,8 +27,13 @@ import ml_collections
 INSTRUCTION = ("Find the answer with a search engine: write a query between <search> and "
                "</search>; results come back between <information> and </information>. "
                "Write the final answer between <answer> and </answer>.")
-SIMULATOR_TEMPLATE = ("Question: {question}\nAnswer: {answer}\nQuery: {query}\n"
-                      "{Quality} documents:\n")
+# The paper's simulator prompt also carries the question's gold answer. This one
+# does not: a 2-layer simulator given the answer wrote it into the results of any
+# query, so RL against it rewarded miscopied queries (the policy's exact-query rate
+# fell from 77% to 42% in such a run while RL against BM25 kept it). Without the
+# answer the simulator must answer the query from what pretraining taught it about
+# the world, as a search engine would. Put "Answer: {answer}" back to try it.
+SIMULATOR_TEMPLATE = "Question: {question}\nQuery: {query}\n{Quality} documents:\n"
 
 
 def model(embed_dim: int, layers: int, mlp_dim: int) -> dict:
@@ -64,13 +71,14 @@ def get_config(arg=None):
   # Where demonstrations come from: "other" (only `demo_worlds` other worlds, at least
   # one) or "train" (this world's training questions too; documents without loss,
   # answers drawn from the documents, right only by chance).
-  config.demo_world = "other"
+  config.demo_world = "train"
   # Other worlds whose questions give demonstrations: with many worlds the policy must
   # learn to copy names (a 2-layer model memorises 300 questions of one world instead).
   config.demo_worlds = 0 if ci else 16
-  # Other worlds whose oracle searches also give simulator-tuning pairs (the same
-  # reason: copying the answer from the prompt, not memorising documents).
-  config.sim_worlds = 0 if ci else 16
+  # Other worlds whose oracle searches also give simulator-tuning pairs. They teach a
+  # simulator to copy the answer from its prompt; with no answer in the prompt
+  # (SIMULATOR_TEMPLATE) it can only know this world, so none by default.
+  config.sim_worlds = 0
   # False: RL uses the pretrained LM with the simulator prompt, untuned (the paper's
   # prompt-only simulator).
   config.tune_simulator = True
@@ -78,14 +86,15 @@ def get_config(arg=None):
   config.policy_model = ml_collections.ConfigDict(model(64, 2, 192) if ci else model(96, 2, 256))
   config.pretrain = ml_collections.ConfigDict(sft(20 if ci else 400, 8, 96, 3e-3))
   config.sim_tuning = ml_collections.ConfigDict(dict(
-      num_questions=0, test_fraction=0.1, report_rows=8 if ci else 32,
+      num_questions=0, test_fraction=0.1, report_rows=8 if ci else 64,
+      report_queries="question",
       report_new_tokens=32 if ci else 64,
       policy=dict(checkpoint="", param_dtype="float32", dtype="float32", remat="none", model={}),
       rollout=dict(max_turns=2, max_new_tokens=24, max_obs_tokens=96, max_length=384,
                    max_query_tokens=16),
       sampling=dict(kind="greedy"), prompt_width=64))
   config.sim_sft = ml_collections.ConfigDict(sft(20 if ci else 1500, 8, 160, 3e-3))
-  config.warm_start = ml_collections.ConfigDict(sft(20 if ci else 1800, 8, 320, 3e-3))
+  config.warm_start = ml_collections.ConfigDict(sft(20 if ci else 2000, 8, 320, 3e-3))
   config.rl = ml_collections.ConfigDict(dict(
       simulator=dict(max_prefix_tokens=80, max_new_tokens=48 if ci else 72, temperature=1.0),
       rollout=dict(max_turns=2, max_new_tokens=20, max_obs_tokens=96, max_length=384,
@@ -102,7 +111,7 @@ def get_config(arg=None):
               weight_decay=0.0, grad_clip=1.0, clip_eps=0.2, dual_clip=0.0, kl_coef=0.001,
               kl_type="k3", entropy_coef=0.0, aggregation="token_mean", loss_mask="policy",
               critic_learning_rate=1e-4, critic_warmup_fraction=0.0, value_clip=0.5,
-              gamma=1.0, lam=1.0, sample_every=5, sample_rows=4)))
+              gamma=1.0, lam=1.0, sample_every=1 if ci else 5, sample_rows=4)))
   config.eval_sample_size = 16 if ci else 0  # 0 = every test question
   config.eval_batch_size = 16
   config.eval_prompt_width = 256  # RAG prompts carry the documents

@@ -3,7 +3,6 @@ rerun skips every stage, and evaluation through the harness reproduces the table
 
 import json
 
-import numpy as np
 import pytest
 
 from zsjax import pipeline, tinyworld
@@ -113,6 +112,25 @@ def test_demonstrations_show_the_format_not_the_test_world(tmp_path):
   assert typed / len(rows) > 0.9
 
 
+def test_demonstrations_do_not_depend_on_the_hash_seed():
+  # Python randomises str hashes per process, so anything built from set order
+  # would differ between two runs of the same config.
+  import os
+  import subprocess
+  import sys
+
+  code = ("import hashlib, json; from zsjax import pipeline, search, tinyworld; "
+          "w = tinyworld.generate(5, tinyworld.WorldSize(people=12, films=4, cities=6, "
+          "countries=3, organizations=3)); "
+          "e = search.BM25Engine([d['contents'] for d in w['corpus']], top_k=3); "
+          "rows = pipeline.demonstrations(w, e, 'Answer.', seed=1); "
+          "print(hashlib.sha256(json.dumps(rows).encode()).hexdigest())")
+  digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, env={**os.environ, "PYTHONHASHSEED": str(s)}
+                            ).stdout.strip() for s in (1, 2, 3)}
+  assert len(digests) == 1
+
+
 def test_ci_sized_pipeline_runs_every_stage(tmp_path, capsys):
   config = load_config("tiny_world", "ci")
   config.progress = False
@@ -136,6 +154,19 @@ def test_ci_sized_pipeline_runs_every_stage(tmp_path, capsys):
   records = [json.loads(line) for line in open(tmp_path / "rl_simulator" / "metrics.jsonl")]
   assert [r["step"] for r in records] == [1, 2, 3]
   assert records[0]["curriculum/p_noise"] < records[-1]["curriculum/p_noise"]
+  # decoded sample trajectories: the answer scored is the one the policy wrote
+  samples = [json.loads(line) for line in open(tmp_path / "rl_simulator" / "samples.jsonl")]
+  assert [s["step"] for s in samples] == [1] * 4 + [2] * 4 + [3] * 4
+  for s in samples:
+    assert "Question:" in s["prompt"] and s["prompt"] not in s["response"]
+    if s["answer"] is not None:
+      assert f"<answer>{s['answer']}" in s["response"].replace("<answer> ", "<answer>")
+    if s["answer"] is None:
+      assert s["reward"] == 0.0
+    elif s["answer"].strip() in s["golden_answers"]:
+      assert s["reward"] == 1.0
+    else:
+      assert 0.0 <= s["reward"] <= 1.0
 
   # Evaluating the final policy through the harness job reproduces its row.
   from zsjax import evaluate

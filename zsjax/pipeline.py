@@ -71,7 +71,8 @@ def demonstrations(world: dict, engine, instruction: str, seed: int,
   from zsjax.search import SearchRequest
 
   rng = np.random.default_rng(seed)
-  names = sorted({d["title"] for d in world["corpus"]}, key=len, reverse=True)
+  # longest first, ties by name: a fixed order (set order varies with PYTHONHASHSEED)
+  names = sorted({d["title"] for d in world["corpus"]}, key=lambda n: (-len(n), n))
   kind = {d["title"]: d["kind"] for d in world["corpus"]}
   rows = []
   for q in world["splits"]["train"]:
@@ -361,7 +362,8 @@ def evaluate_policies(config, workdir: Path, paths: dict, tokenizer_dir: str,
   from zsjax import evaluate, hf, rollout as rollout_lib, search
 
   tokenizer = hf.load_tokenizer(tokenizer_dir)
-  rows = {"single_hop": read_jsonl(paths["test_single_hop"]), "two_hop": read_jsonl(paths["test_two_hop"])}
+  rows = {"single_hop": read_jsonl(paths["test_single_hop"]),
+          "two_hop": read_jsonl(paths["test_two_hop"])}
   sample = config.eval_sample_size
   rows = {k: evaluate.sample_rows(v, sample, config.seed) for k, v in rows.items()}
   retriever = search.BM25Engine.from_jsonl(paths["corpus"], top_k=config.top_k)

@@ -457,6 +457,11 @@ def run(config, workdir: str) -> dict:
     sim_cfg, sim_params = hf.load_checkpoint(workdir / "sft" / "hf_export")
     test = datasets.load_from_disk(str(dataset_dir)).get("test")
     rows = list(test) if test is not None else []
+    if c.get("report_queries", "all") == "question":
+      # only searches of the question itself: there useful documents should hold
+      # the gold answer and noisy ones should not (a query about something else
+      # should not hold it in either mode)
+      rows = [r for r in rows if r["query"].strip() == r["question"].strip()]
     report = quality_report(sim_cfg, sim_params, tokenizer, rows[:c.report_rows or None],
                             sim_prompt=sim_prompt, max_new_tokens=c.report_new_tokens,
                             seed=config.seed)
