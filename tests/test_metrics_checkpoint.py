@@ -37,6 +37,23 @@ def test_metrics_written_to_tensorboard_and_jsonl(tmp_path):
   assert [(r["step"], r["reward/f1"]) for r in records] == [(1, 0.25), (2, 0.75), (3, 1.0)]
 
 
+def test_a_resumed_writer_drops_records_past_its_checkpoint(tmp_path):
+  with MT.MetricWriter(tmp_path) as writer:
+    for step in range(1, 6):
+      writer.write(step, {"reward/f1": step / 10})
+  samples = tmp_path / "samples.jsonl"
+  samples.write_text("".join(f'{{"step": {s}, "row": {r}}}\n' for s in (2, 4, 5) for r in (0, 1)))
+  MT.drop_steps_after(samples, 4)
+  assert [(r["step"], r["row"]) for r in MT.read_jsonl(samples)] == [(2, 0), (2, 1), (4, 0), (4, 1)]
+  MT.drop_steps_after(tmp_path / "absent.jsonl", 1)  # nothing to drop: no file is made
+  assert not (tmp_path / "absent.jsonl").exists()
+  with MT.MetricWriter(tmp_path, resume_from=3) as writer:
+    writer.write(4, {"reward/f1": 0.9})
+  records = MT.read_jsonl(tmp_path / "metrics.jsonl")
+  assert [(r["step"], r["reward/f1"]) for r in records] == [
+      (1, 0.1), (2, 0.2), (3, pytest.approx(0.3)), (4, pytest.approx(0.9))]
+
+
 def test_metric_errors_name_the_metric_and_step(tmp_path):
   writer = MT.MetricWriter(tmp_path)
   with pytest.raises(ValueError, match="'loss' is not slash-named"):

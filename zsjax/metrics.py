@@ -45,9 +45,8 @@ class MetricWriter:
 
       self.workdir.mkdir(parents=True, exist_ok=True)
       jsonl = self.workdir / "metrics.jsonl"
-      if resume_from is not None and jsonl.exists():
-        kept = [r for r in read_jsonl(jsonl) if r["step"] <= resume_from]
-        jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept))
+      if resume_from is not None:
+        drop_steps_after(jsonl, resume_from)
       self._tb = Writer(str(self.workdir / "tensorboard"))
       self._jsonl = open(jsonl, "a", encoding="utf-8")
 
@@ -96,6 +95,15 @@ class MetricWriter:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def drop_steps_after(path: str | Path, step: int) -> None:
+  """Rewrites a JSON-lines file of ``{"step": s, ...}`` records without those of
+  steps after ``step`` (what a run wrote past the checkpoint it resumes from)."""
+  path = Path(path)
+  if path.exists():
+    kept = [r for r in read_jsonl(path) if r["step"] <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

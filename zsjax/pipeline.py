@@ -111,16 +111,17 @@ class QueryJudge:
   query about something else."""
 
   def __init__(self, questions: list[dict], corpus: list[dict]):
-    self.golds = {q["question"]: list(q["golden_answers"]) for q in questions}
-    self.entity_docs = {d["title"]: d["contents"] for d in corpus}
-
-  def useful(self, question, golds, query, documents) -> bool:
     from zsjax.sim_tuning import RuleJudge
 
+    self.golds = {q["question"]: list(q["golden_answers"]) for q in questions}
+    self.entity_docs = {d["title"]: d["contents"] for d in corpus}
+    self.by_answer = RuleJudge()
+
+  def useful(self, question, golds, query, documents) -> bool:
     query = query.strip()
     if query in self.entity_docs:
       return any(self.entity_docs[query] == d.strip() for d in documents)
-    return RuleJudge().useful(question, self.golds.get(query, golds), query, documents)
+    return self.by_answer.useful(question, self.golds.get(query, golds), query, documents)
 
 
 def oracle_searches(sources, top_k: int, seed: int) -> tuple[list[dict], list[dict]]:

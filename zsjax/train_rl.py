@@ -52,7 +52,7 @@ from zsjax import sampling as sampling_lib
 from zsjax import search as search_lib
 from zsjax import template
 from zsjax.checkpoint import Checkpointer, abstract_like
-from zsjax.metrics import MetricWriter
+from zsjax.metrics import MetricWriter, drop_steps_after
 from zsjax.model import ModelConfig, init_params, token_log_probs, token_values
 from zsjax.sharding import ShardingPlan, is_main_process
 from zsjax.train_step import (TrainState, init_state, make_accumulating_update,
@@ -524,6 +524,8 @@ class RLTrainer:
     if resumed and extra.get("algorithm", r.algorithm) != r.algorithm:
       raise ValueError(f"{workdir} holds a {extra['algorithm']!r} run; config.rl.algorithm="
                        f"{r.algorithm!r}. Use a new --workdir.")
+    if is_main_process():
+      drop_steps_after(workdir / "samples.jsonl", start)  # as MetricWriter does for metrics
     fault = dict(config.get("fault_injection", {}) or {})
     last = {}
     with MetricWriter(workdir, resume_from=start) as writer, tqdm(
