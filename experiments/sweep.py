@@ -11,16 +11,20 @@ A config file declares sweeps next to ``get_config``:
     ...
 
 ``add(**overrides)`` adds one point: ``--config.<key>=<value>`` flags for
-``python -m zsjax.main``. Random search is a sweep function that draws values
+``python -m zsjax.main``. ``--set=KEY=VALUE`` (repeatable) adds a flag to every
+point without naming points by it (e.g. a shared ``stage_cache``). Random search is a sweep function that draws values
 from a seeded generator. Each point gets its own workdir
-``ROOT/<key=value,...>``; a point whose ``sweep_point.json`` exists is finished
+``ROOT/<key=value+...>``; a point whose ``sweep_point.json`` exists is finished
 and skipped, so a sweep resumes. ``--print`` prints the commands (one per line,
 for a cluster scheduler) instead of running them.
 
 Collection reads every finished point's final metrics (the job's JSON outputs,
 flattened to dotted keys), groups points that differ only in ``seed``, and
 writes ``ROOT/sweep.csv`` (one row per point), ``ROOT/sweep.md`` (mean ± std
-over seeds per group) and ``ROOT/plots/<metric>.png``.
+over seeds per group) and ``ROOT/plots/<metric>.png`` -- for ``--sweep=NAME``
+other than default: ``ROOT/sweep_NAME.csv``, ``ROOT/sweep_NAME.md`` and
+``ROOT/plots/NAME/``, so several sweeps can share a root and their common points.
+``--hide=KEY,...`` leaves keys out of the group names in the table.
 
   python experiments/sweep.py --config=configs/tiny_world.py --sweep=algorithms \\
       --root=/tmp/sweep_alg --metrics=methods.rl_simulator.all.em,total_seconds
@@ -68,8 +72,14 @@ def point_name(overrides: dict) -> str:
   return ",".join(f"{k}={v}" for k, v in sorted(overrides.items())) or "base"
 
 
-def command(config: str, workdir: Path, overrides: dict) -> list[str]:
-  flags = [f"--config.{k}={v}" for k, v in sorted(overrides.items())]
+def point_dir(overrides: dict) -> str:
+  """The point's workdir name: no commas (config fields such as data files split
+  on them)."""
+  return point_name(overrides).replace(",", "+")
+
+
+def command(config: str, workdir: Path, overrides: dict, common: dict | None = None) -> list[str]:
+  flags = [f"--config.{k}={v}" for k, v in sorted({**(common or {}), **overrides}.items())]
   return [sys.executable, "-m", "zsjax.main", f"--config={config}", f"--workdir={workdir}",
           *flags]
 
@@ -93,13 +103,13 @@ def final_metrics(workdir: Path) -> dict[str, float]:
 
 
 def run_points(config: str, root: Path, points: list[dict], *, dry_run: bool = False,
-               env=None) -> list[dict]:
+               env=None, common: dict | None = None) -> list[dict]:
   """Runs (or prints) every unfinished point; returns the finished points' records."""
   records = []
   for overrides in points:
-    workdir = root / point_name(overrides)
+    workdir = root / point_dir(overrides)
     marker = workdir / "sweep_point.json"
-    cmd = command(config, workdir, overrides)
+    cmd = command(config, workdir, overrides, common)
     if dry_run:
       print(" ".join(shlex.quote(c) for c in cmd))
       continue
@@ -128,15 +138,17 @@ def select(metrics: dict[str, float], patterns: list[str]) -> list[str]:
                                         if fnmatch.fnmatch(k, p)))
 
 
-def collect(root: Path, records: list[dict], patterns: list[str]) -> str:
-  """Writes sweep.csv, sweep.md and plots; returns the markdown table."""
+def collect(root: Path, records: list[dict], patterns: list[str], name: str = "default",
+            hide: tuple[str, ...] = ()) -> str:
+  """Writes ROOT/sweep[_NAME].csv, .md and plots; returns the markdown table."""
   if not records:
     raise SystemExit(f"no finished points under {root}.")
   keys = select(records[0]["metrics"], patterns)
   if not keys:
     raise SystemExit(f"--metrics {patterns} match none of {sorted(records[0]['metrics'])[:20]}")
   settings = sorted({k for r in records for k in r["overrides"]})
-  with open(root / "sweep.csv", "w", newline="") as f:
+  stem = "sweep" if name == "default" else f"sweep_{name}"
+  with open(root / f"{stem}.csv", "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow([*settings, "wall_seconds", *keys])
     for r in records:
@@ -144,8 +156,8 @@ def collect(root: Path, records: list[dict], patterns: list[str]) -> str:
                       + [r["metrics"].get(k, float("nan")) for k in keys])
   groups: dict[str, list[dict]] = {}
   for r in records:
-    group = {k: v for k, v in r["overrides"].items() if k != "seed"}
-    groups.setdefault(point_name(group), []).append(r)
+    group = {k: v for k, v in r["overrides"].items() if k != "seed" and k not in hide}
+    groups.setdefault(point_name(group) if group else "default", []).append(r)
   lines = ["| setting | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
   summary = {}
   for name, members in groups.items():
@@ -157,25 +169,25 @@ def collect(root: Path, records: list[dict], patterns: list[str]) -> str:
       cells.append(f"{mean:.4g} ± {std:.2g}")
     lines.append(f"| {name} | {len(members)} | " + " | ".join(cells) + " |")
   markdown = "\n".join(lines) + "\n"
-  (root / "sweep.md").write_text(markdown)
-  _plots(root, summary)
+  (root / f"{stem}.md").write_text(markdown)
+  _plots(root / "plots" if name == "default" else root / "plots" / name, summary)
   return markdown
 
 
-def _plots(root: Path, summary: dict) -> None:
+def _plots(directory: Path, summary: dict) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  (root / "plots").mkdir(exist_ok=True)
+  directory.mkdir(parents=True, exist_ok=True)
   for key, rows in summary.items():
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(rows)), 3.2))
     ax.bar(range(len(rows)), [m for _, m, _ in rows], yerr=[s for _, _, s in rows], capsize=4)
     ax.set_xticks(range(len(rows)), [n for n, _, _ in rows], rotation=20, ha="right", fontsize=7)
     ax.set_title(key, fontsize=9)
     fig.tight_layout()
-    fig.savefig(root / "plots" / f"{key.replace('/', '_')}.png", dpi=100)
+    fig.savefig(directory / f"{key.replace('/', '_')}.png", dpi=100)
     plt.close(fig)
 
 
@@ -185,16 +197,26 @@ def main(argv=None):
   parser.add_argument("--sweep", default="default", help="sweep function: default or NAME")
   parser.add_argument("--root", required=True, help="directory holding one workdir per point")
   parser.add_argument("--metrics", default="*", help="comma-separated key patterns to collect")
+  parser.add_argument("--set", dest="common", action="append", default=[], metavar="KEY=VALUE",
+                      help="a --config.KEY=VALUE flag for every point, not in its name")
+  parser.add_argument("--hide", default="", help="comma-separated keys left out of group names")
   parser.add_argument("--print", dest="dry_run", action="store_true",
                       help="print the commands instead of running them")
   args = parser.parse_args(argv)
   points = load_sweep(args.config, args.sweep)
+  common = {}
+  for item in args.common:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise SystemExit(f"--set={item!r} is not KEY=VALUE; e.g. --set=stage_cache=/tmp/stages.")
+    common[key] = value
   root = Path(args.root)
   root.mkdir(parents=True, exist_ok=True)
-  records = run_points(args.config, root, points, dry_run=args.dry_run)
+  records = run_points(args.config, root, points, dry_run=args.dry_run, common=common)
   if args.dry_run:
     return None
-  table = collect(root, records, [p for p in args.metrics.split(",") if p])
+  table = collect(root, records, [p for p in args.metrics.split(",") if p], args.sweep,
+                  tuple(k for k in args.hide.split(",") if k))
   print(table)
   failed = len(points) - len(records)
   print(json.dumps({"points": len(points), "finished": len(records), "failed": failed,

@@ -30,21 +30,33 @@ rerun resumes):
                policies; strict EM, substring EM and F1 on single-hop, two-hop and
                all questions.
 
-Outputs: ``results.json`` (``methods.<method>.<split>.<metric>`` and
-``stage_seconds.<stage>``), ``results.md``, ``plots/*.png``, TensorBoard logs and
+With ``config.stage_cache=DIR`` every stage up to RL lives in ``DIR/<stage>/<key>``
+(``StageCache``), the key a digest of exactly the config fields that stage and
+its inputs read, and the workdir holds a symlink to it. Points of a sweep that
+share a seed and differ only in, say, the RL algorithm then build the world,
+pretrain, tune the simulator and warm-start once. ``compare_real_search=False``
+leaves out RL against BM25 (an ablation arm needs it once per seed, not per arm).
+
+Outputs: ``results.json`` (``methods.<method>.<split>.<metric>``,
+``stage_seconds.<stage>`` -- a reused stage counts the seconds it took when it
+was made -- and ``reused_stages``), ``results.md``, ``plots/*.png``, TensorBoard logs and
 checkpoints of every training stage, and ``final_policy/`` (HF export of the
 policy trained against the simulator).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
 import ml_collections
 import numpy as np
 
+import zsjax
 from zsjax import tinyworld
 from zsjax.data import write_jsonl
 from zsjax.metrics import read_jsonl
@@ -187,17 +199,97 @@ def _train_lm(config, directory: Path, tokenizer: str, model, sft, rows) -> None
   train_sft.run(sub, str(directory))
 
 
-def _stage(config, workdir: Path, name: str, marker: str, fn, seconds: dict):
-  done = workdir / marker
-  if done.exists():
+class StageCache:
+  """Stage outputs shared between workdirs, keyed by the config they depend on.
+
+  ``key(name, inputs)`` digests a stage's inputs (config sections and the keys of
+  the stages it reads) with the zsjax version; ``attach`` points
+  ``workdir/<name>`` at ``root/<name>/<key>``. An entry is finished when the
+  stage's marker exists in it; ``stage.json`` beside the outputs records the
+  seconds it took and the inputs it was keyed on. A workdir's own finished stage
+  directory (made without the cache) is moved into the cache on first use. The
+  key covers configuration, not code: clear the cache after changing code that
+  changes a stage's output.
+  """
+
+  def __init__(self, root: str | os.PathLike):
+    self.root = Path(root).absolute()
+
+  @staticmethod
+  def key(name: str, inputs: dict) -> str:
+    text = json.dumps({"stage": name, "version": zsjax.__version__, "inputs": inputs},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+  def attach(self, workdir: Path, name: str, key: str, marker: str, seconds: dict) -> Path:
+    """Links ``workdir/name`` to its entry (adopting a finished local one)."""
+    link, entry = workdir / name, self.root / name / key
+    if link.is_symlink():
+      if link.resolve() != entry.resolve():
+        raise ValueError(
+            f"{link} links to {os.readlink(link)}, but this config's {name} stage is "
+            f"{entry} (config.stage_cache={str(self.root)!r}); the config changed since this "
+            f"workdir was made: use a new --workdir, or remove the link to recompute.")
+      return entry
+    if link.exists():
+      if entry.exists() or not (workdir / marker).exists():
+        return link  # the workdir's own (unfinished, or the cache has one): left alone
+      entry.parent.mkdir(parents=True, exist_ok=True)
+      shutil.move(str(link), str(entry))
+      if name in seconds:
+        self.record(entry, workdir, seconds[name], "adopted from the workdir")
+    entry.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(entry, target_is_directory=True)
+    return entry
+
+  @staticmethod
+  def record(entry: Path, workdir: Path, stage_seconds: float, inputs) -> None:
+    (entry / "stage.json").write_text(json.dumps(
+        {"seconds": stage_seconds, "made_in": str(workdir.absolute()), "inputs": inputs},
+        indent=2, default=str) + "\n")
+
+  @staticmethod
+  def made(entry: Path) -> dict | None:
+    """``{"seconds", "made_in", "inputs"}`` of a finished entry, else None."""
+    path = entry / "stage.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _stage(config, workdir: Path, name: str, marker: str, fn, seconds: dict,
+           cache: StageCache | None = None, inputs: dict | None = None,
+           reused: list | None = None) -> str | None:
+  """Runs stage ``name`` unless ``workdir/marker`` exists; returns its cache key
+  (None without a cache). A stage another workdir made is added to ``reused``."""
+  key = entry = None
+  if cache is not None and inputs is not None:
+    key = cache.key(name, inputs)
+    entry = cache.attach(workdir, name, key, marker, seconds)
+  if (workdir / marker).exists():
+    made = cache.made(entry) if entry is not None else None
+    if made is not None:
+      seconds[name] = made["seconds"]
+      if made["made_in"] != str(workdir.absolute()) and reused is not None:
+        reused.append(name)
     _log(config, f"{name}: done before, skipped")
-    return
+    return key
   _log(config, f"{name} ...")
   start = time.perf_counter()
   fn()
   seconds[name] = time.perf_counter() - start
+  if entry is not None and entry.resolve() == (workdir / name).resolve():
+    cache.record(entry, workdir, seconds[name], inputs)
   (workdir / "stage_seconds.json").write_text(json.dumps(seconds, indent=2) + "\n")
   _log(config, f"{name}: {seconds[name]:.1f} s")
+  return key
+
+
+def _section(config, *names) -> dict:
+  """The named config fields as plain values (a stage's cache-key inputs)."""
+  out = {}
+  for name in names:
+    value = config.get(name)
+    out[name] = value.to_dict() if hasattr(value, "to_dict") else value
+  return out
 
 
 def run(config, workdir: str) -> dict:
@@ -210,11 +302,15 @@ def run(config, workdir: str) -> dict:
   size = tinyworld.WorldSize(**config.world.to_dict())
   world_dir = workdir / "world"
   paths = {}
+  cache = StageCache(config.stage_cache) if config.get("stage_cache", "") else None
+  reused: list[str] = []
+  common = _section(config, "seed", "mesh", "sharding", "sharding_rules", "checkpoint")
 
   def build_world():
     paths.update(tinyworld.ensure(world_dir, config.seed, size))
 
-  _stage(config, workdir, "world", "world/world.json", build_world, seconds)
+  world_key = _stage(config, workdir, "world", "world/world.json", build_world, seconds, cache,
+                     dict(common, **_section(config, "world")), reused)
   paths = tinyworld.paths(world_dir)
   tokenizer = paths["tokenizer"]
   instruction = config.instruction
@@ -232,7 +328,9 @@ def run(config, workdir: str) -> dict:
     _train_lm(config, workdir / "pretrain", tokenizer, config.simulator_model, config.pretrain,
               rows)
 
-  _stage(config, workdir, "pretrain", "pretrain/sft_summary.json", pretrain, seconds)
+  pretrain_key = _stage(config, workdir, "pretrain", "pretrain/sft_summary.json", pretrain,
+                        seconds, cache, dict(common, world=world_key, **_section(
+                            config, "top_k", "simulator_model", "pretrain")), reused)
 
   def tune_simulator():
     # An oracle searcher (the question, a two-hop question's bridge entity, and a
@@ -270,8 +368,13 @@ def run(config, workdir: str) -> dict:
         sft=config.sim_sft, checkpoint=config.checkpoint)
     sim_tuning.run(sub, str(out))
 
+  simulator_key = pretrain_key  # prompt-only: the pretrained LM
   if config.get("tune_simulator", True):
-    _stage(config, workdir, "sim_tuning", "sim_tuning/sim_tuning.json", tune_simulator, seconds)
+    simulator_key = _stage(
+        config, workdir, "sim_tuning", "sim_tuning/sim_tuning.json", tune_simulator, seconds,
+        cache, dict(common, pretrain=pretrain_key, **_section(
+            config, "top_k", "simulator_template", "sim_worlds", "sim_tuning", "sim_sft")),
+        reused)
 
   # -- policy: format warm start on another world, then RL
   def warm_start():
@@ -293,7 +396,10 @@ def run(config, workdir: str) -> dict:
     _train_lm(config, workdir / "warm_start", tokenizer, config.policy_model, config.warm_start,
               rows)
 
-  _stage(config, workdir, "warm_start", "warm_start/sft_summary.json", warm_start, seconds)
+  warm_key = _stage(config, workdir, "warm_start", "warm_start/sft_summary.json", warm_start,
+                    seconds, cache, dict(common, world=world_key, **_section(
+                        config, "top_k", "instruction", "demo_correct_fraction", "demo_world",
+                        "demo_worlds", "policy_model", "warm_start")), reused)
 
   simulator_dir = workdir / "sim_tuning" / "sft" / "hf_export"
   if not config.get("tune_simulator", True):
@@ -319,27 +425,32 @@ def run(config, workdir: str) -> dict:
       train_rl.run(sub, str(workdir / name))
     return go
 
+  rl_inputs = dict(common, warm_start=warm_key, **_section(config, "top_k", "instruction", "rl"))
   _stage(config, workdir, "rl_simulator", "rl_simulator/rl_summary.json",
-         rl("simulator", "rl_simulator"), seconds)
-  _stage(config, workdir, "rl_real_search", "rl_real_search/rl_summary.json",
-         rl("bm25", "rl_real_search"), seconds)
+         rl("simulator", "rl_simulator"), seconds, cache,
+         dict(rl_inputs, simulator=simulator_key, tuned=config.get("tune_simulator", True),
+              template=sim_template), reused)
+  compared = [m for m in METHODS
+              if m != "rl_real_search" or config.get("compare_real_search", True)]
+  if "rl_real_search" in compared:
+    _stage(config, workdir, "rl_real_search", "rl_real_search/rl_summary.json",
+           rl("bm25", "rl_real_search"), seconds, cache, rl_inputs, reused)
 
   # -- evaluation with the real engine
   def evaluate_all():
-    results = evaluate_policies(config, workdir, paths, tokenizer, instruction)
+    results = evaluate_policies(config, workdir, paths, tokenizer, instruction, compared)
     (workdir / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
 
   _stage(config, workdir, "evaluate", "evaluation.json", evaluate_all, seconds)
 
   methods = json.loads((workdir / "evaluation.json").read_text())
   results = {"methods": methods, "stage_seconds": seconds,
-             "total_seconds": float(sum(seconds.values())), "seed": config.seed}
+             "total_seconds": float(sum(seconds.values())), "seed": config.seed,
+             "reused_stages": reused}
   (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
   table = results_table(results)
   (workdir / "results.md").write_text(table + "\n")
   plot_training(workdir)
-  import shutil
-
   final = workdir / "final_policy"
   if not final.exists():
     shutil.copytree(workdir / "rl_simulator" / "hf_export", final)
@@ -355,8 +466,9 @@ def _parquet_rows(path) -> list[dict]:
 
 
 def evaluate_policies(config, workdir: Path, paths: dict, tokenizer_dir: str,
-                      instruction: str) -> dict:
-  """``{method: {split: {metric: value}}}`` on the test split with BM25, greedy."""
+                      instruction: str, methods=METHODS) -> dict:
+  """``{method: {split: {metric: value}}}`` on the test split with BM25, greedy,
+  for each of ``methods``."""
   import jax
   import jax.numpy as jnp
 
@@ -378,7 +490,8 @@ def evaluate_policies(config, workdir: Path, paths: dict, tokenizer_dir: str,
               "rl_simulator": ("rl_simulator/hf_export", "search"),
               "rl_real_search": ("rl_real_search/hf_export", "search")}
   out, predictions = {}, []
-  for name, (directory, method) in policies.items():
+  for name in methods:
+    directory, method = policies[name]
     cfg, params = hf.load_checkpoint(workdir / directory)
     host = search.HostSearch(retriever, tokenizer, rollout_config.max_obs_tokens,
                              pad_id=tokenizer.pad_token_id or 0)
@@ -406,7 +519,7 @@ def evaluate_policies(config, workdir: Path, paths: dict, tokenizer_dir: str,
 def results_table(results: dict) -> str:
   lines = ["| method | " + " | ".join(f"{s} EM" for s in SPLITS) + " | all substring EM | "
            "all F1 | searches / question |", "|---|" + "---|" * (len(SPLITS) + 3)]
-  for method in METHODS:
+  for method in (m for m in METHODS if m in results["methods"]):
     r = results["methods"][method]
     cells = [f"{100 * r[s]['em']:.1f}" for s in SPLITS]
     cells += [f"{100 * r['all']['substring_em']:.1f}", f"{100 * r['all']['f1']:.1f}",
@@ -444,5 +557,5 @@ def plot_training(workdir: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["METHODS", "SPLITS", "demonstrations", "evaluate_policies", "results_table",
+__all__ = ["METHODS", "SPLITS", "StageCache", "demonstrations", "evaluate_policies", "results_table",
            "plot_training", "run"]
