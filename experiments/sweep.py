@@ -138,7 +138,7 @@ def select(metrics: dict[str, float], patterns: list[str]) -> list[str]:
                                         if fnmatch.fnmatch(k, p)))
 
 
-def collect(root: Path, records: list[dict], patterns: list[str], name: str = "default",
+def collect(root: Path, records: list[dict], patterns: list[str], sweep: str = "default",
             hide: tuple[str, ...] = ()) -> str:
   """Writes ROOT/sweep[_NAME].csv, .md and plots; returns the markdown table."""
   if not records:
@@ -147,7 +147,7 @@ def collect(root: Path, records: list[dict], patterns: list[str], name: str = "d
   if not keys:
     raise SystemExit(f"--metrics {patterns} match none of {sorted(records[0]['metrics'])[:20]}")
   settings = sorted({k for r in records for k in r["overrides"]})
-  stem = "sweep" if name == "default" else f"sweep_{name}"
+  stem = "sweep" if sweep == "default" else f"sweep_{sweep}"
   with open(root / f"{stem}.csv", "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow([*settings, "wall_seconds", *keys])
@@ -170,7 +170,7 @@ def collect(root: Path, records: list[dict], patterns: list[str], name: str = "d
     lines.append(f"| {name} | {len(members)} | " + " | ".join(cells) + " |")
   markdown = "\n".join(lines) + "\n"
   (root / f"{stem}.md").write_text(markdown)
-  _plots(root / "plots" if name == "default" else root / "plots" / name, summary)
+  _plots(root / "plots" if sweep == "default" else root / "plots" / sweep, summary)
   return markdown
 
 

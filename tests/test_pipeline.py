@@ -131,10 +131,53 @@ def test_demonstrations_do_not_depend_on_the_hash_seed():
   assert len(digests) == 1
 
 
+def test_stage_cache_makes_each_stage_once_per_config(tmp_path):
+  calls = []
+
+  def stage(workdir, name, inputs, reused):
+    def make():
+      calls.append((workdir.name, name))
+      (workdir / name / "done.json").write_text("{}")
+    return pipeline._stage(config, workdir, name, f"{name}/done.json", make, seconds[workdir.name],
+                           cache, inputs, reused)
+
+  config = load_config("tiny_world", "ci")
+  config.progress = False
+  cache = pipeline.StageCache(tmp_path / "cache")
+  a, b, c = (tmp_path / n for n in "abc")
+  for w in (a, b, c):
+    w.mkdir()
+  seconds = {"a": {}, "b": {}, "c": {}}
+  reused_a, reused_b = [], []
+  key_a = stage(a, "world", {"seed": 0}, reused_a)
+  key_b = stage(b, "world", {"seed": 0}, reused_b)
+  assert key_a == key_b and calls == [("a", "world")]  # made once, linked into b
+  assert (b / "world").resolve() == (a / "world").resolve() == cache.root / "world" / key_a
+  assert reused_a == [] and reused_b == ["world"]
+  assert seconds["b"]["world"] == seconds["a"]["world"]  # the cost of making it
+  # another config is another entry; a stage reading it gets another key too
+  key_c = stage(c, "world", {"seed": 1}, [])
+  assert key_c != key_a and calls[-1] == ("c", "world")
+  assert stage(a, "pretrain", {"world": key_a}, []) != stage(c, "pretrain", {"world": key_c}, [])
+  # a workdir whose link points at another config's entry is refused, not mixed up
+  with pytest.raises(ValueError, match="stage_cache"):
+    stage(a, "world", {"seed": 1}, [])
+  # a finished stage made without the cache is adopted, not recomputed
+  d = tmp_path / "d"
+  (d / "world").mkdir(parents=True)
+  (d / "world" / "done.json").write_text("{}")
+  seconds["d"] = {"world": 12.5}
+  key_d = stage(d, "world", {"seed": 2}, [])
+  assert (d / "world").is_symlink() and (cache.root / "world" / key_d / "done.json").exists()
+  assert cache.made(cache.root / "world" / key_d)["seconds"] == 12.5
+  assert calls[-1] != ("d", "world")
+
+
 def test_ci_sized_pipeline_runs_every_stage(tmp_path, capsys):
   config = load_config("tiny_world", "ci")
   config.progress = False
   config.rl.rl.total_steps = 3
+  config.stage_cache = str(tmp_path / "stages")
   results = pipeline.run(config, str(tmp_path))
   for method in pipeline.METHODS:
     for split in pipeline.SPLITS:
@@ -196,3 +239,15 @@ def test_ci_sized_pipeline_runs_every_stage(tmp_path, capsys):
   pipeline.run(config, str(tmp_path))  # resumes: every stage skipped
   out = capsys.readouterr().out
   assert out.count("done before, skipped") == 7
+  assert json.loads((tmp_path / "results.json").read_text())["reused_stages"] == []
+
+  # Another workdir with the same config and the cache: only evaluation runs, and
+  # without RL against BM25 the table loses that row and nothing else changes.
+  config.progress = False
+  config.compare_real_search = False
+  other = pipeline.run(config, str(tmp_path / "other"))
+  assert other["reused_stages"] == ["world", "pretrain", "sim_tuning", "warm_start",
+                                    "rl_simulator"]
+  assert not (tmp_path / "other" / "rl_real_search").exists()
+  assert other["methods"] == {m: v for m, v in results["methods"].items() if m != "rl_real_search"}
+  assert other["stage_seconds"]["warm_start"] == results["stage_seconds"]["warm_start"]

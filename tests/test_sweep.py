@@ -51,3 +51,25 @@ def test_two_point_sweep_runs_resumes_and_collects(tmp_path, monkeypatch, capsys
   sweep.main(args + ["--print"])
   printed = capsys.readouterr().out.strip().splitlines()
   assert len(printed) == 2 and all("--config.seed=" in line for line in printed)
+  # --set adds a flag to every point without renaming it (so the points are found)
+  sweep.main(args + ["--print", "--set=model_check.prompt_length=9"])
+  printed = capsys.readouterr().out.strip().splitlines()
+  assert all("--config.model_check.prompt_length=9" in line for line in printed)
+  assert all(f"--workdir={tmp_path}/model.num_layers=2+model_check.new_tokens=4+seed=" in line
+             for line in printed)
+  with pytest.raises(SystemExit, match="KEY=VALUE"):
+    sweep.main(args + ["--set=oops"])
+
+
+def test_named_sweeps_share_a_root_and_hide_keys(tmp_path):
+  sweep = load_tool()
+  records = [{"overrides": {"seed": s, **arm}, "wall_seconds": 1.0,
+              "metrics": {"em": em}}
+             for s, arm, em in ((0, {}, 0.2), (1, {}, 0.4),
+                                (0, {"flag": False, "lr": 1}, 0.5),
+                                (1, {"flag": False, "lr": 1}, 0.7))]
+  table = sweep.collect(tmp_path, records, ["em"], "lr", hide=("flag",))
+  assert "| default | 2 | 0.3 ± 0.14 |" in table and "| lr=1 | 2 | 0.6 ± 0.14 |" in table
+  assert (tmp_path / "sweep_lr.md").read_text() == table
+  assert (tmp_path / "sweep_lr.csv").exists() and (tmp_path / "plots" / "lr" / "em.png").exists()
+  assert not (tmp_path / "sweep.md").exists()
