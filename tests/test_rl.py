@@ -124,3 +124,51 @@ def test_seq_mean_token_mean_and_value_loss():
   np.testing.assert_allclose(loss, 0.5)
   logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25]]]))
   np.testing.assert_allclose(rl.token_entropy(logits), [[1.5 * np.log(2)]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("algorithm", ["reinforce", "grpo", "ppo"])
+def test_the_policy_gradient_raises_the_reward_of_a_one_token_bandit(algorithm):
+  """RL learns: a tiny random LM answers a fixed prompt with one sampled token,
+  rewarded 1 when the token is among the first quarter of the vocabulary. The
+  exact expected reward (probability mass on those tokens, from the logits) must
+  rise from about 0.25 to above 0.9 in 30 updates; a sign or mask error in the
+  advantages or the loss makes it fall or stay."""
+  import optax
+
+  from zsjax import model as M
+
+  cfg = M.ModelConfig(vocab_size=16, embed_dim=16, mlp_dim=32, num_layers=1, num_heads=2,
+                      num_kv_heads=1, head_dim=8, arch="qwen2", qkv_bias=True)
+  params = M.init_params(cfg, jax.random.key(0))
+  ref_params = params
+  prompt = jnp.array([1, 2, 3], jnp.int32)
+  n = 32
+  mask = jnp.zeros((n, 4), jnp.int32).at[:, 3].set(1)  # only the sampled token is the policy's
+  groups = jnp.arange(n) // 8
+  tx = optax.adam(3e-2)
+  opt = tx.init(params)
+
+  def expected_reward(p):
+    logits = M.Transformer(cfg).apply({"params": p}, prompt[None])[0, -1]
+    return jax.nn.softmax(logits)[:4].sum()
+
+  @jax.jit
+  def step(p, opt, key):
+    logits = M.Transformer(cfg).apply({"params": p}, prompt[None])[0, -1]
+    answer = jax.random.categorical(key, logits, shape=(n,))
+    tokens = jnp.concatenate([jnp.broadcast_to(prompt, (n, 3)), answer[:, None]], axis=1)
+    reward = (answer < 4).astype(jnp.float32)
+    old_logp = M.token_log_probs(cfg, p, tokens)
+    ref_logp = M.token_log_probs(cfg, ref_params, tokens)
+    adv, _, _ = rl.advantages_and_returns(algorithm, reward, mask, groups, old_logp, ref_logp,
+                                          jnp.zeros_like(old_logp))
+    grads = jax.grad(lambda q: rl.policy_loss(
+        M.token_log_probs(cfg, q, tokens), old_logp, ref_logp, adv, mask)[0])(p)
+    updates, opt = tx.update(grads, opt, p)
+    return optax.apply_updates(p, updates), opt
+
+  before = float(expected_reward(params))
+  for k in range(30):
+    params, opt = step(params, opt, jax.random.key(k + 1))
+  after = float(expected_reward(params))
+  assert 0.1 < before < 0.45 and after > 0.9, (before, after)
