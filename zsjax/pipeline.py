@@ -209,7 +209,9 @@ class StageCache:
   seconds it took and the inputs it was keyed on. A workdir's own finished stage
   directory (made without the cache) is moved into the cache on first use. The
   key covers configuration, not code: clear the cache after changing code that
-  changes a stage's output.
+  changes a stage's output. Nothing locks an entry: two runs that would make the
+  same entry at once (a sweep's points launched in parallel) should wait for the
+  first point of each seed to finish.
   """
 
   def __init__(self, root: str | os.PathLike):
