@@ -199,3 +199,18 @@ def test_segmented_targets_weight_each_piece(tokenizer):
   want = [0] * len(pieces[0]) + [1] * len(pieces[1]) + [0] * len(pieces[2]) + \
       [1] * len(pieces[3]) + [1]  # EOS
   assert ids == sum(pieces, []) + [tokenizer.eos_token_id] and mask == want
+
+
+def test_report_rows_keep_searches_of_the_question_or_refuse_a_bad_value(tmp_path):
+  rows = [{"query": "Where was Abe born?", "question": "Where was Abe born? "},
+          {"query": "Abe", "question": "Where was Abe born?"},
+          {"query": " Who founded Zed? ", "question": "Who founded Zed?"}]
+  assert ST.report_rows(rows, "all") == rows
+  assert ST.report_rows(rows, "question") == [rows[0], rows[2]]
+  with pytest.raises(ValueError, match="report_queries='questions'"):
+    ST.report_rows(rows, "questions")
+  config = load_config("sim_tuning", "tiny")
+  config.sim_tuning.report_queries = "questions"
+  with pytest.raises(ValueError, match="report_queries"):  # before any work is done
+    ST.run(config, str(tmp_path))
+  assert not any(tmp_path.iterdir())

@@ -369,6 +369,18 @@ def _stage(name: str, done: bool, progress: bool) -> bool:
   return not done
 
 
+def report_rows(rows: list[dict], queries: str) -> list[dict]:
+  """The held-out pairs the quality report scores: ``queries="all"``, or
+  ``"question"`` for searches of the question itself only (there useful documents
+  should hold the gold answer and noisy ones should not; a query about something
+  else should not hold it in either mode)."""
+  if queries == "all":
+    return list(rows)
+  if queries == "question":
+    return [r for r in rows if r["query"].strip() == r["question"].strip()]
+  raise ValueError(f"sim_tuning.report_queries={queries!r} is not 'all' or 'question'.")
+
+
 def run(config, workdir: str) -> dict:
   """``job="sim_tuning"``: collect -> label -> dataset -> SFT -> quality report, each
   stage skipped when its output exists in WORKDIR (so a rerun resumes)."""
@@ -381,6 +393,7 @@ def run(config, workdir: str) -> dict:
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   c = config.sim_tuning
+  report_rows([], c.get("report_queries", "all"))  # a bad value fails now, not after tuning
   progress = config.get("progress", True)
   if config.get("synthetic_data") and not config.data.train_files:
     from zsjax import tinyworld
@@ -457,11 +470,7 @@ def run(config, workdir: str) -> dict:
     sim_cfg, sim_params = hf.load_checkpoint(workdir / "sft" / "hf_export")
     test = datasets.load_from_disk(str(dataset_dir)).get("test")
     rows = list(test) if test is not None else []
-    if c.get("report_queries", "all") == "question":
-      # only searches of the question itself: there useful documents should hold
-      # the gold answer and noisy ones should not (a query about something else
-      # should not hold it in either mode)
-      rows = [r for r in rows if r["query"].strip() == r["question"].strip()]
+    rows = report_rows(rows, c.get("report_queries", "all"))
     report = quality_report(sim_cfg, sim_params, tokenizer, rows[:c.report_rows or None],
                             sim_prompt=sim_prompt, max_new_tokens=c.report_new_tokens,
                             seed=config.seed)
@@ -480,4 +489,4 @@ def run(config, workdir: str) -> dict:
 
 __all__ = ["run", "RecordingEngine", "collect_trajectories", "make_collection_policy", "RuleJudge",
            "LLMJudge", "DEFAULT_JUDGE_PROMPT", "label_pairs", "balance", "label_counts",
-           "sft_rows", "save_sft_dataset", "quality_report", "format_report"]
+           "sft_rows", "save_sft_dataset", "quality_report", "format_report", "report_rows"]
