@@ -12,8 +12,8 @@ A config file declares sweeps next to ``get_config``:
 
 ``add(**overrides)`` adds one point: ``--config.<key>=<value>`` flags for
 ``python -m zsjax.main``. ``--set=KEY=VALUE`` (repeatable) adds a flag to every
-point without naming points by it (e.g. a shared ``stage_cache``). Random search is a sweep function that draws values
-from a seeded generator. Each point gets its own workdir
+point without naming points by it (e.g. a shared ``stage_cache``). Random search
+is a sweep function that draws values from a seeded generator. Each point gets its own workdir
 ``ROOT/<key=value+...>``; a point whose ``sweep_point.json`` exists is finished
 and skipped, so a sweep resumes. ``--print`` prints the commands (one per line,
 for a cluster scheduler) instead of running them.

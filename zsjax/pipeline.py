@@ -278,7 +278,7 @@ def _stage(config, workdir: Path, name: str, marker: str, fn, seconds: dict,
   start = time.perf_counter()
   fn()
   seconds[name] = time.perf_counter() - start
-  if entry is not None and entry.resolve() == (workdir / name).resolve():
+  if entry is not None:
     cache.record(entry, workdir, seconds[name], inputs)
   (workdir / "stage_seconds.json").write_text(json.dumps(seconds, indent=2) + "\n")
   _log(config, f"{name}: {seconds[name]:.1f} s")
