@@ -370,8 +370,10 @@ def run(config, workdir: str) -> dict:
         sft=config.sim_sft, checkpoint=config.checkpoint)
     sim_tuning.run(sub, str(out))
 
-  simulator_key = pretrain_key  # prompt-only: the pretrained LM
+  # the simulator RL trains against: tuned, or prompt-only (the pretrained LM)
+  simulator_key, simulator_dir = pretrain_key, workdir / "pretrain" / "hf_export"
   if config.get("tune_simulator", True):
+    simulator_dir = workdir / "sim_tuning" / "sft" / "hf_export"
     simulator_key = _stage(
         config, workdir, "sim_tuning", "sim_tuning/sim_tuning.json", tune_simulator, seconds,
         cache, dict(common, pretrain=pretrain_key, **_section(
@@ -403,10 +405,6 @@ def run(config, workdir: str) -> dict:
                         config, "top_k", "instruction", "demo_correct_fraction", "demo_world",
                         "demo_worlds", "policy_model", "warm_start")), reused)
 
-  simulator_dir = workdir / "sim_tuning" / "sft" / "hf_export"
-  if not config.get("tune_simulator", True):
-    simulator_dir = workdir / "pretrain" / "hf_export"  # prompt-only simulator
-
   def rl(engine_kind: str, name: str):
     def go():
       base = ml_collections.ConfigDict(config.rl.to_dict())
@@ -430,8 +428,7 @@ def run(config, workdir: str) -> dict:
   rl_inputs = dict(common, warm_start=warm_key, **_section(config, "top_k", "instruction", "rl"))
   _stage(config, workdir, "rl_simulator", "rl_simulator/rl_summary.json",
          rl("simulator", "rl_simulator"), seconds, cache,
-         dict(rl_inputs, simulator=simulator_key, tuned=config.get("tune_simulator", True),
-              template=sim_template), reused)
+         dict(rl_inputs, simulator=simulator_key, template=sim_template), reused)
   compared = [m for m in METHODS
               if m != "rl_real_search" or config.get("compare_real_search", True)]
   if "rl_real_search" in compared:
@@ -559,5 +556,5 @@ def plot_training(workdir: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["METHODS", "SPLITS", "StageCache", "demonstrations", "evaluate_policies", "results_table",
-           "plot_training", "run"]
+__all__ = ["METHODS", "SPLITS", "StageCache", "demonstrations", "evaluate_policies",
+           "results_table", "plot_training", "run"]
