@@ -15,6 +15,11 @@ stopping is off so they generate the same number of tokens):
                prefill each turn, the way the reference inference script works),
                tags not checked (which favours it).
 
+A fourth column, ``model_only``, times the same prefill and one cached forward +
+argmax per generated token in one XLA program and nothing else: the ceiling of
+any jitted rollout of this model on this backend, so ``model_only_vs_hf`` bounds
+``ratio_vs_hf``.
+
 Prints a table of generated tokens/s and ratios per size, the model FLOP/s of (a)
 against a dense-matmul peak measured in the same run, and as its last line one
 JSON object: the tiny-size figures at top level, the ~0.1B figures under
@@ -33,10 +38,27 @@ import tempfile
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+ARCH_KEYS = ("vocab_size", "embed_dim", "mlp_dim", "num_layers", "num_heads", "num_kv_heads",
+             "head_dim")
+
+
+def tiny_world_policy() -> dict:
+  """The policy shape of configs/tiny_world.py (read from it, so they stay equal)."""
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("tiny_world", ROOT / "configs" / "tiny_world.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  shape = {k: config.policy_model[k] for k in ARCH_KEYS}
+  shape["vocab_size"] = config.world.vocab_size  # the world's tokenizer sets it
+  return shape
+
+
 SIZES = {
     # the tiny world's policy size, and a ~0.1B Qwen2-shaped model
-    "tiny": dict(vocab_size=2048, embed_dim=128, mlp_dim=352, num_layers=4, num_heads=4,
-                 num_kv_heads=2, head_dim=32),
+    "tiny": tiny_world_policy(),
     "large": dict(vocab_size=8192, embed_dim=768, mlp_dim=2048, num_layers=12, num_heads=12,
                   num_kv_heads=2, head_dim=64),
 }
@@ -89,7 +111,8 @@ def bench_size(name, args, peak):
   from zsjax import hf
   from zsjax import rollout as R
   from zsjax import template as T
-  from zsjax.model import ModelConfig, count_params, init_params, model_flops_per_token
+  from zsjax.model import (ModelConfig, Transformer, count_params, init_cache, init_params,
+                           model_flops_per_token)
   from zsjax.rollout_reference import python_rollout
   from zsjax.sampling import Greedy
   from zsjax.search import HostSearch
@@ -145,6 +168,28 @@ def bench_size(name, args, peak):
          "python_tokens_per_s": generated / python_s, "jit_equals_python": same}
   row["ratio_vs_python"] = row["jit_tokens_per_s"] / row["python_tokens_per_s"]
 
+  # The model alone: the same prefill, then one cached forward and an argmax per
+  # generated token, nothing else (no sampling state, tags, observations). No
+  # rollout built on this XLA program can beat its rate.
+  model = Transformer(cfg)
+
+  @jax.jit
+  def model_only(params, prompt):
+    cache = init_cache(cfg, b, max_length)
+    logits, cache = model.apply({"params": params}, prompt, cache=cache)
+
+    def step(_, carry):
+      cache, token = carry
+      logits, cache = model.apply({"params": params}, token[:, None], cache=cache)
+      return cache, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+
+    return jax.lax.fori_loop(0, generated // b, step,
+                             (cache, jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)))[1]
+
+  jax.block_until_ready(model_only(params, batch.prompt_tokens))
+  model_s, _ = best(lambda: jax.block_until_ready(model_only(params, batch.prompt_tokens)))
+  row["model_only_tokens_per_s"] = generated / model_s
+
   # Model FLOPs of (a): prefill of prompts and feedback, one forward per generated
   # token, attention over the (growing) context counted at its mean length.
   mean_context = (p + max_length) / 2
@@ -181,13 +226,14 @@ def bench_size(name, args, peak):
       hf_s, hf_out = best(run_hf)
       row.update(hf_s=hf_s, hf_tokens_per_s=generated / hf_s)
       row["ratio_vs_hf"] = row["jit_tokens_per_s"] / row["hf_tokens_per_s"]
+      row["model_only_vs_hf"] = row["model_only_tokens_per_s"] / row["hf_tokens_per_s"]
       row["hf_same_length"] = int(hf_out.shape[1]) == int(np.asarray(traj.lengths)[0])
   return row
 
 
 COLUMNS = ("size", "params", "generated_tokens", "jit_compile_s", "jit_tokens_per_s",
-           "python_tokens_per_s", "hf_tokens_per_s", "ratio_vs_python", "ratio_vs_hf",
-           "flops_fraction_of_peak", "jit_equals_python")
+           "python_tokens_per_s", "hf_tokens_per_s", "model_only_tokens_per_s", "ratio_vs_python",
+           "ratio_vs_hf", "model_only_vs_hf", "flops_fraction_of_peak", "jit_equals_python")
 
 
 def main(argv=None):
@@ -214,7 +260,7 @@ def main(argv=None):
     (out / "results.md").write_text(f"{header}\n\n{markdown_table(rows, COLUMNS)}\n")
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
   keys = ("jit_tokens_per_s", "python_tokens_per_s", "hf_tokens_per_s", "ratio_vs_python",
-          "ratio_vs_hf", "flops_fraction_of_peak")
+          "ratio_vs_hf", "flops_fraction_of_peak", "model_only_tokens_per_s", "model_only_vs_hf")
   summary = {k: rows[0].get(k) for k in keys}
   if len(rows) > 1:
     summary["large"] = {k: rows[1].get(k) for k in keys}
