@@ -58,6 +58,16 @@ def test_loaders_report_malformed_rows_with_file_row_and_field(tmp_path, world):
     data.load_benchmark("nq")  # tests run with HF_HUB_OFFLINE=1
 
 
+def test_a_path_string_is_a_comma_list_unless_it_is_one_file(tmp_path, world):
+  counts = write_fixtures(tmp_path, world)
+  both = data.load_qa(f"{tmp_path / 'nq.jsonl'},{tmp_path / 'popqa.json'}")
+  assert len(both) == counts["nq"] + counts["popqa"]
+  odd = tmp_path / "run+seed=1,lr=3e-4"  # a sweep-style directory with a comma
+  odd.mkdir()
+  (odd / "nq.jsonl").write_text((tmp_path / "nq.jsonl").read_text())
+  assert data.load_qa(str(odd / "nq.jsonl"))["question"] == both["question"][:counts["nq"]]
+
+
 def test_summarize_on_literal_records():
   records = [{"set": "a", "em": 1.0, "substring_em": 1.0, "f1": 1.0},
              {"set": "a", "em": 0.0, "substring_em": 1.0, "f1": 0.5},

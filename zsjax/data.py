@@ -163,7 +163,10 @@ def load_qa(sources: str | Path | Sequence[str | Path], *, on_error: str = "skip
   if on_error not in ON_ERROR:
     raise ValueError(f"on_error={on_error!r} is not one of {ON_ERROR}.")
   if isinstance(sources, (str, Path)):
-    sources = [s for s in str(sources).split(",") if s]
+    # One existing path is taken whole (it may hold a comma); otherwise a
+    # comma-separated list of paths.
+    whole = Path(sources)
+    sources = [whole] if whole.is_file() else [s for s in str(sources).split(",") if s]
   rows: list[dict] = []
   seen: set[str] = set()
   for source in sources:
