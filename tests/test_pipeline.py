@@ -173,6 +173,41 @@ def test_stage_cache_makes_each_stage_once_per_config(tmp_path):
   assert calls[-1] != ("d", "world")
 
 
+def test_parallel_runs_make_a_cache_entry_once(tmp_path):
+  """Two runs that need the same entry at once: one makes it, the other waits
+  for its lock and links it (a sweep's points launched in parallel)."""
+  import threading
+  import time
+
+  config = load_config("tiny_world", "ci")
+  config.progress = False
+  cache = pipeline.StageCache(tmp_path / "cache")
+  calls, started = [], threading.Event()
+
+  def make(workdir):
+    def fn():
+      calls.append(workdir.name)
+      started.set()
+      time.sleep(0.5)  # the other run asks for the entry meanwhile
+      (workdir / "world" / "done.json").write_text("{}")
+    return fn
+
+  def run(name, reused):
+    workdir = tmp_path / name
+    workdir.mkdir()
+    pipeline._stage(config, workdir, "world", "world/done.json", make(workdir), {}, cache,
+                    {"seed": 0}, reused)
+
+  reused_a, reused_b = [], []
+  first = threading.Thread(target=run, args=("a", reused_a))
+  first.start()
+  assert started.wait(10)
+  run("b", reused_b)  # blocks on the lock until a is done
+  first.join()
+  assert calls == ["a"] and reused_a == [] and reused_b == ["world"]
+  assert (tmp_path / "b" / "world" / "done.json").exists()
+
+
 def test_ci_sized_pipeline_runs_every_stage(tmp_path, capsys):
   config = load_config("tiny_world", "ci")
   config.progress = False

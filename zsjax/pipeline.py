@@ -46,6 +46,8 @@ policy trained against the simulator).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -209,9 +211,11 @@ class StageCache:
   seconds it took and the inputs it was keyed on. A workdir's own finished stage
   directory (made without the cache) is moved into the cache on first use. The
   key covers configuration, not code: clear the cache after changing code that
-  changes a stage's output. Nothing locks an entry: two runs that would make the
-  same entry at once (a sweep's points launched in parallel) should wait for the
-  first point of each seed to finish.
+  changes a stage's output. Making an entry holds an exclusive lock on
+  ``root/<name>/<key>.lock`` (``fcntl.flock``): a run that needs an entry another
+  run is making waits for it and then links it, so a sweep's points can be
+  launched in parallel (on a shared file system, one whose locks reach every
+  machine).
   """
 
   def __init__(self, root: str | os.PathLike):
@@ -244,6 +248,23 @@ class StageCache:
     link.symlink_to(entry, target_is_directory=True)
     return entry
 
+  @contextlib.contextmanager
+  def lock(self, name: str, key: str, log=None):
+    """Holds the exclusive lock of entry ``name/key`` (waiting for it if held)."""
+    path = self.root / name / f"{key}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+      try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        if log is not None:
+          log(f"{name}: another run is making {path.with_suffix('')}; waiting for it")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+      try:
+        yield
+      finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+
   @staticmethod
   def record(entry: Path, workdir: Path, stage_seconds: float, inputs) -> None:
     (entry / "stage.json").write_text(json.dumps(
@@ -261,11 +282,21 @@ def _stage(config, workdir: Path, name: str, marker: str, fn, seconds: dict,
            cache: StageCache | None = None, inputs: dict | None = None,
            reused: list | None = None) -> str | None:
   """Runs stage ``name`` unless ``workdir/marker`` exists; returns its cache key
-  (None without a cache). A stage another workdir made is added to ``reused``."""
-  key = entry = None
-  if cache is not None and inputs is not None:
-    key = cache.key(name, inputs)
+  (None without a cache). A stage another workdir made is added to ``reused``.
+  With a cache, the entry's lock is held from the check to the end of making it."""
+  if cache is None or inputs is None:
+    _run_stage(config, workdir, name, marker, fn, seconds)
+    return None
+  key = cache.key(name, inputs)
+  with cache.lock(name, key, log=lambda message: _log(config, message)):
     entry = cache.attach(workdir, name, key, marker, seconds)
+    _run_stage(config, workdir, name, marker, fn, seconds, cache, entry, inputs, reused)
+  return key
+
+
+def _run_stage(config, workdir: Path, name: str, marker: str, fn, seconds: dict,
+               cache: StageCache | None = None, entry: Path | None = None, inputs=None,
+               reused: list | None = None) -> None:
   if (workdir / marker).exists():
     made = cache.made(entry) if entry is not None else None
     if made is not None:
@@ -273,7 +304,7 @@ def _stage(config, workdir: Path, name: str, marker: str, fn, seconds: dict,
       if made["made_in"] != str(workdir.absolute()) and reused is not None:
         reused.append(name)
     _log(config, f"{name}: done before, skipped")
-    return key
+    return
   _log(config, f"{name} ...")
   start = time.perf_counter()
   fn()
@@ -282,7 +313,6 @@ def _stage(config, workdir: Path, name: str, marker: str, fn, seconds: dict,
     cache.record(entry, workdir, seconds[name], inputs)
   (workdir / "stage_seconds.json").write_text(json.dumps(seconds, indent=2) + "\n")
   _log(config, f"{name}: {seconds[name]:.1f} s")
-  return key
 
 
 def _section(config, *names) -> dict:
