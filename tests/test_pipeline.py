@@ -173,6 +173,27 @@ def test_stage_cache_makes_each_stage_once_per_config(tmp_path):
   assert calls[-1] != ("d", "world")
 
 
+def test_paired_gains_by_hand():
+  def rec(method, qid, em, split="single_hop"):
+    return {"method": method, "set": split, "id": qid, "em": em}
+
+  base = [1.0, 0.0, 0.0, 1.0]
+  other = [1.0, 1.0, 0.0, 0.0]
+  rl = [1.0, 1.0, 1.0, 1.0]
+  records = ([rec("warm_start", f"q{i}", e) for i, e in enumerate(base)]
+             + [rec("rag", f"q{i}", e) for i, e in reversed(list(enumerate(other)))]
+             + [rec("rl_simulator", f"q{i}", e) for i, e in enumerate(rl)])
+  gains = pipeline.paired_gains(records)
+  # differences 0, +1, 0, -1: mean 0, sample std sqrt(2/3), stderr sqrt(2/3) / 2
+  assert gains["rag"] == {"em": 0.0, "stderr": pytest.approx((2 / 3) ** 0.5 / 2), "n": 4}
+  # differences 0, +1, +1, 0: mean 0.5, sample std sqrt(1/3), stderr sqrt(1/3) / 2
+  assert gains["rl_simulator"]["em"] == 0.5
+  assert gains["rl_simulator"]["stderr"] == pytest.approx((1 / 3) ** 0.5 / 2)
+  assert "warm_start" not in gains
+  with pytest.raises(ValueError, match="other questions"):
+    pipeline.paired_gains(records + [rec("rag", "q9", 1.0, "two_hop")])
+
+
 def test_parallel_runs_make_a_cache_entry_once(tmp_path):
   """Two runs that need the same entry at once: one makes it, the other waits
   for its lock and links it (a sweep's points launched in parallel)."""
@@ -222,6 +243,11 @@ def test_ci_sized_pipeline_runs_every_stage(tmp_path, capsys):
                                            "rl_simulator", "rl_real_search", "evaluate"}
   on_disk = json.loads((tmp_path / "results.json").read_text())
   assert on_disk["methods"] == results["methods"]
+  # the paired gain's mean is the difference of the two rows' means
+  for method, gain in results["gains_over_warm_start"].items():
+    assert gain["em"] == pytest.approx(results["methods"][method]["all"]["em"]
+                                       - results["methods"]["warm_start"]["all"]["em"])
+  assert set(results["gains_over_warm_start"]) == set(pipeline.METHODS) - {"warm_start"}
   for plot in ("reward_f1", "reward_em", "rollout_searches", "curriculum_p_noise"):
     assert (tmp_path / "plots" / f"{plot}.png").stat().st_size > 1000
   for stage in ("pretrain", "warm_start", "rl_simulator", "rl_real_search"):

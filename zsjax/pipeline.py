@@ -475,7 +475,8 @@ def run(config, workdir: str) -> dict:
   methods = json.loads((workdir / "evaluation.json").read_text())
   results = {"methods": methods, "stage_seconds": seconds,
              "total_seconds": float(sum(seconds.values())), "seed": config.seed,
-             "reused_stages": reused}
+             "reused_stages": reused,
+             "gains_over_warm_start": paired_gains(read_jsonl(workdir / "predictions.jsonl"))}
   (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
   table = results_table(results)
   (workdir / "results.md").write_text(table + "\n")
@@ -545,6 +546,29 @@ def evaluate_policies(config, workdir: Path, paths: dict, tokenizer_dir: str,
   return out
 
 
+def paired_gains(records: list[dict], base: str = "warm_start") -> dict:
+  """Each method's test-EM gain over ``base`` on the same questions:
+  ``{method: {"em": mean of per-question differences, "stderr": their standard
+  deviation (n - 1) / sqrt(n), "n": questions}}``. ``records``: the evaluation's
+  predictions (``method``, ``set``, ``id``, ``em``). Pairing removes the spread
+  of question difficulty that two independent standard errors would carry."""
+  by_method: dict[str, dict] = {}
+  for r in records:
+    by_method.setdefault(r["method"], {})[(r["set"], r["id"])] = float(r["em"])
+  if base not in by_method:
+    return {}
+  gains = {}
+  for method, scores in by_method.items():
+    if method == base:
+      continue
+    if scores.keys() != by_method[base].keys():
+      raise ValueError(f"method {method!r} was evaluated on other questions than {base!r}.")
+    diff = np.array([scores[q] - by_method[base][q] for q in sorted(scores)])
+    stderr = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+    gains[method] = {"em": float(diff.mean()), "stderr": stderr, "n": int(len(diff))}
+  return gains
+
+
 def results_table(results: dict) -> str:
   lines = ["| method | " + " | ".join(f"{s} EM" for s in SPLITS) + " | all substring EM | "
            "all F1 | searches / question |", "|---|" + "---|" * (len(SPLITS) + 3)]
@@ -554,6 +578,13 @@ def results_table(results: dict) -> str:
     cells += [f"{100 * r['all']['substring_em']:.1f}", f"{100 * r['all']['f1']:.1f}",
               f"{r['searches_per_question']:.2f}"]
     lines.append(f"| {method} | " + " | ".join(cells) + " |")
+  gains = results.get("gains_over_warm_start") or {}
+  if gains:
+    n = next(iter(gains.values()))["n"]
+    lines += ["", f"All-EM gain over warm_start, paired over the same {n} test questions "
+              "(± one standard error): " + ", ".join(
+                  f"{m} {100 * g['em']:+.1f} ± {100 * g['stderr']:.1f}"
+                  for m, g in gains.items()) + "."]
   seconds = results["stage_seconds"]
   lines += ["", "Stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
             + f"; total {sum(seconds.values()):.0f} s."]
