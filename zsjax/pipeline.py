@@ -39,7 +39,9 @@ leaves out RL against BM25 (an ablation arm needs it once per seed, not per arm)
 
 Outputs: ``results.json`` (``methods.<method>.<split>.<metric>``,
 ``stage_seconds.<stage>`` -- a reused stage counts the seconds it took when it
-was made -- and ``reused_stages``), ``results.md``, ``plots/*.png``, TensorBoard logs and
+was made -- ``reused_stages``, and ``gains_over_warm_start.<method>.{em,stderr,n}``,
+each method's test-EM gain paired over the same questions), ``results.md``,
+``predictions.jsonl`` (every test answer), ``plots/*.png``, TensorBoard logs and
 checkpoints of every training stage, and ``final_policy/`` (HF export of the
 policy trained against the simulator).
 """
@@ -548,8 +550,8 @@ def evaluate_policies(config, workdir: Path, paths: dict, tokenizer_dir: str,
 
 def paired_gains(records: list[dict], base: str = "warm_start") -> dict:
   """Each method's test-EM gain over ``base`` on the same questions:
-  ``{method: {"em": mean of per-question differences, "stderr": their standard
-  deviation (n - 1) / sqrt(n), "n": questions}}``. ``records``: the evaluation's
+  ``{method: {"em": mean of per-question differences, "stderr": their sample
+  standard deviation (ddof 1) over sqrt(n), "n": questions}}``. ``records``: the evaluation's
   predictions (``method``, ``set``, ``id``, ``em``). Pairing removes the spread
   of question difficulty that two independent standard errors would carry."""
   by_method: dict[str, dict] = {}
