@@ -108,6 +108,7 @@ def get_config(arg=None):
               samples_per_prompt=2 if ci else 4, total_steps=2 if ci else 50, epochs=1,
               minibatch_size=16 if ci else 64, micro_batch_size=16 if ci else 32,
               score_batch_size=16 if ci else 32, learning_rate=1e-3, warmup_fraction=0.1,
+              decay="constant",
               weight_decay=0.0, grad_clip=1.0, clip_eps=0.2, dual_clip=0.0, kl_coef=0.001,
               kl_type="k3", entropy_coef=0.0, aggregation="token_mean", loss_mask="policy",
               critic_learning_rate=1e-4, critic_warmup_fraction=0.0, value_clip=0.5,

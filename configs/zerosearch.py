@@ -99,7 +99,9 @@ def get_config(arg=None):
       minibatch_size=8 if tiny else 256, micro_batch_size=8 if tiny else 16,
       score_batch_size=8 if tiny else 32,
       learning_rate=1e-4 if tiny else 1e-6,
-      warmup_fraction=0.285 if algorithm == "ppo" else 0.95, weight_decay=0.0, grad_clip=1.0,
+      warmup_fraction=0.285 if algorithm == "ppo" else 0.95,
+      decay="constant",  # | cosine (to 0 at the last update, after the warmup)
+      weight_decay=0.0, grad_clip=1.0,
       clip_eps=0.2, dual_clip=0.0,  # 0 = off; the paper's setting would be 3
       kl_coef=0.001, kl_type="k3", entropy_coef=0.001,
       aggregation="token_mean",  # | seq_mean_token_mean

@@ -251,7 +251,7 @@ class RLTrainer:
     total_updates = r.total_steps * updates_per_step
     self.tx, self.schedule = make_optimizer(
         r.learning_rate, total_updates, warmup_fraction=r.warmup_fraction,
-        weight_decay=r.weight_decay, clip_norm=r.grad_clip)
+        decay=r.get("decay", "constant"), weight_decay=r.weight_decay, clip_norm=r.grad_clip)
     self.shardings = state_shardings(self.policy_cfg, self.tx, plan)
     self.ref_params = copy_tree(self.initial_params, self.shardings.params)
     self.critic_tx = self.critic_shardings = None
