@@ -258,6 +258,22 @@ def test_nan_loss_stops_naming_step_and_metric_and_saves_nothing_corrupt(tmp_pat
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state))
 
 
+@pytest.mark.parametrize("decay", ["constant", "cosine"])
+def test_learning_rate_decay_reaches_the_optimizer(tmp_path, world, decay):
+  config = with_world(tiny_config(steps=8), world)
+  config.rl.warmup_fraction = 0.25
+  config.rl.decay = decay
+  trainer = train_rl.RLTrainer(config, tmp_path)
+  updates = 8 * len(trainer.minibatch_sizes)
+  lrs = [float(trainer.schedule(i)) for i in range(updates + 1)]
+  peak = config.rl.learning_rate
+  assert max(lrs) == pytest.approx(peak)
+  if decay == "constant":
+    assert lrs[-1] == pytest.approx(peak)
+  else:  # cosine from the end of the warmup to 0 at the last update
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12) and lrs[-2] < lrs[updates // 2] < peak
+
+
 @pytest.mark.parametrize("algorithm,engine", [("grpo", "bm25"), ("ppo", "simulator")])
 def test_other_algorithms_and_engines_run(tmp_path, world, algorithm, engine):
   config = with_world(tiny_config(algorithm, steps=2, kind=engine), world)
