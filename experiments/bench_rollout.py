@@ -45,12 +45,9 @@ ARCH_KEYS = ("vocab_size", "embed_dim", "mlp_dim", "num_layers", "num_heads", "n
 
 def tiny_world_policy() -> dict:
   """The policy shape of configs/tiny_world.py (read from it, so they stay equal)."""
-  import importlib.util
+  from sweep import config_module  # experiments/, beside this file
 
-  spec = importlib.util.spec_from_file_location("tiny_world", ROOT / "configs" / "tiny_world.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = config_module(ROOT / "configs" / "tiny_world.py").get_config()
   shape = {k: config.policy_model[k] for k in ARCH_KEYS}
   shape["vocab_size"] = config.world.vocab_size  # the world's tokenizer sets it
   return shape

@@ -50,12 +50,19 @@ RESULT_FILES = ("results.json", "rl_summary.json", "sft_summary.json", "sim_tuni
                 "model_check.json")
 
 
-def load_sweep(config_path: str, name: str = "default") -> list[dict]:
-  """The points (override dicts) of sweep ``name`` in ``config_path``."""
-  path = Path(config_path.split(":")[0])
+def config_module(path: str | Path):
+  """A ``configs/<name>.py`` file imported as a module (``get_config``, sweeps)."""
+  path = Path(path)
   spec = importlib.util.spec_from_file_location(path.stem, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  return module
+
+
+def load_sweep(config_path: str, name: str = "default") -> list[dict]:
+  """The points (override dicts) of sweep ``name`` in ``config_path``."""
+  path = Path(config_path.split(":")[0])
+  module = config_module(path)
   fn_name = "sweep" if name == "default" else f"sweep_{name}"
   fn = getattr(module, fn_name, None)
   if fn is None:
