@@ -292,15 +292,15 @@ def _stage(config, workdir: Path, name: str, marker: str, fn, seconds: dict,
   key = cache.key(name, inputs)
   with cache.lock(name, key, log=lambda message: _log(config, message)):
     entry = cache.attach(workdir, name, key, marker, seconds)
-    _run_stage(config, workdir, name, marker, fn, seconds, cache, entry, inputs, reused)
+    _run_stage(config, workdir, name, marker, fn, seconds, entry, inputs, reused)
   return key
 
 
 def _run_stage(config, workdir: Path, name: str, marker: str, fn, seconds: dict,
-               cache: StageCache | None = None, entry: Path | None = None, inputs=None,
-               reused: list | None = None) -> None:
+               entry: Path | None = None, inputs=None, reused: list | None = None) -> None:
+  """``_stage`` without the cache's key and lock; ``entry``: the stage's cache entry."""
   if (workdir / marker).exists():
-    made = cache.made(entry) if entry is not None else None
+    made = StageCache.made(entry) if entry is not None else None
     if made is not None:
       seconds[name] = made["seconds"]
       if made["made_in"] != str(workdir.absolute()) and reused is not None:
@@ -312,7 +312,7 @@ def _run_stage(config, workdir: Path, name: str, marker: str, fn, seconds: dict,
   fn()
   seconds[name] = time.perf_counter() - start
   if entry is not None:
-    cache.record(entry, workdir, seconds[name], inputs)
+    StageCache.record(entry, workdir, seconds[name], inputs)
   (workdir / "stage_seconds.json").write_text(json.dumps(seconds, indent=2) + "\n")
   _log(config, f"{name}: {seconds[name]:.1f} s")
 
@@ -620,4 +620,4 @@ def plot_training(workdir: Path) -> None:
 
 
 __all__ = ["METHODS", "SPLITS", "StageCache", "demonstrations", "evaluate_policies",
-           "results_table", "plot_training", "run"]
+           "paired_gains", "results_table", "plot_training", "run"]
