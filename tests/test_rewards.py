@@ -15,6 +15,11 @@ def test_normalize_answer():
 def test_extract_answer_reads_the_last_answer_of_the_response_only():
   assert W.extract_answer("<answer> A </answer> then <answer>B </answer>") == "B"
   assert W.extract_answer("<answer> unterminated") is None
+  # an invalid turn's unclosed <answer> (the policy's own text: turns joined, feedback
+  # and documents left out) must not swallow the later, valid answer
+  assert W.extract_answer("<answer> Tosmo </search><search> q </search><answer> Zai </answer>"
+                          ) == "Zai"
+  assert W.extract_answer("<answer> a <answer> b </answer>") == "b"
   assert W.extract_answer("no tags") is None
   # the prompt's example answer must never count: the response alone is scored
   assert "<answer>" in template.INSTRUCTION

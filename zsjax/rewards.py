@@ -2,9 +2,9 @@
 
 * ``normalize_answer``: SQuAD normalisation (lower case, no punctuation, no
   articles a/an/the, single spaces).
-* ``extract_answer``: the content of the last complete ``<answer>…</answer>`` of
-  the *response* (never the prompt, whose instructions contain an example
-  answer); None when there is none, which scores 0.
+* ``extract_answer``: the content of the last complete ``<answer>…</answer>`` (no
+  other ``<answer>`` inside) of the *response* (never the prompt, whose
+  instructions contain an example answer); None when there is none, which scores 0.
 * ``f1`` (the training reward), ``exact_match`` (strict) and
   ``substring_match`` (the normalised gold inside the normalised prediction: what
   the reference code calls EM), each the max over the gold answers.
@@ -17,7 +17,9 @@ import re
 import string
 from typing import Sequence
 
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+# An <answer> and the first </answer> after it with no other <answer> between: an
+# unclosed <answer> of an earlier, invalid turn does not swallow the next ones.
+_ANSWER = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = set(string.punctuation)
 
