@@ -59,8 +59,8 @@ def get_config(arg=None):
   config.seed = 0
   config.progress = True
   config.world = ml_collections.ConfigDict(dict(
-      countries=4 if ci else 6, cities=12 if ci else 24, people=30 if ci else 80,
-      films=10 if ci else 30, organizations=8 if ci else 16, test_fraction=0.15,
+      countries=2 if ci else 6, cities=4 if ci else 24, people=10 if ci else 80,
+      films=4 if ci else 30, organizations=3 if ci else 16, test_fraction=0.15,
       dev_fraction=0.1, vocab_size=1536))
   config.instruction = INSTRUCTION
   config.simulator_template = SIMULATOR_TEMPLATE
@@ -94,8 +94,16 @@ def get_config(arg=None):
                    max_query_tokens=16),
       sampling=dict(kind="greedy"), prompt_width=64))
   config.sim_sft = ml_collections.ConfigDict(sft(20 if ci else 1500, 8, 160, 3e-3))
-  config.warm_start = ml_collections.ConfigDict(sft(20 if ci else 2000, 8, 320, 3e-3))
+  config.warm_start = ml_collections.ConfigDict(sft(300 if ci else 2000, 8, 320, 3e-3))
   config.rl = ml_collections.ConfigDict(dict(
+      # RL trains on the first `questions` training questions (0 = all of them). The CI
+      # run uses 4, each sampled 8 times a step: a 64-wide policy after a 300-step warm
+      # start cannot copy names yet, so on the whole training set its few rewards are
+      # guesses and 20 steps show no trend. On 4 questions RL raises the training
+      # reward within 20 steps (mean F1 of the first 5 steps -> the last 5, against
+      # the simulator / BM25: seed 0 0.09 -> 0.32 / 0.18 -> 0.46, seed 1 0.00 -> 0.18 /
+      # 0.28 -> 0.40, seed 2 0.10 -> 0.21 / 0.24 -> 0.54).
+      questions=4 if ci else 0,
       simulator=dict(max_prefix_tokens=80, max_new_tokens=48 if ci else 72, temperature=1.0),
       rollout=dict(max_turns=2, max_new_tokens=20, max_obs_tokens=96, max_length=384,
                    max_query_tokens=16, max_prompt_tokens=96),
@@ -104,9 +112,9 @@ def get_config(arg=None):
       # entropy_coef 0 (the paper: 0.001): with REINFORCE and no baseline, a batch
       # whose rewards are all 0 leaves only the entropy term, which here pushed the
       # small policy away from the template.
-      rl=dict(algorithm="reinforce", reward="f1", prompts_per_step=8 if ci else 16,
-              samples_per_prompt=2 if ci else 4, total_steps=2 if ci else 50, epochs=1,
-              minibatch_size=16 if ci else 64, micro_batch_size=16 if ci else 32,
+      rl=dict(algorithm="reinforce", reward="f1", prompts_per_step=4 if ci else 16,
+              samples_per_prompt=8 if ci else 4, total_steps=20 if ci else 50, epochs=1,
+              minibatch_size=32 if ci else 64, micro_batch_size=16 if ci else 32,
               score_batch_size=16 if ci else 32, learning_rate=1e-3, warmup_fraction=0.1,
               decay="constant",
               weight_decay=0.0, grad_clip=1.0, clip_eps=0.2, dual_clip=0.0, kl_coef=0.001,
