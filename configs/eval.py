@@ -37,7 +37,6 @@ def get_config(arg=None):
   config.tokenizer = ""
   config.synthetic_data = tiny
   config.chat_template = False
-  config.simulator_template = ""
   config.instruction = ""  # the search method's instruction; empty = zsjax.template.INSTRUCTION
   config.policy = ml_collections.ConfigDict(dict(
       checkpoint="", orbax_dir="", orbax_step=0, param_dtype="float32",
@@ -48,7 +47,9 @@ def get_config(arg=None):
                  param_dtype="float32", remat="none") if tiny else {}))
   config.simulator = ml_collections.ConfigDict(dict(
       checkpoint="", param_dtype="float32", dtype="float32", remat="none", model={},
-      max_prefix_tokens=192 if tiny else 320, max_new_tokens=64 if tiny else 512))
+      template="",  # empty = zsjax.simulator.DEFAULT_TEMPLATE
+      max_prefix_tokens=192 if tiny else 320, max_new_tokens=64 if tiny else 512,
+      temperature=0.0))  # evaluation decodes the simulator greedily
   config.engine = ml_collections.ConfigDict(dict(
       kind="bm25", corpus="", text_field="contents", top_k=3 if tiny else 5,
       url="", model="", timeout_s=30.0, max_retries=2))

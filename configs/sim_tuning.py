@@ -52,7 +52,7 @@ def get_config(arg=None):
   config.progress = True
   config.tokenizer = ""  # empty = the model checkpoint's
   config.synthetic_data = arg == "tiny"
-  config.simulator_template = ""  # empty = zsjax.search.DEFAULT_SIMULATOR_TEMPLATE
+  config.simulator_template = ""  # empty = zsjax.simulator.DEFAULT_TEMPLATE
   config.model = ml_collections.ConfigDict(dict(
       checkpoint="", param_dtype="float32", dtype="float32" if tiny else "bfloat16",
       remat="none" if tiny else "full", model=simulator_model() if tiny else {}))
@@ -80,7 +80,8 @@ def get_config(arg=None):
       max_length=256 if tiny else 2048, batch_size=8 if tiny else 2,
       total_steps=60 if tiny else 1000, learning_rate=3e-3 if tiny else 1e-6,
       warmup_fraction=0.05, decay="cosine" if tiny else "constant", weight_decay=0.0,
-      grad_clip=1.0, eval_every=20 if tiny else 100))
+      grad_clip=1.0, eval_every=20 if tiny else 100,
+      on_error="skip"))  # malformed rows: skip (reported) | raise
   config.checkpoint = ml_collections.ConfigDict(dict(every=20 if tiny else 200, max_to_keep=2,
                                                      async_save=True, export_hf=True))
   config.mesh = ml_collections.ConfigDict(dict(data=-1 if tiny else 1, fsdp=1 if tiny else -1,

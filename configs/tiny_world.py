@@ -46,7 +46,7 @@ def model(embed_dim: int, layers: int, mlp_dim: int) -> dict:
 def sft(steps: int, batch: int, length: int, lr: float) -> dict:
   return dict(data="", max_length=length, batch_size=batch, total_steps=steps,
               learning_rate=lr, warmup_fraction=0.05, decay="cosine", weight_decay=0.0,
-              grad_clip=1.0, eval_every=max(steps // 2, 1))
+              grad_clip=1.0, eval_every=max(steps // 2, 1), on_error="skip")
 
 
 def get_config(arg=None):

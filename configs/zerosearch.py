@@ -72,7 +72,7 @@ def get_config(arg=None):
   config.simulator = ml_collections.ConfigDict(dict(
       checkpoint="", param_dtype="float32" if tiny else "bfloat16",
       dtype="float32" if tiny else "bfloat16", remat="none", model=tiny_model(),
-      template="",  # empty = zsjax.search.DEFAULT_SIMULATOR_TEMPLATE; paste the paper's here
+      template="",  # empty = zsjax.simulator.DEFAULT_TEMPLATE; paste the paper's here
       max_prefix_tokens=192 if tiny else 320,  # simulator prompt before the query
       max_new_tokens=32 if tiny else 512, temperature=0.8 if not tiny else 1.0))
   config.engine = ml_collections.ConfigDict(dict(
@@ -107,11 +107,11 @@ def get_config(arg=None):
       aggregation="token_mean",  # | seq_mean_token_mean
       loss_mask="policy",  # | response (ablation: inserted documents in the loss too)
       critic_learning_rate=1e-5 if not tiny else 1e-4, critic_warmup_fraction=0.0,
-      value_clip=0.5, gamma=1.0, lam=1.0))
+      value_clip=0.5, gamma=1.0, lam=1.0,
+      sample_every=0,  # > 0: every N steps, decoded trajectories to WORKDIR/samples.jsonl
+      sample_rows=4))  # trajectories per sample
   config.checkpoint = ml_collections.ConfigDict(dict(
       every=1 if tiny else 20, max_to_keep=3, async_save=True, export_hf=True))
-  # Test hooks that simulate faults: kill the process mid-step / NaN rewards at a step.
-  config.fault_injection = ml_collections.ConfigDict(dict(kill_at_step=0, nan_at_step=0))
   config.mesh = ml_collections.ConfigDict(dict(data=-1 if tiny else 1, fsdp=1 if tiny else -1,
                                                tensor=1))
   config.sharding = "dp" if tiny else "fsdp"

@@ -126,14 +126,11 @@ def bench_size(name, args, peak):
                            max_length=max_length, max_query_tokens=16)
   rng = np.random.default_rng(0)
   prompts = rng.integers(3, tokenizer.vocab_size, (b, p)).astype(np.int32)
+  host = HostSearch(NoSearch(), tokenizer, max_doc_tokens=8, pad_id=static.pad_id)
   batch = R.RolloutBatch(
       prompt_tokens=jnp.asarray(prompts), prompt_lengths=jnp.full((b,), p, jnp.int32),
-      row_ids=jnp.arange(b, dtype=jnp.int32), sim_prefix=jnp.zeros((2, b, 1), jnp.int32),
-      sim_prefix_lengths=jnp.ones((2, b), jnp.int32), sim_suffix=jnp.zeros((2, 1), jnp.int32),
-      sim_suffix_lengths=jnp.ones((2,), jnp.int32))
-  host = HostSearch(NoSearch(), tokenizer, max_doc_tokens=8, pad_id=static.pad_id)
-  host.set_context([""] * b, [""] * b)
-  rollout = jax.jit(R.make_rollout(cfg, matcher, static, R.host_engine(host), config, Greedy()))
+      engine_inputs=host.inputs([""] * b, [""] * b))
+  rollout = jax.jit(R.make_rollout(cfg, matcher, static, host, config, Greedy()))
   generated = b * t * turns
 
   def best(fn):

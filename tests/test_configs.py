@@ -57,10 +57,10 @@ def test_sim_tuning_config_args_build(arg):
 @pytest.mark.parametrize("arg", [f"{m},{a}" for m in ("qwen2.5-3b", "qwen2.5-7b", "llama3.2-3b")
                                  for a in ("reinforce", "grpo", "ppo")])
 def test_paper_rl_configs_carry_the_paper_settings(arg):
-  from zsjax import train_rl
+  from zsjax import hf, rl_step
 
   config = load_config(ROOT / "configs/zerosearch.py", arg)
-  train_rl.check_config(config)
+  rl_step.check_config(config)
   r = config.rl
   assert (r.prompts_per_step, r.samples_per_prompt, r.total_steps) == (64, 5, 203)
   assert (r.learning_rate, r.kl_coef, r.kl_type, r.entropy_coef, r.clip_eps) == (
@@ -73,7 +73,7 @@ def test_paper_rl_configs_carry_the_paper_settings(arg):
   if r.algorithm == "ppo":
     assert (r.critic_learning_rate, r.value_clip, r.gamma, r.lam) == (1e-5, 0.5, 1.0, 1.0)
   with pytest.raises(ValueError, match="config.policy.checkpoint"):  # paths are the user's
-    train_rl.load_model(config.policy, None, None, 100, (), what="policy")
+    hf.load_model(config.policy, None, None, 100, (), what="policy")
 
 
 def test_model_check_llama_arg_builds_a_scaled_llama():

@@ -33,10 +33,11 @@ def test_traced_matches_python():
 
 
 def test_schedule_from_config_and_fixed():
-  fixed = C.schedule_from_config(ml_collections.ConfigDict({"kind": "fixed", "probability": 0.5}), 10)
+  section = dict(kind="fixed", start=0.0, end=0.5, base=4.0, probability=0.5)
+  fixed = C.schedule_from_config(ml_collections.ConfigDict(section), 10)
   assert fixed(3) == 0.5 and float(jax.jit(fixed)(jnp.int32(3))) == 0.5
   curve = C.schedule_from_config(ml_collections.ConfigDict(
-      {"kind": "exponential", "start": 0.0, "end": 0.25, "base": 4.0}), 100)
+      dict(section, kind="exponential", end=0.25)), 100)
   assert curve(100) == pytest.approx(0.25) and curve(1) < 0.01
 
 

@@ -8,12 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from zsjax import curriculum as C
 from zsjax import model as M
 from zsjax import rollout as R
 from zsjax import search as S
+from zsjax import simulator as SIM
 from zsjax import template as T
 from zsjax.rollout_reference import python_rollout
 from zsjax.sampling import Greedy, Sampling
+from scripted import Scripted, script_rows
 
 transformers = pytest.importorskip("transformers")
 
@@ -28,7 +31,7 @@ def tokenizer():
 
   corpus = [T.INSTRUCTION, T.INVALID_ACTION_FEEDBACK, T.render_observation(["a result"]),
             "<think> hmm </think><search> capital of France </search><answer> Paris </answer>",
-            S.DEFAULT_SIMULATOR_TEMPLATE] + QUESTIONS + ANSWERS
+            SIM.DEFAULT_TEMPLATE] + QUESTIONS + ANSWERS
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
@@ -69,26 +72,21 @@ def run_both(tokenizer, world, config, sampling, scripts=None, questions=QUESTIO
   cfg, params, static, matcher = world
   prompts = [T.render_prompt(q) for q in questions]
   answers = (ANSWERS * len(questions))[:len(questions)]
-  batch = R.prepare_batch(tokenizer, prompts, questions, answers,
+  jit_engine = ScriptedEngine()
+  host = S.HostSearch(jit_engine, tokenizer, max_doc_tokens=48, pad_id=static.pad_id)
+  batch = R.prepare_batch(tokenizer, prompts, questions, answers, host,
                           samples_per_prompt=samples_per_prompt, pad_id=static.pad_id)
-  script = None
   if scripts is not None:
     # A row's script is a list of turns (each tokenized on its own, as a policy's
     # turn ends at its closing token) or a list of token ids.
-    ids = [sum((tokenizer.encode(turn) for turn in s), []) if isinstance(s[0], str) else s
-           for s in scripts]
-    script = np.full((len(ids), max(map(len, ids)) + 1), -1, np.int32)
-    for i, row in enumerate(ids):
-      script[i, :len(row)] = row
-  jit_engine = ScriptedEngine()
-  host = S.HostSearch(jit_engine, tokenizer, max_doc_tokens=48, pad_id=static.pad_id)
-  host.set_context(questions, answers)
-  rollout = R.make_rollout(cfg, matcher, static, R.host_engine(host), config, sampling)
-  fast = jax.jit(rollout)(params, None, batch, rng, step,
-                          None if script is None else jnp.asarray(script))
+    sampling = Scripted(script_rows(
+        [sum((tokenizer.encode(turn) for turn in s), []) if isinstance(s[0], str) else s
+         for s in scripts]), sampling)
+  rollout = R.make_rollout(cfg, matcher, static, host, config, sampling)
+  fast = jax.jit(rollout)(params, None, batch, rng, step)
   oracle_engine = ScriptedEngine()
   slow = python_rollout(cfg, params, tokenizer, static, oracle_engine, config, sampling, batch,
-                        questions, answers, rng, step, script=script)
+                        questions, answers, rng, step)
   return jax.device_get(fast), slow, jit_engine, oracle_engine
 
 
@@ -200,7 +198,7 @@ def test_sampling_log_probs_equal_teacher_forced(tokenizer, world):
 
 def test_noisy_draw_follows_p_and_is_per_call(tokenizer, world):
   config = R.RolloutConfig(max_turns=3, max_new_tokens=40, max_obs_tokens=96, max_length=480,
-                           noise_start=0.3, noise_end=0.3)
+                           curriculum=C.Curriculum(start=0.3, end=0.3))
   cfg, params, static, matcher = world
   questions = QUESTIONS * 8  # 32 rows x 3 search turns = 96 calls
   scripts = [["<search> q </search>"] * 3] * len(questions)
@@ -218,12 +216,10 @@ def test_same_shape_batches_compile_once(tokenizer, world):
   cfg, params, static, matcher = world
   host = S.HostSearch(ScriptedEngine(), tokenizer, max_doc_tokens=48, pad_id=static.pad_id)
   config = R.RolloutConfig(max_turns=1, max_new_tokens=4, max_obs_tokens=96, max_length=320)
-  rollout = jax.jit(R.make_rollout(cfg, matcher, static, R.host_engine(host), config,
-                                   Sampling()))
+  rollout = jax.jit(R.make_rollout(cfg, matcher, static, host, config, Sampling()))
   for pair in (QUESTIONS[:2], QUESTIONS[2:]):
-    host.set_context(pair, ANSWERS)
     batch = R.prepare_batch(tokenizer, [T.render_prompt(q) for q in pair], pair, ANSWERS[:2],
-                            pad_id=static.pad_id, prompt_width=256, sim_prefix_width=160)
+                            host, pad_id=static.pad_id, prompt_width=256)
     jax.block_until_ready(rollout(params, None, batch, jax.random.key(1), 3))
   with pytest.raises(ValueError, match="more than the fixed width 8"):
     R.prepare_batch(tokenizer, ["a long prompt " * 5], ["q"], ["a"], prompt_width=8)
@@ -232,18 +228,17 @@ def test_same_shape_batches_compile_once(tokenizer, world):
 
 def test_on_device_simulator_writes_documents_into_the_context(tokenizer, world):
   cfg, params, static, _ = world
-  sim_matcher = T.build_tag_matcher(tokenizer, tags=("Doc 6",))
-  engine = R.simulator_engine(cfg, sim_matcher, static, max_new_tokens=12, max_prompt=176)
-  rollout = jax.jit(R.make_rollout(cfg, T.build_tag_matcher(tokenizer), static, engine, CONFIG,
-                                   Greedy()))
-  questions = QUESTIONS[:2]
-  batch = R.prepare_batch(tokenizer, [T.render_prompt(q) for q in questions], questions,
-                          ANSWERS[:2], pad_id=static.pad_id)
-  script = np.full((2, 40), -1, np.int32)
+  engine = SIM.SimulatorEngine(cfg, tokenizer, SIM.SimulatorPrompt(), static.piece_bytes,
+                               max_new_tokens=12, prefix_width=140, query_width=24,
+                               eos_ids=static.eos_ids, pad_id=static.pad_id)
   ids = tokenizer.encode("<search> capital of France </search>") + tokenizer.encode(
       "<answer> Paris </answer>")
-  script[:, :len(ids)] = ids
-  traj = jax.device_get(rollout(params, params, batch, jax.random.key(3), 1, jnp.asarray(script)))
+  rollout = jax.jit(R.make_rollout(cfg, T.build_tag_matcher(tokenizer), static, engine, CONFIG,
+                                   Scripted(script_rows([ids, ids]))))
+  questions = QUESTIONS[:2]
+  batch = R.prepare_batch(tokenizer, [T.render_prompt(q) for q in questions], questions,
+                          ANSWERS[:2], engine, pad_id=static.pad_id)
+  traj = jax.device_get(rollout(params, params, batch, jax.random.key(3), 1))
   assert (traj.searches == 1).all() and traj.answered.all()
   text = decode(tokenizer, traj, 0)
   between = text.split("<information>")[1].split("</information>")[0]
@@ -259,18 +254,18 @@ def test_sharded_rollout_matches_one_device(tokenizer, world):
   cfg, params, static, matcher = world
   questions = QUESTIONS
   host = S.HostSearch(ScriptedEngine(), tokenizer, max_doc_tokens=48, pad_id=static.pad_id)
-  host.set_context(questions, ANSWERS)
   config = R.RolloutConfig(max_turns=1, max_new_tokens=12, max_obs_tokens=96, max_length=320)
-  rollout = R.make_rollout(cfg, matcher, static, R.host_engine(host), config, Greedy())
+  rollout = R.make_rollout(cfg, matcher, static, host, config, Greedy())
   batch = R.prepare_batch(tokenizer, [T.render_prompt(q) for q in questions], questions, ANSWERS,
-                          samples_per_prompt=2, pad_id=static.pad_id)
+                          host, samples_per_prompt=2, pad_id=static.pad_id)
   one = jax.device_get(jax.jit(rollout)(params, None, batch, jax.random.key(5), 1))
   plan = SH.ShardingPlan(SH.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}),
                          SH.rules_for("fsdp_tp"), "fsdp_tp")
-  sharded = R.shard_rollout(rollout, plan, cfg)(params, None, batch, jax.random.key(5), 1)
+  sharded = R.shard_rollout(rollout, plan, cfg, engine=host)(params, None, batch,
+                                                             jax.random.key(5), 1)
   assert sharded.tokens.sharding.spec[0] == ("data", "fsdp")
   assert_same(jax.device_get(sharded), one)
   with pytest.raises(ValueError, match="not divisible by data x fsdp = 4"):
     small = R.prepare_batch(tokenizer, [T.render_prompt(QUESTIONS[0])], QUESTIONS[:1],
-                            ANSWERS[:1], pad_id=static.pad_id)
-    R.shard_rollout(rollout, plan, cfg)(params, None, small, jax.random.key(5), 1)
+                            ANSWERS[:1], host, pad_id=static.pad_id)
+    R.shard_rollout(rollout, plan, cfg, engine=host)(params, None, small, jax.random.key(5), 1)

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 
 from zsjax import search as S
+from zsjax import simulator as SIM
 
 transformers = pytest.importorskip("transformers")
 
 
 def test_prompt_keyword_is_the_only_difference():
-  prompt = S.SimulatorPrompt()
+  prompt = SIM.SimulatorPrompt()
   useful = prompt.render(" capital of France ", "What is the capital of France?", "Paris", False)
   noisy = prompt.render(" capital of France ", "What is the capital of France?", "Paris", True)
   assert useful.count("useful") + useful.count("Useful") == 3
@@ -36,15 +37,15 @@ def test_prompt_keyword_is_the_only_difference():
 ])
 def test_bad_templates_are_named(template, needle):
   with pytest.raises(ValueError, match=needle):
-    S.SimulatorPrompt(template)
+    SIM.SimulatorPrompt(template)
 
 
 def test_parse_documents_cuts_at_top_k_and_collapses_blank_lines():
   text = "Doc 1: first\n\n\nline two\nDoc 2: second\nDoc 3: third\nDoc 4: fourth"
-  assert S.parse_documents(text, 2) == ["first\nline two", "second"]
-  assert S.parse_documents(text, 5) == ["first\nline two", "second", "third", "fourth"]
-  assert S.parse_documents("just one paragraph", 5) == ["just one paragraph"]
-  assert S.parse_documents("", 5) == []
+  assert SIM.parse_documents(text, 2) == ["first\nline two", "second"]
+  assert SIM.parse_documents(text, 5) == ["first\nline two", "second", "third", "fourth"]
+  assert SIM.parse_documents("just one paragraph", 5) == ["just one paragraph"]
+  assert SIM.parse_documents("", 5) == []
 
 
 @pytest.fixture()
@@ -174,7 +175,7 @@ def test_host_search_from_jitted_code(corpus_file):
       vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
   tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
   host = S.HostSearch(S.BM25Engine.from_jsonl(corpus_file, top_k=1), tokenizer, max_doc_tokens=64)
-  host.set_context(["q0", "q1"], ["a0", "a1"])
+  inputs = host.inputs(["q0", "q1"], ["a0", "a1"])
   queries = ["capital of Germany", "highest mountain"]
   encoded = [tokenizer.encode(q) for q in queries]
   width = max(map(len, encoded))
@@ -184,11 +185,11 @@ def test_host_search_from_jitted_code(corpus_file):
   lengths = np.array([len(e) for e in encoded], np.int32)
 
   @jax.jit
-  def call(row_ids, tokens, lengths, active, noisy):
-    docs, doc_lengths, failed = host(row_ids, tokens, lengths, active, noisy)
+  def call(inputs, tokens, lengths, active, noisy):
+    docs, doc_lengths, failed = host(None, inputs, tokens, lengths, active, noisy, None)
     return docs, doc_lengths + 0, failed  # traced work after the callback
 
-  docs, doc_lengths, failed = call(jnp.arange(2), query_tokens, lengths,
+  docs, doc_lengths, failed = call(inputs, query_tokens, lengths,
                                    jnp.array([True, False]), jnp.array([False, False]))
   text = tokenizer.decode(np.asarray(docs[0, :doc_lengths[0]]).tolist())
   assert text == "Doc 1: Berlin is the capital of Germany."

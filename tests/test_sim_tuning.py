@@ -16,6 +16,7 @@ from zsjax.metrics import read_jsonl
 from zsjax.train_step import next_token_loss
 
 from config_files import load_config
+from scripted import Scripted, script_rows
 
 @pytest.fixture(scope="module")
 def tokenizer(world):
@@ -111,23 +112,21 @@ def test_collection_with_a_searching_policy_records_queries_documents_and_resume
   engine = S.BM25Engine.from_jsonl(world["corpus"], top_k=2)
   cfg = M.ModelConfig(vocab_size=len(tokenizer), embed_dim=32, mlp_dim=48, num_layers=1,
                       num_heads=4, num_kv_heads=2, head_dim=8, arch="qwen2")
-  policy = ST.make_collection_policy(
-      cfg, M.init_params(cfg, jax.random.key(0)), tokenizer, engine,
-      RolloutConfig(max_turns=1, max_new_tokens=40, max_obs_tokens=160, max_length=600,
-                    max_query_tokens=32), Greedy(), prompt_width=256)
+  params = M.init_params(cfg, jax.random.key(0))
+  config = RolloutConfig(max_turns=1, max_new_tokens=40, max_obs_tokens=160, max_length=600,
+                         max_query_tokens=32)
 
-  def script(questions):  # each row searches its question, then answers "Lund"
-    rows = [tokenizer.encode(f"<search> {q} </search>", add_special_tokens=False)
-            + tokenizer.encode("<answer> Lund </answer>", add_special_tokens=False)
-            for q in questions]
-    out = np.full((len(rows), max(map(len, rows)) + 1), -1, np.int32)
-    for i, r in enumerate(rows):
-      out[i, :len(r)] = r
-    return out
+  def policy_for(rows):  # each row searches its question, then answers "Lund"
+    questions = [e["question"] for e in rows] + [rows[-1]["question"]] * (4 - len(rows))
+    script = script_rows([tokenizer.encode(f"<search> {q} </search>", add_special_tokens=False)
+                          + tokenizer.encode("<answer> Lund </answer>", add_special_tokens=False)
+                          for q in questions])
+    return ST.make_collection_policy(cfg, params, tokenizer, engine, config,
+                                     Scripted(script, Greedy()), prompt_width=256)
 
   path = tmp_path / "trajectories.jsonl"
-  counts = ST.collect_trajectories(path, examples[:4], engine, tokenizer=tokenizer, policy=policy,
-                                   batch_size=4, script_fn=script, progress=False)
+  counts = ST.collect_trajectories(path, examples[:4], engine, tokenizer=tokenizer,
+                                   policy=policy_for(examples[:4]), batch_size=4, progress=False)
   records = read_jsonl(path)
   assert counts["questions"] == 4 and len(records) == 4
   for e, r in zip(examples, records):
@@ -136,8 +135,8 @@ def test_collection_with_a_searching_policy_records_queries_documents_and_resume
     assert r["searches"][0]["documents"] == want
     assert r["answer"] == "Lund"
   # a rerun over more questions skips the ones already collected
-  counts = ST.collect_trajectories(path, examples, engine, tokenizer=tokenizer, policy=policy,
-                                   batch_size=4, script_fn=script, progress=False)
+  counts = ST.collect_trajectories(path, examples, engine, tokenizer=tokenizer,
+                                   policy=policy_for(examples[4:]), batch_size=4, progress=False)
   assert counts == {"questions": 2, "skipped_done": 4, "searches": 2}
   assert [r["id"] for r in read_jsonl(path)] == [e["id"] for e in examples]
 

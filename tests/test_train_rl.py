@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from zsjax import model as M
-from zsjax import rl
+from zsjax import rewards, rl, rl_step
 from zsjax import train_rl
 from zsjax import train_step as TS
 from zsjax.metrics import read_jsonl
@@ -153,7 +153,7 @@ def test_answers_are_read_from_policy_tokens_only():
 
   traj = Traj()
   traj.tokens, traj.loss_mask = tokens, mask
-  scores = train_rl.score_answers(Tok(), traj, [["Paris"], ["and"], ["Lisbon"]], "f1")
+  scores = rewards.score_answers(Tok(), traj, [["Paris"], ["and"], ["Lisbon"]], "f1")
   np.testing.assert_array_equal(scores["has_answer"], [1, 0, 0])
   np.testing.assert_array_equal(scores["train"], [1, 0, 0])
 
@@ -162,11 +162,11 @@ def test_bad_settings_name_the_field():
   config = load_config("zerosearch", "tiny")
   config.rl.minibatch_size = 3
   with pytest.raises(ValueError, match="config.rl.minibatch_size=3"):
-    train_rl.check_config(config)
+    rl_step.check_config(config)
   config = load_config("zerosearch", "tiny")
   config.rl.algorithm = "dpo"
   with pytest.raises(ValueError, match="config.rl.algorithm='dpo'"):
-    train_rl.check_config(config)
+    rl_step.check_config(config)
 
 
 # ------------------------------------------------------------ whole runs
@@ -228,11 +228,11 @@ def test_run_writes_events_checkpoints_export_and_resumes_exactly_after_a_kill(t
                f"--config.tokenizer={world['tokenizer']}", "--config.synthetic_data=False",
                "--config.progress=False", "--config.rl.total_steps=3",
                "--config.rollout.max_new_tokens=12", "--config.rollout.max_turns=1",
-               "--config.simulator.max_new_tokens=12", "--config.checkpoint.async_save=False",
-               "--config.fault_injection.kill_at_step=3"]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  killed = subprocess.run([sys.executable, "-m", "zsjax.main", "--config=configs/zerosearch.py:tiny",
-                           f"--workdir={resumed}", *overrides], cwd=ROOT, env=env,
+               "--config.simulator.max_new_tokens=12", "--config.checkpoint.async_save=False"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+  killed = subprocess.run([sys.executable, str(ROOT / "tests" / "kill_at_step.py"), "3",
+                           "--config=configs/zerosearch.py:tiny", f"--workdir={resumed}",
+                           *overrides], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
   assert killed.returncode == -9, killed.stderr[-3000:]
   assert Checkpointer(resumed / "checkpoints").latest_step() == 2
@@ -243,17 +243,27 @@ def test_run_writes_events_checkpoints_export_and_resumes_exactly_after_a_kill(t
     np.testing.assert_array_equal(a, b)
 
 
-def test_nan_loss_stops_naming_step_and_metric_and_saves_nothing_corrupt(tmp_path, world):
+def test_nan_loss_stops_naming_step_and_metric_and_saves_nothing_corrupt(tmp_path, world,
+                                                                         monkeypatch):
   from zsjax.checkpoint import Checkpointer
 
   config = with_world(tiny_config(steps=3), world)
-  config.fault_injection.nan_at_step = 2
-  trainer = train_rl.RLTrainer(config, tmp_path)
+  calls = []
+
+  def nan_rewards_at_step_2(*args, **kwargs):  # the step's rewards turn NaN at step 2
+    scores = rewards.score_answers(*args, **kwargs)
+    calls.append(1)
+    if len(calls) == 2:
+      scores["train"] = np.full_like(scores["train"], np.nan)
+    return scores
+
+  monkeypatch.setattr(train_rl, "score_answers", nan_rewards_at_step_2)
+  job = train_rl.setup(config, tmp_path)
   with pytest.raises(FloatingPointError, match=r"RL step 2: .*loss/.*last checkpoint is step 1"):
-    trainer.train()
+    train_rl.train(job)
   checkpointer = Checkpointer(tmp_path / "checkpoints")
   assert checkpointer.all_steps() == [1]
-  state, extra = checkpointer.restore(trainer.state_target())
+  state, extra = checkpointer.restore(job.programs.state_target())
   assert extra["step"] == 1
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state))
 
@@ -263,9 +273,9 @@ def test_learning_rate_decay_reaches_the_optimizer(tmp_path, world, decay):
   config = with_world(tiny_config(steps=8), world)
   config.rl.warmup_fraction = 0.25
   config.rl.decay = decay
-  trainer = train_rl.RLTrainer(config, tmp_path)
-  updates = 8 * len(trainer.minibatch_sizes)
-  lrs = [float(trainer.schedule(i)) for i in range(updates + 1)]
+  programs = train_rl.setup(config, tmp_path).programs
+  updates = 8 * len(programs.minibatch_sizes)
+  lrs = [float(programs.schedule(i)) for i in range(updates + 1)]
   peak = config.rl.learning_rate
   assert max(lrs) == pytest.approx(peak)
   if decay == "constant":

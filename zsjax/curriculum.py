@@ -14,6 +14,7 @@ useful/noisy on device from the step it is given.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
@@ -53,17 +54,43 @@ def fixed_probability(step, *, probability: float):
   return float(probability)
 
 
+@dataclasses.dataclass(frozen=True)
+class Curriculum:
+  """The noise schedule as a value (hashable, so it can sit in a jit-static
+  config): ``curriculum(step) -> p``, on Python numbers or JAX scalars.
+
+  ``kind="exponential"``: ``noise_probability`` from ``start`` to ``end`` over
+  ``total_steps`` with ``base``; ``kind="fixed"``: ``probability`` at every step."""
+
+  kind: str = "exponential"
+  start: float = 0.0
+  end: float = 0.5
+  base: float = 4.0
+  probability: float = 0.5
+  total_steps: int = 203
+
+  def __post_init__(self):
+    if self.kind == "exponential":
+      _check(self.start, self.end, self.total_steps, self.base)
+    elif self.kind == "fixed":
+      fixed_probability(0, probability=self.probability)  # validates
+    else:
+      raise ValueError(f"curriculum kind={self.kind!r} is not one of {SCHEDULES}.")
+
+  @classmethod
+  def from_config(cls, config, total_steps: int) -> "Curriculum":
+    """From a config section with ``kind``, ``start``, ``end``, ``base`` and
+    ``probability`` (every field present; the ones the kind does not use are ignored)."""
+    return cls(kind=config.kind, start=config.start, end=config.end, base=config.base,
+               probability=config.probability, total_steps=total_steps)
+
+  def __call__(self, step):
+    if self.kind == "fixed":
+      return fixed_probability(step, probability=self.probability)
+    return noise_probability(step, start=self.start, end=self.end, total_steps=self.total_steps,
+                             base=self.base)
+
+
 def schedule_from_config(config, total_steps: int) -> Callable:
-  """``step -> p`` from a config with ``kind`` ("exponential" | "fixed"), ``start``,
-  ``end``, ``base`` (exponential) or ``probability`` (fixed)."""
-  kind = config.get("kind", "exponential")
-  if kind == "exponential":
-    start, end, base = config.get("start", 0.0), config.get("end", 0.5), config.get("base", 4.0)
-    _check(start, end, total_steps, base)
-    return lambda step: noise_probability(step, start=start, end=end, total_steps=total_steps,
-                                          base=base)
-  if kind == "fixed":
-    probability = config.get("probability", 0.5)
-    fixed_probability(0, probability=probability)  # validates
-    return lambda step: fixed_probability(step, probability=probability)
-  raise ValueError(f"curriculum kind={kind!r} is not one of {SCHEDULES}.")
+  """``step -> p`` from a config section (``Curriculum.from_config``)."""
+  return Curriculum.from_config(config, total_steps)

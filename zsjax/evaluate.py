@@ -32,8 +32,8 @@ import numpy as np
 from zsjax import rewards
 from zsjax import rollout as rollout_lib
 from zsjax import template
+from zsjax.rewards import policy_answer
 from zsjax.sampling import Greedy
-from zsjax.train_rl import policy_answer
 
 METHODS = ("search", "direct", "cot", "rag")
 METRICS = ("em", "substring_em", "f1")
@@ -77,20 +77,19 @@ class Evaluator:
   """Holds a jitted rollout per method for one policy and one engine."""
 
   def __init__(self, policy_cfg, params, tokenizer, *, engine=None, engine_state=None,
-               host_search=None, retriever=None, rollout_config=None, batch_size: int = 8,
-               prompt_width: int = 512, use_chat_template: bool = False,
-               sim_prefix_width: int = 320, instruction: str = "", sim_prompt=None):
+               retriever=None, rollout_config=None, batch_size: int = 8,
+               prompt_width: int = 512, use_chat_template: bool = False, instruction: str = ""):
+    """``engine``: a rollout engine (``zsjax.search.build_engine``) for the search
+    method; ``retriever``: a host engine (BM25) for RAG's one retrieval."""
     self.cfg, self.params, self.tokenizer = policy_cfg, params, tokenizer
     self.static = rollout_lib.prepare_static_tokens(tokenizer, vocab_size=policy_cfg.vocab_size)
     self.matcher = template.build_tag_matcher(tokenizer, vocab_size=policy_cfg.vocab_size)
     self.engine, self.engine_state = engine, engine_state
-    self.host_search, self.retriever = host_search, retriever
+    self.retriever = retriever
     self.config = rollout_config or rollout_lib.RolloutConfig()
     self.batch_size, self.prompt_width = batch_size, prompt_width
     self.use_chat_template = use_chat_template
     self.instruction = instruction
-    self.sim_prompt = sim_prompt
-    self.sim_prefix_width = sim_prefix_width  # fixed, so every batch has one shape
     self._rollouts = {}
 
   def _rollout(self, method: str):
@@ -101,16 +100,16 @@ class Evaluator:
       if searching and self.engine is None:
         raise ValueError("method 'search' needs an engine (simulator, bm25 or http).")
       config = self.config if searching else dataclasses.replace(self.config, max_turns=0)
-      engine = self.engine if searching else _no_engine
-      self._rollouts[method] = jax.jit(rollout_lib.make_rollout(
-          self.cfg, self.matcher, self.static, engine, config, Greedy()))
+      engine = self.engine if searching else rollout_lib.NoEngine()
+      self._rollouts[method] = (engine, jax.jit(rollout_lib.make_rollout(
+          self.cfg, self.matcher, self.static, engine, config, Greedy())))
     return self._rollouts[method]
 
   def run_set(self, method: str, rows: Sequence[dict], set_name: str = "") -> list[dict]:
     """One record per row: prediction, scores, counts and the response text."""
     records = []
     b = self.batch_size
-    rollout = self._rollout(method)
+    engine, rollout = self._rollout(method)
     for start in range(0, len(rows), b):
       chunk = list(rows[start:start + b])
       n = len(chunk)
@@ -127,15 +126,10 @@ class Evaluator:
       prompts = [method_prompt(method, q, self.tokenizer, d, self.use_chat_template,
                                self.instruction)
                  for q, d in zip(questions, documents)]
-      width = self.sim_prefix_width
-      batch = rollout_lib.prepare_batch(self.tokenizer, prompts, questions, firsts,
-                                        self.sim_prompt, pad_id=self.static.pad_id,
-                                        prompt_width=self.prompt_width,
-                                        sim_prefix_width=width)
-      if self.host_search is not None:
-        self.host_search.set_context(questions, firsts)
+      batch = rollout_lib.prepare_batch(self.tokenizer, prompts, questions, firsts, engine,
+                                        pad_id=self.static.pad_id, prompt_width=self.prompt_width)
       traj = jax.device_get(rollout(self.params, self.engine_state, batch, jax.random.key(0),
-                                    jnp.int32(self.config.total_steps)))
+                                    jnp.int32(self.config.curriculum.total_steps)))
       for i in range(n):
         ids = np.asarray(traj.tokens[i])
         prediction = policy_answer(self.tokenizer, ids, traj.loss_mask[i])
@@ -149,12 +143,6 @@ class Evaluator:
             "response": self.tokenizer.decode(ids[start_i:end_i].tolist(),
                                               skip_special_tokens=True)})
     return records
-
-
-def _no_engine(engine_state, batch, query, query_lengths, active, noisy, rng):
-  b = query.shape[0]
-  return rollout_lib.EngineOutput(jnp.zeros((b, 1), jnp.int32), jnp.zeros((b,), jnp.int32),
-                                  jnp.zeros((b,), bool))
 
 
 def summarize(records: Sequence[dict]) -> dict:
@@ -203,15 +191,15 @@ def load_policy(section, tokenizer, plan=None):
   """``(cfg, params)`` from ``section.checkpoint`` (HF directory), optionally with the
   params of an Orbax checkpoint (``section.orbax_dir``: an RL or SFT workdir's
   ``checkpoints/``; ``section.orbax_step``: 0 = latest)."""
-  from zsjax.train_rl import load_model
+  from zsjax.hf import load_model
 
   cfg, params = load_model(section, plan, jax.random.key(0), len(tokenizer),
                            (tokenizer.eos_token_id,), what="policy")
-  if section.get("orbax_dir"):
+  if section.orbax_dir:
     from zsjax.checkpoint import Checkpointer
 
     checkpointer = Checkpointer(section.orbax_dir, async_save=False)
-    raw = checkpointer.restore_raw(section.get("orbax_step") or None)
+    raw = checkpointer.restore_raw(section.orbax_step or None)
     tree = raw.get("policy", raw)
     loaded = tree["params"] if "params" in tree else tree
     want = jax.tree_util.tree_structure(params)
@@ -241,7 +229,7 @@ def run(config, workdir: str) -> dict:
 
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  if config.get("synthetic_data") and not config.eval.sets:
+  if config.synthetic_data and not config.eval.sets:
     import ml_collections
 
     from zsjax import tinyworld
@@ -261,43 +249,20 @@ def run(config, workdir: str) -> dict:
   plan = ShardingPlan.from_config({"mesh": {"data": 1, "fsdp": 1, "tensor": 1}},
                                   devices=jax.devices()[:1])
   cfg, params = load_policy(config.policy, tokenizer, plan)
-  rollout_config = rollout_lib.RolloutConfig(**config.rollout.to_dict())
-  engine = engine_state = host = retriever = None
-  kind = config.engine.kind
-  sim_prompt = search.SimulatorPrompt(config.get("simulator_template") or
-                                      search.DEFAULT_SIMULATOR_TEMPLATE, top_k=config.engine.top_k)
+  rollout_config = rollout_lib.RolloutConfig.from_config(config.rollout)
+  engine = engine_state = retriever = None
   if config.engine.corpus:
     retriever = search.BM25Engine.from_jsonl(config.engine.corpus, top_k=config.engine.top_k,
                                              text_field=config.engine.text_field)
   if "search" in methods:
-    if kind in ("bm25", "http"):
-      host_engine = retriever if kind == "bm25" and retriever is not None else \
-          search.engine_from_config(config.engine, sim_prompt)
-      host = search.HostSearch(host_engine, tokenizer, rollout_config.max_obs_tokens,
-                               pad_id=tokenizer.pad_token_id or 0)
-      engine, engine_state = rollout_lib.host_engine(host), jnp.zeros((), jnp.int32)
-    elif kind == "simulator":
-      from zsjax.train_rl import load_model
-
-      sim_cfg, engine_state = load_model(config.simulator, plan, jax.random.key(1),
-                                         len(tokenizer), (tokenizer.eos_token_id,),
-                                         what="simulator")
-      marker = f"Doc {config.engine.top_k + 1}"
-      static = rollout_lib.prepare_static_tokens(tokenizer, vocab_size=cfg.vocab_size)
-      engine = rollout_lib.simulator_engine(
-          sim_cfg, template.build_tag_matcher(tokenizer, vocab_size=sim_cfg.vocab_size,
-                                              tags=(marker,)), static,
-          max_new_tokens=config.simulator.max_new_tokens,
-          max_prompt=config.simulator.max_prefix_tokens + rollout_config.max_query_tokens + 64,
-          sampling=Greedy(), marker_bytes=len(marker))
-    else:
-      raise ValueError(f"config.engine.kind={kind!r} is not simulator, bm25 or http.")
+    static = rollout_lib.prepare_static_tokens(tokenizer, vocab_size=cfg.vocab_size)
+    engine, engine_state, _ = search.build_engine(
+        config, tokenizer, static, rollout_config, plan, jax.random.key(1), greedy=True,
+        host_engine=retriever if config.engine.kind == "bm25" else None)  # one BM25 index
   evaluator = Evaluator(cfg, params, tokenizer, engine=engine, engine_state=engine_state,
-                        host_search=host, retriever=retriever, rollout_config=rollout_config,
+                        retriever=retriever, rollout_config=rollout_config,
                         batch_size=e.batch_size, prompt_width=e.prompt_width,
-                        use_chat_template=config.get("chat_template", False),
-                        sim_prefix_width=config.simulator.max_prefix_tokens,
-                        sim_prompt=sim_prompt, instruction=config.get("instruction", ""))
+                        use_chat_template=config.chat_template, instruction=config.instruction)
 
   sets = []
   for name, path in parse_sets(e.sets):
@@ -316,7 +281,7 @@ def run(config, workdir: str) -> dict:
       results["methods"][method] = summarize(records)
   (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
   markdown = write_tables(results, workdir)
-  if config.get("progress", True):
+  if config.progress:
     print(markdown)
   return results
 

@@ -448,6 +448,37 @@ def load_tokenizer(path: str | os.PathLike, **kwargs):
   return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, **kwargs)
 
 
-__all__ = ["CheckpointError", "config_from_hf", "config_to_hf", "read_config",
+def load_model(section, plan, rng: jax.Array, vocab_size: int, eos_ids, *, what: str):
+  """``(cfg, params)`` of a config section (``checkpoint``, ``param_dtype``,
+  ``dtype``, ``remat``, ``model``): the local HF directory ``section.checkpoint``
+  or, when it is empty, a random model of shape ``section.model`` (its vocab 0 =
+  the tokenizer's ``vocab_size``, its empty ``eos_token_ids`` = ``eos_ids``),
+  placed by ``plan`` (a ``zsjax.sharding.ShardingPlan``, or None). ``what`` names
+  the section in errors."""
+  from zsjax.model import init_params
+
+  if section.checkpoint:
+    cfg, params = load_checkpoint(section.checkpoint, dtype=section.param_dtype, plan=plan)
+    # Compute dtype and remat are run settings, not part of the checkpoint.
+    cfg = dataclasses.replace(cfg, dtype=section.dtype, remat=section.remat)
+  else:
+    fields = section.model.to_dict()
+    if not fields:
+      raise ValueError(f"config.{what}.checkpoint is empty and config.{what}.model has no "
+                       f"fields; give a local HF directory (--config.{what}.checkpoint=...).")
+    if not fields["vocab_size"]:
+      fields["vocab_size"] = vocab_size
+    if not fields["eos_token_ids"]:
+      fields["eos_token_ids"] = tuple(eos_ids)
+    cfg = ModelConfig.from_dict(fields)
+    params = jax.jit(init_params, static_argnums=0, out_shardings=plan.params(cfg))(cfg, rng)
+  if cfg.vocab_size < vocab_size:
+    raise ValueError(f"{what}: the model's vocab_size={cfg.vocab_size} is smaller than the "
+                     f"tokenizer's {vocab_size} tokens; use the tokenizer the model was trained "
+                     "with (config.tokenizer).")
+  return cfg, params
+
+
+__all__ = ["CheckpointError", "load_model", "config_from_hf", "config_to_hf", "read_config",
            "iter_checkpoint_params", "load_checkpoint", "save_checkpoint", "hf_state_dict",
            "load_tokenizer"]

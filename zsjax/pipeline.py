@@ -71,7 +71,7 @@ SPLITS = ("single_hop", "two_hop", "all")
 
 
 def _log(config, message: str) -> None:
-  if config.get("progress", True):
+  if config.progress:
     print(f"[tiny_world] {message}", flush=True)
 
 
@@ -336,7 +336,7 @@ def run(config, workdir: str) -> dict:
   size = tinyworld.WorldSize(**config.world.to_dict())
   world_dir = workdir / "world"
   paths = {}
-  cache = StageCache(config.stage_cache) if config.get("stage_cache", "") else None
+  cache = StageCache(config.stage_cache) if config.stage_cache else None
   reused: list[str] = []
   common = _section(config, "seed", "mesh", "sharding", "sharding_rules", "checkpoint")
 
@@ -378,7 +378,7 @@ def run(config, workdir: str) -> dict:
     corpus = read_jsonl(paths["corpus"])
     sources = [("", _parquet_rows(paths["train"]), corpus,
                 search.BM25Engine([d["contents"] for d in corpus], top_k=wide))]
-    for k in range(config.get("sim_worlds", 0)):
+    for k in range(config.sim_worlds):
       other = tinyworld.generate(config.seed + 104729 * (k + 1), size)
       sources.append((f"w{k}-", other["splits"]["train"], other["corpus"], search.BM25Engine(
           [d["contents"] for d in other["corpus"]], top_k=wide)))
@@ -404,7 +404,7 @@ def run(config, workdir: str) -> dict:
 
   # the simulator RL trains against: tuned, or prompt-only (the pretrained LM)
   simulator_key, simulator_dir = pretrain_key, workdir / "pretrain" / "hf_export"
-  if config.get("tune_simulator", True):
+  if config.tune_simulator:
     simulator_dir = workdir / "sim_tuning" / "sft" / "hf_export"
     simulator_key = _stage(
         config, workdir, "sim_tuning", "sim_tuning/sim_tuning.json", tune_simulator, seconds,
@@ -419,10 +419,10 @@ def run(config, workdir: str) -> dict:
     # from this world's training questions too: their documents carry no loss and
     # their answers are a name drawn from the documents (right only by chance).
     worlds = [(tinyworld.generate(config.seed + 7919 * (k + 1), size),
-               config.get("demo_correct_fraction", 0.0))
-              for k in range(max(config.get("demo_worlds", 0),
-                                 int(config.get("demo_world", "other") == "other")))]
-    if config.get("demo_world", "other") == "train":
+               config.demo_correct_fraction)
+              for k in range(max(config.demo_worlds,
+                                 int(config.demo_world == "other")))]
+    if config.demo_world == "train":
       worlds.append((tinyworld.generate(config.seed, size), 0.0))
     rows = []
     for k, (demo_world, correct) in enumerate(worlds):
@@ -450,11 +450,10 @@ def run(config, workdir: str) -> dict:
           engine=dict(kind=engine_kind, top_k=config.top_k, corpus=paths["corpus"],
                       text_field="contents", url="", model="", timeout_s=30.0, max_retries=2),
           data=dict(train_files=paths["train"], on_error="skip",
-                    limit=config.rl.get("questions", 0), chat_template=False,
+                    limit=config.rl.questions, chat_template=False,
                     instruction=instruction),
           rollout=base.rollout, sampling=base.sampling, curriculum=base.curriculum,
-          rl=base.rl, checkpoint=dict(config.checkpoint.to_dict(), every=base.rl.total_steps),
-          fault_injection=dict(kill_at_step=0, nan_at_step=0))
+          rl=base.rl, checkpoint=dict(config.checkpoint.to_dict(), every=base.rl.total_steps))
       train_rl.run(sub, str(workdir / name))
     return go
 
@@ -463,7 +462,7 @@ def run(config, workdir: str) -> dict:
          rl("simulator", "rl_simulator"), seconds, cache,
          dict(rl_inputs, simulator=simulator_key, template=sim_template), reused)
   compared = [m for m in METHODS
-              if m != "rl_real_search" or config.get("compare_real_search", True)]
+              if m != "rl_real_search" or config.compare_real_search]
   if "rl_real_search" in compared:
     _stage(config, workdir, "rl_real_search", "rl_real_search/rl_summary.json",
            rl("bm25", "rl_real_search"), seconds, cache, rl_inputs, reused)
@@ -487,7 +486,7 @@ def run(config, workdir: str) -> dict:
   final = workdir / "final_policy"
   if not final.exists():
     shutil.copytree(workdir / "rl_simulator" / "hf_export", final)
-  if config.get("progress", True):
+  if config.progress:
     print(table)
   return results
 
@@ -513,10 +512,7 @@ def evaluate_policies(config, workdir: Path, paths: dict, tokenizer_dir: str,
   sample = config.eval_sample_size
   rows = {k: evaluate.sample_rows(v, sample, config.seed) for k, v in rows.items()}
   retriever = search.BM25Engine.from_jsonl(paths["corpus"], top_k=config.top_k)
-  rc = config.rl.rollout
-  rollout_config = rollout_lib.RolloutConfig(
-      max_turns=rc.max_turns, max_new_tokens=rc.max_new_tokens, max_obs_tokens=rc.max_obs_tokens,
-      max_length=rc.max_length, max_query_tokens=rc.max_query_tokens)
+  rollout_config = rollout_lib.RolloutConfig.from_config(config.rl.rollout)
   policies = {"warm_start": ("warm_start/hf_export", "search"),
               "direct": ("warm_start/hf_export", "direct"),
               "rag": ("warm_start/hf_export", "rag"),
@@ -529,12 +525,9 @@ def evaluate_policies(config, workdir: Path, paths: dict, tokenizer_dir: str,
     host = search.HostSearch(retriever, tokenizer, rollout_config.max_obs_tokens,
                              pad_id=tokenizer.pad_token_id or 0)
     evaluator = evaluate.Evaluator(
-        cfg, params, tokenizer, engine=rollout_lib.host_engine(host),
-        engine_state=jnp.zeros((), jnp.int32), host_search=host, retriever=retriever,
-        rollout_config=rollout_config, batch_size=config.eval_batch_size,
-        prompt_width=config.eval_prompt_width, instruction=instruction,
-        sim_prefix_width=config.rl.simulator.max_prefix_tokens,
-        sim_prompt=search.SimulatorPrompt(config.simulator_template, top_k=config.top_k))
+        cfg, params, tokenizer, engine=host, engine_state=jnp.zeros((), jnp.int32),
+        retriever=retriever, rollout_config=rollout_config, batch_size=config.eval_batch_size,
+        prompt_width=config.eval_prompt_width, instruction=instruction)
     records = []
     for split, split_rows in rows.items():
       records += evaluator.run_set(method, split_rows, split)

@@ -72,3 +72,41 @@ def substring_match(prediction: str | None, golds: str | Sequence[str]) -> float
     return 0.0
   pred = normalize_answer(prediction)
   return float(any(normalize_answer(g) in pred for g in _golds(golds)))
+
+
+# ------------------------------------------------------- scoring a rollout
+
+
+def policy_answer(tokenizer, tokens, loss_mask) -> str | None:
+  """The last ``<answer>`` of the text the policy itself sampled (the loss-mask
+  tokens of one row): never the prompt, and never a document or the
+  invalid-action message, which names the tags."""
+  import numpy as np
+
+  sampled = np.asarray(tokens)[np.asarray(loss_mask) == 1]
+  return extract_answer(tokenizer.decode(sampled.tolist(), skip_special_tokens=True))
+
+
+def score_answers(tokenizer, traj, golds: Sequence[Sequence[str]], reward: str) -> dict:
+  """Per-row answers (``policy_answer`` of ``traj.tokens`` / ``traj.loss_mask``)
+  scored on the host: ``{"train": [N] (the ``reward`` one of TRAIN_REWARDS),
+  "f1", "em", "substring_em", "has_answer", "answers"}`` (strings or None)."""
+  import numpy as np
+
+  out = {k: np.zeros(len(golds), np.float32) for k in ("f1", "em", "substring_em", "has_answer")}
+  answers = []
+  for i, gold in enumerate(golds):
+    answer = policy_answer(tokenizer, traj.tokens[i], traj.loss_mask[i])
+    answers.append(answer)
+    out["f1"][i] = f1(answer, gold)
+    out["em"][i] = exact_match(answer, gold)
+    out["substring_em"][i] = substring_match(answer, gold)
+    out["has_answer"][i] = answer is not None
+  out["train"] = out[reward].copy()
+  out["answers"] = answers
+  return out
+
+
+# The rewards RL can train on (config.rl.reward); F1 is the paper's.
+TRAIN_REWARDS = {"f1": f1, "em": exact_match, "substring_em": substring_match}
+

@@ -5,16 +5,18 @@ step) -> Trajectories``, jitted end to end:
 
   prefill the prompts into the policy KV cache;
   for turn in 0 .. max_turns (a fori_loop; the last turn may not search):
-    decode (a while_loop) until every live row has closed ``</search>`` or
-      ``</answer>`` (matched on bytes, see ``zsjax.template``), hit EOS, spent
-      ``max_new_tokens`` or filled the context;
-    classify each row's turn: answer (done), search, invalid (feedback), EOS (done);
-    for searching rows draw noisy ~ Bernoulli(noise_probability(step)) and ask
-      the engine for documents (the on-device simulator, or a host engine
-      through io_callback);
-    append ``<information>`` + documents + ``</information>`` (or the feedback
-      message), capped at ``max_obs_tokens``, to every row that goes on, and
-      prefill it into the cache at the row's own offset (no re-prefill).
+    ``decode_turn``: decode (a while_loop of ``decode_step``) until every live
+      row has closed ``</search>`` or ``</answer>`` (matched on bytes, see
+      ``zsjax.template``), hit EOS, spent ``max_new_tokens`` or filled the context;
+    ``turn_step``: classify each row's turn (answer: done, search, invalid:
+      feedback, EOS: done); for searching rows draw noisy ~ Bernoulli(p) with
+      ``p = curriculum(step)`` (``zsjax.curriculum``) and ask the engine for
+      documents (``zsjax.simulator.SimulatorEngine`` on device, or a host engine
+      of ``zsjax.search`` through io_callback), giving it the batch's per-row
+      engine inputs; ``insert_observation``: append ``<information>`` +
+      documents + ``</information>`` (or the feedback message), capped at
+      ``max_obs_tokens``, to every row that goes on, and prefill it into the
+      cache at the row's own offset (no re-prefill).
 
 Every buffer has a fixed size, so batches of one shape compile once.
 
@@ -25,6 +27,11 @@ that completed ``<search>`` and before the tokens that hold ``</search>``
 (counted back on bytes); text a tokenizer merged into those boundary tokens is
 not part of the query.
 
+An engine is any object with ``inputs(questions, answers, samples_per_prompt)``
+(host: the per-row inputs it needs, a pytree with the batch on its rows),
+``input_shardings(plan)`` and ``__call__(engine_state, inputs, query [B, Q],
+query_lengths [B], active [B], noisy [B], rng) -> EngineOutput``.
+
 Shape legend: B batch, S context cap (``max_length``), P prompt, Q query, D
 documents, O observation, V vocab.
 """
@@ -32,16 +39,18 @@ documents, O observation, V vocab.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+import functools
+from typing import Any, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zsjax.curriculum import noise_probability
+from zsjax.curriculum import Curriculum
 from zsjax.model import ModelConfig, Transformer, init_cache
-from zsjax.sampling import Greedy, Sampling, log_prob_of, sample
+from zsjax.sampling import Greedy, Sampling, sample
+from zsjax.simulator import EngineOutput, concat_ragged, pad_rows, tokens_covering_tail
 from zsjax.template import (ANSWER_CLOSE, ANSWER_OPEN, CLOSING, INFORMATION_CLOSE,
                             INFORMATION_OPEN, INVALID_ACTION_FEEDBACK, SEARCH_CLOSE, SEARCH_OPEN,
                             TAGS, TagMatcher)
@@ -52,26 +61,33 @@ SEARCH_CLOSE_BYTES = len(TAGS[1])
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
   """Static sizes and settings (paper: 5 turns, 500 tokens a turn, 2048-token
-  observations, 4096-token context)."""
+  observations, 4096-token context) and the noise curriculum."""
 
   max_turns: int = 5  # turns that may search; one final turn follows
   max_new_tokens: int = 500  # per turn
   max_obs_tokens: int = 2048  # inserted per turn, wrapper included
   max_length: int = 4096  # S: prompt + everything after it
   max_query_tokens: int = 64  # Q: longest query passed to an engine
-  noise_start: float = 0.0
-  noise_end: float = 0.5
-  noise_base: float = 4.0
-  total_steps: int = 203
+  curriculum: Curriculum = Curriculum()
+
+  @classmethod
+  def from_config(cls, rollout, curriculum=None, total_steps: int = 1) -> "RolloutConfig":
+    """The one translation of config sections into a ``RolloutConfig``: ``rollout``
+    (``max_turns``, ``max_new_tokens``, ``max_obs_tokens``, ``max_length``,
+    ``max_query_tokens``) and, for training, ``curriculum`` over ``total_steps``."""
+    noise = Curriculum() if curriculum is None else Curriculum.from_config(curriculum,
+                                                                          total_steps)
+    return cls(max_turns=rollout.max_turns, max_new_tokens=rollout.max_new_tokens,
+               max_obs_tokens=rollout.max_obs_tokens, max_length=rollout.max_length,
+               max_query_tokens=rollout.max_query_tokens, curriculum=noise)
 
   def noise_probability(self, step):
     """The curriculum's p(noisy) at ``step`` (Python or traced)."""
-    return noise_probability(step, start=self.noise_start, end=self.noise_end,
-                             total_steps=self.total_steps, base=self.noise_base)
+    return self.curriculum(step)
 
   def __post_init__(self):
     for name in ("max_turns", "max_new_tokens", "max_obs_tokens", "max_length",
-                 "max_query_tokens", "total_steps"):
+                 "max_query_tokens"):
       if getattr(self, name) < (0 if name == "max_turns" else 1):
         raise ValueError(f"RolloutConfig.{name}={getattr(self, name)} is too small.")
 
@@ -82,11 +98,7 @@ class RolloutBatch:
 
   prompt_tokens: jax.Array  # [B, P] right-padded
   prompt_lengths: jax.Array  # [B]
-  row_ids: jax.Array  # [B] index of the row's question on the host
-  sim_prefix: jax.Array  # [2, B, Lp] simulator prompt before the query (0 useful, 1 noisy)
-  sim_prefix_lengths: jax.Array  # [2, B]
-  sim_suffix: jax.Array  # [2, Ls] after the query
-  sim_suffix_lengths: jax.Array  # [2]
+  engine_inputs: Any  # the engine's per-row inputs (engine.inputs), batch on the rows
 
 
 @flax.struct.dataclass
@@ -116,39 +128,22 @@ class StaticTokens:
   pad_id: int = flax.struct.field(pytree_node=False, default=0)
 
 
-class EngineOutput(NamedTuple):
-  tokens: jax.Array  # [B, D]
-  lengths: jax.Array  # [B]
-  failed: jax.Array  # [B] bool
+class NoEngine:
+  """The engine of a rollout that never searches (``max_turns=0``)."""
+
+  def inputs(self, questions, answers, samples_per_prompt: int = 1):
+    return None
+
+  def input_shardings(self, plan):
+    return None
+
+  def __call__(self, engine_state, inputs, query, query_lengths, active, noisy, rng):
+    b = query.shape[0]
+    return EngineOutput(jnp.zeros((b, 1), jnp.int32), jnp.zeros((b,), jnp.int32),
+                        jnp.zeros((b,), bool))
 
 
-# An engine: (engine_state, batch, query [B, Q], query_lengths [B], active [B],
-# noisy [B], rng) -> EngineOutput; traced inside the rollout.
-Engine = Callable[..., EngineOutput]
-
-
-# ------------------------------------------------------------------- helpers
-
-
-def concat_ragged(segments, width: int, pad_id: int):
-  """Concatenates per-row ragged segments.
-
-  ``segments``: ``(tokens [B or 1, Li], lengths [B] or [])`` pairs. Returns
-  ``(out [B, width], total [B])``; positions past each row's total hold
-  ``pad_id``, and content past ``width`` is dropped."""
-  b = max(jnp.shape(lengths)[0] if jnp.ndim(lengths) else 1 for _, lengths in segments)
-  b = max(b, max(t.shape[0] for t, _ in segments))
-  position = jnp.arange(width)[None, :]  # [1, W]
-  out = jnp.full((b, width), pad_id, jnp.int32)
-  offset = jnp.zeros((b,), jnp.int32)
-  for tokens, lengths in segments:
-    lengths = jnp.broadcast_to(jnp.asarray(lengths, jnp.int32), (b,))
-    tokens = jnp.broadcast_to(tokens, (b, tokens.shape[1]))
-    index = jnp.clip(position - offset[:, None], 0, tokens.shape[1] - 1)
-    inside = (position >= offset[:, None]) & (position < (offset + lengths)[:, None])
-    out = jnp.where(inside, jnp.take_along_axis(tokens, index, axis=1), out)
-    offset = offset + lengths
-  return out, jnp.minimum(offset, width)
+# ------------------------------------------------------------------ helpers
 
 
 def gather_span(buffer, start, length, width: int, pad_id: int):
@@ -158,298 +153,279 @@ def gather_span(buffer, start, length, width: int, pad_id: int):
   return jnp.where(valid, jnp.take_along_axis(buffer, index, axis=1), pad_id)
 
 
-def tokens_covering_tail(piece_bytes, tokens, end, count, tail_bytes: int):
-  """How many of the ``count`` tokens ending at ``end`` (exclusive) must be dropped
-  so that at least ``tail_bytes`` bytes are removed: ``[B]``."""
-  width = tokens.shape[1]
-  back = jnp.arange(width)[None, :]  # 0 = the last token
-  index = jnp.clip(end[:, None] - 1 - back, 0, width - 1)
-  sizes = jnp.where(back < count[:, None],
-                    piece_bytes[jnp.take_along_axis(tokens, index, axis=1)], 0)
-  removed_before = jnp.cumsum(sizes, axis=1) - sizes  # bytes removed before dropping token i
-  return jnp.sum((removed_before < tail_bytes) & (back < count[:, None]), axis=1)
+# -------------------------------------------------------------- the program
 
 
-# -------------------------------------------------------------------- engines
+@dataclasses.dataclass(frozen=True, eq=False)
+class RolloutSpec:
+  """What the rollout is built from (static: closed over, never traced)."""
+
+  policy_cfg: ModelConfig
+  matcher: TagMatcher
+  static: StaticTokens
+  engine: Any
+  config: RolloutConfig
+  sampling: Any  # Greedy | Sampling, or any strategy zsjax.sampling.sample accepts
+
+  @property
+  def model(self) -> Transformer:
+    return Transformer(self.policy_cfg)
 
 
-def simulator_engine(sim_cfg: ModelConfig, matcher: TagMatcher, static: StaticTokens, *,
-                     max_new_tokens: int, max_prompt: int, sampling=Sampling(temperature=0.8),
-                     marker_bytes: int = 5) -> Engine:
-  """The LLM simulator on device. ``engine_state`` is the simulator's params.
+@flax.struct.dataclass
+class RolloutState:
+  """Everything the rollout carries from turn to turn."""
 
-  The prompt is ``sim_prefix[noisy] + query + sim_suffix[noisy]``; generation
-  stops at EOS, at ``max_new_tokens`` or when ``matcher`` (built for the single
-  tag ``f"Doc {top_k + 1}"``) completes, in which case the tokens holding that
-  marker (``marker_bytes`` long) are dropped. The simulator must share the
-  policy's tokenizer (true within the Qwen2.5 family and in the tiny world)."""
-  model = Transformer(sim_cfg)
-  eos = jnp.asarray(static.eos_ids or (-1,), jnp.int32)
-
-  def engine(params, batch: RolloutBatch, query, query_lengths, active, noisy, rng):
-    b = query.shape[0]
-    longest = batch.sim_prefix.shape[2] + query.shape[1] + batch.sim_suffix.shape[1]
-    if longest > max_prompt:  # shapes are static: checked once, at trace time
-      raise ValueError(
-          f"simulator_engine(max_prompt={max_prompt}) is shorter than the longest simulator "
-          f"prompt: prefix {batch.sim_prefix.shape[2]} + query {query.shape[1]} + suffix "
-          f"{batch.sim_suffix.shape[1]} = {longest} tokens; raise max_prompt.")
-    kind = noisy.astype(jnp.int32)  # 0 useful, 1 noisy
-    prefix = jnp.where(kind[:, None] == 1, batch.sim_prefix[1], batch.sim_prefix[0])
-    prefix_len = jnp.where(kind == 1, batch.sim_prefix_lengths[1], batch.sim_prefix_lengths[0])
-    suffix = batch.sim_suffix[kind]  # [B, Ls]
-    suffix_len = batch.sim_suffix_lengths[kind]
-    prompt, prompt_len = concat_ragged([(prefix, prefix_len), (query, query_lengths),
-                                        (suffix, suffix_len)], max_prompt, static.pad_id)
-    cache = init_cache(sim_cfg, b, max_prompt + max_new_tokens)
-    segment = (jnp.arange(max_prompt)[None, :] < prompt_len[:, None]).astype(jnp.int32)
-    logits, cache = model.apply({"params": params}, prompt, segment_ids=segment, cache=cache)
-    last = jnp.take_along_axis(logits, jnp.maximum(prompt_len - 1, 0)[:, None, None], 1)[:, 0]
-    out = jnp.full((b, max_new_tokens), static.pad_id, jnp.int32)
-
-    def cond(carry):
-      i, _, _, live, *_ = carry
-      return (i < max_new_tokens) & jnp.any(live)
-
-    def body(carry):
-      i, cache, last, live, count, state, out, hit = carry
-      token, _ = sample(sampling, last, jax.random.fold_in(rng, i))
-      ended = jnp.isin(token, eos)
-      write = live & ~ended
-      out = out.at[:, i].set(jnp.where(write, token, static.pad_id))
-      state, done = matcher.step(state, jnp.where(write, token, static.pad_id))
-      marker = write & (done != 0)
-      count = count + write
-      logits, cache = model.apply({"params": params}, token[:, None],
-                                  segment_ids=write[:, None].astype(jnp.int32), cache=cache)
-      last = jnp.where(write[:, None], logits[:, 0], last)
-      return i + 1, cache, last, live & ~ended & ~marker, count, state, out, hit | marker
-
-    zeros = jnp.zeros((b,), jnp.int32)
-    _, _, _, _, count, _, out, hit = jax.lax.while_loop(
-        cond, body, (0, cache, last, active, zeros, zeros, out, jnp.zeros((b,), bool)))
-    drop = jnp.where(hit, tokens_covering_tail(static.piece_bytes, out, count, count,
-                                               marker_bytes), 0)
-    lengths = jnp.where(active, count - drop, 0)
-    out = jnp.where(jnp.arange(max_new_tokens)[None, :] < lengths[:, None], out, static.pad_id)
-    return EngineOutput(out, lengths, jnp.zeros((b,), bool))
-
-  return engine
+  tokens: jax.Array  # [B, S]
+  loss_mask: jax.Array  # [B, S]
+  log_probs: jax.Array  # [B, S]
+  cache: Any  # the policy's KV cache (zsjax.model.init_cache), S slots
+  last_logits: jax.Array  # [B, V] logits after each row's last token
+  length: jax.Array  # [B] tokens held
+  generated: jax.Array  # [B] tokens the policy sampled, over all turns
+  done: jax.Array  # [B] bool
+  answered: jax.Array  # [B] bool
+  truncated: jax.Array  # [B] bool
+  turns: jax.Array  # [B]
+  searches: jax.Array  # [B]
+  noisy: jax.Array  # [B]
+  failed: jax.Array  # [B]
 
 
-def host_engine(host_search) -> Engine:
-  """A ``zsjax.search.HostSearch`` (BM25, HTTP simulator, ...) as a rollout engine."""
+@flax.struct.dataclass
+class TurnState:
+  """One turn of decoding: the rollout state plus what the turn has seen."""
 
-  def engine(_, batch: RolloutBatch, query, query_lengths, active, noisy, rng):
-    del rng
-    return EngineOutput(*host_search(batch.row_ids, query, query_lengths, active, noisy))
+  rollout: RolloutState
+  i: jax.Array  # [] decode steps taken this turn
+  live: jax.Array  # [B] bool: still decoding this turn
+  matcher_state: jax.Array  # [B] tag automaton state
+  open_end: jax.Array  # [B] position after the token that completed <search>; -1 = none
+  answer_open: jax.Array  # [B] bool: an <answer> was opened
+  close: jax.Array  # [B] the first closing tag (SEARCH_CLOSE / ANSWER_CLOSE), 0 = none
+  eos: jax.Array  # [B] bool: sampled an end token
 
-  return engine
+
+def decode_step(spec: RolloutSpec, params, turn_rng, t: TurnState) -> TurnState:
+  """Samples one token for every live row, writes it, and advances the cache."""
+  s, static = t.rollout, spec.static
+  s_len = spec.config.max_length
+  rows = jnp.arange(s.length.shape[0])
+  sampled, logp = sample(spec.sampling, s.last_logits, jax.random.fold_in(turn_rng, t.i),
+                         position=s.generated)
+  full = s.length >= s_len
+  write = t.live & ~full
+  token = jnp.where(write, sampled, static.pad_id)
+  pos = s.length
+  tokens = s.tokens.at[rows, pos].set(token, mode="drop")
+  loss_mask = s.loss_mask.at[rows, pos].set(write.astype(jnp.int32), mode="drop")
+  log_probs = s.log_probs.at[rows, pos].set(jnp.where(write, logp, 0.0), mode="drop")
+  matcher_state, done_tags = spec.matcher.step(t.matcher_state, token)
+  done_tags = jnp.where(write, done_tags, 0)
+  open_end = jnp.where(write & (done_tags & SEARCH_OPEN != 0), pos + 1, t.open_end)
+  answer_open = t.answer_open | (write & (done_tags & ANSWER_OPEN != 0))
+  closed = write & (done_tags & CLOSING != 0)
+  close = jnp.where(closed & (t.close == 0), done_tags & CLOSING, t.close)
+  ended = write & jnp.isin(token, jnp.asarray(static.eos_ids or (-1,), jnp.int32))
+  truncated = s.truncated | (t.live & full)
+  logits, cache = spec.model.apply({"params": params}, token[:, None],
+                                   segment_ids=write[:, None].astype(jnp.int32), cache=s.cache)
+  state = s.replace(tokens=tokens, loss_mask=loss_mask, log_probs=log_probs, cache=cache,
+                    last_logits=jnp.where(write[:, None], logits[:, 0], s.last_logits),
+                    length=s.length + write, generated=s.generated + write, truncated=truncated)
+  return TurnState(rollout=state, i=t.i + 1, live=write & ~closed & ~ended,
+                   matcher_state=matcher_state, open_end=open_end, answer_open=answer_open,
+                   close=close, eos=t.eos | ended)
 
 
-# -------------------------------------------------------------------- rollout
+def decode_turn(spec: RolloutSpec, params, state: RolloutState, turn_rng) -> TurnState:
+  """Decodes one turn for every row not yet done."""
+  b = state.length.shape[0]
+  zeros, false = jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool)
+  t = TurnState(rollout=state, i=jnp.int32(0), live=~state.done, matcher_state=zeros,
+                open_end=jnp.full((b,), -1), answer_open=false, close=zeros, eos=false)
+  return jax.lax.while_loop(
+      lambda t: (t.i < spec.config.max_new_tokens) & jnp.any(t.live),
+      functools.partial(decode_step, spec, params, turn_rng), t)
+
+
+def search_query(spec: RolloutSpec, state: RolloutState, open_end):
+  """The query each row wrote: after the token that completed ``<search>``,
+  before the tokens of ``</search>`` (the last ones written). ``([B, Q], [B])``."""
+  close_end = state.length
+  span = jnp.maximum(close_end - open_end, 0)
+  tag_tokens = tokens_covering_tail(spec.static.piece_bytes, state.tokens, close_end, span,
+                                    SEARCH_CLOSE_BYTES)
+  width = spec.config.max_query_tokens
+  query_len = jnp.clip(span - tag_tokens, 0, width)
+  return gather_span(state.tokens, open_end, query_len, width, spec.static.pad_id), query_len
+
+
+def observations(spec: RolloutSpec, docs: EngineOutput, do_search):
+  """Per row, ``<information>`` + documents + ``</information>`` where it searched,
+  else the invalid-action feedback: ``([B, O], lengths [B])``."""
+  static, width = spec.static, spec.config.max_obs_tokens
+  wrapper = static.obs_open.shape[0] + static.obs_close.shape[0]
+  doc_len = jnp.minimum(docs.lengths, width - wrapper)
+  obs_docs, obs_docs_len = concat_ragged(
+      [(static.obs_open[None], static.obs_open.shape[0]), (docs.tokens, doc_len),
+       (static.obs_close[None], static.obs_close.shape[0])], width, static.pad_id)
+  feedback, feedback_len = concat_ragged(
+      [(static.feedback[None], static.feedback.shape[0])], width, static.pad_id)
+  return (jnp.where(do_search[:, None], obs_docs, feedback),
+          jnp.where(do_search, obs_docs_len, feedback_len))
+
+
+def insert_observation(spec: RolloutSpec, params, state: RolloutState, obs, obs_len, insert,
+                       any_documents) -> RolloutState:
+  """Writes ``obs`` after each inserting row's tokens (loss mask 0) and prefills
+  it into the cache at the row's offset."""
+  width, s_len = spec.config.max_obs_tokens, spec.config.max_length
+  rows = jnp.arange(obs.shape[0])
+  slots = state.length[:, None] + jnp.arange(width)[None, :]
+  in_obs = jnp.arange(width)[None, :] < obs_len[:, None]
+  tokens = state.tokens.at[rows[:, None], jnp.where(in_obs, slots, s_len)].set(obs, mode="drop")
+
+  def prefill(chunk):
+    def run(operand):
+      cache, last = operand
+      logits, cache = spec.model.apply({"params": params}, obs[:, :chunk],
+                                       segment_ids=in_obs[:, :chunk].astype(jnp.int32),
+                                       cache=cache)
+      index = jnp.clip(obs_len - 1, 0, chunk - 1)[:, None, None]
+      return cache, jnp.where(insert[:, None], jnp.take_along_axis(logits, index, 1)[:, 0], last)
+    return run
+
+  # Prefill only what is inserted: nothing (final turn, all rows done), the
+  # feedback alone (a short chunk), or documents (the full observation width).
+  branch = jnp.where(~jnp.any(insert), 0, jnp.where(any_documents, 2, 1))
+  cache, last = jax.lax.switch(
+      branch, [lambda operand: operand, prefill(int(spec.static.feedback.shape[0])),
+               prefill(width)], (state.cache, state.last_logits))
+  return state.replace(tokens=tokens, cache=cache, last_logits=last, length=state.length + obs_len)
+
+
+def turn_step(spec: RolloutSpec, params, engine_state, batch: RolloutBatch, rng, p_noise, turn,
+              state: RolloutState) -> RolloutState:
+  """One turn: decode, act on what each row wrote, insert documents or feedback."""
+  turn_rng = jax.random.fold_in(rng, turn)
+  active = ~state.done
+  t = decode_turn(spec, params, state, jax.random.fold_in(turn_rng, 0))
+  state = t.rollout
+  final = turn == spec.config.max_turns
+  answered = active & (t.close == ANSWER_CLOSE) & t.answer_open
+  searched = active & (t.close == SEARCH_CLOSE) & (t.open_end >= 0)
+  stopped = active & (t.eos | state.truncated)
+  invalid = active & ~answered & ~searched & ~stopped
+  done = state.done | answered | stopped | (final & active)
+
+  query, query_len = search_query(spec, state, t.open_end)
+  do_search = searched & ~final
+  b = query.shape[0]
+  noisy = do_search & (jax.random.uniform(jax.random.fold_in(turn_rng, 1), (b,)) < p_noise)
+  docs = spec.engine(engine_state, batch.engine_inputs, query, query_len, do_search, noisy,
+                     jax.random.fold_in(turn_rng, 2))
+  obs, obs_len = observations(spec, docs, do_search)
+  insert = (do_search | invalid) & ~done
+  overflow = insert & (state.length + obs_len > spec.config.max_length)
+  insert = insert & ~overflow
+  obs_len = jnp.where(insert, obs_len, 0)
+  state = state.replace(
+      turns=state.turns + active, answered=state.answered | answered,
+      truncated=state.truncated | overflow, done=done | overflow,
+      searches=state.searches + (do_search & insert), noisy=state.noisy + (noisy & insert),
+      failed=state.failed + (do_search & docs.failed))
+  return insert_observation(spec, params, state, obs, obs_len, insert,
+                            jnp.any(insert & do_search))
+
+
+def initial_state(spec: RolloutSpec, params, batch: RolloutBatch) -> RolloutState:
+  """The prompts prefilled into a fresh cache."""
+  b, p = batch.prompt_tokens.shape
+  s_len, pad_id = spec.config.max_length, spec.static.pad_id
+  if p > s_len:
+    raise ValueError(f"prompts of {p} tokens exceed RolloutConfig.max_length={s_len}.")
+  segment = (jnp.arange(p)[None, :] < batch.prompt_lengths[:, None]).astype(jnp.int32)
+  cache = init_cache(spec.policy_cfg, b, s_len)
+  logits, cache = spec.model.apply({"params": params}, batch.prompt_tokens, segment_ids=segment,
+                                   cache=cache)
+  last = jnp.take_along_axis(logits, (batch.prompt_lengths - 1)[:, None, None], 1)[:, 0]
+  zeros, false = jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool)
+  return RolloutState(
+      tokens=jnp.full((b, s_len), pad_id, jnp.int32).at[:, :p].set(batch.prompt_tokens),
+      loss_mask=jnp.zeros((b, s_len), jnp.int32), log_probs=jnp.zeros((b, s_len), jnp.float32),
+      cache=cache, last_logits=last, length=batch.prompt_lengths.astype(jnp.int32),
+      generated=zeros, done=false, answered=false, truncated=false, turns=zeros,
+      searches=zeros, noisy=zeros, failed=zeros)
+
+
+def run_rollout(spec: RolloutSpec, policy_params, engine_state, batch: RolloutBatch, rng,
+                step) -> Trajectories:
+  """The whole rollout (trace it under ``jax.jit``)."""
+  p_noise = spec.config.noise_probability(jnp.asarray(step))
+  state = initial_state(spec, policy_params, batch)
+  state = jax.lax.fori_loop(
+      0, spec.config.max_turns + 1,
+      functools.partial(turn_step, spec, policy_params, engine_state, batch, rng, p_noise), state)
+  valid = jnp.arange(spec.config.max_length)[None, :] < state.length[:, None]
+  return Trajectories(
+      tokens=jnp.where(valid, state.tokens, spec.static.pad_id),
+      loss_mask=state.loss_mask * valid, log_probs=state.log_probs * valid,
+      prompt_lengths=batch.prompt_lengths, lengths=state.length, turns=state.turns,
+      searches=state.searches, noisy_calls=state.noisy, failed_searches=state.failed,
+      answered=state.answered, truncated=state.truncated)
 
 
 def make_rollout(policy_cfg: ModelConfig, matcher: TagMatcher, static: StaticTokens,
-                 engine: Engine, config: RolloutConfig, sampling: Greedy | Sampling):
-  """Builds ``rollout(policy_params, engine_state, batch, rng, step, script=None)``
-  (not yet jitted: wrap it in ``jax.jit`` with the shardings you need).
-
-  ``script [B, T]`` (tests): when given, the policy's g-th generated token of row
-  b is ``script[b, g]`` instead of a sample (its log-prob is still the model's)."""
-  model = Transformer(policy_cfg)
-  s_len = config.max_length
-  eos = jnp.asarray(static.eos_ids or (-1,), jnp.int32)
-  obs_width = config.max_obs_tokens
+                 engine, config: RolloutConfig, sampling: Greedy | Sampling):
+  """``rollout(policy_params, engine_state, batch, rng, step) -> Trajectories``
+  (not yet jitted: wrap it in ``jax.jit``, or use ``shard_rollout``)."""
+  width = config.max_obs_tokens
   wrapper = static.obs_open.shape[0] + static.obs_close.shape[0]
-  if wrapper >= obs_width:
-    raise ValueError(f"RolloutConfig.max_obs_tokens={obs_width} leaves no room for documents "
+  if wrapper >= width:
+    raise ValueError(f"RolloutConfig.max_obs_tokens={width} leaves no room for documents "
                      f"inside the {wrapper}-token <information> wrapper.")
-  if static.feedback.shape[0] > obs_width:
-    raise ValueError(f"RolloutConfig.max_obs_tokens={obs_width} is shorter than the "
+  if static.feedback.shape[0] > width:
+    raise ValueError(f"RolloutConfig.max_obs_tokens={width} is shorter than the "
                      f"{static.feedback.shape[0]}-token invalid-action feedback.")
-  feedback_width = int(static.feedback.shape[0])
-
-  def rollout(policy_params, engine_state, batch: RolloutBatch, rng, step, script=None):
-    b, p = batch.prompt_tokens.shape
-    if p > s_len:
-      raise ValueError(f"prompts of {p} tokens exceed RolloutConfig.max_length={s_len}.")
-    p_noise = config.noise_probability(jnp.asarray(step))
-    tokens = jnp.full((b, s_len), static.pad_id, jnp.int32).at[:, :p].set(batch.prompt_tokens)
-    segment = (jnp.arange(p)[None, :] < batch.prompt_lengths[:, None]).astype(jnp.int32)
-    cache = init_cache(policy_cfg, b, s_len)
-    logits, cache = model.apply({"params": policy_params}, batch.prompt_tokens,
-                                segment_ids=segment, cache=cache)
-    last = jnp.take_along_axis(logits, (batch.prompt_lengths - 1)[:, None, None], 1)[:, 0]
-    zeros = jnp.zeros((b,), jnp.int32)
-    false = jnp.zeros((b,), bool)
-    state = dict(tokens=tokens, mask=jnp.zeros((b, s_len), jnp.int32),
-                 logp=jnp.zeros((b, s_len), jnp.float32), cache=cache, last=last,
-                 length=batch.prompt_lengths.astype(jnp.int32), generated=zeros,
-                 done=false, answered=false, truncated=false, turns=zeros, searches=zeros,
-                 noisy=zeros, failed=zeros)
-    rows = jnp.arange(b)
-
-    def decode_turn(state, turn_rng):
-      """One turn of policy decoding; returns the state and per-row turn facts."""
-
-      def cond(c):
-        return (c["i"] < config.max_new_tokens) & jnp.any(c["live"])
-
-      def body(c):
-        sampled, logp = sample(sampling, c["last"], jax.random.fold_in(turn_rng, c["i"]))
-        if script is not None:
-          forced = script[rows, jnp.minimum(c["generated"], script.shape[1] - 1)]
-          sampled = jnp.where(forced >= 0, forced, sampled)
-          logp = log_prob_of(sampling, c["last"], sampled)
-        full = c["length"] >= s_len
-        write = c["live"] & ~full
-        token = jnp.where(write, sampled, static.pad_id)
-        pos = c["length"]
-        c["tokens"] = c["tokens"].at[rows, pos].set(token, mode="drop")
-        c["mask"] = c["mask"].at[rows, pos].set(write.astype(jnp.int32), mode="drop")
-        c["logp"] = c["logp"].at[rows, pos].set(jnp.where(write, logp, 0.0), mode="drop")
-        m_state, done_tags = matcher.step(c["m_state"], token)
-        done_tags = jnp.where(write, done_tags, 0)
-        c["m_state"] = m_state
-        c["open_end"] = jnp.where(write & (done_tags & SEARCH_OPEN != 0), pos + 1, c["open_end"])
-        c["answer_open"] = c["answer_open"] | (write & (done_tags & ANSWER_OPEN != 0))
-        closed = write & (done_tags & CLOSING != 0)
-        c["close"] = jnp.where(closed & (c["close"] == 0), done_tags & CLOSING, c["close"])
-        ended = write & jnp.isin(token, eos)
-        c["eos"] = c["eos"] | ended
-        c["truncated"] = c["truncated"] | (c["live"] & full)
-        logits, c["cache"] = model.apply({"params": policy_params}, token[:, None],
-                                         segment_ids=write[:, None].astype(jnp.int32),
-                                         cache=c["cache"])
-        c["last"] = jnp.where(write[:, None], logits[:, 0], c["last"])
-        c["length"] = c["length"] + write
-        c["generated"] = c["generated"] + write
-        c["live"] = write & ~closed & ~ended
-        c["i"] = c["i"] + 1
-        return c
-
-      live = ~state["done"]
-      carry = dict(state, i=jnp.int32(0), live=live, m_state=zeros, open_end=jnp.full((b,), -1),
-                   answer_open=false, close=zeros, eos=false, turn_start=state["length"])
-      carry = jax.lax.while_loop(cond, body, carry)
-      facts = {k: carry.pop(k) for k in ("i", "live", "m_state", "open_end", "answer_open",
-                                         "close", "eos", "turn_start")}
-      return carry, facts, live
-
-    def turn_body(turn, state):
-      turn_rng = jax.random.fold_in(rng, turn)
-      state, f, active = decode_turn(state, jax.random.fold_in(turn_rng, 0))
-      final = turn == config.max_turns
-      answered = active & (f["close"] == ANSWER_CLOSE) & f["answer_open"]
-      searched = active & (f["close"] == SEARCH_CLOSE) & (f["open_end"] >= 0)
-      stopped = active & (f["eos"] | state["truncated"])
-      invalid = active & ~answered & ~searched & ~stopped
-      state["turns"] = state["turns"] + active
-      state["answered"] = state["answered"] | answered
-      done = state["done"] | answered | stopped | (final & active)
-
-      # The query: after the token that completed <search>, before the tokens of </search>.
-      close_end = state["length"]  # the closing token is the last one written
-      span = jnp.maximum(close_end - f["open_end"], 0)
-      tag_tokens = tokens_covering_tail(static.piece_bytes, state["tokens"], close_end, span,
-                                        SEARCH_CLOSE_BYTES)
-      query_len = jnp.clip(span - tag_tokens, 0, config.max_query_tokens)
-      query = gather_span(state["tokens"], f["open_end"], query_len, config.max_query_tokens,
-                          static.pad_id)
-      do_search = searched & ~final
-      noisy = do_search & (jax.random.uniform(jax.random.fold_in(turn_rng, 1), (b,)) < p_noise)
-      docs = engine(engine_state, batch, query, query_len, do_search, noisy,
-                    jax.random.fold_in(turn_rng, 2))
-      doc_cap = obs_width - wrapper
-      doc_len = jnp.minimum(docs.lengths, doc_cap)
-      obs_docs, obs_docs_len = concat_ragged(
-          [(static.obs_open[None], static.obs_open.shape[0]), (docs.tokens, doc_len),
-           (static.obs_close[None], static.obs_close.shape[0])], obs_width, static.pad_id)
-      feedback, feedback_len = concat_ragged(
-          [(static.feedback[None], static.feedback.shape[0])], obs_width, static.pad_id)
-      insert = (do_search | invalid) & ~done
-      obs = jnp.where(do_search[:, None], obs_docs, feedback)
-      obs_len = jnp.where(do_search, obs_docs_len, feedback_len)
-      overflow = insert & (state["length"] + obs_len > s_len)
-      insert = insert & ~overflow
-      obs_len = jnp.where(insert, obs_len, 0)
-      state["truncated"] = state["truncated"] | overflow
-      state["done"] = done | overflow
-      state["searches"] = state["searches"] + (do_search & insert)
-      state["noisy"] = state["noisy"] + (noisy & insert)
-      state["failed"] = state["failed"] + (do_search & docs.failed)
-
-      slots = state["length"][:, None] + jnp.arange(obs_width)[None, :]
-      in_obs = jnp.arange(obs_width)[None, :] < obs_len[:, None]
-      state["tokens"] = state["tokens"].at[rows[:, None], jnp.where(in_obs, slots, s_len)].set(
-          obs, mode="drop")
-
-      def prefill(width):
-        def run(operand):
-          cache, last = operand
-          logits, cache = model.apply({"params": policy_params}, obs[:, :width],
-                                      segment_ids=in_obs[:, :width].astype(jnp.int32),
-                                      cache=cache)
-          index = jnp.clip(obs_len - 1, 0, width - 1)[:, None, None]
-          last_obs = jnp.take_along_axis(logits, index, 1)[:, 0]
-          return cache, jnp.where(insert[:, None], last_obs, last)
-        return run
-
-      # Prefill only what is inserted: nothing (final turn, all rows done), the
-      # feedback alone (a short chunk), or documents (the full observation width).
-      branch = jnp.where(~jnp.any(insert), 0, jnp.where(jnp.any(insert & do_search), 2, 1))
-      state["cache"], state["last"] = jax.lax.switch(
-          branch, [lambda operand: operand, prefill(feedback_width), prefill(obs_width)],
-          (state["cache"], state["last"]))
-      state["length"] = state["length"] + obs_len
-      return state
-
-    state = jax.lax.fori_loop(0, config.max_turns + 1, turn_body, state)
-    valid = jnp.arange(s_len)[None, :] < state["length"][:, None]
-    return Trajectories(
-        tokens=jnp.where(valid, state["tokens"], static.pad_id),
-        loss_mask=state["mask"] * valid, log_probs=state["logp"] * valid,
-        prompt_lengths=batch.prompt_lengths, lengths=state["length"], turns=state["turns"],
-        searches=state["searches"], noisy_calls=state["noisy"], failed_searches=state["failed"],
-        answered=state["answered"], truncated=state["truncated"])
-
-  return rollout
+  spec = RolloutSpec(policy_cfg, matcher, static, engine, config, sampling)
+  return functools.partial(run_rollout, spec)
 
 
-def shard_rollout(rollout, plan, policy_cfg: ModelConfig, *, engine_state_shardings=None):
+def shard_rollout(rollout, plan, policy_cfg: ModelConfig, *, engine=None,
+                  engine_state_shardings=None):
   """``jax.jit`` of a rollout with explicit shardings from a
   ``zsjax.sharding.ShardingPlan``: policy params by the plan's rules, rows split
   over ``data`` x ``fsdp``, traced inside the plan's context (activation
-  constraints). ``engine_state_shardings``: e.g. ``plan.params(sim_cfg)`` for the
-  on-device simulator, None (replicated) otherwise."""
+  constraints). ``engine``: the rollout's engine (its ``input_shardings``);
+  ``engine_state_shardings``: e.g. ``plan.params(sim_cfg)`` for the on-device
+  simulator, None (replicated) otherwise."""
   rows, rows2, repl = plan.rows(1), plan.rows(2), plan.replicated()
-  batch_shardings = RolloutBatch(
-      prompt_tokens=rows2, prompt_lengths=rows, row_ids=rows,
-      sim_prefix=plan.rows(3, axis=1), sim_prefix_lengths=plan.rows(2, axis=1),
-      sim_suffix=repl, sim_suffix_lengths=repl)
+  batch_shardings = RolloutBatch(prompt_tokens=rows2, prompt_lengths=rows,
+                                 engine_inputs=(engine or NoEngine()).input_shardings(plan))
   out_shardings = Trajectories(tokens=rows2, loss_mask=rows2, log_probs=rows2,
                                prompt_lengths=rows, lengths=rows, turns=rows, searches=rows,
                                noisy_calls=rows, failed_searches=rows, answered=rows,
                                truncated=rows)
 
-  def run(policy_params, engine_state, batch, rng, step):
+  def sharded_rollout(policy_params, engine_state, batch, rng, step):
     with plan.context():
       return rollout(policy_params, engine_state, batch, rng, step)
 
-  jitted = jax.jit(run, in_shardings=(plan.params(policy_cfg), engine_state_shardings or repl,
-                                      batch_shardings, repl, repl),
+  jitted = jax.jit(sharded_rollout,
+                   in_shardings=(plan.params(policy_cfg), engine_state_shardings or repl,
+                                 batch_shardings, repl, repl),
                    out_shardings=out_shardings)
 
-  def call(policy_params, engine_state, batch: RolloutBatch, rng, step):
+  @functools.wraps(sharded_rollout)
+  def checked_rollout(policy_params, engine_state, batch: RolloutBatch, rng, step):
     rows_in_batch = batch.prompt_tokens.shape[0]
     if rows_in_batch % plan.batch_divisor:  # before JAX places anything
       raise ValueError(f"rollout batch of {rows_in_batch} rows is not divisible by data x fsdp "
                        f"= {plan.batch_divisor} (mesh {plan.sizes}); use a multiple of it.")
     return jitted(policy_params, engine_state, batch, rng, step)
 
-  call.jitted = jitted
-  return call
+  return checked_rollout
 
 
 # ------------------------------------------------------------- host preparation
@@ -476,58 +452,32 @@ def prepare_static_tokens(tokenizer, vocab_size: int | None = None,
                       eos_ids=tuple(int(i) for i in eos_ids), pad_id=int(pad_id))
 
 
-def _pad_rows(rows, width=None, pad_id=0):
-  width = max(1, max((len(r) for r in rows), default=1)) if width is None else width
-  out = np.full((len(rows), width), pad_id, np.int32)
-  for i, r in enumerate(rows):
-    out[i, :len(r)] = r[:width]
-  return out, np.asarray([min(len(r), width) for r in rows], np.int32)
-
-
-def prepare_batch(tokenizer, prompts, questions, answers, sim_prompt=None, *,
-                  samples_per_prompt: int = 1, pad_id: int = 0, prompt_width: int | None = None,
-                  sim_prefix_width: int | None = None) -> RolloutBatch:
-  """Tokenizes prompts (already rendered with ``zsjax.template.render_prompt``) and
-  the simulator's per-row prompt pieces; repeats each prompt ``samples_per_prompt``
-  times (group sampling: rows g*n .. g*n+n-1 share prompt g). Fixed
-  ``prompt_width`` / ``sim_prefix_width`` keep every batch one shape (one compile)."""
-  from zsjax.search import SimulatorPrompt
-
+def prepare_batch(tokenizer, prompts: Sequence[str], questions: Sequence[str],
+                  answers: Sequence[str], engine=None, *, samples_per_prompt: int = 1,
+                  pad_id: int = 0, prompt_width: int | None = None) -> RolloutBatch:
+  """Tokenizes prompts (already rendered with ``zsjax.template.render_prompt``),
+  repeats each ``samples_per_prompt`` times (group sampling: rows g*n .. g*n+n-1
+  share prompt g), and adds the engine's per-row inputs built from each prompt's
+  question and first gold answer. A fixed ``prompt_width`` keeps every batch one
+  shape (one compile)."""
   if not len(prompts) == len(questions) == len(answers):
     raise ValueError(f"prepare_batch: {len(prompts)} prompts, {len(questions)} questions and "
                      f"{len(answers)} answers; give one question and first gold answer per prompt.")
-  sim_prompt = sim_prompt or SimulatorPrompt()
   n = samples_per_prompt
-  encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
-  prompt_ids = [encode(p) for p in prompts for _ in range(n)]
-  row_ids = [i for i in range(len(prompts)) for _ in range(n)]
-  prefixes, suffixes = [[], []], []
-  for noisy in (0, 1):
-    for i in row_ids:
-      prefix, suffix = sim_prompt.split(questions[i], answers[i], bool(noisy))
-      prefixes[noisy].append(encode(prefix))
-    suffixes.append(encode(suffix))
-  for name, rows, width in (("prompt", prompt_ids, prompt_width),
-                            ("simulator prefix", prefixes[0] + prefixes[1], sim_prefix_width)):
-    longest = max(len(r) for r in rows)
-    if min(len(r) for r in rows) == 0:
-      raise ValueError(f"prepare_batch: a {name} tokenized to nothing.")
-    if width is not None and longest > width:
-      raise ValueError(f"prepare_batch: a {name} has {longest} tokens, more than the fixed "
-                       f"width {width}; raise the width or shorten the text.")
-  tokens, lengths = _pad_rows(prompt_ids, prompt_width, pad_id)
-  width = sim_prefix_width or max(len(r) for rows in prefixes for r in rows)
-  pre = [_pad_rows(rows, width, pad_id) for rows in prefixes]
-  suf, suf_len = _pad_rows(suffixes, pad_id=pad_id)
-  return RolloutBatch(
-      prompt_tokens=jnp.asarray(tokens), prompt_lengths=jnp.asarray(lengths),
-      row_ids=jnp.asarray(row_ids, jnp.int32),
-      sim_prefix=jnp.asarray(np.stack([p[0] for p in pre])),
-      sim_prefix_lengths=jnp.asarray(np.stack([p[1] for p in pre])),
-      sim_suffix=jnp.asarray(suf), sim_suffix_lengths=jnp.asarray(suf_len))
+  prompt_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts for _ in range(n)]
+  if min(len(r) for r in prompt_ids) == 0:
+    raise ValueError("prepare_batch: a prompt tokenized to nothing.")
+  longest = max(len(r) for r in prompt_ids)
+  if prompt_width is not None and longest > prompt_width:
+    raise ValueError(f"prepare_batch: a prompt has {longest} tokens, more than the fixed "
+                     f"width {prompt_width}; raise the width or shorten the text.")
+  tokens, lengths = pad_rows(prompt_ids, prompt_width, pad_id)
+  return RolloutBatch(prompt_tokens=jnp.asarray(tokens), prompt_lengths=jnp.asarray(lengths),
+                      engine_inputs=(engine or NoEngine()).inputs(list(questions), list(answers),
+                                                                  n))
 
 
-__all__ = ["RolloutConfig", "RolloutBatch", "Trajectories", "StaticTokens", "EngineOutput",
-           "make_rollout", "shard_rollout", "simulator_engine", "host_engine",
-           "prepare_static_tokens",
-           "prepare_batch", "concat_ragged", "gather_span", "tokens_covering_tail"]
+__all__ = ["RolloutConfig", "RolloutBatch", "Trajectories", "StaticTokens", "RolloutSpec",
+           "RolloutState", "TurnState", "NoEngine", "make_rollout", "run_rollout",
+           "shard_rollout", "prepare_static_tokens", "prepare_batch", "gather_span",
+           "decode_step", "decode_turn", "turn_step", "insert_observation", "initial_state"]

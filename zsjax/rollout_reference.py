@@ -19,7 +19,7 @@ import numpy as np
 
 from zsjax.model import ModelConfig, Transformer, init_cache
 from zsjax.rollout import RolloutBatch, RolloutConfig, StaticTokens, Trajectories
-from zsjax.sampling import Greedy, Sampling, log_prob_of, sample
+from zsjax.sampling import Greedy, Sampling, sample
 from zsjax.search import SearchRequest, document_tokens
 from zsjax.template import cut_after_first_close
 
@@ -34,16 +34,16 @@ def _forward_fn(cfg: ModelConfig):
 
 def python_rollout(policy_cfg: ModelConfig, policy_params, tokenizer, static: StaticTokens,
                    engine, config: RolloutConfig, sampling: Greedy | Sampling,
-                   batch: RolloutBatch, questions, answers, rng, step: int, script=None
-                   ) -> Trajectories:
+                   batch: RolloutBatch, questions, answers, rng, step: int) -> Trajectories:
   """Host-driven rollout; arguments as ``zsjax.rollout`` plus the host ``engine``
-  and the questions / first gold answers that ``batch.row_ids`` index."""
+  and the questions / first gold answers of the batch's prompts (row r holds
+  prompt ``r // samples_per_prompt``)."""
   forward = _forward_fn(policy_cfg)
   s_len = config.max_length
   prompt = np.asarray(batch.prompt_tokens)
   prompt_len = np.asarray(batch.prompt_lengths)
   b, p = prompt.shape
-  row_ids = np.asarray(batch.row_ids)
+  row_ids = np.arange(b) // (b // len(questions))
   eos = set(static.eos_ids)
   obs_open, obs_close = list(np.asarray(static.obs_open)), list(np.asarray(static.obs_close))
   feedback = list(np.asarray(static.feedback))
@@ -70,12 +70,9 @@ def python_rollout(policy_cfg: ModelConfig, policy_params, tokenizer, static: St
     hit_eos = np.zeros(b, bool)
     i = 0
     while i < config.max_new_tokens and live.any():
-      sampled, logp = sample(sampling, jnp.asarray(last), jax.random.fold_in(decode_rng, i))
+      sampled, logp = sample(sampling, jnp.asarray(last), jax.random.fold_in(decode_rng, i),
+                             position=jnp.asarray(generated))
       sampled, logp = np.asarray(sampled), np.asarray(logp)
-      if script is not None:
-        forced = np.asarray(script)[np.arange(b), np.minimum(generated, script.shape[1] - 1)]
-        sampled = np.where(forced >= 0, forced, sampled)
-        logp = np.asarray(log_prob_of(sampling, jnp.asarray(last), jnp.asarray(sampled)))
       write = live & np.array([len(s) < s_len for s in seqs])
       truncated |= live & ~write
       token = np.where(write, sampled, static.pad_id).astype(np.int32)

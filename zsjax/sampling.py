@@ -1,6 +1,9 @@
 """Token samplers as small frozen dataclasses (hashable, so jit-static).
 
-``sample(strategy, logits [B, V], rng) -> (tokens [B] int32, log_probs [B] f32)``.
+``sample(strategy, logits [B, V], rng, position=None) -> (tokens [B] int32,
+log_probs [B] f32)``; ``position [B]`` counts the tokens each row has sampled so
+far. Any other object with a ``sample(logits, rng, position)`` method is a
+strategy too (the tests force tokens that way).
 
 The returned log-prob is that of the chosen token under the policy's sampling
 distribution *before* top-k/top-p truncation, ``log_softmax(logits / T)`` (T = 1
@@ -47,12 +50,11 @@ class Sampling:
 
 def from_config(config) -> Greedy | Sampling:
   """``{"kind": "greedy"}`` or ``{"kind": "sample", temperature, top_p, top_k}``."""
-  kind = config.get("kind", "sample")
+  kind = config.kind
   if kind == "greedy":
     return Greedy()
   if kind == "sample":
-    return Sampling(temperature=config.get("temperature", 1.0), top_p=config.get("top_p", 1.0),
-                    top_k=config.get("top_k", 0))
+    return Sampling(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
   raise ValueError(f"sampling kind={kind!r} is not 'greedy' or 'sample'.")
 
 
@@ -81,8 +83,10 @@ def log_prob_of(strategy: Greedy | Sampling, logits: jax.Array, tokens: jax.Arra
   return jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
 
 
-def sample(strategy: Greedy | Sampling, logits: jax.Array, rng: jax.Array):
+def sample(strategy, logits: jax.Array, rng: jax.Array, position: jax.Array | None = None):
   """Draws one token per row; returns ``(tokens [B], log_probs [B])``."""
+  if not isinstance(strategy, (Greedy, Sampling)):
+    return strategy.sample(logits, rng, position)
   logits = logits.astype(jnp.float32)
   if isinstance(strategy, Greedy):
     tokens = jnp.argmax(logits, axis=-1)

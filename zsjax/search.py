@@ -1,17 +1,13 @@
-"""Search engines: the simulator's prompt, and the engines that run on the host.
+"""Search engines that run on the host, and the bridge from jitted code.
 
-* ``SimulatorPrompt``: the prompt that asks an LLM to act as a search engine and
-  write useful or noisy documents (METHOD.md §3). The template is a config
-  string, so the exact wording a released simulator was tuned on can be pasted
-  in; the default is in our own words. The on-device simulator of the jitted
-  rollout is fed this prompt split around the query (``split``).
 * Host engines, called from jitted code through ``jax.experimental.io_callback``
   (``HostSearch``):
     - ``BM25Engine``: BM25 (the ``bm25s`` package) over a local corpus;
     - ``HttpSimulatorEngine``: an OpenAI-compatible completion server (e.g. a
       simulator served by sglang or vLLM). Every request has a timeout and a
       bounded number of retries; a call that still fails returns no documents
-      and is counted, it never hangs training.
+      and is counted, it never hangs training. Its prompt is
+      ``zsjax.simulator.SimulatorPrompt``, the on-device simulator's.
 
 Shape legend: B batch, Q query tokens, D document tokens.
 """
@@ -20,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import time
 import urllib.error
 import urllib.request
@@ -30,85 +25,11 @@ from typing import Protocol, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.struct
 from jax.experimental import io_callback
 
+from zsjax.simulator import EngineOutput, SimulatorPrompt, parse_documents
 from zsjax.template import render_documents
-
-DEFAULT_SIMULATOR_TEMPLATE = (
-    "You act as a web search engine.\n"
-    "Write five {quality} documents for the search query below.\n"
-    'Context: the user is working on the question "{question}", and its answer is {answer}.\n'
-    "Each document should be about 30 words long and contain {quality} information.\n"
-    "\n"
-    "Query: {query}\n"
-    "{Quality} Output:")
-
-_DOC_MARKER = re.compile(r"Doc\s*(\d+)\s*:?", re.IGNORECASE)
-
-
-# ------------------------------------------------------------------ the prompt
-
-
-@dataclasses.dataclass(frozen=True)
-class SimulatorPrompt:
-  """Renders the simulator's prompt. Placeholders: ``{query}``, ``{question}``,
-  ``{answer}`` (the first gold answer), ``{quality}`` / ``{Quality}`` (``useful``
-  or ``noisy``, lower / capitalised)."""
-
-  template: str = DEFAULT_SIMULATOR_TEMPLATE
-  top_k: int = 5
-
-  def __post_init__(self):
-    if self.template.count("{query}") != 1:
-      raise ValueError("SimulatorPrompt.template must contain '{query}' exactly once (found "
-                       f"{self.template.count('{query}')}); the query is inserted there.")
-    if "{quality}" not in self.template and "{Quality}" not in self.template:
-      raise ValueError("SimulatorPrompt.template has no '{quality}' or '{Quality}' placeholder, "
-                       "so useful and noisy calls would get the same prompt.")
-    if self.top_k <= 0:
-      raise ValueError(f"SimulatorPrompt.top_k={self.top_k} must be positive.")
-    try:
-      self.render("q", "question", "answer", noisy=False)
-    except (KeyError, IndexError) as e:
-      raise ValueError(f"SimulatorPrompt.template has an unknown placeholder {e}; use {{query}}, "
-                       "{question}, {answer}, {quality}, {Quality} (double other braces).") from None
-
-  def _fields(self, question: str, answer: str, noisy: bool) -> dict[str, str]:
-    quality = "noisy" if noisy else "useful"
-    return {"question": question.strip(), "answer": answer.strip(), "quality": quality,
-            "Quality": quality.capitalize()}
-
-  def render(self, query: str, question: str, answer: str, noisy: bool) -> str:
-    return self.template.format(query=query.strip(), **self._fields(question, answer, noisy))
-
-  def split(self, question: str, answer: str, noisy: bool) -> tuple[str, str]:
-    """The prompt before and after the query, for assembly around query tokens."""
-    marker = "\x00QUERY\x00"
-    text = self.template.replace("{query}", marker).format(**self._fields(question, answer, noisy))
-    prefix, suffix = text.split(marker)
-    return prefix, suffix
-
-
-def parse_documents(text: str, top_k: int) -> list[str]:
-  """Documents from a simulator's output: cut before the (top_k + 1)-th ``Doc``
-  marker, blank lines collapsed, split at the markers (text before the first
-  marker, if any, counts as one document)."""
-  markers = list(_DOC_MARKER.finditer(text))
-  if len(markers) > top_k:
-    text = text[:markers[top_k].start()]
-    markers = markers[:top_k]
-  text = re.sub(r"\n\s*\n+", "\n", text)
-  markers = list(_DOC_MARKER.finditer(text))
-  if not markers:
-    return [text.strip()] if text.strip() else []
-  docs = [text[:markers[0].start()].strip()] if text[:markers[0].start()].strip() else []
-  for i, m in enumerate(markers):
-    end = markers[i + 1].start() if i + 1 < len(markers) else len(text)
-    body = text[m.end():end].strip()
-    if body:
-      docs.append(body)
-  return docs[:top_k]
-
 
 # ---------------------------------------------------------------- host engines
 
@@ -248,6 +169,30 @@ def engine_from_config(engine, prompt: SimulatorPrompt = SimulatorPrompt()) -> H
                    "'http'.")
 
 
+def build_engine(config, tokenizer, static, rollout_config, plan, rng, *, greedy: bool = False,
+                 host_engine: HostEngine | None = None):
+  """The rollout engine a config names (``config.engine.kind``):
+  ``(engine, engine_state, engine_state_shardings)``. ``simulator``: the
+  on-device ``zsjax.simulator.SimulatorEngine`` with the params of
+  ``config.simulator`` (a checkpoint, or a random model drawn from ``rng``);
+  ``bm25`` / ``http``: a ``HostSearch``. ``static``: the policy's
+  ``zsjax.rollout.StaticTokens``; ``greedy``: the simulator decodes greedily
+  (evaluation); ``host_engine``: an engine already built for ``bm25`` / ``http``."""
+  from zsjax import hf, simulator
+
+  if config.engine.kind == "simulator":
+    sim_cfg, sim_params = hf.load_model(config.simulator, plan, rng, len(tokenizer),
+                                        static.eos_ids, what="simulator")
+    engine = simulator.engine_from_config(
+        config, tokenizer, cfg=sim_cfg, piece_bytes=static.piece_bytes, eos_ids=static.eos_ids,
+        pad_id=static.pad_id, query_width=rollout_config.max_query_tokens, greedy=greedy)
+    return engine, sim_params, plan.params(sim_cfg)
+  prompt = SimulatorPrompt.from_config(config.simulator.template, config.engine.top_k)
+  engine = HostSearch(host_engine or engine_from_config(config.engine, prompt), tokenizer,
+                      rollout_config.max_obs_tokens, pad_id=static.pad_id)
+  return engine, jnp.zeros((), jnp.int32), None
+
+
 # ------------------------------------------------------------- from jitted code
 
 
@@ -259,25 +204,48 @@ def document_tokens(tokenizer, documents: Sequence[str]) -> list[int]:
   return tokenizer.encode(render_documents(documents), add_special_tokens=False)
 
 
-class HostSearch:
-  """Calls a host engine from jitted code (``io_callback``) and returns the
-  documents as tokens.
+@flax.struct.dataclass
+class HostInputs:
+  """Each row's question and first gold answer as UTF-8 bytes, for a host engine
+  (a simulator prompt needs them; BM25 does not)."""
 
-  ``set_context`` gives the questions and first gold answers of the batch about
-  to be rolled out; the jitted side passes row ids, query tokens and the
-  useful/noisy draw. Documents come back rendered ``Doc 1: …\\nDoc 2: …``,
-  tokenized, cut to ``max_doc_tokens`` and right-padded with ``pad_id``."""
+  text: jax.Array  # [B, 2, W] uint8: question, answer; zero-padded
+  lengths: jax.Array  # [B, 2] bytes of each
+
+
+def _text_width(longest: int, minimum: int = 256) -> int:
+  """Power-of-two widths: batches of similar texts share one shape (one compile)."""
+  return max(minimum, 1 << max(longest - 1, 0).bit_length())
+
+
+class HostSearch:
+  """A host engine as a rollout engine: ``inputs`` carries each row's question
+  and answer into the jitted call, where ``io_callback`` hands them to the
+  engine with the row's decoded query and useful/noisy draw. Documents come back
+  rendered ``Doc 1: …\nDoc 2: …``, tokenized, cut to ``max_doc_tokens`` and
+  right-padded with ``pad_id``."""
 
   def __init__(self, engine: HostEngine, tokenizer, max_doc_tokens: int, pad_id: int = 0):
     self.engine, self.tokenizer = engine, tokenizer
     self.max_doc_tokens, self.pad_id = max_doc_tokens, pad_id
-    self.questions: list[str] = []
-    self.answers: list[str] = []
 
-  def set_context(self, questions: Sequence[str], answers: Sequence[str]) -> None:
-    self.questions, self.answers = list(questions), list(answers)
+  def inputs(self, questions: Sequence[str], answers: Sequence[str],
+             samples_per_prompt: int = 1) -> HostInputs:
+    encoded = [(q.encode("utf-8"), a.encode("utf-8")) for q, a in zip(questions, answers)
+               for _ in range(samples_per_prompt)]
+    width = _text_width(max(len(t) for pair in encoded for t in pair))
+    text = np.zeros((len(encoded), 2, width), np.uint8)
+    lengths = np.zeros((len(encoded), 2), np.int32)
+    for i, pair in enumerate(encoded):
+      for j, raw in enumerate(pair):
+        text[i, j, :len(raw)] = np.frombuffer(raw, np.uint8)
+        lengths[i, j] = len(raw)
+    return HostInputs(text=jnp.asarray(text), lengths=jnp.asarray(lengths))
 
-  def _callback(self, row_ids, query_tokens, query_lengths, active, noisy):
+  def input_shardings(self, plan) -> HostInputs:
+    return HostInputs(text=plan.rows(3), lengths=plan.rows(2))
+
+  def _callback(self, text, text_lengths, query_tokens, query_lengths, active, noisy):
     b = query_tokens.shape[0]
     tokens = np.full((b, self.max_doc_tokens), self.pad_id, np.int32)
     lengths = np.zeros((b,), np.int32)
@@ -285,14 +253,14 @@ class HostSearch:
     rows = [i for i in range(b) if active[i]]
     if not rows:
       return tokens, lengths, failed
-    requests = []
-    for i in rows:
-      r = int(row_ids[i])
-      query = self.tokenizer.decode(query_tokens[i, :query_lengths[i]].tolist(),
-                                    skip_special_tokens=True)
-      requests.append(SearchRequest(query, self.questions[r] if r < len(self.questions) else "",
-                                    self.answers[r] if r < len(self.answers) else "",
-                                    bool(noisy[i]), row=i))
+
+    def row_text(i, j):
+      return bytes(text[i, j, :text_lengths[i, j]]).decode("utf-8")
+
+    requests = [SearchRequest(
+        self.tokenizer.decode(query_tokens[i, :query_lengths[i]].tolist(),
+                              skip_special_tokens=True),
+        row_text(i, 0), row_text(i, 1), bool(noisy[i]), row=i) for i in rows]
     result = self.engine.search(requests)
     for i, docs, fail in zip(rows, result.documents, result.failed):
       ids = document_tokens(self.tokenizer, docs)[:self.max_doc_tokens]
@@ -301,11 +269,13 @@ class HostSearch:
       failed[i] = fail
     return tokens, lengths, failed
 
-  def __call__(self, row_ids, query_tokens, query_lengths, active, noisy):
-    """``row_ids [B]``, ``query_tokens [B, Q]``, ``query_lengths [B]``, ``active [B]``,
-    ``noisy [B]`` -> ``doc_tokens [B, D]``, ``doc_lengths [B]``, ``failed [B]``."""
+  def __call__(self, engine_state, inputs: HostInputs, query_tokens, query_lengths, active, noisy,
+               rng):
+    """``query_tokens [B, Q]``, ``query_lengths [B]``, ``active [B]``, ``noisy [B]``
+    -> ``EngineOutput`` (``tokens [B, D]``, ``lengths [B]``, ``failed [B]``)."""
+    del engine_state, rng
     b = query_tokens.shape[0]
     shapes = (jax.ShapeDtypeStruct((b, self.max_doc_tokens), jnp.int32),
               jax.ShapeDtypeStruct((b,), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.bool_))
-    return io_callback(self._callback, shapes, row_ids, query_tokens,
-                                        query_lengths, active, noisy, ordered=True)
+    return EngineOutput(*io_callback(self._callback, shapes, inputs.text, inputs.lengths,
+                                     query_tokens, query_lengths, active, noisy, ordered=True))

@@ -296,6 +296,21 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
+def to_host(tree):
+  """Device arrays -> numpy, gathering rows from every process when there are several."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    return jax.tree_util.tree_map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+  return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+def place(array, sharding) -> jax.Array:
+  """A host array (the same on every process) onto ``sharding``."""
+  array = np.asarray(array)
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
 def bytes_per_device(tree) -> dict[int, int]:
   """Bytes of ``tree``'s shards held by each addressable device (by device id)."""
   held: dict[int, int] = {}

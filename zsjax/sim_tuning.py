@@ -34,9 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from zsjax import rewards
-from zsjax.metrics import read_jsonl
 from zsjax import rollout as rollout_lib
-from zsjax.search import SearchRequest, SearchResult, SimulatorPrompt
+from zsjax.metrics import read_jsonl
+from zsjax.search import SearchRequest, SearchResult
+from zsjax.simulator import SimulatorEngine, SimulatorPrompt
 from zsjax.template import render_documents, render_prompt
 
 
@@ -62,7 +63,7 @@ def _done_ids(path: Path) -> set[str]:
 
 
 def collect_trajectories(path: str | Path, examples, engine, *, tokenizer=None, policy=None,
-                         batch_size: int = 8, queries: str = "policy", script_fn=None,
+                         batch_size: int = 8, queries: str = "policy",
                          progress: bool = True) -> dict:
   """Appends one JSON line per question to ``path`` (skipping ids already there):
   ``{id, question, golden_answers, searches: [{query, documents}], answer,
@@ -72,11 +73,8 @@ def collect_trajectories(path: str | Path, examples, engine, *, tokenizer=None, 
   ``rollout`` is a jitted ``zsjax.rollout`` built on ``host_engine(search)`` and
   ``search`` is the ``HostSearch`` around ``RecordingEngine(engine)`` (see
   ``make_collection_policy``). ``queries="question"`` searches each question
-  instead. ``script_fn(questions) -> [B, T] token ids`` forces the policy's
-  tokens (tests). Returns counts."""
+  instead. Returns counts."""
   from tqdm import tqdm
-
-  from zsjax.train_rl import score_answers
 
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +92,7 @@ def collect_trajectories(path: str | Path, examples, engine, *, tokenizer=None, 
         records = [{"searches": [{"query": e["question"], "documents": docs}], "answer": None}
                    for e, docs in zip(chunk, result.documents)]
       else:
-        records = _policy_chunk(chunk, policy, tokenizer, batch_size, script_fn, score_answers)
+        records = _policy_chunk(chunk, policy, tokenizer, batch_size)
       for e, record in zip(chunk, records):
         golds = list(e["golden_answers"])
         row = {"id": e["id"], "question": e["question"], "golden_answers": golds, **record,
@@ -108,7 +106,7 @@ def collect_trajectories(path: str | Path, examples, engine, *, tokenizer=None, 
 
 
 def make_collection_policy(policy_cfg, policy_params, tokenizer, engine, rollout_config,
-                           sampling, *, prompt_width: int, sim_prefix_width: int = 512):
+                           sampling, *, prompt_width: int):
   """The ``policy`` tuple of ``collect_trajectories``: a jitted rollout on a host
   engine that records every search."""
   from zsjax.search import HostSearch
@@ -118,14 +116,13 @@ def make_collection_policy(policy_cfg, policy_params, tokenizer, engine, rollout
   recorder = RecordingEngine(engine)
   search = HostSearch(recorder, tokenizer, rollout_config.max_obs_tokens, pad_id=static.pad_id)
   matcher = build_tag_matcher(tokenizer, vocab_size=policy_cfg.vocab_size)
-  rollout = jax.jit(rollout_lib.make_rollout(policy_cfg, matcher, static,
-                                             rollout_lib.host_engine(search), rollout_config,
+  rollout = jax.jit(rollout_lib.make_rollout(policy_cfg, matcher, static, search, rollout_config,
                                              sampling))
   return {"rollout": rollout, "params": policy_params, "static": static, "search": search,
-          "recorder": recorder, "prompt_width": prompt_width, "sim_prefix_width": sim_prefix_width}
+          "recorder": recorder, "prompt_width": prompt_width}
 
 
-def _policy_chunk(chunk, policy, tokenizer, batch_size, script_fn, score_answers):
+def _policy_chunk(chunk, policy, tokenizer, batch_size):
   if policy is None or tokenizer is None:
     raise ValueError("queries='policy' needs policy= (make_collection_policy) and tokenizer=.")
   questions = [e["question"] for e in chunk]
@@ -133,18 +130,15 @@ def _policy_chunk(chunk, policy, tokenizer, batch_size, script_fn, score_answers
   answers = [list(e["golden_answers"])[0] for e in chunk]
   answers += [answers[-1]] * (batch_size - len(chunk))
   prompts = [render_prompt(q, tokenizer, use_chat_template=False) for q in padded]
-  batch = rollout_lib.prepare_batch(tokenizer, prompts, padded, answers,
+  batch = rollout_lib.prepare_batch(tokenizer, prompts, padded, answers, policy["search"],
                                     pad_id=policy["static"].pad_id,
-                                    prompt_width=policy["prompt_width"],
-                                    sim_prefix_width=policy["sim_prefix_width"])
-  policy["search"].set_context(padded, answers)
+                                    prompt_width=policy["prompt_width"])
   recorder = policy["recorder"]
   recorder.records.clear()
-  script = None if script_fn is None else jnp.asarray(script_fn(padded))
   traj = jax.device_get(policy["rollout"](policy["params"], jnp.zeros((), jnp.int32), batch,
-                                          jax.random.key(0), 0, script))
+                                          jax.random.key(0), 0))
   traj = jax.tree_util.tree_map(np.asarray, traj)
-  scores = score_answers(tokenizer, traj, [list(e["golden_answers"]) for e in chunk] +
+  scores = rewards.score_answers(tokenizer, traj, [list(e["golden_answers"]) for e in chunk] +
                          [["-"]] * (batch_size - len(chunk)), "f1")
   by_row: dict[int, list[dict]] = {}
   for request, docs in recorder.records:
@@ -290,25 +284,20 @@ def quality_report(sim_cfg, sim_params, tokenizer, rows: Sequence[dict], *,
   they contain a gold answer, plus the target perplexity of the rows' own
   documents under their own label. Returns a dict; ``format_report`` prints it."""
   from zsjax.sampling import Greedy, Sampling
-  from zsjax.template import build_tag_matcher
   from zsjax.train_sft import packed_split
   from zsjax.train_step import next_token_loss
 
   if not rows:
     raise ValueError("quality_report: no held-out rows (is the dataset's test split empty?).")
   static = rollout_lib.prepare_static_tokens(tokenizer, vocab_size=sim_cfg.vocab_size)
-  marker = f"Doc {sim_prompt.top_k + 1}"
-  matcher = build_tag_matcher(tokenizer, vocab_size=sim_cfg.vocab_size, tags=(marker,))
   prefix_width = max(len(tokenizer.encode(sim_prompt.split(r["question"], r["golden_answers"][0],
                                                            noisy)[0], add_special_tokens=False))
                      for r in rows for noisy in (False, True))
-  suffix = len(tokenizer.encode(sim_prompt.split("q", "a", True)[1], add_special_tokens=False))
-  question_width = max(len(tokenizer.encode(r["question"], add_special_tokens=False)) for r in rows)
-  engine = rollout_lib.simulator_engine(
-      sim_cfg, matcher, static, max_new_tokens=max_new_tokens,
-      max_prompt=prefix_width + max_query_tokens + suffix + 4,
+  engine = SimulatorEngine(
+      cfg=sim_cfg, tokenizer=tokenizer, prompt=sim_prompt, piece_bytes=static.piece_bytes,
+      max_new_tokens=max_new_tokens, prefix_width=prefix_width, query_width=max_query_tokens,
       sampling=Greedy() if temperature <= 0 else Sampling(temperature=temperature),
-      marker_bytes=len(marker))
+      eos_ids=static.eos_ids, pad_id=static.pad_id)
   generate = jax.jit(engine)
   contains = {"useful": [], "noisy": []}
   for start in range(0, len(rows), batch_size):
@@ -317,9 +306,7 @@ def quality_report(sim_cfg, sim_params, tokenizer, rows: Sequence[dict], *,
     chunk += [chunk[-1]] * (batch_size - n)
     questions = [r["question"] for r in chunk]
     answers = [r["golden_answers"][0] for r in chunk]
-    batch = rollout_lib.prepare_batch(tokenizer, questions, questions, answers, sim_prompt,
-                                      pad_id=static.pad_id, prompt_width=question_width,
-                                      sim_prefix_width=prefix_width)
+    inputs = engine.inputs(questions, answers)
     query_ids = [tokenizer.encode(" " + r["query"].strip() + " ",
                                   add_special_tokens=False)[:max_query_tokens] for r in chunk]
     query = np.full((batch_size, max_query_tokens), static.pad_id, np.int32)
@@ -328,7 +315,7 @@ def quality_report(sim_cfg, sim_params, tokenizer, rows: Sequence[dict], *,
     lengths = np.asarray([len(q) for q in query_ids], np.int32)
     for mode in ("useful", "noisy"):
       noisy = jnp.full((batch_size,), mode == "noisy")
-      out = jax.device_get(generate(sim_params, batch, jnp.asarray(query), jnp.asarray(lengths),
+      out = jax.device_get(generate(sim_params, inputs, jnp.asarray(query), jnp.asarray(lengths),
                                     jnp.ones((batch_size,), bool), noisy,
                                     jax.random.fold_in(jax.random.key(seed), start)))
       for i in range(n):
@@ -393,9 +380,9 @@ def run(config, workdir: str) -> dict:
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   c = config.sim_tuning
-  report_rows([], c.get("report_queries", "all"))  # a bad value fails now, not after tuning
-  progress = config.get("progress", True)
-  if config.get("synthetic_data") and not config.data.train_files:
+  report_rows([], c.report_queries)  # a bad value fails now, not after tuning
+  progress = config.progress
+  if config.synthetic_data and not config.data.train_files:
     from zsjax import tinyworld
 
     world = tinyworld.ensure(workdir / "world", config.seed)
@@ -403,8 +390,7 @@ def run(config, workdir: str) -> dict:
     config.data.train_files, config.engine.corpus = world["train"], world["corpus"]
     config.tokenizer = config.tokenizer or world["tokenizer"]
   tokenizer = hf.load_tokenizer(config.tokenizer or config.model.checkpoint)
-  sim_prompt = SimulatorPrompt(config.simulator_template or search.DEFAULT_SIMULATOR_TEMPLATE,
-                               top_k=config.engine.top_k)
+  sim_prompt = SimulatorPrompt.from_config(config.simulator_template, config.engine.top_k)
   summary: dict = {}
 
   trajectories = workdir / "trajectories.jsonl"
@@ -415,17 +401,17 @@ def run(config, workdir: str) -> dict:
   engine = search.engine_from_config(config.engine, sim_prompt)  # a real engine collects
   policy = None
   if c.queries == "policy":
+    from zsjax.hf import load_model
     from zsjax.rollout import RolloutConfig
     from zsjax.sampling import from_config
     from zsjax.sharding import ShardingPlan
-    from zsjax.train_rl import load_model
 
     plan = ShardingPlan.from_config({"mesh": {"data": 1, "fsdp": 1, "tensor": 1}},
                                     devices=jax.devices()[:1])
     cfg, params = load_model(c.policy, plan, jax.random.key(config.seed), len(tokenizer),
                              (tokenizer.eos_token_id,), what="sim_tuning.policy")
     policy = make_collection_policy(cfg, params, tokenizer, engine,
-                                    RolloutConfig(**c.rollout.to_dict()),
+                                    RolloutConfig.from_config(c.rollout),
                                     from_config(c.sampling), prompt_width=c.prompt_width)
   summary["collect"] = collect_trajectories(
       trajectories, examples, engine, tokenizer=tokenizer, policy=policy,
@@ -470,7 +456,7 @@ def run(config, workdir: str) -> dict:
     sim_cfg, sim_params = hf.load_checkpoint(workdir / "sft" / "hf_export")
     test = datasets.load_from_disk(str(dataset_dir)).get("test")
     rows = list(test) if test is not None else []
-    rows = report_rows(rows, c.get("report_queries", "all"))
+    rows = report_rows(rows, c.report_queries)
     report = quality_report(sim_cfg, sim_params, tokenizer, rows[:c.report_rows or None],
                             sim_prompt=sim_prompt, max_new_tokens=c.report_new_tokens,
                             seed=config.seed)

@@ -217,7 +217,7 @@ def build(directory: str | Path, seed: int, size: WorldSize = WorldSize()) -> di
   """Writes the world to ``directory``; returns the paths as a dict."""
   import datasets
 
-  from zsjax import search, template
+  from zsjax import simulator, template
 
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
@@ -233,7 +233,7 @@ def build(directory: str | Path, seed: int, size: WorldSize = WorldSize()) -> di
   texts = [d["contents"] for d in world["corpus"]]
   texts += [r["question"] for rows in world["splits"].values() for r in rows]
   texts += [template.INSTRUCTION, template.INVALID_ACTION_FEEDBACK,
-            template.render_observation(["Doc text."]), search.DEFAULT_SIMULATOR_TEMPLATE,
+            template.render_observation(["Doc text."]), simulator.DEFAULT_TEMPLATE,
             "<think> I need to look this up. </think><search> query </search>"
             "<answer> answer </answer>"]
   # Every pool word (after a space, as names appear in text) becomes one token.

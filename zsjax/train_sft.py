@@ -125,7 +125,7 @@ def evaluate_nll(eval_fn, params, packed, batch_size: int, plan) -> float:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from tqdm import tqdm
 
-  from zsjax.train_rl import load_model
+  from zsjax.hf import load_model
 
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -147,7 +147,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   cfg, initial = load_model(config.model, plan, jax.random.fold_in(key, 1), len(tokenizer),
                             (eos,), what="model")
 
-  splits = data_lib.load_sft(s.data, on_error=config.get("on_error", "skip"))
+  splits = data_lib.load_sft(s.data, on_error=s.on_error)
   if "train" not in splits:
     raise ValueError(f"config.sft.data={s.data!r} has no 'train' split (found {sorted(splits)}).")
   train, train_info = packed_split(tokenizer, splits["train"], s.max_length, eos, pad, "train")
@@ -184,7 +184,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   rows = len(train["tokens"])
   with MetricWriter(workdir, resume_from=start) as writer, tqdm(
       total=s.total_steps, initial=start, desc="sft", unit="step",
-      disable=not is_main_process() or not config.get("progress", True)) as bar:
+      disable=not is_main_process() or not config.progress) as bar:
     for step in range(start + 1, s.total_steps + 1):
       t0 = time.perf_counter()
       index = data_lib.batch_rows(rows, s.batch_size, config.seed, step - 1)

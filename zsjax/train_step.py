@@ -196,7 +196,8 @@ def make_accumulating_update(loss_fn, tx, plan: ShardingPlan, shardings: TrainSt
 
   def update(state: TrainState, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
-    mask = batch["loss_mask"].astype(jnp.float32)  # [B, L]
+    mask = (batch["loss_mask"] if isinstance(batch, dict) else batch.loss_mask)
+    mask = mask.astype(jnp.float32)  # [B, L]
     if aggregation == "token_mean":
       normalizer = jnp.maximum(mask.sum(), 1.0)
     else:

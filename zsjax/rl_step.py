@@ -1,0 +1,318 @@
+"""The RL step as data: the batch an update reads, and every jitted program of the
+RL job in one place.
+
+  trajectories + rewards --make_rl_batch--> RLBatch --update_epochs--> new RLState
+
+``make_rl_batch`` puts the rollout on the devices and scores it (reference and
+old log-probs, PPO's old values, advantages and returns: METHOD.md §6);
+``update_epochs`` runs ``epochs x minibatches`` of the donated, accumulating
+update (``zsjax.train_step.make_accumulating_update``), the critic first for
+PPO; ``step_metrics`` assembles the step's slash-named metrics.
+
+``RLPrograms`` holds the optimizers and the jitted functions, each with explicit
+shardings, built once from the config by ``build_programs``; it has no state.
+
+Shape legend: N trajectories of a step (P prompts x n samples), M a minibatch,
+S the context cap (``rollout.max_length``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zsjax import rewards, rl
+from zsjax.checkpoint import abstract_like
+from zsjax.model import ModelConfig, init_params, token_log_probs, token_values
+from zsjax.sharding import ShardingPlan, place
+from zsjax.train_step import (TrainState, init_state, make_accumulating_update,
+                              make_chunked_score_fn, make_optimizer, state_shardings)
+
+
+ENGINES = ("simulator", "bm25", "http")
+
+
+def check_config(config: Any) -> None:
+  """Fails early, naming the field, the value and the fix."""
+  r = config.rl
+  if r.algorithm not in rl.ALGORITHMS:
+    raise ValueError(f"config.rl.algorithm={r.algorithm!r} is not one of {rl.ALGORITHMS}.")
+  if r.reward not in rewards.TRAIN_REWARDS:
+    raise ValueError(f"config.rl.reward={r.reward!r} is not one of {sorted(rewards.TRAIN_REWARDS)}.")
+  if r.loss_mask not in ("policy", "response"):
+    raise ValueError(f"config.rl.loss_mask={r.loss_mask!r}: use 'policy' (only sampled tokens, "
+                     "the method) or 'response' (inserted documents too, the ablation).")
+  if config.engine.kind not in ENGINES:
+    raise ValueError(f"config.engine.kind={config.engine.kind!r} is not one of {ENGINES}.")
+  n = r.prompts_per_step * r.samples_per_prompt
+  if not 0 < r.minibatch_size <= n:
+    raise ValueError(f"config.rl.minibatch_size={r.minibatch_size} must lie in [1, {n}] (the "
+                     "trajectories of a step, prompts_per_step x samples_per_prompt).")
+  for name in ("micro_batch_size", "score_batch_size"):
+    value = r[name]
+    sizes = {r.minibatch_size, n % r.minibatch_size or r.minibatch_size}
+    if value <= 0 or any(size % value for size in sizes) or n % value:
+      raise ValueError(f"config.rl.{name}={value} must divide config.rl.minibatch_size="
+                       f"{r.minibatch_size}, the last minibatch ({n % r.minibatch_size or n}) "
+                       f"and the {n} trajectories of a step.")
+  if r.algorithm == "grpo" and r.samples_per_prompt < 2:
+    raise ValueError(f"config.rl.samples_per_prompt={r.samples_per_prompt}: GRPO needs groups "
+                     "of at least 2 samples per prompt.")
+  if r.total_steps <= 0 or r.epochs <= 0:
+    raise ValueError(f"config.rl.total_steps={r.total_steps} and config.rl.epochs={r.epochs} "
+                     "must be positive.")
+
+
+@flax.struct.dataclass
+class RLState:
+  """Everything a checkpoint holds as arrays."""
+
+  policy: TrainState
+  critic: TrainState | None
+
+
+@flax.struct.dataclass
+class RLBatch:
+  """One step's trajectories as the update reads them (rows: [N] or a minibatch [M])."""
+
+  tokens: jax.Array  # [N, S] prompt + response
+  segment_ids: jax.Array  # [N, S] 1 on held tokens, 0 on padding
+  loss_mask: jax.Array  # [N, S] 1 on the tokens the loss covers
+  old_logp: jax.Array  # [N, S] the current policy's log-probs at the sampling temperature
+  ref_logp: jax.Array  # [N, S] the frozen reference's
+  advantages: jax.Array  # [N, S]
+  returns: jax.Array  # [N, S] PPO's value targets (zeros otherwise)
+  old_values: jax.Array  # [N, S] PPO's critic values (zeros otherwise)
+
+
+def _policy_objective(settings, cfg: ModelConfig, temperature: float, params, mb: RLBatch,
+                      normalizer, rng):
+  del rng
+  logp, entropy = token_log_probs(cfg, params, mb.tokens, mb.segment_ids,
+                                  temperature=temperature, with_entropy=True)
+  return rl.policy_loss(
+      logp, mb.old_logp, mb.ref_logp, mb.advantages, mb.loss_mask, clip_eps=settings.clip_eps,
+      kl_coef=0.0 if settings.algorithm == "ppo" else settings.kl_coef, kl_type=settings.kl_type,
+      entropy=entropy, entropy_coef=settings.entropy_coef, dual_clip=settings.dual_clip or None,
+      aggregation=settings.aggregation, normalizer=normalizer)
+
+
+def _critic_objective(settings, cfg: ModelConfig, params, mb: RLBatch, normalizer, rng):
+  del rng
+  values = token_values(cfg, params, mb.tokens, mb.segment_ids)
+  return rl.value_loss(values, mb.old_values, mb.returns, mb.loss_mask, clip=settings.value_clip,
+                       aggregation=settings.aggregation, normalizer=normalizer)
+
+
+def _advantages(settings, rewards, mask, group_ids, old_logp, ref_logp, values):
+  return rl.advantages_and_returns(settings.algorithm, rewards, mask, group_ids, old_logp,
+                                   ref_logp, values, kl_coef=settings.kl_coef,
+                                   gamma=settings.gamma, lam=settings.lam)
+
+
+def _take_rows(batch: RLBatch, rows) -> RLBatch:
+  return jax.tree_util.tree_map(lambda x: x[rows], batch)
+
+
+def critic_from_policy(policy_params, cfg: ModelConfig, rng: jax.Array):
+  """The PPO critic starts as the policy's trunk plus a zero value head."""
+  fresh = init_params(cfg, rng, head="value")
+  return {k: (policy_params[k] if k in policy_params else v) for k, v in fresh.items()}
+
+
+def _copy(tree):
+  return jax.tree_util.tree_map(jnp.copy, tree)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RLPrograms:
+  """The RL job's optimizers and jitted programs (``build_programs``)."""
+
+  settings: Any  # config.rl
+  policy_cfg: ModelConfig
+  plan: ShardingPlan
+  minibatch_sizes: tuple[int, ...]  # one epoch's minibatches (the last may be smaller)
+  tx: Any
+  schedule: Callable  # update index -> learning rate
+  shardings: TrainState
+  critic_tx: Any
+  critic_schedule: Callable | None
+  critic_shardings: TrainState | None
+  log_probs: Callable  # (params, tokens, segment_ids) -> [N, S]
+  values: Callable | None  # PPO: (critic params, tokens, segment_ids) -> [N, S]
+  advantages: Callable  # (rewards, mask, group_ids, old_logp, ref_logp, values) -> 3 x [N, S]
+  take: Callable  # (RLBatch, rows [M]) -> RLBatch
+  update: Callable  # (TrainState, RLBatch, rng) -> (TrainState, metrics)
+  critic_update: Callable | None
+  copy_params: Callable  # a fresh copy (separate buffers) of policy params
+
+  def initial_state(self, params, key: jax.Array) -> RLState:
+    """The policy (a copy of ``params``) and, for PPO, its critic, with fresh optimizers."""
+    replicated = self.plan.replicated()
+    policy_params = self.copy_params(params)
+    opt = jax.jit(self.tx.init, in_shardings=(self.shardings.params,),
+                  out_shardings=self.shardings.opt_state)(policy_params)
+    policy = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+                        params=policy_params, opt_state=opt)
+    critic = None
+    if self.critic_tx is not None:
+      critic_params = jax.jit(
+          functools.partial(critic_from_policy, cfg=self.policy_cfg, rng=key),
+          out_shardings=self.critic_shardings.params)(params)
+      critic_opt = jax.jit(self.critic_tx.init, in_shardings=(self.critic_shardings.params,),
+                           out_shardings=self.critic_shardings.opt_state)(critic_params)
+      critic = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+                          params=critic_params, opt_state=critic_opt)
+    return RLState(policy=policy, critic=critic)
+
+  def state_target(self) -> RLState:
+    """The checkpoint's abstract tree (shapes, dtypes, shardings) for restoring."""
+    def abstract(tx, shardings, head):
+      shapes = jax.eval_shape(lambda: init_state(self.policy_cfg, tx, jax.random.key(0), head))
+      return abstract_like(shapes, shardings)
+    critic = None
+    if self.critic_tx is not None:
+      critic = abstract(self.critic_tx, self.critic_shardings, "value")
+    return RLState(policy=abstract(self.tx, self.shardings, "lm"), critic=critic)
+
+
+def minibatch_sizes(rows: int, minibatch_size: int) -> tuple[int, ...]:
+  """The paper's 320 trajectories in minibatches of 256 make two updates (256 + 64)."""
+  sizes = [minibatch_size] * (rows // minibatch_size)
+  return tuple(sizes + ([rows % minibatch_size] if rows % minibatch_size else []))
+
+
+def build_programs(settings, policy_cfg: ModelConfig, plan: ShardingPlan,
+                   temperature: float) -> RLPrograms:
+  """Optimizers and jitted programs for ``settings`` (``config.rl``)."""
+  r = settings
+  sizes = minibatch_sizes(r.prompts_per_step * r.samples_per_prompt, r.minibatch_size)
+  total_updates = r.total_steps * r.epochs * len(sizes)
+  tx, schedule = make_optimizer(r.learning_rate, total_updates, warmup_fraction=r.warmup_fraction,
+                                decay=r.decay, weight_decay=r.weight_decay, clip_norm=r.grad_clip)
+  shardings = state_shardings(policy_cfg, tx, plan)
+  row1, row2, repl = plan.rows(1), plan.rows(2), plan.replicated()
+  batch_shardings = RLBatch(*[row2] * len(dataclasses.fields(RLBatch)))
+  log_probs = make_chunked_score_fn(
+      functools.partial(token_log_probs, policy_cfg, temperature=temperature), plan,
+      shardings.params, r.score_batch_size)
+  update = make_accumulating_update(
+      functools.partial(_policy_objective, r, policy_cfg, temperature), tx, plan, shardings,
+      batch_shardings, r.micro_batch_size, r.aggregation, schedule)
+  critic_tx = critic_schedule = critic_shardings = values = critic_update = None
+  if r.algorithm == "ppo":
+    critic_tx, critic_schedule = make_optimizer(
+        r.critic_learning_rate, total_updates, warmup_fraction=r.critic_warmup_fraction,
+        weight_decay=r.weight_decay, clip_norm=r.grad_clip)
+    critic_shardings = state_shardings(policy_cfg, critic_tx, plan, head="value")
+    values = make_chunked_score_fn(functools.partial(token_values, policy_cfg), plan,
+                                   critic_shardings.params, r.score_batch_size)
+    critic_update = make_accumulating_update(
+        functools.partial(_critic_objective, r, policy_cfg), critic_tx, plan, critic_shardings,
+        batch_shardings, r.micro_batch_size, r.aggregation, critic_schedule, prefix="critic/")
+  return RLPrograms(
+      settings=r, policy_cfg=policy_cfg, plan=plan, minibatch_sizes=sizes, tx=tx,
+      schedule=schedule, shardings=shardings, critic_tx=critic_tx,
+      critic_schedule=critic_schedule, critic_shardings=critic_shardings, log_probs=log_probs,
+      values=values,
+      advantages=jax.jit(functools.partial(_advantages, r),
+                         in_shardings=(row1, row2, row1, row2, row2, row2),
+                         out_shardings=(row2, row2, row2)),
+      take=jax.jit(_take_rows, in_shardings=(batch_shardings, repl),
+                   out_shardings=batch_shardings),
+      update=update, critic_update=critic_update,
+      copy_params=jax.jit(_copy, out_shardings=shardings.params))
+
+
+def loss_mask_of(traj, kind: str) -> np.ndarray:
+  """``"policy"``: the tokens the policy sampled (the method); ``"response"``:
+  everything after the prompt, inserted documents too (the ablation). ``[N, S]``."""
+  if kind == "policy":
+    return np.asarray(traj.loss_mask, np.int32)
+  position = np.arange(traj.tokens.shape[1])[None, :]
+  held = position < traj.lengths[:, None]
+  return (held & (position >= traj.prompt_lengths[:, None])).astype(np.int32)
+
+
+def make_rl_batch(programs: RLPrograms, state: RLState, ref_params, traj, rewards: np.ndarray
+                  ) -> RLBatch:
+  """The step's ``RLBatch`` from host trajectories and per-row rewards ``[N]``:
+  GRPO groups are one per prompt of the step (rows g*n .. g*n+n-1)."""
+  r, plan = programs.settings, programs.plan
+  row1, row2 = plan.rows(1), plan.rows(2)
+  held = np.arange(traj.tokens.shape[1])[None, :] < traj.lengths[:, None]
+  tokens = place(traj.tokens, row2)
+  segment_ids = place(held.astype(np.int32), row2)
+  mask = place(loss_mask_of(traj, r.loss_mask), row2)
+  ref_logp = programs.log_probs(ref_params, tokens, segment_ids)
+  old_logp = programs.log_probs(state.policy.params, tokens, segment_ids)
+  if programs.values is not None:
+    old_values = programs.values(state.critic.params, tokens, segment_ids)
+  else:
+    old_values = jnp.zeros_like(old_logp)
+  group_ids = np.arange(len(rewards)) // r.samples_per_prompt
+  advantages, returns, _ = programs.advantages(place(rewards, row1), mask, place(group_ids, row1),
+                                               old_logp, ref_logp, old_values)
+  return RLBatch(tokens=tokens, segment_ids=segment_ids, loss_mask=mask, old_logp=old_logp,
+                 ref_logp=ref_logp, advantages=advantages, returns=returns, old_values=old_values)
+
+
+def update_epochs(programs: RLPrograms, state: RLState, batch: RLBatch, order_rng, rng
+                  ) -> tuple[RLState, list[dict]]:
+  """``epochs x minibatches`` updates over ``batch``, each epoch in a new row order
+  drawn from ``order_rng`` (a numpy Generator); returns the device metrics of each."""
+  policy, critic = state.policy, state.critic
+  sizes = programs.minibatch_sizes
+  n = sum(sizes)
+  metrics = []
+  for _ in range(programs.settings.epochs):
+    order = order_rng.permutation(n)
+    for start, size in zip(np.cumsum((0,) + sizes), sizes):
+      rows = place(np.sort(order[start:start + size]), programs.plan.replicated())
+      minibatch = programs.take(batch, rows)
+      critic_metrics = {}
+      if critic is not None:
+        critic, critic_metrics = programs.critic_update(critic, minibatch,
+                                                        jax.random.fold_in(rng, 2))
+      policy, policy_metrics = programs.update(policy, minibatch, jax.random.fold_in(rng, 1))
+      metrics.append({**policy_metrics, **critic_metrics})
+  return RLState(policy=policy, critic=critic), metrics
+
+
+def step_metrics(update_metrics: list[dict], traj, scores: dict, reward: np.ndarray,
+                 p_noise: float, timings: dict) -> dict[str, float]:
+  """The step's metrics: updates averaged, rewards, rollout shape, curriculum, time."""
+  metrics = {k: float(np.mean([m[k] for m in update_metrics])) for k in update_metrics[0]}
+  rows = len(reward)
+  generated = float(traj.loss_mask.sum())
+  response = traj.lengths - traj.prompt_lengths
+  searches = float(traj.searches.sum())
+  metrics.update({
+      "reward/train": float(np.mean(reward)), "reward/f1": float(scores["f1"].mean()),
+      "reward/em": float(scores["em"].mean()),
+      "reward/substring_em": float(scores["substring_em"].mean()),
+      "reward/has_answer": float(scores["has_answer"].mean()),
+      "response/length": float(response.mean()),
+      "response/policy_tokens": generated / rows,
+      "response/inserted_tokens": float((response - traj.loss_mask.sum(1)).mean()),
+      "rollout/turns": float(traj.turns.mean()), "rollout/searches": searches / rows,
+      "rollout/noisy_share": float(traj.noisy_calls.sum()) / max(searches, 1.0),
+      "rollout/answered": float(traj.answered.mean()),
+      "rollout/truncated": float(traj.truncated.mean()),
+      "rollout/failed_searches": float(traj.failed_searches.sum()),
+      "curriculum/p_noise": float(p_noise),
+      "perf/tokens_per_s": generated / max(timings["rollout_s"], 1e-9),
+      **{f"time/{k}": v for k, v in timings.items()},
+  })
+  return metrics
+
+
+__all__ = ["ENGINES", "check_config", "RLState", "RLBatch", "RLPrograms", "build_programs", "minibatch_sizes",
+           "critic_from_policy", "loss_mask_of", "make_rl_batch", "update_epochs",
+           "step_metrics"]

@@ -1,0 +1,358 @@
+"""The simulated search engine: an LLM that writes useful or noisy documents.
+
+Everything about the simulator lives here (METHOD.md §3):
+
+* ``SimulatorPrompt``: the prompt, a config string with ``{query}``,
+  ``{question}``, ``{answer}`` and ``{quality}`` / ``{Quality}`` placeholders (the
+  default wording is our own; paste a released simulator's exact wording into
+  the config);
+* ``parse_documents``: post-processing of a simulator's text (cut before the
+  (k+1)-th ``Doc`` marker, blank lines collapsed);
+* ``SimulatorEngine``: the on-device engine of the jitted rollout. On the host
+  it tokenizes each row's prompt around the query (``inputs``: the useful and the
+  noisy prefix with the row's own question and answer, and the suffixes); in the
+  rollout it assembles ``prefix[noisy] + query + suffix[noisy]``, generates until
+  EOS, its token budget or the ``Doc {top_k + 1}`` marker, and drops the marker;
+* ``engine_from_config``: the engine and its params from a config's
+  ``simulator`` and ``engine`` sections.
+
+A served simulator (an HTTP endpoint) is a host engine: ``zsjax.search``.
+
+Shape legend: B batch, Lp prompt prefix, Ls prompt suffix, Q query, D documents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zsjax.model import ModelConfig, Transformer, init_cache
+from zsjax.sampling import Greedy, Sampling, sample
+from zsjax.template import TagMatcher, build_tag_matcher
+
+DEFAULT_TEMPLATE = (
+    "You act as a web search engine.\n"
+    "Write five {quality} documents for the search query below.\n"
+    'Context: the user is working on the question "{question}", and its answer is {answer}.\n'
+    "Each document should be about 30 words long and contain {quality} information.\n"
+    "\n"
+    "Query: {query}\n"
+    "{Quality} Output:")
+
+_DOC_MARKER = re.compile(r"Doc\s*(\d+)\s*:?", re.IGNORECASE)
+
+
+# ------------------------------------------------------------------ the prompt
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulatorPrompt:
+  """Renders the simulator's prompt. Placeholders: ``{query}``, ``{question}``,
+  ``{answer}`` (the first gold answer), ``{quality}`` / ``{Quality}`` (``useful``
+  or ``noisy``, lower / capitalised)."""
+
+  template: str = DEFAULT_TEMPLATE
+  top_k: int = 5
+
+  def __post_init__(self):
+    if self.template.count("{query}") != 1:
+      raise ValueError("SimulatorPrompt.template must contain '{query}' exactly once (found "
+                       f"{self.template.count('{query}')}); the query is inserted there.")
+    if "{quality}" not in self.template and "{Quality}" not in self.template:
+      raise ValueError("SimulatorPrompt.template has no '{quality}' or '{Quality}' placeholder, "
+                       "so useful and noisy calls would get the same prompt.")
+    after_query = self.template.split("{query}")[1]
+    if "{question}" in after_query or "{answer}" in after_query:
+      raise ValueError("SimulatorPrompt.template has {question} or {answer} after {query}; the "
+                       "part after the query must be the same for every row (move them before).")
+    if self.top_k <= 0:
+      raise ValueError(f"SimulatorPrompt.top_k={self.top_k} must be positive.")
+    try:
+      self.render("q", "question", "answer", noisy=False)
+    except (KeyError, IndexError) as e:
+      raise ValueError(f"SimulatorPrompt.template has an unknown placeholder {e}; use {{query}}, "
+                       "{question}, {answer}, {quality}, {Quality} (double other braces).") from None
+
+  @classmethod
+  def from_config(cls, template: str, top_k: int) -> "SimulatorPrompt":
+    """An empty template means ``DEFAULT_TEMPLATE``."""
+    return cls(template or DEFAULT_TEMPLATE, top_k=top_k)
+
+  @property
+  def stop_marker(self) -> str:
+    """The marker of the first document past ``top_k``: generation stops there."""
+    return f"Doc {self.top_k + 1}"
+
+  def _fields(self, question: str, answer: str, noisy: bool) -> dict[str, str]:
+    quality = "noisy" if noisy else "useful"
+    return {"question": question.strip(), "answer": answer.strip(), "quality": quality,
+            "Quality": quality.capitalize()}
+
+  def render(self, query: str, question: str, answer: str, noisy: bool) -> str:
+    return self.template.format(query=query.strip(), **self._fields(question, answer, noisy))
+
+  def split(self, question: str, answer: str, noisy: bool) -> tuple[str, str]:
+    """The prompt before and after the query, for assembly around query tokens."""
+    marker = "\x00QUERY\x00"
+    text = self.template.replace("{query}", marker).format(**self._fields(question, answer, noisy))
+    prefix, suffix = text.split(marker)
+    return prefix, suffix
+
+
+def parse_documents(text: str, top_k: int) -> list[str]:
+  """Documents from a simulator's output: cut before the (top_k + 1)-th ``Doc``
+  marker, blank lines collapsed, split at the markers (text before the first
+  marker, if any, counts as one document)."""
+  markers = list(_DOC_MARKER.finditer(text))
+  if len(markers) > top_k:
+    text = text[:markers[top_k].start()]
+    markers = markers[:top_k]
+  text = re.sub(r"\n\s*\n+", "\n", text)
+  markers = list(_DOC_MARKER.finditer(text))
+  if not markers:
+    return [text.strip()] if text.strip() else []
+  docs = [text[:markers[0].start()].strip()] if text[:markers[0].start()].strip() else []
+  for i, m in enumerate(markers):
+    end = markers[i + 1].start() if i + 1 < len(markers) else len(text)
+    body = text[m.end():end].strip()
+    if body:
+      docs.append(body)
+  return docs[:top_k]
+
+
+# ------------------------------------------------------------ on-device engine
+
+
+@flax.struct.dataclass
+class SimulatorInputs:
+  """Each row's simulator prompt around the query (``SimulatorEngine.inputs``)."""
+
+  prefix: jax.Array  # [2, B, Lp] before the query (0 useful, 1 noisy), right-padded
+  prefix_lengths: jax.Array  # [2, B]
+  suffix: jax.Array  # [2, Ls] after the query
+  suffix_lengths: jax.Array  # [2]
+
+
+class EngineOutput(flax.struct.PyTreeNode):
+  tokens: jax.Array  # [B, D] right-padded
+  lengths: jax.Array  # [B]
+  failed: jax.Array  # [B] bool: the engine gave up on the row's call
+
+
+def pad_rows(rows: Sequence[Sequence[int]], width: int | None = None, pad_id: int = 0):
+  """Ragged token rows -> ``([N, width] int32, lengths [N])``, cut at ``width``."""
+  width = max(1, max((len(r) for r in rows), default=1)) if width is None else width
+  out = np.full((len(rows), width), pad_id, np.int32)
+  for i, r in enumerate(rows):
+    out[i, :len(r)] = r[:width]
+  return out, np.asarray([min(len(r), width) for r in rows], np.int32)
+
+
+def concat_ragged(segments, width: int, pad_id: int):
+  """Concatenates per-row ragged segments.
+
+  ``segments``: ``(tokens [B or 1, Li], lengths [B] or [])`` pairs. Returns
+  ``(out [B, width], total [B])``; positions past each row's total hold
+  ``pad_id``, and content past ``width`` is dropped."""
+  b = max(jnp.shape(lengths)[0] if jnp.ndim(lengths) else 1 for _, lengths in segments)
+  b = max(b, max(t.shape[0] for t, _ in segments))
+  position = jnp.arange(width)[None, :]  # [1, W]
+  out = jnp.full((b, width), pad_id, jnp.int32)
+  offset = jnp.zeros((b,), jnp.int32)
+  for tokens, lengths in segments:
+    lengths = jnp.broadcast_to(jnp.asarray(lengths, jnp.int32), (b,))
+    tokens = jnp.broadcast_to(tokens, (b, tokens.shape[1]))
+    index = jnp.clip(position - offset[:, None], 0, tokens.shape[1] - 1)
+    inside = (position >= offset[:, None]) & (position < (offset + lengths)[:, None])
+    out = jnp.where(inside, jnp.take_along_axis(tokens, index, axis=1), out)
+    offset = offset + lengths
+  return out, jnp.minimum(offset, width)
+
+
+def tokens_covering_tail(piece_bytes, tokens, end, count, tail_bytes: int):
+  """How many of the ``count`` tokens ending at ``end`` (exclusive) must be dropped
+  so that at least ``tail_bytes`` bytes are removed: ``[B]``."""
+  width = tokens.shape[1]
+  back = jnp.arange(width)[None, :]  # 0 = the last token
+  index = jnp.clip(end[:, None] - 1 - back, 0, width - 1)
+  sizes = jnp.where(back < count[:, None],
+                    piece_bytes[jnp.take_along_axis(tokens, index, axis=1)], 0)
+  removed_before = jnp.cumsum(sizes, axis=1) - sizes  # bytes removed before dropping token i
+  return jnp.sum((removed_before < tail_bytes) & (back < count[:, None]), axis=1)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SimulatorEngine:
+  """The LLM simulator on device; its ``engine_state`` is the simulator's params.
+
+  The simulator must share the policy's tokenizer (true within the Qwen2.5
+  family and in the tiny world). ``max_prompt`` (prefix + query + suffix widths)
+  and ``max_new_tokens`` fix the shapes of its generation."""
+
+  cfg: ModelConfig
+  tokenizer: Any
+  prompt: SimulatorPrompt
+  piece_bytes: jax.Array  # [V] UTF-8 length of every token (zsjax.template.token_bytes)
+  max_new_tokens: int
+  prefix_width: int  # Lp, fixed so every batch has one shape
+  query_width: int  # Q, the rollout's max_query_tokens
+  sampling: Greedy | Sampling = Sampling(temperature=0.8)
+  eos_ids: tuple[int, ...] = ()
+  pad_id: int = 0
+
+  @functools.cached_property
+  def matcher(self) -> TagMatcher:
+    return build_tag_matcher(self.tokenizer, vocab_size=self.cfg.vocab_size,
+                             tags=(self.prompt.stop_marker,))
+
+  def _encode(self, text: str) -> list[int]:
+    return self.tokenizer.encode(text, add_special_tokens=False)
+
+  @functools.cached_property
+  def suffix_width(self) -> int:
+    return max(len(self._encode(self.prompt.split("q", "a", noisy)[1])) for noisy in (0, 1))
+
+  @property
+  def max_prompt(self) -> int:
+    return self.prefix_width + self.query_width + self.suffix_width
+
+  # -- host side
+
+  def inputs(self, questions: Sequence[str], answers: Sequence[str],
+             samples_per_prompt: int = 1) -> SimulatorInputs:
+    """The per-row prompt pieces; row ``g * n + j`` is sample j of question g."""
+    rows = [i for i in range(len(questions)) for _ in range(samples_per_prompt)]
+    prefixes, suffixes = [[], []], []
+    for noisy in (0, 1):
+      for i in rows:
+        prefixes[noisy].append(self._encode(
+            self.prompt.split(questions[i], answers[i], bool(noisy))[0]))
+      suffixes.append(self._encode(self.prompt.split(questions[0], answers[0], bool(noisy))[1]))
+    every = prefixes[0] + prefixes[1]
+    if min(len(r) for r in every) == 0:
+      raise ValueError("SimulatorEngine.inputs: a simulator prefix tokenized to nothing.")
+    longest = max(len(r) for r in every)
+    if longest > self.prefix_width:
+      raise ValueError(f"a simulator prefix has {longest} tokens, more than the fixed width "
+                       f"{self.prefix_width} (config.simulator.max_prefix_tokens); raise it "
+                       "or shorten the simulator template.")
+    pre = [pad_rows(p, self.prefix_width, self.pad_id) for p in prefixes]
+    suffix, suffix_lengths = pad_rows(suffixes, pad_id=self.pad_id)
+    return SimulatorInputs(prefix=jnp.asarray(np.stack([p[0] for p in pre])),
+                           prefix_lengths=jnp.asarray(np.stack([p[1] for p in pre])),
+                           suffix=jnp.asarray(suffix), suffix_lengths=jnp.asarray(suffix_lengths))
+
+  def input_shardings(self, plan) -> SimulatorInputs:
+    return SimulatorInputs(prefix=plan.rows(3, axis=1), prefix_lengths=plan.rows(2, axis=1),
+                           suffix=plan.replicated(), suffix_lengths=plan.replicated())
+
+  # -- device side
+
+  def __call__(self, params, inputs: SimulatorInputs, query, query_lengths, active, noisy,
+               rng) -> EngineOutput:
+    """Documents for the rows in ``active``: ``query [B, Q]``, ``query_lengths [B]``,
+    ``active`` / ``noisy [B]`` bool -> ``EngineOutput``."""
+    width = self.max_prompt
+    longest = inputs.prefix.shape[2] + query.shape[1] + inputs.suffix.shape[1]
+    if longest > width:  # shapes are static: checked once, at trace time
+      raise ValueError(
+          f"SimulatorEngine: prefix {inputs.prefix.shape[2]} + query {query.shape[1]} + suffix "
+          f"{inputs.suffix.shape[1]} = {longest} tokens exceed max_prompt={width}; build the "
+          "engine with the widths of the batch (config.simulator.max_prefix_tokens, "
+          "config.rollout.max_query_tokens).")
+    prompt, prompt_lengths = _assemble_prompt(inputs, query, query_lengths, noisy, width,
+                                              self.pad_id)
+    tokens, count, hit = _generate(self, params, prompt, prompt_lengths, active, rng)
+    marker_bytes = len(self.prompt.stop_marker)
+    drop = jnp.where(hit, tokens_covering_tail(self.piece_bytes, tokens, count, count,
+                                               marker_bytes), 0)
+    lengths = jnp.where(active, count - drop, 0)
+    tokens = jnp.where(jnp.arange(self.max_new_tokens)[None, :] < lengths[:, None], tokens,
+                       self.pad_id)
+    return EngineOutput(tokens, lengths, jnp.zeros((query.shape[0],), bool))
+
+
+def _assemble_prompt(inputs: SimulatorInputs, query, query_lengths, noisy, width: int,
+                     pad_id: int):
+  """``prefix[noisy] + query + suffix[noisy]`` per row: ``([B, width], lengths [B])``."""
+  kind = noisy.astype(jnp.int32)  # 0 useful, 1 noisy
+  prefix = jnp.where(kind[:, None] == 1, inputs.prefix[1], inputs.prefix[0])
+  prefix_len = jnp.where(kind == 1, inputs.prefix_lengths[1], inputs.prefix_lengths[0])
+  suffix = inputs.suffix[kind]  # [B, Ls]
+  suffix_len = inputs.suffix_lengths[kind]
+  return concat_ragged([(prefix, prefix_len), (query, query_lengths), (suffix, suffix_len)],
+                       width, pad_id)
+
+
+@flax.struct.dataclass
+class _GenerationState:
+  i: jax.Array  # [] tokens generated so far (all rows)
+  cache: Any  # the simulator's KV cache
+  last_logits: jax.Array  # [B, V]
+  live: jax.Array  # [B] still generating
+  count: jax.Array  # [B] tokens written
+  matcher_state: jax.Array  # [B] stop-marker automaton
+  tokens: jax.Array  # [B, D]
+  hit_marker: jax.Array  # [B] stopped at the stop marker
+
+
+def _generate(engine: SimulatorEngine, params, prompt, prompt_lengths, active, rng):
+  """Prefills ``prompt`` and samples until EOS, the stop marker or the budget."""
+  model = Transformer(engine.cfg)
+  matcher = engine.matcher
+  b, width = prompt.shape
+  eos = jnp.asarray(engine.eos_ids or (-1,), jnp.int32)
+  cache = init_cache(engine.cfg, b, width + engine.max_new_tokens)
+  segment = (jnp.arange(width)[None, :] < prompt_lengths[:, None]).astype(jnp.int32)
+  logits, cache = model.apply({"params": params}, prompt, segment_ids=segment, cache=cache)
+  last = jnp.take_along_axis(logits, jnp.maximum(prompt_lengths - 1, 0)[:, None, None], 1)[:, 0]
+
+  def step(s: _GenerationState) -> _GenerationState:
+    token, _ = sample(engine.sampling, s.last_logits, jax.random.fold_in(rng, s.i))
+    ended = jnp.isin(token, eos)
+    write = s.live & ~ended
+    written = jnp.where(write, token, engine.pad_id)
+    matcher_state, done = matcher.step(s.matcher_state, written)
+    marker = write & (done != 0)
+    logits, cache = model.apply({"params": params}, token[:, None],
+                                segment_ids=write[:, None].astype(jnp.int32), cache=s.cache)
+    return _GenerationState(
+        i=s.i + 1, cache=cache, last_logits=jnp.where(write[:, None], logits[:, 0], s.last_logits),
+        live=s.live & ~ended & ~marker, count=s.count + write, matcher_state=matcher_state,
+        tokens=s.tokens.at[:, s.i].set(written), hit_marker=s.hit_marker | marker)
+
+  zeros = jnp.zeros((b,), jnp.int32)
+  state = _GenerationState(
+      i=jnp.int32(0), cache=cache, last_logits=last, live=active, count=zeros,
+      matcher_state=zeros, tokens=jnp.full((b, engine.max_new_tokens), engine.pad_id, jnp.int32),
+      hit_marker=jnp.zeros((b,), bool))
+  state = jax.lax.while_loop(lambda s: (s.i < engine.max_new_tokens) & jnp.any(s.live), step,
+                             state)
+  return state.tokens, state.count, state.hit_marker
+
+
+def engine_from_config(config, tokenizer, *, cfg: ModelConfig, piece_bytes, eos_ids, pad_id: int,
+                       query_width: int, greedy: bool = False) -> SimulatorEngine:
+  """The on-device engine of a config: ``config.simulator`` (``template``,
+  ``max_prefix_tokens``, ``max_new_tokens``, ``temperature``; 0 = greedy) and
+  ``config.engine.top_k``. ``greedy`` overrides the temperature (evaluation)."""
+  sim = config.simulator
+  sampling = Greedy() if greedy or sim.temperature <= 0 else Sampling(temperature=sim.temperature)
+  return SimulatorEngine(
+      cfg=cfg, tokenizer=tokenizer,
+      prompt=SimulatorPrompt.from_config(sim.template, config.engine.top_k),
+      piece_bytes=piece_bytes, max_new_tokens=sim.max_new_tokens,
+      prefix_width=sim.max_prefix_tokens, query_width=query_width, sampling=sampling,
+      eos_ids=tuple(eos_ids), pad_id=pad_id)
+
+
+__all__ = ["DEFAULT_TEMPLATE", "SimulatorPrompt", "parse_documents", "SimulatorInputs",
+           "EngineOutput", "SimulatorEngine", "engine_from_config", "pad_rows", "concat_ragged",
+           "tokens_covering_tail"]
