@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from zsjax import pipeline, tinyworld
+from zsjax import pipeline, stages, tinyworld
 
 from config_files import load_config
 
@@ -137,15 +137,19 @@ def test_stage_cache_makes_each_stage_once_per_config(tmp_path):
   calls = []
 
   def stage(workdir, name, inputs, reused):
-    def make():
+    def make(run):
       calls.append((workdir.name, name))
       (workdir / name / "done.json").write_text("{}")
-    return pipeline._stage(config, workdir, name, f"{name}/done.json", make, seconds[workdir.name],
-                           cache, inputs, reused)
+    config.seed = inputs.get("seed", 0)
+    run = stages.StageRun(config, workdir, "test", cache=cache, common=("seed",),
+                          seconds=seconds[workdir.name], reused=reused,
+                          keys={"world": inputs.get("world")})
+    after = ("world",) if "world" in inputs else ()
+    return stages.run_stage(run, stages.Stage(name, f"{name}/done.json", make, after=after))
 
   config = load_config("tiny_world", "ci")
   config.progress = False
-  cache = pipeline.StageCache(tmp_path / "cache")
+  cache = stages.StageCache(tmp_path / "cache")
   a, b, c = (tmp_path / n for n in "abc")
   for w in (a, b, c):
     w.mkdir()
@@ -204,11 +208,11 @@ def test_parallel_runs_make_a_cache_entry_once(tmp_path):
 
   config = load_config("tiny_world", "ci")
   config.progress = False
-  cache = pipeline.StageCache(tmp_path / "cache")
+  cache = stages.StageCache(tmp_path / "cache")
   calls, started = [], threading.Event()
 
   def make(workdir):
-    def fn():
+    def fn(run):
       calls.append(workdir.name)
       started.set()
       time.sleep(0.5)  # the other run asks for the entry meanwhile
@@ -218,8 +222,8 @@ def test_parallel_runs_make_a_cache_entry_once(tmp_path):
   def run(name, reused):
     workdir = tmp_path / name
     workdir.mkdir()
-    pipeline._stage(config, workdir, "world", "world/done.json", make(workdir), {}, cache,
-                    {"seed": 0}, reused)
+    run = stages.StageRun(config, workdir, "test", cache=cache, common=("seed",), reused=reused)
+    stages.run_stage(run, stages.Stage("world", "world/done.json", make(workdir)))
 
   reused_a, reused_b = [], []
   first = threading.Thread(target=run, args=("a", reused_a))
@@ -312,7 +316,7 @@ def test_ci_sized_pipeline_runs_every_stage(tmp_path, capsys):
   config.progress = True
   pipeline.run(config, str(tmp_path))  # resumes: every stage skipped
   out = capsys.readouterr().out
-  assert out.count("done before, skipped") == 7
+  assert out.count("output exists, skipped") == 7
   assert json.loads((tmp_path / "results.json").read_text())["reused_stages"] == []
 
   # Another workdir with the same config and the cache: only evaluation runs, and

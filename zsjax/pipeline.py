@@ -48,31 +48,21 @@ policy trained against the simulator).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import json
-import os
 import shutil
-import time
 from pathlib import Path
 
 import ml_collections
 import numpy as np
 
-import zsjax
 from zsjax import tinyworld
 from zsjax.data import write_jsonl
 from zsjax.metrics import read_jsonl
+from zsjax.stages import Stage, StageCache, StageRun, run_stage
 from zsjax.template import render_documents, render_observation, render_prompt
 
 METHODS = ("warm_start", "direct", "rag", "rl_simulator", "rl_real_search")
 SPLITS = ("single_hop", "two_hop", "all")
-
-
-def _log(config, message: str) -> None:
-  if config.progress:
-    print(f"[tiny_world] {message}", flush=True)
 
 
 def demonstrations(world: dict, engine, instruction: str, seed: int,
@@ -203,281 +193,191 @@ def _train_lm(config, directory: Path, tokenizer: str, model, sft, rows) -> None
   train_sft.run(sub, str(directory))
 
 
-class StageCache:
-  """Stage outputs shared between workdirs, keyed by the config they depend on.
-
-  ``key(name, inputs)`` digests a stage's inputs (config sections and the keys of
-  the stages it reads) with the zsjax version; ``attach`` points
-  ``workdir/<name>`` at ``root/<name>/<key>``. An entry is finished when the
-  stage's marker exists in it; ``stage.json`` beside the outputs records the
-  seconds it took and the inputs it was keyed on. A workdir's own finished stage
-  directory (made without the cache) is moved into the cache on first use. The
-  key covers configuration, not code: clear the cache after changing code that
-  changes a stage's output. Making an entry holds an exclusive lock on
-  ``root/<name>/<key>.lock`` (``fcntl.flock``): a run that needs an entry another
-  run is making waits for it and then links it, so a sweep's points can be
-  launched in parallel (on a shared file system, one whose locks reach every
-  machine).
-  """
-
-  def __init__(self, root: str | os.PathLike):
-    self.root = Path(root).absolute()
-
-  @staticmethod
-  def key(name: str, inputs: dict) -> str:
-    text = json.dumps({"stage": name, "version": zsjax.__version__, "inputs": inputs},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-  def attach(self, workdir: Path, name: str, key: str, marker: str, seconds: dict) -> Path:
-    """Links ``workdir/name`` to its entry (adopting a finished local one)."""
-    link, entry = workdir / name, self.root / name / key
-    if link.is_symlink():
-      if link.resolve() != entry.resolve():
-        raise ValueError(
-            f"{link} links to {os.readlink(link)}, but this config's {name} stage is "
-            f"{entry} (config.stage_cache={str(self.root)!r}); the config changed since this "
-            f"workdir was made: use a new --workdir, or remove the link to recompute.")
-      return entry
-    if link.exists():
-      if entry.exists() or not (workdir / marker).exists():
-        return link  # the workdir's own (unfinished, or the cache has one): left alone
-      entry.parent.mkdir(parents=True, exist_ok=True)
-      shutil.move(str(link), str(entry))
-      if name in seconds:
-        self.record(entry, workdir, seconds[name], "adopted from the workdir")
-    entry.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(entry, target_is_directory=True)
-    return entry
-
-  @contextlib.contextmanager
-  def lock(self, name: str, key: str, log=None):
-    """Holds the exclusive lock of entry ``name/key`` (waiting for it if held)."""
-    path = self.root / name / f"{key}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-      try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      except BlockingIOError:
-        if log is not None:
-          log(f"{name}: another run is making {path.with_suffix('')}; waiting for it")
-        fcntl.flock(handle, fcntl.LOCK_EX)
-      try:
-        yield
-      finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-
-  @staticmethod
-  def record(entry: Path, workdir: Path, stage_seconds: float, inputs) -> None:
-    (entry / "stage.json").write_text(json.dumps(
-        {"seconds": stage_seconds, "made_in": str(workdir.absolute()), "inputs": inputs},
-        indent=2, default=str) + "\n")
-
-  @staticmethod
-  def made(entry: Path) -> dict | None:
-    """``{"seconds", "made_in", "inputs"}`` of a finished entry, else None."""
-    path = entry / "stage.json"
-    return json.loads(path.read_text()) if path.exists() else None
+# ------------------------------------------------------------------ the stages
 
 
-def _stage(config, workdir: Path, name: str, marker: str, fn, seconds: dict,
-           cache: StageCache | None = None, inputs: dict | None = None,
-           reused: list | None = None) -> str | None:
-  """Runs stage ``name`` unless ``workdir/marker`` exists; returns its cache key
-  (None without a cache). A stage another workdir made is added to ``reused``.
-  With a cache, the entry's lock is held from the check to the end of making it."""
-  if cache is None or inputs is None:
-    _run_stage(config, workdir, name, marker, fn, seconds)
-    return None
-  key = cache.key(name, inputs)
-  with cache.lock(name, key, log=lambda message: _log(config, message)):
-    entry = cache.attach(workdir, name, key, marker, seconds)
-    _run_stage(config, workdir, name, marker, fn, seconds, entry, inputs, reused)
-  return key
+def _world_paths(run: StageRun) -> dict:
+  return tinyworld.paths(run.workdir / "world")
 
 
-def _run_stage(config, workdir: Path, name: str, marker: str, fn, seconds: dict,
-               entry: Path | None = None, inputs=None, reused: list | None = None) -> None:
-  """``_stage`` without the cache's key and lock; ``entry``: the stage's cache entry."""
-  if (workdir / marker).exists():
-    made = StageCache.made(entry) if entry is not None else None
-    if made is not None:
-      seconds[name] = made["seconds"]
-      if made["made_in"] != str(workdir.absolute()) and reused is not None:
-        reused.append(name)
-    _log(config, f"{name}: done before, skipped")
-    return
-  _log(config, f"{name} ...")
-  start = time.perf_counter()
-  fn()
-  seconds[name] = time.perf_counter() - start
-  if entry is not None:
-    StageCache.record(entry, workdir, seconds[name], inputs)
-  (workdir / "stage_seconds.json").write_text(json.dumps(seconds, indent=2) + "\n")
-  _log(config, f"{name}: {seconds[name]:.1f} s")
+def _world_size(config) -> tinyworld.WorldSize:
+  return tinyworld.WorldSize(**config.world.to_dict())
 
 
-def _section(config, *names) -> dict:
-  """The named config fields as plain values (a stage's cache-key inputs)."""
-  out = {}
-  for name in names:
-    value = config.get(name)
-    out[name] = value.to_dict() if hasattr(value, "to_dict") else value
-  return out
+def make_world(run: StageRun) -> None:
+  tinyworld.ensure(run.workdir / "world", run.config.seed, _world_size(run.config))
+
+
+def make_pretrain(run: StageRun) -> None:
+  """The world's documents as search results: each entity's name as the query,
+  its BM25 top-k rendered the way the simulator will have to write them."""
+  from zsjax import search
+
+  config, paths = run.config, _world_paths(run)
+  engine = search.BM25Engine.from_jsonl(paths["corpus"], top_k=config.top_k)
+  titles = [d["title"] for d in read_jsonl(paths["corpus"])]
+  results = engine.search([search.SearchRequest(t) for t in titles]).documents
+  rows = [{"prompt": f"Query: {t}\nDocuments:\n", "target": render_documents(docs)}
+          for t, docs in zip(titles, results)]
+  _train_lm(config, run.workdir / "pretrain", paths["tokenizer"], config.simulator_model,
+            config.pretrain, rows)
+
+
+def make_sim_tuning(run: StageRun) -> None:
+  """An oracle searcher (the question, a two-hop question's bridge entity, and a
+  question about another entity) against BM25, on this world's training
+  questions and on ``sim_worlds`` other worlds, labelled by what its searches
+  answer (``QueryJudge``) and written as ``sim_tuning``'s labelled pairs; then
+  the ``sim_tuning`` job tunes the pretrained LM on them and reports."""
+  from zsjax import search, sim_tuning
+
+  config, paths, out = run.config, _world_paths(run), run.workdir / "sim_tuning"
+  wide = config.top_k * 4
+  corpus = read_jsonl(paths["corpus"])
+  sources = [("", _parquet_rows(paths["train"]), corpus,
+              search.BM25Engine([d["contents"] for d in corpus], top_k=wide))]
+  for k in range(config.sim_worlds):
+    other = tinyworld.generate(config.seed + 104729 * (k + 1), _world_size(config))
+    sources.append((f"w{k}-", other["splits"]["train"], other["corpus"], search.BM25Engine(
+        [d["contents"] for d in other["corpus"]], top_k=wide)))
+  trajectories, pairs = oracle_searches(sources, config.top_k, config.seed)
+  write_jsonl(out / "trajectories.jsonl", trajectories)
+  kept = sim_tuning.balance(pairs, config.seed)
+  write_jsonl(out / "pairs.jsonl", kept)
+  (out / "labels.json").write_text(json.dumps(
+      {"judge": "pipeline.QueryJudge", "before_balance": sim_tuning.label_counts(pairs),
+       "after_balance": sim_tuning.label_counts(kept)}, indent=2) + "\n")
+  sub = _sub_config(
+      config, tokenizer=paths["tokenizer"], synthetic_data=False,
+      simulator_template=config.simulator_template,
+      model=dict(checkpoint=str(run.workdir / "pretrain" / "hf_export"), param_dtype="float32",
+                 dtype="float32", remat="none", model={}),
+      data=dict(train_files=paths["train"], on_error="skip"),
+      engine=dict(kind="bm25", corpus=paths["corpus"], text_field="contents",
+                  top_k=config.top_k, url="", model="", timeout_s=30.0, max_retries=2),
+      sim_tuning=dict(config.sim_tuning.to_dict(), queries="question", batch_size=16,
+                      judge="rule", judge_checkpoint="", judge_prompt="", balance=True),
+      sft=config.sim_sft, checkpoint=config.checkpoint)
+  sim_tuning.run(sub, str(out))
+
+
+def make_warm_start(run: StageRun) -> None:
+  """Demonstrations from ``demo_worlds`` other worlds (other seeds: many distinct
+  names, so copying pays and memorising does not) and, with
+  ``demo_world="train"``, from this world's training questions too: their
+  documents carry no loss and their answers are a name drawn from the documents."""
+  from zsjax import search
+
+  config, size = run.config, _world_size(run.config)
+  worlds = [(tinyworld.generate(config.seed + 7919 * (k + 1), size),
+             config.demo_correct_fraction)
+            for k in range(max(config.demo_worlds, int(config.demo_world == "other")))]
+  if config.demo_world == "train":
+    worlds.append((tinyworld.generate(config.seed, size), 0.0))
+  rows = []
+  for k, (demo_world, correct) in enumerate(worlds):
+    engine = search.BM25Engine([d["contents"] for d in demo_world["corpus"]],
+                               top_k=config.top_k)
+    rows += demonstrations(demo_world, engine, config.instruction, config.seed + k, correct)
+  _train_lm(config, run.workdir / "warm_start", _world_paths(run)["tokenizer"],
+            config.policy_model, config.warm_start, rows)
+
+
+def simulator_dir(run: StageRun) -> Path:
+  """The simulator RL trains against: tuned, or prompt-only (the pretrained LM)."""
+  if run.config.tune_simulator:
+    return run.workdir / "sim_tuning" / "sft" / "hf_export"
+  return run.workdir / "pretrain" / "hf_export"
+
+
+def _make_rl(run: StageRun, engine_kind: str, name: str) -> None:
+  from zsjax import train_rl
+
+  config, paths = run.config, _world_paths(run)
+  base = ml_collections.ConfigDict(config.rl.to_dict())
+  sub = _sub_config(
+      config, tokenizer=paths["tokenizer"], synthetic_data=False,
+      policy=dict(checkpoint=str(run.workdir / "warm_start" / "hf_export"),
+                  param_dtype="float32", dtype="float32", remat="none", model={}),
+      simulator=dict(checkpoint=str(simulator_dir(run)), param_dtype="float32",
+                     dtype="float32", remat="none", model={},
+                     template=config.simulator_template, **base.simulator.to_dict()),
+      engine=dict(kind=engine_kind, top_k=config.top_k, corpus=paths["corpus"],
+                  text_field="contents", url="", model="", timeout_s=30.0, max_retries=2),
+      data=dict(train_files=paths["train"], on_error="skip", limit=config.rl.questions,
+                chat_template=False, instruction=config.instruction),
+      rollout=base.rollout, sampling=base.sampling, curriculum=base.curriculum,
+      rl=base.rl, checkpoint=dict(config.checkpoint.to_dict(), every=base.rl.total_steps))
+  train_rl.run(sub, str(run.workdir / name))
+
+
+def make_rl_simulator(run: StageRun) -> None:
+  _make_rl(run, "simulator", "rl_simulator")
+
+
+def make_rl_real_search(run: StageRun) -> None:
+  _make_rl(run, "bm25", "rl_real_search")
+
+
+def compared_methods(config) -> list[str]:
+  return [m for m in METHODS if m != "rl_real_search" or config.compare_real_search]
+
+
+def make_evaluation(run: StageRun) -> None:
+  paths = _world_paths(run)
+  results = evaluate_policies(run.config, run.workdir, paths, paths["tokenizer"],
+                              run.config.instruction, compared_methods(run.config))
+  (run.workdir / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+# Every stage's cache key covers these fields and the ones it declares.
+COMMON_FIELDS = ("seed", "mesh", "sharding", "sharding_rules", "checkpoint")
+WORLD = Stage("world", "world/world.json", make_world, reads=("world",))
+PRETRAIN = Stage("pretrain", "pretrain/sft_summary.json", make_pretrain,
+                 reads=("top_k", "simulator_model", "pretrain"), after=("world",))
+SIM_TUNING = Stage("sim_tuning", "sim_tuning/sim_tuning.json", make_sim_tuning,
+                   reads=("top_k", "simulator_template", "sim_worlds", "sim_tuning", "sim_sft"),
+                   after=("pretrain",))
+WARM_START = Stage("warm_start", "warm_start/sft_summary.json", make_warm_start,
+                   reads=("top_k", "instruction", "demo_correct_fraction", "demo_world",
+                          "demo_worlds", "policy_model", "warm_start"), after=("world",))
+RL_SIMULATOR = Stage("rl_simulator", "rl_simulator/rl_summary.json", make_rl_simulator,
+                     reads=("top_k", "instruction", "rl", "simulator_template"),
+                     after=("warm_start", "simulator"))
+RL_REAL_SEARCH = Stage("rl_real_search", "rl_real_search/rl_summary.json", make_rl_real_search,
+                       reads=("top_k", "instruction", "rl"), after=("warm_start",))
+EVALUATE = Stage("evaluate", "evaluation.json", make_evaluation, cached=False)
+
+
+def stages_of(config) -> list[Stage]:
+  """The table this config runs, in order."""
+  table = [WORLD, PRETRAIN] + ([SIM_TUNING] if config.tune_simulator else [])
+  table += [WARM_START, RL_SIMULATOR]
+  table += [RL_REAL_SEARCH] if config.compare_real_search else []
+  return table + [EVALUATE]
 
 
 def run(config, workdir: str) -> dict:
-  from zsjax import search, sim_tuning, train_rl
-
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   seconds_file = workdir / "stage_seconds.json"
-  seconds = json.loads(seconds_file.read_text()) if seconds_file.exists() else {}
-  size = tinyworld.WorldSize(**config.world.to_dict())
-  world_dir = workdir / "world"
-  paths = {}
-  cache = StageCache(config.stage_cache) if config.stage_cache else None
-  reused: list[str] = []
-  common = _section(config, "seed", "mesh", "sharding", "sharding_rules", "checkpoint")
+  state = StageRun(config, workdir, "tiny_world",
+                   cache=StageCache(config.stage_cache) if config.stage_cache else None,
+                   common=COMMON_FIELDS,
+                   seconds=json.loads(seconds_file.read_text()) if seconds_file.exists() else {})
+  for stage in stages_of(config):
+    if stage is RL_SIMULATOR:  # RL reads the tuned simulator, or the pretrained LM
+      state.keys["simulator"] = state.keys.get(
+          "sim_tuning" if config.tune_simulator else "pretrain")
+    run_stage(state, stage)
+  return write_results(config, workdir, state)
 
-  def build_world():
-    paths.update(tinyworld.ensure(world_dir, config.seed, size))
 
-  world_key = _stage(config, workdir, "world", "world/world.json", build_world, seconds, cache,
-                     dict(common, **_section(config, "world")), reused)
-  paths = tinyworld.paths(world_dir)
-  tokenizer = paths["tokenizer"]
-  instruction = config.instruction
-  sim_template = config.simulator_template
-
-  # -- simulator: pretrain on documents, then tune on labelled BM25 results
-  def pretrain():
-    # The world's documents as search results: each entity's name as the query,
-    # its BM25 top-k rendered the way the simulator will have to write them.
-    engine = search.BM25Engine.from_jsonl(paths["corpus"], top_k=config.top_k)
-    titles = [d["title"] for d in read_jsonl(paths["corpus"])]
-    results = engine.search([search.SearchRequest(t) for t in titles]).documents
-    rows = [{"prompt": f"Query: {t}\nDocuments:\n", "target": render_documents(docs)}
-            for t, docs in zip(titles, results)]
-    _train_lm(config, workdir / "pretrain", tokenizer, config.simulator_model, config.pretrain,
-              rows)
-
-  pretrain_key = _stage(config, workdir, "pretrain", "pretrain/sft_summary.json", pretrain,
-                        seconds, cache, dict(common, world=world_key, **_section(
-                            config, "top_k", "simulator_model", "pretrain")), reused)
-
-  def tune_simulator():
-    # An oracle searcher (the question, a two-hop question's bridge entity, and a
-    # question about another entity) against BM25, on this world's training
-    # questions and on `sim_worlds` other worlds (many distinct answers: the
-    # simulator must learn to copy what its prompt holds, not memorise documents).
-    # The oracle's searches are labelled by what they answer (QueryJudge) and
-    # written as sim_tuning's labelled pairs, so its own rule-based labelling of
-    # the question's answer is skipped.
-    wide = config.top_k * 4
-    corpus = read_jsonl(paths["corpus"])
-    sources = [("", _parquet_rows(paths["train"]), corpus,
-                search.BM25Engine([d["contents"] for d in corpus], top_k=wide))]
-    for k in range(config.sim_worlds):
-      other = tinyworld.generate(config.seed + 104729 * (k + 1), size)
-      sources.append((f"w{k}-", other["splits"]["train"], other["corpus"], search.BM25Engine(
-          [d["contents"] for d in other["corpus"]], top_k=wide)))
-    trajectories, pairs = oracle_searches(sources, config.top_k, config.seed)
-    out = workdir / "sim_tuning"
-    write_jsonl(out / "trajectories.jsonl", trajectories)
-    kept = sim_tuning.balance(pairs, config.seed)
-    write_jsonl(out / "pairs.jsonl", kept)
-    (out / "labels.json").write_text(json.dumps(
-        {"judge": "pipeline.QueryJudge", "before_balance": sim_tuning.label_counts(pairs),
-         "after_balance": sim_tuning.label_counts(kept)}, indent=2) + "\n")
-    sub = _sub_config(
-        config, tokenizer=tokenizer, synthetic_data=False, simulator_template=sim_template,
-        model=dict(checkpoint=str(workdir / "pretrain" / "hf_export"), param_dtype="float32",
-                   dtype="float32", remat="none", model={}),
-        data=dict(train_files=paths["train"], on_error="skip"),
-        engine=dict(kind="bm25", corpus=paths["corpus"], text_field="contents",
-                    top_k=config.top_k, url="", model="", timeout_s=30.0, max_retries=2),
-        sim_tuning=dict(config.sim_tuning.to_dict(), queries="question", batch_size=16,
-                        judge="rule", judge_checkpoint="", judge_prompt="", balance=True),
-        sft=config.sim_sft, checkpoint=config.checkpoint)
-    sim_tuning.run(sub, str(out))
-
-  # the simulator RL trains against: tuned, or prompt-only (the pretrained LM)
-  simulator_key, simulator_dir = pretrain_key, workdir / "pretrain" / "hf_export"
-  if config.tune_simulator:
-    simulator_dir = workdir / "sim_tuning" / "sft" / "hf_export"
-    simulator_key = _stage(
-        config, workdir, "sim_tuning", "sim_tuning/sim_tuning.json", tune_simulator, seconds,
-        cache, dict(common, pretrain=pretrain_key, **_section(
-            config, "top_k", "simulator_template", "sim_worlds", "sim_tuning", "sim_sft")),
-        reused)
-
-  # -- policy: format warm start on another world, then RL
-  def warm_start():
-    # Demonstrations come from `demo_worlds` other worlds (other seeds: many distinct
-    # names, so copying pays and memorising does not) and, with demo_world="train",
-    # from this world's training questions too: their documents carry no loss and
-    # their answers are a name drawn from the documents (right only by chance).
-    worlds = [(tinyworld.generate(config.seed + 7919 * (k + 1), size),
-               config.demo_correct_fraction)
-              for k in range(max(config.demo_worlds,
-                                 int(config.demo_world == "other")))]
-    if config.demo_world == "train":
-      worlds.append((tinyworld.generate(config.seed, size), 0.0))
-    rows = []
-    for k, (demo_world, correct) in enumerate(worlds):
-      engine = search.BM25Engine([d["contents"] for d in demo_world["corpus"]],
-                                 top_k=config.top_k)
-      rows += demonstrations(demo_world, engine, instruction, config.seed + k, correct)
-    _train_lm(config, workdir / "warm_start", tokenizer, config.policy_model, config.warm_start,
-              rows)
-
-  warm_key = _stage(config, workdir, "warm_start", "warm_start/sft_summary.json", warm_start,
-                    seconds, cache, dict(common, world=world_key, **_section(
-                        config, "top_k", "instruction", "demo_correct_fraction", "demo_world",
-                        "demo_worlds", "policy_model", "warm_start")), reused)
-
-  def rl(engine_kind: str, name: str):
-    def go():
-      base = ml_collections.ConfigDict(config.rl.to_dict())
-      sub = _sub_config(
-          config, tokenizer=tokenizer, synthetic_data=False,
-          policy=dict(checkpoint=str(workdir / "warm_start" / "hf_export"), param_dtype="float32",
-                      dtype="float32", remat="none", model={}),
-          simulator=dict(checkpoint=str(simulator_dir),
-                         param_dtype="float32", dtype="float32", remat="none", model={},
-                         template=sim_template, **base.simulator.to_dict()),
-          engine=dict(kind=engine_kind, top_k=config.top_k, corpus=paths["corpus"],
-                      text_field="contents", url="", model="", timeout_s=30.0, max_retries=2),
-          data=dict(train_files=paths["train"], on_error="skip",
-                    limit=config.rl.questions, chat_template=False,
-                    instruction=instruction),
-          rollout=base.rollout, sampling=base.sampling, curriculum=base.curriculum,
-          rl=base.rl, checkpoint=dict(config.checkpoint.to_dict(), every=base.rl.total_steps))
-      train_rl.run(sub, str(workdir / name))
-    return go
-
-  rl_inputs = dict(common, warm_start=warm_key, **_section(config, "top_k", "instruction", "rl"))
-  _stage(config, workdir, "rl_simulator", "rl_simulator/rl_summary.json",
-         rl("simulator", "rl_simulator"), seconds, cache,
-         dict(rl_inputs, simulator=simulator_key, template=sim_template), reused)
-  compared = [m for m in METHODS
-              if m != "rl_real_search" or config.compare_real_search]
-  if "rl_real_search" in compared:
-    _stage(config, workdir, "rl_real_search", "rl_real_search/rl_summary.json",
-           rl("bm25", "rl_real_search"), seconds, cache, rl_inputs, reused)
-
-  # -- evaluation with the real engine
-  def evaluate_all():
-    results = evaluate_policies(config, workdir, paths, tokenizer, instruction, compared)
-    (workdir / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
-
-  _stage(config, workdir, "evaluate", "evaluation.json", evaluate_all, seconds)
-
-  methods = json.loads((workdir / "evaluation.json").read_text())
-  results = {"methods": methods, "stage_seconds": seconds,
-             "total_seconds": float(sum(seconds.values())), "seed": config.seed,
-             "reused_stages": reused,
+def write_results(config, workdir: Path, state: StageRun) -> dict:
+  """``results.json`` / ``results.md``, plots and ``final_policy/``."""
+  results = {"methods": json.loads((workdir / "evaluation.json").read_text()),
+             "stage_seconds": state.seconds, "total_seconds": float(sum(state.seconds.values())),
+             "seed": config.seed, "reused_stages": state.reused,
              "gains_over_warm_start": paired_gains(read_jsonl(workdir / "predictions.jsonl"))}
   (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
   table = results_table(results)
@@ -613,5 +513,6 @@ def plot_training(workdir: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["METHODS", "SPLITS", "StageCache", "demonstrations", "evaluate_policies",
+__all__ = ["METHODS", "SPLITS", "COMMON_FIELDS", "stages_of", "simulator_dir", "write_results",
+           "demonstrations", "evaluate_policies",
            "paired_gains", "results_table", "plot_training", "run"]

@@ -350,12 +350,6 @@ def format_report(report: dict) -> str:
 # ----------------------------------------------------------------- the job
 
 
-def _stage(name: str, done: bool, progress: bool) -> bool:
-  if done and progress:
-    print(f"[sim_tuning] {name}: output exists, skipped")
-  return not done
-
-
 def report_rows(rows: list[dict], queries: str) -> list[dict]:
   """The held-out pairs the quality report scores: ``queries="all"``, or
   ``"question"`` for searches of the question itself only (there useful documents
@@ -368,37 +362,17 @@ def report_rows(rows: list[dict], queries: str) -> list[dict]:
   raise ValueError(f"sim_tuning.report_queries={queries!r} is not 'all' or 'question'.")
 
 
-def run(config, workdir: str) -> dict:
-  """``job="sim_tuning"``: collect -> label -> dataset -> SFT -> quality report, each
-  stage skipped when its output exists in WORKDIR (so a rerun resumes)."""
-  import ml_collections
-
+def _collect(run) -> None:
+  """Trajectories against the real engine (resumable question by question)."""
   from zsjax import data as data_lib
-  from zsjax import hf, search
-  from zsjax.data import write_jsonl
+  from zsjax import search
 
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  c = config.sim_tuning
-  report_rows([], c.report_queries)  # a bad value fails now, not after tuning
-  progress = config.progress
-  if config.synthetic_data and not config.data.train_files:
-    from zsjax import tinyworld
-
-    world = tinyworld.ensure(workdir / "world", config.seed)
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.data.train_files, config.engine.corpus = world["train"], world["corpus"]
-    config.tokenizer = config.tokenizer or world["tokenizer"]
-  tokenizer = hf.load_tokenizer(config.tokenizer or config.model.checkpoint)
-  sim_prompt = SimulatorPrompt.from_config(config.simulator_template, config.engine.top_k)
-  summary: dict = {}
-
-  trajectories = workdir / "trajectories.jsonl"
+  config, c, tokenizer = run.config, run.config.sim_tuning, run.shared["tokenizer"]
   examples = data_lib.load_qa(config.data.train_files, on_error=config.data.on_error)
   if c.num_questions and c.num_questions < len(examples):
     order = np.random.default_rng(config.seed).permutation(len(examples))[:c.num_questions]
     examples = examples.select(sorted(order.tolist()))
-  engine = search.engine_from_config(config.engine, sim_prompt)  # a real engine collects
+  engine = search.engine_from_config(config.engine, run.shared["sim_prompt"])  # a real engine
   policy = None
   if c.queries == "policy":
     from zsjax.hf import load_model
@@ -413,61 +387,105 @@ def run(config, workdir: str) -> dict:
     policy = make_collection_policy(cfg, params, tokenizer, engine,
                                     RolloutConfig.from_config(c.rollout),
                                     from_config(c.sampling), prompt_width=c.prompt_width)
-  summary["collect"] = collect_trajectories(
-      trajectories, examples, engine, tokenizer=tokenizer, policy=policy,
-      batch_size=c.batch_size, queries=c.queries, progress=progress)
+  run.shared["summary"]["collect"] = collect_trajectories(
+      run.workdir / "trajectories.jsonl", examples, engine, tokenizer=tokenizer, policy=policy,
+      batch_size=c.batch_size, queries=c.queries, progress=config.progress)
 
-  pairs_file, dataset_dir = workdir / "pairs.jsonl", workdir / "sft_data"
-  if _stage("label", pairs_file.exists(), progress):
-    if c.judge == "rule":
-      judge = RuleJudge()
-    elif c.judge == "llm":
-      judge_cfg, judge_params = hf.load_checkpoint(c.judge_checkpoint)
-      judge = LLMJudge(judge_cfg, judge_params, hf.load_tokenizer(c.judge_checkpoint),
-                       c.judge_prompt or DEFAULT_JUDGE_PROMPT)
-    else:
-      raise ValueError(f"config.sim_tuning.judge={c.judge!r} is not 'rule' or 'llm'.")
-    pairs = label_pairs(read_jsonl(trajectories), judge)
-    kept = balance(pairs, config.seed) if c.balance else pairs
-    summary["labels"] = {"before_balance": label_counts(pairs), "after_balance": label_counts(kept)}
-    if not kept:
-      raise ValueError(f"no labelled pairs of both classes from {trajectories} "
-                       f"({label_counts(pairs)}); collect more questions "
-                       "(config.sim_tuning.num_questions) or use another judge.")
-    write_jsonl(pairs_file, kept)
-    (workdir / "labels.json").write_text(json.dumps(summary["labels"], indent=2) + "\n")
-  if _stage("dataset", dataset_dir.exists(), progress):
-    save_sft_dataset(sft_rows(read_jsonl(pairs_file), sim_prompt), dataset_dir,
-                     test_fraction=c.test_fraction, seed=config.seed)
+
+def _label(run) -> None:
+  from zsjax import hf
+  from zsjax.data import write_jsonl
+
+  config, c = run.config, run.config.sim_tuning
+  if c.judge == "rule":
+    judge = RuleJudge()
+  elif c.judge == "llm":
+    judge_cfg, judge_params = hf.load_checkpoint(c.judge_checkpoint)
+    judge = LLMJudge(judge_cfg, judge_params, hf.load_tokenizer(c.judge_checkpoint),
+                     c.judge_prompt or DEFAULT_JUDGE_PROMPT)
+  else:
+    raise ValueError(f"config.sim_tuning.judge={c.judge!r} is not 'rule' or 'llm'.")
+  trajectories = run.workdir / "trajectories.jsonl"
+  pairs = label_pairs(read_jsonl(trajectories), judge)
+  kept = balance(pairs, config.seed) if c.balance else pairs
+  labels = {"before_balance": label_counts(pairs), "after_balance": label_counts(kept)}
+  run.shared["summary"]["labels"] = labels
+  if not kept:
+    raise ValueError(f"no labelled pairs of both classes from {trajectories} "
+                     f"({label_counts(pairs)}); collect more questions "
+                     "(config.sim_tuning.num_questions) or use another judge.")
+  write_jsonl(run.workdir / "pairs.jsonl", kept)
+  (run.workdir / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
+
+
+def _dataset(run) -> None:
+  save_sft_dataset(sft_rows(read_jsonl(run.workdir / "pairs.jsonl"), run.shared["sim_prompt"]),
+                   run.workdir / "sft_data", test_fraction=run.config.sim_tuning.test_fraction,
+                   seed=run.config.seed)
+
+
+def _sft(run) -> None:
+  import ml_collections
 
   from zsjax import train_sft
 
-  sft_config = ml_collections.ConfigDict(config.to_dict())
-  sft_config.sft.data = str(dataset_dir)
-  sft_summary = workdir / "sft" / "sft_summary.json"
-  if _stage("sft", sft_summary.exists(), progress):
-    train_sft.run(sft_config, str(workdir / "sft"))
-  summary["sft"] = json.loads(sft_summary.read_text())
+  sft_config = ml_collections.ConfigDict(run.config.to_dict())
+  sft_config.sft.data = str(run.workdir / "sft_data")
+  train_sft.run(sft_config, str(run.workdir / "sft"))
 
-  report_file = workdir / "sim_report.json"
-  if _stage("report", report_file.exists(), progress):
-    import datasets
 
-    sim_cfg, sim_params = hf.load_checkpoint(workdir / "sft" / "hf_export")
-    test = datasets.load_from_disk(str(dataset_dir)).get("test")
-    rows = list(test) if test is not None else []
-    rows = report_rows(rows, c.report_queries)
-    report = quality_report(sim_cfg, sim_params, tokenizer, rows[:c.report_rows or None],
-                            sim_prompt=sim_prompt, max_new_tokens=c.report_new_tokens,
-                            seed=config.seed)
-    report_file.write_text(json.dumps(report, indent=2) + "\n")
-    (workdir / "sim_report.md").write_text(format_report(report) + "\n")
-    from zsjax.metrics import MetricWriter
+def _report(run) -> None:
+  import datasets
 
-    with MetricWriter(workdir / "report_metrics") as writer:
-      writer.write(0, {f"sim_report/{k}": v for k, v in report.items()})
-  summary["report"] = json.loads(report_file.read_text())
-  if progress:
+  from zsjax import hf
+  from zsjax.metrics import MetricWriter
+
+  config, c, workdir = run.config, run.config.sim_tuning, run.workdir
+  sim_cfg, sim_params = hf.load_checkpoint(workdir / "sft" / "hf_export")
+  test = datasets.load_from_disk(str(workdir / "sft_data")).get("test")
+  rows = report_rows(list(test) if test is not None else [], c.report_queries)
+  report = quality_report(sim_cfg, sim_params, run.shared["tokenizer"],
+                          rows[:c.report_rows or None], sim_prompt=run.shared["sim_prompt"],
+                          max_new_tokens=c.report_new_tokens, seed=config.seed)
+  (workdir / "sim_report.json").write_text(json.dumps(report, indent=2) + "\n")
+  (workdir / "sim_report.md").write_text(format_report(report) + "\n")
+  with MetricWriter(workdir / "report_metrics") as writer:
+    writer.write(0, {f"sim_report/{k}": v for k, v in report.items()})
+
+
+def run(config, workdir: str) -> dict:
+  """``job="sim_tuning"``: collect -> label -> dataset -> SFT -> quality report, each
+  stage skipped when its output exists in WORKDIR (``zsjax.stages``), so a rerun
+  resumes. Collection always runs: it skips the questions already collected."""
+  import ml_collections
+
+  from zsjax import hf
+  from zsjax.stages import Stage, StageRun, run_stage
+
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  report_rows([], config.sim_tuning.report_queries)  # a bad value fails now, not after tuning
+  if config.synthetic_data and not config.data.train_files:
+    from zsjax import tinyworld
+
+    world = tinyworld.ensure(workdir / "world", config.seed)
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.train_files, config.engine.corpus = world["train"], world["corpus"]
+    config.tokenizer = config.tokenizer or world["tokenizer"]
+  summary: dict = {}
+  state = StageRun(config, workdir, "sim_tuning", shared={
+      "summary": summary, "tokenizer": hf.load_tokenizer(config.tokenizer or
+                                                         config.model.checkpoint),
+      "sim_prompt": SimulatorPrompt.from_config(config.simulator_template,
+                                                config.engine.top_k)})
+  _collect(state)
+  for stage in (Stage("label", "pairs.jsonl", _label), Stage("dataset", "sft_data", _dataset),
+                Stage("sft", "sft/sft_summary.json", _sft),
+                Stage("report", "sim_report.json", _report)):
+    run_stage(state, stage)
+  summary["sft"] = json.loads((workdir / "sft" / "sft_summary.json").read_text())
+  summary["report"] = json.loads((workdir / "sim_report.json").read_text())
+  if config.progress:
     print(format_report(summary["report"]))
   (workdir / "sim_tuning.json").write_text(json.dumps(summary, indent=2) + "\n")
   return summary

@@ -16,11 +16,9 @@ Then each step (``train_step``, METHOD.md §4-§7):
   5. metrics (``rl_step.step_metrics``) and, every ``checkpoint.every`` steps, a
      checkpoint.
 
-An update whose loss or gradient is not finite is not applied and the run stops
-with an error naming the step and the metric, before any checkpoint of that
-step is written. The data position is a function of the step
-(``zsjax.data.batch_rows``) and every random draw is ``fold_in(key(seed), step)``,
-so a run resumed from its last checkpoint reproduces the uninterrupted one.
+A non-finite update is not applied and stops the run, naming the step and the
+metric, before that step's checkpoint. Data and random draws are functions of
+the step, so a resumed run reproduces the uninterrupted one.
 """
 
 from __future__ import annotations
