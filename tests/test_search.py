@@ -186,8 +186,8 @@ def test_host_search_from_jitted_code(corpus_file):
 
   @jax.jit
   def call(inputs, tokens, lengths, active, noisy):
-    docs, doc_lengths, failed = host(None, inputs, tokens, lengths, active, noisy, None)
-    return docs, doc_lengths + 0, failed  # traced work after the callback
+    out = host(None, inputs, tokens, lengths, active, noisy, None)
+    return out.tokens, out.lengths + 0, out.failed  # traced work after the callback
 
   docs, doc_lengths, failed = call(inputs, query_tokens, lengths,
                                    jnp.array([True, False]), jnp.array([False, False]))

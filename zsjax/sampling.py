@@ -50,11 +50,12 @@ class Sampling:
 
 def from_config(config) -> Greedy | Sampling:
   """``{"kind": "greedy"}`` or ``{"kind": "sample", temperature, top_p, top_k}``."""
-  kind = config.kind
+  kind = config["kind"]
   if kind == "greedy":
     return Greedy()
   if kind == "sample":
-    return Sampling(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
+    return Sampling(temperature=config["temperature"], top_p=config["top_p"],
+                    top_k=config["top_k"])
   raise ValueError(f"sampling kind={kind!r} is not 'greedy' or 'sample'.")
 
 
