@@ -298,7 +298,7 @@ def test_ci_sized_pipeline_runs_every_stage(tmp_path, capsys):
       "progress": False, "synthetic_data": False, "tokenizer": world["tokenizer"],
       "policy.checkpoint": str(tmp_path / "rl_simulator" / "hf_export"),
       "engine.corpus": world["corpus"], "engine.top_k": config.top_k,
-      "simulator_template": config.simulator_template,
+      "simulator.template": config.simulator_template,
       "simulator.max_prefix_tokens": config.rl.simulator.max_prefix_tokens,
       "eval.methods": "search", "eval.sample_size": config.eval_sample_size,
       "eval.batch_size": config.eval_batch_size, "eval.prompt_width": config.eval_prompt_width,
