@@ -49,6 +49,24 @@ def sft(steps: int, batch: int, length: int, lr: float) -> dict:
               grad_clip=1.0, eval_every=max(steps // 2, 1), on_error="skip")
 
 
+def lm(model_fields: dict | None = None) -> dict:
+  """A model section: a checkpoint (set by the pipeline) or a random model's shape."""
+  return dict(checkpoint="", param_dtype="float32", dtype="float32", remat="none",
+              model=model_fields or {})
+
+
+def sft_job(model_fields: dict, steps: int, batch: int, length: int, lr: float) -> dict:
+  """The sft job a training stage runs. The pipeline adds the run's own fields (seed,
+  progress, mesh, sharding, checkpoint, ...) and the paths (tokenizer, sft.data)."""
+  return dict(job="sft", tokenizer="", model=lm(model_fields), sft=sft(steps, batch, length, lr))
+
+
+def bm25_engine() -> dict:
+  """An engine section; the pipeline sets its kind, corpus and top_k."""
+  return dict(kind="bm25", corpus="", text_field="contents", top_k=0, url="", model="",
+              timeout_s=30.0, max_retries=2)
+
+
 def get_config(arg=None):
   arg = arg or "default"
   if arg not in ("default", "ci"):
@@ -82,29 +100,41 @@ def get_config(arg=None):
   # False: RL uses the pretrained LM with the simulator prompt, untuned (the paper's
   # prompt-only simulator).
   config.tune_simulator = True
-  config.simulator_model = ml_collections.ConfigDict(model(64, 2, 192) if ci else model(96, 2, 256))
-  config.policy_model = ml_collections.ConfigDict(model(64, 2, 192) if ci else model(96, 2, 256))
-  config.pretrain = ml_collections.ConfigDict(sft(20 if ci else 400, 8, 96, 3e-3))
+  # Each training stage runs a job whose config is below, whole but for the paths,
+  # the shared fields above (top_k, instruction, simulator_template) and the run's
+  # own fields, which the pipeline fills in (zsjax/pipeline.py: job_config).
+  size = (64, 2, 192) if ci else (96, 2, 256)
+  config.pretrain = ml_collections.ConfigDict(sft_job(model(*size), 20 if ci else 400, 8, 96,
+                                                      3e-3))
   config.sim_tuning = ml_collections.ConfigDict(dict(
-      num_questions=0, test_fraction=0.1, report_rows=8 if ci else 64,
-      report_queries="question",
-      report_new_tokens=32 if ci else 64,
-      policy=dict(checkpoint="", param_dtype="float32", dtype="float32", remat="none", model={}),
-      rollout=dict(max_turns=2, max_new_tokens=24, max_obs_tokens=96, max_length=384,
-                   max_query_tokens=16),
-      sampling=dict(kind="greedy"), prompt_width=64))
-  config.sim_sft = ml_collections.ConfigDict(sft(20 if ci else 1500, 8, 160, 3e-3))
-  config.warm_start = ml_collections.ConfigDict(sft(300 if ci else 2000, 8, 320, 3e-3))
+      job="sim_tuning", tokenizer="", synthetic_data=False, simulator_template="", model=lm(),
+      data=dict(train_files="", on_error="skip"), engine=bm25_engine(),
+      sim_tuning=dict(
+          num_questions=0, queries="question", batch_size=16, judge="rule",
+          judge_checkpoint="", judge_prompt="", balance=True, test_fraction=0.1,
+          report_rows=8 if ci else 64, report_queries="question",
+          report_new_tokens=32 if ci else 64,
+          policy=lm(),
+          rollout=dict(max_turns=2, max_new_tokens=24, max_obs_tokens=96, max_length=384,
+                       max_query_tokens=16),
+          sampling=dict(kind="greedy"), prompt_width=64),
+      sft=sft(20 if ci else 1500, 8, 160, 3e-3)))
+  config.warm_start = ml_collections.ConfigDict(sft_job(model(*size), 300 if ci else 2000, 8,
+                                                        320, 3e-3))
   config.rl = ml_collections.ConfigDict(dict(
-      # RL trains on the first `questions` training questions (0 = all of them). The CI
+      job="rl", tokenizer="", synthetic_data=False, policy=lm(),
+      simulator=dict(lm(), template="", max_prefix_tokens=80, max_new_tokens=48 if ci else 72,
+                     temperature=1.0),
+      engine=bm25_engine(),
+      # RL trains on the first `data.limit` training questions (0 = all of them). The CI
       # run uses 4, each sampled 8 times a step: a 64-wide policy after a 300-step warm
       # start cannot copy names yet, so on the whole training set its few rewards are
       # guesses and 20 steps show no trend. On 4 questions RL raises the training
       # reward within 20 steps (mean F1 of the first 5 steps -> the last 5, against
       # the simulator / BM25: seed 0 0.09 -> 0.32 / 0.18 -> 0.46, seed 1 0.00 -> 0.18 /
       # 0.28 -> 0.40, seed 2 0.10 -> 0.21 / 0.24 -> 0.54).
-      questions=4 if ci else 0,
-      simulator=dict(max_prefix_tokens=80, max_new_tokens=48 if ci else 72, temperature=1.0),
+      data=dict(train_files="", on_error="skip", limit=4 if ci else 0, chat_template=False,
+                instruction=""),
       rollout=dict(max_turns=2, max_new_tokens=20, max_obs_tokens=96, max_length=384,
                    max_query_tokens=16, max_prompt_tokens=96),
       sampling=dict(kind="sample", temperature=1.0, top_p=1.0, top_k=0),

@@ -48,7 +48,7 @@ def tiny_world_policy() -> dict:
   from sweep import config_module  # experiments/, beside this file
 
   config = config_module(ROOT / "configs" / "tiny_world.py").get_config()
-  shape = {k: config.policy_model[k] for k in ARCH_KEYS}
+  shape = {k: config.warm_start.model.model[k] for k in ARCH_KEYS}
   shape["vocab_size"] = config.world.vocab_size  # the world's tokenizer sets it
   return shape
 

@@ -29,8 +29,8 @@ def test_config_builds_and_names_a_known_job(path):
   assert config.job in JOBS
   if "policy" in config:
     models = [config.policy.model, config.simulator.model]
-  elif "policy_model" in config:
-    models = [config.policy_model, config.simulator_model]
+  elif config.job == "tiny_world":  # each training stage's job config holds its model
+    models = [config.pretrain.model.model, config.warm_start.model.model]
   elif "checkpoint" in config.model:  # a model section: checkpoint or random model fields
     models = [config.model.model]
   else:

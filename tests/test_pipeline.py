@@ -275,7 +275,7 @@ def test_ci_sized_pipeline_runs_every_stage(tmp_path, capsys):
   # RL asked only the first `questions` training questions
   train = pipeline._parquet_rows(tinyworld.paths(tmp_path / "world")["train"])
   asked = {s["prompt"].split("Question: ")[-1].strip() for s in samples}
-  assert asked <= {q["question"] for q in train[:config.rl.questions]}
+  assert asked <= {q["question"] for q in train[:config.rl.data.limit]}
   # decoded sample trajectories: the answer scored is the one the policy wrote
   assert [s["step"] for s in samples] == [k for k in range(1, steps + 1) for _ in range(4)]
   for s in samples:

@@ -170,27 +170,36 @@ def oracle_searches(sources, top_k: int, seed: int) -> tuple[list[dict], list[di
   return trajectories, pairs
 
 
-def _sub_config(config, **sections) -> ml_collections.ConfigDict:
-  out = ml_collections.ConfigDict({
-      "seed": config.seed, "progress": config.progress, "mesh": config.mesh.to_dict(),
-      "sharding": config.sharding, "sharding_rules": config.sharding_rules,
-      "distributed": config.distributed.to_dict()})
-  for name, value in sections.items():
-    out[name] = value.to_dict() if hasattr(value, "to_dict") else value
-  return out
+# The run's own fields: every stage's job runs with the pipeline's.
+RUN_FIELDS = ("seed", "progress", "mesh", "sharding", "sharding_rules", "distributed",
+              "checkpoint")
 
 
-def _train_lm(config, directory: Path, tokenizer: str, model, sft, rows) -> None:
-  """A random LM of shape ``model`` trained with ``zsjax.train_sft`` on ``rows``
-  (written to ``directory/data.jsonl``); outputs land in ``directory``."""
+def job_config(config, section: str, values: dict) -> ml_collections.ConfigDict:
+  """The job a stage runs: ``config[section]`` (whole in ``configs/tiny_world.py``)
+  with the run's own fields (``RUN_FIELDS``) and ``values`` (dotted field names:
+  the paths of this workdir and the fields stages must share, like ``top_k``)."""
+  job = ml_collections.ConfigDict(config[section].to_dict())
+  for name in RUN_FIELDS:
+    value = config[name]
+    job[name] = value.to_dict() if hasattr(value, "to_dict") else value
+  for dotted, value in values.items():
+    *parents, leaf = dotted.split(".")
+    node = job
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return job
+
+
+def _train_lm(config, section: str, directory: Path, tokenizer: str, rows) -> None:
+  """The sft job of ``config[section]`` trained on ``rows`` (written to
+  ``directory/data.jsonl``); outputs land in ``directory``."""
   from zsjax import train_sft
 
   data = write_jsonl(directory / "data.jsonl", rows)
-  sub = _sub_config(config, tokenizer=tokenizer, model=dict(
-      checkpoint="", param_dtype="float32", dtype="float32", remat="none",
-      model=model.to_dict()), sft=dict(sft.to_dict(), data=str(data)),
-      checkpoint=config.checkpoint)
-  train_sft.run(sub, str(directory))
+  train_sft.run(job_config(config, section, {"tokenizer": tokenizer, "sft.data": str(data)}),
+                str(directory))
 
 
 # ------------------------------------------------------------------ the stages
@@ -219,8 +228,7 @@ def make_pretrain(run: StageRun) -> None:
   results = engine.search([search.SearchRequest(t) for t in titles]).documents
   rows = [{"prompt": f"Query: {t}\nDocuments:\n", "target": render_documents(docs)}
           for t, docs in zip(titles, results)]
-  _train_lm(config, run.workdir / "pretrain", paths["tokenizer"], config.simulator_model,
-            config.pretrain, rows)
+  _train_lm(config, "pretrain", run.workdir / "pretrain", paths["tokenizer"], rows)
 
 
 def make_sim_tuning(run: StageRun) -> None:
@@ -247,17 +255,11 @@ def make_sim_tuning(run: StageRun) -> None:
   (out / "labels.json").write_text(json.dumps(
       {"judge": "pipeline.QueryJudge", "before_balance": sim_tuning.label_counts(pairs),
        "after_balance": sim_tuning.label_counts(kept)}, indent=2) + "\n")
-  sub = _sub_config(
-      config, tokenizer=paths["tokenizer"], synthetic_data=False,
-      simulator_template=config.simulator_template,
-      model=dict(checkpoint=str(run.workdir / "pretrain" / "hf_export"), param_dtype="float32",
-                 dtype="float32", remat="none", model={}),
-      data=dict(train_files=paths["train"], on_error="skip"),
-      engine=dict(kind="bm25", corpus=paths["corpus"], text_field="contents",
-                  top_k=config.top_k, url="", model="", timeout_s=30.0, max_retries=2),
-      sim_tuning=dict(config.sim_tuning.to_dict(), queries="question", batch_size=16,
-                      judge="rule", judge_checkpoint="", judge_prompt="", balance=True),
-      sft=config.sim_sft, checkpoint=config.checkpoint)
+  sub = job_config(config, "sim_tuning", {
+      "tokenizer": paths["tokenizer"], "simulator_template": config.simulator_template,
+      "model.checkpoint": str(run.workdir / "pretrain" / "hf_export"),
+      "data.train_files": paths["train"], "engine.corpus": paths["corpus"],
+      "engine.top_k": config.top_k})
   sim_tuning.run(sub, str(out))
 
 
@@ -279,8 +281,8 @@ def make_warm_start(run: StageRun) -> None:
     engine = search.BM25Engine([d["contents"] for d in demo_world["corpus"]],
                                top_k=config.top_k)
     rows += demonstrations(demo_world, engine, config.instruction, config.seed + k, correct)
-  _train_lm(config, run.workdir / "warm_start", _world_paths(run)["tokenizer"],
-            config.policy_model, config.warm_start, rows)
+  _train_lm(config, "warm_start", run.workdir / "warm_start", _world_paths(run)["tokenizer"],
+            rows)
 
 
 def simulator_dir(run: StageRun) -> Path:
@@ -294,20 +296,14 @@ def _make_rl(run: StageRun, engine_kind: str, name: str) -> None:
   from zsjax import train_rl
 
   config, paths = run.config, _world_paths(run)
-  base = ml_collections.ConfigDict(config.rl.to_dict())
-  sub = _sub_config(
-      config, tokenizer=paths["tokenizer"], synthetic_data=False,
-      policy=dict(checkpoint=str(run.workdir / "warm_start" / "hf_export"),
-                  param_dtype="float32", dtype="float32", remat="none", model={}),
-      simulator=dict(checkpoint=str(simulator_dir(run)), param_dtype="float32",
-                     dtype="float32", remat="none", model={},
-                     template=config.simulator_template, **base.simulator.to_dict()),
-      engine=dict(kind=engine_kind, top_k=config.top_k, corpus=paths["corpus"],
-                  text_field="contents", url="", model="", timeout_s=30.0, max_retries=2),
-      data=dict(train_files=paths["train"], on_error="skip", limit=config.rl.questions,
-                chat_template=False, instruction=config.instruction),
-      rollout=base.rollout, sampling=base.sampling, curriculum=base.curriculum,
-      rl=base.rl, checkpoint=dict(config.checkpoint.to_dict(), every=base.rl.total_steps))
+  sub = job_config(config, "rl", {
+      "tokenizer": paths["tokenizer"],
+      "policy.checkpoint": str(run.workdir / "warm_start" / "hf_export"),
+      "simulator.checkpoint": str(simulator_dir(run)),
+      "simulator.template": config.simulator_template, "engine.kind": engine_kind,
+      "engine.corpus": paths["corpus"], "engine.top_k": config.top_k,
+      "data.train_files": paths["train"], "data.instruction": config.instruction,
+      "checkpoint.every": config.rl.rl.total_steps})  # one checkpoint, at the end
   train_rl.run(sub, str(run.workdir / name))
 
 
@@ -334,13 +330,13 @@ def make_evaluation(run: StageRun) -> None:
 COMMON_FIELDS = ("seed", "mesh", "sharding", "sharding_rules", "checkpoint")
 WORLD = Stage("world", "world/world.json", make_world, reads=("world",))
 PRETRAIN = Stage("pretrain", "pretrain/sft_summary.json", make_pretrain,
-                 reads=("top_k", "simulator_model", "pretrain"), after=("world",))
+                 reads=("top_k", "pretrain"), after=("world",))
 SIM_TUNING = Stage("sim_tuning", "sim_tuning/sim_tuning.json", make_sim_tuning,
-                   reads=("top_k", "simulator_template", "sim_worlds", "sim_tuning", "sim_sft"),
+                   reads=("top_k", "simulator_template", "sim_worlds", "sim_tuning"),
                    after=("pretrain",))
 WARM_START = Stage("warm_start", "warm_start/sft_summary.json", make_warm_start,
                    reads=("top_k", "instruction", "demo_correct_fraction", "demo_world",
-                          "demo_worlds", "policy_model", "warm_start"), after=("world",))
+                          "demo_worlds", "warm_start"), after=("world",))
 RL_SIMULATOR = Stage("rl_simulator", "rl_simulator/rl_summary.json", make_rl_simulator,
                      reads=("top_k", "instruction", "rl", "simulator_template"),
                      after=("warm_start", "simulator"))
