@@ -52,7 +52,8 @@ def get_config(arg=None):
       temperature=0.0))  # evaluation decodes the simulator greedily
   config.engine = ml_collections.ConfigDict(dict(
       kind="bm25", corpus="", text_field="contents", top_k=3 if tiny else 5,
-      url="", model="", timeout_s=30.0, max_retries=2))
+      url="", model="", timeout_s=30.0, max_retries=2,
+      max_text_bytes=1024))  # a host engine gets each question and answer, at most this long
   config.rollout = ml_collections.ConfigDict(dict(
       max_turns=2 if tiny else 5, max_new_tokens=24 if tiny else 500,
       max_obs_tokens=192 if tiny else 2048, max_length=768 if tiny else 4096,

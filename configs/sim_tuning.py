@@ -59,7 +59,8 @@ def get_config(arg=None):
   config.data = ml_collections.ConfigDict(dict(train_files="", on_error="skip"))
   config.engine = ml_collections.ConfigDict(dict(
       kind="bm25", corpus="", text_field="contents", top_k=5 if not tiny else 3,
-      url="", model="", timeout_s=30.0, max_retries=2))
+      url="", model="", timeout_s=30.0, max_retries=2,
+      max_text_bytes=1024))  # a host engine gets each question and answer, at most this long
   config.sim_tuning = ml_collections.ConfigDict(dict(
       num_questions=240 if tiny else 4000,
       queries="question" if tiny else "policy",  # | policy (a searching policy collects)
@@ -68,7 +69,7 @@ def get_config(arg=None):
                   model={}),
       rollout=dict(max_turns=4, max_new_tokens=500, max_obs_tokens=2048, max_length=4096,
                    max_query_tokens=64),
-      sampling=dict(kind="greedy"), prompt_width=512,
+      sampling=dict(kind="greedy", temperature=1.0, top_p=1.0, top_k=0), prompt_width=512,
       judge="rule" if tiny else "llm", judge_checkpoint="", judge_prompt="",
       balance=True, test_fraction=0.15,
       # report_queries: "all" held-out pairs, or "question" (only searches of the

@@ -64,7 +64,7 @@ def sft_job(model_fields: dict, steps: int, batch: int, length: int, lr: float) 
 def bm25_engine() -> dict:
   """An engine section; the pipeline sets its kind, corpus and top_k."""
   return dict(kind="bm25", corpus="", text_field="contents", top_k=0, url="", model="",
-              timeout_s=30.0, max_retries=2)
+              timeout_s=30.0, max_retries=2, max_text_bytes=1024)
 
 
 def get_config(arg=None):
@@ -117,7 +117,7 @@ def get_config(arg=None):
           policy=lm(),
           rollout=dict(max_turns=2, max_new_tokens=24, max_obs_tokens=96, max_length=384,
                        max_query_tokens=16),
-          sampling=dict(kind="greedy"), prompt_width=64),
+          sampling=dict(kind="greedy", temperature=1.0, top_p=1.0, top_k=0), prompt_width=64),
       sft=sft(20 if ci else 1500, 8, 160, 3e-3)))
   config.warm_start = ml_collections.ConfigDict(sft_job(model(*size), 300 if ci else 2000, 8,
                                                         320, 3e-3))

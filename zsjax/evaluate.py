@@ -258,7 +258,7 @@ def run(config, workdir: str) -> dict:
     static = rollout_lib.prepare_static_tokens(tokenizer, vocab_size=cfg.vocab_size)
     engine, engine_state, _ = search.build_engine(
         config, tokenizer, static, rollout_config, plan, jax.random.key(1), greedy=True,
-        host_engine=retriever if config.engine.kind == "bm25" else None)  # one BM25 index
+        prebuilt=retriever if config.engine.kind == "bm25" else None)  # one BM25 index
   evaluator = Evaluator(cfg, params, tokenizer, engine=engine, engine_state=engine_state,
                         retriever=retriever, rollout_config=rollout_config,
                         batch_size=e.batch_size, prompt_width=e.prompt_width,

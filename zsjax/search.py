@@ -170,14 +170,14 @@ def engine_from_config(engine, prompt: SimulatorPrompt = SimulatorPrompt()) -> H
 
 
 def build_engine(config, tokenizer, static, rollout_config, plan, rng, *, greedy: bool = False,
-                 host_engine: HostEngine | None = None):
+                 prebuilt: HostEngine | None = None):
   """The rollout engine a config names (``config.engine.kind``):
   ``(engine, engine_state, engine_state_shardings)``. ``simulator``: the
   on-device ``zsjax.simulator.SimulatorEngine`` with the params of
   ``config.simulator`` (a checkpoint, or a random model drawn from ``rng``);
   ``bm25`` / ``http``: a ``HostSearch``. ``static``: the policy's
   ``zsjax.rollout.StaticTokens``; ``greedy``: the simulator decodes greedily
-  (evaluation); ``host_engine``: an engine already built for ``bm25`` / ``http``."""
+  (evaluation); ``prebuilt``: a host engine already built for ``bm25`` / ``http``."""
   from zsjax import hf, simulator
 
   if config.engine.kind == "simulator":
@@ -188,8 +188,9 @@ def build_engine(config, tokenizer, static, rollout_config, plan, rng, *, greedy
         pad_id=static.pad_id, query_width=rollout_config.max_query_tokens, greedy=greedy)
     return engine, sim_params, plan.params(sim_cfg)
   prompt = SimulatorPrompt.from_config(config.simulator.template, config.engine.top_k)
-  engine = HostSearch(host_engine or engine_from_config(config.engine, prompt), tokenizer,
-                      rollout_config.max_obs_tokens, pad_id=static.pad_id)
+  engine = HostSearch(prebuilt or engine_from_config(config.engine, prompt), tokenizer,
+                      rollout_config.max_obs_tokens, pad_id=static.pad_id,
+                      text_width=config.engine.max_text_bytes)
   return engine, jnp.zeros((), jnp.int32), None
 
 
@@ -213,11 +214,6 @@ class HostInputs:
   lengths: jax.Array  # [B, 2] bytes of each
 
 
-def _text_width(longest: int, minimum: int = 256) -> int:
-  """Power-of-two widths: batches of similar texts share one shape (one compile)."""
-  return max(minimum, 1 << max(longest - 1, 0).bit_length())
-
-
 class HostSearch:
   """A host engine as a rollout engine: ``inputs`` carries each row's question
   and answer into the jitted call, where ``io_callback`` hands them to the
@@ -225,15 +221,21 @@ class HostSearch:
   rendered ``Doc 1: …\nDoc 2: …``, tokenized, cut to ``max_doc_tokens`` and
   right-padded with ``pad_id``."""
 
-  def __init__(self, engine: HostEngine, tokenizer, max_doc_tokens: int, pad_id: int = 0):
+  def __init__(self, engine: HostEngine, tokenizer, max_doc_tokens: int, pad_id: int = 0,
+               text_width: int = 1024):
+    """``text_width``: the fixed byte width of each question and answer (one shape,
+    one compile; ``config.engine.max_text_bytes``)."""
     self.engine, self.tokenizer = engine, tokenizer
-    self.max_doc_tokens, self.pad_id = max_doc_tokens, pad_id
+    self.max_doc_tokens, self.pad_id, self.text_width = max_doc_tokens, pad_id, text_width
 
   def inputs(self, questions: Sequence[str], answers: Sequence[str],
              samples_per_prompt: int = 1) -> HostInputs:
     encoded = [(q.encode("utf-8"), a.encode("utf-8")) for q, a in zip(questions, answers)
                for _ in range(samples_per_prompt)]
-    width = _text_width(max(len(t) for pair in encoded for t in pair))
+    width, longest = self.text_width, max(len(t) for pair in encoded for t in pair)
+    if longest > width:
+      raise ValueError(f"a question or answer of {longest} UTF-8 bytes is longer than the host "
+                       f"engine's text width {width} (config.engine.max_text_bytes); raise it.")
     text = np.zeros((len(encoded), 2, width), np.uint8)
     lengths = np.zeros((len(encoded), 2), np.int32)
     for i, pair in enumerate(encoded):

@@ -69,10 +69,9 @@ def collect_trajectories(path: str | Path, examples, engine, *, tokenizer=None, 
   ``{id, question, golden_answers, searches: [{query, documents}], answer,
   correct, f1}``.
 
-  ``policy``: ``(rollout, params, static, prompt_width, sim_prefix_width)`` where
-  ``rollout`` is a jitted ``zsjax.rollout`` built on ``host_engine(search)`` and
-  ``search`` is the ``HostSearch`` around ``RecordingEngine(engine)`` (see
-  ``make_collection_policy``). ``queries="question"`` searches each question
+  ``policy``: the dict ``make_collection_policy`` returns (a jitted rollout on a
+  ``HostSearch`` around ``RecordingEngine(engine)``, its params, static tokens and
+  prompt width). ``queries="question"`` searches each question
   instead. Returns counts."""
   from tqdm import tqdm
 

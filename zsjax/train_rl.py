@@ -199,6 +199,8 @@ def train(job: RLJob) -> dict:
       disable=not is_main_process() or not config.progress) as bar:
     for step in range(start + 1, r.total_steps + 1):
       state, metrics, samples = train_step(job, state, step)
+      if r.sample_every and step % r.sample_every == 0 and is_main_process():
+        write_samples(job, step, *samples)  # before the write: a NaN step keeps its samples
       try:
         last = writer.write(step, metrics)
       except FloatingPointError as e:
@@ -207,8 +209,6 @@ def train(job: RLJob) -> dict:
             f"RL step {step}: {e} The update was not applied; the last checkpoint is step "
             f"{checkpointer.latest_step()}. Lower config.rl.learning_rate or check the "
             "rewards.") from None
-      if r.sample_every and step % r.sample_every == 0 and is_main_process():
-        write_samples(job, step, *samples)
       bar.set_postfix({"reward": f"{last['reward/train']:.3f}",
                        "p_noise": f"{last['curriculum/p_noise']:.3f}"}, refresh=False)
       bar.update(1)
