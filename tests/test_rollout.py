@@ -144,14 +144,39 @@ def test_answer_in_the_first_turn(tokenizer, world):
   assert decode(tokenizer, fast, 0).endswith("<answer> Paris </answer>")
 
 
-def test_eos_without_answer(tokenizer, world):
+def test_eos_without_an_action_is_an_invalid_action(tokenizer, world):
+  """An end token before any complete action ends the turn as an invalid action: it
+  is dropped (not in the sequence, no loss), the feedback follows, and the
+  trajectory goes on until the turn limit (METHOD.md §2, the reference's step)."""
   eos = tokenizer.eos_token_id
-  scripts = [tokenizer.encode("<think> no idea </think>") + [eos]] * 2
-  fast, slow, _, _ = run_both(tokenizer, world, CONFIG, Greedy(), scripts)
+  turn = tokenizer.encode("<think> no idea </think>")
+  answer = tokenizer.encode("<answer> Paris </answer>")
+  scripts = [turn + [eos] + turn + [eos] + answer, turn + [eos] + turn + [eos] + turn + [eos]]
+  config = R.RolloutConfig(max_turns=2, max_new_tokens=40, max_obs_tokens=96, max_length=480,
+                           max_query_tokens=24)  # room for two feedback messages
+  fast, slow, _, _ = run_both(tokenizer, world, config, Greedy(), scripts)
   assert_same(fast, slow)
-  assert not fast.answered.any() and (fast.turns == 1).all()
-  last = int(fast.lengths[0]) - 1
-  assert int(fast.tokens[0, last]) == eos and int(fast.loss_mask[0, last]) == 1
+  # row 0: two invalid turns, then it answers in the final turn; row 1 never acts
+  assert fast.answered.tolist() == [True, False] and (fast.turns == 3).all()
+  assert not fast.truncated.any()
+  for row in (0, 1):
+    n = int(fast.lengths[row])
+    tokens = np.asarray(fast.tokens[row, :n])
+    assert eos not in tokens.tolist()  # dropped: neither in the sequence nor in the loss
+    assert decode(tokenizer, fast, row).count(T.INVALID_ACTION_FEEDBACK.strip()) == 2
+  assert generated_text(tokenizer, fast, 0) == tokenizer.decode(turn * 2 + answer)
+  assert int(fast.loss_mask[1].sum()) == 3 * len(turn)
+
+
+def test_the_first_complete_action_decides(tokenizer, world):
+  """Two <search> tags in one turn: the query runs from the first one to </search>
+  (the reference's regex), here ' a <search> b '."""
+  scripts = [["<search> a <search> b </search>", "<answer> Paris </answer>"]] * 2
+  fast, slow, engine, oracle = run_both(tokenizer, world, CONFIG, Greedy(), scripts)
+  assert_same(fast, slow)
+  assert [r.query.strip() for r in engine.requests] == ["a <search> b"] * 2
+  assert [r.query.strip() for r in oracle.requests] == ["a <search> b"] * 2
+  assert fast.answered.all() and (fast.searches == 1).all()
 
 
 def test_max_turns_then_a_final_turn_without_documents(tokenizer, world):

@@ -7,9 +7,11 @@ step) -> Trajectories``, jitted end to end:
   for turn in 0 .. max_turns (a fori_loop; the last turn may not search):
     ``decode_turn``: decode (a while_loop of ``decode_step``) until every live
       row has closed ``</search>`` or ``</answer>`` (matched on bytes, see
-      ``zsjax.template``), hit EOS, spent ``max_new_tokens`` or filled the context;
-    ``turn_step``: classify each row's turn (answer: done, search, invalid:
-      feedback, EOS: done); for searching rows draw noisy ~ Bernoulli(p) with
+      ``zsjax.template``), drawn an end token (which is dropped), spent
+      ``max_new_tokens`` or filled the context;
+    ``turn_step``: classify each row's turn by its first complete action (answer:
+      done; search; anything else, an end token included: invalid, feedback,
+      and the trajectory goes on until the turn limit); for searching rows draw noisy ~ Bernoulli(p) with
       ``p = curriculum(step)`` (``zsjax.curriculum``) and ask the engine for
       documents (``zsjax.simulator.SimulatorEngine`` on device, or a host engine
       of ``zsjax.search`` through io_callback), giving it the batch's per-row
@@ -182,7 +184,7 @@ class RolloutState:
   cache: Any  # the policy's KV cache (zsjax.model.init_cache), S slots
   last_logits: jax.Array  # [B, V] logits after each row's last token
   length: jax.Array  # [B] tokens held
-  generated: jax.Array  # [B] tokens the policy sampled, over all turns
+  generated: jax.Array  # [B] tokens the policy drew over all turns (end tokens included)
   done: jax.Array  # [B] bool
   answered: jax.Array  # [B] bool
   truncated: jax.Array  # [B] bool
@@ -203,7 +205,7 @@ class TurnState:
   open_end: jax.Array  # [B] position after the token that completed <search>; -1 = none
   answer_open: jax.Array  # [B] bool: an <answer> was opened
   close: jax.Array  # [B] the first closing tag (SEARCH_CLOSE / ANSWER_CLOSE), 0 = none
-  eos: jax.Array  # [B] bool: sampled an end token
+  eos: jax.Array  # [B] bool: drew an end token (dropped; the turn is an invalid action)
 
 
 def decode_step(spec: RolloutSpec, params, turn_rng, t: TurnState) -> TurnState:
@@ -214,7 +216,10 @@ def decode_step(spec: RolloutSpec, params, turn_rng, t: TurnState) -> TurnState:
   sampled, logp = sample(spec.sampling, s.last_logits, jax.random.fold_in(turn_rng, t.i),
                          position=s.generated)
   full = s.length >= s_len
-  write = t.live & ~full
+  # An end token ends the row's turn without an action; it is not kept (not in the
+  # sequence, no loss), like the reference, whose responses drop special tokens.
+  ended = t.live & ~full & jnp.isin(sampled, jnp.asarray(static.eos_ids or (-1,), jnp.int32))
+  write = t.live & ~full & ~ended
   token = jnp.where(write, sampled, static.pad_id)
   pos = s.length
   tokens = s.tokens.at[rows, pos].set(token, mode="drop")
@@ -222,17 +227,19 @@ def decode_step(spec: RolloutSpec, params, turn_rng, t: TurnState) -> TurnState:
   log_probs = s.log_probs.at[rows, pos].set(jnp.where(write, logp, 0.0), mode="drop")
   matcher_state, done_tags = spec.matcher.step(t.matcher_state, token)
   done_tags = jnp.where(write, done_tags, 0)
-  open_end = jnp.where(write & (done_tags & SEARCH_OPEN != 0), pos + 1, t.open_end)
+  # The first complete action decides: the query starts after the turn's first <search>.
+  open_end = jnp.where(write & (done_tags & SEARCH_OPEN != 0) & (t.open_end < 0), pos + 1,
+                       t.open_end)
   answer_open = t.answer_open | (write & (done_tags & ANSWER_OPEN != 0))
   closed = write & (done_tags & CLOSING != 0)
   close = jnp.where(closed & (t.close == 0), done_tags & CLOSING, t.close)
-  ended = write & jnp.isin(token, jnp.asarray(static.eos_ids or (-1,), jnp.int32))
   truncated = s.truncated | (t.live & full)
   logits, cache = spec.model.apply({"params": params}, token[:, None],
                                    segment_ids=write[:, None].astype(jnp.int32), cache=s.cache)
   state = s.replace(tokens=tokens, loss_mask=loss_mask, log_probs=log_probs, cache=cache,
                     last_logits=jnp.where(write[:, None], logits[:, 0], s.last_logits),
-                    length=s.length + write, generated=s.generated + write, truncated=truncated)
+                    length=s.length + write, generated=s.generated + (write | ended),
+                    truncated=truncated)
   return TurnState(rollout=state, i=t.i + 1, live=write & ~closed & ~ended,
                    matcher_state=matcher_state, open_end=open_end, answer_open=answer_open,
                    close=close, eos=t.eos | ended)
@@ -315,7 +322,7 @@ def turn_step(spec: RolloutSpec, params, engine_state, batch: RolloutBatch, rng,
   final = turn == spec.config.max_turns
   answered = active & (t.close == ANSWER_CLOSE) & t.answer_open
   searched = active & (t.close == SEARCH_CLOSE) & (t.open_end >= 0)
-  stopped = active & (t.eos | state.truncated)
+  stopped = active & state.truncated
   invalid = active & ~answered & ~searched & ~stopped
   done = state.done | answered | stopped | (final & active)
 

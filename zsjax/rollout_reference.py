@@ -21,7 +21,7 @@ from zsjax.model import ModelConfig, Transformer, init_cache
 from zsjax.rollout import RolloutBatch, RolloutConfig, StaticTokens, Trajectories
 from zsjax.sampling import Greedy, Sampling, sample
 from zsjax.search import SearchRequest, document_tokens
-from zsjax.template import cut_after_first_close
+from zsjax.template import cut_after_first_close, parse_action
 
 
 @functools.lru_cache(maxsize=8)
@@ -43,6 +43,8 @@ def python_rollout(policy_cfg: ModelConfig, policy_params, tokenizer, static: St
   prompt = np.asarray(batch.prompt_tokens)
   prompt_len = np.asarray(batch.prompt_lengths)
   b, p = prompt.shape
+  if b % len(questions):
+    raise ValueError(f"python_rollout: {b} rows are not {len(questions)} prompts x n samples.")
   row_ids = np.arange(b) // (b // len(questions))
   eos = set(static.eos_ids)
   obs_open, obs_close = list(np.asarray(static.obs_open)), list(np.asarray(static.obs_close))
@@ -73,8 +75,11 @@ def python_rollout(policy_cfg: ModelConfig, policy_params, tokenizer, static: St
       sampled, logp = sample(sampling, jnp.asarray(last), jax.random.fold_in(decode_rng, i),
                              position=jnp.asarray(generated))
       sampled, logp = np.asarray(sampled), np.asarray(logp)
-      write = live & np.array([len(s) < s_len for s in seqs])
-      truncated |= live & ~write
+      room = live & np.array([len(s) < s_len for s in seqs])
+      truncated |= live & ~room
+      # an end token ends the turn and is dropped (the turn is then an invalid action)
+      hit_eos |= room & np.isin(sampled, list(eos))
+      write = room & ~np.isin(sampled, list(eos))
       token = np.where(write, sampled, static.pad_id).astype(np.int32)
       for r in np.flatnonzero(write):
         seqs[r].append(int(token[r]))
@@ -84,14 +89,11 @@ def python_rollout(policy_cfg: ModelConfig, policy_params, tokenizer, static: St
       logits, cache = forward(policy_params, jnp.asarray(token[:, None]),
                               jnp.asarray(write[:, None].astype(np.int32)), cache)
       last = np.where(write[:, None], np.asarray(logits)[:, 0], last)
-      generated += write
+      generated += room
       still = write.copy()
       for r in np.flatnonzero(write):
         text = tokenizer.decode(turn_tokens[r], skip_special_tokens=False)
-        if int(token[r]) in eos:
-          hit_eos[r] = True
-          still[r] = False
-        elif "</search>" in text or "</answer>" in text:
+        if "</search>" in text or "</answer>" in text:
           still[r] = False
       live = still
       i += 1
@@ -103,18 +105,14 @@ def python_rollout(policy_cfg: ModelConfig, policy_params, tokenizer, static: St
     for r in np.flatnonzero(active):
       turns[r] += 1
       text = cut_after_first_close(tokenizer.decode(turn_tokens[r], skip_special_tokens=False))
-      kind = "invalid"
-      if text.endswith("</answer>") and "<answer>" in text:
-        kind = "answer"
-      elif text.endswith("</search>") and "<search>" in text[:-len("</search>")]:
-        kind = "search"
+      kind = "invalid" if hit_eos[r] else parse_action(text).kind  # the first complete action
       if kind == "answer":
         answered[r] = True
-      if kind == "answer" or hit_eos[r] or truncated[r] or final:
+      if kind == "answer" or truncated[r] or final:
         done[r] = True
         continue
-      if kind == "search":
-        query = text[:-len("</search>")].rsplit("<search>", 1)[1]
+      if kind == "search":  # the query, unstripped: from the first <search> to </search>
+        query = text[:-len("</search>")].split("<search>", 1)[1]
         requests.append(SearchRequest(query, questions[row_ids[r]], answers[row_ids[r]],
                                       bool(noisy_draw[r])))
         search_rows.append(r)
