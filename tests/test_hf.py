@@ -218,3 +218,19 @@ def test_tokenizer_loads_from_a_local_directory_only(tmp_path):
   assert loaded.decode(loaded.encode(text)).replace(" ", "") == text.replace(" ", "")
   with pytest.raises(FileNotFoundError, match="not a hub|local directory"):
     hf.load_tokenizer(tmp_path / "Qwen/Qwen2.5-3B")
+
+
+def test_end_tokens_come_from_generation_config_and_config(tmp_path):
+  """Qwen2.5 instruct checkpoints name one end token in config.json and two in
+  generation_config.json; generation stops on every one, as in transformers."""
+  arch, kwargs = CASES["qwen2_tied_gqa"]
+  (tmp_path / "config.json").write_text(json.dumps(
+      transformers.Qwen2Config(**kwargs, eos_token_id=5).to_dict()))
+  assert hf.read_config(tmp_path).eos_token_ids == (5,)
+  transformers.GenerationConfig(eos_token_id=[7, 5]).save_pretrained(tmp_path)
+  got = hf.read_config(tmp_path).eos_token_ids
+  want = transformers.GenerationConfig.from_pretrained(tmp_path).eos_token_id
+  assert got == (7, 5) and list(got) == list(want)
+  (tmp_path / "generation_config.json").write_text("{not json")
+  with pytest.raises(hf.CheckpointError, match="generation_config.json is not valid JSON"):
+    hf.read_config(tmp_path)

@@ -275,7 +275,23 @@ def read_config(path: str | os.PathLike, dtype=jnp.float32) -> ModelConfig:
     hf = json.loads(config_path.read_text())
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{config_path} is not valid JSON: {e}") from None
-  return config_from_hf(hf, dtype, source=str(config_path))
+  cfg = config_from_hf(hf, dtype, source=str(config_path))
+  return dataclasses.replace(cfg, eos_token_ids=end_token_ids(directory, cfg.eos_token_ids))
+
+
+def end_token_ids(directory: Path, from_config: tuple[int, ...] = ()) -> tuple[int, ...]:
+  """Every end token of a checkpoint, as transformers stops on them:
+  ``generation_config.json``'s ``eos_token_id`` (an id or a list; Qwen2.5 instruct
+  lists two), then any other of ``config.json``'s. A tokenizer's single
+  ``eos_token`` is not enough."""
+  path = directory / "generation_config.json"
+  ids: tuple[int, ...] = ()
+  if path.exists():
+    try:
+      ids = _as_tuple(json.loads(path.read_text()).get("eos_token_id"))
+    except json.JSONDecodeError as e:
+      raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+  return tuple(dict.fromkeys(ids + tuple(from_config)))
 
 
 def iter_checkpoint_params(path: str | os.PathLike, cfg: ModelConfig, head: str = "lm",

@@ -315,7 +315,8 @@ def _generate(engine: SimulatorEngine, params, prompt, prompt_lengths, active, r
   last = jnp.take_along_axis(logits, jnp.maximum(prompt_lengths - 1, 0)[:, None, None], 1)[:, 0]
 
   def step(s: _GenerationState) -> _GenerationState:
-    token, _ = sample(engine.sampling, s.last_logits, jax.random.fold_in(rng, s.i))
+    token, _ = sample(engine.sampling, s.last_logits, jax.random.fold_in(rng, s.i),
+                      position=jnp.full((b,), s.i))
     ended = jnp.isin(token, eos)
     write = s.live & ~ended
     written = jnp.where(write, token, engine.pad_id)

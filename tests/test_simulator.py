@@ -1,0 +1,73 @@
+"""The on-device simulator engine: its own end tokens, its stop marker."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zsjax import simulator as SIM
+from scripted import Scripted, script_rows
+from test_rollout import ANSWERS, QUESTIONS, tokenizer, world  # noqa: F401 (fixtures)
+
+
+def generate(tokenizer, world, engine, queries):
+  cfg, params, static, _ = world
+  ids = [tokenizer.encode(q) for q in queries]
+  query = np.full((len(ids), engine.query_width), static.pad_id, np.int32)
+  for i, row in enumerate(ids):
+    query[i, :len(row)] = row
+  out = jax.jit(engine)(params, engine.inputs(QUESTIONS[:len(ids)], ANSWERS[:len(ids)]),
+                        jnp.asarray(query), jnp.asarray([len(r) for r in ids], jnp.int32),
+                        jnp.ones((len(ids),), bool), jnp.asarray([False, True]),
+                        jax.random.key(0))
+  return [np.asarray(out.tokens[i, :out.lengths[i]]).tolist() for i in range(len(ids))]
+
+
+def test_simulator_stops_at_its_own_end_token_and_drops_it(tokenizer, world):
+  """An instruct simulator ends with its own token (<|im_end|> for Qwen2.5 instruct),
+  not the base policy's; generation stops there and the token is not inserted."""
+  cfg, params, static, _ = world
+  sim_end = tokenizer.convert_tokens_to_ids("<|pad|>")  # stands in for <|im_end|>
+  docs = tokenizer.encode("Doc 1: Paris is the capital of France.")
+  after = tokenizer.encode(" and more text")
+  engine = SIM.SimulatorEngine(
+      cfg, tokenizer, SIM.SimulatorPrompt(), static.piece_bytes, max_new_tokens=32,
+      prefix_width=140, query_width=8, sampling=Scripted(script_rows([docs + [sim_end] + after]
+                                                                     * 2)),
+      eos_ids=(sim_end,), pad_id=static.pad_id)
+  out = generate(tokenizer, world, engine, ["capital of France", "Paris"])
+  assert out == [docs, docs]
+  # stopping only at the policy's end token (the old behaviour) writes past it
+  policy_end = dataclasses.replace(engine, eos_ids=(tokenizer.eos_token_id,))
+  out = generate(tokenizer, world, policy_end, ["capital of France", "Paris"])
+  assert all(sim_end in row and len(row) > len(docs) for row in out)
+
+
+def test_simulator_cuts_before_the_marker_past_top_k(tokenizer, world):
+  cfg, params, static, _ = world
+  kept = tokenizer.encode("Doc 1: one.\nDoc 2: two.\n")
+  cut = tokenizer.encode("Doc 3: three.")
+  engine = SIM.SimulatorEngine(
+      cfg, tokenizer, SIM.SimulatorPrompt(top_k=2), static.piece_bytes, max_new_tokens=40,
+      prefix_width=140, query_width=8, sampling=Scripted(script_rows([kept + cut] * 2)),
+      eos_ids=(tokenizer.eos_token_id,), pad_id=static.pad_id)
+  out = generate(tokenizer, world, engine, ["one", "two"])
+  assert [tokenizer.decode(row) for row in out] == [tokenizer.decode(kept)] * 2
+
+
+def test_the_engine_built_from_a_config_uses_the_simulators_end_tokens(tokenizer, world):
+  from zsjax import rollout as R
+  from zsjax import search
+  from zsjax.sharding import ShardingPlan
+
+  from config_files import load_config
+
+  _, _, static, _ = world
+  sim_end = tokenizer.convert_tokens_to_ids("<|pad|>")
+  config = load_config("zerosearch", "tiny")
+  config.simulator.model.eos_token_ids = (sim_end,)  # a checkpoint's own end token
+  rollout_config = R.RolloutConfig.from_config(config.rollout)
+  engine, _, _ = search.build_engine(config, tokenizer, static, rollout_config,
+                                     ShardingPlan.from_config(config), jax.random.key(0))
+  assert engine.eos_ids == (sim_end,) and static.eos_ids == (tokenizer.eos_token_id,)
