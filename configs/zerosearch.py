@@ -26,7 +26,9 @@ Hardware and expected results (Expected):
 Hyperparameters (METHOD.md §7): 64 prompts x 5 samples per step, 203 steps, lr
 1e-6 with linear warmup over 95% of updates (28.5% for PPO), one epoch in
 minibatches of 256 trajectories, KL 0.001 (k3, added), entropy 0.001, clip 0.2,
-top-5 documents; PPO: GAE gamma = lambda = 1, critic lr 1e-5, value clip 0.5.
+top-5 documents; PPO: GAE gamma = lambda = 1, critic lr 1e-5 with a 1.5% warmup,
+value clip 0.5. Sampling in training: temperature 1.0, top-p 0.95; the simulator:
+temperature 0.8, at most 600 new tokens; AdamW weight decay 0.01 (veRL's default).
 """
 
 import ml_collections
@@ -74,7 +76,7 @@ def get_config(arg=None):
       dtype="float32" if tiny else "bfloat16", remat="none", model=tiny_model(),
       template="",  # empty = zsjax.simulator.DEFAULT_TEMPLATE; paste the paper's here
       max_prefix_tokens=192 if tiny else 320,  # simulator prompt before the query
-      max_new_tokens=32 if tiny else 512, temperature=0.8 if not tiny else 1.0))
+      max_new_tokens=32 if tiny else 600, temperature=0.8 if not tiny else 1.0))
   config.engine = ml_collections.ConfigDict(dict(
       kind="simulator",  # simulator (on device) | bm25 (config.engine.corpus) | http
       top_k=5, corpus="", text_field="contents",
@@ -88,7 +90,10 @@ def get_config(arg=None):
       max_turns=2 if tiny else 5, max_new_tokens=24 if tiny else 500,
       max_obs_tokens=64 if tiny else 2048, max_length=512 if tiny else 4096,
       max_query_tokens=16 if tiny else 64, max_prompt_tokens=256 if tiny else 512))
-  config.sampling = ml_collections.ConfigDict(dict(kind="sample", temperature=1.0, top_p=1.0,
+  # the policy in training: temperature 1, top-p 0.95 (ZeroSearch's trainer); evaluation is
+  # greedy (configs/eval.py)
+  config.sampling = ml_collections.ConfigDict(dict(kind="sample", temperature=1.0,
+                                                   top_p=1.0 if tiny else 0.95,
                                                    top_k=0))
   start, end = CURRICULUM[model]
   config.curriculum = ml_collections.ConfigDict(dict(
@@ -102,12 +107,13 @@ def get_config(arg=None):
       learning_rate=1e-4 if tiny else 1e-6,
       warmup_fraction=0.285 if algorithm == "ppo" else 0.95,
       decay="constant",  # | cosine (to 0 at the last update, after the warmup)
-      weight_decay=0.0, grad_clip=1.0,
+      weight_decay=0.0 if tiny else 0.01, grad_clip=1.0,  # AdamW 0.01: veRL's default
       clip_eps=0.2, dual_clip=0.0,  # 0 = off; the paper's setting would be 3
       kl_coef=0.001, kl_type="k3", entropy_coef=0.001,
       aggregation="token_mean",  # | seq_mean_token_mean
       loss_mask="policy",  # | response (ablation: inserted documents in the loss too)
-      critic_learning_rate=1e-5 if not tiny else 1e-4, critic_warmup_fraction=0.0,
+      critic_learning_rate=1e-5 if not tiny else 1e-4,
+      critic_warmup_fraction=0.0 if tiny else 0.015,  # the critic's lr warmup (ZeroSearch PPO)
       value_clip=0.5, gamma=1.0, lam=1.0,
       sample_every=0,  # > 0: every N steps, decoded trajectories to WORKDIR/samples.jsonl
       sample_rows=4))  # trajectories per sample

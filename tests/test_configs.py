@@ -72,6 +72,12 @@ def test_paper_rl_configs_carry_the_paper_settings(arg):
   assert (config.curriculum.start, config.curriculum.end) == (start, end)
   if r.algorithm == "ppo":
     assert (r.critic_learning_rate, r.value_clip, r.gamma, r.lam) == (1e-5, 0.5, 1.0, 1.0)
+    assert r.critic_warmup_fraction == 0.015
+  # sampling in training: temperature 1, top-p 0.95; the simulator: 0.8, <= 600 new tokens
+  assert (config.sampling.kind, config.sampling.temperature, config.sampling.top_p) == (
+      "sample", 1.0, 0.95)
+  assert (config.simulator.temperature, config.simulator.max_new_tokens) == (0.8, 600)
+  assert r.weight_decay == 0.01 and r.reward == "f1" and r.loss_mask == "policy"
   with pytest.raises(ValueError, match="config.policy.checkpoint"):  # paths are the user's
     hf.load_model(config.policy, None, None, 100, (), what="policy")
 
