@@ -54,7 +54,8 @@ def test_sim_tuning_config_args_build(arg):
     assert config.sim_tuning.judge == "llm" and config.sim_tuning.balance
 
 
-@pytest.mark.parametrize("arg", [f"{m},{a}" for m in ("qwen2.5-3b", "qwen2.5-7b", "llama3.2-3b")
+@pytest.mark.parametrize("arg", [f"{m},{a}" for m in ("qwen2.5-3b", "qwen2.5-7b", "llama3.2-3b",
+                                                      "qwen3-4b")
                                  for a in ("reinforce", "grpo", "ppo")])
 def test_paper_rl_configs_carry_the_paper_settings(arg):
   from zsjax import hf, rl_step
@@ -68,7 +69,7 @@ def test_paper_rl_configs_carry_the_paper_settings(arg):
   assert r.minibatch_size == 256 and r.epochs == 1 and config.engine.top_k == 5
   assert r.warmup_fraction == (0.285 if r.algorithm == "ppo" else 0.95)
   start, end = {"qwen2.5-3b": (0.0, 0.25), "qwen2.5-7b": (0.0, 0.75),
-                "llama3.2-3b": (0.25, 0.5)}[arg.split(",")[0]]
+                "llama3.2-3b": (0.25, 0.5), "qwen3-4b": (0.0, 0.5)}[arg.split(",")[0]]
   assert (config.curriculum.start, config.curriculum.end) == (start, end)
   if r.algorithm == "ppo":
     assert (r.critic_learning_rate, r.value_clip, r.gamma, r.lam) == (1e-5, 0.5, 1.0, 1.0)

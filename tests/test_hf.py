@@ -33,6 +33,16 @@ CASES = {
                                         num_key_value_heads=2, head_dim=10,
                                         rope_theta=500000.0, rope_scaling=LLAMA3_ROPE,
                                         tie_word_embeddings=False)),
+    # Qwen3: per-head q/k RMSNorm, a head dimension that is not hidden / heads
+    "qwen3_tied_gqa": ("qwen3", dict(vocab_size=97, hidden_size=36, intermediate_size=58,
+                                     num_hidden_layers=2, num_attention_heads=6,
+                                     num_key_value_heads=2, head_dim=10,
+                                     tie_word_embeddings=True)),
+    "qwen3_untied_bias": ("qwen3", dict(vocab_size=89, hidden_size=28, intermediate_size=50,
+                                        num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=1, head_dim=12,
+                                        tie_word_embeddings=False, attention_bias=True,
+                                        rope_theta=1e6)),
     "llama_tied_biases": ("llama", dict(vocab_size=83, hidden_size=30, intermediate_size=44,
                                         num_hidden_layers=2, num_attention_heads=5,
                                         num_key_value_heads=5, tie_word_embeddings=True,
@@ -45,6 +55,8 @@ def make_torch_model(name, seed=0):
   torch.manual_seed(seed)
   if arch == "qwen2":
     model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kwargs))
+  elif arch == "qwen3":
+    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**kwargs))
   else:
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs))
   with torch.no_grad():  # the default init is too small for logits to tell layers apart
@@ -196,7 +208,8 @@ def test_index_pointing_at_missing_shard(llama_dir):
 def test_config_round_trip_keeps_every_field():
   for name in CASES:
     arch, kwargs = CASES[name]
-    config_cls = transformers.Qwen2Config if arch == "qwen2" else transformers.LlamaConfig
+    config_cls = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+                  "llama": transformers.LlamaConfig}[arch]
     cfg = hf.config_from_hf(config_cls(**kwargs).to_dict())
     assert hf.config_from_hf(hf.config_to_hf(cfg)) == cfg
 

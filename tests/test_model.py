@@ -243,3 +243,25 @@ def test_from_dict_rejects_unknown_fields():
   assert M.ModelConfig.from_dict(values) == CFG
   with pytest.raises(ValueError, match="n_layers"):
     M.ModelConfig.from_dict({**values, "n_layers": 2})
+
+
+def test_qwen3_qk_norm_decode_matches_full_forward_and_changes_logits():
+  """Qwen3's per-head query/key RMSNorm holds in cached decoding, and its scales
+  matter (a model without them gives other logits)."""
+  cfg = dataclasses.replace(CFG, arch="qwen3", qkv_bias=False, head_dim=14)
+  params = jax.tree_util.tree_map(lambda x: x * 10.0 if x.ndim > 1 else x + 0.3,
+                                  M.init_params(cfg, jax.random.key(2)))
+  assert params["layers"]["attn"]["q_norm"]["scale"].shape == (3, 14)
+  tokens = tokens_of(3, (2, 9))
+  full = forward(params, tokens, cfg=cfg)
+  cache = M.init_cache(cfg, 2, 12)
+  logits, cache = forward(params, tokens[:, :4], cfg=cfg, cache=cache)
+  pieces = [logits]
+  for t in range(4, 9):
+    logits, cache = forward(params, tokens[:, t:t + 1], cfg=cfg, cache=cache)
+    pieces.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-4, rtol=1e-4)
+  unit = jax.tree_util.tree_map(lambda x: x, params)
+  scale = unit["layers"]["attn"]["q_norm"]["scale"]
+  unit["layers"]["attn"]["q_norm"]["scale"] = jnp.ones_like(scale)
+  assert not np.allclose(forward(unit, tokens, cfg=cfg), full, atol=1e-3)

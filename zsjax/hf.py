@@ -33,7 +33,8 @@ from zsjax.model import ModelConfig, RopeScaling, param_shapes
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-_HF_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+_HF_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                     "llama": "LlamaForCausalLM"}
 # Tensors some exporters write that carry no learned state.
 _IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -79,7 +80,8 @@ def config_from_hf(hf: Mapping[str, Any], dtype=jnp.float32, source: str = CONFI
   if model_type not in _HF_ARCHITECTURES:
     raise CheckpointError(
         f"{source}: model_type={model_type!r} (architectures={hf.get('architectures')}) is not "
-        f"supported; zsjax reads {sorted(_HF_ARCHITECTURES)} (Qwen2/Qwen2.5, Llama 3.x).")
+        f"supported; zsjax reads {sorted(_HF_ARCHITECTURES)} (Qwen2/Qwen2.5, Qwen3 dense, "
+        "Llama 3.x).")
   if hf.get("use_sliding_window"):
     raise CheckpointError(f"{source}: use_sliding_window=true is not supported; set it to false "
                           "(Qwen2.5 checkpoints ship with it off).")
@@ -94,6 +96,9 @@ def config_from_hf(hf: Mapping[str, Any], dtype=jnp.float32, source: str = CONFI
   head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
   if model_type == "qwen2":
     qkv_bias, o_bias, mlp_bias = True, False, False
+  elif model_type == "qwen3":  # attention_bias (off in released models) covers q, k, v and o
+    qkv_bias = o_bias = bool(hf.get("attention_bias", False))
+    mlp_bias = False
   else:
     qkv_bias = o_bias = bool(hf.get("attention_bias", False))
     mlp_bias = bool(hf.get("mlp_bias", False))
@@ -117,9 +122,11 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, An
     raise CheckpointError("Qwen2 checkpoints have q/k/v biases only: export needs qkv_bias=True, "
                           f"o_bias=False, mlp_bias=False (got {cfg.qkv_bias}, {cfg.o_bias}, "
                           f"{cfg.mlp_bias}); use arch='llama' for other bias layouts.")
-  if cfg.arch == "llama" and cfg.qkv_bias != cfg.o_bias:
-    raise CheckpointError("Llama's attention_bias sets q/k/v and o biases together: export needs "
-                          f"qkv_bias == o_bias (got {cfg.qkv_bias}, {cfg.o_bias}).")
+  if cfg.arch in ("llama", "qwen3") and (cfg.qkv_bias != cfg.o_bias
+                                          or (cfg.arch == "qwen3" and cfg.mlp_bias)):
+    raise CheckpointError(f"{cfg.arch}'s attention_bias sets q/k/v and o biases together (and "
+                          "Qwen3 has no MLP bias): export needs qkv_bias == o_bias (got "
+                          f"{cfg.qkv_bias}, {cfg.o_bias}, mlp_bias={cfg.mlp_bias}).")
   scaling = None
   rope_parameters = {"rope_type": "default", "rope_theta": cfg.rope_theta}
   if cfg.rope_scaling is not None:
@@ -145,6 +152,8 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, An
   }
   if cfg.arch == "llama":
     out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+  elif cfg.arch == "qwen3":
+    out.update(attention_bias=cfg.qkv_bias, use_sliding_window=False, sliding_window=None)
   else:
     out.update(use_sliding_window=False, sliding_window=None)
   return out
@@ -198,6 +207,10 @@ def _weight_rules(cfg: ModelConfig, head: str = "lm") -> list[_Rule]:
                          *heads_bias(heads), True))
   rules.append(_Rule(pre + "self_attn.o_proj.weight", ("layers", "attn", "o_proj", "kernel"),
                      *heads_out, True))
+  if cfg.qk_norm:
+    for norm in ("q_norm", "k_norm"):
+      rules.append(_Rule(pre + f"self_attn.{norm}.weight", ("layers", "attn", norm, "scale"),
+                         _same, _same, True))
   if cfg.o_bias:
     rules.append(_Rule(pre + "self_attn.o_proj.bias", ("layers", "attn", "o_proj", "bias"),
                        _same, _same, True))

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 _NEG_INF = -1e30  # finite, so a fully masked row gives a uniform softmax, not NaN
-_ARCHS = ("qwen2", "llama")
+_ARCHS = ("qwen2", "qwen3", "llama")
 _REMAT = ("none", "full", "dots")
 _HEADS = ("lm", "value", "hidden")
 
@@ -88,7 +88,7 @@ class ModelConfig:
   num_heads: int  # N
   num_kv_heads: int  # K
   head_dim: int  # H
-  arch: str = "llama"  # HF model_type: "qwen2" or "llama"
+  arch: str = "llama"  # HF model_type: "qwen2", "qwen3" or "llama"
   rms_norm_eps: float = 1e-6
   rope_theta: float = 10000.0
   rope_scaling: RopeScaling | None = None
@@ -150,6 +150,11 @@ class ModelConfig:
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+  @property
+  def qk_norm(self) -> bool:
+    """Qwen3: an RMSNorm over each head's queries and keys, before the rotary."""
+    return self.arch == "qwen3"
 
   @property
   def compute_dtype(self):
@@ -286,6 +291,9 @@ class Attention(nn.Module):
                  cfg.qkv_bias, "k_proj")(x)  # [B, L, K, H]
     value = _dense(cfg, (k, h), -1, ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"),
                    cfg.qkv_bias, "v_proj")(x)  # [B, L, K, H]
+    if cfg.qk_norm:
+      q = RMSNorm(cfg, name="q_norm")(q)  # over H, one scale shared by the heads
+      key = RMSNorm(cfg, name="k_norm")(key)
     q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin)
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
     key = constrain(key, ("batch", "length", "kv_heads", "head_dim"))
