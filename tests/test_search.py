@@ -27,7 +27,8 @@ def test_prompt_keyword_is_the_only_difference():
   assert "Query: capital of France\n" in useful and useful.endswith("Useful Output:")
   assert '"What is the capital of France?"' in useful and "answer is Paris" in useful
   prefix, suffix = prompt.split("What is the capital of France?", "Paris", noisy=True)
-  assert prefix + "capital of France" + suffix == noisy
+  # the query brings its own leading space, as a policy writes it after <search>
+  assert prefix.endswith("Query:") and prefix + " capital of France" + suffix == noisy
 
 
 @pytest.mark.parametrize("template,needle", [

@@ -71,3 +71,38 @@ def test_the_engine_built_from_a_config_uses_the_simulators_end_tokens(tokenizer
   engine, _, _ = search.build_engine(config, tokenizer, static, rollout_config,
                                      ShardingPlan.from_config(config), jax.random.key(0))
   assert engine.eos_ids == (sim_end,) and static.eos_ids == (tokenizer.eos_token_id,)
+
+
+def test_the_device_prompt_is_the_host_rendering_in_token_ids(tokenizer, world):
+  """RL (device), simulator tuning and HTTP (host text) give the simulator one
+  prompt: the ids the engine assembles around the policy's query tokens equal the
+  tokenized ``SimulatorPrompt.render``, on a tokenizer that merges a word's
+  leading space into it (as Qwen's and Llama 3's byte-level BPE do)."""
+  cfg, _, static, _ = world
+  assert tokenizer.tokenize(" capital")[0].startswith("Ġ")  # the space is in the word token
+  prompt = SIM.SimulatorPrompt()
+  engine = SIM.SimulatorEngine(cfg, tokenizer, prompt, static.piece_bytes, max_new_tokens=4,
+                               prefix_width=140, query_width=12, eos_ids=static.eos_ids,
+                               pad_id=static.pad_id)
+  written = [" capital of France ", " Paris"]  # between <search> and </search>
+  ids = [tokenizer.encode(q) for q in written]
+  query = np.full((2, 12), static.pad_id, np.int32)
+  for i, row in enumerate(ids):
+    query[i, :len(row)] = row
+  inputs = engine.inputs(QUESTIONS[:2], ANSWERS[:2])
+  for noisy in (False, True):
+    tokens, lengths = jax.jit(engine.assemble)(
+        inputs, jnp.asarray(query), jnp.asarray([len(r) for r in ids]), jnp.full((2,), noisy))
+    for i in range(2):
+      want = tokenizer.encode(prompt.render(written[i], QUESTIONS[i], ANSWERS[i], noisy))
+      assert np.asarray(tokens[i, :lengths[i]]).tolist() == want
+
+
+def test_strip_blank_drops_whitespace_tokens_at_both_ends():
+  blank = jnp.asarray([False, True, False, True])  # ids 1 and 3 are whitespace
+  tokens = jnp.asarray([[1, 3, 2, 0, 1, 9], [2, 2, 0, 0, 0, 0], [1, 3, 1, 0, 0, 0]])
+  blank = jnp.pad(blank, (0, 6))
+  out, lengths = SIM.strip_blank(tokens, jnp.asarray([5, 2, 3]), blank, pad_id=7)
+  # row 0 holds 1 3 2 0 1: two blanks lead, one trails; row 2 is all blank
+  assert lengths.tolist() == [2, 2, 0]
+  assert np.asarray(out).tolist() == [[2, 0, 7, 7, 7, 7], [2, 2, 7, 7, 7, 7], [7] * 6]

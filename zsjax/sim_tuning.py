@@ -37,7 +37,7 @@ from zsjax import rewards
 from zsjax import rollout as rollout_lib
 from zsjax.metrics import read_jsonl
 from zsjax.search import SearchRequest, SearchResult
-from zsjax.simulator import SimulatorEngine, SimulatorPrompt
+from zsjax.simulator import SimulatorEngine, SimulatorPrompt, policy_query
 from zsjax.template import render_documents, render_prompt
 
 
@@ -306,7 +306,7 @@ def quality_report(sim_cfg, sim_params, tokenizer, rows: Sequence[dict], *,
     questions = [r["question"] for r in chunk]
     answers = [r["golden_answers"][0] for r in chunk]
     inputs = engine.inputs(questions, answers)
-    query_ids = [tokenizer.encode(" " + r["query"].strip() + " ",
+    query_ids = [tokenizer.encode(policy_query(r["query"]),  # as RL's policy writes it
                                   add_special_tokens=False)[:max_query_tokens] for r in chunk]
     query = np.full((batch_size, max_query_tokens), static.pad_id, np.int32)
     for i, q in enumerate(query_ids):

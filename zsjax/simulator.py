@@ -96,14 +96,28 @@ class SimulatorPrompt:
             "Quality": quality.capitalize()}
 
   def render(self, query: str, question: str, answer: str, noisy: bool) -> str:
-    return self.template.format(query=query.strip(), **self._fields(question, answer, noisy))
+    """The prompt as text: the one rendering, which the on-device engine reproduces
+    in token ids. The query comes as a policy writes it after ``<search>``: one
+    space, then its words (``policy_query``); spaces that end the text before
+    ``{query}`` give way to it, so "Query: {query}" reads "Query: <words>"."""
+    prefix, suffix = self.split(question, answer, noisy)
+    return prefix + policy_query(query) + suffix
 
   def split(self, question: str, answer: str, noisy: bool) -> tuple[str, str]:
-    """The prompt before and after the query, for assembly around query tokens."""
+    """The prompt before the query (trailing spaces removed: the query brings its
+    own) and after it, for assembly around the policy's query tokens."""
     marker = "\x00QUERY\x00"
     text = self.template.replace("{query}", marker).format(**self._fields(question, answer, noisy))
     prefix, suffix = text.split(marker)
-    return prefix, suffix
+    return prefix.rstrip(" "), suffix
+
+
+def policy_query(query: str) -> str:
+  """A query as a policy writes it between ``<search>`` and ``</search>``, with
+  the outer whitespace that the engine drops: one leading space, then the words.
+  Byte-level BPE tokenizers merge that space into the first word, as in the
+  policy's own tokens."""
+  return " " + query.strip()
 
 
 def parse_documents(text: str, top_k: int) -> list[str]:
@@ -206,11 +220,17 @@ class SimulatorEngine:
   sampling: Greedy | Sampling = Sampling(temperature=0.8)
   eos_ids: tuple[int, ...] = ()
   pad_id: int = 0
+  # Built from the tokenizer when the engine is made (on the host, never in a trace):
+  matcher: TagMatcher = dataclasses.field(init=False)  # the stop marker's automaton
+  blank: np.ndarray = dataclasses.field(init=False)  # [V] bool: text is whitespace only
 
-  @functools.cached_property
-  def matcher(self) -> TagMatcher:
-    return build_tag_matcher(self.tokenizer, vocab_size=self.cfg.vocab_size,
-                             tags=(self.prompt.stop_marker,))
+  def __post_init__(self):
+    from zsjax.template import token_bytes
+
+    pieces = token_bytes(self.tokenizer, self.cfg.vocab_size)
+    object.__setattr__(self, "matcher", build_tag_matcher(pieces=pieces,
+                                                          tags=(self.prompt.stop_marker,)))
+    object.__setattr__(self, "blank", np.asarray([bool(p) and not p.strip() for p in pieces]))
 
   def _encode(self, text: str) -> list[int]:
     return self.tokenizer.encode(text, add_special_tokens=False)
@@ -267,8 +287,7 @@ class SimulatorEngine:
           f"{inputs.suffix.shape[1]} = {longest} tokens exceed max_prompt={width}; build the "
           "engine with the widths of the batch (config.simulator.max_prefix_tokens, "
           "config.rollout.max_query_tokens).")
-    prompt, prompt_lengths = _assemble_prompt(inputs, query, query_lengths, noisy, width,
-                                              self.pad_id)
+    prompt, prompt_lengths = self.assemble(inputs, query, query_lengths, noisy)
     tokens, count, hit = _generate(self, params, prompt, prompt_lengths, active, rng)
     marker_bytes = len(self.prompt.stop_marker)
     drop = jnp.where(hit, tokens_covering_tail(self.piece_bytes, tokens, count, count,
@@ -277,6 +296,30 @@ class SimulatorEngine:
     tokens = jnp.where(jnp.arange(self.max_new_tokens)[None, :] < lengths[:, None], tokens,
                        self.pad_id)
     return EngineOutput(tokens, lengths, jnp.zeros((query.shape[0],), bool))
+
+  def assemble(self, inputs: SimulatorInputs, query, query_lengths, noisy):
+    """Each row's prompt ids, ``([B, max_prompt], lengths [B])``: the token form of
+    ``SimulatorPrompt.render`` (the query's outer whitespace-only tokens dropped;
+    the prefix ends before the space that the query's first token carries)."""
+    query, query_lengths = strip_blank(query, query_lengths, jnp.asarray(self.blank),
+                                       self.pad_id)
+    return _assemble_prompt(inputs, query, query_lengths, noisy, self.max_prompt, self.pad_id)
+
+
+def strip_blank(tokens, lengths, blank, pad_id: int):
+  """Drops the whitespace-only tokens at both ends of each row: ``tokens [B, Q]``,
+  ``lengths [B]``, ``blank [V]`` -> ``(tokens [B, Q], lengths [B])``."""
+  width = tokens.shape[1]
+  position = jnp.arange(width)[None, :]
+  is_blank = blank[tokens] & (position < lengths[:, None])  # [B, Q]
+  lead = jnp.sum(jnp.cumprod(is_blank.astype(jnp.int32), axis=1), axis=1)  # [B]
+  back = jnp.clip(lengths[:, None] - 1 - position, 0, width - 1)  # last token first
+  tail_blank = jnp.take_along_axis(is_blank, back, axis=1) & (position < lengths[:, None])
+  trail = jnp.sum(jnp.cumprod(tail_blank.astype(jnp.int32), axis=1), axis=1)
+  kept = jnp.maximum(lengths - lead - trail, 0)
+  index = jnp.clip(lead[:, None] + position, 0, width - 1)
+  out = jnp.where(position < kept[:, None], jnp.take_along_axis(tokens, index, axis=1), pad_id)
+  return out, kept
 
 
 def _assemble_prompt(inputs: SimulatorInputs, query, query_lengths, noisy, width: int,
@@ -354,6 +397,7 @@ def engine_from_config(config, tokenizer, *, cfg: ModelConfig, piece_bytes, eos_
       eos_ids=tuple(eos_ids), pad_id=pad_id)
 
 
-__all__ = ["DEFAULT_TEMPLATE", "SimulatorPrompt", "parse_documents", "SimulatorInputs",
+__all__ = ["DEFAULT_TEMPLATE", "SimulatorPrompt", "policy_query", "strip_blank",
+           "parse_documents", "SimulatorInputs",
            "EngineOutput", "SimulatorEngine", "engine_from_config", "pad_rows", "concat_ragged",
            "tokens_covering_tail"]
