@@ -36,8 +36,10 @@ def get_config(arg=None):
   config.progress = True
   config.tokenizer = ""
   config.synthetic_data = tiny
-  config.chat_template = False
-  config.instruction = ""  # the search method's instruction; empty = zsjax.template.INSTRUCTION
+  # How the policy's prompts are rendered: "checkpoint" (as it was trained, read from
+  # its export's zsjax_prompt.json), "chat" (the tokenizer's chat template) or "plain".
+  config.prompt_format = "plain" if tiny else "checkpoint"
+  config.instruction = ""  # the search method's instruction; empty = the checkpoint's / default
   config.policy = ml_collections.ConfigDict(dict(
       checkpoint="", orbax_dir="", orbax_step=0, param_dtype="float32",
       dtype="float32" if tiny else "bfloat16", remat="none",
@@ -49,7 +51,8 @@ def get_config(arg=None):
       checkpoint="", param_dtype="float32", dtype="float32", remat="none", model={},
       template="",  # empty = zsjax.simulator.DEFAULT_TEMPLATE
       max_prefix_tokens=192 if tiny else 320, max_new_tokens=64 if tiny else 512,
-      temperature=0.0))  # evaluation decodes the simulator greedily
+      temperature=0.0,  # evaluation decodes the simulator greedily
+      noise_probability=0.0))  # share of noisy calls when the engine is a simulator
   config.engine = ml_collections.ConfigDict(dict(
       kind="bm25", corpus="", text_field="contents", top_k=3 if tiny else 5,
       url="", model="", timeout_s=30.0, max_retries=2,

@@ -119,3 +119,30 @@ def test_eval_job_covers_every_set_method_and_question(tmp_path, world):
     for name in counts:
       assert f"| {method} | {name} |" in table
   assert len((out / "results.csv").read_text().splitlines()) == 1 + 4 * 4
+
+
+def test_prompt_format_travels_with_the_checkpoint(tmp_path):
+  """The paper arm evaluates in the policy's training format (chat template on,
+  its instruction), read from the export; without one it asks rather than guess."""
+  from zsjax import template
+
+  config = load_config("eval", "paper")
+  assert config.prompt_format == "checkpoint"
+  config.policy.checkpoint = str(tmp_path)
+  with pytest.raises(ValueError, match="config.prompt_format='checkpoint'"):
+    E.prompt_format(config)
+  template.save_prompt_format(tmp_path, chat_template=True, instruction="Search, then answer.")
+  assert E.prompt_format(config) == (True, "Search, then answer.")
+  config.instruction = "Another instruction."
+  with pytest.raises(ValueError, match="config.instruction differs"):
+    E.prompt_format(config)
+  config.prompt_format = "plain"
+  assert E.prompt_format(config) == (False, "Another instruction.")
+
+
+def test_simulated_engine_noise_comes_from_the_config():
+  config = load_config("eval", "paper")
+  assert config.simulator.noise_probability == 0.0
+  assert E.rollout_config_of(config).noise_probability(500) == 0.0
+  config.simulator.noise_probability = 0.3
+  assert E.rollout_config_of(config).noise_probability(1) == pytest.approx(0.3)

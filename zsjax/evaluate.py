@@ -21,6 +21,7 @@ workdir: ``results.json`` (``methods.<method>.<set>.<metric>`` plus
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 from typing import Sequence
@@ -94,8 +95,6 @@ class Evaluator:
 
   def _rollout(self, method: str):
     if method not in self._rollouts:
-      import dataclasses
-
       searching = method == "search"
       if searching and self.engine is None:
         raise ValueError("method 'search' needs an engine (simulator, bm25 or http).")
@@ -210,6 +209,44 @@ def load_policy(section, tokenizer, plan=None):
   return cfg, params
 
 
+PROMPT_FORMATS = ("checkpoint", "chat", "plain")
+
+
+def prompt_format(config) -> tuple[bool, str]:
+  """``(use_chat_template, instruction)`` of the policy's prompts:
+  ``config.prompt_format="checkpoint"`` reads what the policy was trained with from
+  its export (``zsjax_prompt.json``, written by the RL job), so the two cannot
+  disagree; ``"chat"`` / ``"plain"`` choose by hand (a base model, a policy from
+  elsewhere), with ``config.instruction`` (empty: ``template.INSTRUCTION``)."""
+  kind, instruction = config.prompt_format, config.instruction
+  if kind not in PROMPT_FORMATS:
+    raise ValueError(f"config.prompt_format={kind!r} is not one of {PROMPT_FORMATS}.")
+  if kind != "checkpoint":
+    return kind == "chat", instruction or template.INSTRUCTION
+  saved = template.load_prompt_format(config.policy.checkpoint) \
+      if config.policy.checkpoint else None
+  if saved is None:
+    raise ValueError(
+        f"config.prompt_format='checkpoint' but config.policy.checkpoint="
+        f"{config.policy.checkpoint!r} has no {template.PROMPT_FORMAT_FILE} (zsjax's RL job "
+        "writes it); say how the policy was prompted: --config.prompt_format=chat or plain.")
+  if instruction and instruction != saved["instruction"]:
+    raise ValueError(f"config.instruction differs from the one the policy was trained with "
+                     f"({template.PROMPT_FORMAT_FILE}); leave config.instruction empty, or set "
+                     "--config.prompt_format=chat or plain to override.")
+  return saved["chat_template"], saved["instruction"]
+
+
+def rollout_config_of(config) -> rollout_lib.RolloutConfig:
+  """The evaluation rollout: ``config.rollout``, and a simulated engine's noise at
+  ``config.simulator.noise_probability`` (fixed; 0 = useful documents only)."""
+  from zsjax.curriculum import Curriculum
+
+  return dataclasses.replace(
+      rollout_lib.RolloutConfig.from_config(config.rollout),
+      curriculum=Curriculum(kind="fixed", probability=config.simulator.noise_probability))
+
+
 def parse_sets(spec: str) -> list[tuple[str, str]]:
   """``"nq=/data/nq.jsonl,hotpotqa=/data/hotpot.parquet,bamboogle"`` -> ``[(name, path)]``
   (no path: the hub copy, when online)."""
@@ -249,7 +286,8 @@ def run(config, workdir: str) -> dict:
   plan = ShardingPlan.from_config({"mesh": {"data": 1, "fsdp": 1, "tensor": 1}},
                                   devices=jax.devices()[:1])
   cfg, params = load_policy(config.policy, tokenizer, plan)
-  rollout_config = rollout_lib.RolloutConfig.from_config(config.rollout)
+  use_chat_template, instruction = prompt_format(config)
+  rollout_config = rollout_config_of(config)
   engine = engine_state = retriever = None
   if config.engine.corpus:
     retriever = search.BM25Engine.from_jsonl(config.engine.corpus, top_k=config.engine.top_k,
@@ -262,7 +300,7 @@ def run(config, workdir: str) -> dict:
   evaluator = Evaluator(cfg, params, tokenizer, engine=engine, engine_state=engine_state,
                         retriever=retriever, rollout_config=rollout_config,
                         batch_size=e.batch_size, prompt_width=e.prompt_width,
-                        use_chat_template=config.chat_template, instruction=config.instruction)
+                        use_chat_template=use_chat_template, instruction=instruction)
 
   sets = []
   for name, path in parse_sets(e.sets):

@@ -79,6 +79,28 @@ def render_prompt(question: str, tokenizer=None, instruction: str = INSTRUCTION,
   return message
 
 
+PROMPT_FORMAT_FILE = "zsjax_prompt.json"
+
+
+def save_prompt_format(directory, *, chat_template: bool, instruction: str) -> None:
+  """Records beside an exported policy how its prompts were rendered in training,
+  so that evaluation renders them the same way (``load_prompt_format``)."""
+  import json
+  from pathlib import Path
+
+  (Path(directory) / PROMPT_FORMAT_FILE).write_text(json.dumps(
+      {"chat_template": bool(chat_template), "instruction": instruction}, indent=2) + "\n")
+
+
+def load_prompt_format(directory) -> dict | None:
+  """``{"chat_template": bool, "instruction": str}`` of an exported policy, or None."""
+  import json
+  from pathlib import Path
+
+  path = Path(directory) / PROMPT_FORMAT_FILE
+  return json.loads(path.read_text()) if path.exists() else None
+
+
 def render_documents(documents: Sequence[str]) -> str:
   return "\n".join(f"Doc {i + 1}: {doc.strip()}" for i, doc in enumerate(documents))
 

@@ -221,6 +221,8 @@ def train(job: RLJob) -> dict:
   if ck.export_hf and is_main_process():
     export = hf.save_checkpoint(workdir / "hf_export", job.policy_cfg, state.policy.params)
     job.tokenizer.save_pretrained(str(export))
+    template.save_prompt_format(export, chat_template=config.data.chat_template,
+                                instruction=config.data.instruction or template.INSTRUCTION)
     summary["hf_export"] = str(export)
   if is_main_process():
     (workdir / "rl_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
