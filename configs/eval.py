@@ -50,6 +50,7 @@ def get_config(arg=None):
   config.simulator = ml_collections.ConfigDict(dict(
       checkpoint="", param_dtype="float32", dtype="float32", remat="none", model={},
       template="",  # empty = zsjax.simulator.DEFAULT_TEMPLATE
+      chat_template=not tiny,  # a chat simulator: its chat template / chat messages
       max_prefix_tokens=192 if tiny else 320, max_new_tokens=64 if tiny else 512,
       temperature=0.0,  # evaluation decodes the simulator greedily
       noise_probability=0.0))  # share of noisy calls when the engine is a simulator

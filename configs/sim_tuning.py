@@ -53,6 +53,8 @@ def get_config(arg=None):
   config.tokenizer = ""  # empty = the model checkpoint's
   config.synthetic_data = arg == "tiny"
   config.simulator_template = ""  # empty = zsjax.simulator.DEFAULT_TEMPLATE
+  # the simulator is a chat model (its prompt in its chat template, empty system message)
+  config.simulator_chat_template = not tiny
   config.model = ml_collections.ConfigDict(dict(
       checkpoint="", param_dtype="float32", dtype="float32" if tiny else "bfloat16",
       remat="none" if tiny else "full", model=simulator_model() if tiny else {}))

@@ -107,7 +107,8 @@ def get_config(arg=None):
   config.pretrain = ml_collections.ConfigDict(sft_job(model(*size), 20 if ci else 400, 8, 96,
                                                       3e-3))
   config.sim_tuning = ml_collections.ConfigDict(dict(
-      job="sim_tuning", tokenizer="", synthetic_data=False, simulator_template="", model=lm(),
+      job="sim_tuning", tokenizer="", synthetic_data=False, simulator_template="",
+      simulator_chat_template=False, model=lm(),
       data=dict(train_files="", on_error="skip"), engine=bm25_engine(),
       sim_tuning=dict(
           num_questions=0, queries="question", batch_size=16, judge="rule",
@@ -123,8 +124,8 @@ def get_config(arg=None):
                                                         320, 3e-3))
   config.rl = ml_collections.ConfigDict(dict(
       job="rl", tokenizer="", synthetic_data=False, policy=lm(),
-      simulator=dict(lm(), template="", max_prefix_tokens=80, max_new_tokens=48 if ci else 72,
-                     temperature=1.0),
+      simulator=dict(lm(), template="", chat_template=False, max_prefix_tokens=80,
+                     max_new_tokens=48 if ci else 72, temperature=1.0),
       engine=bm25_engine(),
       # RL trains on the first `data.limit` training questions (0 = all of them). The CI
       # run uses 4, each sampled 8 times a step: a 64-wide policy after a 300-step warm

@@ -81,6 +81,9 @@ def get_config(arg=None):
       checkpoint="", param_dtype="float32" if tiny else "bfloat16",
       dtype="float32" if tiny else "bfloat16", remat="none", model=tiny_model(),
       template="",  # empty = zsjax.simulator.DEFAULT_TEMPLATE; paste the paper's here
+      # released simulators are chat models: their prompt in their chat template with an
+      # empty system message (on device), or chat messages over HTTP
+      chat_template=not tiny,
       max_prefix_tokens=192 if tiny else 320,  # simulator prompt before the query
       max_new_tokens=32 if tiny else 600, temperature=0.8 if not tiny else 1.0))
   config.engine = ml_collections.ConfigDict(dict(

@@ -88,7 +88,7 @@ class _Server:
   'error' (HTTP 500) or 'garbage' (not JSON). Loopback only."""
 
   def __init__(self):
-    self.mode, self.requests = "ok", []
+    self.mode, self.requests, self.paths = "ok", [], []
     outer = self
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -104,10 +104,18 @@ class _Server:
           self.send_response(500)
           self.end_headers()
           return
-        payload = b"not json" if outer.mode == "garbage" else json.dumps({"choices": [
-            {"index": i, "text": f" Doc 1: about {p.split('Query: ')[1].split(chr(10))[0]}\n"
-                                 "Doc 2: more\nDoc 3: x\nDoc 4: y\nDoc 5: z\nDoc 6: cut"}
-            for i, p in enumerate(body["prompt"])]}).encode()
+        def documents(prompt):
+          return (f" Doc 1: about {prompt.split('Query: ')[1].split(chr(10))[0]}\n"
+                  "Doc 2: more\nDoc 3: x\nDoc 4: y\nDoc 5: z\nDoc 6: cut")
+
+        outer.paths.append(self.path)
+        if self.path.endswith("/chat/completions"):  # one conversation a request
+          answer = {"choices": [{"index": 0, "message": {
+              "role": "assistant", "content": documents(body["messages"][-1]["content"])}}]}
+        else:
+          answer = {"choices": [{"index": i, "text": documents(p)}
+                                for i, p in enumerate(body["prompt"])]}
+        payload = b"not json" if outer.mode == "garbage" else json.dumps(answer).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
@@ -144,6 +152,24 @@ def test_http_engine_sends_the_trajectory_context_and_parses_documents(server):
   assert "Useful Output:" in prompts[0] and '"Capital of France?"' in prompts[0]
   assert "Noisy Output:" in prompts[1] and "answer is Seine" in prompts[1]
   assert server.requests[0]["temperature"] == 0.8 and server.requests[0]["max_tokens"] == 600
+
+
+def test_http_engine_calls_a_chat_simulator_with_chat_messages(server):
+  """Released simulators are chat models: the reference calls them through a
+  chat-completions endpoint with an empty system message."""
+  prompt = SIM.SimulatorPrompt(chat=True)
+  engine = S.HttpSimulatorEngine(server.url, "sim", prompt, timeout_s=2.0, max_retries=0)
+  requests = [S.SearchRequest(" capital of France ", "Capital of France?", "Paris", False),
+              S.SearchRequest("river in Paris", "Which river?", "Seine", True)]
+  result = engine.search(requests)
+  assert result.failed == [False, False] and server.paths == ["/v1/chat/completions"] * 2
+  assert result.documents[0] == ["about capital of France", "more", "x", "y", "z"]
+  for request, sent in zip(requests, server.requests):
+    assert sent["messages"] == [
+        {"role": "system", "content": ""},
+        {"role": "user", "content": prompt.message(request.query, request.question,
+                                                   request.answer, request.noisy)}]
+  assert "Noisy Output:" in server.requests[1]["messages"][1]["content"]
 
 
 @pytest.mark.parametrize("mode", ["slow", "error", "garbage"])

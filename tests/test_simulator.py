@@ -1,10 +1,12 @@
 """The on-device simulator engine: its own end tokens, its stop marker."""
 
+import copy
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from zsjax import simulator as SIM
 from scripted import Scripted, script_rows
@@ -73,16 +75,25 @@ def test_the_engine_built_from_a_config_uses_the_simulators_end_tokens(tokenizer
   assert engine.eos_ids == (sim_end,) and static.eos_ids == (tokenizer.eos_token_id,)
 
 
-def test_the_device_prompt_is_the_host_rendering_in_token_ids(tokenizer, world):
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                 "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                 "{% endif %}")
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_the_device_prompt_is_the_host_rendering_in_token_ids(tokenizer, world, chat):
   """RL (device), simulator tuning and HTTP (host text) give the simulator one
   prompt: the ids the engine assembles around the policy's query tokens equal the
   tokenized ``SimulatorPrompt.render``, on a tokenizer that merges a word's
   leading space into it (as Qwen's and Llama 3's byte-level BPE do)."""
   cfg, _, static, _ = world
   assert tokenizer.tokenize(" capital")[0].startswith("Ġ")  # the space is in the word token
-  prompt = SIM.SimulatorPrompt()
+  if chat:  # a chat simulator: the prompt in its chat template, an empty system message
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE
+  prompt = SIM.SimulatorPrompt(chat=chat)
   engine = SIM.SimulatorEngine(cfg, tokenizer, prompt, static.piece_bytes, max_new_tokens=4,
-                               prefix_width=140, query_width=12, eos_ids=static.eos_ids,
+                               prefix_width=200, query_width=12, eos_ids=static.eos_ids,
                                pad_id=static.pad_id)
   written = [" capital of France ", " Paris"]  # between <search> and </search>
   ids = [tokenizer.encode(q) for q in written]
@@ -94,8 +105,9 @@ def test_the_device_prompt_is_the_host_rendering_in_token_ids(tokenizer, world):
     tokens, lengths = jax.jit(engine.assemble)(
         inputs, jnp.asarray(query), jnp.asarray([len(r) for r in ids]), jnp.full((2,), noisy))
     for i in range(2):
-      want = tokenizer.encode(prompt.render(written[i], QUESTIONS[i], ANSWERS[i], noisy))
-      assert np.asarray(tokens[i, :lengths[i]]).tolist() == want
+      text = prompt.render(written[i], QUESTIONS[i], ANSWERS[i], noisy, tokenizer)
+      assert text.startswith("<|im_start|>system\n<|im_end|>") == chat
+      assert np.asarray(tokens[i, :lengths[i]]).tolist() == tokenizer.encode(text)
 
 
 def test_strip_blank_drops_whitespace_tokens_at_both_ends():

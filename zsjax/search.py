@@ -107,9 +107,10 @@ class BM25Engine:
 
 
 class HttpSimulatorEngine:
-  """A simulator behind an OpenAI-compatible ``/v1/completions`` endpoint.
-
-  One POST per call carries every prompt of the batch. Each attempt has
+  """A simulator behind an OpenAI-compatible endpoint: ``/v1/completions`` (one
+  POST per call carries every prompt of the batch) or, for a prompt with
+  ``chat=True``, ``/v1/chat/completions`` (one POST per request, the server
+  applying its own chat template; released simulators are chat models). Each attempt has
   ``timeout_s``; up to ``max_retries`` more attempts follow with a doubling
   ``backoff_s``. A call that still fails returns empty documents for every
   request, ``failed=True``, and increments ``stats["failures"]``."""
@@ -120,7 +121,8 @@ class HttpSimulatorEngine:
     if timeout_s <= 0 or max_retries < 0:
       raise ValueError(f"HttpSimulatorEngine: timeout_s={timeout_s} must be > 0 and "
                        f"max_retries={max_retries} >= 0 (a search must never wait forever).")
-    self.url = base_url.rstrip("/") + "/v1/completions"
+    self.url = base_url.rstrip("/") + ("/v1/chat/completions" if prompt.chat
+                                       else "/v1/completions")
     self.model, self.prompt = model, prompt
     self.top_k = prompt.top_k
     self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
@@ -133,26 +135,41 @@ class HttpSimulatorEngine:
     with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
       return json.loads(response.read())
 
-  def search(self, requests: Sequence[SearchRequest]) -> SearchResult:
-    self.stats["calls"] += 1
-    self.stats["queries"] += len(requests)
-    prompts = [self.prompt.render(r.query, r.question, r.answer, r.noisy) for r in requests]
-    payload = {"model": self.model, "prompt": prompts, "max_tokens": self.max_tokens,
-               "temperature": self.temperature}
+  def _with_retries(self, payload: dict, read) -> list[str] | None:
+    """``read(response body)`` after at most ``max_retries + 1`` attempts, or None."""
     for attempt in range(self.max_retries + 1):
       try:
-        body = self._post(payload)
-        texts = [""] * len(prompts)
-        for choice in body["choices"]:
-          texts[int(choice.get("index", 0))] = choice["text"]
-        return SearchResult([parse_documents(t, self.top_k) for t in texts], [False] * len(prompts))
+        return read(self._post(payload))
       except (urllib.error.URLError, TimeoutError, OSError, ValueError, KeyError, TypeError) as e:
         self.stats["last_error"] = f"{type(e).__name__}: {e}"
         if attempt < self.max_retries:
           self.stats["retries"] += 1
           time.sleep(self.backoff_s * 2 ** attempt)
     self.stats["failures"] += 1
-    return SearchResult([[] for _ in prompts], [True] * len(prompts))
+    return None
+
+  def search(self, requests: Sequence[SearchRequest]) -> SearchResult:
+    self.stats["calls"] += 1
+    self.stats["queries"] += len(requests)
+    settings = {"model": self.model, "max_tokens": self.max_tokens,
+                "temperature": self.temperature}
+    if self.prompt.chat:
+      texts = [self._with_retries(
+          {**settings, "messages": self.prompt.messages(r.query, r.question, r.answer, r.noisy)},
+          lambda body: [body["choices"][0]["message"]["content"]]) for r in requests]
+      texts = [None if t is None else t[0] for t in texts]
+    else:
+      prompts = [self.prompt.render(r.query, r.question, r.answer, r.noisy) for r in requests]
+
+      def read(body):
+        out = [""] * len(prompts)
+        for choice in body["choices"]:
+          out[int(choice.get("index", 0))] = choice["text"]
+        return out
+
+      texts = self._with_retries({**settings, "prompt": prompts}, read) or [None] * len(prompts)
+    return SearchResult([[] if t is None else parse_documents(t, self.top_k) for t in texts],
+                        [t is None for t in texts])
 
 
 def engine_from_config(engine, prompt: SimulatorPrompt = SimulatorPrompt()) -> HostEngine:
@@ -190,7 +207,8 @@ def build_engine(config, tokenizer, static, rollout_config, plan, rng, *, greedy
         eos_ids=sim_cfg.eos_token_ids or static.eos_ids,
         pad_id=static.pad_id, query_width=rollout_config.max_query_tokens, greedy=greedy)
     return engine, sim_params, plan.params(sim_cfg)
-  prompt = SimulatorPrompt.from_config(config.simulator.template, config.engine.top_k)
+  prompt = SimulatorPrompt.from_config(config.simulator.template, config.engine.top_k,
+                                       config.simulator.chat_template)
   engine = HostSearch(prebuilt or engine_from_config(config.engine, prompt), tokenizer,
                       rollout_config.max_obs_tokens, pad_id=static.pad_id,
                       text_width=config.engine.max_text_bytes)

@@ -239,13 +239,14 @@ def label_counts(pairs: Sequence[dict]) -> dict[str, int]:
 # -------------------------------------------------------------------- dataset
 
 
-def sft_rows(pairs: Sequence[dict], sim_prompt: SimulatorPrompt) -> list[dict]:
-  """The simulator's supervised examples: prompt with the pair's label -> documents."""
+def sft_rows(pairs: Sequence[dict], sim_prompt: SimulatorPrompt, tokenizer=None) -> list[dict]:
+  """The simulator's supervised examples: prompt with the pair's label -> documents
+  (``tokenizer``: the simulator's, for a chat prompt)."""
   rows = []
   for p in pairs:
     docs = list(p["documents"])[:sim_prompt.top_k]
     rows.append({"prompt": sim_prompt.render(p["query"], p["question"], p["golden_answers"][0],
-                                             noisy=p["label"] == "noisy"),
+                                             noisy=p["label"] == "noisy", tokenizer=tokenizer),
                  "target": render_documents(docs), "label": p["label"], "query": p["query"],
                  "question": p["question"], "golden_answers": list(p["golden_answers"])})
   return rows
@@ -290,7 +291,8 @@ def quality_report(sim_cfg, sim_params, tokenizer, rows: Sequence[dict], *,
     raise ValueError("quality_report: no held-out rows (is the dataset's test split empty?).")
   static = rollout_lib.prepare_static_tokens(tokenizer, vocab_size=sim_cfg.vocab_size)
   prefix_width = max(len(tokenizer.encode(sim_prompt.split(r["question"], r["golden_answers"][0],
-                                                           noisy)[0], add_special_tokens=False))
+                                                           noisy, tokenizer)[0],
+                                          add_special_tokens=False))
                      for r in rows for noisy in (False, True))
   engine = SimulatorEngine(
       cfg=sim_cfg, tokenizer=tokenizer, prompt=sim_prompt, piece_bytes=static.piece_bytes,
@@ -418,7 +420,8 @@ def _label(run) -> None:
 
 
 def _dataset(run) -> None:
-  save_sft_dataset(sft_rows(read_jsonl(run.workdir / "pairs.jsonl"), run.shared["sim_prompt"]),
+  save_sft_dataset(sft_rows(read_jsonl(run.workdir / "pairs.jsonl"), run.shared["sim_prompt"],
+                            run.shared["tokenizer"]),
                    run.workdir / "sft_data", test_fraction=run.config.sim_tuning.test_fraction,
                    seed=run.config.seed)
 
@@ -475,8 +478,8 @@ def run(config, workdir: str) -> dict:
   state = StageRun(config, workdir, "sim_tuning", shared={
       "summary": summary, "tokenizer": hf.load_tokenizer(config.tokenizer or
                                                          config.model.checkpoint),
-      "sim_prompt": SimulatorPrompt.from_config(config.simulator_template,
-                                                config.engine.top_k)})
+      "sim_prompt": SimulatorPrompt.from_config(config.simulator_template, config.engine.top_k,
+                                                config.simulator_chat_template)})
   _collect(state)
   for stage in (Stage("label", "pairs.jsonl", _label), Stage("dataset", "sft_data", _dataset),
                 Stage("sft", "sft/sft_summary.json", _sft),

@@ -60,6 +60,10 @@ class SimulatorPrompt:
 
   template: str = DEFAULT_TEMPLATE
   top_k: int = 5
+  # Released simulators are chat models, called with an empty system message and the
+  # prompt as the user's: True wraps the prompt in the simulator tokenizer's chat
+  # template (on device), or sends it as chat messages (HTTP, /v1/chat/completions).
+  chat: bool = False
 
   def __post_init__(self):
     if self.template.count("{query}") != 1:
@@ -75,15 +79,15 @@ class SimulatorPrompt:
     if self.top_k <= 0:
       raise ValueError(f"SimulatorPrompt.top_k={self.top_k} must be positive.")
     try:
-      self.render("q", "question", "answer", noisy=False)
+      self.message("q", "question", "answer", noisy=False)
     except (KeyError, IndexError) as e:
       raise ValueError(f"SimulatorPrompt.template has an unknown placeholder {e}; use {{query}}, "
                        "{question}, {answer}, {quality}, {Quality} (double other braces).") from None
 
   @classmethod
-  def from_config(cls, template: str, top_k: int) -> "SimulatorPrompt":
+  def from_config(cls, template: str, top_k: int, chat: bool = False) -> "SimulatorPrompt":
     """An empty template means ``DEFAULT_TEMPLATE``."""
-    return cls(template or DEFAULT_TEMPLATE, top_k=top_k)
+    return cls(template or DEFAULT_TEMPLATE, top_k=top_k, chat=chat)
 
   @property
   def stop_marker(self) -> str:
@@ -95,21 +99,41 @@ class SimulatorPrompt:
     return {"question": question.strip(), "answer": answer.strip(), "quality": quality,
             "Quality": quality.capitalize()}
 
-  def render(self, query: str, question: str, answer: str, noisy: bool) -> str:
-    """The prompt as text: the one rendering, which the on-device engine reproduces
-    in token ids. The query comes as a policy writes it after ``<search>``: one
-    space, then its words (``policy_query``); spaces that end the text before
-    ``{query}`` give way to it, so "Query: {query}" reads "Query: <words>"."""
-    prefix, suffix = self.split(question, answer, noisy)
-    return prefix + policy_query(query) + suffix
-
-  def split(self, question: str, answer: str, noisy: bool) -> tuple[str, str]:
-    """The prompt before the query (trailing spaces removed: the query brings its
-    own) and after it, for assembly around the policy's query tokens."""
+  def message(self, query: str, question: str, answer: str, noisy: bool) -> str:
+    """The prompt's own text (the user message when ``chat``). The query comes as
+    a policy writes it after ``<search>``: one space, then its words
+    (``policy_query``); spaces that end the text before ``{query}`` give way to
+    it, so "Query: {query}" reads "Query: <words>"."""
     marker = "\x00QUERY\x00"
     text = self.template.replace("{query}", marker).format(**self._fields(question, answer, noisy))
     prefix, suffix = text.split(marker)
-    return prefix.rstrip(" "), suffix
+    return prefix.rstrip(" ") + policy_query(query) + suffix
+
+  def messages(self, query: str, question: str, answer: str, noisy: bool) -> list[dict]:
+    """The chat form: an empty system message, then the prompt as the user's."""
+    return [{"role": "system", "content": ""},
+            {"role": "user", "content": self.message(query, question, answer, noisy)}]
+
+  def render(self, query: str, question: str, answer: str, noisy: bool, tokenizer=None) -> str:
+    """The prompt as the simulator reads it: ``message``, wrapped in ``tokenizer``'s
+    chat template when ``chat`` (with the generation prompt). The one rendering:
+    the on-device engine reproduces it in token ids."""
+    if not self.chat:
+      return self.message(query, question, answer, noisy)
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+      raise ValueError("SimulatorPrompt(chat=True) needs the simulator's tokenizer with a chat "
+                       "template (config.simulator.chat_template=True); use False for a raw "
+                       "prompt.")
+    return tokenizer.apply_chat_template(self.messages(query, question, answer, noisy),
+                                         tokenize=False, add_generation_prompt=True)
+
+  def split(self, question: str, answer: str, noisy: bool, tokenizer=None) -> tuple[str, str]:
+    """The rendering before the query (without the space the query brings) and
+    after it, for assembly around the policy's query tokens."""
+    marker = "\x00QUERY\x00"
+    text = self.render(marker, question, answer, noisy, tokenizer)
+    prefix, suffix = text.split(policy_query(marker))
+    return prefix, suffix
 
 
 def policy_query(query: str) -> str:
@@ -237,7 +261,8 @@ class SimulatorEngine:
 
   @functools.cached_property
   def suffix_width(self) -> int:
-    return max(len(self._encode(self.prompt.split("q", "a", noisy)[1])) for noisy in (0, 1))
+    return max(len(self._encode(self.prompt.split("q", "a", noisy, self.tokenizer)[1]))
+               for noisy in (0, 1))
 
   @property
   def max_prompt(self) -> int:
@@ -253,8 +278,9 @@ class SimulatorEngine:
     for noisy in (0, 1):
       for i in rows:
         prefixes[noisy].append(self._encode(
-            self.prompt.split(questions[i], answers[i], bool(noisy))[0]))
-      suffixes.append(self._encode(self.prompt.split(questions[0], answers[0], bool(noisy))[1]))
+            self.prompt.split(questions[i], answers[i], bool(noisy), self.tokenizer)[0]))
+      suffixes.append(self._encode(
+          self.prompt.split(questions[0], answers[0], bool(noisy), self.tokenizer)[1]))
     every = prefixes[0] + prefixes[1]
     if min(len(r) for r in every) == 0:
       raise ValueError("SimulatorEngine.inputs: a simulator prefix tokenized to nothing.")
@@ -391,7 +417,7 @@ def engine_from_config(config, tokenizer, *, cfg: ModelConfig, piece_bytes, eos_
   sampling = Greedy() if greedy or sim.temperature <= 0 else Sampling(temperature=sim.temperature)
   return SimulatorEngine(
       cfg=cfg, tokenizer=tokenizer,
-      prompt=SimulatorPrompt.from_config(sim.template, config.engine.top_k),
+      prompt=SimulatorPrompt.from_config(sim.template, config.engine.top_k, sim.chat_template),
       piece_bytes=piece_bytes, max_new_tokens=sim.max_new_tokens,
       prefix_width=sim.max_prefix_tokens, query_width=query_width, sampling=sampling,
       eos_ids=tuple(eos_ids), pad_id=pad_id)
