@@ -68,9 +68,9 @@ class ScriptedEngine:
 
 
 def run_both(tokenizer, world, config, sampling, scripts=None, questions=QUESTIONS[:2], step=1,
-             rng=jax.random.key(7), samples_per_prompt=1):
+             rng=jax.random.key(7), samples_per_prompt=1, chat=False):
   cfg, params, static, matcher = world
-  prompts = [T.render_prompt(q) for q in questions]
+  prompts = [T.render_prompt(q, tokenizer if chat else None) for q in questions]
   answers = (ANSWERS * len(questions))[:len(questions)]
   jit_engine = ScriptedEngine()
   host = S.HostSearch(jit_engine, tokenizer, max_doc_tokens=48, pad_id=static.pad_id)

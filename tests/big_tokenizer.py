@@ -1,0 +1,49 @@
+"""A byte-level BPE tokenizer of realistic size (>= 100k tokens), built offline in
+a few seconds: trained on the template's texts, QA-style sentences and many
+random words, with Qwen-style special tokens and chat template. Its merges join
+tags with neighbouring text (``>\\n\\n``, `` <``), as real tokenizers' do."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _corpus(seed: int) -> list[str]:
+  from zsjax import simulator, template
+
+  rng = np.random.default_rng(seed)
+  letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+  words = ["".join(rng.choice(letters, rng.integers(3, 11))) for _ in range(60000)]
+  lines = [" ".join(words[i:i + 12]) for i in range(0, len(words), 12)]
+  texts = [template.INSTRUCTION, template.INVALID_ACTION_FEEDBACK, simulator.DEFAULT_TEMPLATE,
+           template.render_observation(["Paris is the capital of France.", "It is big."]),
+           "<think> I should look it up. </think><search> capital of France </search>"
+           "<answer> Paris </answer>", "Question: What is the capital of France?\n",
+           "Doc 1: The Seine flows through Paris.\nDoc 2: Paris is in France.\n"]
+  return texts * 200 + lines * 2
+
+
+@functools.lru_cache(maxsize=2)
+def make(vocab_size: int = 120_000, seed: int = 0):
+  """A ``transformers`` tokenizer: eos ``<|im_end|>`` (an instruct model's end),
+  pad ``<|endoftext|>``, Qwen's chat template, ``vocab_size`` tokens."""
+  import transformers
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(_corpus(seed), trainers.BpeTrainer(
+      vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      special_tokens=SPECIAL, show_progress=False))
+  out = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                             pad_token="<|endoftext|>")
+  out.chat_template = CHAT_TEMPLATE
+  return out
