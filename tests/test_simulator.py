@@ -55,7 +55,7 @@ def test_simulator_cuts_before_the_marker_past_top_k(tokenizer, world):
       prefix_width=140, query_width=8, sampling=Scripted(script_rows([kept + cut] * 2)),
       eos_ids=(tokenizer.eos_token_id,), pad_id=static.pad_id)
   out = generate(tokenizer, world, engine, ["one", "two"])
-  assert [tokenizer.decode(row) for row in out] == [tokenizer.decode(kept)] * 2
+  assert [tokenizer.decode(row) for row in out] == [tokenizer.decode(kept).strip()] * 2
 
 
 def test_the_engine_built_from_a_config_uses_the_simulators_end_tokens(tokenizer, world):
@@ -118,3 +118,21 @@ def test_strip_blank_drops_whitespace_tokens_at_both_ends():
   # row 0 holds 1 3 2 0 1: two blanks lead, one trails; row 2 is all blank
   assert lengths.tolist() == [2, 2, 0]
   assert np.asarray(out).tolist() == [[2, 0, 7, 7, 7, 7], [2, 2, 7, 7, 7, 7], [7] * 6]
+
+
+@pytest.mark.parametrize("text", ["Doc 1: Paris is in France.\n\n\nDoc 2: It is big.\n\n",
+                                  "\n \nDoc 1: a  b\n \n\nDoc 2: c\n", "Doc 1: one line"])
+def test_documents_are_post_processed_like_parse_documents(tokenizer, world, text):
+  """Blank lines collapsed and the text stripped, in token space; against the text
+  operations parse_documents applies (newline runs without inner spaces)."""
+  import re
+
+  cfg, _, static, _ = world
+  engine = SIM.SimulatorEngine(
+      cfg, tokenizer, SIM.SimulatorPrompt(), static.piece_bytes, max_new_tokens=40,
+      prefix_width=140, query_width=8,
+      sampling=Scripted(script_rows([tokenizer.encode(text) + [tokenizer.eos_token_id]] * 2)),
+      eos_ids=(tokenizer.eos_token_id,), pad_id=static.pad_id)
+  out = generate(tokenizer, world, engine, ["one", "two"])
+  want = re.sub(r"\n\s*\n+", "\n", text).strip()
+  assert [tokenizer.decode(row) for row in out] == [want, want]

@@ -247,6 +247,8 @@ class SimulatorEngine:
   # Built from the tokenizer when the engine is made (on the host, never in a trace):
   matcher: TagMatcher = dataclasses.field(init=False)  # the stop marker's automaton
   blank: np.ndarray = dataclasses.field(init=False)  # [V] bool: text is whitespace only
+  newlines: np.ndarray = dataclasses.field(init=False)  # [V] newlines in the token's text
+  newline_id: int = dataclasses.field(init=False)  # the token of "\n" (-1: none single)
 
   def __post_init__(self):
     from zsjax.template import token_bytes
@@ -255,6 +257,9 @@ class SimulatorEngine:
     object.__setattr__(self, "matcher", build_tag_matcher(pieces=pieces,
                                                           tags=(self.prompt.stop_marker,)))
     object.__setattr__(self, "blank", np.asarray([bool(p) and not p.strip() for p in pieces]))
+    object.__setattr__(self, "newlines", np.asarray([p.count(b"\n") for p in pieces], np.int32))
+    newline = self.tokenizer.encode("\n", add_special_tokens=False)
+    object.__setattr__(self, "newline_id", newline[0] if len(newline) == 1 else -1)
 
   def _encode(self, text: str) -> list[int]:
     return self.tokenizer.encode(text, add_special_tokens=False)
@@ -319,8 +324,11 @@ class SimulatorEngine:
     drop = jnp.where(hit, tokens_covering_tail(self.piece_bytes, tokens, count, count,
                                                marker_bytes), 0)
     lengths = jnp.where(active, count - drop, 0)
-    tokens = jnp.where(jnp.arange(self.max_new_tokens)[None, :] < lengths[:, None], tokens,
-                       self.pad_id)
+    # METHOD §3's post-processing, in token space: blank lines collapsed, then stripped
+    tokens, lengths = collapse_blank_lines(tokens, lengths, jnp.asarray(self.blank),
+                                           jnp.asarray(self.newlines), self.newline_id,
+                                           self.pad_id)
+    tokens, lengths = strip_blank(tokens, lengths, jnp.asarray(self.blank), self.pad_id)
     return EngineOutput(tokens, lengths, jnp.zeros((query.shape[0],), bool))
 
   def assemble(self, inputs: SimulatorInputs, query, query_lengths, noisy):
@@ -330,6 +338,30 @@ class SimulatorEngine:
     query, query_lengths = strip_blank(query, query_lengths, jnp.asarray(self.blank),
                                        self.pad_id)
     return _assemble_prompt(inputs, query, query_lengths, noisy, self.max_prompt, self.pad_id)
+
+
+def collapse_blank_lines(tokens, lengths, blank, newlines, newline_id: int, pad_id: int):
+  """Each run of whitespace-only tokens that holds two or more newlines becomes one
+  newline token (blank lines collapsed, as ``parse_documents`` does on text):
+  ``tokens [B, D]``, ``lengths [B]``, ``blank`` / ``newlines [V]`` -> same shapes.
+  A tokenizer without a one-token newline (``newline_id`` -1) is left as is."""
+  if newline_id < 0:
+    return tokens, lengths
+  b, width = tokens.shape
+  position = jnp.arange(width)[None, :]
+  valid = position < lengths[:, None]
+  is_blank = blank[tokens] & valid  # [B, D]
+  starts = is_blank & ~jnp.pad(is_blank, ((0, 0), (1, 0)))[:, :-1]  # first token of a run
+  run = jnp.where(is_blank, jnp.cumsum(starts, axis=1), 0)  # [B, D] 1.. for runs, 0 else
+  segment = (jnp.arange(b)[:, None] * (width + 1) + run).ravel()
+  totals = jax.ops.segment_sum(jnp.where(is_blank, newlines[tokens], 0).ravel(), segment,
+                               num_segments=b * (width + 1)).reshape(b, width + 1)
+  collapse = is_blank & (jnp.take_along_axis(totals, run, axis=1) >= 2)
+  keep = valid & (~collapse | starts)
+  tokens = jnp.where(collapse & starts, newline_id, tokens)
+  target = jnp.where(keep, jnp.cumsum(keep, axis=1) - 1, width)  # kept tokens move left
+  out = jnp.full_like(tokens, pad_id).at[jnp.arange(b)[:, None], target].set(tokens, mode="drop")
+  return out, keep.sum(axis=1).astype(lengths.dtype)
 
 
 def strip_blank(tokens, lengths, blank, pad_id: int):
@@ -424,6 +456,7 @@ def engine_from_config(config, tokenizer, *, cfg: ModelConfig, piece_bytes, eos_
 
 
 __all__ = ["DEFAULT_TEMPLATE", "SimulatorPrompt", "policy_query", "strip_blank",
+           "collapse_blank_lines",
            "parse_documents", "SimulatorInputs",
            "EngineOutput", "SimulatorEngine", "engine_from_config", "pad_rows", "concat_ragged",
            "tokens_covering_tail"]

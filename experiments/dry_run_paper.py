@@ -1,0 +1,241 @@
+"""A dry run of the paper configuration's code path on a CPU.
+
+  python experiments/dry_run_paper.py --out=experiments/results/dry_run_paper [--work=DIR]
+
+``configs/zerosearch.py`` (``qwen2.5-3b`` and ``qwen3-4b``: chat template on for
+the policy and the simulator, top-p 0.95, the paper's optimiser) with scaled-down
+random Qwen2.5- and Qwen3-shaped policies and simulators, a real-size vocabulary
+(the 120k-token byte-level BPE of ``tests/big_tokenizer.py``, with Qwen-style
+end tokens and chat template) and the paper's lengths scaled down, runs 2 RL
+steps against the on-device simulator and against a served simulator over HTTP
+(a stub chat-completions server on 127.0.0.1). The policy is first warm-started
+for a few SFT steps on chat-wrapped turns that either search the question or
+think and end (an end token without an action), so its trajectories walk those
+paths (its words do not matter here). After RL one more rollout is decoded with its special tokens, and the run
+checks: the prompt is chat-wrapped, an end token without an action was followed
+by the invalid-action feedback (and was not kept), and no inserted document holds
+an end token. Writes ``OUT/summary.json`` (last line printed too) and one decoded
+rollout per run to OUT; checkpoints and the tokenizer go to WORK (a temporary
+directory by default). About 5 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import ml_collections
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # big_tokenizer: the offline real-size tokenizer
+sys.path.insert(0, str(ROOT / "experiments"))
+
+QUESTIONS = [("What is the capital of France?", "Paris"), ("Which river flows through Paris?",
+             "Seine"), ("Who wrote Hamlet?", "Shakespeare"), ("Where is Mount Fuji?", "Japan")]
+SHAPES = {  # scaled-down random policies and simulators of each family
+    "qwen2.5-3b": dict(arch="qwen2", qkv_bias=True, head_dim=16),
+    "qwen3-4b": dict(arch="qwen3", qkv_bias=False, head_dim=24),  # head_dim != D / heads
+}
+
+
+def model_fields(arch_fields: dict) -> dict:
+  return dict(vocab_size=0, embed_dim=64, mlp_dim=128, num_layers=2, num_heads=4,
+              num_kv_heads=2, tie_embeddings=True, max_position_embeddings=2048,
+              eos_token_ids=(), dtype="float32", param_dtype="float32", remat="none",
+              **arch_fields)
+
+
+class ChatStub:
+  """A served simulator: /v1/chat/completions answering five short documents that
+  echo the query, on 127.0.0.1 (nothing else is reachable)."""
+
+  def __init__(self):
+    self.requests = []
+    outer = self
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      def log_message(self, *args):
+        pass
+
+      def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        outer.requests.append(body)
+        query = body["messages"][-1]["content"].split("Query:")[-1].split("\n")[0].strip()
+        text = "\n".join(f"Doc {i}: a passage about {query}." for i in range(1, 6))
+        payload = json.dumps({"choices": [{"index": 0, "message": {
+            "role": "assistant", "content": text}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+    threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+  def close(self):
+    self.httpd.shutdown()
+    self.httpd.server_close()
+
+
+def warm_start(out: Path, model: str, tokenizer_dir: Path, tokenizer) -> Path:
+  """A few SFT steps on chat-wrapped first turns: search the question, or think
+  and end (the end token the SFT target closes with)."""
+  from sweep import config_module
+
+  from zsjax import template, train_sft
+
+  rows = []
+  for question, _ in QUESTIONS * 4:
+    prompt = template.render_prompt(question, tokenizer)
+    # two fixed first turns, so a small policy learns them in a few steps: the paths
+    # matter here, not the words
+    rows += [{"prompt": prompt, "target": "<search> the question </search>"},
+             {"prompt": prompt, "target": "<think> I am not sure. </think>"}]
+  data = out / model / "warm_start.jsonl"
+  data.parent.mkdir(parents=True, exist_ok=True)
+  data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  config = config_module(ROOT / "configs" / "sim_tuning.py").get_config("sft")
+  config.progress = False
+  config.tokenizer = str(tokenizer_dir)
+  config.model.model = ml_collections.ConfigDict(model_fields(SHAPES[model]))
+  config.sft.update(dict(data=str(data), max_length=160, batch_size=8, total_steps=120,
+                         learning_rate=3e-3, eval_every=120))
+  config.checkpoint.update(dict(every=120, async_save=False))
+  train_sft.run(config, str(out / model / "warm_start"))
+  return out / model / "warm_start" / "hf_export"
+
+
+def rl_config(model: str, engine: str, policy_dir: Path, tokenizer_dir: Path, data: Path,
+              url: str):
+  from sweep import config_module
+
+  config = config_module(ROOT / "configs" / "zerosearch.py").get_config(model)
+  config.progress = False
+  config.tokenizer = str(tokenizer_dir)
+  config.data.train_files = str(data)
+  config.policy.update(dict(checkpoint=str(policy_dir), dtype="float32", param_dtype="float32",
+                            remat="none"))
+  config.simulator.update(dict(dtype="float32", param_dtype="float32", max_prefix_tokens=160,
+                               max_new_tokens=48))
+  config.simulator.model = ml_collections.ConfigDict(model_fields(SHAPES[model]))
+  config.engine.update(dict(kind=engine, url=url, model="sim", timeout_s=10.0))
+  config.rollout.update(dict(max_turns=2, max_new_tokens=24, max_obs_tokens=160,
+                             max_length=768, max_query_tokens=24, max_prompt_tokens=192))
+  config.rl.update(dict(prompts_per_step=2, samples_per_prompt=2, total_steps=2,
+                        minibatch_size=4, micro_batch_size=4, score_batch_size=4,
+                        sample_every=1))
+  config.mesh.update(dict(data=1, fsdp=1, tensor=1))
+  config.sharding = "dp"
+  config.checkpoint.update(dict(async_save=False, export_hf=False))
+  return config
+
+
+def inspect(job, state, tokenizer) -> dict:
+  """One more rollout with the trained params, decoded with its special tokens."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from zsjax import template, train_rl
+  from zsjax.sharding import to_host
+
+  batch, _ = train_rl.rollout_batch(job, 1)
+  traj = to_host(job.rollout(state.policy.params, job.engine_state, batch, jax.random.key(9),
+                             jnp.int32(1)))
+  ends = ("<|im_end|>", "<|endoftext|>")
+  rows, texts = [], []
+  for i in range(traj.tokens.shape[0]):
+    start, end = int(traj.prompt_lengths[i]), int(traj.lengths[i])
+    prompt = tokenizer.decode(np.asarray(traj.tokens[i, :start]).tolist())
+    response = tokenizer.decode(np.asarray(traj.tokens[i, start:end]).tolist())
+    documents = [part.split("</information>")[0] for part in response.split("<information>")[1:]]
+    texts.append(prompt + response)
+    rows.append({
+        "chat_wrapped_prompt": prompt.startswith("<|im_start|>user\n")
+        and prompt.endswith("<|im_start|>assistant\n"),
+        # the policy ends right after </think> (an end token, dropped): the feedback follows
+        "feedback_after_end": "</think>" + template.INVALID_ACTION_FEEDBACK in response,
+        "end_token_in_response": any(e in response for e in ends),
+        "documents": len(documents),
+        "end_token_in_documents": any(e in d for d in documents for e in ends)})
+  return {"rows": rows, "texts": texts}
+
+
+def run_one(out: Path, work: Path, model: str, engine: str, policy_dir: Path,
+            tokenizer_dir: Path, data: Path, stub: ChatStub, tokenizer) -> dict:
+  from zsjax import train_rl
+  from zsjax.checkpoint import Checkpointer
+
+  workdir = work / model / f"rl_{engine}"
+  config = rl_config(model, engine, policy_dir, tokenizer_dir, data, stub.url)
+  started = time.perf_counter()
+  job = train_rl.setup(config, workdir)
+  summary = train_rl.train(job)
+  state, _ = Checkpointer(workdir / "checkpoints").restore(job.programs.state_target())
+  seen = inspect(job, state, tokenizer)
+  (out / f"{model}_{engine}_rollout.txt").write_text(
+      "\n\n=====\n\n".join(seen["texts"]) + "\n")
+  rows = seen["rows"]
+  return {
+      "steps": summary["final_step"], "seconds": round(time.perf_counter() - started, 1),
+      "reward/f1": summary.get("reward/f1"), "rollout/searches": summary.get("rollout/searches"),
+      "chat_wrapped_prompt": all(r["chat_wrapped_prompt"] for r in rows),
+      "rows_with_feedback_after_an_end": sum(r["feedback_after_end"] for r in rows),
+      "end_tokens_in_responses": sum(r["end_token_in_response"] for r in rows),
+      "documents_inserted": sum(r["documents"] for r in rows),
+      "end_tokens_in_documents": sum(r["end_token_in_documents"] for r in rows)}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--out", required=True, help="summary and decoded rollouts")
+  parser.add_argument("--work", default="", help="checkpoints, tokenizer (default: a temp dir)")
+  parser.add_argument("--models", default="qwen2.5-3b,qwen3-4b")
+  parser.add_argument("--engines", default="simulator,http")
+  args = parser.parse_args(argv)
+  import big_tokenizer
+
+  import tempfile
+
+  out, work = Path(args.out), Path(args.work or tempfile.mkdtemp(prefix="dry_run_"))
+  out.mkdir(parents=True, exist_ok=True)
+  tokenizer = big_tokenizer.make()
+  tokenizer_dir = work / "tokenizer"
+  tokenizer.save_pretrained(str(tokenizer_dir))
+  data = work / "train.jsonl"
+  data.write_text("".join(json.dumps({"id": f"q{i}", "question": q, "golden_answers": [a]})
+                          + "\n" for i, (q, a) in enumerate(QUESTIONS)))
+  stub = ChatStub()
+  results = {}
+  try:
+    for model in args.models.split(","):
+      policy_dir = warm_start(work, model, tokenizer_dir, tokenizer)
+      for engine in args.engines.split(","):
+        results[f"{model}/{engine}"] = run_one(out, work, model, engine, policy_dir,
+                                               tokenizer_dir, data, stub, tokenizer)
+        print(f"{model}/{engine}: {results[f'{model}/{engine}']}", flush=True)
+  finally:
+    stub.close()
+  import platform
+
+  import jax
+
+  results["http_requests"] = len(stub.requests)
+  results["http_chat_messages"] = bool(stub.requests) and all(
+      r["messages"][0] == {"role": "system", "content": ""} for r in stub.requests)
+  results["environment"] = {"cpu": platform.processor() or platform.machine(),
+                            "jax": jax.__version__, "python": platform.python_version()}
+  (out / "summary.json").write_text(json.dumps(results, indent=2) + "\n")
+  print(json.dumps(results))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
