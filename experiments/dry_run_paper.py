@@ -160,8 +160,9 @@ def inspect(job, state, tokenizer) -> dict:
     rows.append({
         "chat_wrapped_prompt": prompt.startswith("<|im_start|>user\n")
         and prompt.endswith("<|im_start|>assistant\n"),
-        # the policy ends right after </think> (an end token, dropped): the feedback follows
-        "feedback_after_end": "</think>" + template.INVALID_ACTION_FEEDBACK in response,
+        # a turn ended by an end token (dropped) is an invalid action: the feedback follows
+        "feedback_after_end": bool(traj.end_token_turns[i])
+        and template.INVALID_ACTION_FEEDBACK in response,
         "end_token_in_response": any(e in response for e in ends),
         "documents": len(documents),
         "end_token_in_documents": any(e in d for d in documents for e in ends)})

@@ -92,7 +92,7 @@ def run_both(tokenizer, world, config, sampling, scripts=None, questions=QUESTIO
 
 def assert_same(fast, slow):
   for name in ("tokens", "loss_mask", "lengths", "turns", "searches", "noisy_calls",
-               "answered", "truncated"):
+               "answered", "truncated", "end_token_turns"):
     np.testing.assert_array_equal(getattr(fast, name), getattr(slow, name), err_msg=name)
 
 
@@ -158,7 +158,7 @@ def test_eos_without_an_action_is_an_invalid_action(tokenizer, world):
   assert_same(fast, slow)
   # row 0: two invalid turns, then it answers in the final turn; row 1 never acts
   assert fast.answered.tolist() == [True, False] and (fast.turns == 3).all()
-  assert not fast.truncated.any()
+  assert not fast.truncated.any() and fast.end_token_turns.tolist() == [2, 3]
   for row in (0, 1):
     n = int(fast.lengths[row])
     tokens = np.asarray(fast.tokens[row, :n])

@@ -306,6 +306,7 @@ def step_metrics(update_metrics: list[dict], traj, scores: dict, reward: np.ndar
       "rollout/answered": float(traj.answered.mean()),
       "rollout/truncated": float(traj.truncated.mean()),
       "rollout/failed_searches": float(traj.failed_searches.sum()),
+      "rollout/end_token_turns": float(traj.end_token_turns.mean()),
       "curriculum/p_noise": float(p_noise),
       "perf/tokens_per_s": generated / max(timings["rollout_s"], 1e-9),
       **{f"time/{k}": v for k, v in timings.items()},

@@ -114,6 +114,7 @@ class Trajectories:
   searches: jax.Array  # [B] search calls that returned documents
   noisy_calls: jax.Array  # [B] of those, drawn noisy
   failed_searches: jax.Array  # [B] host engine calls that gave up
+  end_token_turns: jax.Array  # [B] turns ended by an end token (dropped; an invalid action)
   answered: jax.Array  # [B] closed an <answer> ... </answer>
   truncated: jax.Array  # [B] stopped by the context cap
 
@@ -192,6 +193,7 @@ class RolloutState:
   searches: jax.Array  # [B]
   noisy: jax.Array  # [B]
   failed: jax.Array  # [B]
+  end_turns: jax.Array  # [B] turns ended by an end token
 
 
 @flax.struct.dataclass
@@ -341,7 +343,7 @@ def turn_step(spec: RolloutSpec, params, engine_state, batch: RolloutBatch, rng,
       turns=state.turns + active, answered=state.answered | answered,
       truncated=state.truncated | overflow, done=done | overflow,
       searches=state.searches + (do_search & insert), noisy=state.noisy + (noisy & insert),
-      failed=state.failed + (do_search & docs.failed))
+      failed=state.failed + (do_search & docs.failed), end_turns=state.end_turns + t.eos)
   return insert_observation(spec, params, state, obs, obs_len, insert,
                             jnp.any(insert & do_search))
 
@@ -363,7 +365,7 @@ def initial_state(spec: RolloutSpec, params, batch: RolloutBatch) -> RolloutStat
       loss_mask=jnp.zeros((b, s_len), jnp.int32), log_probs=jnp.zeros((b, s_len), jnp.float32),
       cache=cache, last_logits=last, length=batch.prompt_lengths.astype(jnp.int32),
       generated=zeros, done=false, answered=false, truncated=false, turns=zeros,
-      searches=zeros, noisy=zeros, failed=zeros)
+      searches=zeros, noisy=zeros, failed=zeros, end_turns=zeros)
 
 
 def run_rollout(spec: RolloutSpec, policy_params, engine_state, batch: RolloutBatch, rng,
@@ -380,6 +382,7 @@ def run_rollout(spec: RolloutSpec, policy_params, engine_state, batch: RolloutBa
       loss_mask=state.loss_mask * valid, log_probs=state.log_probs * valid,
       prompt_lengths=batch.prompt_lengths, lengths=state.length, turns=state.turns,
       searches=state.searches, noisy_calls=state.noisy, failed_searches=state.failed,
+      end_token_turns=state.end_turns,
       answered=state.answered, truncated=state.truncated)
 
 
@@ -412,7 +415,8 @@ def shard_rollout(rollout, plan, policy_cfg: ModelConfig, *, engine=None,
                                  engine_inputs=(engine or NoEngine()).input_shardings(plan))
   out_shardings = Trajectories(tokens=rows2, loss_mask=rows2, log_probs=rows2,
                                prompt_lengths=rows, lengths=rows, turns=rows, searches=rows,
-                               noisy_calls=rows, failed_searches=rows, answered=rows,
+                               noisy_calls=rows, failed_searches=rows, end_token_turns=rows,
+                               answered=rows,
                                truncated=rows)
 
   def sharded_rollout(policy_params, engine_state, batch, rng, step):

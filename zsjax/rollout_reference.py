@@ -60,7 +60,7 @@ def python_rollout(policy_cfg: ModelConfig, policy_params, tokenizer, static: St
   last = np.asarray(logits)[np.arange(b), prompt_len - 1]
   done = np.zeros(b, bool)
   answered, truncated = np.zeros(b, bool), np.zeros(b, bool)
-  turns, searches, noisy_calls, failed = (np.zeros(b, np.int32) for _ in range(4))
+  turns, searches, noisy_calls, failed, end_turns = (np.zeros(b, np.int32) for _ in range(5))
   generated = np.zeros(b, np.int32)
 
   for turn in range(config.max_turns + 1):
@@ -105,6 +105,7 @@ def python_rollout(policy_cfg: ModelConfig, policy_params, tokenizer, static: St
     for r in np.flatnonzero(active):
       turns[r] += 1
       text = cut_after_first_close(tokenizer.decode(turn_tokens[r], skip_special_tokens=False))
+      end_turns[r] += hit_eos[r]
       kind = "invalid" if hit_eos[r] else parse_action(text).kind  # the first complete action
       if kind == "answer":
         answered[r] = True
@@ -157,4 +158,5 @@ def python_rollout(policy_cfg: ModelConfig, policy_params, tokenizer, static: St
   return Trajectories(
       tokens=tokens, loss_mask=loss_mask, log_probs=log_probs, prompt_lengths=prompt_len,
       lengths=np.asarray([len(s) for s in seqs], np.int32), turns=turns, searches=searches,
-      noisy_calls=noisy_calls, failed_searches=failed, answered=answered, truncated=truncated)
+      noisy_calls=noisy_calls, failed_searches=failed, end_token_turns=end_turns,
+      answered=answered, truncated=truncated)
