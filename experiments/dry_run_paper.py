@@ -8,7 +8,7 @@ random Qwen2.5- and Qwen3-shaped policies and simulators, a real-size vocabulary
 (the 120k-token byte-level BPE of ``tests/big_tokenizer.py``, with Qwen-style
 end tokens and chat template) and the paper's lengths scaled down, runs 2 RL
 steps against the on-device simulator and against a served simulator over HTTP
-(a stub chat-completions server on 127.0.0.1). The policy is first warm-started
+(tests/stub_server.py's chat-completions stub on 127.0.0.1). The policy is first warm-started
 for a few SFT steps on chat-wrapped turns that either search the question or
 think and end (an end token without an action), so its trajectories walk those
 paths (its words do not matter here). After RL one more rollout is decoded with its special tokens, and the run
@@ -22,10 +22,8 @@ directory by default). About 5 minutes on 2 cores.
 from __future__ import annotations
 
 import argparse
-import http.server
 import json
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -48,40 +46,6 @@ def model_fields(arch_fields: dict) -> dict:
               num_kv_heads=2, tie_embeddings=True, max_position_embeddings=2048,
               eos_token_ids=(), dtype="float32", param_dtype="float32", remat="none",
               **arch_fields)
-
-
-class ChatStub:
-  """A served simulator: /v1/chat/completions answering five short documents that
-  echo the query, on 127.0.0.1 (nothing else is reachable)."""
-
-  def __init__(self):
-    self.requests = []
-    outer = self
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-      def log_message(self, *args):
-        pass
-
-      def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        outer.requests.append(body)
-        query = body["messages"][-1]["content"].split("Query:")[-1].split("\n")[0].strip()
-        text = "\n".join(f"Doc {i}: a passage about {query}." for i in range(1, 6))
-        payload = json.dumps({"choices": [{"index": 0, "message": {
-            "role": "assistant", "content": text}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-    threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-  def close(self):
-    self.httpd.shutdown()
-    self.httpd.server_close()
 
 
 def warm_start(out: Path, model: str, tokenizer_dir: Path, tokenizer) -> Path:
@@ -170,7 +134,7 @@ def inspect(job, state, tokenizer) -> dict:
 
 
 def run_one(out: Path, work: Path, model: str, engine: str, policy_dir: Path,
-            tokenizer_dir: Path, data: Path, stub: ChatStub, tokenizer) -> dict:
+            tokenizer_dir: Path, data: Path, stub, tokenizer) -> dict:
   from zsjax import train_rl
   from zsjax.checkpoint import Checkpointer
 
@@ -213,7 +177,9 @@ def main(argv=None) -> int:
   data = work / "train.jsonl"
   data.write_text("".join(json.dumps({"id": f"q{i}", "question": q, "golden_answers": [a]})
                           + "\n" for i, (q, a) in enumerate(QUESTIONS)))
-  stub = ChatStub()
+  from stub_server import StubServer  # tests/: a local simulator stub on 127.0.0.1
+
+  stub = StubServer()
   results = {}
   try:
     for model in args.models.split(","):
