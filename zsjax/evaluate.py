@@ -79,11 +79,14 @@ class Evaluator:
 
   def __init__(self, policy_cfg, params, tokenizer, *, engine=None, engine_state=None,
                retriever=None, rollout_config=None, batch_size: int = 8,
-               prompt_width: int = 512, use_chat_template: bool = False, instruction: str = ""):
+               prompt_width: int = 512, use_chat_template: bool = False, instruction: str = "",
+               static=None):
     """``engine``: a rollout engine (``zsjax.search.build_engine``) for the search
-    method; ``retriever``: a host engine (BM25) for RAG's one retrieval."""
+    method; ``retriever``: a host engine (BM25) for RAG's one retrieval; ``static``:
+    the policy's ``rollout.StaticTokens`` when already made (they decode the vocabulary)."""
     self.cfg, self.params, self.tokenizer = policy_cfg, params, tokenizer
-    self.static = rollout_lib.prepare_static_tokens(tokenizer, vocab_size=policy_cfg.vocab_size)
+    self.static = static or rollout_lib.prepare_static_tokens(tokenizer,
+                                                              vocab_size=policy_cfg.vocab_size)
     self.matcher = template.build_tag_matcher(tokenizer, vocab_size=policy_cfg.vocab_size)
     self.engine, self.engine_state = engine, engine_state
     self.retriever = retriever
@@ -289,18 +292,19 @@ def run(config, workdir: str) -> dict:
   use_chat_template, instruction = prompt_format(config)
   rollout_config = rollout_config_of(config)
   engine = engine_state = retriever = None
+  static = rollout_lib.prepare_static_tokens(tokenizer, vocab_size=cfg.vocab_size)
   if config.engine.corpus:
     retriever = search.BM25Engine.from_jsonl(config.engine.corpus, top_k=config.engine.top_k,
                                              text_field=config.engine.text_field)
   if "search" in methods:
-    static = rollout_lib.prepare_static_tokens(tokenizer, vocab_size=cfg.vocab_size)
     engine, engine_state, _ = search.build_engine(
         config, tokenizer, static, rollout_config, plan, jax.random.key(1), greedy=True,
         prebuilt=retriever if config.engine.kind == "bm25" else None)  # one BM25 index
   evaluator = Evaluator(cfg, params, tokenizer, engine=engine, engine_state=engine_state,
                         retriever=retriever, rollout_config=rollout_config,
                         batch_size=e.batch_size, prompt_width=e.prompt_width,
-                        use_chat_template=use_chat_template, instruction=instruction)
+                        use_chat_template=use_chat_template, instruction=instruction,
+                        static=static)
 
   sets = []
   for name, path in parse_sets(e.sets):
