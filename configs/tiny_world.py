@@ -15,9 +15,8 @@ BM25 -> evaluate everything with BM25, greedy.
 Expected (~13 min): WORKDIR/results.json, results.md (EM / substring EM / F1 on
 single-hop, two-hop and all test questions for warm_start, direct, rag,
 rl_simulator, rl_real_search), plots/*.png, per-stage TensorBoard logs and
-checkpoints, final_policy/ (HF). Seed 0, one run on an AMD EPYC 2-core machine:
-test EM warm start 21.5, direct 0.0, RAG 0.0, RL against the simulator 30.8, RL
-against BM25 26.2 (README: one run, not yet a result over seeds).
+checkpoints, final_policy/ (HF). No score is promised yet: one seed is an
+anecdote (README, "Status of the tiny world").
 """
 
 import ml_collections
