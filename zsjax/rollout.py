@@ -52,7 +52,8 @@ import numpy as np
 from zsjax.curriculum import Curriculum
 from zsjax.model import ModelConfig, Transformer, init_cache
 from zsjax.sampling import Greedy, Sampling, sample
-from zsjax.simulator import EngineOutput, concat_ragged, pad_rows, tokens_covering_tail
+from zsjax.simulator import (EngineOutput, concat_ragged, gather_span, pad_rows,
+                             tokens_covering_tail)
 from zsjax.template import (ANSWER_CLOSE, ANSWER_OPEN, CLOSING, INFORMATION_CLOSE,
                             INFORMATION_OPEN, INVALID_ACTION_FEEDBACK, SEARCH_CLOSE, SEARCH_OPEN,
                             TAGS, TagMatcher)
@@ -144,16 +145,6 @@ class NoEngine:
     b = query.shape[0]
     return EngineOutput(jnp.zeros((b, 1), jnp.int32), jnp.zeros((b,), jnp.int32),
                         jnp.zeros((b,), bool))
-
-
-# ------------------------------------------------------------------ helpers
-
-
-def gather_span(buffer, start, length, width: int, pad_id: int):
-  """``buffer[b, start[b] : start[b] + length[b]]`` as ``[B, width]`` right-padded."""
-  index = jnp.clip(start[:, None] + jnp.arange(width)[None, :], 0, buffer.shape[1] - 1)
-  valid = jnp.arange(width)[None, :] < length[:, None]
-  return jnp.where(valid, jnp.take_along_axis(buffer, index, axis=1), pad_id)
 
 
 # -------------------------------------------------------------- the program
@@ -490,5 +481,5 @@ def prepare_batch(tokenizer, prompts: Sequence[str], questions: Sequence[str],
 
 __all__ = ["RolloutConfig", "RolloutBatch", "Trajectories", "StaticTokens", "RolloutSpec",
            "RolloutState", "TurnState", "NoEngine", "make_rollout", "run_rollout",
-           "shard_rollout", "prepare_static_tokens", "prepare_batch", "gather_span",
+           "shard_rollout", "prepare_static_tokens", "prepare_batch",
            "decode_step", "decode_turn", "turn_step", "insert_observation", "initial_state"]

@@ -214,6 +214,13 @@ def concat_ragged(segments, width: int, pad_id: int):
   return out, jnp.minimum(offset, width)
 
 
+def gather_span(buffer, start, length, width: int, pad_id: int):
+  """``buffer[b, start[b] : start[b] + length[b]]`` as ``[B, width]`` right-padded."""
+  index = jnp.clip(start[:, None] + jnp.arange(width)[None, :], 0, buffer.shape[1] - 1)
+  valid = jnp.arange(width)[None, :] < length[:, None]
+  return jnp.where(valid, jnp.take_along_axis(buffer, index, axis=1), pad_id)
+
+
 def tokens_covering_tail(piece_bytes, tokens, end, count, tail_bytes: int):
   """How many of the ``count`` tokens ending at ``end`` (exclusive) must be dropped
   so that at least ``tail_bytes`` bytes are removed: ``[B]``."""
@@ -375,9 +382,7 @@ def strip_blank(tokens, lengths, blank, pad_id: int):
   tail_blank = jnp.take_along_axis(is_blank, back, axis=1) & (position < lengths[:, None])
   trail = jnp.sum(jnp.cumprod(tail_blank.astype(jnp.int32), axis=1), axis=1)
   kept = jnp.maximum(lengths - lead - trail, 0)
-  index = jnp.clip(lead[:, None] + position, 0, width - 1)
-  out = jnp.where(position < kept[:, None], jnp.take_along_axis(tokens, index, axis=1), pad_id)
-  return out, kept
+  return gather_span(tokens, lead, kept, width, pad_id), kept
 
 
 def _assemble_prompt(inputs: SimulatorInputs, query, query_lengths, noisy, width: int,
@@ -459,4 +464,5 @@ __all__ = ["DEFAULT_TEMPLATE", "SimulatorPrompt", "policy_query", "strip_blank",
            "collapse_blank_lines",
            "parse_documents", "SimulatorInputs",
            "EngineOutput", "SimulatorEngine", "engine_from_config", "pad_rows", "concat_ragged",
+           "gather_span",
            "tokens_covering_tail"]
