@@ -24,13 +24,12 @@ import ml_collections
 INSTRUCTION = ("Find the answer with a search engine: write a query between <search> and "
                "</search>; results come back between <information> and </information>. "
                "Write the final answer between <answer> and </answer>.")
-# The paper's simulator prompt also carries the question's gold answer. This one
-# does not: a 2-layer simulator given the answer wrote it into the results of any
-# query, so RL against it rewarded miscopied queries (the policy's exact-query rate
-# fell from 77% to 42% in such a run while RL against BM25 kept it). Without the
-# answer the simulator must answer the query from what pretraining taught it about
-# the world, as a search engine would. Put "Answer: {answer}" back to try it.
-SIMULATOR_TEMPLATE = "Question: {question}\nQuery: {query}\n{Quality} documents:\n"
+# The paper's simulator prompt (METHOD §3): the question and its gold answer, then
+# the query. With the answer in its prompt a simulator could write it into the
+# results of any query; it does not, because its tuning pairs are labelled by
+# whether the documents answer the *query* (pipeline.QueryJudge): the results of a
+# query about another entity, useful or not, do not hold this question's answer.
+SIMULATOR_TEMPLATE = "Question: {question}\nAnswer: {answer}\nQuery: {query}\n{Quality} documents:\n"
 
 
 def model(embed_dim: int, layers: int, mlp_dim: int) -> dict:
@@ -75,21 +74,23 @@ def get_config(arg=None):
   config.progress = True
   config.world = ml_collections.ConfigDict(dict(
       countries=2 if ci else 6, cities=4 if ci else 24, people=10 if ci else 80,
-      films=4 if ci else 30, organizations=3 if ci else 16, test_fraction=0.15,
-      dev_fraction=0.1, vocab_size=1536))
+      films=4 if ci else 30, organizations=3 if ci else 16, test_fraction=0.25,
+      dev_fraction=0.05, vocab_size=1536))
   config.instruction = INSTRUCTION
   config.simulator_template = SIMULATOR_TEMPLATE
   config.top_k = 3
-  # Share of demonstrations (from another world) whose answer is the right one; the
-  # rest answer with another name from the documents: format, not skill.
-  config.demo_correct_fraction = 0.0
-  # Where demonstrations come from: "other" (only `demo_worlds` other worlds, at least
-  # one) or "train" (this world's training questions too; documents without loss,
-  # answers drawn from the documents, right only by chance).
-  config.demo_world = "train"
-  # Other worlds whose questions give demonstrations: with many worlds the policy must
-  # learn to copy names (a 2-layer model memorises 300 questions of one world instead).
-  config.demo_worlds = 0 if ci else 16
+  # The warm start is trained on correct demonstrations from `demo_worlds` other
+  # worlds (never this one): with many worlds over the same name pools each fact is
+  # seen about once, so a 2-layer model learns to read (copy a name from the prompt
+  # into its query, from a document into its answer) instead of memorising facts.
+  config.demo_worlds = 16 if ci else 64
+  # Two-hop demonstrations that also search the bridge entity; the rest answer
+  # after one search, without the evidence. RL has to learn when a second search pays.
+  config.demo_bridge_fraction = 0.25
+  # Share of questions also demonstrated in the RAG baseline's format, and another
+  # share in the direct baseline's: the baselines are prompted in formats the
+  # warm-started model was trained on (pipeline.demonstrations).
+  config.demo_baseline_fraction = 0.2
   # Other worlds whose oracle searches also give simulator-tuning pairs. They teach a
   # simulator to copy the answer from its prompt; with no answer in the prompt
   # (SIMULATOR_TEMPLATE) it can only know this world, so none by default.
@@ -117,7 +118,7 @@ def get_config(arg=None):
                        max_query_tokens=16),
           sampling=dict(kind="greedy", temperature=1.0, top_p=1.0, top_k=0), prompt_width=64),
       sft=sft(20 if ci else 1500, 8, 160, 3e-3)))
-  config.warm_start = ml_collections.ConfigDict(sft_job(model(*size), 300 if ci else 2000, 8,
+  config.warm_start = ml_collections.ConfigDict(sft_job(model(*size), 300 if ci else 3000, 8,
                                                         320, 3e-3))
   config.rl = ml_collections.ConfigDict(dict(
       job="rl", tokenizer="", synthetic_data=False, policy=lm(),

@@ -110,7 +110,7 @@ def inspect(job, state, tokenizer) -> dict:
   from zsjax import template, train_rl
   from zsjax.sharding import to_host
 
-  batch, _ = train_rl.rollout_batch(job, 1)
+  batch, _, _ = train_rl.rollout_batch(job, 1)
   traj = to_host(job.rollout(state.policy.params, job.engine_state, batch, jax.random.key(9),
                              jnp.int32(1)))
   ends = ("<|im_end|>", "<|endoftext|>")

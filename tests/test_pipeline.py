@@ -83,35 +83,67 @@ def test_oracle_searches_are_labelled_by_what_answers_the_query():
   assert len(pairs) == sum(bool(s["documents"]) for t in trajectories for s in t["searches"])
 
 
-def test_demonstrations_show_the_format_not_the_test_world(tmp_path):
+def test_demonstrations_are_correct_and_show_no_test_world_fact():
   from zsjax import search
   from zsjax.template import INSTRUCTION
 
   demo = tinyworld.generate(99, tinyworld.WorldSize(people=12, films=4, cities=6, countries=3,
                                                     organizations=3))
   engine = search.BM25Engine([d["contents"] for d in demo["corpus"]], top_k=2)
-  rows = pipeline.demonstrations(demo, engine, INSTRUCTION, seed=0)
-  assert len(rows) == len(demo["splits"]["train"])
-  test_docs = [d["contents"] for d in tinyworld.generate(0)["corpus"]]
-  for row in rows[:10]:
-    assert row["target"].startswith("<search> ") and "<information>Doc 1:" in row["target"]
-    assert row["target"].rstrip().endswith("</answer>")
-    assert not any(doc in row["target"] for doc in test_docs)  # no test-world fact
-    # documents are inserted text: they carry no loss, the policy's own turns do
-    assert row["target_loss"] == [int(not seg.startswith("\n\n<information>"))
-                                  for seg in row["target_segments"]]
-    assert "".join(row["target_segments"]) == row["target"]
-  # the answer is a name of the gold answer's kind read from the documents
-  kind = {d["title"]: d["kind"] for d in demo["corpus"]}
   questions = {r["question"]: r for r in demo["splits"]["train"]}
-  typed = 0
-  for row in rows:
-    q = questions[row["prompt"].split("Question: ")[-1].strip()]
-    answer = row["target_segments"][-1].removeprefix("<answer> ").removesuffix(" </answer>")
-    docs = "".join(row["target_segments"][:-1])
-    assert answer in docs and answer in kind
-    typed += kind[answer] == kind[q["golden_answers"][0]]
-  assert typed / len(rows) > 0.9
+  test_docs = [d["contents"] for d in tinyworld.generate(0)["corpus"]]
+  for bridge in (0.0, 1.0):
+    rows = pipeline.demonstrations(demo, engine, INSTRUCTION, seed=0, bridge_fraction=bridge,
+                                   baseline_fraction=0.3)
+    search_rows = [r for r in rows if r["format"] == "search"]
+    assert len(search_rows) == len(questions)  # every training question once
+    for row in rows:
+      q = questions[row["prompt"].split("Question: ")[-1].strip()]
+      assert row["target_segments"][-1] == f"<answer> {q['golden_answers'][0]} </answer>"
+      assert not any(doc in row["prompt"] + row["target"] for doc in test_docs)
+      assert "".join(row["target_segments"]) == row["target"]
+      # documents are inserted text: they carry no loss, the policy's own turns do
+      assert row["target_loss"] == [int(not seg.startswith("\n\n<information>"))
+                                    for seg in row["target_segments"]]
+      if row["format"] != "search":
+        continue
+      queries = [seg[len("<search> "):-len(" </search>")] for seg in row["target_segments"]
+                 if seg.startswith("<search> ")]
+      # the question first; a two-hop question's bridge second, always or never here
+      want = [q["question"]] + ([q["bridge"]] if q["bridge"] and bridge else [])
+      assert queries == want
+      for query, seg in zip(queries, row["target_segments"][1::2]):
+        docs = engine.search([search.SearchRequest(query)]).documents[0]
+        assert seg == pipeline.render_observation(docs)
+    baselines = [r for r in rows if r["format"] != "search"]
+    assert {r["format"] for r in baselines} == {"rag", "direct"}
+    assert 0.3 < len(baselines) / len(questions) < 0.9  # 0.3 each, drawn
+
+
+def test_each_evaluated_format_is_in_the_warm_start_demonstrations():
+  # The baselines are fair: the prompt evaluation gives each method (rendered by
+  # the evaluator's own function, with the pipeline's instruction and top_k) is,
+  # question for question, the prompt of a demonstration of that format.
+  from zsjax import evaluate, search
+
+  config = load_config("tiny_world", "ci")
+  config.demo_worlds = 2
+  rows = pipeline.warm_start_rows(config)
+  by_format = {}
+  for r in rows:
+    by_format.setdefault(r["format"], set()).add(r["prompt"])
+  assert set(by_format) == set(pipeline.DEMO_FORMATS)
+  evaluated = {"warm_start": "search", "direct": "direct", "rag": "rag"}
+  assert set(pipeline.METHODS) - {"rl_simulator", "rl_real_search"} == set(evaluated)
+  for world in pipeline.demonstration_worlds(config):
+    retriever = search.BM25Engine([d["contents"] for d in world["corpus"]], top_k=config.top_k)
+    questions = [q["question"] for q in world["splits"]["train"]]
+    for method, fmt in evaluated.items():
+      prompts = evaluate.method_prompts(fmt, questions, None, retriever=retriever,
+                                        search_instruction=config.instruction)
+      found = [p in by_format[fmt] for p in prompts]
+      # every question has a search demonstration; a share has each baseline's
+      assert all(found) if fmt == "search" else 0.1 < np.mean(found) < 0.35, (fmt, found)
 
 
 def test_demonstrations_do_not_depend_on_the_hash_seed():
@@ -125,7 +157,8 @@ def test_demonstrations_do_not_depend_on_the_hash_seed():
           "w = tinyworld.generate(5, tinyworld.WorldSize(people=12, films=4, cities=6, "
           "countries=3, organizations=3)); "
           "e = search.BM25Engine([d['contents'] for d in w['corpus']], top_k=3); "
-          "rows = pipeline.demonstrations(w, e, 'Answer.', seed=1); "
+          "rows = pipeline.demonstrations(w, e, 'Answer.', seed=1, bridge_fraction=0.5, "
+          "baseline_fraction=0.2); "
           "print(hashlib.sha256(json.dumps(rows).encode()).hexdigest())")
   digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, env={**os.environ, "PYTHONHASHSEED": str(s)}
@@ -253,6 +286,16 @@ def test_ci_sized_pipeline_runs_every_stage(tmp_path, capsys):
     assert gain["em"] == pytest.approx(results["methods"][method]["all"]["em"]
                                        - results["methods"]["warm_start"]["all"]["em"])
   assert set(results["gains_over_warm_start"]) == set(pipeline.METHODS) - {"warm_start"}
+  # The warm start reads: on the CI world its RAG answers (a format it was trained
+  # on, with BM25's documents for the question) beat answering directly.
+  assert results["methods"]["rag"]["all"]["em"] > results["methods"]["direct"]["all"]["em"]
+  control = results["simulator_control"]["groups"]
+  assert set(control) == set(pipeline.CONTROL_GROUPS) | {"answerable"}
+  assert control["answerable"]["queries"] == (control["single_hop_question"]["queries"]
+                                              + control["bridge"]["queries"])
+  env = results["environment"]
+  assert env["cores"] >= 1 and env["cpu"] and env["packages"]["jax"] != "not installed"
+  assert set(results["gains_over_rag"]) == set(pipeline.METHODS) - {"rag"}
   for plot in ("reward_f1", "reward_em", "rollout_searches", "curriculum_p_noise"):
     assert (tmp_path / "plots" / f"{plot}.png").stat().st_size > 1000
   for stage in ("pretrain", "warm_start", "rl_simulator", "rl_real_search"):
@@ -329,3 +372,49 @@ def test_ci_sized_pipeline_runs_every_stage(tmp_path, capsys):
   assert not (tmp_path / "other" / "rl_real_search").exists()
   assert other["methods"] == {m: v for m, v in results["methods"].items() if m != "rl_real_search"}
   assert other["stage_seconds"]["warm_start"] == results["stage_seconds"]["warm_start"]
+
+
+def test_control_queries_ask_the_question_its_bridge_and_another_entity():
+  world = tinyworld.generate(3, tinyworld.WorldSize(people=12, films=4, cities=6, countries=3,
+                                                    organizations=3))
+  questions = world["splits"]["test"]
+  rows = pipeline.control_queries(questions, seed=0)
+  docs = {d["title"]: d["contents"] for d in world["corpus"]}
+  for q in questions:
+    mine = {r["group"]: r for r in rows if r["question"] == q["question"]}
+    own = "single_hop_question" if q["hops"] == 1 else "two_hop_question"
+    assert mine[own]["query"] == q["question"]
+    if q["hops"] == 2:  # the bridge's own document holds the answer
+      assert any(g in docs[mine["bridge"]["query"]] for g in q["golden_answers"])
+      assert mine["bridge"]["query"] == q["bridge"]
+    if "other_question" in mine:
+      other = next(o for o in questions if o["question"] == mine["other_question"]["query"])
+      assert other["relation"] == q["relation"] and other["question"] != q["question"]
+    assert all(r["golden_answers"] == q["golden_answers"] for r in mine.values())
+
+
+def test_source_metrics_by_hand():
+  from types import SimpleNamespace
+
+  from zsjax import rl_step
+
+  traj = SimpleNamespace(searches=np.array([1, 2, 1, 3]))
+  scores = {"f1": np.array([1.0, 0.5, 0.0, 0.25]), "em": np.array([1.0, 0.0, 0.0, 0.0])}
+  got = rl_step.source_metrics(traj, scores, ["a", "b", "a", "b"])
+  assert got == {"reward/f1/a": 0.5, "reward/em/a": 0.5, "rollout/searches/a": 1.0,
+                 "reward/f1/b": 0.375, "reward/em/b": 0.0, "rollout/searches/b": 2.5}
+
+
+def test_environment_names_the_machine_packages_and_commit():
+  import os
+  import subprocess
+
+  from zsjax import environment
+
+  env = environment.describe()
+  assert env["cores"] == len(os.sched_getaffinity(0)) and env["machine_cores"] >= env["cores"]
+  assert env["packages"]["jax"] == __import__("jax").__version__
+  head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                        text=True, cwd=os.path.dirname(pipeline.__file__))
+  if head.returncode == 0:
+    assert env["commit"].split("+")[0] == head.stdout.strip()

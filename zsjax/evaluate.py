@@ -68,6 +68,22 @@ def method_prompt(method: str, question: str, tokenizer=None, documents: Sequenc
                                 use_chat_template=use_chat_template)
 
 
+def method_prompts(method: str, questions: Sequence[str], tokenizer=None, *, retriever=None,
+                   use_chat_template: bool = False, search_instruction: str = "") -> list[str]:
+  """The prompts ``Evaluator`` gives the policy for ``method``: ``method_prompt``
+  of each question, with RAG's documents retrieved by ``retriever`` (a host
+  engine) for the question itself."""
+  documents = [[] for _ in questions]
+  if method == "rag":
+    if retriever is None:
+      raise ValueError("method 'rag' needs a retriever (a BM25 engine).")
+    from zsjax.search import SearchRequest
+
+    documents = retriever.search([SearchRequest(q) for q in questions]).documents
+  return [method_prompt(method, q, tokenizer, d, use_chat_template, search_instruction)
+          for q, d in zip(questions, documents)]
+
+
 def _score(prediction, golds) -> dict[str, float]:
   return {"em": rewards.exact_match(prediction, golds),
           "substring_em": rewards.substring_match(prediction, golds),
@@ -118,16 +134,9 @@ class Evaluator:
       chunk += [chunk[-1]] * (b - n)  # one shape for every batch; padding dropped below
       questions = [r["question"] for r in chunk]
       firsts = [list(r["golden_answers"])[0] for r in chunk]
-      documents = [[] for _ in chunk]
-      if method == "rag":
-        if self.retriever is None:
-          raise ValueError("method 'rag' needs a retriever (a BM25 engine).")
-        from zsjax.search import SearchRequest
-
-        documents = self.retriever.search([SearchRequest(q) for q in questions]).documents
-      prompts = [method_prompt(method, q, self.tokenizer, d, self.use_chat_template,
-                               self.instruction)
-                 for q, d in zip(questions, documents)]
+      prompts = method_prompts(method, questions, self.tokenizer, retriever=self.retriever,
+                               use_chat_template=self.use_chat_template,
+                               search_instruction=self.instruction)
       batch = rollout_lib.prepare_batch(self.tokenizer, prompts, questions, firsts, engine,
                                         pad_id=self.static.pad_id, prompt_width=self.prompt_width)
       traj = jax.device_get(rollout(self.params, self.engine_state, batch, jax.random.key(0),
@@ -328,5 +337,6 @@ def run(config, workdir: str) -> dict:
   return results
 
 
-__all__ = ["METHODS", "METRICS", "Evaluator", "method_prompt", "summarize", "write_tables",
+__all__ = ["METHODS", "METRICS", "Evaluator", "method_prompt", "method_prompts", "summarize",
+           "write_tables",
            "sample_rows", "load_policy", "parse_sets", "run"]

@@ -65,44 +65,56 @@ METHODS = ("warm_start", "direct", "rag", "rl_simulator", "rl_real_search")
 SPLITS = ("single_hop", "two_hop", "all")
 
 
-def demonstrations(world: dict, engine, instruction: str, seed: int,
-                   correct_fraction: float = 0.0) -> list[dict]:
-  """Format demonstrations on ``world`` (a world other than the test world):
-  ``prompt`` = the policy prompt, ``target`` = a trajectory that searches the
-  question (and the bridge entity of a two-hop question), sees the BM25
-  documents exactly as the rollout inserts them, and answers with the right
-  answer for a ``correct_fraction`` of the questions, otherwise with a name drawn
-  from those documents (of the gold answer's kind where there is one: a city for
-  a "where" question), right only by chance."""
+# The formats the warm start demonstrates, each as the evaluation prompts it: the
+# search template, and the direct and RAG baselines (``evaluate.method_prompt``).
+DEMO_FORMATS = ("search", "rag", "direct")
+
+
+def demonstrations(world: dict, engine, instruction: str, seed: int, *,
+                   bridge_fraction: float, baseline_fraction: float) -> list[dict]:
+  """Correct demonstrations on ``world`` (never the test world), each a row
+  ``{"prompt", "target", "target_segments", "target_loss", "format", "hops"}``:
+
+  * ``search``, one per training question: the template's prompt; the target
+    searches the question and sees the engine's documents exactly as the rollout
+    inserts them (no loss on them), and for a two-hop question, with probability
+    ``bridge_fraction``, also searches the bridge entity its documents name;
+    then it answers the gold answer. A two-hop demonstration without the second
+    search answers without the evidence (a guess to the model): the warm start
+    learns the format and reading, and when a second search pays is left to RL;
+  * ``rag`` for a ``baseline_fraction`` of the questions: the RAG baseline's
+    prompt (the engine's documents for the question) -> the gold answer;
+  * ``direct`` for another such share: the direct baseline's prompt -> the
+    gold answer (a world the model has not seen: the format only)."""
+  from zsjax.evaluate import method_prompt
   from zsjax.search import SearchRequest
 
   rng = np.random.default_rng(seed)
-  # longest first, ties by name: a fixed order (set order varies with PYTHONHASHSEED)
-  names = sorted({d["title"] for d in world["corpus"]}, key=lambda n: (-len(n), n))
-  kind = {d["title"]: d["kind"] for d in world["corpus"]}
   rows = []
   for q in world["splits"]["train"]:
-    queries = [q["question"]] + ([q["bridge"]] if q["bridge"] else [])
-    segments, loss, seen_docs = [], [], []
+    answer = f"<answer> {q['golden_answers'][0]} </answer>"
+    queries = [q["question"]]
+    if q["bridge"] and rng.random() < bridge_fraction:
+      queries.append(q["bridge"])
+    segments, loss, first_docs = [], [], None
     for query in queries:
       docs = engine.search([SearchRequest(query)]).documents[0]
-      seen_docs += docs
+      first_docs = docs if first_docs is None else first_docs
       segments += [f"<search> {query} </search>", render_observation(docs)]
       loss += [1, 0]  # the documents are inserted, not written: no loss on them
-    text = " ".join(seen_docs)
-    mentioned = [n for n in names if n in text and n not in q["question"]] or names[:1]
-    # A name of the gold answer's kind (a city for "where", ...) when the documents
-    # hold one: the format of a good answer, right only by chance.
-    typed = [n for n in mentioned if kind.get(n) == kind.get(q["golden_answers"][0])]
-    mentioned = typed or mentioned
-    answer = mentioned[rng.integers(len(mentioned))]
-    if rng.random() < correct_fraction:
-      answer = q["golden_answers"][0]
-    segments.append(f"<answer> {answer} </answer>")
+    segments.append(answer)
     loss.append(1)
+    common = {"hops": q["hops"]}
     rows.append({"prompt": render_prompt(q["question"], None, instruction, False),
                  "target": "".join(segments), "target_segments": segments,
-                 "target_loss": loss})
+                 "target_loss": loss, "format": "search", **common})
+    draw = rng.random()
+    for fmt, low in (("rag", 0.0), ("direct", baseline_fraction)):
+      if low <= draw < low + baseline_fraction:
+        docs = first_docs if fmt == "rag" else ()
+        rows.append({"prompt": method_prompt(fmt, q["question"], None, docs),
+                     "target": answer, "target_segments": [answer], "target_loss": [1],
+                     "format": fmt, **common})
   return rows
 
 
@@ -206,7 +218,11 @@ def _train_lm(config, section: str, directory: Path, tokenizer: str, rows) -> No
 
 
 def _world_paths(run: StageRun) -> dict:
-  return tinyworld.paths(run.workdir / "world")
+  return _world_paths_of(run.workdir)
+
+
+def _world_paths_of(workdir: Path) -> dict:
+  return tinyworld.paths(Path(workdir) / "world")
 
 
 def _world_size(config) -> tinyworld.WorldSize:
@@ -263,26 +279,36 @@ def make_sim_tuning(run: StageRun) -> None:
   sim_tuning.run(sub, str(out))
 
 
-def make_warm_start(run: StageRun) -> None:
-  """Demonstrations from ``demo_worlds`` other worlds (other seeds: many distinct
-  names, so copying pays and memorising does not) and, with
-  ``demo_world="train"``, from this world's training questions too: their
-  documents carry no loss and their answers are a name drawn from the documents."""
+def demonstration_worlds(config) -> list[dict]:
+  """The ``demo_worlds`` worlds the warm start is demonstrated on (other seeds than
+  ``config.seed``, the same size)."""
+  if config.demo_worlds < 1:
+    raise ValueError(f"config.demo_worlds={config.demo_worlds}: the warm start needs at least "
+                     "one other world to demonstrate on (64 by default).")
+  return [tinyworld.generate(config.seed + 7919 * (k + 1), _world_size(config))
+          for k in range(config.demo_worlds)]
+
+
+def warm_start_rows(config) -> list[dict]:
+  """Every demonstration the warm start trains on (``demonstrations`` of each of
+  ``demonstration_worlds``, BM25 with ``top_k`` as the engine); never this
+  world's questions."""
   from zsjax import search
 
-  config, size = run.config, _world_size(run.config)
-  worlds = [(tinyworld.generate(config.seed + 7919 * (k + 1), size),
-             config.demo_correct_fraction)
-            for k in range(max(config.demo_worlds, int(config.demo_world == "other")))]
-  if config.demo_world == "train":
-    worlds.append((tinyworld.generate(config.seed, size), 0.0))
   rows = []
-  for k, (demo_world, correct) in enumerate(worlds):
-    engine = search.BM25Engine([d["contents"] for d in demo_world["corpus"]],
-                               top_k=config.top_k)
-    rows += demonstrations(demo_world, engine, config.instruction, config.seed + k, correct)
-  _train_lm(config, "warm_start", run.workdir / "warm_start", _world_paths(run)["tokenizer"],
-            rows)
+  for k, world in enumerate(demonstration_worlds(config)):
+    engine = search.BM25Engine([d["contents"] for d in world["corpus"]], top_k=config.top_k)
+    rows += demonstrations(world, engine, config.instruction, config.seed + k,
+                           bridge_fraction=config.demo_bridge_fraction,
+                           baseline_fraction=config.demo_baseline_fraction)
+  return rows
+
+
+def make_warm_start(run: StageRun) -> None:
+  """The policy LM trained on ``warm_start_rows``: other worlds (many distinct
+  facts over the same name pools, so reading pays and memorising does not)."""
+  _train_lm(run.config, "warm_start", run.workdir / "warm_start",
+            _world_paths(run)["tokenizer"], warm_start_rows(run.config))
 
 
 def simulator_dir(run: StageRun) -> Path:
@@ -320,10 +346,101 @@ def compared_methods(config) -> list[str]:
 
 
 def make_evaluation(run: StageRun) -> None:
+  """The policies on the test split (``evaluate_policies``) and the simulator's
+  controllability on the test questions' queries (``controllability``)."""
   paths = _world_paths(run)
+  control = controllability(run.config, run.workdir, simulator_dir(run))
+  (run.workdir / "controllability.json").write_text(json.dumps(control, indent=2) + "\n")
   results = evaluate_policies(run.config, run.workdir, paths, paths["tokenizer"],
                               run.config.instruction, compared_methods(run.config))
   (run.workdir / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+# Groups of the controllability report's queries: answerable ones first.
+CONTROL_GROUPS = ("single_hop_question", "bridge", "two_hop_question", "other_question")
+ANSWERABLE = ("single_hop_question", "bridge")
+
+
+def control_queries(questions: list[dict], seed: int) -> list[dict]:
+  """The queries the controllability report asks about each of ``questions``
+  (the test split: held out from every stage), as rows ``{question,
+  golden_answers, query, group}``: a single-hop question itself; a two-hop
+  question itself and its bridge entity (whose document holds the answer); and
+  another question of the same relation (a query about the wrong entity)."""
+  rng = np.random.default_rng(seed)
+  by_relation: dict[str, list[dict]] = {}
+  for q in questions:
+    by_relation.setdefault(q["relation"], []).append(q)
+  rows = []
+  for q in questions:
+    queries = [(q["question"], "single_hop_question" if q["hops"] == 1 else "two_hop_question")]
+    if q["bridge"]:
+      queries.append((q["bridge"], "bridge"))
+    others = [o for o in by_relation[q["relation"]] if o["question"] != q["question"]]
+    if others:
+      queries.append((others[rng.integers(len(others))]["question"], "other_question"))
+    rows += [{"question": q["question"], "golden_answers": list(q["golden_answers"]),
+              "query": query, "group": group} for query, group in queries]
+  return rows
+
+
+def controllability(config, workdir: Path, simulator: Path) -> dict:
+  """Does the simulator RL trains against control quality? For the test
+  questions' queries (``control_queries``), rendered as RL's policy writes them
+  and generated as RL generates them (``config.rl.simulator``: temperature and
+  token budget, the question and gold answer in the prompt), the share whose
+  *useful* and whose *noisy* documents hold the question's gold answer, per
+  group, next to the real engine's share (BM25's top-k for the same query). On
+  the answerable groups a useful result should hold it and a noisy one should
+  not; on ``other_question`` neither should (the answer leaking into a wrong
+  query's results would reward miscopied queries)."""
+  from zsjax import hf, search, sim_tuning
+  from zsjax.simulator import SimulatorPrompt
+
+  paths = _world_paths_of(workdir)
+  rows = control_queries(read_jsonl(paths["test_single_hop"]) + read_jsonl(paths["test_two_hop"]),
+                         config.seed)
+  cfg, params = hf.load_checkpoint(simulator)
+  tokenizer = hf.load_tokenizer(paths["tokenizer"])
+  rl = config.rl
+  texts = sim_tuning.simulated_documents(
+      cfg, params, tokenizer, rows,
+      sim_prompt=SimulatorPrompt.from_config(config.simulator_template, config.top_k),
+      max_new_tokens=rl.simulator.max_new_tokens, max_query_tokens=rl.rollout.max_query_tokens,
+      batch_size=config.eval_batch_size, seed=config.seed, temperature=rl.simulator.temperature)
+  engine = search.BM25Engine.from_jsonl(paths["corpus"], top_k=config.top_k)
+  real = engine.search([search.SearchRequest(r["query"]) for r in rows]).documents
+  holds = sim_tuning.RuleJudge()
+
+  def share(mask, found):
+    picked = [f for f, m in zip(found, mask) if m]
+    return float(np.mean(picked)) if picked else float("nan")
+
+  found = {"useful": [holds.useful("", r["golden_answers"], "", [t])
+                      for r, t in zip(rows, texts["useful"])],
+           "noisy": [holds.useful("", r["golden_answers"], "", [t])
+                     for r, t in zip(rows, texts["noisy"])],
+           "real": [holds.useful("", r["golden_answers"], "", list(d))
+                    for r, d in zip(rows, real)]}
+  report = {"simulator": str(simulator), "groups": {}}
+  groups = {g: [r["group"] == g for r in rows] for g in CONTROL_GROUPS}
+  groups["answerable"] = [r["group"] in ANSWERABLE for r in rows]
+  for name, mask in groups.items():
+    report["groups"][name] = {"queries": int(sum(mask)),
+                              **{mode: share(mask, f) for mode, f in found.items()}}
+  write_jsonl(workdir / "simulator_samples.jsonl",
+              [dict(r, useful=u, noisy=n) for r, u, n in
+               zip(rows[:64], texts["useful"], texts["noisy"])])
+  return report
+
+
+def controllability_table(report: dict) -> str:
+  lines = ["| queries | n | simulator useful | simulator noisy | real engine (BM25) |",
+           "|---|---|---|---|---|"]
+  for name, g in report["groups"].items():
+    lines.append(f"| {name} | {g['queries']} | {100 * g['useful']:.1f} | "
+                 f"{100 * g['noisy']:.1f} | {100 * g['real']:.1f} |")
+  return "\n".join(lines)
 
 
 # Every stage's cache key covers these fields and the ones it declares.
@@ -335,8 +452,8 @@ SIM_TUNING = Stage("sim_tuning", "sim_tuning/sim_tuning.json", make_sim_tuning,
                    reads=("top_k", "simulator_template", "sim_worlds", "sim_tuning"),
                    after=("pretrain",))
 WARM_START = Stage("warm_start", "warm_start/sft_summary.json", make_warm_start,
-                   reads=("top_k", "instruction", "demo_correct_fraction", "demo_world",
-                          "demo_worlds", "warm_start"), after=("world",))
+                   reads=("top_k", "instruction", "demo_worlds", "demo_bridge_fraction",
+                          "demo_baseline_fraction", "warm_start"), after=("world",))
 RL_SIMULATOR = Stage("rl_simulator", "rl_simulator/rl_summary.json", make_rl_simulator,
                      reads=("top_k", "instruction", "rl", "simulator_template"),
                      after=("warm_start", "simulator"))
@@ -371,10 +488,16 @@ def run(config, workdir: str) -> dict:
 
 def write_results(config, workdir: Path, state: StageRun) -> dict:
   """``results.json`` / ``results.md``, plots and ``final_policy/``."""
+  from zsjax import environment
+
+  predictions = read_jsonl(workdir / "predictions.jsonl")
   results = {"methods": json.loads((workdir / "evaluation.json").read_text()),
              "stage_seconds": state.seconds, "total_seconds": float(sum(state.seconds.values())),
              "seed": config.seed, "reused_stages": state.reused,
-             "gains_over_warm_start": paired_gains(read_jsonl(workdir / "predictions.jsonl"))}
+             "gains_over_warm_start": paired_gains(predictions),
+             "gains_over_rag": paired_gains(predictions, base="rag"),
+             "simulator_control": json.loads((workdir / "controllability.json").read_text()),
+             "environment": environment.describe()}
   (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
   table = results_table(results)
   (workdir / "results.md").write_text(table + "\n")
@@ -430,6 +553,9 @@ def evaluate_policies(config, workdir: Path, paths: dict, tokenizer_dir: str,
     summary = evaluate.summarize(records)
     out[name] = {split: {m: summary[split][m] for m in evaluate.METRICS} for split in rows}
     out[name]["all"] = {m: float(np.mean([r[m] for r in records])) for m in evaluate.METRICS}
+    for split in SPLITS:
+      out[name][split]["searches"] = float(np.mean([r["searches"] for r in records
+                                                    if split in ("all", r["set"])]))
     out[name]["searches_per_question"] = float(np.mean([r["searches"] for r in records]))
     predictions += [dict(r, method=name) for r in records]
     del params
@@ -461,54 +587,110 @@ def paired_gains(records: list[dict], base: str = "warm_start") -> dict:
   return gains
 
 
+# How results.md says each method is prompted.
+PROMPTS = {
+    "warm_start": "the search template (``config.instruction``), BM25 as the engine, greedy",
+    "direct": "``evaluate.DIRECT_INSTRUCTION`` and the question, no search (a format in the "
+              "warm start's demonstrations)",
+    "rag": "``evaluate.RAG_INSTRUCTION``, BM25's top-k documents for the question, then the "
+           "question; no further search (a format in the warm start's demonstrations)",
+    "rl_simulator": "the search template after RL against the simulator; BM25 at test",
+    "rl_real_search": "the search template after RL against BM25",
+}
+
+
+def _gain_line(gains: dict, base: str) -> list[str]:
+  if not gains:
+    return []
+  n = next(iter(gains.values()))["n"]
+  return ["", f"All-EM gain over {base}, paired over the same {n} test questions "
+          "(± one standard error): " + ", ".join(
+              f"{m} {100 * g['em']:+.1f} ± {100 * g['stderr']:.1f}"
+              for m, g in gains.items()) + "."]
+
+
 def results_table(results: dict) -> str:
   lines = ["| method | " + " | ".join(f"{s} EM" for s in SPLITS) + " | all substring EM | "
-           "all F1 | searches / question |", "|---|" + "---|" * (len(SPLITS) + 3)]
+           "all F1 | searches / question (single, two-hop) |", "|---|" + "---|" * (len(SPLITS) + 3)]
   for method in (m for m in METHODS if m in results["methods"]):
     r = results["methods"][method]
     cells = [f"{100 * r[s]['em']:.1f}" for s in SPLITS]
+    searches = (f" ({r['single_hop']['searches']:.2f}, {r['two_hop']['searches']:.2f})"
+                if "searches" in r["single_hop"] else "")
     cells += [f"{100 * r['all']['substring_em']:.1f}", f"{100 * r['all']['f1']:.1f}",
-              f"{r['searches_per_question']:.2f}"]
+              f"{r['searches_per_question']:.2f}{searches}"]
     lines.append(f"| {method} | " + " | ".join(cells) + " |")
-  gains = results.get("gains_over_warm_start") or {}
-  if gains:
-    n = next(iter(gains.values()))["n"]
-    lines += ["", f"All-EM gain over warm_start, paired over the same {n} test questions "
-              "(± one standard error): " + ", ".join(
-                  f"{m} {100 * g['em']:+.1f} ± {100 * g['stderr']:.1f}"
-                  for m, g in gains.items()) + "."]
+  lines += _gain_line(results.get("gains_over_warm_start") or {}, "warm_start")
+  rag = {m: g for m, g in (results.get("gains_over_rag") or {}).items() if m.startswith("rl_")}
+  lines += _gain_line(rag, "rag")
+  lines += ["", "Prompts: " + "; ".join(f"{m}: {PROMPTS[m]}" for m in METHODS
+                                        if m in results["methods"]) + "."]
+  control = results.get("simulator_control")
+  if control:
+    lines += ["", "Simulator control (test questions' queries as RL writes them; % whose "
+              "documents hold the question's gold answer):", "", controllability_table(control)]
   seconds = results["stage_seconds"]
   lines += ["", "Stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
             + f"; total {sum(seconds.values()):.0f} s."]
+  env = results.get("environment")
+  if env:
+    lines += ["", f"Machine: {env['cpu']}, {env['cores']} cores; commit {env['commit']}; "
+              + ", ".join(f"{k} {v}" for k, v in env["packages"].items()) + "."]
   return "\n".join(lines)
 
 
-def plot_training(workdir: Path) -> None:
-  """PNG plots of RL against the simulator and against BM25: training reward,
-  EM, searches per question and p_noise over steps."""
+# The RL plots: file name, title, and the metrics drawn (one line each per run).
+PLOTS = (("reward_f1", "training reward (F1)", ("reward/f1",)),
+         ("reward_em", "training EM", ("reward/em",)),
+         ("rollout_searches", "searches per trajectory", ("rollout/searches",)),
+         ("searches_by_hops", "searches per trajectory (single-hop, two-hop)",
+          ("rollout/searches/single_hop", "rollout/searches/two_hop")),
+         ("reward_f1_by_hops", "training reward F1 (single-hop, two-hop)",
+          ("reward/f1/single_hop", "reward/f1/two_hop")),
+         ("curriculum_p_noise", "noise probability", ("curriculum/p_noise",)))
+
+
+def plot_runs(runs: dict[str, list[dict]], directory: Path, colors: dict | None = None) -> list:
+  """One PNG per ``PLOTS`` entry under ``directory``: a line per run (``runs``:
+  label -> metrics.jsonl records) and metric, metrics told apart by line style.
+  ``colors``: label -> color (runs of one seed share one). Returns the files."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  (workdir / "plots").mkdir(exist_ok=True)
+  directory.mkdir(parents=True, exist_ok=True)
+  written = []
+  for name, title, keys in PLOTS:
+    if not any(k in rec for records in runs.values() for rec in records[:1] for k in keys):
+      continue
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for label, records in runs.items():
+      for key, style in zip(keys, ("-", "--")):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+          suffix = f" {key.rsplit('/', 1)[-1]}" if len(keys) > 1 else ""
+          ax.plot(*zip(*points), style, label=label + suffix,
+                  color=(colors or {}).get(label))
+    ax.set_xlabel("RL step")
+    ax.set_title(title)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(directory / f"{name}.png", dpi=100)
+    plt.close(fig)
+    written.append(directory / f"{name}.png")
+  return written
+
+
+def plot_training(workdir: Path) -> None:
+  """``plot_runs`` of RL against the simulator and against BM25 into ``WORKDIR/plots``."""
   runs = {name: read_jsonl(workdir / name / "metrics.jsonl")
           for name in ("rl_simulator", "rl_real_search")
           if (workdir / name / "metrics.jsonl").exists()}
-  for key, title in (("reward/f1", "training reward (F1)"), ("reward/em", "training EM"),
-                     ("rollout/searches", "searches per trajectory"),
-                     ("curriculum/p_noise", "noise probability")):
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for name, records in runs.items():
-      ax.plot([r["step"] for r in records], [r[key] for r in records], label=name)
-    ax.set_xlabel("RL step")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(workdir / "plots" / f"{key.replace('/', '_')}.png", dpi=100)
-    plt.close(fig)
+  plot_runs(runs, workdir / "plots")
 
 
-__all__ = ["METHODS", "SPLITS", "COMMON_FIELDS", "stages_of", "simulator_dir", "write_results",
+__all__ = ["METHODS", "SPLITS", "COMMON_FIELDS", "DEMO_FORMATS", "CONTROL_GROUPS", "PROMPTS",
+           "PLOTS", "plot_runs", "demonstration_worlds", "warm_start_rows", "control_queries", "controllability", "controllability_table", "stages_of", "simulator_dir", "write_results",
            "demonstrations", "evaluate_policies",
            "paired_gains", "results_table", "plot_training", "run"]

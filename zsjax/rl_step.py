@@ -314,6 +314,22 @@ def step_metrics(update_metrics: list[dict], traj, scores: dict, reward: np.ndar
   return metrics
 
 
-__all__ = ["ENGINES", "check_config", "RLState", "RLBatch", "RLPrograms", "build_programs", "minibatch_sizes",
+def source_metrics(traj, scores: dict, sources) -> dict[str, float]:
+  """Reward, EM and searches per trajectory for each data source of the batch
+  (``data_source`` of the training rows, e.g. a benchmark's name, or the tiny
+  world's ``single_hop`` / ``two_hop``): ``reward/f1/<source>``, ``reward/em/<source>``,
+  ``rollout/searches/<source>`` (sources absent from the batch are left out)."""
+  sources = np.asarray(sources)
+  names = sorted(set(sources.tolist()))
+  out = {}
+  for name in names:
+    rows = sources == name
+    out[f"reward/f1/{name}"] = float(scores["f1"][rows].mean())
+    out[f"reward/em/{name}"] = float(scores["em"][rows].mean())
+    out[f"rollout/searches/{name}"] = float(np.asarray(traj.searches)[rows].mean())
+  return out
+
+
+__all__ = ["ENGINES", "source_metrics", "check_config", "RLState", "RLBatch", "RLPrograms", "build_programs", "minibatch_sizes",
            "critic_from_policy", "loss_mask_of", "make_rl_batch", "update_epochs",
            "step_metrics"]

@@ -275,20 +275,17 @@ def save_sft_dataset(rows: Sequence[dict], directory: str | Path, *, test_fracti
 # --------------------------------------------------------------- quality report
 
 
-def quality_report(sim_cfg, sim_params, tokenizer, rows: Sequence[dict], *,
-                   sim_prompt: SimulatorPrompt = SimulatorPrompt(), max_new_tokens: int = 128,
-                   max_query_tokens: int = 32, batch_size: int = 8, seed: int = 0,
-                   temperature: float = 0.0) -> dict:
-  """Generates documents for each held-out row in *useful* and in *noisy* mode
-  with the on-device simulator engine (the one RL uses) and reports how often
-  they contain a gold answer, plus the target perplexity of the rows' own
-  documents under their own label. Returns a dict; ``format_report`` prints it."""
+def simulated_documents(sim_cfg, sim_params, tokenizer, rows: Sequence[dict], *,
+                        sim_prompt: SimulatorPrompt = SimulatorPrompt(),
+                        max_new_tokens: int = 128, max_query_tokens: int = 32,
+                        batch_size: int = 8, seed: int = 0,
+                        temperature: float = 0.0) -> dict[str, list[str]]:
+  """The documents the on-device simulator engine (the one RL uses) writes for
+  each row's ``query`` (rendered as RL's policy writes it), with the row's
+  ``question`` and first gold answer in its prompt: ``{"useful": [text per
+  row], "noisy": [text per row]}``. Greedy at ``temperature`` 0, else sampled."""
   from zsjax.sampling import Greedy, Sampling
-  from zsjax.train_sft import packed_split
-  from zsjax.train_step import next_token_loss
 
-  if not rows:
-    raise ValueError("quality_report: no held-out rows (is the dataset's test split empty?).")
   static = rollout_lib.prepare_static_tokens(tokenizer, vocab_size=sim_cfg.vocab_size)
   prefix_width = max(len(tokenizer.encode(sim_prompt.split(r["question"], r["golden_answers"][0],
                                                            noisy, tokenizer)[0],
@@ -300,14 +297,12 @@ def quality_report(sim_cfg, sim_params, tokenizer, rows: Sequence[dict], *,
       sampling=Greedy() if temperature <= 0 else Sampling(temperature=temperature),
       eos_ids=static.eos_ids, pad_id=static.pad_id)
   generate = jax.jit(engine)
-  contains = {"useful": [], "noisy": []}
+  texts = {"useful": [], "noisy": []}
   for start in range(0, len(rows), batch_size):
     chunk = list(rows[start:start + batch_size])
     n = len(chunk)
     chunk += [chunk[-1]] * (batch_size - n)
-    questions = [r["question"] for r in chunk]
-    answers = [r["golden_answers"][0] for r in chunk]
-    inputs = engine.inputs(questions, answers)
+    inputs = engine.inputs([r["question"] for r in chunk], [r["golden_answers"][0] for r in chunk])
     query_ids = [tokenizer.encode(policy_query(r["query"]),  # as RL's policy writes it
                                   add_special_tokens=False)[:max_query_tokens] for r in chunk]
     query = np.full((batch_size, max_query_tokens), static.pad_id, np.int32)
@@ -320,9 +315,30 @@ def quality_report(sim_cfg, sim_params, tokenizer, rows: Sequence[dict], *,
                                     jnp.ones((batch_size,), bool), noisy,
                                     jax.random.fold_in(jax.random.key(seed), start)))
       for i in range(n):
-        text = tokenizer.decode(np.asarray(out.tokens[i, :out.lengths[i]]).tolist(),
-                                skip_special_tokens=True)
-        contains[mode].append(RuleJudge().useful("", chunk[i]["golden_answers"], "", [text]))
+        texts[mode].append(tokenizer.decode(np.asarray(out.tokens[i, :out.lengths[i]]).tolist(),
+                                            skip_special_tokens=True))
+  return texts
+
+
+def quality_report(sim_cfg, sim_params, tokenizer, rows: Sequence[dict], *,
+                   sim_prompt: SimulatorPrompt = SimulatorPrompt(), max_new_tokens: int = 128,
+                   max_query_tokens: int = 32, batch_size: int = 8, seed: int = 0,
+                   temperature: float = 0.0) -> dict:
+  """Generates documents for each held-out row in *useful* and in *noisy* mode
+  (``simulated_documents``) and reports how often they contain a gold answer,
+  plus the target perplexity of the rows' own documents under their own label.
+  Returns a dict; ``format_report`` prints it."""
+  from zsjax.train_sft import packed_split
+  from zsjax.train_step import next_token_loss
+
+  if not rows:
+    raise ValueError("quality_report: no held-out rows (is the dataset's test split empty?).")
+  texts = simulated_documents(sim_cfg, sim_params, tokenizer, rows, sim_prompt=sim_prompt,
+                              max_new_tokens=max_new_tokens, max_query_tokens=max_query_tokens,
+                              batch_size=batch_size, seed=seed, temperature=temperature)
+  contains = {mode: [RuleJudge().useful("", r["golden_answers"], "", [text])
+                     for r, text in zip(rows, texts[mode])] for mode in texts}
+  static = rollout_lib.prepare_static_tokens(tokenizer, vocab_size=sim_cfg.vocab_size)
   eos = tokenizer.eos_token_id
   packed, info = packed_split(tokenizer, rows, 4096, eos, static.pad_id, "quality_report")
   loss, _ = jax.jit(lambda p, b: next_token_loss(sim_cfg, p, b))(
@@ -495,4 +511,5 @@ def run(config, workdir: str) -> dict:
 
 __all__ = ["run", "RecordingEngine", "collect_trajectories", "make_collection_policy", "RuleJudge",
            "LLMJudge", "DEFAULT_JUDGE_PROMPT", "label_pairs", "balance", "label_counts",
-           "sft_rows", "save_sft_dataset", "quality_report", "format_report", "report_rows"]
+           "sft_rows", "save_sft_dataset", "simulated_documents", "quality_report", "format_report",
+           "report_rows"]

@@ -51,6 +51,7 @@ class RLJob:
   key: jax.Array  # key(seed); step s draws from fold_in(key, s)
   tokenizer: Any
   data: Any  # datasets.Dataset of QA rows
+  sources: tuple[str, ...]  # the data's data_source values, sorted
   plan: ShardingPlan
   policy_cfg: Any
   initial_params: Any
@@ -94,18 +95,19 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> RLJob:
           policy_sampling),
       plan, policy_cfg, engine=engine, engine_state_shardings=engine_shardings)
   programs = rl_step.build_programs(r, policy_cfg, plan, policy_sampling.temperature)
+  data = data_lib.load_qa(config.data.train_files, on_error=config.data.on_error,
+                          limit=config.data.limit or None)
   return RLJob(
       config=config, workdir=Path(workdir), key=key, tokenizer=tokenizer,
-      data=data_lib.load_qa(config.data.train_files, on_error=config.data.on_error,
-                            limit=config.data.limit or None),
+      data=data, sources=tuple(sorted(set(data["data_source"]))),
       plan=plan, policy_cfg=policy_cfg, initial_params=params,
       ref_params=programs.copy_params(params), engine=engine, engine_state=engine_state,
       rollout=rollout, rollout_config=rollout_config, pad_id=static.pad_id, programs=programs)
 
 
 def rollout_batch(job: RLJob, step: int):
-  """The step's prompts (a function of the step) as a ``RolloutBatch``, and each
-  row's gold answers."""
+  """The step's prompts (a function of the step) as a ``RolloutBatch``, each
+  row's gold answers and each row's data source."""
   config, r = job.config, job.config.rl
   rows = data_lib.batch_rows(len(job.data), r.prompts_per_step, config.seed, step - 1)
   examples = [job.data[int(i)] for i in rows]
@@ -125,7 +127,8 @@ def rollout_batch(job: RLJob, step: int):
                      f"config.simulator.max_prefix_tokens="
                      f"{config.simulator.max_prefix_tokens}.") from None
   golds = [list(e["golden_answers"]) for e in examples for _ in range(r.samples_per_prompt)]
-  return batch, golds
+  sources = [e["data_source"] for e in examples for _ in range(r.samples_per_prompt)]
+  return batch, golds, sources
 
 
 def train_step(job: RLJob, state: rl_step.RLState, step: int):
@@ -133,7 +136,7 @@ def train_step(job: RLJob, state: rl_step.RLState, step: int):
   r, programs = job.config.rl, job.programs
   timings = {}
   start = time.perf_counter()
-  batch, golds = rollout_batch(job, step)
+  batch, golds, sources = rollout_batch(job, step)
   rng = jax.random.fold_in(job.key, step)
   traj = to_host(job.rollout(state.policy.params, job.engine_state, batch,
                              jax.random.fold_in(rng, 0), jnp.int32(step)))
@@ -157,6 +160,8 @@ def train_step(job: RLJob, state: rl_step.RLState, step: int):
   timings["step_s"] = time.perf_counter() - start
   metrics = rl_step.step_metrics(update_metrics, traj, scores, reward,
                                  job.rollout_config.noise_probability(step), timings)
+  if len(job.sources) > 1:  # per-source reward and searches (e.g. single- vs two-hop)
+    metrics.update(rl_step.source_metrics(traj, scores, sources))
   return state, metrics, (traj, golds, scores)
 
 
