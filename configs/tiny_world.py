@@ -8,15 +8,20 @@ Hardware: a 2-core CPU, no accelerator, nothing downloaded.
 Stages (zsjax/pipeline.py; each skipped when its output exists): build the world
 -> pretrain a simulator LM on its documents (as search results) -> tune it as a
 search simulator on oracle BM25 searches labelled by whether they answer the
-query -> warm-start a policy on format demonstrations (no loss on documents,
-answers a name of the right kind drawn from them, right only by chance) -> RL
+query (its prompt carries the question and the gold answer, as in the paper) ->
+warm-start a policy on correct demonstrations from 64 *other* worlds (reading
+skill and the formats of the search template, RAG and direct answering; none of
+this world's facts; a second search on a quarter of two-hop questions) -> RL
 against the simulator (REINFORCE, noise curriculum) and, for comparison, against
-BM25 -> evaluate everything with BM25, greedy.
-Expected (~13 min): WORKDIR/results.json, results.md (EM / substring EM / F1 on
-single-hop, two-hop and all test questions for warm_start, direct, rag,
-rl_simulator, rl_real_search), plots/*.png, per-stage TensorBoard logs and
-checkpoints, final_policy/ (HF). No score is promised yet: one seed is an
-anecdote (README, "Status of the tiny world").
+BM25 -> evaluate everything with BM25, greedy, and measure how well the
+simulator controls quality.
+Expected (~13 min on 2 cores): WORKDIR/results.json (with the machine, package
+versions and commit), results.md (EM / substring EM / F1 on single-hop, two-hop
+and all test questions for warm_start, direct, rag, rl_simulator,
+rl_real_search; paired gains; the simulator's control), plots/*.png, per-stage
+TensorBoard logs and checkpoints, final_policy/ (HF). Over seeds 0-2 the numbers
+to expect are in experiments/results/tiny_world_v2/report.md
+(experiments/tiny_world_seeds.py makes it).
 """
 
 import ml_collections
@@ -147,7 +152,7 @@ def get_config(arg=None):
               samples_per_prompt=8 if ci else 4, total_steps=20 if ci else 50, epochs=1,
               minibatch_size=32 if ci else 64, micro_batch_size=16 if ci else 32,
               score_batch_size=16 if ci else 32, learning_rate=1e-3, warmup_fraction=0.1,
-              decay="cosine" if ci else "constant",
+              decay="cosine",
               weight_decay=0.0, grad_clip=1.0, clip_eps=0.2, dual_clip=0.0, kl_coef=0.001,
               kl_type="k3", entropy_coef=0.0, aggregation="token_mean", loss_mask="policy",
               critic_learning_rate=1e-4, critic_warmup_fraction=0.0, value_clip=0.5,
@@ -217,6 +222,19 @@ def sweep_loss_mask(add):
 def sweep_algorithms(add):
   """REINFORCE (default) vs GRPO vs PPO."""
   _arms(add, ("algorithms",))
+
+
+# Each algorithm's RL learning rate, tuned on seed 0 before the algorithm ablation
+# (experiments/README.md); ARMS["algorithms"] uses the best of each.
+LEARNING_RATES = (3e-4, 1e-3, 3e-3)
+
+
+def sweep_learning_rates(add):
+  """REINFORCE, GRPO and PPO at each of LEARNING_RATES, seed 0."""
+  for algorithm in ("reinforce", "grpo", "ppo"):
+    for lr in LEARNING_RATES:
+      add(seed=0, compare_real_search=False,
+          **{"rl.rl.algorithm": algorithm, "rl.rl.learning_rate": lr})
 
 
 def sweep_ablations(add):

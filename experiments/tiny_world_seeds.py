@@ -2,7 +2,8 @@
 
   python experiments/tiny_world_seeds.py --root=/tmp/tw --seeds=0,1,2 --run
   python experiments/tiny_world_seeds.py --root=/tmp/tw --seeds=0 --run \\
-      --name=seed_{seed}_one_core --prefix="taskset -c 0"      # another float rounding
+      --name=seed_{seed}_one_core --prefix="taskset -c 0" \\
+      --cache=/tmp/tw/cache_one_core                  # every stage again, other rounding
   python experiments/tiny_world_seeds.py --root=/tmp/tw --seeds=0,1,2 --out=DIR
 
 ``--run`` runs each missing ``ROOT/<name>`` (``--name``, default ``seed_{seed}``)
@@ -42,14 +43,15 @@ from zsjax.metrics import read_jsonl  # noqa: E402
 CONFIG = "configs/tiny_world.py"
 
 
-def run_seed(root: Path, name: str, seed: int, prefix: str, sets: list[str]) -> None:
+def run_seed(root: Path, name: str, seed: int, prefix: str, sets: list[str],
+             cache: Path) -> None:
   workdir = root / name
   if (workdir / "results.json").exists():
     print(f"{workdir}: finished, skipped", flush=True)
     return
   command = shlex.split(prefix) + [
       sys.executable, "-m", "zsjax.main", f"--config={CONFIG}", f"--workdir={workdir}",
-      f"--config.seed={seed}", f"--config.stage_cache={root / 'cache'}",
+      f"--config.seed={seed}", f"--config.stage_cache={cache}",
       "--config.progress=False"] + [f"--config.{s}" for s in sets]
   print(" ".join(shlex.quote(c) for c in command), flush=True)
   start = time.time()
@@ -194,6 +196,8 @@ def main(argv=None):
   parser.add_argument("--name", default="seed_{seed}", help="workdir name under ROOT")
   parser.add_argument("--prefix", default="", help="command prefix, e.g. 'taskset -c 0'")
   parser.add_argument("--set", action="append", default=[], help="KEY=VALUE config override")
+  parser.add_argument("--cache", default="", help="stage cache (default ROOT/cache); a rerun "
+                      "that must recompute every stage needs its own")
   parser.add_argument("--out", default="", help="report directory (default ROOT)")
   args = parser.parse_args(argv)
   root = Path(args.root)
@@ -201,7 +205,8 @@ def main(argv=None):
   seeds = [int(s) for s in args.seeds.split(",") if s]
   if args.run:
     for seed in seeds:
-      run_seed(root, args.name.format(seed=seed), seed, args.prefix, args.set)
+      run_seed(root, args.name.format(seed=seed), seed, args.prefix, args.set,
+               Path(args.cache) if args.cache else root / "cache")
   ready = [s for s in seeds if (root / f"seed_{s}" / "results.json").exists()]
   if not ready:
     print(json.dumps({"seeds": [], "note": "no finished seed_<N> run under the root"}))

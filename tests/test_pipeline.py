@@ -99,12 +99,17 @@ def test_demonstrations_are_correct_and_show_no_test_world_fact():
     assert len(search_rows) == len(questions)  # every training question once
     for row in rows:
       q = questions[row["prompt"].split("Question: ")[-1].strip()]
-      assert row["target_segments"][-1] == f"<answer> {q['golden_answers'][0]} </answer>"
+      gold = q["golden_answers"][0]
+      assert row["target_segments"][-2:] == ["<answer>", f" {gold} </answer>"]
       assert not any(doc in row["prompt"] + row["target"] for doc in test_docs)
       assert "".join(row["target_segments"]) == row["target"]
-      # documents are inserted text: they carry no loss, the policy's own turns do
+      # documents are inserted text: they carry no loss, the policy's own turns do;
+      # the answer's name only where the context holds it (reading, not guessing)
+      read = gold in row["prompt"] + "".join(row["target_segments"][:-1])
       assert row["target_loss"] == [int(not seg.startswith("\n\n<information>"))
-                                    for seg in row["target_segments"]]
+                                    for seg in row["target_segments"][:-1]] + [int(read)]
+      if row["format"] == "direct":
+        assert not read
       if row["format"] != "search":
         continue
       queries = [seg[len("<search> "):-len(" </search>")] for seg in row["target_segments"]
@@ -112,6 +117,8 @@ def test_demonstrations_are_correct_and_show_no_test_world_fact():
       # the question first; a two-hop question's bridge second, always or never here
       want = [q["question"]] + ([q["bridge"]] if q["bridge"] and bridge else [])
       assert queries == want
+      if q["hops"] == 1 or bridge:  # a single-hop question's document, or the bridge's
+        assert read
       for query, seg in zip(queries, row["target_segments"][1::2]):
         docs = engine.search([search.SearchRequest(query)]).documents[0]
         assert seg == pipeline.render_observation(docs)

@@ -80,19 +80,30 @@ def demonstrations(world: dict, engine, instruction: str, seed: int, *,
     inserts them (no loss on them), and for a two-hop question, with probability
     ``bridge_fraction``, also searches the bridge entity its documents name;
     then it answers the gold answer. A two-hop demonstration without the second
-    search answers without the evidence (a guess to the model): the warm start
-    learns the format and reading, and when a second search pays is left to RL;
+    search answers without the evidence: when a second search pays is left to
+    RL;
   * ``rag`` for a ``baseline_fraction`` of the questions: the RAG baseline's
     prompt (the engine's documents for the question) -> the gold answer;
   * ``direct`` for another such share: the direct baseline's prompt -> the
-    gold answer (a world the model has not seen: the format only)."""
+    gold answer (a world the model has not seen: the format only).
+
+  The answer's name carries loss only where the context (the prompt and the
+  inserted documents) holds it; ``<answer>`` always does. So the warm start is
+  taught to read an answer, never to guess one: what it writes after evidence
+  that does not answer is its own, as a base model's would be."""
   from zsjax.evaluate import method_prompt
   from zsjax.search import SearchRequest
 
   rng = np.random.default_rng(seed)
   rows = []
+
+  def answer(context: str) -> tuple[list[str], list[int]]:
+    # The name is a training target only where the context holds it: reading is
+    # taught, guessing is not (the tag is taught either way: the format).
+    gold = q["golden_answers"][0]
+    return ["<answer>", f" {gold} </answer>"], [1, int(gold in context)]
+
   for q in world["splits"]["train"]:
-    answer = f"<answer> {q['golden_answers'][0]} </answer>"
     queries = [q["question"]]
     if q["bridge"] and rng.random() < bridge_fraction:
       queries.append(q["bridge"])
@@ -102,19 +113,18 @@ def demonstrations(world: dict, engine, instruction: str, seed: int, *,
       first_docs = docs if first_docs is None else first_docs
       segments += [f"<search> {query} </search>", render_observation(docs)]
       loss += [1, 0]  # the documents are inserted, not written: no loss on them
-    segments.append(answer)
-    loss.append(1)
+    tail, tail_loss = answer("".join(segments))
     common = {"hops": q["hops"]}
     rows.append({"prompt": render_prompt(q["question"], None, instruction, False),
-                 "target": "".join(segments), "target_segments": segments,
-                 "target_loss": loss, "format": "search", **common})
+                 "target": "".join(segments + tail), "target_segments": segments + tail,
+                 "target_loss": loss + tail_loss, "format": "search", **common})
     draw = rng.random()
     for fmt, low in (("rag", 0.0), ("direct", baseline_fraction)):
       if low <= draw < low + baseline_fraction:
-        docs = first_docs if fmt == "rag" else ()
-        rows.append({"prompt": method_prompt(fmt, q["question"], None, docs),
-                     "target": answer, "target_segments": [answer], "target_loss": [1],
-                     "format": fmt, **common})
+        prompt = method_prompt(fmt, q["question"], None, first_docs if fmt == "rag" else ())
+        tail, tail_loss = answer(prompt)
+        rows.append({"prompt": prompt, "target": "".join(tail), "target_segments": tail,
+                     "target_loss": tail_loss, "format": fmt, **common})
   return rows
 
 
