@@ -385,8 +385,8 @@ def test_control_queries_ask_the_question_its_bridge_and_another_entity():
   world = tinyworld.generate(3, tinyworld.WorldSize(people=12, films=4, cities=6, countries=3,
                                                     organizations=3))
   questions = world["splits"]["test"]
-  rows = pipeline.control_queries(questions, seed=0)
   docs = {d["title"]: d["contents"] for d in world["corpus"]}
+  rows = pipeline.control_queries(questions, list(docs), seed=0)
   for q in questions:
     mine = {r["group"]: r for r in rows if r["question"] == q["question"]}
     own = "single_hop_question" if q["hops"] == 1 else "two_hop_question"
@@ -398,6 +398,19 @@ def test_control_queries_ask_the_question_its_bridge_and_another_entity():
       other = next(o for o in questions if o["question"] == mine["other_question"]["query"])
       assert other["relation"] == q["relation"] and other["question"] != q["question"]
     assert all(r["golden_answers"] == q["golden_answers"] for r in mine.values())
+    for r in mine.values():  # the subject is the entity the query is about
+      assert r["subject"] in r["query"] and r["subject"] in docs
+      if r["group"] in pipeline.ANSWERABLE:  # the subject's own document answers it
+        assert pipeline.answers([docs[r["subject"]]], r["subject"], r["golden_answers"])
+    if "other_question" in mine:
+      assert mine["other_question"]["subject"] != mine[own]["subject"]
+
+
+def test_a_document_answers_a_query_when_it_names_the_subject_and_the_answer():
+  docs = ["Tulzios is a sculptor born in Pidrin.", "Gromdrem is a physician born in Zumho."]
+  assert pipeline.answers(docs, "Tulzios", ["Pidrin"])
+  assert not pipeline.answers(docs, "Tulzios", ["Zumho"])  # the answer, about someone else
+  assert not pipeline.answers([], "Tulzios", ["Pidrin"])
 
 
 def test_source_metrics_by_hand():

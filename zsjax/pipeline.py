@@ -16,19 +16,22 @@ rerun resumes):
                whether they answer the *query* (``QueryJudge``) -> balanced SFT
                set -> the pretrained LM tuned into the search simulator
                (``sim_tuning``);
-  warm_start   the policy LM trained on *format* demonstrations from other
-               worlds: search the question (and a two-hop question's bridge
-               entity), read the BM25 documents, answer with a name of the right
-               kind drawn from them (right only by chance). The documents carry
-               no loss, so it learns the template, not facts and not which name
-               answers;
+  warm_start   the policy LM trained on correct demonstrations from 64 *other*
+               worlds (``demonstrations``): the search template (search the
+               question, and for a share of two-hop questions the bridge entity,
+               read the BM25 documents, answer), the RAG and the direct
+               baselines' formats. Documents carry no loss, nor does an answer
+               the context does not hold: it learns to read and the formats,
+               none of this world's facts, and not when a second search pays;
   rl_simulator the warm-start policy trained with RL (REINFORCE by default)
                against the tuned simulator under the noise curriculum;
   rl_real      the same RL against the real BM25 engine (the paper's comparison);
   evaluate     the test split with the real BM25 engine, greedy, for the
-               warm-start policy, direct answering, one-shot RAG, and both RL
-               policies; strict EM, substring EM and F1 on single-hop, two-hop and
-               all questions.
+               warm-start policy, direct answering, one-shot RAG (both in formats
+               the warm start was trained on), and both RL policies; strict EM,
+               substring EM and F1 on single-hop, two-hop and all questions; and
+               the simulator's control of quality on the test questions' queries
+               (``controllability``).
 
 With ``config.stage_cache=DIR`` every stage up to RL lives in ``DIR/<stage>/<key>``
 (``StageCache``), the key a digest of exactly the config fields that stage and
@@ -37,13 +40,16 @@ share a seed and differ only in, say, the RL algorithm then build the world,
 pretrain, tune the simulator and warm-start once. ``compare_real_search=False``
 leaves out RL against BM25 (an ablation arm needs it once per seed, not per arm).
 
-Outputs: ``results.json`` (``methods.<method>.<split>.<metric>``,
-``stage_seconds.<stage>`` -- a reused stage counts the seconds it took when it
-was made -- ``reused_stages``, and ``gains_over_warm_start.<method>.{em,stderr,n}``,
-each method's test-EM gain paired over the same questions), ``results.md``,
-``predictions.jsonl`` (every test answer), ``plots/*.png``, TensorBoard logs and
-checkpoints of every training stage, and ``final_policy/`` (HF export of the
-policy trained against the simulator).
+Outputs: ``results.json`` (``methods.<method>.<split>.<metric>`` with
+``searches`` per split, ``stage_seconds.<stage>`` -- a reused stage counts the
+seconds it took when it was made -- ``reused_stages``,
+``gains_over_warm_start`` and ``gains_over_rag`` (``<method>.{em,stderr,n}``,
+each method's test-EM gain paired over the same questions),
+``simulator_control`` (``controllability``) and ``environment`` (CPU, cores,
+package versions, commit: ``zsjax.environment``)), ``results.md``,
+``predictions.jsonl`` (every test answer), ``simulator_samples.jsonl``,
+``plots/*.png``, TensorBoard logs and checkpoints of every training stage, and
+``final_policy/`` (HF export of the policy trained against the simulator).
 """
 
 from __future__ import annotations
@@ -371,12 +377,19 @@ CONTROL_GROUPS = ("single_hop_question", "bridge", "two_hop_question", "other_qu
 ANSWERABLE = ("single_hop_question", "bridge")
 
 
-def control_queries(questions: list[dict], seed: int) -> list[dict]:
+def control_queries(questions: list[dict], titles, seed: int) -> list[dict]:
   """The queries the controllability report asks about each of ``questions``
   (the test split: held out from every stage), as rows ``{question,
-  golden_answers, query, group}``: a single-hop question itself; a two-hop
-  question itself and its bridge entity (whose document holds the answer); and
-  another question of the same relation (a query about the wrong entity)."""
+  golden_answers, query, subject, group}``: a single-hop question itself; a
+  two-hop question itself and its bridge entity (whose document holds the
+  answer); and another question of the same relation (a query about the wrong
+  entity). ``subject``: the entity the query asks about (the longest of the
+  world's ``titles`` in it)."""
+  by_length = sorted(titles, key=lambda t: (-len(t), t))
+
+  def subject(query):
+    return next((t for t in by_length if t in query), "")
+
   rng = np.random.default_rng(seed)
   by_relation: dict[str, list[dict]] = {}
   for q in questions:
@@ -390,8 +403,16 @@ def control_queries(questions: list[dict], seed: int) -> list[dict]:
     if others:
       queries.append((others[rng.integers(len(others))]["question"], "other_question"))
     rows += [{"question": q["question"], "golden_answers": list(q["golden_answers"]),
-              "query": query, "group": group} for query, group in queries]
+              "query": query, "subject": subject(query), "group": group}
+             for query, group in queries]
   return rows
+
+
+def answers(documents, subject: str, golds) -> bool:
+  """Whether one of ``documents`` answers a query about ``subject``: names it
+  and a gold answer in the same document (a document about something else that
+  happens to hold the answer's name does not)."""
+  return any(subject in d and any(g in d for g in golds) for d in documents)
 
 
 def controllability(config, workdir: Path, simulator: Path) -> dict:
@@ -407,9 +428,11 @@ def controllability(config, workdir: Path, simulator: Path) -> dict:
   from zsjax import hf, search, sim_tuning
   from zsjax.simulator import SimulatorPrompt
 
+  from zsjax.simulator import parse_documents
+
   paths = _world_paths_of(workdir)
   rows = control_queries(read_jsonl(paths["test_single_hop"]) + read_jsonl(paths["test_two_hop"]),
-                         config.seed)
+                         [d["title"] for d in read_jsonl(paths["corpus"])], config.seed)
   cfg, params = hf.load_checkpoint(simulator)
   tokenizer = hf.load_tokenizer(paths["tokenizer"])
   rl = config.rl
@@ -426,12 +449,14 @@ def controllability(config, workdir: Path, simulator: Path) -> dict:
     picked = [f for f, m in zip(found, mask) if m]
     return float(np.mean(picked)) if picked else float("nan")
 
-  found = {"useful": [holds.useful("", r["golden_answers"], "", [t])
-                      for r, t in zip(rows, texts["useful"])],
-           "noisy": [holds.useful("", r["golden_answers"], "", [t])
-                     for r, t in zip(rows, texts["noisy"])],
-           "real": [holds.useful("", r["golden_answers"], "", list(d))
-                    for r, d in zip(rows, real)]}
+  documents = {"useful": [parse_documents(t, config.top_k) for t in texts["useful"]],
+               "noisy": [parse_documents(t, config.top_k) for t in texts["noisy"]],
+               "real": [list(d) for d in real]}
+  found = {}
+  for mode, docs in documents.items():
+    found[mode] = [holds.useful("", r["golden_answers"], "", d) for r, d in zip(rows, docs)]
+    found[f"{mode}_answers"] = [answers(d, r["subject"], r["golden_answers"])
+                                for r, d in zip(rows, docs)]
   report = {"simulator": str(simulator), "groups": {}}
   groups = {g: [r["group"] == g for r in rows] for g in CONTROL_GROUPS}
   groups["answerable"] = [r["group"] in ANSWERABLE for r in rows]
@@ -445,11 +470,14 @@ def controllability(config, workdir: Path, simulator: Path) -> dict:
 
 
 def controllability_table(report: dict) -> str:
+  """% of queries whose documents hold the gold answer, and (after the slash)
+  whose documents answer the query (``answers``)."""
   lines = ["| queries | n | simulator useful | simulator noisy | real engine (BM25) |",
            "|---|---|---|---|---|"]
   for name, g in report["groups"].items():
-    lines.append(f"| {name} | {g['queries']} | {100 * g['useful']:.1f} | "
-                 f"{100 * g['noisy']:.1f} | {100 * g['real']:.1f} |")
+    lines.append(f"| {name} | {g['queries']} | " + " | ".join(
+        f"{100 * g[mode]:.1f} / {100 * g[mode + '_answers']:.1f}"
+        for mode in ("useful", "noisy", "real")) + " |")
   return "\n".join(lines)
 
 
@@ -638,7 +666,8 @@ def results_table(results: dict) -> str:
   control = results.get("simulator_control")
   if control:
     lines += ["", "Simulator control (test questions' queries as RL writes them; % whose "
-              "documents hold the question's gold answer):", "", controllability_table(control)]
+              "documents hold the question's gold answer / % with a document that names the "
+              "query's subject and the answer):", "", controllability_table(control)]
   seconds = results["stage_seconds"]
   lines += ["", "Stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
             + f"; total {sum(seconds.values()):.0f} s."]
@@ -700,7 +729,8 @@ def plot_training(workdir: Path) -> None:
   plot_runs(runs, workdir / "plots")
 
 
-__all__ = ["METHODS", "SPLITS", "COMMON_FIELDS", "DEMO_FORMATS", "CONTROL_GROUPS", "PROMPTS",
-           "PLOTS", "plot_runs", "demonstration_worlds", "warm_start_rows", "control_queries", "controllability", "controllability_table", "stages_of", "simulator_dir", "write_results",
+__all__ = ["METHODS", "SPLITS", "COMMON_FIELDS", "DEMO_FORMATS", "CONTROL_GROUPS", "ANSWERABLE",
+           "PROMPTS",
+           "PLOTS", "plot_runs", "demonstration_worlds", "warm_start_rows", "answers", "control_queries", "controllability", "controllability_table", "stages_of", "simulator_dir", "write_results",
            "demonstrations", "evaluate_policies",
            "paired_gains", "results_table", "plot_training", "run"]
