@@ -311,8 +311,11 @@ def warm_start_rows(config) -> list[dict]:
   world's questions."""
   from zsjax import search
 
+  worlds = demonstration_worlds(config)
+  if config.demo_this_world:  # CI only: see configs/tiny_world.py
+    worlds.append(tinyworld.generate(config.seed, _world_size(config)))
   rows = []
-  for k, world in enumerate(demonstration_worlds(config)):
+  for k, world in enumerate(worlds):
     engine = search.BM25Engine([d["contents"] for d in world["corpus"]], top_k=config.top_k)
     rows += demonstrations(world, engine, config.instruction, config.seed + k,
                            bridge_fraction=config.demo_bridge_fraction,
@@ -490,8 +493,8 @@ SIM_TUNING = Stage("sim_tuning", "sim_tuning/sim_tuning.json", make_sim_tuning,
                    reads=("top_k", "simulator_template", "sim_worlds", "sim_tuning"),
                    after=("pretrain",))
 WARM_START = Stage("warm_start", "warm_start/sft_summary.json", make_warm_start,
-                   reads=("top_k", "instruction", "demo_worlds", "demo_bridge_fraction",
-                          "demo_baseline_fraction", "warm_start"), after=("world",))
+                   reads=("top_k", "instruction", "demo_worlds", "demo_this_world",
+                          "demo_bridge_fraction", "demo_baseline_fraction", "warm_start"), after=("world",))
 RL_SIMULATOR = Stage("rl_simulator", "rl_simulator/rl_summary.json", make_rl_simulator,
                      reads=("top_k", "instruction", "rl", "simulator_template"),
                      after=("warm_start", "simulator"))
