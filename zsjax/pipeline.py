@@ -429,9 +429,7 @@ def controllability(config, workdir: Path, simulator: Path) -> dict:
   not; on ``other_question`` neither should (the answer leaking into a wrong
   query's results would reward miscopied queries)."""
   from zsjax import hf, search, sim_tuning
-  from zsjax.simulator import SimulatorPrompt
-
-  from zsjax.simulator import parse_documents
+  from zsjax.simulator import SimulatorPrompt, parse_documents
 
   paths = _world_paths_of(workdir)
   rows = control_queries(read_jsonl(paths["test_single_hop"]) + read_jsonl(paths["test_two_hop"]),
@@ -452,9 +450,8 @@ def controllability(config, workdir: Path, simulator: Path) -> dict:
     picked = [f for f, m in zip(found, mask) if m]
     return float(np.mean(picked)) if picked else float("nan")
 
-  documents = {"useful": [parse_documents(t, config.top_k) for t in texts["useful"]],
-               "noisy": [parse_documents(t, config.top_k) for t in texts["noisy"]],
-               "real": [list(d) for d in real]}
+  documents = {mode: [parse_documents(t, config.top_k) for t in texts[mode]] for mode in texts}
+  documents["real"] = [list(d) for d in real]
   found = {}
   for mode, docs in documents.items():
     found[mode] = [holds.useful("", r["golden_answers"], "", d) for r, d in zip(rows, docs)]
@@ -494,7 +491,8 @@ SIM_TUNING = Stage("sim_tuning", "sim_tuning/sim_tuning.json", make_sim_tuning,
                    after=("pretrain",))
 WARM_START = Stage("warm_start", "warm_start/sft_summary.json", make_warm_start,
                    reads=("top_k", "instruction", "demo_worlds", "demo_this_world",
-                          "demo_bridge_fraction", "demo_baseline_fraction", "warm_start"), after=("world",))
+                          "demo_bridge_fraction", "demo_baseline_fraction", "warm_start"),
+                   after=("world",))
 RL_SIMULATOR = Stage("rl_simulator", "rl_simulator/rl_summary.json", make_rl_simulator,
                      reads=("top_k", "instruction", "rl", "simulator_template"),
                      after=("warm_start", "simulator"))
@@ -597,7 +595,7 @@ def evaluate_policies(config, workdir: Path, paths: dict, tokenizer_dir: str,
     for split in SPLITS:
       out[name][split]["searches"] = float(np.mean([r["searches"] for r in records
                                                     if split in ("all", r["set"])]))
-    out[name]["searches_per_question"] = float(np.mean([r["searches"] for r in records]))
+    out[name]["searches_per_question"] = out[name]["all"]["searches"]
     predictions += [dict(r, method=name) for r in records]
     del params
     jax.clear_caches()
@@ -652,7 +650,8 @@ def _gain_line(gains: dict, base: str) -> list[str]:
 
 def results_table(results: dict) -> str:
   lines = ["| method | " + " | ".join(f"{s} EM" for s in SPLITS) + " | all substring EM | "
-           "all F1 | searches / question (single, two-hop) |", "|---|" + "---|" * (len(SPLITS) + 3)]
+           "all F1 | searches / question (single, two-hop) |",
+           "|---|" + "---|" * (len(SPLITS) + 3)]
   for method in (m for m in METHODS if m in results["methods"]):
     r = results["methods"][method]
     cells = [f"{100 * r[s]['em']:.1f}" for s in SPLITS]
@@ -733,7 +732,7 @@ def plot_training(workdir: Path) -> None:
 
 
 __all__ = ["METHODS", "SPLITS", "COMMON_FIELDS", "DEMO_FORMATS", "CONTROL_GROUPS", "ANSWERABLE",
-           "PROMPTS",
-           "PLOTS", "plot_runs", "demonstration_worlds", "warm_start_rows", "answers", "control_queries", "controllability", "controllability_table", "stages_of", "simulator_dir", "write_results",
-           "demonstrations", "evaluate_policies",
-           "paired_gains", "results_table", "plot_training", "run"]
+           "PROMPTS", "PLOTS", "demonstrations", "demonstration_worlds", "warm_start_rows",
+           "control_queries", "answers", "controllability", "controllability_table",
+           "stages_of", "simulator_dir", "write_results", "evaluate_policies", "paired_gains",
+           "results_table", "plot_runs", "plot_training", "run"]

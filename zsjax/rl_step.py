@@ -330,6 +330,6 @@ def source_metrics(traj, scores: dict, sources) -> dict[str, float]:
   return out
 
 
-__all__ = ["ENGINES", "source_metrics", "check_config", "RLState", "RLBatch", "RLPrograms", "build_programs", "minibatch_sizes",
-           "critic_from_policy", "loss_mask_of", "make_rl_batch", "update_epochs",
-           "step_metrics"]
+__all__ = ["ENGINES", "check_config", "RLState", "RLBatch", "RLPrograms", "build_programs",
+           "minibatch_sizes", "critic_from_policy", "loss_mask_of", "make_rl_batch",
+           "update_epochs", "step_metrics", "source_metrics"]

@@ -187,7 +187,8 @@ def generate(seed: int, size: WorldSize = WorldSize()) -> dict:
   rows = {"train": [], "dev": [], "test": []}
   for i, (relation, question, answers, hops, bridge) in enumerate(questions):
     rows[split_of[i]].append({"id": f"tw-{i}", "question": question, "golden_answers": answers,
-                              "data_source": "single_hop" if hops == 1 else "two_hop", "hops": hops, "bridge": bridge,
+                              "data_source": "single_hop" if hops == 1 else "two_hop",
+                              "hops": hops, "bridge": bridge,
                               "relation": relation})
   return {"seed": seed, "size": dataclasses.asdict(size),
           "corpus": [{"id": f"doc-{i}", "title": t, "kind": kind[t], "contents": text}
