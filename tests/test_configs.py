@@ -61,6 +61,10 @@ def test_paper_rl_configs_carry_the_paper_settings(arg):
   from zsjax import hf, rl_step
 
   config = load_config(ROOT / "configs/zerosearch.py", arg)
+  if config.engine.kind == "http":  # the served simulator's address is the user's to give
+    with pytest.raises(ValueError, match="config.engine.url is empty"):
+      rl_step.check_config(config)
+    config.engine.url = "http://127.0.0.1:8000"
   rl_step.check_config(config)
   r = config.rl
   assert (r.prompts_per_step, r.samples_per_prompt, r.total_steps) == (64, 5, 203)

@@ -60,6 +60,15 @@ class Checkpointer:
         state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
     return restored.state, dict(restored.extra or {})
 
+  def latest_extra(self) -> dict | None:
+    """The JSON part of the latest checkpoint (read without its arrays), or None
+    when there is none: what a resume checks before asking Orbax for the state."""
+    step = self.latest_step()
+    if step is None:
+      return None
+    restored = self.manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))
+    return dict(restored.extra or {})
+
   def restore_raw(self, step: int | None = None) -> Any:
     """The saved array tree of ``step`` (default: the latest) without a target:
     nested dicts of host arrays (e.g. ``raw["policy"]["params"]`` of an RL run)."""

@@ -29,7 +29,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import datasets
 
@@ -130,7 +130,7 @@ def _raw_rows(path: Path) -> Iterable[tuple[int, Any]]:
   """``(row number, row or DataError)`` of a jsonl/json/parquet file (rows from 1)."""
   suffix = path.suffix.lower()
   if suffix == ".jsonl":
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of row 1
       for number, line in enumerate(f, 1):
         if not line.strip():
           continue
@@ -139,14 +139,30 @@ def _raw_rows(path: Path) -> Iterable[tuple[int, Any]]:
         except json.JSONDecodeError as e:
           yield number, DataError(f"invalid JSON ({e.msg} at column {e.colno})")
   elif suffix == ".json":
-    rows = json.loads(path.read_text(encoding="utf-8"))
+    try:
+      rows = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as e:
+      raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") \
+          from None
     if isinstance(rows, Mapping) and "data" in rows:
       rows = rows["data"]
     if not isinstance(rows, list):
       raise DataError(f"{path}: a .json file must hold a list of rows (or {{'data': [...]}})")
     yield from enumerate(rows, 1)
   elif suffix == ".parquet":
-    table = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
+    try:
+      table = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
+    except Exception as e:  # pyarrow's errors do not name the file
+      raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {e}); "
+                      "rewrite it (e.g. datasets.Dataset.to_parquet).") from None
+    columns = set(table.column_names)
+    if not (columns & {"question", "prompt"}) or not (
+        columns & {"golden_answers", "reward_model"}):
+      raise DataError(
+          f"{path}: columns {sorted(columns)} hold no question ('question' or 'prompt') or no "
+          "gold answers ('golden_answers' or 'reward_model'); expected the common QA format "
+          "(question, golden_answers) or the Search-R1 training format (data_source, prompt, "
+          "reward_model, golden_answers).")
     yield from enumerate(table, 1)
   else:
     raise DataError(f"{path}: unknown file type {suffix!r}; use .jsonl, .json or .parquet")
@@ -154,12 +170,15 @@ def _raw_rows(path: Path) -> Iterable[tuple[int, Any]]:
 
 def load_qa(sources: str | Path | Sequence[str | Path], *, on_error: str = "skip",
             limit: int | None = None, data_source: str | None = None,
-            report: list | None = None) -> datasets.Dataset:
+            report: list | None = None,
+            check: Callable[[dict], None] | None = None) -> datasets.Dataset:
   """Loads and merges local QA files (common or training format) into one
   ``datasets.Dataset`` with ``COLUMNS``. Row ids are made unique across files.
 
   ``limit``: keep the first ``limit`` good rows of each file. ``report``: a list
-  that receives one ``LoadReport`` per file."""
+  that receives one ``LoadReport`` per file. ``check(row)``: the caller's own test
+  of a normalized row (e.g. ``rollout.row_check``: it fits the prompt width); a
+  ``DataError`` it raises is handled like a malformed row, by ``on_error``."""
   if on_error not in ON_ERROR:
     raise ValueError(f"on_error={on_error!r} is not one of {ON_ERROR}.")
   if isinstance(sources, (str, Path)):
@@ -182,6 +201,8 @@ def load_qa(sources: str | Path | Sequence[str | Path], *, on_error: str = "skip
         if isinstance(raw, DataError):
           raise raw
         row = normalize_row(raw, source=data_source or path.stem, index=number - 1)
+        if check is not None:
+          check(row)
       except DataError as e:
         message = f"{path}, row {number}: {e}"
         if on_error == "raise":
@@ -262,11 +283,13 @@ HUB_REPO = "RUC-NLPIR/FlashRAG_datasets"
 
 
 def load_benchmark(name: str, path: str | Path = "", *, on_error: str = "skip",
-                   report: list | None = None) -> datasets.Dataset:
+                   report: list | None = None,
+                   check: Callable[[dict], None] | None = None) -> datasets.Dataset:
   """One evaluation set: from a local file (any format ``load_qa`` reads) or, with no
-  path and the machine online, from the hub copy (``HUB_REPO``)."""
+  path and the machine online, from the hub copy (``HUB_REPO``). ``check`` as in
+  ``load_qa``."""
   if path:
-    return load_qa(path, on_error=on_error, data_source=name, report=report)
+    return load_qa(path, on_error=on_error, data_source=name, report=report, check=check)
   import os
 
   if name not in BENCHMARKS:
@@ -280,7 +303,10 @@ def load_benchmark(name: str, path: str | Path = "", *, on_error: str = "skip",
   rows = []
   for index, row in enumerate(hub):
     try:
-      rows.append(normalize_row(row, source=name, index=index))
+      normalized = normalize_row(row, source=name, index=index)
+      if check is not None:
+        check(normalized)
+      rows.append(normalized)
     except DataError as e:
       if on_error == "raise":
         raise DataError(f"{HUB_REPO}/{config_name}, row {index + 1}: {e}") from None

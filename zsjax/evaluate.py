@@ -23,6 +23,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -96,10 +98,13 @@ class Evaluator:
   def __init__(self, policy_cfg, params, tokenizer, *, engine=None, engine_state=None,
                retriever=None, rollout_config=None, batch_size: int = 8,
                prompt_width: int = 512, use_chat_template: bool = False, instruction: str = "",
-               static=None):
+               static=None, on_error: str = "raise"):
     """``engine``: a rollout engine (``zsjax.search.build_engine``) for the search
     method; ``retriever``: a host engine (BM25) for RAG's one retrieval; ``static``:
-    the policy's ``rollout.StaticTokens`` when already made (they decode the vocabulary)."""
+    the policy's ``rollout.StaticTokens`` when already made (they decode the vocabulary);
+    ``on_error``: a row whose prompt (with RAG's documents) is wider than
+    ``prompt_width`` is skipped and listed in ``skipped`` ("skip") or stops the run
+    naming it ("raise")."""
     self.cfg, self.params, self.tokenizer = policy_cfg, params, tokenizer
     self.static = static or rollout_lib.prepare_static_tokens(tokenizer,
                                                               vocab_size=policy_cfg.vocab_size)
@@ -110,6 +115,8 @@ class Evaluator:
     self.batch_size, self.prompt_width = batch_size, prompt_width
     self.use_chat_template = use_chat_template
     self.instruction = instruction
+    self.on_error = on_error
+    self.skipped: list[dict] = []  # {"set", "method", "id", "reason"} per row left out
     self._rollouts = {}
 
   def _rollout(self, method: str):
@@ -128,15 +135,21 @@ class Evaluator:
     records = []
     b = self.batch_size
     engine, rollout = self._rollout(method)
+    prompts_of = {}
+    for start in range(0, len(rows), b):  # RAG's prompts hold documents: widths known now
+      chunk = list(rows[start:start + b])
+      for row, prompt in zip(chunk, method_prompts(
+          method, [r["question"] for r in chunk], self.tokenizer, retriever=self.retriever,
+          use_chat_template=self.use_chat_template, search_instruction=self.instruction)):
+        prompts_of[id(row)] = prompt
+    rows = [r for r in rows if self._fits(method, set_name, r, prompts_of[id(r)])]
     for start in range(0, len(rows), b):
       chunk = list(rows[start:start + b])
       n = len(chunk)
       chunk += [chunk[-1]] * (b - n)  # one shape for every batch; padding dropped below
       questions = [r["question"] for r in chunk]
       firsts = [list(r["golden_answers"])[0] for r in chunk]
-      prompts = method_prompts(method, questions, self.tokenizer, retriever=self.retriever,
-                               use_chat_template=self.use_chat_template,
-                               search_instruction=self.instruction)
+      prompts = [prompts_of[id(r)] for r in chunk]
       batch = rollout_lib.prepare_batch(self.tokenizer, prompts, questions, firsts, engine,
                                         pad_id=self.static.pad_id, prompt_width=self.prompt_width)
       traj = jax.device_get(rollout(self.params, self.engine_state, batch, jax.random.key(0),
@@ -150,36 +163,82 @@ class Evaluator:
             "question": chunk[i]["question"], "golden_answers": list(chunk[i]["golden_answers"]),
             "prediction": prediction, **_score(prediction, list(chunk[i]["golden_answers"])),
             "turns": int(traj.turns[i]), "searches": int(traj.searches[i]),
+            "failed_searches": int(traj.failed_searches[i]),
             "truncated": bool(traj.truncated[i]),
             "response": self.tokenizer.decode(ids[start_i:end_i].tolist(),
                                               skip_special_tokens=True)})
     return records
 
+  def _fits_or_raise(self, method: str, row: dict, prompt: str) -> None:
+    """A load-time check (``data.load_qa``'s ``check``): ``DataError`` naming the field."""
+    from zsjax.data import DataError
+
+    n = len(self.tokenizer.encode(prompt, add_special_tokens=False))
+    if n > self.prompt_width:
+      raise DataError(f"field 'question' makes a {method} prompt of {n} tokens, more than "
+                      f"config.eval.prompt_width={self.prompt_width}; raise it to keep such rows")
+
+  def _fits(self, method: str, set_name: str, row: dict, prompt: str) -> bool:
+    n = len(self.tokenizer.encode(prompt, add_special_tokens=False))
+    if n <= self.prompt_width:
+      return True
+    reason = (f"the {method} prompt of field 'question' is {n} tokens, more than the prompt "
+              f"width {self.prompt_width} (config.eval.prompt_width)")
+    if self.on_error == "raise":
+      raise ValueError(f"set {set_name!r}, row id {row.get('id')!r}: {reason}; raise the width, "
+                       "or set config.eval.on_error='skip' to leave such rows out.")
+    logging.warning("skipping set %r row id %r: %s", set_name, row.get("id"), reason)
+    self.skipped.append({"set": set_name, "method": method, "id": row.get("id"),
+                         "reason": reason})
+    return False
+
 
 def summarize(records: Sequence[dict]) -> dict:
-  """``{set: {metric: mean, "count": n}}`` plus ``"average"`` (the mean over sets)."""
+  """``{set: {metric: mean, "count": n}}`` plus ``"average"`` (the mean over sets).
+  Records with ``searches`` add ``searches`` (per question), ``failed_searches``
+  (calls that got no answer from the engine) and ``failed_share`` (their share)."""
   out: dict = {}
   for name in dict.fromkeys(r["set"] for r in records):
     rows = [r for r in records if r["set"] == name]
     out[name] = {m: float(np.mean([r[m] for r in rows])) for m in METRICS}
     out[name]["count"] = len(rows)
+    if "searches" in rows[0]:
+      out[name].update(_search_counts(rows))
   sets = list(out)
   out["average"] = {m: float(np.mean([out[s][m] for s in sets])) for m in METRICS}
   out["average"]["count"] = sum(out[s]["count"] for s in sets)
+  if records and "searches" in records[0]:
+    out["average"].update(_search_counts(records))
   return out
+
+
+def _search_counts(rows: Sequence[dict]) -> dict:
+  searches = sum(r["searches"] for r in rows)
+  failed = sum(r.get("failed_searches", 0) for r in rows)
+  return {"searches": searches / len(rows), "failed_searches": failed,
+          "failed_share": failed / searches if searches else 0.0}
 
 
 def write_tables(results: dict, directory: Path, metric_names=METRICS) -> str:
   """``results.md`` and ``results.csv``: one row per (method, set); returns the markdown."""
-  lines = ["| method | set | n | " + " | ".join(metric_names) + " |",
-           "|---|---|---|" + "---|" * len(metric_names)]
-  csv_rows = [["method", "set", "n", *metric_names]]
+  lines = ["| method | set | n | " + " | ".join(metric_names) + " | failed searches |",
+           "|---|---|---|" + "---|" * (len(metric_names) + 1)]
+  csv_rows = [["method", "set", "n", *metric_names, "failed_searches", "failed_share"]]
   for method, sets in results["methods"].items():
     for name, scores in sets.items():
       values = [f"{100 * scores[m]:.1f}" for m in metric_names]
-      lines.append(f"| {method} | {name} | {scores['count']} | " + " | ".join(values) + " |")
-      csv_rows.append([method, name, scores["count"], *[f"{scores[m]:.4f}" for m in metric_names]])
+      failed = (f"{scores['failed_searches']} ({100 * scores['failed_share']:.1f}%)"
+                if "failed_share" in scores else "-")
+      lines.append(f"| {method} | {name} | {scores['count']} | " + " | ".join(values)
+                   + f" | {failed} |")
+      csv_rows.append([method, name, scores["count"], *[f"{scores[m]:.4f}" for m in metric_names],
+                       scores.get("failed_searches", ""),
+                       f"{scores['failed_share']:.4f}" if "failed_share" in scores else ""])
   markdown = "\n".join(lines) + "\n\n(scores in %)\n"
+  if results.get("engine_failures"):
+    markdown += "\n**The search engine failed:** " + " ".join(results["engine_failures"]) + "\n"
+  if not results.get("complete", True):
+    markdown += "\n**Incomplete:** the run stopped before every method and set was scored.\n"
   (directory / "results.md").write_text(markdown)
   with open(directory / "results.csv", "w", newline="") as f:
     csv.writer(f).writerows(csv_rows)
@@ -313,28 +372,70 @@ def run(config, workdir: str) -> dict:
                         retriever=retriever, rollout_config=rollout_config,
                         batch_size=e.batch_size, prompt_width=e.prompt_width,
                         use_chat_template=use_chat_template, instruction=instruction,
-                        static=static)
+                        static=static, on_error=e.on_error)
+
+  def check(row):  # the prompts known before retrieval fit; RAG's are checked per set
+    for method in methods:
+      if method != "rag":
+        evaluator._fits_or_raise(method, row, method_prompt(
+            method, row["question"], tokenizer, use_chat_template=use_chat_template,
+            search_instruction=instruction))
+    if engine is not None:
+      problem = engine.row_problem(row["question"], row["golden_answers"][0])
+      if problem:
+        raise data_lib.DataError(problem)
 
   sets = []
   for name, path in parse_sets(e.sets):
     report: list = []
-    dataset = data_lib.load_benchmark(name, path, on_error=e.on_error, report=report)
+    dataset = data_lib.load_benchmark(name, path, on_error=e.on_error, report=report,
+                                      check=check)
     sets.append((name, sample_rows(dataset, e.sample_size, config.seed), report))
   results = {"methods": {}, "skipped_rows": {name: sum(len(r.skipped) for r in reports)
-                                             for name, _, reports in sets}}
+                                             for name, _, reports in sets},
+             "complete": False}
+  limit, _ = search.failure_limits(config.engine)
+  # Written set by set: a failure later loses nothing already scored.
   with open(workdir / "predictions.jsonl", "w", encoding="utf-8") as out:
     for method in methods:
       records = []
       for name, rows, _ in sets:
-        records += evaluator.run_set(method, rows, name)
-      for r in records:
-        out.write(json.dumps(r, ensure_ascii=False) + "\n")
-      results["methods"][method] = summarize(records)
-  (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        scored = evaluator.run_set(method, rows, name)
+        records += scored
+        for r in scored:
+          out.write(json.dumps(r, ensure_ascii=False) + "\n")
+        out.flush()
+        results["methods"][method] = summarize(records)
+        _write_results(workdir, results)
+  results["complete"] = True
+  for skipped in evaluator.skipped:
+    results["skipped_rows"][skipped["set"]] = results["skipped_rows"].get(skipped["set"], 0) + 1
+  failures = [f"{method} on {name}: {scores['failed_searches']} of the search calls "
+              f"({100 * scores['failed_share']:.1f}%) failed"
+              for method, sets_ in results["methods"].items() for name, scores in sets_.items()
+              if name != "average" and scores.get("failed_share", 0.0) > limit]
+  if failures:
+    error = getattr(engine, "last_error", "") or "no error recorded"
+    results["engine_failures"] = failures + [
+        f"(above config.engine.max_failed_share={limit:.0%}; the engine's last error: {error}; "
+        "these scores do not measure the policy.)"]
+    results["ok"] = False
+  _write_results(workdir, results)
   markdown = write_tables(results, workdir)
   if config.progress:
     print(markdown)
+  if failures:
+    print("evaluation: the search engine failed — " + " ".join(results["engine_failures"]),
+          file=sys.stderr)
   return results
+
+
+def _write_results(workdir: Path, results: dict) -> None:
+  """``results.json`` replaced whole (a crash mid-write leaves the previous one)."""
+  path = workdir / "results.json"
+  partial = path.with_name(path.name + ".partial")
+  partial.write_text(json.dumps(results, indent=2) + "\n")
+  partial.replace(path)
 
 
 __all__ = ["METHODS", "METRICS", "Evaluator", "method_prompt", "method_prompts", "summarize",

@@ -252,7 +252,11 @@ def _tensor_files(directory: Path) -> dict[str, Path]:
   """Maps every tensor name in the checkpoint to the file that holds it."""
   index = directory / INDEX_FILE
   if index.exists():
-    weight_map = json.loads(index.read_text()).get("weight_map")
+    try:
+      weight_map = json.loads(index.read_text()).get("weight_map")
+    except (json.JSONDecodeError, AttributeError) as e:
+      raise CheckpointError(f"{index} is not a valid index ({type(e).__name__}: {e}); rewrite it "
+                            "or remove it to read every *.safetensors file.") from None
     if not isinstance(weight_map, dict):
       raise CheckpointError(f"{index}: has no 'weight_map' object.")
     files = {name: directory / fname for name, fname in weight_map.items()}
@@ -268,10 +272,20 @@ def _tensor_files(directory: Path) -> dict[str, Path]:
     raise CheckpointError(f"{directory}: no *.safetensors files found.{hint}")
   files = {}
   for path in paths:
-    with safe_open(path, framework="numpy") as f:
+    with _open_safetensors(path) as f:
       for name in f.keys():
         files[name] = path
   return files
+
+
+def _open_safetensors(path: Path):
+  """``safe_open`` whose failure (a truncated or corrupt file) names the file."""
+  try:
+    return safe_open(path, framework="numpy")
+  except Exception as e:  # safetensors' errors do not name the file
+    raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); "
+                          "it may be truncated (an interrupted copy or download): copy it "
+                          "again.") from None
 
 
 def read_config(path: str | os.PathLike, dtype=jnp.float32) -> ModelConfig:
@@ -339,13 +353,24 @@ def iter_checkpoint_params(path: str | os.PathLike, cfg: ModelConfig, head: str 
           f"checkpoint files {sorted({p.name for p in files.values()})}.")
     file = files[name]
     if file not in open_files:
-      open_files[file] = safe_open(file, framework="numpy").__enter__()
+      open_files[file] = _open_safetensors(file).__enter__()
     found = tuple(open_files[file].get_slice(name).get_shape())
     if found != tuple(want):
       raise CheckpointError(
           f"{file}: tensor {name!r} has shape {list(found)}, expected {list(want)} for the "
           f"config in {directory / CONFIG_FILE}; the checkpoint and its config do not match.")
-    return open_files[file].get_tensor(name)
+    try:
+      tensor = open_files[file].get_tensor(name)
+    except Exception as e:
+      raise CheckpointError(f"{file}: tensor {name!r} cannot be read ({type(e).__name__}: "
+                            f"{e}); the file may be truncated: copy it again.") from None
+    floating = tensor.dtype.kind == "f" or tensor.dtype.name in ("bfloat16", "float8_e4m3fn",
+                                                                   "float8_e5m2")
+    if floating and not np.isfinite(tensor).all():
+      bad = int(np.size(tensor) - np.isfinite(tensor).sum())
+      raise CheckpointError(f"{file}: tensor {name!r} holds {bad} non-finite value(s) (NaN or "
+                            "inf); the checkpoint is corrupt or was saved from a diverged run.")
+    return tensor
 
   try:
     for rule in rules:

@@ -3,15 +3,21 @@
   python -m zsjax.main --config=configs/<name>.py[:arg] --workdir=DIR [--config.field=value ...]
 
 The config's ``job`` field picks what runs; each job is ``run(config, workdir)``
-in its own module, imported only when chosen.
+in its own module, imported only when chosen. A job holds its workdir's lock
+while it runs, and a resumable job's settings are checked against the run the
+workdir holds (``zsjax.workdir``). Library logs stay off the console unless
+``--verbosity`` is given; a full disk ends the job with one line saying so.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from zsjax import sharding
@@ -39,13 +45,51 @@ def run_job(config, workdir: str):
         f"config.job={job!r} is not a known job; choose one of {sorted(JOBS)} "
         "(set it in the config file or with --config.job=...).")
   module, function = JOBS[job].split(":")
-  return getattr(importlib.import_module(module), function)(config, workdir)
+  run = getattr(importlib.import_module(module), function)
+  import jax
+
+  if jax.process_index() != 0:  # process 0 holds the lock and records the run
+    return run(config, workdir)
+  from zsjax import workdir as workdir_lib
+
+  with workdir_lib.lock(workdir):
+    workdir_lib.check_identity(workdir, config, log=lambda m: print(m, file=sys.stderr))
+    return run(config, workdir)
+
+
+def _no_space(error: BaseException) -> OSError | None:
+  """The 'no space left on device' error in an exception's chain, if any."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+      return error
+    error = error.__cause__ or error.__context__
+  return None
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments {argv[1:]}; settings go through --config.field=value.")
-  report = run_job(_CONFIG.value, _WORKDIR.value)
+  if not flags.FLAGS["verbosity"].present:  # Orbax's INFO lines would bury the progress bar
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  from zsjax import search, workdir as workdir_lib
+
+  try:
+    report = run_job(_CONFIG.value, _WORKDIR.value)
+  except (workdir_lib.WorkdirBusy, workdir_lib.RunMismatch, search.EngineError) as e:
+    print(f"zsjax: {e}", file=sys.stderr)
+    sys.exit(1)
+  except BaseException as e:
+    full = _no_space(e)
+    if full is None:
+      raise
+    where = full.filename or _WORKDIR.value
+    sys.stderr.write(f"zsjax: no space left on device while writing {where} ({full.strerror}). "
+                     "Free space on that disk and rerun the same command: the run resumes "
+                     "from its last complete checkpoint.\n")
+    sys.stderr.flush()
+    os._exit(1)  # no shutdown noise after the one line that matters
   if isinstance(report, dict) and report.get("ok") is False:
     sys.exit(1)
 

@@ -9,6 +9,7 @@ in the middle of a training loop (``flush`` writes the last ones).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -47,6 +48,8 @@ class MetricWriter:
       jsonl = self.workdir / "metrics.jsonl"
       if resume_from is not None:
         drop_steps_after(jsonl, resume_from)
+      else:
+        drop_torn_tail(jsonl)
       self._tb = Writer(str(self.workdir / "tensorboard"))
       self._jsonl = open(jsonl, "a", encoding="utf-8")
 
@@ -102,11 +105,57 @@ def drop_steps_after(path: str | Path, step: int) -> None:
   steps after ``step`` (what a run wrote past the checkpoint it resumes from)."""
   path = Path(path)
   if path.exists():
-    kept = [r for r in read_jsonl(path) if r["step"] <= step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    kept = [r for r in read_jsonl(path, torn_tail="drop") if r["step"] <= step]
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    partial.replace(path)  # a crash mid-rewrite leaves the old file, never half of it
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-  """The records of a JSON-lines file (``metrics.jsonl``, trajectories, pairs)."""
+def drop_torn_tail(path: str | Path) -> bool:
+  """Cuts a JSON-lines file back to its last complete record when its last line is
+  a cut-off write (not valid JSON, or no newline after it), so appending resumes on
+  a clean line. Returns whether it cut."""
+  path = Path(path)
+  if not path.exists():
+    return False
+  data = path.read_bytes()
+  body = data.rstrip(b"\n")
+  start = body.rfind(b"\n") + 1
+  last = body[start:]
+  try:
+    json.loads(last) if last.strip() else None
+    complete = data.endswith(b"\n") or not last.strip()
+  except ValueError:
+    complete = False
+  if complete:
+    return False
+  logging.warning("%s: dropped a partial last line (%d bytes; a write was cut off)", path,
+                  len(last))
+  with open(path, "r+b") as f:
+    f.truncate(start)
+  return True
+
+
+def read_jsonl(path: str | Path, torn_tail: str = "raise") -> list[dict]:
+  """The records of a JSON-lines file (``metrics.jsonl``, trajectories, pairs).
+
+  A last line that is not valid JSON is what a kill or a full disk leaves in the
+  middle of a write: ``torn_tail="drop"`` drops it with a warning (a resume does),
+  ``"raise"`` reports it. A bad line before the last is always an error naming the
+  file and line."""
   with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+  records = []
+  for i, (number, line) in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if i == len(lines) - 1 and torn_tail == "drop":
+        logging.warning("%s: dropped a partial last line %d (%d bytes; a write was cut off): %r",
+                        path, number, len(line), line[:80])
+        break
+      where = "its last line" if i == len(lines) - 1 else f"line {number}"
+      raise ValueError(f"{path}: {where} is not valid JSON ({e.msg}); a cut-off last line is "
+                       "dropped on resume, a bad line before it means the file was edited or "
+                       "corrupted.") from None
+  return records

@@ -39,7 +39,9 @@ ENGINES = ("simulator", "bm25", "http")
 
 
 def check_config(config: Any) -> None:
-  """Fails early, naming the field, the value and the fix."""
+  """Fails before any work, naming the field, the value and the fix."""
+  from zsjax.search import check_engine_config
+
   r = config.rl
   if r.algorithm not in rl.ALGORITHMS:
     raise ValueError(f"config.rl.algorithm={r.algorithm!r} is not one of {rl.ALGORITHMS}.")
@@ -48,25 +50,50 @@ def check_config(config: Any) -> None:
   if r.loss_mask not in ("policy", "response"):
     raise ValueError(f"config.rl.loss_mask={r.loss_mask!r}: use 'policy' (only sampled tokens, "
                      "the method) or 'response' (inserted documents too, the ablation).")
-  if config.engine.kind not in ENGINES:
-    raise ValueError(f"config.engine.kind={config.engine.kind!r} is not one of {ENGINES}.")
+  check_engine_config(config.engine)
+  for name in ("prompts_per_step", "samples_per_prompt", "total_steps", "epochs"):
+    if r[name] <= 0:
+      raise ValueError(f"config.rl.{name}={r[name]} must be a positive integer.")
+  for name in ("learning_rate",) + (("critic_learning_rate",) if r.algorithm == "ppo" else ()):
+    if not r[name] > 0:
+      raise ValueError(f"config.rl.{name}={r[name]} must be > 0 (a negative rate would climb "
+                       "the loss); the paper uses 1e-6 for the policy.")
+  if not 0 <= r.warmup_fraction < 1:
+    raise ValueError(f"config.rl.warmup_fraction={r.warmup_fraction} must lie in [0, 1).")
   n = r.prompts_per_step * r.samples_per_prompt
   if not 0 < r.minibatch_size <= n:
     raise ValueError(f"config.rl.minibatch_size={r.minibatch_size} must lie in [1, {n}] (the "
-                     "trajectories of a step, prompts_per_step x samples_per_prompt).")
-  for name in ("micro_batch_size", "score_batch_size"):
-    value = r[name]
-    sizes = {r.minibatch_size, n % r.minibatch_size or r.minibatch_size}
-    if value <= 0 or any(size % value for size in sizes) or n % value:
-      raise ValueError(f"config.rl.{name}={value} must divide config.rl.minibatch_size="
-                       f"{r.minibatch_size}, the last minibatch ({n % r.minibatch_size or n}) "
-                       f"and the {n} trajectories of a step.")
+                     f"trajectories of a step, prompts_per_step x samples_per_prompt = "
+                     f"{r.prompts_per_step} x {r.samples_per_prompt}).")
+  last = n % r.minibatch_size  # an epoch's last, smaller minibatch (0: none)
+  divisors = [d for d in range(1, r.minibatch_size + 1)
+              if r.minibatch_size % d == 0 and last % d == 0]
+  if r.micro_batch_size <= 0 or r.minibatch_size % r.micro_batch_size:
+    raise ValueError(f"config.rl.micro_batch_size={r.micro_batch_size} must divide "
+                     f"config.rl.minibatch_size={r.minibatch_size}.")
+  if last % r.micro_batch_size:
+    raise ValueError(
+        f"config.rl.minibatch_size={r.minibatch_size} does not divide the {n} trajectories "
+        f"of a step ({r.prompts_per_step} x {r.samples_per_prompt}): the last minibatch "
+        f"holds {last}, which config.rl.micro_batch_size={r.micro_batch_size} does not "
+        f"divide. Use a minibatch_size that divides {n}, or a micro_batch_size of "
+        f"{divisors[-1]} (or another divisor of both {r.minibatch_size} and {last}).")
+  if r.score_batch_size <= 0 or n % r.score_batch_size:
+    raise ValueError(f"config.rl.score_batch_size={r.score_batch_size} must divide the {n} "
+                     "trajectories of a step.")
   if r.algorithm == "grpo" and r.samples_per_prompt < 2:
     raise ValueError(f"config.rl.samples_per_prompt={r.samples_per_prompt}: GRPO needs groups "
                      "of at least 2 samples per prompt.")
-  if r.total_steps <= 0 or r.epochs <= 0:
-    raise ValueError(f"config.rl.total_steps={r.total_steps} and config.rl.epochs={r.epochs} "
-                     "must be positive.")
+  check_checkpoint_config(config.checkpoint)
+
+
+def check_checkpoint_config(checkpoint: Any) -> None:
+  """``config.checkpoint``: ``every`` and ``max_to_keep`` at least 1."""
+  if checkpoint.every < 1:
+    raise ValueError(f"config.checkpoint.every={checkpoint.every} must be >= 1 (steps between "
+                     "checkpoints; the last step is always saved).")
+  if checkpoint.max_to_keep < 1:
+    raise ValueError(f"config.checkpoint.max_to_keep={checkpoint.max_to_keep} must be >= 1.")
 
 
 @flax.struct.dataclass
@@ -305,7 +332,8 @@ def step_metrics(update_metrics: list[dict], traj, scores: dict, reward: np.ndar
       "rollout/noisy_share": float(traj.noisy_calls.sum()) / max(searches, 1.0),
       "rollout/answered": float(traj.answered.mean()),
       "rollout/truncated": float(traj.truncated.mean()),
-      "rollout/failed_searches": float(traj.failed_searches.sum()),
+      "rollout/failed_searches": float(traj.failed_searches.sum()) / rows,
+      "rollout/failed_share": float(traj.failed_searches.sum()) / searches if searches else 0.0,
       "rollout/end_token_turns": float(traj.end_token_turns.mean()),
       "curriculum/p_noise": float(p_noise),
       "perf/tokens_per_s": generated / max(timings["rollout_s"], 1e-9),
@@ -330,6 +358,6 @@ def source_metrics(traj, scores: dict, sources) -> dict[str, float]:
   return out
 
 
-__all__ = ["ENGINES", "check_config", "RLState", "RLBatch", "RLPrograms", "build_programs",
+__all__ = ["ENGINES", "check_config", "check_checkpoint_config", "RLState", "RLBatch", "RLPrograms", "build_programs",
            "minibatch_sizes", "critic_from_policy", "loss_mask_of", "make_rl_batch",
            "update_epochs", "step_metrics", "source_metrics"]

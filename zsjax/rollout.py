@@ -141,6 +141,9 @@ class NoEngine:
   def input_shardings(self, plan):
     return None
 
+  def row_problem(self, question, answer):
+    return None
+
   def __call__(self, engine_state, inputs, query, query_lengths, active, noisy, rng):
     b = query.shape[0]
     return EngineOutput(jnp.zeros((b, 1), jnp.int32), jnp.zeros((b,), jnp.int32),
@@ -454,6 +457,25 @@ def prepare_static_tokens(tokenizer, vocab_size: int | None = None,
                       eos_ids=tuple(int(i) for i in eos_ids), pad_id=int(pad_id))
 
 
+def row_check(tokenizer, engine, render, prompt_width: int, width_field: str):
+  """A ``data.load_qa`` row check: raises ``data.DataError`` naming the field when
+  the row could not go through ``prepare_batch`` (its prompt, ``render(question)``,
+  is wider than ``prompt_width``, or the engine cannot take its text), so a bad row
+  is skipped or reported when the data loads, not at the step that draws it."""
+  from zsjax.data import DataError
+
+  def check(row: dict) -> None:
+    n = len(tokenizer.encode(render(row["question"]), add_special_tokens=False))
+    if n > prompt_width:
+      raise DataError(f"field 'question' makes a prompt of {n} tokens, more than "
+                      f"{width_field}={prompt_width}; raise it to keep such rows")
+    problem = (engine or NoEngine()).row_problem(row["question"], row["golden_answers"][0])
+    if problem:
+      raise DataError(problem)
+
+  return check
+
+
 def prepare_batch(tokenizer, prompts: Sequence[str], questions: Sequence[str],
                   answers: Sequence[str], engine=None, *, samples_per_prompt: int = 1,
                   pad_id: int = 0, prompt_width: int | None = None) -> RolloutBatch:
@@ -481,5 +503,5 @@ def prepare_batch(tokenizer, prompts: Sequence[str], questions: Sequence[str],
 
 __all__ = ["RolloutConfig", "RolloutBatch", "Trajectories", "StaticTokens", "RolloutSpec",
            "RolloutState", "TurnState", "NoEngine", "make_rollout", "run_rollout",
-           "shard_rollout", "prepare_static_tokens", "prepare_batch",
+           "shard_rollout", "prepare_static_tokens", "prepare_batch", "row_check",
            "decode_step", "decode_turn", "turn_step", "insert_observation", "initial_state"]

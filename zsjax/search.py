@@ -4,21 +4,31 @@
   (``HostSearch``):
     - ``BM25Engine``: BM25 (the ``bm25s`` package) over a local corpus;
     - ``HttpSimulatorEngine``: an OpenAI-compatible completion server (e.g. a
-      simulator served by sglang or vLLM). Every request has a timeout and a
-      bounded number of retries; a call that still fails returns no documents
-      and is counted, it never hangs training. Its prompt is
+      simulator served by sglang or vLLM). Its settings are checked and one
+      test call made before any work (``check_engine_config``,
+      ``health_check``); every attempt has a wall-clock deadline and a call a
+      bounded number of retries, so a call that still fails returns no
+      documents and is counted, it never hangs training. Its prompt is
       ``zsjax.simulator.SimulatorPrompt``, the on-device simulator's.
+
+A failing engine is loud: RL reports the share of failed search calls per step
+(``rollout/failed_share``), prints it when it is not zero and stops after
+``max_failed_steps`` steps in a row above ``max_failed_share``; evaluation
+reports it per set and exits non-zero above it (``failure_limits``).
 
 Shape legend: B batch, Q query tokens, D document tokens.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import http.client
 import json
+import socket
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -106,18 +116,77 @@ class BM25Engine:
     return SearchResult(documents, [False] * len(requests))
 
 
+class EngineError(RuntimeError):
+  """A search engine that cannot serve; the message names it, the error and the fix."""
+
+
+# Failure limits when an engine section does not set them (config.engine.max_failed_share,
+# config.engine.max_failed_steps): a step (or an evaluation set) whose share of failed
+# search calls is above the share counts as failing; RL stops after that many failing
+# steps in a row, evaluation exits non-zero at once.
+MAX_FAILED_SHARE = 0.2
+MAX_FAILED_STEPS = 3
+HOST_ENGINES = ("bm25", "http")
+
+
+def failure_limits(engine) -> tuple[float, int]:
+  """``(max_failed_share, max_failed_steps)`` of an engine config section."""
+  return (float(engine.get("max_failed_share", MAX_FAILED_SHARE)),
+          int(engine.get("max_failed_steps", MAX_FAILED_STEPS)))
+
+
+def check_engine_config(engine) -> None:
+  """Fails before any work on engine settings that could only fail later (or
+  silently), naming the field, the value and the fix."""
+  if engine.kind not in ("simulator", *HOST_ENGINES):
+    raise ValueError(f"config.engine.kind={engine.kind!r} is not one of "
+                     f"{('simulator', *HOST_ENGINES)}.")
+  share, steps = failure_limits(engine)
+  if not 0.0 <= share <= 1.0:
+    raise ValueError(f"config.engine.max_failed_share={share} must lie in [0, 1] (the share of "
+                     "failed search calls above which a step or an evaluation set fails).")
+  if steps < 1:
+    raise ValueError(f"config.engine.max_failed_steps={steps} must be >= 1 (failing steps in a "
+                     "row before RL stops).")
+  if engine.kind != "http":
+    return
+  url = engine.get("url", "")
+  if not url:
+    raise ValueError("config.engine.kind='http' but config.engine.url is empty: give the "
+                     "simulator server's base URL, e.g. --config.engine.url=http://127.0.0.1:8000 "
+                     "(or use --config.engine.kind=simulator for the on-device simulator).")
+  parts = urllib.parse.urlsplit(url)
+  if parts.scheme not in ("http", "https") or not parts.hostname:
+    raise ValueError(f"config.engine.url={url!r} is not an http(s) URL with a host; write the "
+                     "server's base URL with its scheme, e.g. http://127.0.0.1:8000 (without "
+                     "/v1/completions).")
+  if not engine.get("model", ""):
+    raise ValueError("config.engine.kind='http' but config.engine.model is empty: give the "
+                     "model name the server serves the simulator under (its --served-model-name).")
+  if engine.timeout_s <= 0 or engine.max_retries < 0:
+    raise ValueError(f"config.engine.timeout_s={engine.timeout_s} must be > 0 and "
+                     f"config.engine.max_retries={engine.max_retries} >= 0 (a search must never "
+                     "wait forever).")
+
+
 class HttpSimulatorEngine:
   """A simulator behind an OpenAI-compatible endpoint: ``/v1/completions`` (one
   POST per call carries every prompt of the batch) or, for a prompt with
-  ``chat=True``, ``/v1/chat/completions`` (one POST per request, the server
-  applying its own chat template; released simulators are chat models). Each attempt has
-  ``timeout_s``; up to ``max_retries`` more attempts follow with a doubling
-  ``backoff_s``. A call that still fails returns empty documents for every
-  request, ``failed=True``, and increments ``stats["failures"]``."""
+  ``chat=True``, ``/v1/chat/completions`` (one POST per request, sent
+  concurrently, the server applying its own chat template; released simulators
+  are chat models).
+
+  Time is bounded: ``timeout_s`` is a deadline on each attempt's whole exchange
+  (connect, send, every byte of the answer; a server that trickles bytes is cut
+  off at it), up to ``max_retries`` more attempts follow with a doubling
+  ``backoff_s``, and a whole ``search`` call ends within ``call_deadline_s``
+  (``(max_retries + 1) * timeout_s`` plus the backoffs) however many requests it
+  holds. A request that still fails gets no documents and ``failed=True``;
+  ``stats`` counts calls, requests, retries and failures and keeps the last error."""
 
   def __init__(self, base_url: str, model: str, prompt: SimulatorPrompt = SimulatorPrompt(), *,
                timeout_s: float = 30.0, max_retries: int = 2, backoff_s: float = 1.0,
-               max_tokens: int = 600, temperature: float = 0.8):
+               max_tokens: int = 600, temperature: float = 0.8, concurrency: int = 16):
     if timeout_s <= 0 or max_retries < 0:
       raise ValueError(f"HttpSimulatorEngine: timeout_s={timeout_s} must be > 0 and "
                        f"max_retries={max_retries} >= 0 (a search must never wait forever).")
@@ -126,38 +195,93 @@ class HttpSimulatorEngine:
     self.model, self.prompt = model, prompt
     self.top_k = prompt.top_k
     self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
-    self.max_tokens, self.temperature = max_tokens, temperature
+    self.max_tokens, self.temperature, self.concurrency = max_tokens, temperature, concurrency
     self.stats = {"calls": 0, "queries": 0, "retries": 0, "failures": 0, "last_error": ""}
 
-  def _post(self, payload: dict) -> dict:
-    request = urllib.request.Request(self.url, data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-      return json.loads(response.read())
+  @property
+  def call_deadline_s(self) -> float:
+    """The longest one ``search`` call can take (before scheduling slack)."""
+    return (self.max_retries + 1) * self.timeout_s + self.backoff_s * (2 ** self.max_retries - 1)
 
-  def _with_retries(self, payload: dict, read) -> list[str] | None:
-    """``read(response body)`` after at most ``max_retries + 1`` attempts, or None."""
+  def _post(self, payload: dict, timeout_s: float) -> dict:
+    """One POST whose whole exchange ends within ``timeout_s``: a timer shuts the
+    socket down at the deadline, which ends any read in progress."""
+    parts = urllib.parse.urlsplit(self.url)
+    connection_type = (http.client.HTTPSConnection if parts.scheme == "https"
+                       else http.client.HTTPConnection)
+    connection = connection_type(parts.hostname, parts.port, timeout=timeout_s)
+    expired = threading.Event()
+
+    def expire():
+      expired.set()
+      if connection.sock is not None:
+        try:
+          connection.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+          pass
+
+    timer = threading.Timer(timeout_s, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+      connection.connect()
+      if expired.is_set():
+        raise TimeoutError
+      connection.request("POST", parts.path, body=json.dumps(payload).encode(),
+                         headers={"Content-Type": "application/json"})
+      response = connection.getresponse()
+      body = response.read()
+      if expired.is_set():
+        raise TimeoutError
+      if response.status != 200:
+        raise EngineError(f"HTTP {response.status} {response.reason}: "
+                          f"{body[:200].decode('utf-8', 'replace')!r}")
+      return json.loads(body)
+    except (OSError, http.client.HTTPException) as e:
+      if expired.is_set():
+        raise TimeoutError(f"no complete answer within the {timeout_s:.3g} s deadline "
+                           "(config.engine.timeout_s)") from None
+      raise e
+    finally:
+      timer.cancel()
+      connection.close()
+
+  def _with_retries(self, payload: dict, read, deadline: float) -> list[str] | None:
+    """``read(response body)`` after at most ``max_retries + 1`` attempts, each
+    ending by the call's ``deadline`` (``time.monotonic``), or None."""
     for attempt in range(self.max_retries + 1):
+      left = deadline - time.monotonic()
+      if left <= 0:
+        break
       try:
-        return read(self._post(payload))
-      except (urllib.error.URLError, TimeoutError, OSError, ValueError, KeyError, TypeError) as e:
+        return read(self._post(payload, min(self.timeout_s, left)))
+      except (OSError, http.client.HTTPException, EngineError, ValueError, KeyError, TypeError,
+              IndexError) as e:
         self.stats["last_error"] = f"{type(e).__name__}: {e}"
         if attempt < self.max_retries:
           self.stats["retries"] += 1
-          time.sleep(self.backoff_s * 2 ** attempt)
+          time.sleep(max(0.0, min(self.backoff_s * 2 ** attempt,
+                                  deadline - time.monotonic())))
     self.stats["failures"] += 1
     return None
 
   def search(self, requests: Sequence[SearchRequest]) -> SearchResult:
     self.stats["calls"] += 1
     self.stats["queries"] += len(requests)
+    deadline = time.monotonic() + self.call_deadline_s
     settings = {"model": self.model, "max_tokens": self.max_tokens,
                 "temperature": self.temperature}
     if self.prompt.chat:
-      texts = [self._with_retries(
-          {**settings, "messages": self.prompt.messages(r.query, r.question, r.answer, r.noisy)},
-          lambda body: [body["choices"][0]["message"]["content"]]) for r in requests]
-      texts = [None if t is None else t[0] for t in texts]
+      def one(r):
+        out = self._with_retries(
+            {**settings, "messages": self.prompt.messages(r.query, r.question, r.answer,
+                                                          r.noisy)},
+            lambda body: [body["choices"][0]["message"]["content"]], deadline)
+        return None if out is None else out[0]
+
+      with concurrent.futures.ThreadPoolExecutor(max(1, min(self.concurrency,
+                                                            len(requests)))) as pool:
+        texts = list(pool.map(one, requests))
     else:
       prompts = [self.prompt.render(r.query, r.question, r.answer, r.noisy) for r in requests]
 
@@ -167,23 +291,51 @@ class HttpSimulatorEngine:
           out[int(choice.get("index", 0))] = choice["text"]
         return out
 
-      texts = self._with_retries({**settings, "prompt": prompts}, read) or [None] * len(prompts)
+      texts = self._with_retries({**settings, "prompt": prompts}, read, deadline) \
+          or [None] * len(prompts)
     return SearchResult([[] if t is None else parse_documents(t, self.top_k) for t in texts],
                         [t is None for t in texts])
 
+  def health_check(self) -> None:
+    """One search call (with its retries) before any work: raises ``EngineError``
+    with the URL, the last error and the fix when the server cannot answer it."""
+    failures = self.stats["failures"]
+    result = self.search([SearchRequest("health check", "health check", "ok")])
+    for key in ("calls", "queries"):
+      self.stats[key] -= 1
+    if self.stats["failures"] > failures or result.failed[0]:
+      raise EngineError(
+          f"the search engine at {self.url} (model {self.model!r}) did not answer a test "
+          f"request within {self.call_deadline_s:.3g} s: {self.stats['last_error']}. Start the "
+          "simulator server there, or fix config.engine.url / config.engine.model "
+          "(config.engine.timeout_s and max_retries bound the wait).")
+    self.stats["last_error"] = ""
 
-def engine_from_config(engine, prompt: SimulatorPrompt = SimulatorPrompt()) -> HostEngine:
+
+def engine_from_config(engine, prompt: SimulatorPrompt = SimulatorPrompt(), *,
+                       health_check: bool = True) -> HostEngine:
   """The host engine a config's ``engine`` section names: ``kind="bm25"`` (BM25 over
-  ``corpus``) or ``kind="http"`` (``url``, ``model``, ``timeout_s``, ``max_retries``)."""
+  ``corpus``) or ``kind="http"`` (``url``, ``model``, ``timeout_s``, ``max_retries``;
+  checked with one test call unless ``health_check=False``)."""
+  check_engine_config(engine)
   if engine.kind == "bm25":
     if not engine.corpus:
       raise ValueError("config.engine.kind='bm25' needs config.engine.corpus (a jsonl file).")
     return BM25Engine.from_jsonl(engine.corpus, top_k=engine.top_k, text_field=engine.text_field)
   if engine.kind == "http":
-    return HttpSimulatorEngine(engine.url, engine.model, prompt, timeout_s=engine.timeout_s,
-                               max_retries=engine.max_retries)
+    http_engine = HttpSimulatorEngine(engine.url, engine.model, prompt,
+                                      timeout_s=engine.timeout_s, max_retries=engine.max_retries)
+    if health_check:
+      http_engine.health_check()
+    return http_engine
   raise ValueError(f"config.engine.kind={engine.kind!r} is not a host engine; use 'bm25' or "
                    "'http'.")
+
+
+def failed_share(failed, searches) -> float:
+  """Failed search calls over search calls (0 when there were none)."""
+  total = float(np.sum(searches))
+  return float(np.sum(failed)) / total if total else 0.0
 
 
 def build_engine(config, tokenizer, static, rollout_config, plan, rng, *, greedy: bool = False,
@@ -267,6 +419,21 @@ class HostSearch:
 
   def input_shardings(self, plan) -> HostInputs:
     return HostInputs(text=plan.rows(3), lengths=plan.rows(2))
+
+  @property
+  def last_error(self) -> str:
+    """The host engine's last error ("" when none, or when it keeps no stats)."""
+    return getattr(self.engine, "stats", {}).get("last_error", "")
+
+  def row_problem(self, question: str, answer: str) -> str | None:
+    """Why a row cannot go through ``inputs`` (its text is wider than the fixed
+    width), or None."""
+    for field, text in (("question", question), ("golden_answers", answer)):
+      size = len(text.encode("utf-8"))
+      if size > self.text_width:
+        return (f"field {field!r} is {size} UTF-8 bytes, more than the host engine's text width "
+                f"{self.text_width} (config.engine.max_text_bytes)")
+    return None
 
   def _callback(self, text, text_lengths, query_tokens, query_lengths, active, noisy):
     b = query_tokens.shape[0]

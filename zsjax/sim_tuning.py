@@ -35,7 +35,7 @@ import numpy as np
 
 from zsjax import rewards
 from zsjax import rollout as rollout_lib
-from zsjax.metrics import read_jsonl
+from zsjax.metrics import drop_torn_tail, read_jsonl
 from zsjax.search import SearchRequest, SearchResult
 from zsjax.simulator import SimulatorEngine, SimulatorPrompt, policy_query
 from zsjax.template import render_documents, render_prompt
@@ -59,6 +59,8 @@ class RecordingEngine:
 
 
 def _done_ids(path: Path) -> set[str]:
+  """Ids already collected (a line cut off by a kill is dropped: it is collected again)."""
+  drop_torn_tail(path)
   return {r["id"] for r in read_jsonl(path)} if path.exists() else set()
 
 

@@ -307,6 +307,16 @@ class SimulatorEngine:
                            prefix_lengths=jnp.asarray(np.stack([p[1] for p in pre])),
                            suffix=jnp.asarray(suffix), suffix_lengths=jnp.asarray(suffix_lengths))
 
+  def row_problem(self, question: str, answer: str) -> str | None:
+    """Why a row cannot go through ``inputs`` (its simulator prompt is wider than
+    the fixed prefix width), or None."""
+    for noisy in (False, True):
+      n = len(self._encode(self.prompt.split(question, answer, noisy, self.tokenizer)[0]))
+      if n > self.prefix_width:
+        return (f"its simulator prompt is {n} tokens, more than "
+                f"config.simulator.max_prefix_tokens={self.prefix_width}")
+    return None
+
   def input_shardings(self, plan) -> SimulatorInputs:
     return SimulatorInputs(prefix=plan.rows(3, axis=1), prefix_lengths=plan.rows(2, axis=1),
                            suffix=plan.replicated(), suffix_lengths=plan.replicated())

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -95,14 +96,25 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> RLJob:
           policy_sampling),
       plan, policy_cfg, engine=engine, engine_state_shardings=engine_shardings)
   programs = rl_step.build_programs(r, policy_cfg, plan, policy_sampling.temperature)
+  # Rows that cannot make a batch (a prompt wider than the fixed width, text too long
+  # for the engine) are found now, with file, row and field, not at the step drawing them.
+  check = rollout_lib.row_check(
+      tokenizer, engine, lambda q: _render(config, tokenizer, q),
+      config.rollout.max_prompt_tokens, "config.rollout.max_prompt_tokens")
   data = data_lib.load_qa(config.data.train_files, on_error=config.data.on_error,
-                          limit=config.data.limit or None)
+                          limit=config.data.limit or None, check=check)
   return RLJob(
       config=config, workdir=Path(workdir), key=key, tokenizer=tokenizer,
       data=data, sources=tuple(sorted(set(data["data_source"]))),
       plan=plan, policy_cfg=policy_cfg, initial_params=params,
       ref_params=programs.copy_params(params), engine=engine, engine_state=engine_state,
       rollout=rollout, rollout_config=rollout_config, pad_id=static.pad_id, programs=programs)
+
+
+def _render(config, tokenizer, question: str) -> str:
+  return template.render_prompt(question, tokenizer,
+                                config.data.instruction or template.INSTRUCTION,
+                                use_chat_template=config.data.chat_template)
 
 
 def rollout_batch(job: RLJob, step: int):
@@ -112,10 +124,7 @@ def rollout_batch(job: RLJob, step: int):
   rows = data_lib.batch_rows(len(job.data), r.prompts_per_step, config.seed, step - 1)
   examples = [job.data[int(i)] for i in rows]
   questions = [e["question"] for e in examples]
-  prompts = [template.render_prompt(q, job.tokenizer, config.data.instruction or
-                                    template.INSTRUCTION,
-                                    use_chat_template=config.data.chat_template)
-             for q in questions]
+  prompts = [_render(config, job.tokenizer, q) for q in questions]
   try:
     batch = rollout_lib.prepare_batch(
         job.tokenizer, prompts, questions, [e["golden_answers"][0] for e in examples],
@@ -180,8 +189,36 @@ def write_samples(job: RLJob, step: int, traj, golds, scores) -> None:
           "response": decode(traj.tokens[i, start:end])}) + "\n")
 
 
+def _engine_failures(job: RLJob, step: int, share: float, failing: int) -> int:
+  """Prints a step's failed search share when it is not zero; returns the count of
+  failing steps in a row, raising ``search.EngineError`` when it reaches the limit."""
+  limit, steps = search.failure_limits(job.config.engine)
+  if share <= 0:
+    return 0
+  error = getattr(job.engine, "last_error", "") or "no error recorded"
+  if is_main_process():
+    _console(f"RL step {step}: {share:.0%} of search calls failed (last error: {error})")
+  failing = failing + 1 if share > limit else 0
+  if failing >= steps:
+    raise search.EngineError(
+        f"RL step {step}: more than config.engine.max_failed_share={limit:.0%} of search calls "
+        f"failed for {failing} steps in a row (config.engine.max_failed_steps={steps}); the "
+        f"engine's last error: {error}. Fix the engine (its URL: config.engine.url) and rerun "
+        "the same command to resume")
+  return failing
+
+
+def _console(message: str) -> None:
+  """A line on the console that does not break the progress bar."""
+  from tqdm import tqdm
+
+  tqdm.write(message, file=sys.stderr)
+
+
 def train(job: RLJob) -> dict:
-  """The loop: restore or start, then step, write, checkpoint; export at the end."""
+  """The loop: restore or start, then step, write, checkpoint; export at the end.
+  A failing engine stops it before the failing step's checkpoint; Ctrl-C lets an
+  asynchronous save finish and names the last complete checkpoint."""
   from tqdm import tqdm
 
   config, r, workdir = job.config, job.config.rl, job.workdir
@@ -189,40 +226,59 @@ def train(job: RLJob) -> dict:
   ck = config.checkpoint
   checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=ck.max_to_keep,
                               async_save=ck.async_save)
+  saved = checkpointer.latest_extra()  # checked before Orbax reads the arrays
+  if saved is not None and saved.get("algorithm", r.algorithm) != r.algorithm:
+    checkpointer.close()
+    raise ValueError(f"{workdir} holds a {saved['algorithm']!r} run (checkpoint step "
+                     f"{saved.get('step')}); config.rl.algorithm={r.algorithm!r}. Use a new "
+                     "--workdir, or the algorithm the run started with.")
   state, extra, resumed = checkpointer.restore_or(
       job.programs.state_target(),
       lambda: job.programs.initial_state(job.initial_params, jax.random.fold_in(job.key, 3)))
   start = int(extra.get("step", 0)) if resumed else 0
-  if resumed and extra.get("algorithm", r.algorithm) != r.algorithm:
-    raise ValueError(f"{workdir} holds a {extra['algorithm']!r} run; config.rl.algorithm="
-                     f"{r.algorithm!r}. Use a new --workdir.")
+  if start > r.total_steps and is_main_process():
+    _console(f"{workdir} holds step {start}, past config.rl.total_steps={r.total_steps}: "
+             f"nothing to train; the export and summary are of step {start}.")
   if is_main_process():
     drop_steps_after(workdir / "samples.jsonl", start)  # as MetricWriter does for metrics
-  last = {}
-  with MetricWriter(workdir, resume_from=start) as writer, tqdm(
-      total=r.total_steps, initial=start, desc=f"rl/{r.algorithm}", unit="step",
-      disable=not is_main_process() or not config.progress) as bar:
-    for step in range(start + 1, r.total_steps + 1):
-      state, metrics, samples = train_step(job, state, step)
-      if r.sample_every and step % r.sample_every == 0 and is_main_process():
-        write_samples(job, step, *samples)  # before the write: a NaN step keeps its samples
-      try:
-        last = writer.write(step, metrics)
-      except FloatingPointError as e:
-        checkpointer.close()
-        raise FloatingPointError(
-            f"RL step {step}: {e} The update was not applied; the last checkpoint is step "
-            f"{checkpointer.latest_step()}. Lower config.rl.learning_rate or check the "
-            "rewards.") from None
-      bar.set_postfix({"reward": f"{last['reward/train']:.3f}",
-                       "p_noise": f"{last['curriculum/p_noise']:.3f}"}, refresh=False)
-      bar.update(1)
-      if step % ck.every == 0 or step == r.total_steps:
-        checkpointer.save(step, state, extra={
-            "step": step, "algorithm": r.algorithm, "seed": config.seed,
-            "data_position": step * r.prompts_per_step})
+  last, done, failing, step = {}, start, 0, start
+  try:
+    with MetricWriter(workdir, resume_from=start) as writer, tqdm(
+        total=r.total_steps, initial=min(start, r.total_steps), desc=f"rl/{r.algorithm}",
+        unit="step", disable=not is_main_process() or not config.progress) as bar:
+      for step in range(start + 1, r.total_steps + 1):
+        state, metrics, samples = train_step(job, state, step)
+        if r.sample_every and step % r.sample_every == 0 and is_main_process():
+          write_samples(job, step, *samples)  # before the write: a NaN step keeps its samples
+        try:
+          last = writer.write(step, metrics)
+        except FloatingPointError as e:
+          raise FloatingPointError(
+              f"RL step {step}: {e} The update was not applied; the last checkpoint is step "
+              f"{checkpointer.latest_step()}. Lower config.rl.learning_rate or check the "
+              "rewards.") from None
+        failing = _engine_failures(job, step, last["rollout/failed_share"], failing)
+        bar.set_postfix({"reward": f"{last['reward/train']:.3f}",
+                         "p_noise": f"{last['curriculum/p_noise']:.3f}"}, refresh=False)
+        bar.update(1)
+        if step % ck.every == 0 or step == r.total_steps:
+          checkpointer.save(step, state, extra={
+              "step": step, "algorithm": r.algorithm, "seed": config.seed,
+              "data_position": step * r.prompts_per_step})
+        done = step
+  except KeyboardInterrupt:
+    checkpointer.close()  # an asynchronous save in progress completes first
+    _console(f"interrupted during RL step {step}; the last complete checkpoint is step "
+             f"{checkpointer.latest_step()}: rerun the same command to resume from it.")
+    raise
+  except search.EngineError as e:
+    checkpointer.close()
+    raise search.EngineError(f"{e} from checkpoint step {checkpointer.latest_step()}.") from None
+  except FloatingPointError:
+    checkpointer.close()
+    raise
   checkpointer.close()
-  summary = {"final_step": r.total_steps, "resumed_from": start, **last}
+  summary = {"final_step": done, "resumed_from": start, **last}
   if ck.export_hf and is_main_process():
     export = hf.save_checkpoint(workdir / "hf_export", job.policy_cfg, state.policy.params)
     job.tokenizer.save_pretrained(str(export))

@@ -133,6 +133,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if s.batch_size <= 0 or s.total_steps <= 0:
     raise ValueError(f"config.sft.batch_size={s.batch_size} and config.sft.total_steps="
                      f"{s.total_steps} must be positive.")
+  if not s.learning_rate > 0:
+    raise ValueError(f"config.sft.learning_rate={s.learning_rate} must be > 0 (a negative rate "
+                     "would climb the loss).")
+  if "checkpoint" in config:
+    from zsjax.rl_step import check_checkpoint_config
+
+    check_checkpoint_config(config.checkpoint)
   plan = ShardingPlan.from_config(config)
   if s.batch_size % plan.batch_divisor:
     raise ValueError(f"config.sft.batch_size={s.batch_size} is not a multiple of data x fsdp = "

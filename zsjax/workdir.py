@@ -1,0 +1,150 @@
+"""A workdir belongs to one run: a lock while a job runs, and the run's identity.
+
+* ``lock(workdir)``: an exclusive ``fcntl.flock`` on ``WORKDIR/.zsjax.lock`` held
+  for the whole job. A second job started in the same workdir fails at once,
+  naming the holder (pid, host, start time, command). The kernel drops the lock
+  when its process ends, killed or not, so a crash never leaves a stale lock.
+* ``check_identity(workdir, config)``: the first run of a resumable job writes
+  ``WORKDIR/run.json`` (its config, flattened to dotted keys). A later run in the
+  same workdir resumes it, so every field that defines the run (seed, model,
+  data, tokenizer, algorithm, ...) must be unchanged: a change is refused with
+  the fields listed and the fix (a new workdir). Only the fields of
+  ``MAY_CHANGE`` (the number of steps, logging, checkpoint cadence, mesh, the
+  engine's address and limits) may change, and each change is printed.
+
+``zsjax.main`` does both before a job builds anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import fnmatch
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+LOCK_FILE = ".zsjax.lock"
+IDENTITY_FILE = "run.json"
+
+# Jobs that resume from their workdir, and so have an identity to keep.
+RESUMABLE = ("rl", "sft", "sim_tuning", "tiny_world")
+
+# Dotted config keys (fnmatch patterns) that may differ between a run and its
+# resumption: they change how long it runs, how it logs, checkpoints or is laid out
+# on devices, or where the engine is reached; not what it computes.
+_EVERY_JOB = ("progress", "distributed.*", "mesh.*", "sharding", "sharding_rules",
+              "checkpoint.every", "checkpoint.max_to_keep", "checkpoint.async_save",
+              "engine.url", "engine.timeout_s", "engine.max_retries",
+              "engine.max_failed_share", "engine.max_failed_steps")
+MAY_CHANGE = {
+    "rl": _EVERY_JOB + ("rl.total_steps", "rl.sample_every", "rl.sample_rows",
+                        "checkpoint.export_hf"),
+    "sft": _EVERY_JOB + ("sft.total_steps", "sft.eval_every", "checkpoint.export_hf"),
+    "sim_tuning": _EVERY_JOB,
+    # a pipeline's stages are made once: only what is recomputed on every run may change
+    "tiny_world": _EVERY_JOB + ("stage_cache", "eval_batch_size", "eval_sample_size",
+                                "eval_prompt_width"),
+}
+
+
+class WorkdirBusy(RuntimeError):
+  """Another run holds the workdir."""
+
+
+class RunMismatch(ValueError):
+  """A run was started in a workdir that holds a different run."""
+
+
+@contextlib.contextmanager
+def lock(workdir: str | os.PathLike) -> Iterator[Path]:
+  """Holds ``WORKDIR/.zsjax.lock`` exclusively for the ``with`` body."""
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  path = workdir / LOCK_FILE
+  handle = open(path, "a+", encoding="utf-8")
+  try:
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      handle.seek(0)
+      holder = handle.read().strip() or "a process that wrote no details"
+      raise WorkdirBusy(
+          f"{workdir} is in use by another zsjax run ({holder}). Wait for it to finish, or "
+          "give this run another --workdir.") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)}")
+    handle.flush()
+    yield path
+  finally:
+    handle.close()  # closing drops the lock
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """A config (ConfigDict or dict) as ``{"a.b.c": value}``; tuples become lists."""
+  if hasattr(tree, "to_dict"):
+    tree = tree.to_dict()
+  out: dict[str, Any] = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if hasattr(value, "to_dict") or isinstance(value, dict):
+      out.update(flatten(value, name + "."))
+    else:
+      out[name] = json.loads(json.dumps(value, default=str))
+  return out
+
+
+def _may_change(job: str, key: str) -> bool:
+  return any(fnmatch.fnmatchcase(key, pattern) for pattern in MAY_CHANGE.get(job, _EVERY_JOB))
+
+
+def check_identity(workdir: str | os.PathLike, config, log=print) -> list[str]:
+  """Records the run in ``WORKDIR/run.json``, or checks this run against the one
+  recorded: raises ``RunMismatch`` listing the fields that define the run and
+  differ; returns (and ``log``s) the allowed changes, then records the new values."""
+  job = config.get("job", "")
+  if job not in RESUMABLE:
+    return []
+  workdir = Path(workdir)
+  path = workdir / IDENTITY_FILE
+  now = flatten(config)
+  if path.exists():
+    try:
+      recorded = json.loads(path.read_text())
+      before = recorded["config"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise RunMismatch(f"{path} is unreadable ({e}); it records which run this workdir "
+                        "holds. Use a new --workdir (or delete the file if you know the "
+                        "workdir matches this config).") from None
+    keys = sorted(set(before) | set(now))
+    changed = [k for k in keys if before.get(k, "<absent>") != now.get(k, "<absent>")]
+    refused = [k for k in changed if not _may_change(job, k)]
+    if refused:
+      lines = "\n".join(f"  config.{k}: {before.get(k, '<absent>')!r} -> "
+                        f"{now.get(k, '<absent>')!r}" for k in refused)
+      raise RunMismatch(
+          f"{workdir} holds a {recorded.get('job', job)!r} run started with other settings; "
+          f"resuming it with these would mix two runs:\n{lines}\nUse a new --workdir for a new "
+          f"run, or rerun with the recorded values ({path}).")
+    notes = [f"config.{k}: {before.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}"
+             for k in changed]
+    for note in notes:
+      log(f"{workdir}: resuming with a changed setting (allowed): {note}")
+    started = recorded.get("started", "")
+  else:
+    notes, started = [], time.strftime("%Y-%m-%d %H:%M:%S")
+  partial = path.with_name(path.name + ".partial")
+  partial.write_text(json.dumps({"job": job, "started": started, "config": now}, indent=2,
+                                sort_keys=True) + "\n")
+  partial.replace(path)
+  return notes
+
+
+__all__ = ["LOCK_FILE", "IDENTITY_FILE", "RESUMABLE", "MAY_CHANGE", "WorkdirBusy", "RunMismatch",
+           "lock", "flatten", "check_identity"]
