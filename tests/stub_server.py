@@ -9,11 +9,19 @@ import time
 
 
 class StubServer:
-  """A local completion server whose behaviour each test sets: 'ok', 'slow',
-  'error' (HTTP 500) or 'garbage' (not JSON). Loopback only."""
+  """A local completion server whose behaviour each test sets: 'ok', 'slow'
+  (answers after ``delay_s``), 'error' (HTTP 500), 'garbage' (not JSON) or
+  'trickle' (a valid answer sent 4 bytes every ``trickle_s``). ``die_after=N``:
+  the server closes after answering N requests (connections are then refused).
+  ``healthy_for=N``: the first N requests are answered as 'ok' whatever the mode
+  (a server that passes the health check, then fails). Loopback only."""
 
-  def __init__(self):
-    self.mode, self.requests, self.paths = "ok", [], []
+  def __init__(self, mode: str = "ok", delay_s: float = 1.0, trickle_s: float = 0.5,
+               die_after: int | None = None, healthy_for: int = 0):
+    self.mode, self.requests, self.paths = mode, [], []
+    self.delay_s, self.trickle_s, self.die_after = delay_s, trickle_s, die_after
+    self.healthy_for = healthy_for
+    self.closed = False
     outer = self
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -23,9 +31,14 @@ class StubServer:
       def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         outer.requests.append(body)
-        if outer.mode == "slow":
-          time.sleep(1.0)
-        if outer.mode == "error":
+        mode = "ok" if len(outer.requests) <= outer.healthy_for else outer.mode
+        if outer.die_after is not None and len(outer.requests) > outer.die_after:
+          threading.Thread(target=outer.close, daemon=True).start()
+          self.close_connection = True
+          return  # no answer: the server is going away
+        if mode == "slow":
+          time.sleep(outer.delay_s)
+        if mode == "error":
           self.send_response(500)
           self.end_headers()
           return
@@ -40,14 +53,20 @@ class StubServer:
         else:
           answer = {"choices": [{"index": i, "text": documents(p)}
                                 for i, p in enumerate(body["prompt"])]}
-        payload = b"not json" if outer.mode == "garbage" else json.dumps(answer).encode()
+        payload = b"not json" if mode == "garbage" else json.dumps(answer).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         try:
-          self.wfile.write(payload)
-        except BrokenPipeError:
+          if mode == "trickle":
+            for i in range(0, len(payload), 4):
+              self.wfile.write(payload[i:i + 4])
+              self.wfile.flush()
+              time.sleep(outer.trickle_s)
+          else:
+            self.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):
           pass
 
     self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -56,5 +75,7 @@ class StubServer:
     self.thread.start()
 
   def close(self):
-    self.httpd.shutdown()
-    self.httpd.server_close()
+    if not self.closed:
+      self.closed = True
+      self.httpd.shutdown()
+      self.httpd.server_close()

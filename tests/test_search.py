@@ -3,6 +3,7 @@ corpus, the HTTP engine's timeouts and retries (against a local server), and the
 io_callback bridge from jitted code."""
 
 import json
+import re
 import time
 
 import jax
@@ -168,3 +169,78 @@ def test_host_search_from_jitted_code(corpus_file):
   text = tokenizer.decode(np.asarray(docs[0, :doc_lengths[0]]).tolist())
   assert text == "Doc 1: Berlin is the capital of Germany."
   assert int(doc_lengths[1]) == 0 and not bool(failed.any())  # the inactive row is not searched
+
+
+# ------------------------------------------------------- a failing engine is loud
+
+
+def http_section(**fields):
+  import ml_collections
+
+  section = dict(kind="http", url="http://127.0.0.1:8000", model="sim", timeout_s=1.0,
+                 max_retries=0, backoff_s=0.01, max_failed_share=0.2, max_failed_steps=3,
+                 top_k=5, corpus="", text_field="contents")
+  return ml_collections.ConfigDict({**section, **fields})
+
+
+@pytest.mark.parametrize("fields,needle", [
+    (dict(url=""), "config.engine.url is empty"),
+    (dict(url="127.0.0.1:8000"), "config.engine.url='127.0.0.1:8000' is not an http"),
+    (dict(url="ftp://host"), "is not an http"),
+    (dict(model=""), "config.engine.model is empty"),
+    (dict(timeout_s=0.0), "config.engine.timeout_s=0.0"),
+    (dict(max_failed_share=1.5), "config.engine.max_failed_share=1.5"),
+    (dict(max_failed_steps=0), "config.engine.max_failed_steps=0")])
+def test_engine_settings_are_checked_before_any_work(fields, needle):
+  with pytest.raises(ValueError, match=re.escape(needle)):
+    S.check_engine_config(http_section(**fields))
+
+
+@pytest.mark.parametrize("mode", ["dead", "error"])
+def test_health_check_names_the_url_the_error_and_the_fix(mode):
+  server = StubServer(mode if mode != "dead" else "ok")
+  if mode == "dead":
+    server.close()
+  try:
+    with pytest.raises(S.EngineError) as caught:
+      S.engine_from_config(http_section(url=server.url, timeout_s=0.5))
+  finally:
+    server.close()
+  message = str(caught.value)
+  assert server.url in message and "config.engine.url" in message
+  assert ("HTTP 500" if mode == "error" else "Connection") in message
+
+
+def test_each_call_ends_by_its_deadline_even_when_the_server_trickles(server):
+  """A server sending 4 bytes every 0.1 s never trips a per-read timeout; the
+  deadline covers the whole exchange: one call <= (retries + 1) x timeout + backoff."""
+  server.mode, server.trickle_s = "trickle", 0.1
+  engine = S.HttpSimulatorEngine(server.url, "sim", timeout_s=0.4, max_retries=1, backoff_s=0.05)
+  start = time.perf_counter()
+  result = engine.search([S.SearchRequest("q")] * 4)
+  elapsed = time.perf_counter() - start
+  assert result.failed == [True] * 4 and "deadline" in engine.stats["last_error"]
+  assert engine.call_deadline_s == pytest.approx(0.85)
+  assert elapsed < engine.call_deadline_s + 0.3  # the answer alone would take > 10 s
+
+
+def test_a_chat_call_is_bounded_however_many_requests_it_holds(server):
+  server.mode, server.delay_s = "slow", 1.0
+  engine = S.HttpSimulatorEngine(server.url, "sim", SIM.SimulatorPrompt(chat=True), timeout_s=0.3,
+                                 max_retries=0, concurrency=4)
+  start = time.perf_counter()
+  result = engine.search([S.SearchRequest(f"q{i}") for i in range(24)])
+  assert all(result.failed) and time.perf_counter() - start < 0.3 + 0.4  # not 24 x 0.3 s
+
+
+def test_a_server_that_dies_mid_run_fails_its_later_calls():
+  server = StubServer(die_after=1)
+  try:
+    engine = S.HttpSimulatorEngine(server.url, "sim", timeout_s=0.5, max_retries=1,
+                                   backoff_s=0.01)
+    first = engine.search([S.SearchRequest("q")])
+    second = engine.search([S.SearchRequest("q")])
+  finally:
+    server.close()
+  assert first.failed == [False] and second.failed == [True]
+  assert engine.stats["failures"] == 1 and engine.stats["last_error"]

@@ -211,12 +211,13 @@ class HttpSimulatorEngine:
                        else http.client.HTTPConnection)
     connection = connection_type(parts.hostname, parts.port, timeout=timeout_s)
     expired = threading.Event()
+    opened = []  # the socket, kept: http.client drops connection.sock once it has the headers
 
     def expire():
       expired.set()
-      if connection.sock is not None:
+      for sock in opened:
         try:
-          connection.sock.shutdown(socket.SHUT_RDWR)
+          sock.shutdown(socket.SHUT_RDWR)
         except OSError:
           pass
 
@@ -225,6 +226,7 @@ class HttpSimulatorEngine:
     timer.start()
     try:
       connection.connect()
+      opened.append(connection.sock)
       if expired.is_set():
         raise TimeoutError
       connection.request("POST", parts.path, body=json.dumps(payload).encode(),
@@ -324,7 +326,8 @@ def engine_from_config(engine, prompt: SimulatorPrompt = SimulatorPrompt(), *,
     return BM25Engine.from_jsonl(engine.corpus, top_k=engine.top_k, text_field=engine.text_field)
   if engine.kind == "http":
     http_engine = HttpSimulatorEngine(engine.url, engine.model, prompt,
-                                      timeout_s=engine.timeout_s, max_retries=engine.max_retries)
+                                      timeout_s=engine.timeout_s, max_retries=engine.max_retries,
+                                      backoff_s=engine.get("backoff_s", 1.0))
     if health_check:
       http_engine.health_check()
     return http_engine

@@ -1,0 +1,306 @@
+"""Fault drill: the RL and eval jobs against a search server that misbehaves.
+
+  python experiments/fault_drill.py --out=experiments/results/fault_drill [--work=DIR]
+
+A local stub simulator server on 127.0.0.1 (tests/stub_server.py) is, per
+scenario: healthy (``ok``), ``dead`` (nothing listens), ``slow`` (answers after
+2 s, past the 0.5 s deadline), ``trickle`` (a valid answer 4 bytes every 0.2 s),
+``error`` (HTTP 500), ``garbage`` (not JSON) or ``dies`` (closes). Except for
+``dead`` and ``error_at_start`` (HTTP 500 from the first request), a failing
+server answers the health check and the first search call, then fails. For each, a tiny RL run (the
+zerosearch tiny config on a tiny world, ``engine.kind=http``, 4 steps) and an
+eval job (the search method on two small sets) run with a policy that always
+searches: its first tokens are forced to ``<search> ... </search>``
+(``tests/scripted.py``), so every step and every question calls the engine.
+
+Each outcome is checked, not just printed: the run either finishes with the
+failure share reported (and printed), or stops with a message naming the
+engine's error; it ends within its time bound (search calls x the engine's
+per-call deadline, plus the run's compute); what it had written before the
+fault (checkpoints, metrics, scored sets) is still there. Writes
+``OUT/fault_drill.md`` (the table) and ``OUT/fault_drill.json``; the last line
+printed is a JSON summary. ``--scenarios`` and ``--jobs`` run a subset (the
+test suite runs a short drill). About 3 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the stub server, the scripted sampler, configs
+
+# Each failing server answers the health check and the first search call well
+# (healthy_for=2), then fails: the run has started and written something.
+SCENARIOS = {
+    "ok": dict(mode="ok"),
+    "dead": dict(mode="ok", dead=True),
+    "error_at_start": dict(mode="error"),
+    "slow": dict(mode="slow", delay_s=2.0, healthy_for=2),
+    "trickle": dict(mode="trickle", trickle_s=0.2, healthy_for=2),
+    "error": dict(mode="error", healthy_for=2),
+    "garbage": dict(mode="garbage", healthy_for=2),
+    "dies": dict(mode="ok", die_after=2),
+}
+ENGINE = dict(timeout_s=0.5, max_retries=1, backoff_s=0.05, max_failed_share=0.2,
+              max_failed_steps=2)
+RL_STEPS = 4
+QUERY = " <search> capital </search>"
+
+
+def _searching(tokenizer, rows: int, base):
+  """A sampler whose first tokens in every row are ``QUERY``."""
+  from scripted import Scripted, script_rows
+
+  ids = tokenizer.encode(QUERY, add_special_tokens=False)
+  return Scripted(script_rows([ids] * rows), base)
+
+
+def _server(scenario: dict):
+  from stub_server import StubServer
+
+  server = StubServer(scenario["mode"], delay_s=scenario.get("delay_s", 1.0),
+                      trickle_s=scenario.get("trickle_s", 0.5),
+                      die_after=scenario.get("die_after"),
+                      healthy_for=scenario.get("healthy_for", 0))
+  if scenario.get("dead"):
+    server.close()
+  return server
+
+
+def _engine_section(config, url: str) -> None:
+  config.engine.update(dict(kind="http", url=url, model="sim", **ENGINE))
+
+
+def rl_case(name: str, world: dict, work: Path) -> dict:
+  """One RL run against scenario ``name``; returns its outcome row."""
+  from config_files import load_config
+
+  from zsjax import sampling, search, train_rl
+  from zsjax.checkpoint import Checkpointer
+  from zsjax.metrics import read_jsonl
+
+  scenario = SCENARIOS[name]
+  server = _server(scenario)
+  config = load_config("zerosearch", "tiny")
+  config.progress = False
+  config.synthetic_data = False
+  config.data.train_files, config.tokenizer = world["train"], world["tokenizer"]
+  config.rl.total_steps = RL_STEPS
+  config.rollout.update(dict(max_new_tokens=12, max_turns=1))
+  config.checkpoint.update(dict(async_save=False, export_hf=False, every=1))
+  _engine_section(config, server.url)
+  rows = config.rl.prompts_per_step * config.rl.samples_per_prompt
+  original = sampling.from_config
+  workdir = work / f"rl_{name}"
+  console = io.StringIO()
+  start = time.perf_counter()
+  outcome, message = "finished", ""
+  try:
+    sampling.from_config = lambda section: _searching(  # noqa: E731
+        _tokenizer(world), rows, original(section))
+    with contextlib.redirect_stderr(console):
+      try:
+        job = train_rl.setup(config, workdir)
+        train_rl.train(job)
+      except search.EngineError as e:
+        outcome, message = ("refused at start" if "did not answer a test request" in str(e)
+                            else "stopped"), str(e)
+  finally:
+    sampling.from_config = original
+    server.close()
+  seconds = time.perf_counter() - start
+  metrics = read_jsonl(workdir / "metrics.jsonl") if (workdir / "metrics.jsonl").exists() else []
+  steps = Checkpointer(workdir / "checkpoints").all_steps() \
+      if (workdir / "checkpoints").exists() else []
+  # time bound: every step's one search call at its deadline, plus the health check
+  engine = search.HttpSimulatorEngine("http://x", "m", timeout_s=ENGINE["timeout_s"],
+                                      max_retries=ENGINE["max_retries"],
+                                      backoff_s=ENGINE["backoff_s"])
+  return {"job": "rl", "scenario": name, "outcome": outcome, "seconds": seconds,
+          "search_bound_s": (RL_STEPS + 1) * engine.call_deadline_s,
+          "failed_share": [r["rollout/failed_share"] for r in metrics],
+          "metrics_steps": [r["step"] for r in metrics], "checkpoints": steps,
+          "printed": [line for line in console.getvalue().splitlines() if "failed" in line],
+          "message": message}
+
+
+def eval_case(name: str, world: dict, work: Path, policy: Path) -> dict:
+  """One eval job (search method, two sets) against scenario ``name``."""
+  from config_files import load_config
+
+  from zsjax import evaluate, search
+  from zsjax.metrics import read_jsonl
+
+  scenario = SCENARIOS[name]
+  server = _server(scenario)
+  config = load_config("eval", "tiny")
+  config.progress = False
+  config.synthetic_data = False
+  config.tokenizer = world["tokenizer"]
+  config.policy.checkpoint = str(policy)
+  config.prompt_format = "plain"
+  config.eval.methods = "search"
+  config.eval.sample_size = 8
+  config.eval.sets = f"single_hop={world['test_single_hop']},two_hop={world['test_two_hop']}"
+  _engine_section(config, server.url)
+  original = evaluate.Greedy
+  workdir = work / f"eval_{name}"
+  console = io.StringIO()
+  start = time.perf_counter()
+  outcome, message, results = "finished", "", {}
+  try:
+    evaluate.Greedy = lambda: _searching(_tokenizer(world), config.eval.batch_size,  # noqa: E731
+                                         original())
+    with contextlib.redirect_stderr(console):
+      try:
+        results = evaluate.run(config, str(workdir))
+        if results.get("ok") is False:
+          outcome = "finished, exit 1"
+      except search.EngineError as e:
+        outcome, message = "refused at start", str(e)
+  finally:
+    evaluate.Greedy = original
+    server.close()
+  seconds = time.perf_counter() - start
+  predictions = workdir / "predictions.jsonl"
+  sets = {k: v for k, v in results.get("methods", {}).get("search", {}).items()
+          if k != "average"}
+  engine = search.HttpSimulatorEngine("http://x", "m", timeout_s=ENGINE["timeout_s"],
+                                      max_retries=ENGINE["max_retries"],
+                                      backoff_s=ENGINE["backoff_s"])
+  batches = sum(-(-min(8, _count(world[k])) // config.eval.batch_size)
+                for k in ("test_single_hop", "test_two_hop"))
+  return {"job": "eval", "scenario": name, "outcome": outcome, "seconds": seconds,
+          "search_bound_s": (batches * config.rollout.max_turns + 1) * engine.call_deadline_s,
+          "failed_share": [round(v["failed_share"], 3) for v in sets.values()],
+          "predictions": len(read_jsonl(predictions)) if predictions.exists() else 0,
+          "printed": [line for line in console.getvalue().splitlines() if "failed" in line],
+          "message": message or " ".join(results.get("engine_failures", []))}
+
+
+def _count(path: str) -> int:
+  with open(path, encoding="utf-8") as f:
+    return sum(1 for line in f if line.strip())
+
+
+_TOKENIZERS: dict = {}
+
+
+def _tokenizer(world: dict):
+  from zsjax import hf
+
+  if world["tokenizer"] not in _TOKENIZERS:
+    _TOKENIZERS[world["tokenizer"]] = hf.load_tokenizer(world["tokenizer"])
+  return _TOKENIZERS[world["tokenizer"]]
+
+
+def tiny_policy(world: dict, work: Path) -> Path:
+  """A random tiny policy as an HF checkpoint (the eval job loads one)."""
+  import jax
+
+  from config_files import load_config
+  from zsjax import hf, model
+
+  directory = work / "policy"
+  if not (directory / "config.json").exists():
+    tokenizer = _tokenizer(world)
+    fields = load_config("zerosearch", "tiny").policy.model.to_dict()
+    fields["vocab_size"] = len(tokenizer)
+    cfg = model.ModelConfig.from_dict(fields)
+    hf.save_checkpoint(directory, cfg, model.init_params(cfg, jax.random.key(0)))
+  return directory
+
+
+def check(row: dict) -> list[str]:
+  """What a row's outcome must satisfy; returns the violations."""
+  bad = []
+  name, job = row["scenario"], row["job"]
+  if row["seconds"] > row["search_bound_s"] + 120:
+    bad.append(f"took {row['seconds']:.0f} s, past the bound")
+  if name == "ok":
+    if row["outcome"] != "finished" or any(row["failed_share"]):
+      bad.append("a healthy server was reported failing")
+  elif name in ("dead", "error_at_start"):
+    if row["outcome"] != "refused at start" or "127.0.0.1" not in row["message"]:
+      bad.append("a server failing at start was not refused with its URL")
+  elif job == "rl":
+    if row["outcome"] != "stopped" or "last error" not in row["message"]:
+      bad.append("RL went on against a failing engine")
+    if not row["printed"]:
+      bad.append("the failed share was not printed")
+    if 1 not in row["checkpoints"]:
+      bad.append("the checkpoint written before the fault is gone")
+  else:
+    if row["outcome"] != "finished, exit 1" or not any(s > 0.2 for s in row["failed_share"]):
+      bad.append("eval against a failing engine did not fail")
+    if row["predictions"] == 0:
+      bad.append("nothing scored was kept")
+  return bad
+
+
+def table(rows: list[dict]) -> str:
+  lines = ["| job | server | outcome | failed share | seconds (bound) | kept | message |",
+           "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    kept = (f"checkpoints {r['checkpoints']}" if r["job"] == "rl"
+            else f"{r['predictions']} predictions")
+    share = ", ".join(f"{s:.2f}" for s in r["failed_share"]) or "-"
+    message = r["message"].split(". ")[0][:90].replace("|", "/")
+    lines.append(f"| {r['job']} | {r['scenario']} | {r['outcome']} | {share} | "
+                 f"{r['seconds']:.1f} ({r['search_bound_s']:.0f}) | {kept} | {message} |")
+  return "\n".join(lines) + "\n"
+
+
+def run(scenarios, jobs, work: Path) -> list[dict]:
+  from zsjax import tinyworld
+
+  logging.getLogger().setLevel(logging.ERROR)
+  world = tinyworld.ensure(work / "world", 0)
+  rows = []
+  for job in jobs:
+    for name in scenarios:
+      row = rl_case(name, world, work) if job == "rl" else eval_case(
+          name, world, work, tiny_policy(world, work))
+      row["violations"] = check(row)
+      rows.append(row)
+      print(f"[drill] {job}/{name}: {row['outcome']} in {row['seconds']:.1f} s"
+            + (f" VIOLATIONS {row['violations']}" if row["violations"] else ""), flush=True)
+  return rows
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default="")
+  parser.add_argument("--work", default="")
+  parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+  parser.add_argument("--jobs", default="rl,eval")
+  args = parser.parse_args(argv)
+  work = Path(args.work or tempfile.mkdtemp(prefix="fault_drill_"))
+  rows = run([s for s in args.scenarios.split(",") if s], [j for j in args.jobs.split(",") if j],
+             work)
+  markdown = table(rows)
+  print(markdown)
+  from zsjax import environment
+
+  summary = {"rows": len(rows), "violations": sum(len(r["violations"]) for r in rows),
+             "environment": environment.describe()}
+  if args.out:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fault_drill.md").write_text(markdown)
+    (out / "fault_drill.json").write_text(json.dumps({"rows": rows, **summary}, indent=2) + "\n")
+  print(json.dumps({k: v for k, v in summary.items() if k != "environment"}))
+  return 1 if summary["violations"] else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
