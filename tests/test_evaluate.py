@@ -146,3 +146,81 @@ def test_simulated_engine_noise_comes_from_the_config():
   assert E.rollout_config_of(config).noise_probability(500) == 0.0
   config.simulator.noise_probability = 0.3
   assert E.rollout_config_of(config).noise_probability(1) == pytest.approx(0.3)
+
+
+# ------------------------------------------------------------- bad input, kept going
+
+
+def test_a_byte_order_mark_does_not_cost_the_first_row(tmp_path):
+  rows = [{"question": f"Q{i}?", "golden_answers": ["a"]} for i in range(3)]
+  path = data.write_jsonl(tmp_path / "bom.jsonl", rows)
+  path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+  (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(rows).encode())
+  assert data.load_qa(path)["question"] == ["Q0?", "Q1?", "Q2?"]
+  assert len(data.load_qa(tmp_path / "bom.json")) == 3
+
+
+def test_unreadable_files_name_the_path_and_the_columns(tmp_path):
+  datasets.Dataset.from_list([{"query": "Q?", "answer": "a"}]).to_parquet(
+      str(tmp_path / "wrong.parquet"))
+  with pytest.raises(data.DataError, match=r"wrong.parquet: columns \['answer', 'query'\] hold "
+                                           r"no question .*expected the common QA format"):
+    data.load_qa(tmp_path / "wrong.parquet")
+  (tmp_path / "garbage.parquet").write_bytes(b"not a parquet file at all")
+  (tmp_path / "empty.parquet").write_bytes(b"")
+  for name in ("garbage.parquet", "empty.parquet"):
+    with pytest.raises(data.DataError, match=rf"{name}: not a readable parquet file"):
+      data.load_qa(tmp_path / name)
+
+
+def test_a_row_check_is_applied_by_on_error_with_file_and_row(tmp_path):
+  rows = [{"question": q, "golden_answers": ["a"]} for q in ("short?", "x " * 50 + "?", "ok?")]
+  path = data.write_jsonl(tmp_path / "rows.jsonl", rows)
+
+  def check(row):
+    if len(row["question"]) > 20:
+      raise data.DataError(f"field 'question' is {len(row['question'])} characters")
+
+  report = []
+  kept = data.load_qa(path, check=check, report=report)
+  assert kept["question"] == ["short?", "ok?"]
+  assert report[0].skipped == [(str(path), 2, "field 'question' is 101 characters")]
+  with pytest.raises(data.DataError, match=r"rows.jsonl, row 2: field 'question' is 101"):
+    data.load_qa(path, check=check, on_error="raise")
+
+
+def test_evaluation_writes_set_by_set_and_keeps_what_was_scored(tmp_path, world, monkeypatch):
+  """A failure in the second set (here a raised error) leaves the first set's
+  predictions and a results.json that says it is incomplete; an overlong question is
+  skipped when the set loads, named by file and row."""
+  test = datasets.Dataset.from_parquet(world["test"]).to_list()
+  first = data.write_jsonl(tmp_path / "a.jsonl", [
+      {"id": r["id"], "question": r["question"], "golden_answers": r["golden_answers"]}
+      for r in test[:3]] + [{"id": "long", "question": "word " * 400 + "?",
+                             "golden_answers": ["x"]}])
+  second = data.write_jsonl(tmp_path / "b.jsonl", [
+      {"id": r["id"], "question": r["question"], "golden_answers": r["golden_answers"]}
+      for r in test[3:5]])
+  config = load_config("eval", "tiny")
+  config.progress = False
+  config.synthetic_data = False
+  config.tokenizer = world["tokenizer"]
+  config.engine.corpus = world["corpus"]
+  config.eval.methods = "direct"
+  config.eval.sets = f"a={first},b={second}"
+
+  def fake_run_set(self, method, rows, set_name=""):
+    if set_name == "b":
+      raise RuntimeError("the machine went away")
+    return [{"set": set_name, "id": r["id"], "method": method, "em": 1.0, "substring_em": 1.0,
+             "f1": 1.0} for r in rows]
+
+  monkeypatch.setattr(E.Evaluator, "run_set", fake_run_set)
+  out = tmp_path / "out"
+  with pytest.raises(RuntimeError, match="went away"):
+    E.run(config, str(out))
+  kept = [json.loads(line) for line in open(out / "predictions.jsonl")]
+  assert [r["id"] for r in kept] == [r["id"] for r in test[:3]]  # "long" was skipped
+  results = json.loads((out / "results.json").read_text())
+  assert results["complete"] is False and results["methods"]["direct"]["a"]["count"] == 3
+  assert results["skipped_rows"] == {"a": 1, "b": 0}

@@ -247,3 +247,27 @@ def test_end_tokens_come_from_generation_config_and_config(tmp_path):
   (tmp_path / "generation_config.json").write_text("{not json")
   with pytest.raises(hf.CheckpointError, match="generation_config.json is not valid JSON"):
     hf.read_config(tmp_path)
+
+
+def test_a_truncated_file_an_invalid_index_and_a_nan_weight_are_named(llama_dir):
+  name = "model.layers.1.mlp.down_proj.weight"
+
+  def poison(tensors, key):
+    tensors[key] = tensors[key].copy()
+    tensors[key][3, 5] = np.nan
+    return tensors
+
+  _rewrite_tensor(llama_dir, name, poison)
+  with pytest.raises(hf.CheckpointError, match=name.replace(".", r"\.") + r"' holds 1 non-finite"):
+    hf.load_checkpoint(llama_dir)
+
+  weights = llama_dir / "model.safetensors"
+  weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])  # a cut-off copy
+  with pytest.raises(hf.CheckpointError, match=r"model\.safetensors: not a readable safetensors "
+                                               r"file .*truncated"):
+    hf.load_checkpoint(llama_dir)
+
+  (llama_dir / hf.INDEX_FILE).write_text('{"weight_map": {"model.norm.weight": ')
+  with pytest.raises(hf.CheckpointError, match=r"model\.safetensors\.index\.json is not a valid "
+                                               r"index"):
+    hf.load_checkpoint(llama_dir)

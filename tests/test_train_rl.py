@@ -2,8 +2,10 @@
 tiny random model (TensorBoard events, checkpoints, HF export, exact resume after
 a kill, a NaN stop that saves nothing corrupt)."""
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from zsjax import data
 from zsjax import model as M
 from zsjax import rewards, rl, rl_step
 from zsjax import train_rl
@@ -167,6 +170,25 @@ def test_bad_settings_name_the_field():
   config.rl.algorithm = "dpo"
   with pytest.raises(ValueError, match="config.rl.algorithm='dpo'"):
     rl_step.check_config(config)
+  for field, value, needle in (
+      ("rl.learning_rate", -1e-6, "config.rl.learning_rate=-1e-06 must be > 0"),
+      ("checkpoint.every", 0, "config.checkpoint.every=0 must be >= 1"),
+      ("rl.prompts_per_step", 0, "config.rl.prompts_per_step=0 must be a positive"),
+      ("engine.max_failed_share", 2.0, "config.engine.max_failed_share=2.0")):
+    config = load_config("zerosearch", "tiny")
+    section, name = field.split(".")
+    config[section][name] = value
+    with pytest.raises(ValueError, match=re.escape(needle)):
+      rl_step.check_config(config)
+  # 4 x 2 = 8 trajectories in minibatches of 6 leave a last one of 2, which a
+  # micro-batch of 3 cannot split: the message names minibatch_size, and the fix
+  config = load_config("zerosearch", "tiny")
+  config.rl.minibatch_size, config.rl.micro_batch_size = 6, 3
+  with pytest.raises(ValueError, match=re.escape(
+      "config.rl.minibatch_size=6 does not divide the 8 trajectories of a step (4 x 2): the "
+      "last minibatch holds 2, which config.rl.micro_batch_size=3 does not divide. Use a "
+      "minibatch_size that divides 8, or a micro_batch_size of 2")):
+    rl_step.check_config(config)
 
 
 # ------------------------------------------------------------ whole runs
@@ -269,6 +291,57 @@ def test_nan_loss_stops_naming_step_and_metric_and_saves_nothing_corrupt(tmp_pat
   state, extra = checkpointer.restore(job.programs.state_target())
   assert extra["step"] == 1
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state))
+
+
+def test_interrupted_resumed_and_mismatched_runs_keep_the_workdir_whole(tmp_path, world,
+                                                                       monkeypatch, capsys,
+                                                                       caplog):
+  """Ctrl-C while an asynchronous save is in flight: the save completes and the
+  message names it; a resume under another algorithm is refused before Orbax reads
+  a tree; a resume with fewer steps reports the step its export holds; an overlong
+  question is skipped when the data loads, named by file and row."""
+  import datasets
+  from zsjax.checkpoint import Checkpointer
+
+  rows = datasets.Dataset.from_parquet(world["train"]).to_list()[:12]
+  rows[4] = dict(rows[4], question="word " * 300 + "?")
+  train_file = tmp_path / "train.jsonl"
+  data.write_jsonl(train_file, rows)
+  config = with_world(tiny_config(steps=3), world)
+  config.data.train_files = str(train_file)
+  config.checkpoint.update(async_save=True, export_hf=True)
+  job = train_rl.setup(config, tmp_path / "run")
+  assert len(job.data) == 11 and "word" not in " ".join(job.data["question"][:5])
+  assert "train.jsonl, row 5: field 'question' makes a prompt of" in caplog.text
+  step_of = train_rl.train_step
+
+  def interrupted_at_3(job_, state, step):
+    if step == 3:
+      raise KeyboardInterrupt
+    return step_of(job_, state, step)
+
+  monkeypatch.setattr(train_rl, "train_step", interrupted_at_3)
+  with pytest.raises(KeyboardInterrupt):
+    train_rl.train(job)
+  assert "the last complete checkpoint is step 2" in capsys.readouterr().err
+  assert Checkpointer(tmp_path / "run" / "checkpoints").all_steps() == [1, 2]
+  monkeypatch.setattr(train_rl, "train_step", step_of)
+
+  config.rl.total_steps = 1  # fewer steps than the workdir holds: nothing to train
+  summary = train_rl.train(dataclasses.replace(job, config=config))
+  assert summary["final_step"] == 2 and "past config.rl.total_steps=1" in capsys.readouterr().err
+
+  ppo = with_world(tiny_config("ppo", steps=3), world)
+  ppo.data.train_files = str(train_file)
+  with pytest.raises(ValueError, match=r"holds a 'reinforce' run \(checkpoint step 2\); "
+                                       r"config.rl.algorithm='ppo'"):
+    train_rl.train(dataclasses.replace(job, config=ppo))
+
+  config.data.on_error = "raise"
+  with pytest.raises(data.DataError, match=r"train.jsonl, row 5: field 'question' makes a prompt "
+                                           r"of \d+ tokens, more than "
+                                           r"config.rollout.max_prompt_tokens"):
+    train_rl.setup(config, tmp_path / "other")
 
 
 @pytest.mark.parametrize("decay", ["constant", "cosine"])

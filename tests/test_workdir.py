@@ -1,0 +1,117 @@
+"""A workdir belongs to one run (lock, identity), partial files from a crash are
+tolerated, and the entry point reports a full disk in one line."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from zsjax import metrics, workdir
+from config_files import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+
+
+def test_a_second_run_in_a_held_workdir_fails_at_once_naming_the_holder(tmp_path):
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time\nfrom zsjax import workdir\n"
+       f"with workdir.lock({str(tmp_path)!r}):\n  print('held', flush=True)\n  time.sleep(60)"],
+      env=ENV, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    start = time.perf_counter()
+    with pytest.raises(workdir.WorkdirBusy, match=rf"in use by another zsjax run \(pid "
+                                                  rf"{holder.pid} on "):
+      with workdir.lock(tmp_path):
+        pass
+    assert time.perf_counter() - start < 1.0
+  finally:
+    holder.kill()
+    holder.wait()
+  with workdir.lock(tmp_path):  # a killed holder leaves no stale lock
+    pass
+
+
+def test_a_resume_refuses_a_change_to_what_defines_the_run(tmp_path):
+  config = load_config("zerosearch", "tiny")
+  log = []
+  assert workdir.check_identity(tmp_path, config, log=log.append) == []
+  recorded = json.loads((tmp_path / "run.json").read_text())
+  assert recorded["job"] == "rl" and recorded["config"]["seed"] == 0
+
+  config.seed, config.rl.algorithm = 1, "ppo"
+  with pytest.raises(workdir.RunMismatch) as caught:
+    workdir.check_identity(tmp_path, config, log=log.append)
+  message = str(caught.value)
+  assert "config.seed: 0 -> 1" in message and "config.rl.algorithm: 'reinforce' -> 'ppo'" in message
+  assert "new --workdir" in message and log == []
+
+  config = load_config("zerosearch", "tiny")  # allowed: more steps, no progress bar
+  config.rl.total_steps, config.progress = 50, False
+  notes = workdir.check_identity(tmp_path, config, log=log.append)
+  assert sorted(notes) == ["config.progress: True -> False", "config.rl.total_steps: 3 -> 50"]
+  assert len(log) == 2 and all("(allowed)" in line for line in log)
+  assert json.loads((tmp_path / "run.json").read_text())["config"]["rl.total_steps"] == 50
+
+
+def test_jobs_that_do_not_resume_have_no_identity(tmp_path):
+  assert workdir.check_identity(tmp_path, load_config("eval", "tiny")) == []
+  assert not (tmp_path / "run.json").exists()
+
+
+def test_a_torn_last_line_is_dropped_on_resume_and_a_bad_middle_line_is_named(tmp_path, caplog):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "a": 1}\n{"step": 2, "a": 2}\n{"step": 3, "a"')
+  with pytest.raises(ValueError, match="its last line is not valid JSON"):
+    metrics.read_jsonl(path)
+  with caplog.at_level(logging.WARNING):
+    writer = metrics.MetricWriter(tmp_path, enabled=True, resume_from=2)
+  writer.write(3, {"x/a": 3.0})
+  writer.close()
+  assert [r["step"] for r in metrics.read_jsonl(path)] == [1, 2, 3]
+  assert "partial last line" in caplog.text
+
+  path.write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')
+  with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+    metrics.read_jsonl(path, torn_tail="drop")
+
+  collected = tmp_path / "collected.jsonl"  # an append-only file: cut back to a clean line
+  collected.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "que')
+  assert metrics.drop_torn_tail(collected)
+  assert collected.read_text() == '{"id": "a"}\n{"id": "b"}\n'
+  assert not metrics.drop_torn_tail(collected)
+
+
+BOOM = """
+import sys
+from absl import logging
+from zsjax import main
+
+def boom(config, workdir):
+  logging.info("a library INFO line")
+  raise RuntimeError("the checkpoint save failed") from OSError(
+      28, "No space left on device", "/data/run/checkpoints/7/state")
+
+main.JOBS["boom"] = "__main__:boom"
+sys.argv = ["zsjax.main", "--config=configs/eval.py:tiny", "--workdir=" + sys.argv[1],
+            "--config.job=boom"]
+from absl import app
+main.flags.mark_flags_as_required(["config", "workdir"])
+app.run(main.main)
+"""
+
+
+def test_a_full_disk_is_the_last_line_printed_and_library_info_stays_off(tmp_path):
+  result = subprocess.run([sys.executable, "-c", BOOM, str(tmp_path)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("zsjax: no space left on device while writing "
+                         "/data/run/checkpoints/7/state")
+  assert "a library INFO line" not in result.stderr
