@@ -263,7 +263,6 @@ def table(rows: list[dict]) -> str:
 def run(scenarios, jobs, work: Path) -> list[dict]:
   from zsjax import tinyworld
 
-  logging.getLogger().setLevel(logging.ERROR)
   world = tinyworld.ensure(work / "world", 0)
   rows = []
   for job in jobs:
@@ -284,6 +283,7 @@ def main(argv=None) -> int:
   parser.add_argument("--scenarios", default=",".join(SCENARIOS))
   parser.add_argument("--jobs", default="rl,eval")
   args = parser.parse_args(argv)
+  logging.getLogger().setLevel(logging.ERROR)  # the drill's own lines, not the libraries'
   work = Path(args.work or tempfile.mkdtemp(prefix="fault_drill_"))
   rows = run([s for s in args.scenarios.split(",") if s], [j for j in args.jobs.split(",") if j],
              work)

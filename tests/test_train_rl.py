@@ -4,6 +4,7 @@ a kill, a NaN stop that saves nothing corrupt)."""
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import subprocess
@@ -310,7 +311,8 @@ def test_interrupted_resumed_and_mismatched_runs_keep_the_workdir_whole(tmp_path
   config = with_world(tiny_config(steps=3), world)
   config.data.train_files = str(train_file)
   config.checkpoint.update(async_save=True, export_hf=True)
-  job = train_rl.setup(config, tmp_path / "run")
+  with caplog.at_level(logging.WARNING):
+    job = train_rl.setup(config, tmp_path / "run")
   assert len(job.data) == 11 and "word" not in " ".join(job.data["question"][:5])
   assert "train.jsonl, row 5: field 'question' makes a prompt of" in caplog.text
   step_of = train_rl.train_step
