@@ -60,6 +60,34 @@ def test_a_resume_refuses_a_change_to_what_defines_the_run(tmp_path):
   assert json.loads((tmp_path / "run.json").read_text())["config"]["rl.total_steps"] == 50
 
 
+CALLS = []
+
+
+def record_call(config, workdir_):
+  CALLS.append((config.seed, str(workdir_)))
+  return {}
+
+
+def test_the_entry_point_takes_the_lock_and_checks_the_run_before_the_job(tmp_path, monkeypatch):
+  """Through ``main.run_job``, as a user's second command would go: the job itself
+  never starts in a held workdir, nor in one holding another run."""
+  from zsjax import main
+
+  monkeypatch.setitem(main.JOBS, "rl", f"{__name__}:record_call")
+  CALLS.clear()
+  config = load_config("zerosearch", "tiny")
+  main.run_job(config, str(tmp_path))
+  assert CALLS == [(0, str(tmp_path))]
+  config.seed = 1
+  with pytest.raises(workdir.RunMismatch, match="config.seed: 0 -> 1"):
+    main.run_job(config, str(tmp_path))
+  config.seed = 0
+  with workdir.lock(tmp_path):  # held (here by this process; flock locks are per open file)
+    with pytest.raises(workdir.WorkdirBusy, match="in use by another zsjax run"):
+      main.run_job(config, str(tmp_path))
+  assert CALLS == [(0, str(tmp_path))]
+
+
 def test_jobs_that_do_not_resume_have_no_identity(tmp_path):
   assert workdir.check_identity(tmp_path, load_config("eval", "tiny")) == []
   assert not (tmp_path / "run.json").exists()
