@@ -247,16 +247,25 @@ def check(row: dict) -> list[str]:
   return bad
 
 
+def engine_error(message: str) -> str:
+  """The engine's error as a message quotes it ("" when none)."""
+  for start, end in (("last error: ", ". Fix"), ("last error: ", ";"), (" s: ", ". Start")):
+    if start in message and end in message.split(start, 1)[1]:
+      return message.split(start, 1)[1].split(end, 1)[0]
+  return ""
+
+
 def table(rows: list[dict]) -> str:
-  lines = ["| job | server | outcome | failed share | seconds (bound) | kept | message |",
+  lines = ["| job | server | outcome | failed share (per step / set) | seconds (search-time "
+           "bound) | kept | the engine's error, as reported |",
            "|---|---|---|---|---|---|---|"]
   for r in rows:
     kept = (f"checkpoints {r['checkpoints']}" if r["job"] == "rl"
             else f"{r['predictions']} predictions")
     share = ", ".join(f"{s:.2f}" for s in r["failed_share"]) or "-"
-    message = r["message"].split(". ")[0][:90].replace("|", "/")
+    error = engine_error(r["message"]).replace("|", "/")[:80]
     lines.append(f"| {r['job']} | {r['scenario']} | {r['outcome']} | {share} | "
-                 f"{r['seconds']:.1f} ({r['search_bound_s']:.0f}) | {kept} | {message} |")
+                 f"{r['seconds']:.1f} ({r['search_bound_s']:.1f}) | {kept} | {error} |")
   return "\n".join(lines) + "\n"
 
 
@@ -291,13 +300,13 @@ def main(argv=None) -> int:
   print(markdown)
   from zsjax import environment
 
-  summary = {"rows": len(rows), "violations": sum(len(r["violations"]) for r in rows),
+  summary = {"cases": len(rows), "violations": sum(len(r["violations"]) for r in rows),
              "environment": environment.describe()}
   if args.out:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "fault_drill.md").write_text(markdown)
-    (out / "fault_drill.json").write_text(json.dumps({"rows": rows, **summary}, indent=2) + "\n")
+    (out / "fault_drill.json").write_text(json.dumps({**summary, "rows": rows}, indent=2) + "\n")
   print(json.dumps({k: v for k, v in summary.items() if k != "environment"}))
   return 1 if summary["violations"] else 0
 
