@@ -112,6 +112,42 @@ def test_chunk_prefill_at_per_row_offsets_matches_full_forward(params):
   np.testing.assert_array_equal(cache.lengths, offsets + chunk_len)
 
 
+def test_live_prefix_views_equal_the_full_buffer_on_rows_of_very_different_lengths(params):
+  """Decode and chunk prefill through ``cached_apply`` (cache views 8 / 16 / 32 /
+  64, chosen on device from the longest row) give the logits and the cache of the
+  plain call that reads all 64 slots, while the longest row crosses views."""
+  assert M.attention_views(64, 8) == (8, 16, 32, 64) and M.attention_views(384) == (384,)
+  lengths = np.array([2, 6, 1])
+  seqs = [np.asarray(tokens_of(40 + i, (64,))) for i in range(3)]
+  chunk = np.zeros((3, 6), np.int32)
+  segment = np.zeros((3, 6), np.int32)
+  for i, n in enumerate(lengths):
+    chunk[i, :n], segment[i, :n] = seqs[i][:n], 1
+  views = jax.jit(functools.partial(M.cached_apply, M.Transformer(CFG), views=(8, 16, 32, 64)))
+  full, viewed = (forward(params, jnp.asarray(chunk), segment_ids=jnp.asarray(segment),
+                          cache=M.init_cache(CFG, 3, 64, jnp.float32)),) * 2
+  full_cache, viewed_cache = full[1], viewed[1]
+  used = set()
+  for s in range(40):  # row 1 reaches 46 slots; row 2 stays short (it writes every 4th step)
+    write = np.array([1, 1, s % 4 == 0], np.int32)
+    nxt = jnp.asarray([[seqs[i][min(int(full_cache.lengths[i]), 63)]] for i in range(3)],
+                      jnp.int32)
+    a, full_cache = forward(params, nxt, segment_ids=jnp.asarray(write)[:, None],
+                            cache=full_cache)
+    b, viewed_cache = views(params, nxt, viewed_cache, segment_ids=jnp.asarray(write)[:, None])
+    used.add(min(v for v in (8, 16, 32, 64) if v >= int(jnp.max(viewed_cache.lengths)) - 1))
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+  obs = jnp.asarray(np.stack([seqs[i][50:58] for i in range(3)]))  # an 8-token chunk prefill
+  a, full_cache = forward(params, obs, cache=full_cache)
+  b, viewed_cache = views(params, obs, viewed_cache)
+  np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(full_cache.lengths, viewed_cache.lengths)
+  # deeper layers' keys differ by float rounding only (sums over fewer slots)
+  np.testing.assert_allclose(full_cache.k, viewed_cache.k, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(full_cache.v, viewed_cache.v, atol=1e-4, rtol=1e-4)
+  assert used >= {8, 16, 32, 64}  # every view was taken
+
+
 def test_writes_past_the_cache_are_dropped_not_clamped(params):
   cache = M.init_cache(CFG, 1, 6)
   tokens = tokens_of(3, (1, 4))

@@ -200,7 +200,11 @@ def test_context_overflow_sets_truncated(tokenizer, world):
 
 
 def test_greedy_matches_the_python_rollout_on_a_random_model(tokenizer, world):
-  config = R.RolloutConfig(max_turns=2, max_new_tokens=8, max_obs_tokens=96, max_length=320)
+  # attention over the live prefix with cache views of 80, 160 and 320 slots, which
+  # the rows cross as documents are inserted (the oracle reads the whole cache)
+  config = R.RolloutConfig(max_turns=2, max_new_tokens=8, max_obs_tokens=96, max_length=320,
+                           attention_view=64)
+  assert config.attention_views == (80, 160, 320)
   fast, slow, _, _ = run_both(tokenizer, world, config, Greedy(), questions=QUESTIONS)
   assert_same(fast, slow)
   assert (fast.turns == 3).all()  # random tokens: invalid actions until the final turn

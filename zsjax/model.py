@@ -306,7 +306,7 @@ class Attention(nn.Module):
     q = q.reshape(b, l, k, g, h).transpose(0, 2, 3, 1, 4) * (h ** -0.5)  # [B, K, G, L, H]
     logits = jnp.einsum("bkglh,bskh->bkgls", q, key, preferred_element_type=jnp.float32)
     logits = jnp.where(mask[:, None, None, :, :], logits, _NEG_INF)  # [B, K, G, L, L]
-    if cache_k is None:
+    if cache_k is None or cache_k.shape[1] == 0:  # no cache, or a view of no slots
       probs = jax.nn.softmax(logits, axis=-1).astype(cfg.compute_dtype)
       out = jnp.einsum("bkgls,bskh->bkglh", probs, value)  # [B, K, G, L, H]
     else:
@@ -412,7 +412,11 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
-               embeddings=None):
+               embeddings=None, attend: int | None = None, write_cache: bool = True):
+    """``attend`` (static): with a cache, attention reads only its first ``attend``
+    slots, which must hold every row's filled ones (``cached_apply`` picks it); the
+    default reads all of them. ``write_cache=False``: return ``(output, (chunk_k,
+    chunk_v, advance))`` for ``write_chunk`` instead of the updated cache."""
     cfg = self.cfg
     if self.head not in _HEADS:
       raise ValueError(f"Transformer.head={self.head!r} is not one of {_HEADS}.")
@@ -444,6 +448,10 @@ class Transformer(nn.Module):
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
     layer_cache = (cache.k, cache.v) if cache is not None else None
+    if cache is not None and attend is not None:
+      if not 0 <= attend <= cache.max_length:
+        raise ValueError(f"attend={attend} must lie in [0, {cache.max_length}] (cache slots).")
+      layer_cache = (cache.k[:, :, :attend], cache.v[:, :, :attend])  # [Y, B, attend, K, H]
     lengths = cache.lengths if cache is not None else None
     if lengths is not None:
       # A fresh cache has constant lengths; without the barrier XLA constant-folds the
@@ -479,13 +487,62 @@ class Transformer(nn.Module):
     else:
       advance = jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
     chunk_k, chunk_v = new_layer_cache  # [Y, B, L, K, H]
-    rows = jnp.arange(b)[:, None]
-    slots = cache.lengths[:, None] + jnp.arange(l)  # [B, L]; past S: dropped, never clamped
-    new_cache = KVCache(
-        k=cache.k.at[:, rows, slots].set(chunk_k.astype(cache.k.dtype), mode="drop"),
-        v=cache.v.at[:, rows, slots].set(chunk_v.astype(cache.v.dtype), mode="drop"),
-        lengths=jnp.minimum(cache.lengths + advance, cache.max_length))
-    return out, new_cache
+    if not write_cache:
+      return out, (chunk_k, chunk_v, advance)
+    return out, write_chunk(cache, chunk_k, chunk_v, advance)
+
+
+def write_chunk(cache: KVCache, chunk_k, chunk_v, advance) -> KVCache:
+  """The cache with a chunk's keys/values ``[Y, B, L, K, H]`` written after each
+  row's filled slots, and ``advance [B]`` more slots counted as filled."""
+  b, l = chunk_k.shape[1], chunk_k.shape[2]
+  rows = jnp.arange(b)[:, None]
+  slots = cache.lengths[:, None] + jnp.arange(l)  # [B, L]; past S: dropped, never clamped
+  return KVCache(
+      k=cache.k.at[:, rows, slots].set(chunk_k.astype(cache.k.dtype), mode="drop"),
+      v=cache.v.at[:, rows, slots].set(chunk_v.astype(cache.v.dtype), mode="drop"),
+      lengths=jnp.minimum(cache.lengths + advance, cache.max_length))
+
+
+def attention_views(max_length: int, smallest: int = 512) -> tuple[int, ...]:
+  """The static cache views ``cached_apply`` chooses from: ``max_length`` and its
+  halvings down to ``smallest`` (ascending). One view (no choice, one compiled
+  program) when the cache is short: ``attention_views(384) == (384,)``,
+  ``attention_views(4096) == (512, 1024, 2048, 4096)``."""
+  views = [max_length]
+  while views[-1] // 2 >= smallest and views[-1] % 2 == 0:
+    views.append(views[-1] // 2)
+  return tuple(sorted(views))
+
+
+def cached_apply(model: "Transformer", params, tokens, cache: KVCache, *, segment_ids=None,
+                 views: tuple[int, ...] | None = None):
+  """``model.apply`` with a cache, its attention reading only the live prefix:
+  the smallest of ``views`` (static slot counts, ascending, the last the whole
+  cache; default ``attention_views``) that holds every row's filled slots, chosen
+  on device (``lax.switch``, one compiled branch per view). Decode cost then
+  follows the longest live row, not the cache's size. ``(output, new cache)``."""
+  views = attention_views(cache.max_length) if views is None else tuple(views)
+  if views[-1] != cache.max_length:
+    raise ValueError(f"views {views} must end with the cache's {cache.max_length} slots.")
+
+  if len(views) == 1:
+    return model.apply({"params": params}, tokens, segment_ids=segment_ids, cache=cache)
+
+  # The branches only read the cache; the one write happens after the switch, so
+  # the buffer is updated in place instead of copied through the conditional.
+  def view(slots):
+    def run(operand):
+      params_, cache_ = operand
+      return model.apply({"params": params_}, tokens, segment_ids=segment_ids, cache=cache_,
+                         attend=slots, write_cache=False)
+    return run
+
+  longest = jnp.max(cache.lengths)
+  index = jnp.sum(jnp.asarray(views[:-1]) < longest)  # the first view >= longest
+  out, (chunk_k, chunk_v, advance) = jax.lax.switch(index, [view(v) for v in views],
+                                                    (params, cache))
+  return out, write_chunk(cache, chunk_k, chunk_v, advance)
 
 
 def predicted_by_previous(values: jax.Array) -> jax.Array:

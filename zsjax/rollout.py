@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zsjax.curriculum import Curriculum
-from zsjax.model import ModelConfig, Transformer, init_cache
+from zsjax.model import ModelConfig, Transformer, attention_views, cached_apply, init_cache
 from zsjax.sampling import Greedy, Sampling, sample
 from zsjax.simulator import (EngineOutput, concat_ragged, gather_span, pad_rows,
                              tokens_covering_tail)
@@ -72,17 +72,30 @@ class RolloutConfig:
   max_length: int = 4096  # S: prompt + everything after it
   max_query_tokens: int = 64  # Q: longest query passed to an engine
   curriculum: Curriculum = Curriculum()
+  # Attention over the live prefix: decode and prefill read the smallest cache view
+  # (S, S/2, ... down to this many slots) holding every row's tokens
+  # (model.cached_apply); 0 reads the whole cache every step.
+  attention_view: int = 512
 
   @classmethod
   def from_config(cls, rollout, curriculum=None, total_steps: int = 1) -> "RolloutConfig":
     """The one translation of config sections into a ``RolloutConfig``: ``rollout``
     (``max_turns``, ``max_new_tokens``, ``max_obs_tokens``, ``max_length``,
-    ``max_query_tokens``) and, for training, ``curriculum`` over ``total_steps``."""
+    ``max_query_tokens``, optional ``attention_view``) and, for training,
+    ``curriculum`` over ``total_steps``."""
     noise = Curriculum() if curriculum is None else Curriculum.from_config(curriculum,
                                                                           total_steps)
     return cls(max_turns=rollout.max_turns, max_new_tokens=rollout.max_new_tokens,
                max_obs_tokens=rollout.max_obs_tokens, max_length=rollout.max_length,
-               max_query_tokens=rollout.max_query_tokens, curriculum=noise)
+               max_query_tokens=rollout.max_query_tokens, curriculum=noise,
+               attention_view=rollout.get("attention_view", cls.attention_view))
+
+  @property
+  def attention_views(self) -> tuple[int, ...]:
+    """The cache views decode and prefill choose from (``model.attention_views``)."""
+    if self.attention_view <= 0:
+      return (self.max_length,)
+    return attention_views(self.max_length, self.attention_view)
 
   def noise_probability(self, step):
     """The curriculum's p(noisy) at ``step`` (Python or traced)."""
@@ -230,8 +243,9 @@ def decode_step(spec: RolloutSpec, params, turn_rng, t: TurnState) -> TurnState:
   closed = write & (done_tags & CLOSING != 0)
   close = jnp.where(closed & (t.close == 0), done_tags & CLOSING, t.close)
   truncated = s.truncated | (t.live & full)
-  logits, cache = spec.model.apply({"params": params}, token[:, None],
-                                   segment_ids=write[:, None].astype(jnp.int32), cache=s.cache)
+  logits, cache = cached_apply(spec.model, params, token[:, None], s.cache,
+                               segment_ids=write[:, None].astype(jnp.int32),
+                               views=spec.config.attention_views)
   state = s.replace(tokens=tokens, loss_mask=loss_mask, log_probs=log_probs, cache=cache,
                     last_logits=jnp.where(write[:, None], logits[:, 0], s.last_logits),
                     length=s.length + write, generated=s.generated + (write | ended),
@@ -292,9 +306,9 @@ def insert_observation(spec: RolloutSpec, params, state: RolloutState, obs, obs_
   def prefill(chunk):
     def run(operand):
       cache, last = operand
-      logits, cache = spec.model.apply({"params": params}, obs[:, :chunk],
-                                       segment_ids=in_obs[:, :chunk].astype(jnp.int32),
-                                       cache=cache)
+      logits, cache = cached_apply(spec.model, params, obs[:, :chunk], cache,
+                                   segment_ids=in_obs[:, :chunk].astype(jnp.int32),
+                                   views=spec.config.attention_views)
       index = jnp.clip(obs_len - 1, 0, chunk - 1)[:, None, None]
       return cache, jnp.where(insert[:, None], jnp.take_along_axis(logits, index, 1)[:, 0], last)
     return run
@@ -350,8 +364,9 @@ def initial_state(spec: RolloutSpec, params, batch: RolloutBatch) -> RolloutStat
     raise ValueError(f"prompts of {p} tokens exceed RolloutConfig.max_length={s_len}.")
   segment = (jnp.arange(p)[None, :] < batch.prompt_lengths[:, None]).astype(jnp.int32)
   cache = init_cache(spec.policy_cfg, b, s_len)
+  # A fresh cache holds nothing: attention reads none of its slots.
   logits, cache = spec.model.apply({"params": params}, batch.prompt_tokens, segment_ids=segment,
-                                   cache=cache)
+                                   cache=cache, attend=0)
   last = jnp.take_along_axis(logits, (batch.prompt_lengths - 1)[:, None, None], 1)[:, 0]
   zeros, false = jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool)
   return RolloutState(

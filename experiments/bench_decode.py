@@ -1,0 +1,95 @@
+"""Decode cost against the context cap: does a cached decode step pay for the
+live prefix or for the whole cache?
+
+  python experiments/bench_decode.py [--batch=32] [--live=300] [--steps=16] [--repeats=5]
+
+A bare cached decode step (one token a row, ``model.cached_apply``) of an
+8-layer, D 512, GQA 8/2 random model, every row holding ``--live`` tokens,
+with a cache of 512 and of 4096 slots, each with attention over the live
+prefix (cache views down to 512 slots, the rollout's default) and reading the
+whole cache (``attention_view=0``, the behaviour before). ``--steps`` steps run
+inside one jitted loop; the best of ``--repeats`` timings is reported. The
+issue's target: the 4096 / 512 ratio at the same live length <= 1.3 with views.
+Prints a table; the last line is a JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+
+from zsjax import model as M
+
+CFG = M.ModelConfig(vocab_size=8192, embed_dim=512, mlp_dim=1408, num_layers=8, num_heads=8,
+                    num_kv_heads=2, head_dim=64, arch="qwen2", qkv_bias=True)
+
+
+def step_time(params, batch: int, cap: int, live: int, steps: int, repeats: int,
+              views: tuple[int, ...]) -> float:
+  """Seconds per decode step, best of ``repeats``."""
+  key = jax.random.key(1)
+  shape = (CFG.num_layers, batch, cap, CFG.num_kv_heads, CFG.head_dim)
+  cache = M.KVCache(k=jax.random.normal(key, shape) * 0.1,
+                    v=jax.random.normal(jax.random.fold_in(key, 1), shape) * 0.1,
+                    lengths=jnp.full((batch,), live, jnp.int32))
+  model = M.Transformer(CFG)
+
+  @jax.jit
+  def run(params, cache, tokens):
+    def body(_, carry):
+      cache, tokens = carry
+      logits, cache = M.cached_apply(model, params, tokens, cache, views=views)
+      return cache, jnp.argmax(logits, -1).astype(jnp.int32)
+    return jax.lax.fori_loop(0, steps, body, (cache, tokens))
+
+  tokens = jnp.zeros((batch, 1), jnp.int32)
+  jax.block_until_ready(run(params, cache, tokens))  # compile
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(run(params, cache, tokens))
+    best = min(best, time.perf_counter() - start)
+  return best / steps
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--live", type=int, default=300)
+  parser.add_argument("--steps", type=int, default=16)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--caps", default="512,4096")
+  args = parser.parse_args(argv)
+  params = M.init_params(CFG, jax.random.key(0))
+  caps = [int(c) for c in args.caps.split(",")]
+  rows = {}
+  for cap in caps:
+    for name, views in (("live prefix", M.attention_views(cap, 512)), ("whole cache", (cap,))):
+      rows[(cap, name)] = step_time(params, args.batch, cap, args.live, args.steps, args.repeats,
+                                    views)
+  print(f"decode step, batch {args.batch}, {args.live} live tokens a row, "
+        f"{CFG.num_layers} layers, D {CFG.embed_dim}, GQA {CFG.num_heads}/{CFG.num_kv_heads}; "
+        f"{jax.devices()[0].platform}")
+  print("| cache slots | attention reads | ms / step |")
+  print("|---|---|---|")
+  for (cap, name), seconds in rows.items():
+    print(f"| {cap} | {name} | {1000 * seconds:.2f} |")
+  small, large = caps[0], caps[-1]
+  summary = {
+      "live_prefix_ratio": rows[(large, "live prefix")] / rows[(small, "live prefix")],
+      "whole_cache_ratio": rows[(large, "whole cache")] / rows[(small, "whole cache")],
+      "caps": [small, large], "live": args.live, "batch": args.batch,
+      "ms": {f"{cap}/{name}": round(1000 * s, 3) for (cap, name), s in rows.items()}}
+  print(f"cap {large} / cap {small} at the same live length: "
+        f"{summary['live_prefix_ratio']:.2f}x over the live prefix, "
+        f"{summary['whole_cache_ratio']:.2f}x reading the whole cache (target <= 1.3x)")
+  print(json.dumps(summary))
+  return summary
+
+
+if __name__ == "__main__":
+  main()
