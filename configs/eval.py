@@ -64,7 +64,8 @@ def get_config(arg=None):
   config.rollout = ml_collections.ConfigDict(dict(
       max_turns=2 if tiny else 5, max_new_tokens=24 if tiny else 500,
       max_obs_tokens=192 if tiny else 2048, max_length=768 if tiny else 4096,
-      max_query_tokens=24 if tiny else 64))
+      max_query_tokens=24 if tiny else 64,
+      attention_view=512))  # decode reads the smallest cache view holding every row
   config.eval = ml_collections.ConfigDict(dict(
       sets="" if tiny else "nq,triviaqa,popqa,hotpotqa,2wikimultihopqa,musique,bamboogle",
       methods="search,direct,cot,rag", sample_size=64 if tiny else 500,

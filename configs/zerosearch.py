@@ -101,7 +101,10 @@ def get_config(arg=None):
   config.rollout = ml_collections.ConfigDict(dict(
       max_turns=2 if tiny else 5, max_new_tokens=24 if tiny else 500,
       max_obs_tokens=64 if tiny else 2048, max_length=512 if tiny else 4096,
-      max_query_tokens=16 if tiny else 64, max_prompt_tokens=256 if tiny else 512))
+      max_query_tokens=16 if tiny else 64, max_prompt_tokens=256 if tiny else 512,
+      # decode attention reads the smallest cache view (4096, 2048, 1024, 512 slots)
+      # holding every row; 0 reads the whole cache
+      attention_view=512))
   # the policy in training: temperature 1, top-p 0.95 (ZeroSearch's trainer); evaluation is
   # greedy (configs/eval.py)
   config.sampling = ml_collections.ConfigDict(dict(kind="sample", temperature=1.0,

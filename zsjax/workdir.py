@@ -40,7 +40,7 @@ RESUMABLE = ("rl", "sft", "sim_tuning", "tiny_world")
 _EVERY_JOB = ("progress", "distributed.*", "mesh.*", "sharding", "sharding_rules",
               "checkpoint.every", "checkpoint.max_to_keep", "checkpoint.async_save",
               "engine.url", "engine.timeout_s", "engine.max_retries",
-              "engine.max_failed_share", "engine.max_failed_steps")
+              "engine.max_failed_share", "engine.max_failed_steps", "rollout.attention_view")
 MAY_CHANGE = {
     "rl": _EVERY_JOB + ("rl.total_steps", "rl.sample_every", "rl.sample_rows",
                         "checkpoint.export_hf"),
