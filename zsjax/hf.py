@@ -520,9 +520,9 @@ def load_model(section, plan, rng: jax.Array, vocab_size: int, eos_ids, *, what:
     if not fields:
       raise ValueError(f"config.{what}.checkpoint is empty and config.{what}.model has no "
                        f"fields; give a local HF directory (--config.{what}.checkpoint=...).")
-    if not fields["vocab_size"]:
+    if not fields.get("vocab_size"):
       fields["vocab_size"] = vocab_size
-    if not fields["eos_token_ids"]:
+    if not fields.get("eos_token_ids"):
       fields["eos_token_ids"] = tuple(eos_ids)
     cfg = ModelConfig.from_dict(fields)
     params = jax.jit(init_params, static_argnums=0, out_shardings=plan.params(cfg))(cfg, rng)
