@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import logging
 import os
 import sys
 
@@ -73,6 +74,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments {argv[1:]}; settings go through --config.field=value.")
   if not flags.FLAGS["verbosity"].present:  # Orbax's INFO lines would bury the progress bar
     absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)  # libraries logging through the root logger
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # sets its own level (debug lines)
   from zsjax import search, workdir as workdir_lib
 
   try:
