@@ -75,7 +75,6 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # Orbax's INFO lines would bury the progress bar
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger().setLevel(logging.WARNING)  # libraries logging through the root logger
-    logging.getLogger("bm25s").setLevel(logging.WARNING)  # sets its own level (debug lines)
   from zsjax import search, workdir as workdir_lib
 
   try:

@@ -25,6 +25,7 @@ import concurrent.futures
 import dataclasses
 import http.client
 import json
+import logging
 import socket
 import threading
 import time
@@ -73,6 +74,8 @@ class BM25Engine:
   def __init__(self, corpus: Sequence[str], top_k: int = 5, k1: float = 1.5, b: float = 0.75):
     import bm25s
 
+    # bm25s sets its logger to DEBUG on import; follow the application's level instead
+    logging.getLogger("bm25s").setLevel(logging.getLogger().getEffectiveLevel())
     if not corpus:
       raise ValueError("BM25Engine: the corpus is empty.")
     self.corpus = list(corpus)
