@@ -33,8 +33,9 @@ def step_time(params, batch: int, cap: int, live: int, steps: int, repeats: int,
   """Seconds per decode step, best of ``repeats``."""
   key = jax.random.key(1)
   shape = (CFG.num_layers, batch, cap, CFG.num_kv_heads, CFG.head_dim)
-  cache = M.KVCache(k=jax.random.normal(key, shape) * 0.1,
-                    v=jax.random.normal(jax.random.fold_in(key, 1), shape) * 0.1,
+  dtype = CFG.compute_dtype
+  cache = M.KVCache(k=(jax.random.normal(key, shape) * 0.1).astype(dtype),
+                    v=(jax.random.normal(jax.random.fold_in(key, 1), shape) * 0.1).astype(dtype),
                     lengths=jnp.full((batch,), live, jnp.int32))
   model = M.Transformer(CFG)
 
@@ -63,7 +64,13 @@ def main(argv=None) -> dict:
   parser.add_argument("--steps", type=int, default=16)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--caps", default="512,4096")
+  parser.add_argument("--dtype", default="float32",
+                      help="compute and cache dtype (params stay float32 unless --param_dtype)")
+  parser.add_argument("--param_dtype", default="float32")
   args = parser.parse_args(argv)
+  global CFG
+  CFG = M.ModelConfig.from_dict({**CFG.to_dict(), "dtype": args.dtype,
+                                 "param_dtype": args.param_dtype})
   params = M.init_params(CFG, jax.random.key(0))
   caps = [int(c) for c in args.caps.split(",")]
   rows = {}
@@ -72,8 +79,8 @@ def main(argv=None) -> dict:
       rows[(cap, name)] = step_time(params, args.batch, cap, args.live, args.steps, args.repeats,
                                     views)
   print(f"decode step, batch {args.batch}, {args.live} live tokens a row, "
-        f"{CFG.num_layers} layers, D {CFG.embed_dim}, GQA {CFG.num_heads}/{CFG.num_kv_heads}; "
-        f"{jax.devices()[0].platform}")
+        f"{CFG.num_layers} layers, D {CFG.embed_dim}, GQA {CFG.num_heads}/{CFG.num_kv_heads}, "
+        f"compute {CFG.dtype}, params {CFG.param_dtype}; {jax.devices()[0].platform}")
   print("| cache slots | attention reads | ms / step |")
   print("|---|---|---|")
   for (cap, name), seconds in rows.items():
@@ -82,7 +89,8 @@ def main(argv=None) -> dict:
   summary = {
       "live_prefix_ratio": rows[(large, "live prefix")] / rows[(small, "live prefix")],
       "whole_cache_ratio": rows[(large, "whole cache")] / rows[(small, "whole cache")],
-      "caps": [small, large], "live": args.live, "batch": args.batch,
+      "caps": [small, large], "live": args.live, "batch": args.batch, "dtype": CFG.dtype,
+      "param_dtype": CFG.param_dtype,
       "ms": {f"{cap}/{name}": round(1000 * s, 3) for (cap, name), s in rows.items()}}
   print(f"cap {large} / cap {small} at the same live length: "
         f"{summary['live_prefix_ratio']:.2f}x over the live prefix, "
