@@ -1,0 +1,186 @@
+"""Plan a whole RL step: per-device bytes of every piece, and whether it fits.
+
+  python experiments/plan_rl.py --model=qwen2.5-7b --gpus=8 [--simulator=qwen2.5-14b]
+  python experiments/plan_rl.py --all --out=experiments/results/plan_rl   # the committed table
+
+For a policy (``configs/zerosearch.py:<model>``: the paper's 64 prompts x 5
+samples, 4096-token context, micro-batches of 16, scoring in chunks of 32) and a
+simulator on the same devices, with params, optimizer state and batches sharded
+over ``--gpus`` devices (``fsdp``: params and optimizer state over every device,
+batch rows over every device), the per-device bytes of:
+
+  policy params (float32), AdamW state (two float32 moments), the frozen
+  reference (a float32 copy), the simulator (bfloat16), the policy's KV cache
+  for every rollout row at the full context (bfloat16), the simulator's KV cache
+  (prefix + 600 new tokens, bfloat16), and the temporaries of the scoring pass
+  and of one micro-batch update, these two from XLA: the programs are compiled
+  on the CPU from abstract inputs over ``--gpus`` fake devices and their memory
+  analysis read (nothing is allocated).
+
+The step's peak is the larger of its phases: rollout (states + both caches),
+scoring (states + scoring temporaries) and update (states + update
+temporaries). The table says whether that fits an 80 GB H100, a 141 GB H200
+and a 16 GB TPU v5e chip, and the largest rollout batch (rows, a multiple of
+the device count) that would fit each with 10% headroom. CPU compiles fuse
+differently from GPU ones: treat the compiled temporaries as estimates. The
+last line printed is a JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+SIMULATORS = {
+    "qwen2.5-3b": None,  # bench_sharding.MODELS
+    "qwen2.5-7b": None,
+    "qwen2.5-14b": dict(arch="qwen2", vocab_size=152064, embed_dim=5120, mlp_dim=13824,
+                        num_layers=48, num_heads=40, num_kv_heads=8, head_dim=128,
+                        qkv_bias=True, tie_embeddings=False, rope_theta=1e6),
+}
+DEVICES_GB = {"H100 80GB": 80, "H200 141GB": 141, "TPU v5e 16GB": 16}
+GB = 1e9
+
+
+def shape(name: str) -> dict:
+  import bench_sharding
+
+  return SIMULATORS.get(name) or bench_sharding.MODELS[name]
+
+
+def cache_bytes(cfg, rows: int, length: int, itemsize: int = 2) -> float:
+  return 2.0 * cfg.num_layers * rows * length * cfg.num_kv_heads * cfg.head_dim * itemsize
+
+
+def compiled_temps(cfg, plan, r, length: int) -> dict:
+  """Temporaries (bytes per device) of the chunked scoring pass and of one
+  micro-batch update, from the compiled programs' memory analysis."""
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+
+  from zsjax import rl_step, train_step as T
+  from zsjax.model import token_log_probs
+
+  programs = rl_step.build_programs(r, cfg, plan, 1.0)
+  abstract = lambda tree, shardings: jax.tree_util.tree_map(  # noqa: E731
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+  state = programs.state_target().policy
+  n_score = r.score_batch_size * plan.batch_divisor  # one chunk on every device
+  row2 = plan.rows(2)
+  tok = jax.ShapeDtypeStruct((n_score, length), jnp.int32, sharding=row2)
+  score = T.make_chunked_score_fn(functools.partial(token_log_probs, cfg, temperature=1.0), plan,
+                                  programs.shardings.params, r.score_batch_size)
+  score_mem = score.lower(state.params, tok, tok).compile().memory_analysis()
+  m = r.micro_batch_size * plan.batch_divisor
+  batch = rl_step.RLBatch(*[jax.ShapeDtypeStruct(
+      (m, length), jnp.float32 if name in ("old_logp", "ref_logp", "advantages", "returns",
+                                           "old_values") else jnp.int32, sharding=row2)
+      for name in (f.name for f in rl_step.dataclasses.fields(rl_step.RLBatch))])
+  update_mem = programs.update.lower(state, batch, jax.eval_shape(
+      lambda: jax.random.key(0))).compile().memory_analysis()
+  return {"score_temp": float(score_mem.temp_size_in_bytes),
+          "update_temp": float(update_mem.temp_size_in_bytes)}
+
+
+def plan_one(model: str, simulator: str, devices, rows: int | None = None) -> dict:
+  import dataclasses
+
+  from config_files import load_config
+  from zsjax.model import ModelConfig, count_params, param_shapes
+  from zsjax.sharding import ShardingPlan
+
+  config = load_config("zerosearch", model)
+  r, ro = config.rl, config.rollout
+  cfg = dataclasses.replace(ModelConfig.from_dict(shape(model)), dtype="bfloat16",
+                            param_dtype="float32", remat="full")
+  gpus = len(devices)
+  plan = ShardingPlan.from_config({"mesh": {"data": 1, "fsdp": -1, "tensor": 1},
+                                   "sharding": "fsdp"}, devices=devices)
+  n = count_params(param_shapes(cfg))
+  rows = rows or r.prompts_per_step * r.samples_per_prompt
+  per_device = {
+      "policy_params": 4.0 * n / gpus, "optimizer": 8.0 * n / gpus, "reference": 4.0 * n / gpus,
+      "policy_cache": cache_bytes(cfg, rows, ro.max_length) / gpus}
+  if simulator != "none":
+    sim = ModelConfig.from_dict(shape(simulator))
+    per_device["simulator"] = 2.0 * count_params(param_shapes(sim)) / gpus
+    per_device["simulator_cache"] = cache_bytes(
+        sim, rows, config.simulator.max_prefix_tokens + config.simulator.max_new_tokens) / gpus
+  per_device.update(compiled_temps(cfg, plan, r, ro.max_length))
+  states = sum(per_device.get(k, 0.0) for k in ("policy_params", "optimizer", "reference",
+                                                 "simulator"))
+  caches_per_row = (per_device["policy_cache"] + per_device.get("simulator_cache", 0.0)) / rows
+  phases = {"rollout": states + caches_per_row * rows,
+            "scoring": states + per_device["score_temp"],
+            "update": states + per_device["update_temp"]}
+  peak = max(phases.values())
+  fits, largest = {}, {}
+  for device, gb in DEVICES_GB.items():
+    budget = 0.9 * gb * GB
+    fits[device] = peak <= budget
+    room = budget - max(phases["scoring"], phases["update"], states)
+    best = int(room // (caches_per_row * gpus)) * gpus if room > 0 else 0
+    largest[device] = max(best, 0)
+  return {"model": model, "simulator": simulator, "gpus": gpus, "rollout_rows": rows,
+          "params": n, "per_device_gb": {k: v / GB for k, v in per_device.items()},
+          "phases_gb": {k: v / GB for k, v in phases.items()}, "peak_gb": peak / GB,
+          "fits": fits, "largest_rollout_rows": largest}
+
+
+def table(plans: list[dict]) -> str:
+  pieces = ("policy_params", "optimizer", "reference", "simulator", "policy_cache",
+            "simulator_cache", "score_temp", "update_temp")
+  head = ["model", "sim", "GPUs", *pieces, "peak", *(f"fits {d}" for d in DEVICES_GB),
+          *(f"max rows {d}" for d in DEVICES_GB)]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for p in plans:
+    gb = p["per_device_gb"]
+    cells = [p["model"], p["simulator"], str(p["gpus"]),
+             *(f"{gb[k]:.1f}" if k in gb else "-" for k in pieces), f"{p['peak_gb']:.1f}",
+             *("yes" if p["fits"][d] else "no" for d in DEVICES_GB),
+             *(str(p["largest_rollout_rows"][d]) for d in DEVICES_GB)]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> list[dict]:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--model", default="qwen2.5-7b")
+  parser.add_argument("--simulator", default="qwen2.5-14b", help="a shape, or none (served)")
+  parser.add_argument("--gpus", type=int, default=8)
+  parser.add_argument("--rows", type=int, default=0, help="rollout rows (0: the paper's 320)")
+  parser.add_argument("--all", action="store_true",
+                      help="qwen2.5-3b, qwen2.5-7b and llama3.2-3b on 1 and 8 GPUs")
+  parser.add_argument("--out", default="")
+  args = parser.parse_args(argv)
+  gpus = [1, 8] if args.all else [args.gpus]
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={max(gpus)}")
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  import jax
+
+  models = ("qwen2.5-3b", "qwen2.5-7b", "llama3.2-3b") if args.all else (args.model,)
+  plans = [plan_one(model, args.simulator, jax.devices()[:count], args.rows or None)
+           for count in gpus for model in models]
+  markdown = table(plans)
+  print(markdown)
+  if args.out:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan_rl.md").write_text(markdown)
+    (out / "plan_rl.json").write_text(json.dumps(plans, indent=2) + "\n")
+  print(json.dumps([{k: p[k] for k in ("model", "gpus", "peak_gb", "fits")} for p in plans]))
+  return plans
+
+
+if __name__ == "__main__":
+  main()
