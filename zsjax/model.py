@@ -370,10 +370,14 @@ class DecoderBlock(nn.Module):
   """Pre-norm attention + SwiGLU block; the body of the layer scan."""
 
   cfg: ModelConfig
+  attend: int | None = None  # cache slots attention reads (None: all)
 
   @nn.compact
   def __call__(self, x, layer_cache, cos, sin, mask, lengths):
     cache_k, cache_v = layer_cache if layer_cache is not None else (None, None)
+    if cache_k is not None and self.attend is not None:
+      # sliced after the scan's per-layer slice, so XLA reads one [B, attend] block
+      cache_k, cache_v = cache_k[:, :self.attend], cache_v[:, :self.attend]
     attn, new_k, new_v = Attention(self.cfg, name="attn")(
         RMSNorm(self.cfg, name="input_norm")(x), cos, sin, mask, cache_k, cache_v, lengths)
     x = x + attn
@@ -446,12 +450,12 @@ class Transformer(nn.Module):
     layers = nn.scan(
         block, variable_axes={"params": 0}, split_rngs={"params": True},
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(cfg, attend=attend if cache is not None else None, name="layers")
     layer_cache = (cache.k, cache.v) if cache is not None else None
     if cache is not None and attend is not None:
       if not 0 <= attend <= cache.max_length:
         raise ValueError(f"attend={attend} must lie in [0, {cache.max_length}] (cache slots).")
-      layer_cache = (cache.k[:, :, :attend], cache.v[:, :, :attend])  # [Y, B, attend, K, H]
+      pass  # each layer reads its first `attend` slots (DecoderBlock.attend)
     lengths = cache.lengths if cache is not None else None
     if lengths is not None:
       # A fresh cache has constant lengths; without the barrier XLA constant-folds the
