@@ -143,3 +143,14 @@ def test_a_full_disk_is_the_last_line_printed_and_library_info_stays_off(tmp_pat
   assert last.startswith("zsjax: no space left on device while writing "
                          "/data/run/checkpoints/7/state")
   assert "a library INFO line" not in result.stderr
+
+
+def test_a_full_disk_reported_as_text_by_a_library_is_still_recognised():
+  from zsjax import main
+
+  wrapped = ValueError("async save failed: [Errno 28] No space left on device: '/ckpt/3'")
+  assert main._no_space(RuntimeError("step failed")) is None
+  assert main._no_space(wrapped).errno == 28
+  chained = RuntimeError("save")
+  chained.__cause__ = OSError(28, "No space left on device", "/w/metrics.jsonl")
+  assert main._no_space(chained).filename == "/w/metrics.jsonl"

@@ -59,12 +59,15 @@ def run_job(config, workdir: str):
 
 
 def _no_space(error: BaseException) -> OSError | None:
-  """The 'no space left on device' error in an exception's chain, if any."""
+  """The 'no space left on device' error in an exception's chain, if any (also
+  when a library re-raised it as text, as a background save thread may)."""
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
       return error
+    if "No space left on device" in str(error):
+      return OSError(errno.ENOSPC, "No space left on device", None)
     error = error.__cause__ or error.__context__
   return None
 
