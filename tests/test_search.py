@@ -219,18 +219,28 @@ def test_each_call_ends_by_its_deadline_even_when_the_server_trickles(server):
   start = time.perf_counter()
   result = engine.search([S.SearchRequest("q")] * 4)
   elapsed = time.perf_counter() - start
-  assert result.failed == [True] * 4 and "deadline" in engine.stats["last_error"]
+  assert result.failed == [True] * 4 and "timeout_s=0.4" in engine.stats["last_error"]
   assert engine.call_deadline_s == pytest.approx(0.85)
   assert elapsed < engine.call_deadline_s + 0.3  # the answer alone would take > 10 s
 
 
-def test_a_chat_call_is_bounded_however_many_requests_it_holds(server):
-  server.mode, server.delay_s = "slow", 1.0
-  engine = S.HttpSimulatorEngine(server.url, "sim", SIM.SimulatorPrompt(chat=True), timeout_s=0.3,
-                                 max_retries=0, concurrency=4)
+def test_a_chat_call_is_bounded_by_waves_of_concurrent_requests(server):
+  """Chat requests go ``concurrency`` at a time, each with its own time limit: a
+  slow healthy server answers every one, a server past the limit fails them all
+  within ceil(requests / concurrency) x the per-request bound."""
+  server.mode, server.delay_s = "slow", 0.3
+  prompt = SIM.SimulatorPrompt(chat=True)
+  patient = S.HttpSimulatorEngine(server.url, "sim", prompt, timeout_s=1.0, max_retries=0,
+                                  concurrency=2)
+  assert not any(patient.search([S.SearchRequest(f"q{i}") for i in range(8)]).failed)
+  server.delay_s = 1.0
+  engine = S.HttpSimulatorEngine(server.url, "sim", prompt, timeout_s=0.3, max_retries=0,
+                                 concurrency=4)
   start = time.perf_counter()
   result = engine.search([S.SearchRequest(f"q{i}") for i in range(24)])
-  assert all(result.failed) and time.perf_counter() - start < 0.3 + 0.4  # not 24 x 0.3 s
+  assert all(result.failed) and engine.stats["failures"] == 24
+  assert engine.call_bound_s(24) == pytest.approx(6 * 0.3)
+  assert time.perf_counter() - start < engine.call_bound_s(24) + 0.5  # not 24 x 0.3 s
 
 
 def test_a_server_that_dies_mid_run_fails_its_later_calls():

@@ -45,6 +45,16 @@ def test_a_resume_refuses_a_change_to_what_defines_the_run(tmp_path):
   recorded = json.loads((tmp_path / "run.json").read_text())
   assert recorded["job"] == "rl" and recorded["config"]["seed"] == 0
 
+  # a first run that stopped during set-up left nothing to resume: the new one is recorded
+  config.seed = 2
+  assert workdir.check_identity(tmp_path, config, log=log.append) == []
+  assert "left no checkpoint or results" in log.pop()
+  assert json.loads((tmp_path / "run.json").read_text())["config"]["seed"] == 2
+  config.seed = 0
+  workdir.check_identity(tmp_path, config, log=log.append)
+  log.clear()
+  (tmp_path / "checkpoints" / "1").mkdir(parents=True)  # now the run has a checkpoint
+
   config.seed, config.rl.algorithm = 1, "ppo"
   with pytest.raises(workdir.RunMismatch) as caught:
     workdir.check_identity(tmp_path, config, log=log.append)
@@ -65,6 +75,7 @@ CALLS = []
 
 def record_call(config, workdir_):
   CALLS.append((config.seed, str(workdir_)))
+  (Path(workdir_) / "metrics.jsonl").write_text('{"step": 1}\n')  # the run has started
   return {}
 
 

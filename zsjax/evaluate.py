@@ -135,21 +135,21 @@ class Evaluator:
     records = []
     b = self.batch_size
     engine, rollout = self._rollout(method)
-    prompts_of = {}
-    for start in range(0, len(rows), b):  # RAG's prompts hold documents: widths known now
-      chunk = list(rows[start:start + b])
-      for row, prompt in zip(chunk, method_prompts(
-          method, [r["question"] for r in chunk], self.tokenizer, retriever=self.retriever,
-          use_chat_template=self.use_chat_template, search_instruction=self.instruction)):
-        prompts_of[id(row)] = prompt
-    rows = [r for r in rows if self._fits(method, set_name, r, prompts_of[id(r)])]
+    pairs = []  # (row, its prompt); RAG's prompts hold documents, so widths are known now
     for start in range(0, len(rows), b):
       chunk = list(rows[start:start + b])
-      n = len(chunk)
-      chunk += [chunk[-1]] * (b - n)  # one shape for every batch; padding dropped below
+      pairs += zip(chunk, method_prompts(
+          method, [r["question"] for r in chunk], self.tokenizer, retriever=self.retriever,
+          use_chat_template=self.use_chat_template, search_instruction=self.instruction))
+    pairs = [(r, p) for r, p in pairs if self._fits(method, set_name, r, p)]
+    for start in range(0, len(pairs), b):
+      chunk_pairs = pairs[start:start + b]
+      n = len(chunk_pairs)
+      chunk_pairs += [chunk_pairs[-1]] * (b - n)  # one shape for every batch; padding dropped
+      chunk = [r for r, _ in chunk_pairs]
       questions = [r["question"] for r in chunk]
       firsts = [list(r["golden_answers"])[0] for r in chunk]
-      prompts = [prompts_of[id(r)] for r in chunk]
+      prompts = [p for _, p in chunk_pairs]
       batch = rollout_lib.prepare_batch(self.tokenizer, prompts, questions, firsts, engine,
                                         pad_id=self.static.pad_id, prompt_width=self.prompt_width)
       traj = jax.device_get(rollout(self.params, self.engine_state, batch, jax.random.key(0),
@@ -405,11 +405,11 @@ def run(config, workdir: str) -> dict:
         for r in scored:
           out.write(json.dumps(r, ensure_ascii=False) + "\n")
         out.flush()
-        results["methods"][method] = summarize(records)
+        if records:
+          results["methods"][method] = summarize(records)
+        results["skipped_rows"] = _skipped_counts(sets, evaluator.skipped)
         _write_results(workdir, results)
   results["complete"] = True
-  for skipped in evaluator.skipped:
-    results["skipped_rows"][skipped["set"]] = results["skipped_rows"].get(skipped["set"], 0) + 1
   failures = [f"{method} on {name}: {scores['failed_searches']} of the search calls "
               f"({100 * scores['failed_share']:.1f}%) failed"
               for method, sets_ in results["methods"].items() for name, scores in sets_.items()
@@ -428,6 +428,15 @@ def run(config, workdir: str) -> dict:
     print("evaluation: the search engine failed — " + " ".join(results["engine_failures"]),
           file=sys.stderr)
   return results
+
+
+def _skipped_counts(sets, skipped_later: list[dict]) -> dict[str, int]:
+  """Rows left out per set: at load (``LoadReport``s) and, once per row whatever
+  the method, when a prompt with documents was too wide."""
+  counts = {name: sum(len(r.skipped) for r in reports) for name, _, reports in sets}
+  for name, row_id in {(s["set"], s["id"]) for s in skipped_later}:
+    counts[name] = counts.get(name, 0) + 1
+  return counts
 
 
 def _write_results(workdir: Path, results: dict) -> None:

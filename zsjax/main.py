@@ -47,14 +47,31 @@ def run_job(config, workdir: str):
         "(set it in the config file or with --config.job=...).")
   module, function = JOBS[job].split(":")
   run = getattr(importlib.import_module(module), function)
+  import contextlib
+
   import jax
 
-  if jax.process_index() != 0:  # process 0 holds the lock and records the run
-    return run(config, workdir)
   from zsjax import workdir as workdir_lib
 
-  with workdir_lib.lock(workdir):
-    workdir_lib.check_identity(workdir, config, log=lambda m: print(m, file=sys.stderr))
+  # Process 0 holds the lock and checks the run; every process learns its verdict,
+  # so a refusal stops them all instead of leaving the others waiting for it.
+  with contextlib.ExitStack() as stack:
+    refusal = None
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(workdir_lib.lock(workdir))
+        workdir_lib.check_identity(workdir, config, log=lambda m: print(m, file=sys.stderr))
+      except (workdir_lib.WorkdirBusy, workdir_lib.RunMismatch) as e:
+        refusal = e
+    if jax.process_count() > 1:
+      import numpy as np
+      from jax.experimental import multihost_utils
+
+      refused = multihost_utils.broadcast_one_to_all(np.int32(refusal is not None))
+      if refused and refusal is None:
+        raise workdir_lib.RunMismatch(f"process 0 refused {workdir}; its log says why.")
+    if refusal is not None:
+      raise refusal
     return run(config, workdir)
 
 

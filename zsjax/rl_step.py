@@ -332,7 +332,7 @@ def step_metrics(update_metrics: list[dict], traj, scores: dict, reward: np.ndar
       "rollout/noisy_share": float(traj.noisy_calls.sum()) / max(searches, 1.0),
       "rollout/answered": float(traj.answered.mean()),
       "rollout/truncated": float(traj.truncated.mean()),
-      "rollout/failed_searches": float(traj.failed_searches.sum()) / rows,
+      "rollout/failed_searches": float(traj.failed_searches.sum()),
       "rollout/failed_share": float(traj.failed_searches.sum()) / searches if searches else 0.0,
       "rollout/end_token_turns": float(traj.end_token_turns.mean()),
       "curriculum/p_noise": float(p_noise),

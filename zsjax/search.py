@@ -182,9 +182,9 @@ class HttpSimulatorEngine:
   Time is bounded: ``timeout_s`` is a deadline on each attempt's whole exchange
   (connect, send, every byte of the answer; a server that trickles bytes is cut
   off at it), up to ``max_retries`` more attempts follow with a doubling
-  ``backoff_s``, and a whole ``search`` call ends within ``call_deadline_s``
-  (``(max_retries + 1) * timeout_s`` plus the backoffs) however many requests it
-  holds. A request that still fails gets no documents and ``failed=True``;
+  ``backoff_s``, so a request ends within ``call_deadline_s``
+  (``(max_retries + 1) * timeout_s`` plus the backoffs) and a call within
+  ``call_bound_s`` (chat requests go ``concurrency`` at a time). A request that still fails gets no documents and ``failed=True``;
   ``stats`` counts calls, requests, retries and failures and keeps the last error."""
 
   def __init__(self, base_url: str, model: str, prompt: SimulatorPrompt = SimulatorPrompt(), *,
@@ -200,10 +200,13 @@ class HttpSimulatorEngine:
     self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
     self.max_tokens, self.temperature, self.concurrency = max_tokens, temperature, concurrency
     self.stats = {"calls": 0, "queries": 0, "retries": 0, "failures": 0, "last_error": ""}
+    self._lock = threading.Lock()
 
   @property
   def call_deadline_s(self) -> float:
-    """The longest one ``search`` call can take (before scheduling slack)."""
+    """The longest one request can take, retries and backoffs included (a
+    completions call is one request; chat calls send theirs ``concurrency`` at a
+    time: ``call_bound_s``)."""
     return (self.max_retries + 1) * self.timeout_s + self.backoff_s * (2 ** self.max_retries - 1)
 
   def _post(self, payload: dict, timeout_s: float) -> dict:
@@ -244,36 +247,39 @@ class HttpSimulatorEngine:
       return json.loads(body)
     except (OSError, http.client.HTTPException) as e:
       if expired.is_set():
-        raise TimeoutError(f"no complete answer within the {timeout_s:.3g} s deadline "
-                           "(config.engine.timeout_s)") from None
+        raise TimeoutError(f"no complete answer within config.engine.timeout_s={timeout_s:.3g} "
+                           "s") from None
       raise e
     finally:
       timer.cancel()
       connection.close()
 
-  def _with_retries(self, payload: dict, read, deadline: float) -> list[str] | None:
-    """``read(response body)`` after at most ``max_retries + 1`` attempts, each
-    ending by the call's ``deadline`` (``time.monotonic``), or None."""
+  def _count(self, key: str, error: str | None = None) -> None:
+    with self._lock:  # chat requests run in worker threads
+      self.stats[key] += 1
+      if error is not None:
+        self.stats["last_error"] = error
+
+  def _with_retries(self, payload: dict, read) -> list[str] | None:
+    """``read(response body)`` after at most ``max_retries + 1`` attempts (each
+    within ``timeout_s``, with doubling backoffs between them), or None."""
     for attempt in range(self.max_retries + 1):
-      left = deadline - time.monotonic()
-      if left <= 0:
-        break
       try:
-        return read(self._post(payload, min(self.timeout_s, left)))
+        return read(self._post(payload, self.timeout_s))
       except (OSError, http.client.HTTPException, EngineError, ValueError, KeyError, TypeError,
-              IndexError) as e:
-        self.stats["last_error"] = f"{type(e).__name__}: {e}"
+              IndexError, AttributeError) as e:
+        error = f"{type(e).__name__}: {e}"
         if attempt < self.max_retries:
-          self.stats["retries"] += 1
-          time.sleep(max(0.0, min(self.backoff_s * 2 ** attempt,
-                                  deadline - time.monotonic())))
-    self.stats["failures"] += 1
+          self._count("retries", error)
+          time.sleep(self.backoff_s * 2 ** attempt)
+        else:
+          self._count("failures", error)
     return None
 
   def search(self, requests: Sequence[SearchRequest]) -> SearchResult:
-    self.stats["calls"] += 1
-    self.stats["queries"] += len(requests)
-    deadline = time.monotonic() + self.call_deadline_s
+    with self._lock:
+      self.stats["calls"] += 1
+      self.stats["queries"] += len(requests)
     settings = {"model": self.model, "max_tokens": self.max_tokens,
                 "temperature": self.temperature}
     if self.prompt.chat:
@@ -281,7 +287,7 @@ class HttpSimulatorEngine:
         out = self._with_retries(
             {**settings, "messages": self.prompt.messages(r.query, r.question, r.answer,
                                                           r.noisy)},
-            lambda body: [body["choices"][0]["message"]["content"]], deadline)
+            lambda body: [_text(body["choices"][0]["message"]["content"])])
         return None if out is None else out[0]
 
       with concurrent.futures.ThreadPoolExecutor(max(1, min(self.concurrency,
@@ -293,13 +299,18 @@ class HttpSimulatorEngine:
       def read(body):
         out = [""] * len(prompts)
         for choice in body["choices"]:
-          out[int(choice.get("index", 0))] = choice["text"]
+          out[int(choice.get("index", 0))] = _text(choice["text"])
         return out
 
-      texts = self._with_retries({**settings, "prompt": prompts}, read, deadline) \
-          or [None] * len(prompts)
+      texts = self._with_retries({**settings, "prompt": prompts}, read) or [None] * len(prompts)
     return SearchResult([[] if t is None else parse_documents(t, self.top_k) for t in texts],
                         [t is None for t in texts])
+
+  def call_bound_s(self, requests: int) -> float:
+    """The longest a ``search`` of ``requests`` requests can take: one request's
+    ``call_deadline_s``, times the waves of ``concurrency`` chat requests."""
+    waves = -(-requests // self.concurrency) if self.prompt.chat else 1
+    return waves * self.call_deadline_s
 
   def health_check(self) -> None:
     """One search call (with its retries) before any work: raises ``EngineError``
@@ -330,12 +341,20 @@ def engine_from_config(engine, prompt: SimulatorPrompt = SimulatorPrompt(), *,
   if engine.kind == "http":
     http_engine = HttpSimulatorEngine(engine.url, engine.model, prompt,
                                       timeout_s=engine.timeout_s, max_retries=engine.max_retries,
-                                      backoff_s=engine.get("backoff_s", 1.0))
+                                      backoff_s=engine.get("backoff_s", 1.0),
+                                      concurrency=engine.get("concurrency", 16))
     if health_check:
       http_engine.health_check()
     return http_engine
   raise ValueError(f"config.engine.kind={engine.kind!r} is not a host engine; use 'bm25' or "
                    "'http'.")
+
+
+def _text(value) -> str:
+  """A server's generated text, which must be a string."""
+  if not isinstance(value, str):
+    raise TypeError(f"the server's text is a {type(value).__name__}, not a string")
+  return value
 
 
 def failed_share(failed, searches) -> float:

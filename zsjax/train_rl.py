@@ -274,8 +274,8 @@ def train(job: RLJob) -> dict:
   except search.EngineError as e:
     checkpointer.close()
     raise search.EngineError(f"{e} from checkpoint step {checkpointer.latest_step()}.") from None
-  except FloatingPointError:
-    checkpointer.close()
+  except BaseException:
+    checkpointer.close()  # a save in flight completes whatever stopped the loop
     raise
   checkpointer.close()
   summary = {"final_step": done, "resumed_from": start, **last}

@@ -39,7 +39,8 @@ RESUMABLE = ("rl", "sft", "sim_tuning", "tiny_world")
 # on devices, or where the engine is reached; not what it computes.
 _EVERY_JOB = ("progress", "distributed.*", "mesh.*", "sharding", "sharding_rules",
               "checkpoint.every", "checkpoint.max_to_keep", "checkpoint.async_save",
-              "engine.url", "engine.timeout_s", "engine.max_retries",
+              "engine.url", "engine.timeout_s", "engine.max_retries", "engine.backoff_s",
+              "engine.concurrency",
               "engine.max_failed_share", "engine.max_failed_steps", "rollout.attention_view")
 MAY_CHANGE = {
     "rl": _EVERY_JOB + ("rl.total_steps", "rl.sample_every", "rl.sample_rows",
@@ -104,6 +105,14 @@ def _may_change(job: str, key: str) -> bool:
   return any(fnmatch.fnmatchcase(key, pattern) for pattern in MAY_CHANGE.get(job, _EVERY_JOB))
 
 
+def holds_results(workdir: Path) -> bool:
+  """Whether a run left something to resume: a checkpoint, metrics or stage outputs."""
+  checkpoints = workdir / "checkpoints"
+  return ((checkpoints.is_dir() and any(checkpoints.iterdir()))
+          or any((workdir / name).exists() for name in ("metrics.jsonl", "stage_seconds.json",
+                                                       "results.json", "trajectories.jsonl")))
+
+
 def check_identity(workdir: str | os.PathLike, config, log=print) -> list[str]:
   """Records the run in ``WORKDIR/run.json``, or checks this run against the one
   recorded: raises ``RunMismatch`` listing the fields that define the run and
@@ -125,6 +134,10 @@ def check_identity(workdir: str | os.PathLike, config, log=print) -> list[str]:
     keys = sorted(set(before) | set(now))
     changed = [k for k in keys if before.get(k, "<absent>") != now.get(k, "<absent>")]
     refused = [k for k in changed if not _may_change(job, k)]
+    if refused and not holds_results(workdir):
+      log(f"{workdir}: the run recorded in {IDENTITY_FILE} left no checkpoint or results "
+          f"(it stopped during set-up); recording this one instead")
+      refused, changed = [], []
     if refused:
       lines = "\n".join(f"  config.{k}: {before.get(k, '<absent>')!r} -> "
                         f"{now.get(k, '<absent>')!r}" for k in refused)
@@ -147,4 +160,4 @@ def check_identity(workdir: str | os.PathLike, config, log=print) -> list[str]:
 
 
 __all__ = ["LOCK_FILE", "IDENTITY_FILE", "RESUMABLE", "MAY_CHANGE", "WorkdirBusy", "RunMismatch",
-           "lock", "flatten", "check_identity"]
+           "lock", "flatten", "holds_results", "check_identity"]
