@@ -65,6 +65,7 @@ def get_config(arg=None):
       # a step (an eval set) with more failed search calls than this share fails;
       # RL stops after max_failed_steps failing steps in a row, eval exits non-zero
       max_failed_share=0.2, max_failed_steps=3, backoff_s=1.0,
+      concurrency=16,  # chat requests in flight at once (one POST each)
       max_text_bytes=1024))  # a host engine gets each question and answer, at most this long
   config.sim_tuning = ml_collections.ConfigDict(dict(
       num_questions=240 if tiny else 4000,

@@ -66,7 +66,7 @@ def bm25_engine() -> dict:
   """An engine section; the pipeline sets its kind, corpus and top_k."""
   return dict(kind="bm25", corpus="", text_field="contents", top_k=0, url="", model="",
               timeout_s=30.0, max_retries=2, backoff_s=1.0, max_failed_share=0.2,
-              max_failed_steps=3,
+              max_failed_steps=3, concurrency=16,
               max_text_bytes=1024)
 
 
