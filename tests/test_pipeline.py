@@ -293,11 +293,10 @@ def test_ci_sized_pipeline_runs_every_stage(tmp_path, capsys):
     assert gain["em"] == pytest.approx(results["methods"][method]["all"]["em"]
                                        - results["methods"]["warm_start"]["all"]["em"])
   assert set(results["gains_over_warm_start"]) == set(pipeline.METHODS) - {"warm_start"}
-  # RAG (a format the warm start was trained on, with BM25's documents for the
-  # question) does no worse than answering directly. That the warm start *reads*
-  # (RAG beats direct) needs a longer warm start than CI affords: the reading skill
-  # appears after a loss plateau (~1000 steps); see test_warm_start_reads (slow).
-  assert results["methods"]["rag"]["all"]["em"] >= results["methods"]["direct"]["all"]["em"]
+  # The warm start reads: RAG (a format it was trained on, with BM25's documents for
+  # the question) beats answering directly, which a policy that knows no facts of
+  # this world cannot do.
+  assert results["methods"]["rag"]["all"]["em"] > results["methods"]["direct"]["all"]["em"]
   control = results["simulator_control"]["groups"]
   assert set(control) == set(pipeline.CONTROL_GROUPS) | {"answerable"}
   assert control["answerable"]["queries"] == (control["single_hop_question"]["queries"]
@@ -315,10 +314,10 @@ def test_ci_sized_pipeline_runs_every_stage(tmp_path, capsys):
   steps = config.rl.rl.total_steps
   # RL improved the training reward (answer F1 of the step's 32 trajectories, on the
   # CI run's 4 training questions): the mean of the last five steps against the first
-  # five, against the simulator and against BM25 (seed 0 on this code: 0.012 -> 0.094
-  # and 0.031 -> 0.100, the same pinned to one core; a five-step mean's noise is
-  # ~0.02). Seed 1 rises only 0.019 -> 0.042 and 0.039 -> 0.045: with a warm start
-  # that does not read yet this is a seed-0 check, not a property of every seed.
+  # five, against the simulator and against BM25 (seed 0, one core, no fake devices:
+  # 0.006 -> 0.062 and 0.044 -> 0.154; a five-step mean's noise is ~0.02). With the
+  # earlier 3e-3 warm start seed 1 rose only 0.019 -> 0.042 and 0.039 -> 0.045: this is
+  # a seed-0 check, not a property of every seed.
   for stage in ("rl_simulator", "rl_real_search"):
     records = [json.loads(line) for line in open(tmp_path / stage / "metrics.jsonl")]
     assert [r["step"] for r in records] == list(range(1, steps + 1))
