@@ -41,17 +41,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # big_tokenizer: an offline Qwen-like tokenizer
 sys.path.insert(0, str(ROOT / "experiments"))
 
-SHAPES = {
-    "qwen2.5-0.5b": dict(arch="qwen2", vocab_size=151936, embed_dim=896, mlp_dim=4864,
-                         num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64,
-                         qkv_bias=True, tie_embeddings=True, rope_theta=1e6),
-    "qwen2.5-3b": dict(arch="qwen2", vocab_size=151936, embed_dim=2048, mlp_dim=11008,
-                       num_layers=36, num_heads=16, num_kv_heads=2, head_dim=128,
-                       qkv_bias=True, tie_embeddings=True, rope_theta=1e6),
-    # --cpu
-    "tiny": dict(arch="qwen2", vocab_size=512, embed_dim=64, mlp_dim=128, num_layers=2,
-                 num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True, tie_embeddings=True),
-}
+def _shapes() -> dict:
+  """The model shapes: bench_sharding's published architectures, and a tiny one (--cpu)."""
+  import bench_sharding
+
+  return {**bench_sharding.MODELS,
+          "tiny": dict(arch="qwen2", vocab_size=512, embed_dim=64, mlp_dim=128, num_layers=2,
+                       num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True,
+                       tie_embeddings=True)}
+
+
+SHAPES = _shapes()
 FULL = dict(shapes=("qwen2.5-0.5b", "qwen2.5-3b"), batches=(64, 256), prompt=256, new=128,
             copy_mb=1024, matmul=8192, train=("qwen2.5-0.5b", 8, 2048), vocab=32000,
             rl=dict(prompts=16, samples=4, new=128, obs=256, length=1024, prompt=256))

@@ -38,21 +38,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-SIMULATORS = {
-    "qwen2.5-3b": None,  # bench_sharding.MODELS
-    "qwen2.5-7b": None,
-    "qwen2.5-14b": dict(arch="qwen2", vocab_size=152064, embed_dim=5120, mlp_dim=13824,
-                        num_layers=48, num_heads=40, num_kv_heads=8, head_dim=128,
-                        qkv_bias=True, tie_embeddings=False, rope_theta=1e6),
-}
 DEVICES_GB = {"H100 80GB": 80, "H200 141GB": 141, "TPU v5e 16GB": 16}
 GB = 1e9
 
 
 def shape(name: str) -> dict:
+  """ModelConfig fields of ``name`` (``bench_sharding.MODELS``)."""
   import bench_sharding
 
-  return SIMULATORS.get(name) or bench_sharding.MODELS[name]
+  return bench_sharding.MODELS[name]
 
 
 def cache_bytes(cfg, rows: int, length: int, itemsize: int = 2) -> float:

@@ -452,10 +452,9 @@ class Transformer(nn.Module):
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(cfg, attend=attend if cache is not None else None, name="layers")
     layer_cache = (cache.k, cache.v) if cache is not None else None
-    if cache is not None and attend is not None:
-      if not 0 <= attend <= cache.max_length:
-        raise ValueError(f"attend={attend} must lie in [0, {cache.max_length}] (cache slots).")
-      pass  # each layer reads its first `attend` slots (DecoderBlock.attend)
+    # each layer reads its first `attend` slots (DecoderBlock.attend)
+    if cache is not None and attend is not None and not 0 <= attend <= cache.max_length:
+      raise ValueError(f"attend={attend} must lie in [0, {cache.max_length}] (cache slots).")
     lengths = cache.lengths if cache is not None else None
     if lengths is not None:
       # A fresh cache has constant lengths; without the barrier XLA constant-folds the
