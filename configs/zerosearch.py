@@ -107,7 +107,9 @@ def get_config(arg=None):
       # holding every row; 0 reads the whole cache
       attention_view=512))
   # the policy in training: temperature 1, top-p 0.95 (ZeroSearch's trainer); evaluation is
-  # greedy (configs/eval.py)
+  # greedy (configs/eval.py). An optional method="inverse_cdf" draws from the same
+  # distribution with a cheaper sampler (zsjax.sampling.Sampling.method; the
+  # simulator's is config.simulator.sampling_method).
   config.sampling = ml_collections.ConfigDict(dict(kind="sample", temperature=1.0,
                                                    top_p=1.0 if tiny else 0.95,
                                                    top_k=0))

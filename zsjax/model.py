@@ -519,18 +519,21 @@ def attention_views(max_length: int, smallest: int = 512) -> tuple[int, ...]:
 
 
 def cached_apply(model: "Transformer", params, tokens, cache: KVCache, *, segment_ids=None,
-                 views: tuple[int, ...] | None = None):
+                 views: tuple[int, ...] | None = None, write: bool = True):
   """``model.apply`` with a cache, its attention reading only the live prefix:
   the smallest of ``views`` (static slot counts, ascending, the last the whole
   cache; default ``attention_views``) that holds every row's filled slots, chosen
   on device (``lax.switch``, one compiled branch per view). Decode cost then
-  follows the longest live row, not the cache's size. ``(output, new cache)``."""
+  follows the longest live row, not the cache's size. ``(output, new cache)``;
+  with ``write=False``, ``(output, (chunk_k, chunk_v, advance))`` for
+  ``write_chunk`` (a caller that itself branches writes once, after its branch)."""
   views = attention_views(cache.max_length) if views is None else tuple(views)
   if views[-1] != cache.max_length:
     raise ValueError(f"views {views} must end with the cache's {cache.max_length} slots.")
 
   if len(views) == 1:
-    return model.apply({"params": params}, tokens, segment_ids=segment_ids, cache=cache)
+    return model.apply({"params": params}, tokens, segment_ids=segment_ids, cache=cache,
+                       write_cache=write)
 
   # The branches only read the cache; the one write happens after the switch, so
   # the buffer is updated in place instead of copied through the conditional.
@@ -543,9 +546,8 @@ def cached_apply(model: "Transformer", params, tokens, cache: KVCache, *, segmen
 
   longest = jnp.max(cache.lengths)
   index = jnp.sum(jnp.asarray(views[:-1]) < longest)  # the first view >= longest
-  out, (chunk_k, chunk_v, advance) = jax.lax.switch(index, [view(v) for v in views],
-                                                    (params, cache))
-  return out, write_chunk(cache, chunk_k, chunk_v, advance)
+  out, chunk = jax.lax.switch(index, [view(v) for v in views], (params, cache))
+  return out, (write_chunk(cache, *chunk) if write else chunk)
 
 
 def predicted_by_previous(values: jax.Array) -> jax.Array:

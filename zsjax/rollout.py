@@ -50,7 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from zsjax.curriculum import Curriculum
-from zsjax.model import ModelConfig, Transformer, attention_views, cached_apply, init_cache
+from zsjax.model import (ModelConfig, Transformer, attention_views, cached_apply, init_cache,
+                         write_chunk)
 from zsjax.sampling import Greedy, Sampling, sample
 from zsjax.simulator import (EngineOutput, concat_ragged, gather_span, pad_rows,
                              tokens_covering_tail)
@@ -303,23 +304,39 @@ def insert_observation(spec: RolloutSpec, params, state: RolloutState, obs, obs_
   in_obs = jnp.arange(width)[None, :] < obs_len[:, None]
   tokens = state.tokens.at[rows[:, None], jnp.where(in_obs, slots, s_len)].set(obs, mode="drop")
 
+  cfg = spec.policy_cfg
+  chunk_shape = (cfg.num_layers, obs.shape[0], width, cfg.num_kv_heads, cfg.head_dim)
+
+  def pad(chunk_kv):  # [Y, B, c, K, H] -> [Y, B, width, K, H]
+    return jnp.pad(chunk_kv, ((0, 0), (0, 0), (0, width - chunk_kv.shape[2]), (0, 0), (0, 0)))
+
   def prefill(chunk):
     def run(operand):
       cache, last = operand
-      logits, cache = cached_apply(spec.model, params, obs[:, :chunk], cache,
-                                   segment_ids=in_obs[:, :chunk].astype(jnp.int32),
-                                   views=spec.config.attention_views)
+      logits, (k, v, advance) = cached_apply(
+          spec.model, params, obs[:, :chunk], cache,
+          segment_ids=in_obs[:, :chunk].astype(jnp.int32), views=spec.config.attention_views,
+          write=False)
       index = jnp.clip(obs_len - 1, 0, chunk - 1)[:, None, None]
-      return cache, jnp.where(insert[:, None], jnp.take_along_axis(logits, index, 1)[:, 0], last)
+      last = jnp.where(insert[:, None], jnp.take_along_axis(logits, index, 1)[:, 0], last)
+      return last, (pad(k).astype(cache.k.dtype), pad(v).astype(cache.v.dtype), advance)
     return run
+
+  def nothing(operand):
+    cache, last = operand
+    empty = jnp.zeros(chunk_shape, cache.k.dtype)
+    return last, (empty, empty, jnp.zeros_like(cache.lengths))
 
   # Prefill only what is inserted: nothing (final turn, all rows done), the
   # feedback alone (a short chunk), or documents (the full observation width).
+  # The branches only read the cache and the one write follows the switch, so
+  # XLA updates the buffer in place instead of copying it through the branch.
   branch = jnp.where(~jnp.any(insert), 0, jnp.where(any_documents, 2, 1))
-  cache, last = jax.lax.switch(
-      branch, [lambda operand: operand, prefill(int(spec.static.feedback.shape[0])),
-               prefill(width)], (state.cache, state.last_logits))
-  return state.replace(tokens=tokens, cache=cache, last_logits=last, length=state.length + obs_len)
+  last, chunk = jax.lax.switch(
+      branch, [nothing, prefill(int(spec.static.feedback.shape[0])), prefill(width)],
+      (state.cache, state.last_logits))
+  return state.replace(tokens=tokens, cache=write_chunk(state.cache, *chunk), last_logits=last,
+                       length=state.length + obs_len)
 
 
 def turn_step(spec: RolloutSpec, params, engine_state, batch: RolloutBatch, rng, p_noise, turn,

@@ -6,7 +6,10 @@ the baseline of ``experiments/bench_rollout.py``; train with the jitted one.
 Stops and actions are decided on the decoded text of the turn (``</search>`` /
 ``</answer>`` found in it; ``zsjax.template.parse_action``), not with the byte
 automaton, so the two implementations check each other. Search calls go to a
-host engine (``zsjax.search.HostEngine``).
+host engine (``zsjax.search.HostEngine``); ``PythonSimulator`` is the LLM
+simulator as such an engine, driven the same way (render the prompt as text,
+decode token by token, look for the stop marker in the decoded text, parse the
+documents out of it).
 """
 
 from __future__ import annotations
@@ -17,19 +20,84 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zsjax.model import ModelConfig, Transformer, init_cache
+from zsjax.model import ModelConfig, Transformer, cached_apply, init_cache
 from zsjax.rollout import RolloutBatch, RolloutConfig, StaticTokens, Trajectories
 from zsjax.sampling import Greedy, Sampling, sample
-from zsjax.search import SearchRequest, document_tokens
+from zsjax.search import SearchRequest, SearchResult, document_tokens
+from zsjax.simulator import SimulatorPrompt, parse_documents
 from zsjax.template import cut_after_first_close, parse_action
 
 
 @functools.lru_cache(maxsize=8)
-def _forward_fn(cfg: ModelConfig):
+def _forward_fn(cfg: ModelConfig, views: tuple[int, ...] | None = None):
+  """One jitted cached forward; with ``views`` its attention reads the live
+  prefix of the cache, as the jitted rollout's does (``model.cached_apply``)."""
   model = Transformer(cfg)
-  forward = jax.jit(lambda p, tokens, segment, cache: model.apply(
-      {"params": p}, tokens, segment_ids=segment, cache=cache))
-  return forward
+  if views is None:
+    return jax.jit(lambda p, tokens, segment, cache: model.apply(
+        {"params": p}, tokens, segment_ids=segment, cache=cache))
+  return jax.jit(lambda p, tokens, segment, cache: cached_apply(
+      model, p, tokens, cache, segment_ids=segment, views=views))
+
+
+class PythonSimulator:
+  """The simulator LLM as a host engine (``search(requests) -> SearchResult``),
+  driven from Python: each request's prompt rendered as text
+  (``SimulatorPrompt.render``) and tokenized, one jitted prefill, then one
+  jitted forward per token with sampling, the decoded text checked for the
+  ``Doc {top_k + 1}`` marker every step, and the documents parsed from the text
+  (``parse_documents``). The rows of a call are right-padded to ``prompt_width``
+  tokens, so every call of one batch size shares one compiled forward."""
+
+  def __init__(self, cfg: ModelConfig, params, tokenizer, prompt: SimulatorPrompt,
+               max_new_tokens: int, prompt_width: int, sampling=Sampling(temperature=0.8),
+               eos_ids: tuple[int, ...] = (), pad_id: int = 0, rng=None):
+    self.cfg, self.params, self.tokenizer, self.prompt = cfg, params, tokenizer, prompt
+    self.max_new_tokens, self.prompt_width = max_new_tokens, prompt_width
+    self.sampling, self.eos_ids, self.pad_id = sampling, set(eos_ids), pad_id
+    self.rng = jax.random.key(0) if rng is None else rng
+    self.top_k, self.calls, self.generated = prompt.top_k, 0, 0
+
+  def search(self, requests) -> SearchResult:
+    forward = _forward_fn(self.cfg)
+    n, width = len(requests), self.prompt_width
+    ids = [self.tokenizer.encode(self.prompt.render(r.query, r.question, r.answer, r.noisy,
+                                                    self.tokenizer), add_special_tokens=False)
+           for r in requests]
+    if max(map(len, ids)) > width:
+      raise ValueError(f"PythonSimulator: a prompt of {max(map(len, ids))} tokens is wider than "
+                       f"prompt_width={width}.")
+    prompt = np.full((n, width), self.pad_id, np.int32)
+    lengths = np.asarray([len(row) for row in ids], np.int32)
+    for i, row in enumerate(ids):
+      prompt[i, :len(row)] = row
+    cache = init_cache(self.cfg, n, width + self.max_new_tokens)
+    segment = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int32)
+    logits, cache = forward(self.params, jnp.asarray(prompt), jnp.asarray(segment), cache)
+    last = np.asarray(logits)[np.arange(n), lengths - 1]
+    rng = jax.random.fold_in(self.rng, self.calls)
+    self.calls += 1
+    written = [[] for _ in range(n)]
+    live = np.ones(n, bool)
+    i = 0
+    while i < self.max_new_tokens and live.any():
+      token, _ = sample(self.sampling, jnp.asarray(last), jax.random.fold_in(rng, i),
+                        position=jnp.full((n,), i))
+      token = np.asarray(token)
+      write = live & ~np.isin(token, list(self.eos_ids or {-1}))
+      token = np.where(write, token, self.pad_id).astype(np.int32)
+      logits, cache = forward(self.params, jnp.asarray(token[:, None]),
+                              jnp.asarray(write[:, None].astype(np.int32)), cache)
+      last = np.where(write[:, None], np.asarray(logits)[:, 0], last)
+      live = write.copy()
+      for r in np.flatnonzero(write):
+        written[r].append(int(token[r]))
+        self.generated += 1
+        if self.prompt.stop_marker in self.tokenizer.decode(written[r], skip_special_tokens=False):
+          live[r] = False
+      i += 1
+    texts = [self.tokenizer.decode(row, skip_special_tokens=False) for row in written]
+    return SearchResult([parse_documents(text, self.top_k) for text in texts], [False] * n)
 
 
 def python_rollout(policy_cfg: ModelConfig, policy_params, tokenizer, static: StaticTokens,
@@ -38,7 +106,7 @@ def python_rollout(policy_cfg: ModelConfig, policy_params, tokenizer, static: St
   """Host-driven rollout; arguments as ``zsjax.rollout`` plus the host ``engine``
   and the questions / first gold answers of the batch's prompts (row r holds
   prompt ``r // samples_per_prompt``)."""
-  forward = _forward_fn(policy_cfg)
+  forward = _forward_fn(policy_cfg, config.attention_views)
   s_len = config.max_length
   prompt = np.asarray(batch.prompt_tokens)
   prompt_len = np.asarray(batch.prompt_lengths)

@@ -458,10 +458,12 @@ def _generate(engine: SimulatorEngine, params, prompt, prompt_lengths, active, r
 def engine_from_config(config, tokenizer, *, cfg: ModelConfig, piece_bytes, eos_ids, pad_id: int,
                        query_width: int, greedy: bool = False) -> SimulatorEngine:
   """The on-device engine of a config: ``config.simulator`` (``template``,
-  ``max_prefix_tokens``, ``max_new_tokens``, ``temperature``; 0 = greedy) and
+  ``max_prefix_tokens``, ``max_new_tokens``, ``temperature``; 0 = greedy; optional
+  ``sampling_method``, ``zsjax.sampling.Sampling.method``) and
   ``config.engine.top_k``. ``greedy`` overrides the temperature (evaluation)."""
   sim = config.simulator
-  sampling = Greedy() if greedy or sim.temperature <= 0 else Sampling(temperature=sim.temperature)
+  sampling = (Greedy() if greedy or sim.temperature <= 0 else
+              Sampling(temperature=sim.temperature, method=sim.get("sampling_method", "gumbel")))
   return SimulatorEngine(
       cfg=cfg, tokenizer=tokenizer,
       prompt=SimulatorPrompt.from_config(sim.template, config.engine.top_k, sim.chat_template),
