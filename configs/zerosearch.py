@@ -106,6 +106,9 @@ def get_config(arg=None):
       # decode attention reads the smallest cache view (4096, 2048, 1024, 512 slots)
       # holding every row; 0 reads the whole cache
       attention_view=512))
+  # Optional per-piece precision (absent = the policy's own dtype; params stay as loaded):
+  # config.rollout.dtype and config.rl.scoring_dtype ("float32", "bfloat16", "float16")
+  # set the compute dtype of the rollout (and its KV cache) and of the scoring pass.
   # the policy in training: temperature 1, top-p 0.95 (ZeroSearch's trainer); evaluation is
   # greedy (configs/eval.py). An optional method="inverse_cdf" draws from the same
   # distribution with a cheaper sampler (zsjax.sampling.Sampling.method; the

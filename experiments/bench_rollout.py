@@ -89,7 +89,9 @@ def parse_args(argv=None):
   p.add_argument("--turns", type=int, default=4, help="turns per rollout (max_turns + 1)")
   p.add_argument("--doc_tokens", type=int, default=200, help="simulator tokens per search")
   p.add_argument("--max_length", type=int, default=2048, help="the policy's context cap")
-  p.add_argument("--repeats", type=int, default=2, help="timed runs; the best is kept")
+  p.add_argument("--repeats", default="3,1",
+                 help="timed runs per size (one number, or one per --sizes entry); the best "
+                      "is kept")
   p.add_argument("--loops", default="jit,jit_cdf,python,reference,model_only",
                   help="which loops to time (jit always runs: it checks the script)")
   p.add_argument("--out", default="")
@@ -164,7 +166,7 @@ def action_script(tokenizer, turns: int, new_tokens: int) -> np.ndarray:
   return script
 
 
-def bench_size(name, args):
+def bench_size(name, args, repeats: int):
   import jax
   import jax.numpy as jnp
 
@@ -208,7 +210,7 @@ def bench_size(name, args):
 
   def best(fn, label=""):
     times = []
-    for _ in range(args.repeats):
+    for _ in range(repeats):
       if label:
         print(f"{name}: timing {label}", file=sys.stderr, flush=True)
       start = time.perf_counter()
@@ -217,6 +219,7 @@ def bench_size(name, args):
     return min(times), out
 
   row = {"size": name, "params": count_params(params), "batch": b, "turns": turns,
+         "repeats": repeats,
          "policy_tokens": policy_tokens, "simulator_tokens": sim_tokens,
          "generated_tokens": generated}
 
@@ -426,13 +429,20 @@ def main(argv=None):
   env = describe()
   versions = package_versions(("jax", "jaxlib", "flax", "transformers", "torch"))
   rows = []
-  for name in (s for s in args.sizes.split(",") if s):
-    rows.append(bench_size(name, args))
+  sizes = [s for s in args.sizes.split(",") if s]
+  repeats = [int(r) for r in str(args.repeats).split(",")]
+  repeats = repeats * len(sizes) if len(repeats) == 1 else repeats
+  if len(repeats) != len(sizes):
+    raise ValueError(f"--repeats={args.repeats} gives {len(repeats)} counts for "
+                     f"{len(sizes)} sizes ({args.sizes}).")
+  for name, count in zip(sizes, repeats):
+    rows.append(bench_size(name, args, count))
     print(f"{name}: done", file=sys.stderr, flush=True)
   header = (f"# bench_rollout (RL regime): {args.batch} rows, prompt {args.prompt_tokens} "
             f"tokens, {args.turns} turns x {args.new_tokens} policy tokens at T=1, "
             f"{args.turns - 1} searches x {args.doc_tokens} simulator tokens, context cap "
-            f"{args.max_length}, float32, {jax.devices()[0].platform}; best of {args.repeats}\n"
+            f"{args.max_length}, float32, {jax.devices()[0].platform}; best of {args.repeats} "
+            "timed runs per size\n"
             f"machine: {env['cpu']}, {env['cores']} cores; commit {env['commit']}; "
             + ", ".join(f"{k} {v}" for k, v in versions.items())
             + "\ncommand: python experiments/bench_rollout.py " + " ".join(sys.argv[1:]))

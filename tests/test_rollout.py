@@ -225,6 +225,34 @@ def test_sampling_log_probs_equal_teacher_forced(tokenizer, world):
   assert (np.asarray(fast.log_probs)[~mask] == 0).all()
 
 
+def test_a_rollout_in_bfloat16_computes_in_it_with_the_same_params(tokenizer, world):
+  """config.rollout.dtype: the rollout's compute (and KV cache) in bfloat16 while
+  the params stay float32. Its log-probs are the bfloat16 model's: close to a
+  bfloat16 teacher-forced pass, far from a float32 one (this world's weights are
+  scaled up, so the two precisions disagree by nats)."""
+  cfg, params, static, matcher = world
+  low = M.with_compute_dtype(cfg, "bfloat16", "config.rollout.dtype")
+  assert low.dtype == "bfloat16" and low.param_dtype == cfg.param_dtype
+  assert M.with_compute_dtype(cfg, "", "config.rollout.dtype") is cfg
+  with pytest.raises(ValueError, match="config.rollout.dtype='fp8'"):
+    M.with_compute_dtype(cfg, "fp8", "config.rollout.dtype")
+  config = R.RolloutConfig(max_turns=1, max_new_tokens=10, max_obs_tokens=96, max_length=320)
+  host = S.HostSearch(ScriptedEngine(), tokenizer, max_doc_tokens=48, pad_id=static.pad_id)
+  batch = R.prepare_batch(tokenizer, [T.render_prompt(q) for q in QUESTIONS], QUESTIONS,
+                          (ANSWERS * 4)[:len(QUESTIONS)], host, pad_id=static.pad_id)
+  traj = jax.device_get(jax.jit(R.make_rollout(low, matcher, static, host, config,
+                                               Sampling(temperature=1.0)))(
+      params, None, batch, jax.random.key(3), 1))
+  segment = (np.arange(traj.tokens.shape[1])[None, :] < traj.lengths[:, None]).astype(np.int32)
+  mask = np.asarray(traj.loss_mask) == 1
+  gap = {}
+  for name, c in (("float32", cfg), ("bfloat16", low)):
+    forced = M.token_log_probs(c, params, jnp.asarray(traj.tokens), jnp.asarray(segment))
+    gap[name] = np.abs(np.asarray(forced)[mask] - np.asarray(traj.log_probs)[mask]).max()
+  assert mask.sum() > 20
+  assert gap["bfloat16"] < 0.05 and gap["float32"] > 10 * gap["bfloat16"], gap
+
+
 def test_noisy_draw_follows_p_and_is_per_call(tokenizer, world):
   config = R.RolloutConfig(max_turns=3, max_new_tokens=40, max_obs_tokens=96, max_length=480,
                            curriculum=C.Curriculum(start=0.3, end=0.3))

@@ -595,6 +595,22 @@ def _init_variables(cfg: ModelConfig, rng: jax.Array, head: str):
   return Transformer(cfg, head=head).init(rng, tokens)
 
 
+def with_compute_dtype(cfg: ModelConfig, dtype: str, field: str = "dtype") -> ModelConfig:
+  """``cfg`` computing (activations, matmuls, its KV cache) in ``dtype``, its params
+  unchanged: one piece of a job (the rollout, the scoring pass) in another
+  precision than training. ``""`` keeps ``cfg``. ``field`` names the config field
+  in the error."""
+  check_compute_dtype(dtype, field)
+  return cfg if not dtype or dtype == cfg.dtype else dataclasses.replace(cfg, dtype=dtype)
+
+
+def check_compute_dtype(dtype: str, field: str) -> None:
+  """A piece's compute dtype: ``""`` (the model's own) or a float dtype name."""
+  if dtype not in ("", "float32", "bfloat16", "float16"):
+    raise ValueError(f"{field}={dtype!r} is not 'float32', 'bfloat16' or 'float16' ('' keeps "
+                     "the model's dtype).")
+
+
 def init_params(cfg: ModelConfig, rng: jax.Array, head: str = "lm"):
   """Random params (plain arrays, logical-axis boxes removed)."""
   return nn.unbox(_init_variables(cfg, rng, head))["params"]

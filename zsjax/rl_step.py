@@ -29,7 +29,8 @@ import numpy as np
 
 from zsjax import rewards, rl
 from zsjax.checkpoint import abstract_like
-from zsjax.model import ModelConfig, init_params, token_log_probs, token_values
+from zsjax.model import (ModelConfig, check_compute_dtype, init_params, token_log_probs,
+                         token_values, with_compute_dtype)
 from zsjax.sharding import ShardingPlan, place
 from zsjax.train_step import (TrainState, init_state, make_accumulating_update,
                               make_chunked_score_fn, make_optimizer, state_shardings)
@@ -51,6 +52,8 @@ def check_config(config: Any) -> None:
     raise ValueError(f"config.rl.loss_mask={r.loss_mask!r}: use 'policy' (only sampled tokens, "
                      "the method) or 'response' (inserted documents too, the ablation).")
   check_engine_config(config.engine)
+  check_compute_dtype(config.rollout.get("dtype", ""), "config.rollout.dtype")
+  check_compute_dtype(r.get("scoring_dtype", ""), "config.rl.scoring_dtype")
   for name in ("prompts_per_step", "samples_per_prompt", "total_steps", "epochs"):
     if r[name] <= 0:
       raise ValueError(f"config.rl.{name}={r[name]} must be a positive integer.")
@@ -226,8 +229,10 @@ def build_programs(settings, policy_cfg: ModelConfig, plan: ShardingPlan,
   shardings = state_shardings(policy_cfg, tx, plan)
   row1, row2, repl = plan.rows(1), plan.rows(2), plan.replicated()
   batch_shardings = RLBatch(*[row2] * len(dataclasses.fields(RLBatch)))
+  # scoring (old and reference log-probs) may compute in another precision than the update
+  score_cfg = with_compute_dtype(policy_cfg, r.get("scoring_dtype", ""), "config.rl.scoring_dtype")
   log_probs = make_chunked_score_fn(
-      functools.partial(token_log_probs, policy_cfg, temperature=temperature), plan,
+      functools.partial(token_log_probs, score_cfg, temperature=temperature), plan,
       shardings.params, r.score_batch_size)
   update = make_accumulating_update(
       functools.partial(_policy_objective, r, policy_cfg, temperature), tx, plan, shardings,

@@ -336,7 +336,14 @@ class SimulatorEngine:
           "engine with the widths of the batch (config.simulator.max_prefix_tokens, "
           "config.rollout.max_query_tokens).")
     prompt, prompt_lengths = self.assemble(inputs, query, query_lengths, noisy)
-    tokens, count, hit = _generate(self, params, prompt, prompt_lengths, active, rng)
+    b = query.shape[0]
+    # No row searching (the final turn, or every row answered): skip the prefill too,
+    # which costs about as much as a whole batch's documents at 0.1B scale. The
+    # output is what generating for no row gives: nothing written.
+    tokens, count, hit = jax.lax.cond(
+        jnp.any(active), lambda: _generate(self, params, prompt, prompt_lengths, active, rng),
+        lambda: (jnp.full((b, self.max_new_tokens), self.pad_id, jnp.int32),
+                 jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool)))
     marker_bytes = len(self.prompt.stop_marker)
     drop = jnp.where(hit, tokens_covering_tail(self.piece_bytes, tokens, count, count,
                                                marker_bytes), 0)

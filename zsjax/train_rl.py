@@ -40,6 +40,7 @@ from zsjax import hf, rl_step, sampling, search, template
 from zsjax import rollout as rollout_lib
 from zsjax.checkpoint import Checkpointer
 from zsjax.metrics import MetricWriter, drop_steps_after
+from zsjax.model import with_compute_dtype
 from zsjax.rewards import score_answers
 from zsjax.sharding import ShardingPlan, is_main_process, to_host
 
@@ -90,11 +91,14 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> RLJob:
                                                          r.total_steps)
   engine, engine_state, engine_shardings = search.build_engine(
       config, tokenizer, static, rollout_config, plan, jax.random.fold_in(key, 2))
+  # the rollout may compute in another precision than training (its params are the same)
+  rollout_cfg = with_compute_dtype(policy_cfg, config.rollout.get("dtype", ""),
+                                   "config.rollout.dtype")
   rollout = rollout_lib.shard_rollout(
-      rollout_lib.make_rollout(policy_cfg, template.build_tag_matcher(
+      rollout_lib.make_rollout(rollout_cfg, template.build_tag_matcher(
           tokenizer, vocab_size=policy_cfg.vocab_size), static, engine, rollout_config,
           policy_sampling),
-      plan, policy_cfg, engine=engine, engine_state_shardings=engine_shardings)
+      plan, rollout_cfg, engine=engine, engine_state_shardings=engine_shardings)
   programs = rl_step.build_programs(r, policy_cfg, plan, policy_sampling.temperature)
   # Rows that cannot make a batch (a prompt wider than the fixed width, text too long
   # for the engine) are found now, with file, row and field, not at the step drawing them.
