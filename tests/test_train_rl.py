@@ -175,10 +175,13 @@ def test_bad_settings_name_the_field():
       ("rl.learning_rate", -1e-6, "config.rl.learning_rate=-1e-06 must be > 0"),
       ("checkpoint.every", 0, "config.checkpoint.every=0 must be >= 1"),
       ("rl.prompts_per_step", 0, "config.rl.prompts_per_step=0 must be a positive"),
-      ("engine.max_failed_share", 2.0, "config.engine.max_failed_share=2.0")):
+      ("engine.max_failed_share", 2.0, "config.engine.max_failed_share=2.0"),
+      ("rollout.dtype", "fp8", "config.rollout.dtype='fp8' is not 'float32', 'bfloat16'"),
+      ("rl.scoring_dtype", "int8", "config.rl.scoring_dtype='int8' is not 'float32'")):
     config = load_config("zerosearch", "tiny")
     section, name = field.split(".")
-    config[section][name] = value
+    with config.unlocked():  # the optional fields are absent from the file
+      config[section][name] = value
     with pytest.raises(ValueError, match=re.escape(needle)):
       rl_step.check_config(config)
   # 4 x 2 = 8 trajectories in minibatches of 6 leave a last one of 2, which a
