@@ -177,7 +177,9 @@ def test_bad_settings_name_the_field():
       ("rl.prompts_per_step", 0, "config.rl.prompts_per_step=0 must be a positive"),
       ("engine.max_failed_share", 2.0, "config.engine.max_failed_share=2.0"),
       ("rollout.dtype", "fp8", "config.rollout.dtype='fp8' is not 'float32', 'bfloat16'"),
-      ("rl.scoring_dtype", "int8", "config.rl.scoring_dtype='int8' is not 'float32'")):
+      ("rl.scoring_dtype", "int8", "config.rl.scoring_dtype='int8' is not 'float32'"),
+      ("sampling.method", "beam", "config.sampling.method='beam' is not one of"),
+      ("simulator.sampling_method", "top1", "config.simulator.sampling_method='top1'")):
     config = load_config("zerosearch", "tiny")
     section, name = field.split(".")
     with config.unlocked():  # the optional fields are absent from the file
