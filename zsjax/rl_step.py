@@ -31,7 +31,7 @@ from zsjax import rewards, rl
 from zsjax.checkpoint import abstract_like
 from zsjax.model import (ModelConfig, check_compute_dtype, init_params, token_log_probs,
                          token_values, with_compute_dtype)
-from zsjax.sampling import METHODS
+from zsjax.sampling import check_method
 from zsjax.sharding import ShardingPlan, place
 from zsjax.train_step import (TrainState, init_state, make_accumulating_update,
                               make_chunked_score_fn, make_optimizer, state_shardings)
@@ -55,13 +55,9 @@ def check_config(config: Any) -> None:
   check_engine_config(config.engine)
   check_compute_dtype(config.rollout.get("dtype", ""), "config.rollout.dtype")
   check_compute_dtype(r.get("scoring_dtype", ""), "config.rl.scoring_dtype")
-  for field, section, key in (("config.sampling.method", config.sampling, "method"),
-                              ("config.simulator.sampling_method", config.get("simulator"),
-                               "sampling_method")):
-    method = (section or {}).get(key, "gumbel")
-    if method not in METHODS:
-      raise ValueError(f"{field}={method!r} is not one of {METHODS} (both draw from the same "
-                       "distribution; inverse_cdf is cheaper on CPU).")
+  check_method(config.sampling.get("method", "gumbel"), "config.sampling.method")
+  check_method((config.get("simulator") or {}).get("sampling_method", "gumbel"),
+               "config.simulator.sampling_method")
   for name in ("prompts_per_step", "samples_per_prompt", "total_steps", "epochs"):
     if r[name] <= 0:
       raise ValueError(f"config.rl.{name}={r[name]} must be a positive integer.")

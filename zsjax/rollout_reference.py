@@ -24,7 +24,7 @@ from zsjax.model import ModelConfig, Transformer, cached_apply, init_cache
 from zsjax.rollout import RolloutBatch, RolloutConfig, StaticTokens, Trajectories
 from zsjax.sampling import Greedy, Sampling, sample
 from zsjax.search import SearchRequest, SearchResult, document_tokens
-from zsjax.simulator import SimulatorPrompt, parse_documents
+from zsjax.simulator import SimulatorPrompt, pad_rows, parse_documents
 from zsjax.template import cut_after_first_close, parse_action
 
 
@@ -67,10 +67,7 @@ class PythonSimulator:
     if max(map(len, ids)) > width:
       raise ValueError(f"PythonSimulator: a prompt of {max(map(len, ids))} tokens is wider than "
                        f"prompt_width={width}.")
-    prompt = np.full((n, width), self.pad_id, np.int32)
-    lengths = np.asarray([len(row) for row in ids], np.int32)
-    for i, row in enumerate(ids):
-      prompt[i, :len(row)] = row
+    prompt, lengths = pad_rows(ids, width, self.pad_id)
     cache = init_cache(self.cfg, n, width + self.max_new_tokens)
     segment = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int32)
     logits, cache = forward(self.params, jnp.asarray(prompt), jnp.asarray(segment), cache)

@@ -56,8 +56,7 @@ class Sampling:
       raise ValueError(f"Sampling.top_p={self.top_p} must lie in (0, 1].")
     if self.top_k < 0:
       raise ValueError(f"Sampling.top_k={self.top_k} must be >= 0 (0 = off).")
-    if self.method not in METHODS:
-      raise ValueError(f"Sampling.method={self.method!r} is not one of {METHODS}.")
+    check_method(self.method, "Sampling.method")
 
 
 def from_config(config) -> Greedy | Sampling:
@@ -100,13 +99,19 @@ def log_prob_of(strategy: Greedy | Sampling, logits: jax.Array, tokens: jax.Arra
 METHODS = ("gumbel", "inverse_cdf")
 
 
+def check_method(method: str, field: str) -> None:
+  """A draw method (``Sampling.method``); ``field`` names it in the error."""
+  if method not in METHODS:
+    raise ValueError(f"{field}={method!r} is not one of {METHODS} (both draw from the same "
+                     "distribution; inverse_cdf is cheaper on CPU).")
+
+
 def draw(method: str, rng: jax.Array, logits: jax.Array) -> jax.Array:
   """One token per row from ``softmax(logits)``: ``logits [B, V]`` -> ``[B]``
   int32. Entries at -inf (or -1e30) are never drawn."""
+  check_method(method, "method")
   if method == "gumbel":
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
-  if method != "inverse_cdf":
-    raise ValueError(f"sampling method {method!r} is not one of {METHODS}.")
   logits = logits.astype(jnp.float32)
   weights = jnp.exp(logits - logits.max(axis=-1, keepdims=True))  # [B, V], max entry 1
   cumulative = jnp.cumsum(weights, axis=-1)  # [B, V]
