@@ -427,7 +427,8 @@ def main(argv=None):
   from zsjax.environment import describe, package_versions
 
   env = describe()
-  versions = package_versions(("jax", "jaxlib", "flax", "transformers", "torch"))
+  env["packages"].update(package_versions(("torch",)))  # the reference loop's runtime
+  versions = {k: env["packages"][k] for k in ("jax", "jaxlib", "flax", "transformers", "torch")}
   rows = []
   sizes = [s for s in args.sizes.split(",") if s]
   repeats = [int(r) for r in str(args.repeats).split(",")]

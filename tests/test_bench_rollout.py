@@ -31,7 +31,7 @@ def test_rollout_benchmark_runs_every_loop_on_the_same_work(tmp_path, capsys):
   assert row["jit_searches"] == 4 * 2
   assert row["ratio_vs_python"] == pytest.approx(row["python_s"] / row["jit_s"])
   saved = json.loads((tmp_path / "results.json").read_text())
-  assert saved["environment"]["cores"] >= 1 and "jax" in saved["environment"]["packages"] and saved["rows"][0]["size"] == "tiny"
+  assert saved["environment"]["cores"] >= 1 and "torch" in saved["environment"]["packages"] and saved["rows"][0]["size"] == "tiny"
   assert "| tiny |" in (tmp_path / "results.md").read_text()
 
 
