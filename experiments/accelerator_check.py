@@ -95,6 +95,7 @@ def model_config(shape: str, vocab: int, **fields):
 def decode(shape: str, batch: int, setup: dict, tokenizer, bandwidth: float) -> dict:
   """Tokens/s of the jitted rollout's decode and its fraction of the ceiling."""
   from zsjax import rollout as R
+  from zsjax.engine import NoEngine
   from zsjax import template
   from zsjax.model import count_params, init_params
   from zsjax.sampling import Sampling
@@ -106,7 +107,7 @@ def decode(shape: str, batch: int, setup: dict, tokenizer, bandwidth: float) -> 
   prompt, new = setup["prompt"], setup["new"]
   config = R.RolloutConfig(max_turns=0, max_new_tokens=new, max_obs_tokens=64,
                            max_length=prompt + new, max_query_tokens=16)
-  rollout = jax.jit(R.make_rollout(cfg, matcher, static, R.NoEngine(), config,
+  rollout = jax.jit(R.make_rollout(cfg, matcher, static, NoEngine(), config,
                                    Sampling(temperature=1.0)))
   ids = np.random.default_rng(0).integers(10, len(tokenizer) - 10, (batch, prompt))
   rb = R.RolloutBatch(prompt_tokens=jnp.asarray(ids, jnp.int32),
@@ -115,7 +116,7 @@ def decode(shape: str, batch: int, setup: dict, tokenizer, bandwidth: float) -> 
   traj = rollout(params, None, rb, jax.random.key(1), jnp.int32(0))
   generated = int(np.asarray(traj.loss_mask).sum())
   prefill = timed(jax.jit(lambda p, b: R.initial_state(
-      R.RolloutSpec(cfg, matcher, static, R.NoEngine(), config, Sampling()), p, b).last_logits),
+      R.RolloutSpec(cfg, matcher, static, NoEngine(), config, Sampling()), p, b).last_logits),
                   params, rb)
   step = max(seconds - prefill, 1e-9) / new  # decode only
   weight_bytes = 2 * count_params(params)

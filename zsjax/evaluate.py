@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zsjax import rewards
+from zsjax.engine import NoEngine
 from zsjax import rollout as rollout_lib
 from zsjax import template
 from zsjax.rewards import policy_answer
@@ -125,7 +126,7 @@ class Evaluator:
       if searching and self.engine is None:
         raise ValueError("method 'search' needs an engine (simulator, bm25 or http).")
       config = self.config if searching else dataclasses.replace(self.config, max_turns=0)
-      engine = self.engine if searching else rollout_lib.NoEngine()
+      engine = self.engine if searching else NoEngine()
       self._rollouts[method] = (engine, jax.jit(rollout_lib.make_rollout(
           self.cfg, self.matcher, self.static, engine, config, Greedy())))
     return self._rollouts[method]

@@ -29,10 +29,8 @@ that completed ``<search>`` and before the tokens that hold ``</search>``
 (counted back on bytes); text a tokenizer merged into those boundary tokens is
 not part of the query.
 
-An engine is any object with ``inputs(questions, answers, samples_per_prompt)``
-(host: the per-row inputs it needs, a pytree with the batch on its rows),
-``input_shardings(plan)`` and ``__call__(engine_state, inputs, query [B, Q],
-query_lengths [B], active [B], noisy [B], rng) -> EngineOutput``.
+The engine is any object that keeps the contract of ``zsjax.engine.Engine``
+(``NoEngine`` when the rollout never searches).
 
 Shape legend: B batch, S context cap (``max_length``), P prompt, Q query, D
 documents, O observation, V vocab.
@@ -53,8 +51,8 @@ from zsjax.curriculum import Curriculum
 from zsjax.model import (ModelConfig, Transformer, attention_views, cached_apply, init_cache,
                          write_chunk)
 from zsjax.sampling import Greedy, Sampling, sample
-from zsjax.simulator import (EngineOutput, concat_ragged, gather_span, pad_rows,
-                             tokens_covering_tail)
+from zsjax.engine import (EngineOutput, NoEngine, concat_ragged, gather_span, pad_rows,
+                          tokens_covering_tail)
 from zsjax.template import (ANSWER_CLOSE, ANSWER_OPEN, CLOSING, INFORMATION_CLOSE,
                             INFORMATION_OPEN, INVALID_ACTION_FEEDBACK, SEARCH_CLOSE, SEARCH_OPEN,
                             TAGS, TagMatcher)
@@ -144,24 +142,6 @@ class StaticTokens:
   piece_bytes: jax.Array  # [V] UTF-8 length of every token's text
   eos_ids: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
   pad_id: int = flax.struct.field(pytree_node=False, default=0)
-
-
-class NoEngine:
-  """The engine of a rollout that never searches (``max_turns=0``)."""
-
-  def inputs(self, questions, answers, samples_per_prompt: int = 1):
-    return None
-
-  def input_shardings(self, plan):
-    return None
-
-  def row_problem(self, question, answer):
-    return None
-
-  def __call__(self, engine_state, inputs, query, query_lengths, active, noisy, rng):
-    b = query.shape[0]
-    return EngineOutput(jnp.zeros((b, 1), jnp.int32), jnp.zeros((b,), jnp.int32),
-                        jnp.zeros((b,), bool))
 
 
 # -------------------------------------------------------------- the program
@@ -534,6 +514,6 @@ def prepare_batch(tokenizer, prompts: Sequence[str], questions: Sequence[str],
 
 
 __all__ = ["RolloutConfig", "RolloutBatch", "Trajectories", "StaticTokens", "RolloutSpec",
-           "RolloutState", "TurnState", "NoEngine", "make_rollout", "run_rollout",
+           "RolloutState", "TurnState", "make_rollout", "run_rollout",
            "shard_rollout", "prepare_static_tokens", "prepare_batch", "row_check",
            "decode_step", "decode_turn", "turn_step", "insert_observation", "initial_state"]

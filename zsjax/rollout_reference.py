@@ -24,7 +24,8 @@ from zsjax.model import ModelConfig, Transformer, cached_apply, init_cache
 from zsjax.rollout import RolloutBatch, RolloutConfig, StaticTokens, Trajectories
 from zsjax.sampling import Greedy, Sampling, sample
 from zsjax.search import SearchRequest, SearchResult, document_tokens
-from zsjax.simulator import SimulatorPrompt, pad_rows, parse_documents
+from zsjax.engine import pad_rows
+from zsjax.simulator import SimulatorPrompt, parse_documents
 from zsjax.template import cut_after_first_close, parse_action
 
 

@@ -39,7 +39,8 @@ import numpy as np
 import flax.struct
 from jax.experimental import io_callback
 
-from zsjax.simulator import EngineOutput, SimulatorPrompt, parse_documents
+from zsjax.engine import EngineOutput
+from zsjax.simulator import SimulatorPrompt, parse_documents
 from zsjax.template import render_documents
 
 # ---------------------------------------------------------------- host engines

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from zsjax.engine import EngineOutput, concat_ragged, gather_span, pad_rows, tokens_covering_tail
 from zsjax.model import ModelConfig, Transformer, init_cache
 from zsjax.sampling import Greedy, Sampling, sample
 from zsjax.template import TagMatcher, build_tag_matcher
@@ -176,61 +177,6 @@ class SimulatorInputs:
   prefix_lengths: jax.Array  # [2, B]
   suffix: jax.Array  # [2, Ls] after the query
   suffix_lengths: jax.Array  # [2]
-
-
-class EngineOutput(flax.struct.PyTreeNode):
-  tokens: jax.Array  # [B, D] right-padded
-  lengths: jax.Array  # [B]
-  failed: jax.Array  # [B] bool: the engine gave up on the row's call
-
-
-def pad_rows(rows: Sequence[Sequence[int]], width: int | None = None, pad_id: int = 0):
-  """Ragged token rows -> ``([N, width] int32, lengths [N])``, cut at ``width``."""
-  width = max(1, max((len(r) for r in rows), default=1)) if width is None else width
-  out = np.full((len(rows), width), pad_id, np.int32)
-  for i, r in enumerate(rows):
-    out[i, :len(r)] = r[:width]
-  return out, np.asarray([min(len(r), width) for r in rows], np.int32)
-
-
-def concat_ragged(segments, width: int, pad_id: int):
-  """Concatenates per-row ragged segments.
-
-  ``segments``: ``(tokens [B or 1, Li], lengths [B] or [])`` pairs. Returns
-  ``(out [B, width], total [B])``; positions past each row's total hold
-  ``pad_id``, and content past ``width`` is dropped."""
-  b = max(jnp.shape(lengths)[0] if jnp.ndim(lengths) else 1 for _, lengths in segments)
-  b = max(b, max(t.shape[0] for t, _ in segments))
-  position = jnp.arange(width)[None, :]  # [1, W]
-  out = jnp.full((b, width), pad_id, jnp.int32)
-  offset = jnp.zeros((b,), jnp.int32)
-  for tokens, lengths in segments:
-    lengths = jnp.broadcast_to(jnp.asarray(lengths, jnp.int32), (b,))
-    tokens = jnp.broadcast_to(tokens, (b, tokens.shape[1]))
-    index = jnp.clip(position - offset[:, None], 0, tokens.shape[1] - 1)
-    inside = (position >= offset[:, None]) & (position < (offset + lengths)[:, None])
-    out = jnp.where(inside, jnp.take_along_axis(tokens, index, axis=1), out)
-    offset = offset + lengths
-  return out, jnp.minimum(offset, width)
-
-
-def gather_span(buffer, start, length, width: int, pad_id: int):
-  """``buffer[b, start[b] : start[b] + length[b]]`` as ``[B, width]`` right-padded."""
-  index = jnp.clip(start[:, None] + jnp.arange(width)[None, :], 0, buffer.shape[1] - 1)
-  valid = jnp.arange(width)[None, :] < length[:, None]
-  return jnp.where(valid, jnp.take_along_axis(buffer, index, axis=1), pad_id)
-
-
-def tokens_covering_tail(piece_bytes, tokens, end, count, tail_bytes: int):
-  """How many of the ``count`` tokens ending at ``end`` (exclusive) must be dropped
-  so that at least ``tail_bytes`` bytes are removed: ``[B]``."""
-  width = tokens.shape[1]
-  back = jnp.arange(width)[None, :]  # 0 = the last token
-  index = jnp.clip(end[:, None] - 1 - back, 0, width - 1)
-  sizes = jnp.where(back < count[:, None],
-                    piece_bytes[jnp.take_along_axis(tokens, index, axis=1)], 0)
-  removed_before = jnp.cumsum(sizes, axis=1) - sizes  # bytes removed before dropping token i
-  return jnp.sum((removed_before < tail_bytes) & (back < count[:, None]), axis=1)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -482,6 +428,4 @@ def engine_from_config(config, tokenizer, *, cfg: ModelConfig, piece_bytes, eos_
 __all__ = ["DEFAULT_TEMPLATE", "SimulatorPrompt", "policy_query", "strip_blank",
            "collapse_blank_lines",
            "parse_documents", "SimulatorInputs",
-           "EngineOutput", "SimulatorEngine", "engine_from_config", "pad_rows", "concat_ragged",
-           "gather_span",
-           "tokens_covering_tail"]
+           "SimulatorEngine", "engine_from_config"]

@@ -1,0 +1,122 @@
+"""What a search engine is to the rollout, and the ragged-token helpers engines share.
+
+An engine is any object with
+
+* ``inputs(questions, answers, samples_per_prompt) -> pytree``: on the host, the
+  per-row inputs it needs (batch on the rows), carried in ``RolloutBatch``;
+* ``input_shardings(plan)``: the shardings of those inputs (``None``: replicated);
+* ``row_problem(question, answer) -> str | None``: why a data row cannot be
+  served (too long for the engine's prompt), checked when data loads;
+* ``__call__(engine_state, inputs, query [B, Q], query_lengths [B], active [B],
+  noisy [B], rng) -> EngineOutput``: the documents of each active row's query,
+  useful or noisy, inside the jitted rollout.
+
+The engines: ``zsjax.simulator.SimulatorEngine`` (on device; its state is the
+simulator's params), ``zsjax.search.HostSearch`` (BM25 or a served simulator,
+called through ``io_callback``) and ``NoEngine`` (a rollout that never searches).
+``Engine`` is that contract as a ``typing.Protocol``.
+
+Shape legend: B batch, Q query, D documents, W a row's width.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class EngineOutput(flax.struct.PyTreeNode):
+  """An engine's answer to one batch of queries."""
+
+  tokens: jax.Array  # [B, D] right-padded
+  lengths: jax.Array  # [B]
+  failed: jax.Array  # [B] bool: the engine gave up on the row's call
+
+
+def pad_rows(rows: Sequence[Sequence[int]], width: int | None = None, pad_id: int = 0):
+  """Ragged token rows -> ``([N, width] int32, lengths [N])``, cut at ``width``."""
+  width = max(1, max((len(r) for r in rows), default=1)) if width is None else width
+  out = np.full((len(rows), width), pad_id, np.int32)
+  for i, r in enumerate(rows):
+    out[i, :len(r)] = r[:width]
+  return out, np.asarray([min(len(r), width) for r in rows], np.int32)
+
+
+def concat_ragged(segments, width: int, pad_id: int):
+  """Concatenates per-row ragged segments.
+
+  ``segments``: ``(tokens [B or 1, Li], lengths [B] or [])`` pairs. Returns
+  ``(out [B, width], total [B])``; positions past each row's total hold
+  ``pad_id``, and content past ``width`` is dropped."""
+  b = max(jnp.shape(lengths)[0] if jnp.ndim(lengths) else 1 for _, lengths in segments)
+  b = max(b, max(t.shape[0] for t, _ in segments))
+  position = jnp.arange(width)[None, :]  # [1, W]
+  out = jnp.full((b, width), pad_id, jnp.int32)
+  offset = jnp.zeros((b,), jnp.int32)
+  for tokens, lengths in segments:
+    lengths = jnp.broadcast_to(jnp.asarray(lengths, jnp.int32), (b,))
+    tokens = jnp.broadcast_to(tokens, (b, tokens.shape[1]))
+    index = jnp.clip(position - offset[:, None], 0, tokens.shape[1] - 1)
+    inside = (position >= offset[:, None]) & (position < (offset + lengths)[:, None])
+    out = jnp.where(inside, jnp.take_along_axis(tokens, index, axis=1), out)
+    offset = offset + lengths
+  return out, jnp.minimum(offset, width)
+
+
+def gather_span(buffer, start, length, width: int, pad_id: int):
+  """``buffer[b, start[b] : start[b] + length[b]]`` as ``[B, width]`` right-padded."""
+  index = jnp.clip(start[:, None] + jnp.arange(width)[None, :], 0, buffer.shape[1] - 1)
+  valid = jnp.arange(width)[None, :] < length[:, None]
+  return jnp.where(valid, jnp.take_along_axis(buffer, index, axis=1), pad_id)
+
+
+def tokens_covering_tail(piece_bytes, tokens, end, count, tail_bytes: int):
+  """How many of the ``count`` tokens ending at ``end`` (exclusive) must be dropped
+  so that at least ``tail_bytes`` bytes are removed: ``[B]``."""
+  width = tokens.shape[1]
+  back = jnp.arange(width)[None, :]  # 0 = the last token
+  index = jnp.clip(end[:, None] - 1 - back, 0, width - 1)
+  sizes = jnp.where(back < count[:, None],
+                    piece_bytes[jnp.take_along_axis(tokens, index, axis=1)], 0)
+  removed_before = jnp.cumsum(sizes, axis=1) - sizes  # bytes removed before dropping token i
+  return jnp.sum((removed_before < tail_bytes) & (back < count[:, None]), axis=1)
+
+
+class Engine(Protocol):
+  """The contract every engine keeps (see the module docstring)."""
+
+  def inputs(self, questions: Sequence[str], answers: Sequence[str],
+             samples_per_prompt: int = 1) -> Any: ...
+
+  def input_shardings(self, plan) -> Any: ...
+
+  def row_problem(self, question: str, answer: str) -> str | None: ...
+
+  def __call__(self, engine_state, inputs, query: jax.Array, query_lengths: jax.Array,
+               active: jax.Array, noisy: jax.Array, rng: jax.Array) -> "EngineOutput": ...
+
+
+class NoEngine:
+  """The engine of a rollout that never searches (``max_turns=0``)."""
+
+  def inputs(self, questions, answers, samples_per_prompt: int = 1):
+    return None
+
+  def input_shardings(self, plan):
+    return None
+
+  def row_problem(self, question, answer):
+    return None
+
+  def __call__(self, engine_state, inputs, query, query_lengths, active, noisy, rng):
+    b = query.shape[0]
+    return EngineOutput(jnp.zeros((b, 1), jnp.int32), jnp.zeros((b,), jnp.int32),
+                        jnp.zeros((b,), bool))
+
+
+__all__ = ["Engine", "EngineOutput", "NoEngine", "pad_rows", "concat_ragged", "gather_span",
+           "tokens_covering_tail"]
