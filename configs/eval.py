@@ -53,6 +53,7 @@ def get_config(arg=None):
       chat_template=not tiny,  # a chat simulator: its chat template / chat messages
       max_prefix_tokens=192 if tiny else 320, max_new_tokens=64 if tiny else 512,
       temperature=0.0,  # evaluation decodes the simulator greedily
+      sampling_method="gumbel",  # | inverse_cdf, when temperature > 0
       noise_probability=0.0))  # share of noisy calls when the engine is a simulator
   config.engine = ml_collections.ConfigDict(dict(
       kind="bm25", corpus="", text_field="contents", top_k=3 if tiny else 5,
@@ -71,4 +72,8 @@ def get_config(arg=None):
       sets="" if tiny else "nq,triviaqa,popqa,hotpotqa,2wikimultihopqa,musique,bamboogle",
       methods="search,direct,cot,rag", sample_size=64 if tiny else 500,
       batch_size=8, prompt_width=320 if tiny else 1024, on_error="skip"))
+  # multi-process start-up (zsjax.sharding.initialize_distributed); evaluation itself
+  # runs on one device. Empty / 0 / -1 = the environment's JAX_COORDINATOR_ADDRESS, ...
+  config.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address="", num_processes=0, process_id=-1, auto=False, local_device_ids=()))
   return config

@@ -41,9 +41,11 @@ def get_config(arg=None):
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.sharding = "dp"  # dp | fsdp | tp | fsdp_tp
   config.sharding_rules = ()  # (logical_name, mesh_axes) pairs overriding the preset
-  # Multi-host: empty = one process, or JAX_COORDINATOR_ADDRESS from the environment.
+  # multi-process start-up (zsjax.sharding.initialize_distributed); empty / 0 / -1 = the
+  # environment's JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID; auto: let JAX
+  # find the cluster (SLURM, TPU pods); local_device_ids: this process's devices, () = all
   config.distributed = ml_collections.ConfigDict(dict(
-      coordinator_address="", num_processes=0, process_id=-1))
+      coordinator_address="", num_processes=0, process_id=-1, auto=False, local_device_ids=()))
   config.model_check = ml_collections.ConfigDict(dict(
       checkpoint="",  # a local HF directory; empty = random model from config.model
       batch_size=4,

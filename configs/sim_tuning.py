@@ -73,9 +73,13 @@ def get_config(arg=None):
       batch_size=16,
       policy=dict(checkpoint="", param_dtype="float32", dtype="bfloat16", remat="none",
                   model={}),
+      # the collecting policy's rollout; attention_view: decode reads the smallest cache
+      # view holding every row (0: the whole cache)
       rollout=dict(max_turns=4, max_new_tokens=500, max_obs_tokens=2048, max_length=4096,
-                   max_query_tokens=64),
-      sampling=dict(kind="greedy", temperature=1.0, top_p=1.0, top_k=0), prompt_width=512,
+                   max_query_tokens=64, attention_view=512),
+      # method: gumbel | inverse_cdf when kind="sample" (zsjax.sampling.Sampling.method)
+      sampling=dict(kind="greedy", temperature=1.0, top_p=1.0, top_k=0, method="gumbel"),
+      prompt_width=512,
       judge="rule" if tiny else "llm", judge_checkpoint="", judge_prompt="",
       balance=True, test_fraction=0.15,
       # report_queries: "all" held-out pairs, or "question" (only searches of the
@@ -95,6 +99,9 @@ def get_config(arg=None):
                                                tensor=1))
   config.sharding = "dp" if tiny else "fsdp"
   config.sharding_rules = ()
+  # multi-process start-up (zsjax.sharding.initialize_distributed); empty / 0 / -1 = the
+  # environment's JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID; auto: let JAX
+  # find the cluster (SLURM, TPU pods); local_device_ids: this process's devices, () = all
   config.distributed = ml_collections.ConfigDict(dict(
-      coordinator_address="", num_processes=0, process_id=-1))
+      coordinator_address="", num_processes=0, process_id=-1, auto=False, local_device_ids=()))
   return config

@@ -130,8 +130,9 @@ def get_config(arg=None):
           report_new_tokens=32 if ci else 64,
           policy=lm(),
           rollout=dict(max_turns=2, max_new_tokens=24, max_obs_tokens=96, max_length=384,
-                       max_query_tokens=16),
-          sampling=dict(kind="greedy", temperature=1.0, top_p=1.0, top_k=0), prompt_width=64),
+                       max_query_tokens=16, attention_view=512),
+          sampling=dict(kind="greedy", temperature=1.0, top_p=1.0, top_k=0, method="gumbel"),
+          prompt_width=64),
       sft=sft(20 if ci else 1500, 8, 160, 3e-3)))
   # Reading (copying a name from the question into the query, from a document into
   # the answer) appears after a loss plateau whose length varies with the seed and
@@ -143,7 +144,8 @@ def get_config(arg=None):
   config.rl = ml_collections.ConfigDict(dict(
       job="rl", tokenizer="", synthetic_data=False, policy=lm(),
       simulator=dict(lm(), template="", chat_template=False, max_prefix_tokens=80,
-                     max_new_tokens=48 if ci else 72, temperature=0.8),
+                     max_new_tokens=48 if ci else 72, temperature=0.8,
+                     sampling_method="gumbel"),  # | inverse_cdf (zsjax.sampling.Sampling.method)
       engine=bm25_engine(),
       # RL trains on the first `data.limit` training questions (0 = all of them). The CI
       # run uses 4, each sampled 8 times a step: its 300-step warm start reads only a
@@ -154,9 +156,11 @@ def get_config(arg=None):
       # (tests/test_pipeline.py).
       data=dict(train_files="", on_error="skip", limit=4 if ci else 0, chat_template=False,
                 instruction=""),
+      # attention_view: decode reads the smallest cache view holding every row (0: all);
+      # dtype: the rollout's compute dtype, "" = the policy's
       rollout=dict(max_turns=2, max_new_tokens=20, max_obs_tokens=96, max_length=384,
-                   max_query_tokens=16, max_prompt_tokens=96),
-      sampling=dict(kind="sample", temperature=1.0, top_p=1.0, top_k=0),
+                   max_query_tokens=16, max_prompt_tokens=96, attention_view=512, dtype=""),
+      sampling=dict(kind="sample", temperature=1.0, top_p=1.0, top_k=0, method="gumbel"),
       curriculum=dict(kind="exponential", start=0.0, end=0.5, base=4.0, probability=0.5),
       # entropy_coef 0 (the paper: 0.001): with REINFORCE and no baseline, a batch
       # whose rewards are all 0 leaves only the entropy term, which here pushed the
@@ -169,7 +173,8 @@ def get_config(arg=None):
               weight_decay=0.0, grad_clip=1.0, clip_eps=0.2, dual_clip=0.0, kl_coef=0.001,
               kl_type="k3", entropy_coef=0.0, aggregation="token_mean", loss_mask="policy",
               critic_learning_rate=1e-4, critic_warmup_fraction=0.0, value_clip=0.5,
-              gamma=1.0, lam=1.0, sample_every=1 if ci else 5, sample_rows=4)))
+              gamma=1.0, lam=1.0, sample_every=1 if ci else 5, sample_rows=4,
+              scoring_dtype="")))  # the scoring pass's compute dtype, "" = the policy's
   # Also train RL against BM25 (the rl_real_search row); ablation arms other than the
   # default turn it off, since it does not depend on what they vary.
   config.compare_real_search = True
@@ -184,8 +189,11 @@ def get_config(arg=None):
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.sharding = "dp"
   config.sharding_rules = ()
+  # multi-process start-up (zsjax.sharding.initialize_distributed); empty / 0 / -1 = the
+  # environment's JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID; auto: let JAX
+  # find the cluster (SLURM, TPU pods); local_device_ids: this process's devices, () = all
   config.distributed = ml_collections.ConfigDict(dict(
-      coordinator_address="", num_processes=0, process_id=-1))
+      coordinator_address="", num_processes=0, process_id=-1, auto=False, local_device_ids=()))
   return config
 
 

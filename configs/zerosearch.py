@@ -85,7 +85,8 @@ def get_config(arg=None):
       # empty system message (on device), or chat messages over HTTP
       chat_template=not tiny,
       max_prefix_tokens=192 if tiny else 320,  # simulator prompt before the query
-      max_new_tokens=32 if tiny else 600, temperature=0.8 if not tiny else 1.0))
+      max_new_tokens=32 if tiny else 600, temperature=0.8 if not tiny else 1.0,
+      sampling_method="gumbel"))  # | inverse_cdf: the same distribution, a cheaper draw
   config.engine = ml_collections.ConfigDict(dict(
       kind="simulator",  # simulator (on device) | bm25 (config.engine.corpus) | http
       top_k=5, corpus="", text_field="contents",
@@ -105,17 +106,16 @@ def get_config(arg=None):
       max_query_tokens=16 if tiny else 64, max_prompt_tokens=256 if tiny else 512,
       # decode attention reads the smallest cache view (4096, 2048, 1024, 512 slots)
       # holding every row; 0 reads the whole cache
-      attention_view=512))
-  # Optional per-piece precision (absent = the policy's own dtype; params stay as loaded):
-  # config.rollout.dtype and config.rl.scoring_dtype ("float32", "bfloat16", "float16")
-  # set the compute dtype of the rollout (and its KV cache) and of the scoring pass.
+      attention_view=512,
+      # compute dtype of the rollout and its KV cache: float32 | bfloat16 | float16;
+      # "" = the policy's own (params stay as loaded)
+      dtype=""))
   # the policy in training: temperature 1, top-p 0.95 (ZeroSearch's trainer); evaluation is
-  # greedy (configs/eval.py). An optional method="inverse_cdf" draws from the same
-  # distribution with a cheaper sampler (zsjax.sampling.Sampling.method; the
-  # simulator's is config.simulator.sampling_method).
+  # greedy (configs/eval.py). method="inverse_cdf" draws from the same distribution as
+  # "gumbel" with a cheaper sampler (zsjax.sampling.Sampling.method).
   config.sampling = ml_collections.ConfigDict(dict(kind="sample", temperature=1.0,
                                                    top_p=1.0 if tiny else 0.95,
-                                                   top_k=0))
+                                                   top_k=0, method="gumbel"))
   start, end = CURRICULUM[model]
   config.curriculum = ml_collections.ConfigDict(dict(
       kind="exponential", start=start, end=end, base=4.0, probability=0.5))
@@ -137,15 +137,19 @@ def get_config(arg=None):
       critic_warmup_fraction=0.0 if tiny else 0.015,  # the critic's lr warmup (ZeroSearch PPO)
       value_clip=0.5, gamma=1.0, lam=1.0,
       sample_every=0,  # > 0: every N steps, decoded trajectories to WORKDIR/samples.jsonl
-      sample_rows=4))  # trajectories per sample
+      sample_rows=4,  # trajectories per sample
+      scoring_dtype=""))  # compute dtype of the scoring pass (as rollout.dtype); "" = the policy's
   config.checkpoint = ml_collections.ConfigDict(dict(
       every=1 if tiny else 20, max_to_keep=3, async_save=True, export_hf=True))
   config.mesh = ml_collections.ConfigDict(dict(data=-1 if tiny else 1, fsdp=1 if tiny else -1,
                                                tensor=1))
   config.sharding = "dp" if tiny else "fsdp"
   config.sharding_rules = ()
+  # multi-process start-up (zsjax.sharding.initialize_distributed); empty / 0 / -1 = the
+  # environment's JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID; auto: let JAX
+  # find the cluster (SLURM, TPU pods); local_device_ids: this process's devices, () = all
   config.distributed = ml_collections.ConfigDict(dict(
-      coordinator_address="", num_processes=0, process_id=-1))
+      coordinator_address="", num_processes=0, process_id=-1, auto=False, local_device_ids=()))
 
   if not tiny:
     for section in (config.policy, config.simulator):

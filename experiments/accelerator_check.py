@@ -146,7 +146,7 @@ def train_mfu(shape: str, batch: int, length: int, peak: float) -> dict:
 def rl_step(shape: str, setup: dict, tokenizer, work: Path) -> dict:
   """Wall seconds of one whole RL step (the second; the first compiles)."""
   from config_files import load_config
-  from zsjax import data, rl_step as rs, train_rl
+  from zsjax import data, rl_settings, train_rl
 
   tokenizer_dir = work / "tokenizer"
   tokenizer.save_pretrained(str(tokenizer_dir))
@@ -172,7 +172,7 @@ def rl_step(shape: str, setup: dict, tokenizer, work: Path) -> dict:
                         score_batch_size=min(n, 16), total_steps=2))
   config.mesh.update(dict(data=-1, fsdp=1, tensor=1))  # every device (one on a single GPU)
   config.sharding = "dp"
-  rs.check_config(config)
+  rl_settings.check_config(config)
   job = train_rl.setup(config, work / "rl")
   state = job.programs.initial_state(job.initial_params, jax.random.key(3))
   start = time.perf_counter()

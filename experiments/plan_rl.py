@@ -62,9 +62,10 @@ def compiled_temps(cfg, plan, r, length: int) -> dict:
   import jax.numpy as jnp
 
   from zsjax import rl_step, train_step as T
+  from zsjax.rl_settings import RLSettings
   from zsjax.model import token_log_probs
 
-  programs = rl_step.build_programs(r, cfg, plan, 1.0)
+  programs = rl_step.build_programs(RLSettings.from_config(r), cfg, plan, 1.0)
   abstract = lambda tree, shardings: jax.tree_util.tree_map(  # noqa: E731
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
   state = programs.state_target().policy
@@ -98,7 +99,7 @@ def plan_one(model: str, simulator: str, devices, rows: int | None = None) -> di
                             param_dtype="float32", remat="full")
   gpus = len(devices)
   plan = ShardingPlan.from_config({"mesh": {"data": 1, "fsdp": -1, "tensor": 1},
-                                   "sharding": "fsdp"}, devices=devices)
+                                   "sharding": "fsdp", "sharding_rules": ()}, devices=devices)
   n = count_params(param_shapes(cfg))
   rows = rows or r.prompts_per_step * r.samples_per_prompt
   per_device = {

@@ -58,14 +58,14 @@ def test_sim_tuning_config_args_build(arg):
                                                       "qwen3-4b")
                                  for a in ("reinforce", "grpo", "ppo")])
 def test_paper_rl_configs_carry_the_paper_settings(arg):
-  from zsjax import hf, rl_step
+  from zsjax import hf, rl_settings
 
   config = load_config(ROOT / "configs/zerosearch.py", arg)
   if config.engine.kind == "http":  # the served simulator's address is the user's to give
     with pytest.raises(ValueError, match="config.engine.url is empty"):
-      rl_step.check_config(config)
+      rl_settings.check_config(config)
     config.engine.url = "http://127.0.0.1:8000"
-  rl_step.check_config(config)
+  rl_settings.check_config(config)
   r = config.rl
   assert (r.prompts_per_step, r.samples_per_prompt, r.total_steps) == (64, 5, 203)
   assert (r.learning_rate, r.kl_coef, r.kl_type, r.entropy_coef, r.clip_eps) == (

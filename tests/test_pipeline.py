@@ -422,7 +422,7 @@ def test_source_metrics_by_hand():
   from zsjax import rl_step
 
   traj = SimpleNamespace(searches=np.array([1, 2, 1, 3]))
-  scores = {"f1": np.array([1.0, 0.5, 0.0, 0.25]), "em": np.array([1.0, 0.0, 0.0, 0.0])}
+  scores = SimpleNamespace(f1=np.array([1.0, 0.5, 0.0, 0.25]), em=np.array([1.0, 0.0, 0.0, 0.0]))
   got = rl_step.source_metrics(traj, scores, ["a", "b", "a", "b"])
   assert got == {"reward/f1/a": 0.5, "reward/em/a": 0.5, "rollout/searches/a": 1.0,
                  "reward/f1/b": 0.375, "reward/em/b": 0.0, "rollout/searches/b": 2.5}

@@ -71,7 +71,7 @@ def test_rollout_on_a_real_size_tokenizer_equals_the_python_rollout(tokenizer, w
   assert T.render_observation(["result for capital of France"]) in text
   assert generated_text(tokenizer, fast, 0) == "".join(turns)  # the loss mask: sampled only
   scores = rewards.score_answers(tokenizer, fast, [["Paris"], ["Paris"]], "f1")
-  assert scores["answers"] == ["Paris", "Paris"] and scores["train"].tolist() == [1.0, 1.0]
+  assert scores.answers == ("Paris", "Paris") and scores.train.tolist() == [1.0, 1.0]
 
 
 def test_an_end_token_gets_feedback_and_is_not_kept(tokenizer, world):

@@ -179,7 +179,7 @@ def http_section(**fields):
 
   section = dict(kind="http", url="http://127.0.0.1:8000", model="sim", timeout_s=1.0,
                  max_retries=0, backoff_s=0.01, max_failed_share=0.2, max_failed_steps=3,
-                 top_k=5, corpus="", text_field="contents")
+                 concurrency=4, top_k=5, corpus="", text_field="contents")
   return ml_collections.ConfigDict({**section, **fields})
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from zsjax import data
 from zsjax import model as M
-from zsjax import rewards, rl, rl_step
+from zsjax import rewards, rl, rl_settings, rl_step
 from zsjax import train_rl
 from zsjax import train_step as TS
 from zsjax.metrics import read_jsonl
@@ -98,7 +98,8 @@ def test_advantages_put_the_reward_on_the_last_policy_token(algorithm):
 
 
 def test_accumulated_update_equals_one_batch_on_eight_devices():
-  plan = ShardingPlan.from_config({"mesh": {"data": -1}, "sharding": "dp"})
+  plan = ShardingPlan.from_config({"mesh": {"data": -1}, "sharding": "dp",
+                                   "sharding_rules": ()})
   tx, _ = TS.make_optimizer(1e-2, 10)
   rng = np.random.default_rng(1)
   m, length = 32, 9
@@ -158,19 +159,19 @@ def test_answers_are_read_from_policy_tokens_only():
   traj = Traj()
   traj.tokens, traj.loss_mask = tokens, mask
   scores = rewards.score_answers(Tok(), traj, [["Paris"], ["and"], ["Lisbon"]], "f1")
-  np.testing.assert_array_equal(scores["has_answer"], [1, 0, 0])
-  np.testing.assert_array_equal(scores["train"], [1, 0, 0])
+  np.testing.assert_array_equal(scores.has_answer, [1, 0, 0])
+  np.testing.assert_array_equal(scores.train, [1, 0, 0])
 
 
 def test_bad_settings_name_the_field():
   config = load_config("zerosearch", "tiny")
   config.rl.minibatch_size = 3
   with pytest.raises(ValueError, match="config.rl.minibatch_size=3"):
-    rl_step.check_config(config)
+    rl_settings.check_config(config)
   config = load_config("zerosearch", "tiny")
   config.rl.algorithm = "dpo"
   with pytest.raises(ValueError, match="config.rl.algorithm='dpo'"):
-    rl_step.check_config(config)
+    rl_settings.check_config(config)
   for field, value, needle in (
       ("rl.learning_rate", -1e-6, "config.rl.learning_rate=-1e-06 must be > 0"),
       ("checkpoint.every", 0, "config.checkpoint.every=0 must be >= 1"),
@@ -182,10 +183,9 @@ def test_bad_settings_name_the_field():
       ("simulator.sampling_method", "top1", "config.simulator.sampling_method='top1'")):
     config = load_config("zerosearch", "tiny")
     section, name = field.split(".")
-    with config.unlocked():  # the optional fields are absent from the file
-      config[section][name] = value
+    config[section][name] = value  # every knob is a field of the file
     with pytest.raises(ValueError, match=re.escape(needle)):
-      rl_step.check_config(config)
+      rl_settings.check_config(config)
   # 4 x 2 = 8 trajectories in minibatches of 6 leave a last one of 2, which a
   # micro-batch of 3 cannot split: the message names minibatch_size, and the fix
   config = load_config("zerosearch", "tiny")
@@ -194,7 +194,7 @@ def test_bad_settings_name_the_field():
       "config.rl.minibatch_size=6 does not divide the 8 trajectories of a step (4 x 2): the "
       "last minibatch holds 2, which config.rl.micro_batch_size=3 does not divide. Use a "
       "minibatch_size that divides 8, or a micro_batch_size of 2")):
-    rl_step.check_config(config)
+    rl_settings.check_config(config)
 
 
 # ------------------------------------------------------------ whole runs
@@ -285,7 +285,7 @@ def test_nan_loss_stops_naming_step_and_metric_and_saves_nothing_corrupt(tmp_pat
     scores = rewards.score_answers(*args, **kwargs)
     calls.append(1)
     if len(calls) == 2:
-      scores["train"] = np.full_like(scores["train"], np.nan)
+      scores = dataclasses.replace(scores, train=np.full_like(scores.train, np.nan))
     return scores
 
   monkeypatch.setattr(train_rl, "score_answers", nan_rewards_at_step_2)
@@ -335,14 +335,16 @@ def test_interrupted_resumed_and_mismatched_runs_keep_the_workdir_whole(tmp_path
   monkeypatch.setattr(train_rl, "train_step", step_of)
 
   config.rl.total_steps = 1  # fewer steps than the workdir holds: nothing to train
-  summary = train_rl.train(dataclasses.replace(job, config=config))
+  summary = train_rl.train(dataclasses.replace(
+      job, config=config, settings=rl_settings.RLSettings.from_config(config.rl)))
   assert summary["final_step"] == 2 and "past config.rl.total_steps=1" in capsys.readouterr().err
 
   ppo = with_world(tiny_config("ppo", steps=3), world)
   ppo.data.train_files = str(train_file)
   with pytest.raises(ValueError, match=r"holds a 'reinforce' run \(checkpoint step 2\); "
                                        r"config.rl.algorithm='ppo'"):
-    train_rl.train(dataclasses.replace(job, config=ppo))
+    train_rl.train(dataclasses.replace(
+        job, config=ppo, settings=rl_settings.RLSettings.from_config(ppo.rl)))
 
   config.data.on_error = "raise"
   with pytest.raises(data.DataError, match=r"train.jsonl, row 5: field 'question' makes a prompt "

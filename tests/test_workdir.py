@@ -2,6 +2,7 @@
 tolerated, and the entry point reports a full disk in one line."""
 
 import json
+import re
 import logging
 import os
 import subprocess
@@ -165,3 +166,51 @@ def test_a_full_disk_reported_as_text_by_a_library_is_still_recognised():
   chained = RuntimeError("save")
   chained.__cause__ = OSError(28, "No space left on device", "/w/metrics.jsonl")
   assert main._no_space(chained).filename == "/w/metrics.jsonl"
+
+
+RECORDS = Path(__file__).parent / "data" / "records_f2332c3"
+
+
+@pytest.mark.parametrize("record,name,arg", [("tiny_world_ci", "tiny_world", "ci"),
+                                             ("zerosearch_tiny_grpo", "zerosearch", "tiny,grpo")])
+def test_a_run_recorded_before_the_knobs_were_fields_resumes(tmp_path, record, name, arg):
+  """A record lacking a field added since (workdir.LATER_FIELDS) reads it as the
+  default the code used then: the same run resumes with no change noted, and
+  setting such a field to another value is refused."""
+  (tmp_path / "run.json").write_text((RECORDS / f"{record}.run.json").read_text())
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')  # the run holds results
+  old = set(json.loads((tmp_path / "run.json").read_text())["config"])
+  config = load_config(name, arg)
+  config.progress = False
+  added = set(workdir.flatten(config)) - old
+  assert added and all(workdir.later_default(k)[0] for k in added), added
+  log = []
+  assert workdir.check_identity(tmp_path, config, log=log.append) == [] and log == []
+  assert set(json.loads((tmp_path / "run.json").read_text())["config"]) == old | added
+  (tmp_path / "run.json").write_text((RECORDS / f"{record}.run.json").read_text())
+  rollout = config.rl.rollout if name == "tiny_world" else config.rollout
+  rollout.dtype = "bfloat16"
+  key = "rl.rollout.dtype" if name == "tiny_world" else "rollout.dtype"
+  with pytest.raises(workdir.RunMismatch, match=re.escape(f"config.{key}: '' -> 'bfloat16'")):
+    workdir.check_identity(tmp_path, config)
+
+
+def test_tiny_world_stage_keys_are_those_made_before_the_knobs_were_fields():
+  """A stage cache filled before the knobs were fields still hits: every stage's
+  key is the one that commit computed; a knob set away from its default moves it."""
+  from zsjax import pipeline, stages
+
+  recorded = json.loads((RECORDS / "tiny_world_stage_keys.json").read_text())
+  now = {}
+  for arg in ("ci", "default"):
+    config = load_config("tiny_world", arg)
+    for stage in (pipeline.WORLD, pipeline.PRETRAIN, pipeline.SIM_TUNING, pipeline.WARM_START,
+                  pipeline.RL_SIMULATOR, pipeline.RL_REAL_SEARCH):
+      now[f"{arg}/{stage.name}"] = stages.StageCache.key(
+          stage.name, stages.config_fields(config, *pipeline.COMMON_FIELDS, *stage.reads))
+  assert now == recorded
+  config = load_config("tiny_world", "ci")
+  config.rl.sampling.method = "inverse_cdf"
+  moved = stages.StageCache.key("rl_simulator", stages.config_fields(
+      config, *pipeline.COMMON_FIELDS, *pipeline.RL_SIMULATOR.reads))
+  assert moved != recorded["ci/rl_simulator"]

@@ -61,7 +61,8 @@ def main():
   from zsjax import sharding as S
 
   started = S.initialize_distributed({"coordinator_address": f"127.0.0.1:{port}",
-                                      "num_processes": num_processes, "process_id": process_id})
+                                      "num_processes": num_processes, "process_id": process_id,
+                                      "auto": False, "local_device_ids": ()})
   import jax
 
   plan = S.ShardingPlan(S.make_mesh(MESH), S.rules_for(STRATEGY), STRATEGY)

@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from zsjax import hf
+
 
 def abstract_like(tree, shardings=None):
   """``ShapeDtypeStruct`` tree of ``tree`` (arrays or structs), with ``shardings``
@@ -25,6 +27,15 @@ def abstract_like(tree, shardings=None):
         tree)
   return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 tree, shardings)
+
+
+def check_checkpoint_config(checkpoint: Any) -> None:
+  """``config.checkpoint``: ``every`` and ``max_to_keep`` at least 1."""
+  if checkpoint.every < 1:
+    raise ValueError(f"config.checkpoint.every={checkpoint.every} must be >= 1 (steps between "
+                     "checkpoints; the last step is always saved).")
+  if checkpoint.max_to_keep < 1:
+    raise ValueError(f"config.checkpoint.max_to_keep={checkpoint.max_to_keep} must be >= 1.")
 
 
 class Checkpointer:
@@ -78,6 +89,16 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore())).state
 
+  def refuse_other_run(self, workdir, key: str, value, field: str) -> None:
+    """Before a resume: when the latest checkpoint's JSON part records another
+    ``key`` than ``value`` (the config's ``field``), closes and raises ValueError."""
+    saved = self.latest_extra()  # read without the arrays
+    if saved is not None and saved.get(key, value) != value:
+      self.close()
+      raise ValueError(f"{workdir} holds a {saved[key]!r} run (checkpoint step "
+                       f"{saved.get('step')}); {field}={value!r}. Use a new --workdir, or the "
+                       f"{key} the run started with.")
+
   def restore_or(self, target, fallback) -> tuple[Any, dict, bool]:
     """Resume: the latest checkpoint if there is one, else ``fallback()``'s state.
     Returns ``(state, extra, resumed)``."""
@@ -94,8 +115,8 @@ class Checkpointer:
     self.manager.close()
 
 
-def export_hf(directory: str | Path, cfg, params) -> Path:
-  """The policy as an HF checkpoint (``zsjax.hf.save_checkpoint``)."""
-  from zsjax import hf
-
-  return hf.save_checkpoint(directory, cfg, params)
+def export_hf(directory: str | Path, cfg, params, tokenizer) -> Path:
+  """A trained model and its tokenizer as an HF directory (``hf.save_checkpoint``)."""
+  export = hf.save_checkpoint(directory, cfg, params)
+  tokenizer.save_pretrained(str(export))
+  return export

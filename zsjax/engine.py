@@ -9,7 +9,9 @@ An engine is any object with
   served (too long for the engine's prompt), checked when data loads;
 * ``__call__(engine_state, inputs, query [B, Q], query_lengths [B], active [B],
   noisy [B], rng) -> EngineOutput``: the documents of each active row's query,
-  useful or noisy, inside the jitted rollout.
+  useful or noisy, inside the jitted rollout;
+* ``last_error``: the message of its last failed call ("" for an engine that
+  cannot fail), which RL and evaluation report.
 
 The engines: ``zsjax.simulator.SimulatorEngine`` (on device; its state is the
 simulator's params), ``zsjax.search.HostSearch`` (BM25 or a served simulator,
@@ -96,12 +98,17 @@ class Engine(Protocol):
 
   def row_problem(self, question: str, answer: str) -> str | None: ...
 
+  @property
+  def last_error(self) -> str: ...
+
   def __call__(self, engine_state, inputs, query: jax.Array, query_lengths: jax.Array,
                active: jax.Array, noisy: jax.Array, rng: jax.Array) -> "EngineOutput": ...
 
 
 class NoEngine:
   """The engine of a rollout that never searches (``max_turns=0``)."""
+
+  last_error = ""
 
   def inputs(self, questions, answers, samples_per_prompt: int = 1):
     return None

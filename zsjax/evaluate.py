@@ -26,18 +26,22 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zsjax import rewards
-from zsjax.engine import NoEngine
+from zsjax import data as data_lib
+from zsjax import hf, rewards, search, template, tinyworld
 from zsjax import rollout as rollout_lib
-from zsjax import template
+from zsjax.checkpoint import Checkpointer
+from zsjax.curriculum import Curriculum
+from zsjax.engine import NoEngine
 from zsjax.rewards import policy_answer
 from zsjax.sampling import Greedy
+from zsjax.search import SearchRequest
+from zsjax.sharding import ShardingPlan
 
 METHODS = ("search", "direct", "cot", "rag")
 METRICS = ("em", "substring_em", "f1")
@@ -80,7 +84,6 @@ def method_prompts(method: str, questions: Sequence[str], tokenizer=None, *, ret
   if method == "rag":
     if retriever is None:
       raise ValueError("method 'rag' needs a retriever (a BM25 engine).")
-    from zsjax.search import SearchRequest
 
     documents = retriever.search([SearchRequest(q) for q in questions]).documents
   return [method_prompt(method, q, tokenizer, d, use_chat_template, search_instruction)
@@ -170,24 +173,23 @@ class Evaluator:
                                               skip_special_tokens=True)})
     return records
 
+  def _too_wide(self, method: str, prompt: str) -> str | None:
+    return rollout_lib.prompt_too_wide(self.tokenizer, prompt, self.prompt_width,
+                                       "config.eval.prompt_width", method)
+
   def _fits_or_raise(self, method: str, row: dict, prompt: str) -> None:
     """A load-time check (``data.load_qa``'s ``check``): ``DataError`` naming the field."""
-    from zsjax.data import DataError
-
-    n = len(self.tokenizer.encode(prompt, add_special_tokens=False))
-    if n > self.prompt_width:
-      raise DataError(f"field 'question' makes a {method} prompt of {n} tokens, more than "
-                      f"config.eval.prompt_width={self.prompt_width}; raise it to keep such rows")
+    problem = self._too_wide(method, prompt)
+    if problem:
+      raise data_lib.DataError(problem)
 
   def _fits(self, method: str, set_name: str, row: dict, prompt: str) -> bool:
-    n = len(self.tokenizer.encode(prompt, add_special_tokens=False))
-    if n <= self.prompt_width:
+    reason = self._too_wide(method, prompt)
+    if reason is None:
       return True
-    reason = (f"the {method} prompt of field 'question' is {n} tokens, more than the prompt "
-              f"width {self.prompt_width} (config.eval.prompt_width)")
     if self.on_error == "raise":
-      raise ValueError(f"set {set_name!r}, row id {row.get('id')!r}: {reason}; raise the width, "
-                       "or set config.eval.on_error='skip' to leave such rows out.")
+      raise ValueError(f"set {set_name!r}, row id {row.get('id')!r}: {reason}, or set "
+                       "config.eval.on_error='skip' to leave them out.")
     logging.warning("skipping set %r row id %r: %s", set_name, row.get("id"), reason)
     self.skipped.append({"set": set_name, "method": method, "id": row.get("id"),
                          "reason": reason})
@@ -262,13 +264,9 @@ def load_policy(section, tokenizer, plan=None):
   """``(cfg, params)`` from ``section.checkpoint`` (HF directory), optionally with the
   params of an Orbax checkpoint (``section.orbax_dir``: an RL or SFT workdir's
   ``checkpoints/``; ``section.orbax_step``: 0 = latest)."""
-  from zsjax.hf import load_model
-
-  cfg, params = load_model(section, plan, jax.random.key(0), len(tokenizer),
+  cfg, params = hf.load_model(section, plan, jax.random.key(0), len(tokenizer),
                            (tokenizer.eos_token_id,), what="policy")
   if section.orbax_dir:
-    from zsjax.checkpoint import Checkpointer
-
     checkpointer = Checkpointer(section.orbax_dir, async_save=False)
     raw = checkpointer.restore_raw(section.orbax_step or None)
     tree = raw.get("policy", raw)
@@ -312,8 +310,6 @@ def prompt_format(config) -> tuple[bool, str]:
 def rollout_config_of(config) -> rollout_lib.RolloutConfig:
   """The evaluation rollout: ``config.rollout``, and a simulated engine's noise at
   ``config.simulator.noise_probability`` (fixed; 0 = useful documents only)."""
-  from zsjax.curriculum import Curriculum
-
   return dataclasses.replace(
       rollout_lib.RolloutConfig.from_config(config.rollout),
       curriculum=Curriculum(kind="fixed", probability=config.simulator.noise_probability))
@@ -331,32 +327,32 @@ def parse_sets(spec: str) -> list[tuple[str, str]]:
   return out
 
 
-def run(config, workdir: str) -> dict:
-  from zsjax import data as data_lib
-  from zsjax import hf, search
-  from zsjax.sharding import ShardingPlan
+@dataclasses.dataclass
+class EvalJob:
+  """What ``setup`` builds: the evaluator and the sampled rows of every set."""
 
+  config: Any
+  workdir: Path
+  methods: list[str]
+  evaluator: Evaluator
+  sets: list  # (name, rows, [data.LoadReport]) per set
+
+
+def setup(config, workdir: str | Path) -> EvalJob:
+  """The policy, the engine and retriever, the evaluator, and every set loaded
+  (rows whose prompts cannot fit reported or refused with file, row and field)."""
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  if config.synthetic_data and not config.eval.sets:
-    import ml_collections
-
-    from zsjax import tinyworld
-
-    world = tinyworld.ensure(workdir / "world", config.seed)
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.eval.sets = (f"single_hop={world['test_single_hop']},"
-                        f"two_hop={world['test_two_hop']}")
-    config.tokenizer = config.tokenizer or world["tokenizer"]
-    config.engine.corpus = config.engine.corpus or world["corpus"]
+  config = tinyworld.fill_missing_data(
+      config, workdir, "eval.sets",
+      lambda world: f"single_hop={world['test_single_hop']},two_hop={world['test_two_hop']}")
   e = config.eval
   methods = [m.strip() for m in e.methods.split(",") if m.strip()]
   for m in methods:
     if m not in METHODS:
       raise ValueError(f"config.eval.methods has {m!r}; choose from {METHODS}.")
   tokenizer = hf.load_tokenizer(config.tokenizer or config.policy.checkpoint)
-  plan = ShardingPlan.from_config({"mesh": {"data": 1, "fsdp": 1, "tensor": 1}},
-                                  devices=jax.devices()[:1])
+  plan = ShardingPlan.single_device()
   cfg, params = load_policy(config.policy, tokenizer, plan)
   use_chat_template, instruction = prompt_format(config)
   rollout_config = rollout_config_of(config)
@@ -392,13 +388,19 @@ def run(config, workdir: str) -> dict:
     dataset = data_lib.load_benchmark(name, path, on_error=e.on_error, report=report,
                                       check=check)
     sets.append((name, sample_rows(dataset, e.sample_size, config.seed), report))
+  return EvalJob(config, workdir, methods, evaluator, sets)
+
+
+def evaluate(job: EvalJob) -> dict:
+  """Every method on every set, written set by set (a failure later loses nothing
+  already scored); ``ok: False`` when the engine failed above the limit."""
+  config, workdir, evaluator, sets = job.config, job.workdir, job.evaluator, job.sets
   results = {"methods": {}, "skipped_rows": {name: sum(len(r.skipped) for r in reports)
                                              for name, _, reports in sets},
              "complete": False}
   limit, _ = search.failure_limits(config.engine)
-  # Written set by set: a failure later loses nothing already scored.
   with open(workdir / "predictions.jsonl", "w", encoding="utf-8") as out:
-    for method in methods:
+    for method in job.methods:
       records = []
       for name, rows, _ in sets:
         scored = evaluator.run_set(method, rows, name)
@@ -416,7 +418,7 @@ def run(config, workdir: str) -> dict:
               for method, sets_ in results["methods"].items() for name, scores in sets_.items()
               if name != "average" and scores.get("failed_share", 0.0) > limit]
   if failures:
-    error = getattr(engine, "last_error", "") or "no error recorded"
+    error = evaluator.engine.last_error or "no error recorded"
     results["engine_failures"] = failures + [
         f"(above config.engine.max_failed_share={limit:.0%}; the engine's last error: {error}; "
         "these scores do not measure the policy.)"]
@@ -429,6 +431,10 @@ def run(config, workdir: str) -> dict:
     print("evaluation: the search engine failed — " + " ".join(results["engine_failures"]),
           file=sys.stderr)
   return results
+
+
+def run(config, workdir: str) -> dict:
+  return evaluate(setup(config, workdir))
 
 
 def _skipped_counts(sets, skipped_later: list[dict]) -> dict[str, int]:
@@ -450,4 +456,4 @@ def _write_results(workdir: Path, results: dict) -> None:
 
 __all__ = ["METHODS", "METRICS", "Evaluator", "method_prompt", "method_prompts", "summarize",
            "write_tables",
-           "sample_rows", "load_policy", "parse_sets", "run"]
+           "sample_rows", "load_policy", "parse_sets", "EvalJob", "setup", "evaluate", "run"]

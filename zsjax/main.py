@@ -23,9 +23,20 @@ from ml_collections import config_flags
 
 from zsjax import sharding
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to a configs/<name>.py file, optionally ':arg'.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (checkpoints, logs, results).")
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS, argv=None):
+  """``--config`` (a config file, its fields overridable as ``--config.a.b=v``, read
+  from ``argv``, default ``sys.argv``) and ``--workdir`` on ``flag_values``: their holders."""
+  config = config_flags.DEFINE_config_file(
+      "config", None, "Path to a configs/<name>.py file, optionally ':arg'.", lock_config=True,
+      flag_values=flag_values, sys_argv=argv)
+  workdir = flags.DEFINE_string("workdir", None, "Output directory (checkpoints, logs, results).",
+                                flag_values=flag_values)
+  return config, workdir
+
+
+_CONFIG, _WORKDIR = define_flags()
 
 # job name -> "module:function"
 JOBS = {
@@ -39,8 +50,8 @@ JOBS = {
 
 
 def run_job(config, workdir: str):
-  sharding.initialize_distributed(config.get("distributed"))
-  job = config.get("job")
+  sharding.initialize_distributed(config.distributed)
+  job = config.job
   if job not in JOBS:
     raise app.UsageError(
         f"config.job={job!r} is not a known job; choose one of {sorted(JOBS)} "

@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 
 def _scalar(name: str, value: Any) -> float:
@@ -98,6 +100,11 @@ class MetricWriter:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def console(message: str) -> None:
+  """A line on the console (stderr) that does not break a progress bar."""
+  tqdm.write(message, file=sys.stderr)
 
 
 def drop_steps_after(path: str | Path, step: int) -> None:

@@ -13,9 +13,12 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import re
 import string
 from typing import Sequence
+
+import numpy as np
 
 # An <answer> and the first </answer> after it with no other <answer> between: an
 # unclosed <answer> of an earlier, invalid turn does not swallow the next ones.
@@ -81,30 +84,35 @@ def policy_answer(tokenizer, tokens, loss_mask) -> str | None:
   """The last ``<answer>`` of the text the policy itself sampled (the loss-mask
   tokens of one row): never the prompt, and never a document or the
   invalid-action message, which names the tags."""
-  import numpy as np
-
   sampled = np.asarray(tokens)[np.asarray(loss_mask) == 1]
   return extract_answer(tokenizer.decode(sampled.tolist(), skip_special_tokens=True))
 
 
-def score_answers(tokenizer, traj, golds: Sequence[Sequence[str]], reward: str) -> dict:
-  """Per-row answers (``policy_answer`` of ``traj.tokens`` / ``traj.loss_mask``)
-  scored on the host: ``{"train": [N] (the ``reward`` one of TRAIN_REWARDS),
-  "f1", "em", "substring_em", "has_answer", "answers"}`` (strings or None)."""
-  import numpy as np
+@dataclasses.dataclass(frozen=True)
+class AnswerScores:
+  """Each row's answer and its scores (``score_answers``); arrays are [N] float32."""
 
-  out = {k: np.zeros(len(golds), np.float32) for k in ("f1", "em", "substring_em", "has_answer")}
+  train: np.ndarray  # the reward RL trains on (config.rl.reward, one of TRAIN_REWARDS)
+  f1: np.ndarray
+  em: np.ndarray
+  substring_em: np.ndarray
+  has_answer: np.ndarray  # 1 where the row's own text holds an <answer>
+  answers: tuple  # [N] the answer text, or None
+
+
+def score_answers(tokenizer, traj, golds: Sequence[Sequence[str]], reward: str) -> AnswerScores:
+  """Per-row answers (``policy_answer`` of ``traj.tokens`` / ``traj.loss_mask``)
+  scored on the host against each row's gold answers."""
+  metrics = {k: np.zeros(len(golds), np.float32) for k in ("f1", "em", "substring_em", "has_answer")}
   answers = []
   for i, gold in enumerate(golds):
     answer = policy_answer(tokenizer, traj.tokens[i], traj.loss_mask[i])
     answers.append(answer)
-    out["f1"][i] = f1(answer, gold)
-    out["em"][i] = exact_match(answer, gold)
-    out["substring_em"][i] = substring_match(answer, gold)
-    out["has_answer"][i] = answer is not None
-  out["train"] = out[reward].copy()
-  out["answers"] = answers
-  return out
+    metrics["f1"][i] = f1(answer, gold)
+    metrics["em"][i] = exact_match(answer, gold)
+    metrics["substring_em"][i] = substring_match(answer, gold)
+    metrics["has_answer"][i] = answer is not None
+  return AnswerScores(train=metrics[reward].copy(), answers=tuple(answers), **metrics)
 
 
 # The rewards RL can train on (config.rl.reward); F1 is the paper's.

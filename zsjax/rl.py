@@ -72,6 +72,13 @@ def gae_advantages(token_rewards: jax.Array, values: jax.Array, mask: jax.Array,
   return advantages, returns
 
 
+def kl_in_reward(algorithm: str) -> bool:
+  """Where the KL penalty to the reference goes: PPO puts ``-kl_coef * k1`` into
+  each policy token's reward (``advantages_and_returns``); REINFORCE and GRPO add
+  ``+kl_coef * KL`` to the loss (``policy_loss``). The one place this is decided."""
+  return algorithm == "ppo"
+
+
 def advantages_and_returns(algorithm: str, rewards: jax.Array, mask: jax.Array,
                            group_ids: jax.Array, old_logp: jax.Array, ref_logp: jax.Array,
                            values: jax.Array, *, kl_coef: float = 0.001, gamma: float = 1.0,
@@ -92,7 +99,8 @@ def advantages_and_returns(algorithm: str, rewards: jax.Array, mask: jax.Array,
   if algorithm == "grpo":
     return grpo_advantages(rewards, group_ids)[:, None] * mask, zeros, token_rewards
   if algorithm == "ppo":
-    token_rewards = token_rewards - kl_coef * kl_penalty(old_logp, ref_logp, "k1") * mask
+    if kl_in_reward(algorithm):
+      token_rewards = token_rewards - kl_coef * kl_penalty(old_logp, ref_logp, "k1") * mask
     advantages, returns = gae_advantages(token_rewards, values, mask, gamma, lam)
     return advantages, returns, token_rewards
   raise ValueError(f"algorithm={algorithm!r} is not one of {ALGORITHMS}.")

@@ -27,80 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zsjax import rewards, rl
+from zsjax import rl
 from zsjax.checkpoint import abstract_like
-from zsjax.model import (ModelConfig, check_compute_dtype, init_params, token_log_probs,
-                         token_values, with_compute_dtype)
-from zsjax.sampling import check_method
+from zsjax.model import ModelConfig, init_params, token_log_probs, token_values, with_compute_dtype
+from zsjax.rewards import AnswerScores
+from zsjax.rl_settings import RLSettings
 from zsjax.sharding import ShardingPlan, place
 from zsjax.train_step import (TrainState, init_state, make_accumulating_update,
                               make_chunked_score_fn, make_optimizer, state_shardings)
-
-
-ENGINES = ("simulator", "bm25", "http")
-
-
-def check_config(config: Any) -> None:
-  """Fails before any work, naming the field, the value and the fix."""
-  from zsjax.search import check_engine_config
-
-  r = config.rl
-  if r.algorithm not in rl.ALGORITHMS:
-    raise ValueError(f"config.rl.algorithm={r.algorithm!r} is not one of {rl.ALGORITHMS}.")
-  if r.reward not in rewards.TRAIN_REWARDS:
-    raise ValueError(f"config.rl.reward={r.reward!r} is not one of {sorted(rewards.TRAIN_REWARDS)}.")
-  if r.loss_mask not in ("policy", "response"):
-    raise ValueError(f"config.rl.loss_mask={r.loss_mask!r}: use 'policy' (only sampled tokens, "
-                     "the method) or 'response' (inserted documents too, the ablation).")
-  check_engine_config(config.engine)
-  check_compute_dtype(config.rollout.get("dtype", ""), "config.rollout.dtype")
-  check_compute_dtype(r.get("scoring_dtype", ""), "config.rl.scoring_dtype")
-  check_method(config.sampling.get("method", "gumbel"), "config.sampling.method")
-  check_method((config.get("simulator") or {}).get("sampling_method", "gumbel"),
-               "config.simulator.sampling_method")
-  for name in ("prompts_per_step", "samples_per_prompt", "total_steps", "epochs"):
-    if r[name] <= 0:
-      raise ValueError(f"config.rl.{name}={r[name]} must be a positive integer.")
-  for name in ("learning_rate",) + (("critic_learning_rate",) if r.algorithm == "ppo" else ()):
-    if not r[name] > 0:
-      raise ValueError(f"config.rl.{name}={r[name]} must be > 0 (a negative rate would climb "
-                       "the loss); the paper uses 1e-6 for the policy.")
-  if not 0 <= r.warmup_fraction < 1:
-    raise ValueError(f"config.rl.warmup_fraction={r.warmup_fraction} must lie in [0, 1).")
-  n = r.prompts_per_step * r.samples_per_prompt
-  if not 0 < r.minibatch_size <= n:
-    raise ValueError(f"config.rl.minibatch_size={r.minibatch_size} must lie in [1, {n}] (the "
-                     f"trajectories of a step, prompts_per_step x samples_per_prompt = "
-                     f"{r.prompts_per_step} x {r.samples_per_prompt}).")
-  last = n % r.minibatch_size  # an epoch's last, smaller minibatch (0: none)
-  divisors = [d for d in range(1, r.minibatch_size + 1)
-              if r.minibatch_size % d == 0 and last % d == 0]
-  if r.micro_batch_size <= 0 or r.minibatch_size % r.micro_batch_size:
-    raise ValueError(f"config.rl.micro_batch_size={r.micro_batch_size} must divide "
-                     f"config.rl.minibatch_size={r.minibatch_size}.")
-  if last % r.micro_batch_size:
-    raise ValueError(
-        f"config.rl.minibatch_size={r.minibatch_size} does not divide the {n} trajectories "
-        f"of a step ({r.prompts_per_step} x {r.samples_per_prompt}): the last minibatch "
-        f"holds {last}, which config.rl.micro_batch_size={r.micro_batch_size} does not "
-        f"divide. Use a minibatch_size that divides {n}, or a micro_batch_size of "
-        f"{divisors[-1]} (or another divisor of both {r.minibatch_size} and {last}).")
-  if r.score_batch_size <= 0 or n % r.score_batch_size:
-    raise ValueError(f"config.rl.score_batch_size={r.score_batch_size} must divide the {n} "
-                     "trajectories of a step.")
-  if r.algorithm == "grpo" and r.samples_per_prompt < 2:
-    raise ValueError(f"config.rl.samples_per_prompt={r.samples_per_prompt}: GRPO needs groups "
-                     "of at least 2 samples per prompt.")
-  check_checkpoint_config(config.checkpoint)
-
-
-def check_checkpoint_config(checkpoint: Any) -> None:
-  """``config.checkpoint``: ``every`` and ``max_to_keep`` at least 1."""
-  if checkpoint.every < 1:
-    raise ValueError(f"config.checkpoint.every={checkpoint.every} must be >= 1 (steps between "
-                     "checkpoints; the last step is always saved).")
-  if checkpoint.max_to_keep < 1:
-    raise ValueError(f"config.checkpoint.max_to_keep={checkpoint.max_to_keep} must be >= 1.")
 
 
 @flax.struct.dataclass
@@ -125,26 +59,26 @@ class RLBatch:
   old_values: jax.Array  # [N, S] PPO's critic values (zeros otherwise)
 
 
-def _policy_objective(settings, cfg: ModelConfig, temperature: float, params, mb: RLBatch,
+def _policy_objective(settings: RLSettings, cfg: ModelConfig, temperature: float, params, mb: RLBatch,
                       normalizer, rng):
   del rng
   logp, entropy = token_log_probs(cfg, params, mb.tokens, mb.segment_ids,
                                   temperature=temperature, with_entropy=True)
   return rl.policy_loss(
       logp, mb.old_logp, mb.ref_logp, mb.advantages, mb.loss_mask, clip_eps=settings.clip_eps,
-      kl_coef=0.0 if settings.algorithm == "ppo" else settings.kl_coef, kl_type=settings.kl_type,
+      kl_coef=settings.loss_kl_coef, kl_type=settings.kl_type,
       entropy=entropy, entropy_coef=settings.entropy_coef, dual_clip=settings.dual_clip or None,
       aggregation=settings.aggregation, normalizer=normalizer)
 
 
-def _critic_objective(settings, cfg: ModelConfig, params, mb: RLBatch, normalizer, rng):
+def _critic_objective(settings: RLSettings, cfg: ModelConfig, params, mb: RLBatch, normalizer, rng):
   del rng
   values = token_values(cfg, params, mb.tokens, mb.segment_ids)
   return rl.value_loss(values, mb.old_values, mb.returns, mb.loss_mask, clip=settings.value_clip,
                        aggregation=settings.aggregation, normalizer=normalizer)
 
 
-def _advantages(settings, rewards, mask, group_ids, old_logp, ref_logp, values):
+def _advantages(settings: RLSettings, rewards, mask, group_ids, old_logp, ref_logp, values):
   return rl.advantages_and_returns(settings.algorithm, rewards, mask, group_ids, old_logp,
                                    ref_logp, values, kl_coef=settings.kl_coef,
                                    gamma=settings.gamma, lam=settings.lam)
@@ -168,7 +102,7 @@ def _copy(tree):
 class RLPrograms:
   """The RL job's optimizers and jitted programs (``build_programs``)."""
 
-  settings: Any  # config.rl
+  settings: RLSettings
   policy_cfg: ModelConfig
   plan: ShardingPlan
   minibatch_sizes: tuple[int, ...]  # one epoch's minibatches (the last may be smaller)
@@ -222,11 +156,11 @@ def minibatch_sizes(rows: int, minibatch_size: int) -> tuple[int, ...]:
   return tuple(sizes + ([rows % minibatch_size] if rows % minibatch_size else []))
 
 
-def build_programs(settings, policy_cfg: ModelConfig, plan: ShardingPlan,
+def build_programs(settings: RLSettings, policy_cfg: ModelConfig, plan: ShardingPlan,
                    temperature: float) -> RLPrograms:
-  """Optimizers and jitted programs for ``settings`` (``config.rl``)."""
+  """Optimizers and jitted programs for ``settings`` (``rl_settings.check_config``)."""
   r = settings
-  sizes = minibatch_sizes(r.prompts_per_step * r.samples_per_prompt, r.minibatch_size)
+  sizes = minibatch_sizes(r.rows, r.minibatch_size)
   total_updates = r.total_steps * r.epochs * len(sizes)
   tx, schedule = make_optimizer(r.learning_rate, total_updates, warmup_fraction=r.warmup_fraction,
                                 decay=r.decay, weight_decay=r.weight_decay, clip_norm=r.grad_clip)
@@ -234,7 +168,7 @@ def build_programs(settings, policy_cfg: ModelConfig, plan: ShardingPlan,
   row1, row2, repl = plan.rows(1), plan.rows(2), plan.replicated()
   batch_shardings = RLBatch(*[row2] * len(dataclasses.fields(RLBatch)))
   # scoring (old and reference log-probs) may compute in another precision than the update
-  score_cfg = with_compute_dtype(policy_cfg, r.get("scoring_dtype", ""), "config.rl.scoring_dtype")
+  score_cfg = with_compute_dtype(policy_cfg, r.scoring_dtype, "config.rl.scoring_dtype")
   log_probs = make_chunked_score_fn(
       functools.partial(token_log_probs, score_cfg, temperature=temperature), plan,
       shardings.params, r.score_batch_size)
@@ -321,7 +255,7 @@ def update_epochs(programs: RLPrograms, state: RLState, batch: RLBatch, order_rn
   return RLState(policy=policy, critic=critic), metrics
 
 
-def step_metrics(update_metrics: list[dict], traj, scores: dict, reward: np.ndarray,
+def step_metrics(update_metrics: list[dict], traj, scores: AnswerScores, reward: np.ndarray,
                  p_noise: float, timings: dict) -> dict[str, float]:
   """The step's metrics: updates averaged, rewards, rollout shape, curriculum, time."""
   metrics = {k: float(np.mean([m[k] for m in update_metrics])) for k in update_metrics[0]}
@@ -330,10 +264,10 @@ def step_metrics(update_metrics: list[dict], traj, scores: dict, reward: np.ndar
   response = traj.lengths - traj.prompt_lengths
   searches = float(traj.searches.sum())
   metrics.update({
-      "reward/train": float(np.mean(reward)), "reward/f1": float(scores["f1"].mean()),
-      "reward/em": float(scores["em"].mean()),
-      "reward/substring_em": float(scores["substring_em"].mean()),
-      "reward/has_answer": float(scores["has_answer"].mean()),
+      "reward/train": float(np.mean(reward)), "reward/f1": float(scores.f1.mean()),
+      "reward/em": float(scores.em.mean()),
+      "reward/substring_em": float(scores.substring_em.mean()),
+      "reward/has_answer": float(scores.has_answer.mean()),
       "response/length": float(response.mean()),
       "response/policy_tokens": generated / rows,
       "response/inserted_tokens": float((response - traj.loss_mask.sum(1)).mean()),
@@ -351,7 +285,7 @@ def step_metrics(update_metrics: list[dict], traj, scores: dict, reward: np.ndar
   return metrics
 
 
-def source_metrics(traj, scores: dict, sources) -> dict[str, float]:
+def source_metrics(traj, scores: AnswerScores, sources) -> dict[str, float]:
   """Reward, EM and searches per trajectory for each data source of the batch
   (``data_source`` of the training rows, e.g. a benchmark's name, or the tiny
   world's ``single_hop`` / ``two_hop``): ``reward/f1/<source>``, ``reward/em/<source>``,
@@ -361,12 +295,12 @@ def source_metrics(traj, scores: dict, sources) -> dict[str, float]:
   out = {}
   for name in names:
     rows = sources == name
-    out[f"reward/f1/{name}"] = float(scores["f1"][rows].mean())
-    out[f"reward/em/{name}"] = float(scores["em"][rows].mean())
+    out[f"reward/f1/{name}"] = float(scores.f1[rows].mean())
+    out[f"reward/em/{name}"] = float(scores.em[rows].mean())
     out[f"rollout/searches/{name}"] = float(np.asarray(traj.searches)[rows].mean())
   return out
 
 
-__all__ = ["ENGINES", "check_config", "check_checkpoint_config", "RLState", "RLBatch", "RLPrograms", "build_programs",
+__all__ = ["RLState", "RLBatch", "RLPrograms", "build_programs",
            "minibatch_sizes", "critic_from_policy", "loss_mask_of", "make_rl_batch",
            "update_epochs", "step_metrics", "source_metrics"]

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zsjax.curriculum import Curriculum
+from zsjax.data import DataError
 from zsjax.model import (ModelConfig, Transformer, attention_views, cached_apply, init_cache,
                          write_chunk)
 from zsjax.sampling import Greedy, Sampling, sample
@@ -80,14 +81,14 @@ class RolloutConfig:
   def from_config(cls, rollout, curriculum=None, total_steps: int = 1) -> "RolloutConfig":
     """The one translation of config sections into a ``RolloutConfig``: ``rollout``
     (``max_turns``, ``max_new_tokens``, ``max_obs_tokens``, ``max_length``,
-    ``max_query_tokens``, optional ``attention_view``) and, for training,
+    ``max_query_tokens``, ``attention_view``) and, for training,
     ``curriculum`` over ``total_steps``."""
     noise = Curriculum() if curriculum is None else Curriculum.from_config(curriculum,
                                                                           total_steps)
     return cls(max_turns=rollout.max_turns, max_new_tokens=rollout.max_new_tokens,
                max_obs_tokens=rollout.max_obs_tokens, max_length=rollout.max_length,
                max_query_tokens=rollout.max_query_tokens, curriculum=noise,
-               attention_view=rollout.get("attention_view", cls.attention_view))
+               attention_view=rollout.attention_view)
 
   @property
   def attention_views(self) -> tuple[int, ...]:
@@ -469,19 +470,26 @@ def prepare_static_tokens(tokenizer, vocab_size: int | None = None,
                       eos_ids=tuple(int(i) for i in eos_ids), pad_id=int(pad_id))
 
 
+def prompt_too_wide(tokenizer, prompt: str, width: int, width_field: str,
+                    kind: str = "") -> str | None:
+  """Why a row's ``prompt`` (made from its field 'question') cannot join a batch of
+  ``width`` tokens (the config's ``width_field``), or None when it fits."""
+  n = len(tokenizer.encode(prompt, add_special_tokens=False))
+  if n <= width:
+    return None
+  return (f"field 'question' makes a {kind + ' ' if kind else ''}prompt of {n} tokens, more "
+          f"than {width_field}={width}; raise it to keep such rows")
+
+
 def row_check(tokenizer, engine, render, prompt_width: int, width_field: str):
   """A ``data.load_qa`` row check: raises ``data.DataError`` naming the field when
   the row could not go through ``prepare_batch`` (its prompt, ``render(question)``,
   is wider than ``prompt_width``, or the engine cannot take its text), so a bad row
   is skipped or reported when the data loads, not at the step that draws it."""
-  from zsjax.data import DataError
 
   def check(row: dict) -> None:
-    n = len(tokenizer.encode(render(row["question"]), add_special_tokens=False))
-    if n > prompt_width:
-      raise DataError(f"field 'question' makes a prompt of {n} tokens, more than "
-                      f"{width_field}={prompt_width}; raise it to keep such rows")
-    problem = (engine or NoEngine()).row_problem(row["question"], row["golden_answers"][0])
+    problem = (prompt_too_wide(tokenizer, render(row["question"]), prompt_width, width_field)
+               or (engine or NoEngine()).row_problem(row["question"], row["golden_answers"][0]))
     if problem:
       raise DataError(problem)
 
@@ -514,6 +522,6 @@ def prepare_batch(tokenizer, prompts: Sequence[str], questions: Sequence[str],
 
 
 __all__ = ["RolloutConfig", "RolloutBatch", "Trajectories", "StaticTokens", "RolloutSpec",
-           "RolloutState", "TurnState", "make_rollout", "run_rollout",
+           "RolloutState", "TurnState", "make_rollout", "run_rollout", "prompt_too_wide",
            "shard_rollout", "prepare_static_tokens", "prepare_batch", "row_check",
            "decode_step", "decode_turn", "turn_step", "insert_observation", "initial_state"]

@@ -60,14 +60,14 @@ class Sampling:
 
 
 def from_config(config) -> Greedy | Sampling:
-  """``{"kind": "greedy"}`` or ``{"kind": "sample", temperature, top_p, top_k}``
-  (optional ``method``, ``Sampling.method``)."""
+  """``{"kind": "greedy", ...}`` or ``{"kind": "sample", temperature, top_p, top_k,
+  method}`` (``Sampling.method``)."""
   kind = config["kind"]
   if kind == "greedy":
     return Greedy()
   if kind == "sample":
     return Sampling(temperature=config["temperature"], top_p=config["top_p"],
-                    top_k=config["top_k"], method=config.get("method", "gumbel"))
+                    top_k=config["top_k"], method=config["method"])
   raise ValueError(f"sampling kind={kind!r} is not 'greedy' or 'sample'.")
 
 

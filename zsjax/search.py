@@ -124,19 +124,45 @@ class EngineError(RuntimeError):
   """A search engine that cannot serve; the message names it, the error and the fix."""
 
 
-# Failure limits when an engine section does not set them (config.engine.max_failed_share,
-# config.engine.max_failed_steps): a step (or an evaluation set) whose share of failed
-# search calls is above the share counts as failing; RL stops after that many failing
-# steps in a row, evaluation exits non-zero at once.
-MAX_FAILED_SHARE = 0.2
-MAX_FAILED_STEPS = 3
 HOST_ENGINES = ("bm25", "http")
 
 
 def failure_limits(engine) -> tuple[float, int]:
-  """``(max_failed_share, max_failed_steps)`` of an engine config section."""
-  return (float(engine.get("max_failed_share", MAX_FAILED_SHARE)),
-          int(engine.get("max_failed_steps", MAX_FAILED_STEPS)))
+  """``(max_failed_share, max_failed_steps)`` of an engine config section: a step (or
+  an evaluation set) whose share of failed search calls is above the share counts as
+  failing; RL stops after that many failing steps in a row, evaluation at once."""
+  return float(engine.max_failed_share), int(engine.max_failed_steps)
+
+
+@dataclasses.dataclass
+class FailingSteps:
+  """RL's count of failing steps in a row (``failure_limits``), from which it stops."""
+
+  share: float  # config.engine.max_failed_share
+  steps: int  # config.engine.max_failed_steps
+  failing: int = 0
+
+  @classmethod
+  def from_config(cls, engine) -> "FailingSteps":
+    return cls(*failure_limits(engine))
+
+  def observe(self, step: int, share: float, error: str, log=None) -> None:
+    """Counts RL step ``step``, whose search calls failed at ``share`` (``error``
+    the engine's last), telling ``log`` when any failed; raises ``EngineError``
+    at the ``steps``-th failing step in a row."""
+    if share <= 0:
+      self.failing = 0
+      return
+    error = error or "no error recorded"
+    if log is not None:
+      log(f"RL step {step}: {share:.0%} of search calls failed (last error: {error})")
+    self.failing = self.failing + 1 if share > self.share else 0
+    if self.failing >= self.steps:
+      raise EngineError(
+          f"RL step {step}: more than config.engine.max_failed_share={self.share:.0%} of search "
+          f"calls failed for {self.failing} steps in a row (config.engine.max_failed_steps="
+          f"{self.steps}); the engine's last error: {error}. Fix the engine (its URL: "
+          "config.engine.url) and rerun the same command to resume")
 
 
 def check_engine_config(engine) -> None:
@@ -154,7 +180,7 @@ def check_engine_config(engine) -> None:
                      "row before RL stops).")
   if engine.kind != "http":
     return
-  url = engine.get("url", "")
+  url = engine.url
   if not url:
     raise ValueError("config.engine.kind='http' but config.engine.url is empty: give the "
                      "simulator server's base URL, e.g. --config.engine.url=http://127.0.0.1:8000 "
@@ -164,7 +190,7 @@ def check_engine_config(engine) -> None:
     raise ValueError(f"config.engine.url={url!r} is not an http(s) URL with a host; write the "
                      "server's base URL with its scheme, e.g. http://127.0.0.1:8000 (without "
                      "/v1/completions).")
-  if not engine.get("model", ""):
+  if not engine.model:
     raise ValueError("config.engine.kind='http' but config.engine.model is empty: give the "
                      "model name the server serves the simulator under (its --served-model-name).")
   if engine.timeout_s <= 0 or engine.max_retries < 0:
@@ -342,8 +368,8 @@ def engine_from_config(engine, prompt: SimulatorPrompt = SimulatorPrompt(), *,
   if engine.kind == "http":
     http_engine = HttpSimulatorEngine(engine.url, engine.model, prompt,
                                       timeout_s=engine.timeout_s, max_retries=engine.max_retries,
-                                      backoff_s=engine.get("backoff_s", 1.0),
-                                      concurrency=engine.get("concurrency", 16))
+                                      backoff_s=engine.backoff_s,
+                                      concurrency=engine.concurrency)
     if health_check:
       http_engine.health_check()
     return http_engine

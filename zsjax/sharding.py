@@ -132,12 +132,18 @@ class ShardingPlan:
 
   @classmethod
   def from_config(cls, config, devices: Sequence | None = None) -> "ShardingPlan":
-    """From ``config.mesh`` (sizes), ``config.sharding`` (preset) and optional
-    ``config.sharding_rules``."""
-    strategy = config.get("sharding", "dp")
-    mesh_shape = dict(config.get("mesh", {"data": -1}))
-    return cls(make_mesh(mesh_shape, devices),
-               rules_for(strategy, config.get("sharding_rules", ()) or ()), strategy)
+    """From ``config.mesh`` (sizes), ``config.sharding`` (a preset of ``RULES``) and
+    ``config.sharding_rules`` (overrides); a ConfigDict or a dict with those keys."""
+    return cls(make_mesh(dict(config["mesh"]), devices),
+               rules_for(config["sharding"], config["sharding_rules"] or ()), config["sharding"])
+
+  @classmethod
+  def single_device(cls, device=None) -> "ShardingPlan":
+    """Everything on one device (``jax.devices()[0]`` by default): jobs that run one
+    program on one chip (evaluation, collecting tuning data)."""
+    return cls(make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
+                         [device if device is not None else jax.devices()[0]]),
+               rules_for("dp"), "dp")
 
   @property
   def sizes(self) -> dict[str, int]:
@@ -264,28 +270,28 @@ class ShardingPlan:
 # ------------------------------------------------------------------------ multi-host
 
 
-def initialize_distributed(config=None) -> bool:
+def initialize_distributed(config) -> bool:
   """Starts JAX's multi-process runtime when configured; returns True if started.
 
-  ``config`` fields (all optional): ``coordinator_address``, ``num_processes``,
-  ``process_id``, ``local_device_ids``. With none set, the environment decides:
-  ``JAX_COORDINATOR_ADDRESS`` (+ ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``) or a
-  cluster JAX detects itself (SLURM, TPU pods); otherwise one process runs.
+  ``config`` (``config.distributed``): ``coordinator_address``, ``num_processes``
+  (0: unset), ``process_id`` (-1: unset), ``auto`` and ``local_device_ids`` (():
+  all). Unset fields come from the environment: ``JAX_COORDINATOR_ADDRESS``,
+  ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``. With no address, ``auto=True`` lets
+  JAX find the cluster itself (SLURM, TPU pods); otherwise one process runs.
   """
-  config = dict(config or {})
-  address = config.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS")
-  if not address and not config.get("auto", False):
+  address = config["coordinator_address"] or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if not address and not config["auto"]:
     return False
   kwargs = {"coordinator_address": address or None}
-  num = config.get("num_processes") or os.environ.get("JAX_NUM_PROCESSES")
-  pid = config.get("process_id")
+  num = config["num_processes"] or os.environ.get("JAX_NUM_PROCESSES")
+  pid = config["process_id"]
   if pid is None or pid == -1:
     pid = os.environ.get("JAX_PROCESS_ID")
   if num is not None:
     kwargs["num_processes"] = int(num)
   if pid is not None:
     kwargs["process_id"] = int(pid)
-  if config.get("local_device_ids"):
+  if config["local_device_ids"]:
     kwargs["local_device_ids"] = list(config["local_device_ids"])
   jax.distributed.initialize(**kwargs)
   return True

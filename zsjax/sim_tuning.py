@@ -145,7 +145,7 @@ def _policy_chunk(chunk, policy, tokenizer, batch_size):
   for request, docs in recorder.records:
     by_row.setdefault(request.row, []).append({"query": request.query.strip(),
                                                "documents": list(docs)})
-  return [{"searches": by_row.get(i, []), "answer": scores["answers"][i]}
+  return [{"searches": by_row.get(i, []), "answer": scores.answers[i]}
           for i in range(len(chunk))]
 
 
@@ -399,8 +399,7 @@ def _collect(run) -> None:
     from zsjax.sampling import from_config
     from zsjax.sharding import ShardingPlan
 
-    plan = ShardingPlan.from_config({"mesh": {"data": 1, "fsdp": 1, "tensor": 1}},
-                                    devices=jax.devices()[:1])
+    plan = ShardingPlan.single_device()
     cfg, params = load_model(c.policy, plan, jax.random.key(config.seed), len(tokenizer),
                              (tokenizer.eos_token_id,), what="sim_tuning.policy")
     policy = make_collection_policy(cfg, params, tokenizer, engine,
@@ -485,13 +484,8 @@ def run(config, workdir: str) -> dict:
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   report_rows([], config.sim_tuning.report_queries)  # a bad value fails now, not after tuning
-  if config.synthetic_data and not config.data.train_files:
-    from zsjax import tinyworld
-
-    world = tinyworld.ensure(workdir / "world", config.seed)
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.data.train_files, config.engine.corpus = world["train"], world["corpus"]
-    config.tokenizer = config.tokenizer or world["tokenizer"]
+  config = tinyworld.fill_missing_data(config, workdir, "data.train_files",
+                                       lambda world: world["train"])
   summary: dict = {}
   state = StageRun(config, workdir, "sim_tuning", shared={
       "summary": summary, "tokenizer": hf.load_tokenizer(config.tokenizer or

@@ -253,6 +253,10 @@ class SimulatorEngine:
                            prefix_lengths=jnp.asarray(np.stack([p[1] for p in pre])),
                            suffix=jnp.asarray(suffix), suffix_lengths=jnp.asarray(suffix_lengths))
 
+  @property
+  def last_error(self) -> str:
+    return ""  # an on-device engine has no call that can fail
+
   def row_problem(self, question: str, answer: str) -> str | None:
     """Why a row cannot go through ``inputs`` (its simulator prompt is wider than
     the fixed prefix width), or None."""
@@ -411,12 +415,12 @@ def _generate(engine: SimulatorEngine, params, prompt, prompt_lengths, active, r
 def engine_from_config(config, tokenizer, *, cfg: ModelConfig, piece_bytes, eos_ids, pad_id: int,
                        query_width: int, greedy: bool = False) -> SimulatorEngine:
   """The on-device engine of a config: ``config.simulator`` (``template``,
-  ``max_prefix_tokens``, ``max_new_tokens``, ``temperature``; 0 = greedy; optional
+  ``max_prefix_tokens``, ``max_new_tokens``, ``temperature``: 0 = greedy;
   ``sampling_method``, ``zsjax.sampling.Sampling.method``) and
   ``config.engine.top_k``. ``greedy`` overrides the temperature (evaluation)."""
   sim = config.simulator
   sampling = (Greedy() if greedy or sim.temperature <= 0 else
-              Sampling(temperature=sim.temperature, method=sim.get("sampling_method", "gumbel")))
+              Sampling(temperature=sim.temperature, method=sim.sampling_method))
   return SimulatorEngine(
       cfg=cfg, tokenizer=tokenizer,
       prompt=SimulatorPrompt.from_config(sim.template, config.engine.top_k, sim.chat_template),

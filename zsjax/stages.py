@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import zsjax
+from zsjax.workdir import without_later_defaults
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,11 +64,14 @@ class StageRun:
 
 
 def config_fields(config, *names) -> dict:
-  """The named config fields as plain values."""
+  """The named config fields as plain values, without the fields written into the
+  config files later that hold the value the code used before
+  (``workdir.LATER_FIELDS``): a stage keyed before them keeps its key."""
   out = {}
   for name in names:
     value = config[name]
-    out[name] = value.to_dict() if hasattr(value, "to_dict") else value
+    out[name] = without_later_defaults(value.to_dict() if hasattr(value, "to_dict") else value,
+                                       name)
   return out
 
 

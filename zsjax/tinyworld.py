@@ -29,7 +29,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Callable
 
+import ml_collections
 import numpy as np
 
 _ONSETS = ["b", "br", "c", "d", "dr", "f", "g", "gr", "h", "k", "l", "m", "n", "p", "r", "s",
@@ -261,6 +263,30 @@ def paths(directory: str | Path) -> dict:
           "test_two_hop": str(directory / "test_two_hop.jsonl")}
 
 
+def fill_missing_data(config, workdir: str | Path, field: str, value: Callable[[dict], str]):
+  """A job's data when none is given: with ``config.synthetic_data`` set and the
+  dotted ``field`` (the job's data, e.g. ``data.train_files``) empty, a copy of the
+  config whose ``field`` is ``value(paths)`` of a tiny world built in
+  ``WORKDIR/world`` (for ``config.seed``), and whose ``tokenizer`` and
+  ``engine.corpus`` are the world's where the config gives none. Otherwise the
+  config itself."""
+  *parents, leaf = field.split(".")
+  section = config
+  for name in parents:
+    section = section[name]
+  if not config.synthetic_data or section[leaf]:
+    return config
+  world = ensure(Path(workdir) / "world", config.seed)
+  config = ml_collections.ConfigDict(config.to_dict())
+  section = config
+  for name in parents:
+    section = section[name]
+  section[leaf] = value(world)
+  config.tokenizer = config.tokenizer or world["tokenizer"]
+  config.engine.corpus = config.engine.corpus or world["corpus"]
+  return config
+
+
 def ensure(directory: str | Path, seed: int, size: WorldSize = WorldSize()) -> dict:
   """``build`` unless ``directory`` already holds this seed's world."""
   meta = Path(directory) / "world.json"
@@ -271,4 +297,5 @@ def ensure(directory: str | Path, seed: int, size: WorldSize = WorldSize()) -> d
   return build(directory, seed, size)
 
 
-__all__ = ["WorldSize", "generate", "train_tokenizer", "build", "paths", "ensure"]
+__all__ = ["WorldSize", "generate", "train_tokenizer", "build", "paths", "ensure",
+           "fill_missing_data"]

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,14 +33,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from tqdm import tqdm
 
 from zsjax import data as data_lib
-from zsjax import hf, rl_step, sampling, search, template
+from zsjax import hf, rl_step, sampling, search, template, tinyworld
 from zsjax import rollout as rollout_lib
-from zsjax.checkpoint import Checkpointer
-from zsjax.metrics import MetricWriter, drop_steps_after
+from zsjax.checkpoint import Checkpointer, export_hf
+from zsjax.metrics import MetricWriter, console, drop_steps_after
 from zsjax.model import with_compute_dtype
-from zsjax.rewards import score_answers
+from zsjax.rewards import AnswerScores, score_answers
+from zsjax.rl_settings import RLSettings, check_config
 from zsjax.sharding import ShardingPlan, is_main_process, to_host
 
 @dataclasses.dataclass
@@ -49,6 +50,7 @@ class RLJob:
   """What ``setup`` builds; the loop reads it and never changes it."""
 
   config: ml_collections.ConfigDict
+  settings: RLSettings  # config.rl, checked
   workdir: Path
   key: jax.Array  # key(seed); step s draws from fold_in(key, s)
   tokenizer: Any
@@ -67,14 +69,8 @@ class RLJob:
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> RLJob:
-  rl_step.check_config(config)
-  r, plan = config.rl, ShardingPlan.from_config(config)
-  rows = r.prompts_per_step * r.samples_per_prompt
-  if any(n % plan.batch_divisor for n in (rows, r.micro_batch_size, r.score_batch_size)):
-    raise ValueError(
-        f"config.rl: trajectories per step ({rows}), micro_batch_size ({r.micro_batch_size}) "
-        f"and score_batch_size ({r.score_batch_size}) must be multiples of data x fsdp = "
-        f"{plan.batch_divisor} (mesh {plan.sizes}).")
+  r, plan = check_config(config), ShardingPlan.from_config(config)
+  r.check_mesh(plan)
   key = jax.random.key(config.seed)
   tokenizer_dir = config.tokenizer or config.policy.checkpoint
   if not tokenizer_dir:
@@ -92,7 +88,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> RLJob:
   engine, engine_state, engine_shardings = search.build_engine(
       config, tokenizer, static, rollout_config, plan, jax.random.fold_in(key, 2))
   # the rollout may compute in another precision than training (its params are the same)
-  rollout_cfg = with_compute_dtype(policy_cfg, config.rollout.get("dtype", ""),
+  rollout_cfg = with_compute_dtype(policy_cfg, config.rollout.dtype,
                                    "config.rollout.dtype")
   rollout = rollout_lib.shard_rollout(
       rollout_lib.make_rollout(rollout_cfg, template.build_tag_matcher(
@@ -108,7 +104,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> RLJob:
   data = data_lib.load_qa(config.data.train_files, on_error=config.data.on_error,
                           limit=config.data.limit or None, check=check)
   return RLJob(
-      config=config, workdir=Path(workdir), key=key, tokenizer=tokenizer,
+      config=config, settings=r, workdir=Path(workdir), key=key, tokenizer=tokenizer,
       data=data, sources=tuple(sorted(set(data["data_source"]))),
       plan=plan, policy_cfg=policy_cfg, initial_params=params,
       ref_params=programs.copy_params(params), engine=engine, engine_state=engine_state,
@@ -124,7 +120,7 @@ def _render(config, tokenizer, question: str) -> str:
 def rollout_batch(job: RLJob, step: int):
   """The step's prompts (a function of the step) as a ``RolloutBatch``, each
   row's gold answers and each row's data source."""
-  config, r = job.config, job.config.rl
+  config, r = job.config, job.settings
   rows = data_lib.batch_rows(len(job.data), r.prompts_per_step, config.seed, step - 1)
   examples = [job.data[int(i)] for i in rows]
   questions = [e["question"] for e in examples]
@@ -146,7 +142,7 @@ def rollout_batch(job: RLJob, step: int):
 
 def train_step(job: RLJob, state: rl_step.RLState, step: int):
   """One RL step: ``(new state, metrics (host floats), (traj, golds, scores))``."""
-  r, programs = job.config.rl, job.programs
+  r, programs = job.settings, job.programs
   timings = {}
   start = time.perf_counter()
   batch, golds, sources = rollout_batch(job, step)
@@ -157,7 +153,7 @@ def train_step(job: RLJob, state: rl_step.RLState, step: int):
 
   t = time.perf_counter()
   scores = score_answers(job.tokenizer, traj, golds, r.reward)
-  reward = scores["train"]
+  reward = scores.train
   timings["reward_s"] = time.perf_counter() - t
 
   t = time.perf_counter()
@@ -178,74 +174,42 @@ def train_step(job: RLJob, state: rl_step.RLState, step: int):
   return state, metrics, (traj, golds, scores)
 
 
-def write_samples(job: RLJob, step: int, traj, golds, scores) -> None:
+def write_samples(job: RLJob, step: int, traj, golds, scores: AnswerScores) -> None:
   """Appends the step's first ``rl.sample_rows`` trajectories, decoded, to
   ``WORKDIR/samples.jsonl``: what the policy wrote and what the engine answered."""
   decode = lambda ids: job.tokenizer.decode(np.asarray(ids).tolist(),  # noqa: E731
                                             skip_special_tokens=True)
   with open(job.workdir / "samples.jsonl", "a") as f:
-    for i in range(min(job.config.rl.sample_rows, len(golds))):
+    for i in range(min(job.settings.sample_rows, len(golds))):
       start, end = int(traj.prompt_lengths[i]), int(traj.lengths[i])
       f.write(json.dumps({
-          "step": step, "row": i, "golden_answers": golds[i], "answer": scores["answers"][i],
-          "reward": float(scores["train"][i]), "searches": int(traj.searches[i]),
+          "step": step, "row": i, "golden_answers": golds[i], "answer": scores.answers[i],
+          "reward": float(scores.train[i]), "searches": int(traj.searches[i]),
           "noisy_calls": int(traj.noisy_calls[i]), "prompt": decode(traj.tokens[i, :start]),
           "response": decode(traj.tokens[i, start:end])}) + "\n")
-
-
-def _engine_failures(job: RLJob, step: int, share: float, failing: int) -> int:
-  """Prints a step's failed search share when it is not zero; returns the count of
-  failing steps in a row, raising ``search.EngineError`` when it reaches the limit."""
-  limit, steps = search.failure_limits(job.config.engine)
-  if share <= 0:
-    return 0
-  error = getattr(job.engine, "last_error", "") or "no error recorded"
-  if is_main_process():
-    _console(f"RL step {step}: {share:.0%} of search calls failed (last error: {error})")
-  failing = failing + 1 if share > limit else 0
-  if failing >= steps:
-    raise search.EngineError(
-        f"RL step {step}: more than config.engine.max_failed_share={limit:.0%} of search calls "
-        f"failed for {failing} steps in a row (config.engine.max_failed_steps={steps}); the "
-        f"engine's last error: {error}. Fix the engine (its URL: config.engine.url) and rerun "
-        "the same command to resume")
-  return failing
-
-
-def _console(message: str) -> None:
-  """A line on the console that does not break the progress bar."""
-  from tqdm import tqdm
-
-  tqdm.write(message, file=sys.stderr)
 
 
 def train(job: RLJob) -> dict:
   """The loop: restore or start, then step, write, checkpoint; export at the end.
   A failing engine stops it before the failing step's checkpoint; Ctrl-C lets an
   asynchronous save finish and names the last complete checkpoint."""
-  from tqdm import tqdm
-
-  config, r, workdir = job.config, job.config.rl, job.workdir
+  config, r, workdir = job.config, job.settings, job.workdir
   workdir.mkdir(parents=True, exist_ok=True)
   ck = config.checkpoint
   checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=ck.max_to_keep,
                               async_save=ck.async_save)
-  saved = checkpointer.latest_extra()  # checked before Orbax reads the arrays
-  if saved is not None and saved.get("algorithm", r.algorithm) != r.algorithm:
-    checkpointer.close()
-    raise ValueError(f"{workdir} holds a {saved['algorithm']!r} run (checkpoint step "
-                     f"{saved.get('step')}); config.rl.algorithm={r.algorithm!r}. Use a new "
-                     "--workdir, or the algorithm the run started with.")
+  checkpointer.refuse_other_run(workdir, "algorithm", r.algorithm, "config.rl.algorithm")
   state, extra, resumed = checkpointer.restore_or(
       job.programs.state_target(),
       lambda: job.programs.initial_state(job.initial_params, jax.random.fold_in(job.key, 3)))
   start = int(extra.get("step", 0)) if resumed else 0
   if start > r.total_steps and is_main_process():
-    _console(f"{workdir} holds step {start}, past config.rl.total_steps={r.total_steps}: "
+    console(f"{workdir} holds step {start}, past config.rl.total_steps={r.total_steps}: "
              f"nothing to train; the export and summary are of step {start}.")
   if is_main_process():
     drop_steps_after(workdir / "samples.jsonl", start)  # as MetricWriter does for metrics
-  last, done, failing, step = {}, start, 0, start
+  failures = search.FailingSteps.from_config(config.engine)
+  last, done, step = {}, start, start
   try:
     with MetricWriter(workdir, resume_from=start) as writer, tqdm(
         total=r.total_steps, initial=min(start, r.total_steps), desc=f"rl/{r.algorithm}",
@@ -261,7 +225,8 @@ def train(job: RLJob) -> dict:
               f"RL step {step}: {e} The update was not applied; the last checkpoint is step "
               f"{checkpointer.latest_step()}. Lower config.rl.learning_rate or check the "
               "rewards.") from None
-        failing = _engine_failures(job, step, last["rollout/failed_share"], failing)
+        failures.observe(step, last["rollout/failed_share"], job.engine.last_error,
+                         log=console if is_main_process() else None)
         bar.set_postfix({"reward": f"{last['reward/train']:.3f}",
                          "p_noise": f"{last['curriculum/p_noise']:.3f}"}, refresh=False)
         bar.update(1)
@@ -272,7 +237,7 @@ def train(job: RLJob) -> dict:
         done = step
   except KeyboardInterrupt:
     checkpointer.close()  # an asynchronous save in progress completes first
-    _console(f"interrupted during RL step {step}; the last complete checkpoint is step "
+    console(f"interrupted during RL step {step}; the last complete checkpoint is step "
              f"{checkpointer.latest_step()}: rerun the same command to resume from it.")
     raise
   except search.EngineError as e:
@@ -284,8 +249,7 @@ def train(job: RLJob) -> dict:
   checkpointer.close()
   summary = {"final_step": done, "resumed_from": start, **last}
   if ck.export_hf and is_main_process():
-    export = hf.save_checkpoint(workdir / "hf_export", job.policy_cfg, state.policy.params)
-    job.tokenizer.save_pretrained(str(export))
+    export = export_hf(workdir / "hf_export", job.policy_cfg, state.policy.params, job.tokenizer)
     template.save_prompt_format(export, chat_template=config.data.chat_template,
                                 instruction=config.data.instruction or template.INSTRUCTION)
     summary["hf_export"] = str(export)
@@ -294,25 +258,11 @@ def train(job: RLJob) -> dict:
   return summary
 
 
-def with_synthetic_data(config: ml_collections.ConfigDict, workdir: str | Path):
-  """When ``config.synthetic_data`` is set and no data is given: a tiny world
-  (``zsjax.tinyworld``) built in ``WORKDIR/world`` supplies the training questions,
-  the tokenizer and the BM25 corpus. Returns an updated copy of the config."""
-  if not config.synthetic_data or config.data.train_files:
-    return config
-  from zsjax import tinyworld
-
-  world = tinyworld.ensure(Path(workdir) / "world", config.seed)
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.data.train_files = world["train"]
-  config.tokenizer = config.tokenizer or world["tokenizer"]
-  config.engine.corpus = config.engine.corpus or world["corpus"]
-  return config
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  return train(setup(with_synthetic_data(config, workdir), workdir))
+  config = tinyworld.fill_missing_data(config, workdir, "data.train_files",
+                                       lambda world: world["train"])
+  return train(setup(config, workdir))
 
 
 __all__ = ["RLJob", "setup", "rollout_batch", "train_step",
-           "write_samples", "train", "with_synthetic_data", "run"]
+           "write_samples", "train", "run"]

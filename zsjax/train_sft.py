@@ -16,19 +16,22 @@ Shape legend: B rows per batch, L ``max_length``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from tqdm import tqdm
 
 from zsjax import data as data_lib
 from zsjax import hf
-from zsjax.checkpoint import Checkpointer, abstract_like
+from zsjax.checkpoint import Checkpointer, abstract_like, check_checkpoint_config, export_hf
 from zsjax.metrics import MetricWriter
 from zsjax.sharding import ShardingPlan, is_main_process
 from zsjax.train_step import (create_train_state, init_state, make_optimizer,
@@ -122,13 +125,27 @@ def evaluate_nll(eval_fn, params, packed, batch_size: int, plan) -> float:
   return total / max(count, 1.0)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  from tqdm import tqdm
+@dataclasses.dataclass
+class SFTJob:
+  """What ``setup`` builds; the loop reads it."""
 
-  from zsjax.hf import load_model
+  config: ml_collections.ConfigDict
+  workdir: Path
+  key: jax.Array
+  plan: ShardingPlan
+  tokenizer: Any
+  cfg: Any  # the model's ModelConfig
+  state: Any  # a fresh TrainState (used when there is no checkpoint)
+  target: Any  # the checkpoint's abstract tree
+  train: dict  # packed rows: tokens, segment_ids, positions, loss_mask [R, L]
+  train_info: dict
+  held_out: dict | None  # the packed test split
+  update: Any  # jitted (state, batch, rng) -> (state, metrics)
+  eval_fn: Any  # jitted (params, batch) -> (nll sum, target tokens)
 
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+
+def check_config(config) -> None:
+  """Fails before any work, naming the field, the value and the fix."""
   s = config.sft
   if s.batch_size <= 0 or s.total_steps <= 0:
     raise ValueError(f"config.sft.batch_size={s.batch_size} and config.sft.total_steps="
@@ -136,11 +153,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not s.learning_rate > 0:
     raise ValueError(f"config.sft.learning_rate={s.learning_rate} must be > 0 (a negative rate "
                      "would climb the loss).")
-  if "checkpoint" in config:
-    from zsjax.rl_step import check_checkpoint_config
+  check_checkpoint_config(config.checkpoint)
 
-    check_checkpoint_config(config.checkpoint)
-  plan = ShardingPlan.from_config(config)
+
+def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> SFTJob:
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  check_config(config)
+  s, plan = config.sft, ShardingPlan.from_config(config)
   if s.batch_size % plan.batch_divisor:
     raise ValueError(f"config.sft.batch_size={s.batch_size} is not a multiple of data x fsdp = "
                      f"{plan.batch_divisor} (mesh {plan.sizes}).")
@@ -151,8 +171,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f"the tokenizer in {tokenizer_dir} has no EOS token; SFT targets end in it.")
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
   key = jax.random.key(config.seed)
-  cfg, initial = load_model(config.model, plan, jax.random.fold_in(key, 1), len(tokenizer),
-                            (eos,), what="model")
+  cfg, initial = hf.load_model(config.model, plan, jax.random.fold_in(key, 1), len(tokenizer),
+                               (eos,), what="model")
 
   splits = data_lib.load_sft(s.data, on_error=s.on_error)
   if "train" not in splits:
@@ -179,15 +199,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   eval_fn = jax.jit(eval_step, in_shardings=(shardings.params, batch_shardings),
                     out_shardings=(plan.replicated(), plan.replicated()))
+  target = abstract_like(jax.eval_shape(lambda: init_state(cfg, tx, jax.random.key(0))), shardings)
+  return SFTJob(config=config, workdir=workdir, key=key, plan=plan, tokenizer=tokenizer, cfg=cfg,
+                state=state, target=target, train=train, train_info=train_info,
+                held_out=held_out, update=update, eval_fn=eval_fn)
 
+
+def train(job: SFTJob) -> dict:
+  """The loop: resume or start, step, evaluate, write, checkpoint; export at the end."""
+  config, s, plan, workdir, train = job.config, job.config.sft, job.plan, job.workdir, job.train
   checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.max_to_keep,
                               async_save=config.checkpoint.async_save)
-  target = abstract_like(jax.eval_shape(lambda: init_state(cfg, tx, jax.random.key(0))), shardings)
-  state, extra, resumed = checkpointer.restore_or(target, lambda: state)
+  state, extra, resumed = checkpointer.restore_or(job.target, lambda: job.state)
   start = int(extra.get("step", 0))
-  summary = {"data": train_info, "resumed_from": start}
-  if held_out is not None and start == 0:
-    summary["eval/nll_before"] = evaluate_nll(eval_fn, state.params, held_out, s.batch_size, plan)
+  summary = {"data": job.train_info, "resumed_from": start}
+  if job.held_out is not None and start == 0:
+    summary["eval/nll_before"] = evaluate_nll(job.eval_fn, state.params, job.held_out,
+                                              s.batch_size, plan)
   rows = len(train["tokens"])
   with MetricWriter(workdir, resume_from=start) as writer, tqdm(
       total=s.total_steps, initial=start, desc="sft", unit="step",
@@ -196,13 +224,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       t0 = time.perf_counter()
       index = data_lib.batch_rows(rows, s.batch_size, config.seed, step - 1)
       batch = plan.put_batch({k: v[index] for k, v in train.items()})
-      state, metrics = update(state, batch, key)
+      state, metrics = job.update(state, batch, job.key)
       metrics = dict(jax.device_get(metrics))
       metrics["time/step_s"] = time.perf_counter() - t0
       metrics["perf/tokens_per_s"] = float(train["segment_ids"][index].astype(bool).sum()) / \
           metrics["time/step_s"]
-      if held_out is not None and (step % s.eval_every == 0 or step == s.total_steps):
-        nll = evaluate_nll(eval_fn, state.params, held_out, s.batch_size, plan)
+      if job.held_out is not None and (step % s.eval_every == 0 or step == s.total_steps):
+        nll = evaluate_nll(job.eval_fn, state.params, job.held_out, s.batch_size, plan)
         metrics.update({"eval/nll": nll, "eval/perplexity": float(np.exp(nll))})
       try:
         last = writer.write(step, metrics)
@@ -218,12 +246,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         checkpointer.save(step, state, extra={"step": step, "seed": config.seed})
   checkpointer.close()
   if config.checkpoint.export_hf and is_main_process():
-    export = hf.save_checkpoint(workdir / "hf_export", cfg, state.params)
-    tokenizer.save_pretrained(str(export))
-    summary["hf_export"] = str(export)
+    summary["hf_export"] = str(export_hf(workdir / "hf_export", job.cfg, state.params,
+                                         job.tokenizer))
   if is_main_process():
     (workdir / "sft_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   return summary
 
 
-__all__ = ["tokenize_examples", "pack", "packed_split", "evaluate_nll", "run"]
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  return train(setup(config, workdir))
+
+
+__all__ = ["tokenize_examples", "pack", "packed_split", "evaluate_nll", "SFTJob", "check_config",
+           "setup", "train", "run"]

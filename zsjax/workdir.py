@@ -10,7 +10,9 @@
   data, tokenizer, algorithm, ...) must be unchanged: a change is refused with
   the fields listed and the fix (a new workdir). Only the fields of
   ``MAY_CHANGE`` (the number of steps, logging, checkpoint cadence, mesh, the
-  engine's address and limits) may change, and each change is printed.
+  engine's address and limits) may change, and each change is printed. A field
+  of ``LATER_FIELDS`` missing from the record (a run recorded before the field
+  was written into the config files) counts as the value the code then used.
 
 ``zsjax.main`` does both before a job builds anything.
 """
@@ -51,6 +53,48 @@ MAY_CHANGE = {
     "tiny_world": _EVERY_JOB + ("stage_cache", "eval_batch_size", "eval_sample_size",
                                 "eval_prompt_width"),
 }
+
+
+# Fields written into the config files after runs were recorded without them, with
+# the value the code used while they were absent. Matched on the end of a dotted key,
+# so the tiny world's job sections are covered too ("rl.rollout.dtype",
+# "sim_tuning.sim_tuning.sampling.method"). A record without one reads as that value,
+# and a stage-cache key leaves one out while it holds that value
+# (zsjax.stages.config_fields), so older workdirs and caches resume. Add a field here
+# when adding it to a config whose runs resume.
+LATER_FIELDS = {
+    "rollout.dtype": "",
+    "rollout.attention_view": 512,
+    "rl.scoring_dtype": "",
+    "sampling.method": "gumbel",
+    "simulator.sampling_method": "gumbel",
+    "distributed.auto": False,
+    "distributed.local_device_ids": [],
+}
+
+
+def later_default(key: str) -> tuple[bool, Any]:
+  """``(True, value)`` when dotted ``key`` is (inside) a ``LATER_FIELDS`` field."""
+  for field, default in LATER_FIELDS.items():
+    if key == field or key.endswith("." + field):
+      return True, default
+  return False, None
+
+
+def without_later_defaults(tree: Any, prefix: str) -> Any:
+  """A plain config section (at dotted ``prefix``) without the ``LATER_FIELDS`` that
+  hold their old default: what a record made before those fields looked like."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}.{key}" if prefix else key
+    later, default = later_default(name)
+    plain = json.loads(json.dumps(value, default=str))
+    if later and plain == default:
+      continue
+    out[key] = without_later_defaults(value, name)
+  return out
 
 
 class WorkdirBusy(RuntimeError):
@@ -117,7 +161,7 @@ def check_identity(workdir: str | os.PathLike, config, log=print) -> list[str]:
   """Records the run in ``WORKDIR/run.json``, or checks this run against the one
   recorded: raises ``RunMismatch`` listing the fields that define the run and
   differ; returns (and ``log``s) the allowed changes, then records the new values."""
-  job = config.get("job", "")
+  job = config.job
   if job not in RESUMABLE:
     return []
   workdir = Path(workdir)
@@ -131,6 +175,10 @@ def check_identity(workdir: str | os.PathLike, config, log=print) -> list[str]:
       raise RunMismatch(f"{path} is unreadable ({e}); it records which run this workdir "
                         "holds. Use a new --workdir (or delete the file if you know the "
                         "workdir matches this config).") from None
+    for key in set(now) - set(before):  # recorded before the field was written
+      later, default = later_default(key)
+      if later:
+        before[key] = default
     keys = sorted(set(before) | set(now))
     changed = [k for k in keys if before.get(k, "<absent>") != now.get(k, "<absent>")]
     refused = [k for k in changed if not _may_change(job, k)]
@@ -159,5 +207,6 @@ def check_identity(workdir: str | os.PathLike, config, log=print) -> list[str]:
   return notes
 
 
-__all__ = ["LOCK_FILE", "IDENTITY_FILE", "RESUMABLE", "MAY_CHANGE", "WorkdirBusy", "RunMismatch",
-           "lock", "flatten", "holds_results", "check_identity"]
+__all__ = ["LOCK_FILE", "IDENTITY_FILE", "RESUMABLE", "MAY_CHANGE", "LATER_FIELDS",
+           "WorkdirBusy", "RunMismatch", "lock", "flatten", "holds_results", "check_identity",
+           "later_default", "without_later_defaults"]

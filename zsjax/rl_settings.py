@@ -1,0 +1,146 @@
+"""The RL job's settings, read from the config once and checked before any work.
+
+``check_config(config) -> RLSettings`` checks every section the RL job reads
+(``rl``, ``engine``, ``rollout.dtype``, ``sampling.method``,
+``simulator.sampling_method``, ``checkpoint``), naming the field, the value and
+the fix, and returns ``config.rl`` as a frozen, typed ``RLSettings``: what
+``zsjax.rl_step`` builds its programs from (``RLPrograms.settings``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from zsjax import rewards, rl
+from zsjax.checkpoint import check_checkpoint_config
+from zsjax.model import check_compute_dtype
+from zsjax.sampling import check_method
+from zsjax.search import check_engine_config
+
+LOSS_MASKS = ("policy", "response")
+
+
+@dataclasses.dataclass(frozen=True)
+class RLSettings:
+  """``config.rl`` (configs/zerosearch.py documents each field; METHOD.md §7)."""
+
+  algorithm: str  # reinforce | grpo | ppo
+  reward: str  # a key of rewards.TRAIN_REWARDS
+  prompts_per_step: int
+  samples_per_prompt: int
+  total_steps: int
+  epochs: int
+  minibatch_size: int  # trajectories per update (the last of an epoch may be smaller)
+  micro_batch_size: int  # trajectories per accumulated gradient
+  score_batch_size: int  # trajectories per chunk of the scoring pass
+  learning_rate: float
+  warmup_fraction: float
+  decay: str
+  weight_decay: float
+  grad_clip: float
+  clip_eps: float
+  dual_clip: float  # 0 = off
+  kl_coef: float
+  kl_type: str
+  entropy_coef: float
+  aggregation: str
+  loss_mask: str  # policy | response
+  critic_learning_rate: float
+  critic_warmup_fraction: float
+  value_clip: float
+  gamma: float
+  lam: float
+  sample_every: int
+  sample_rows: int
+  scoring_dtype: str  # "" = the policy's
+
+  @classmethod
+  def from_config(cls, section) -> "RLSettings":
+    """From a ``config.rl`` section (ConfigDict or dict); a missing field is named."""
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in section]
+    if missing:
+      raise ValueError(f"config.rl lacks {missing}; configs/zerosearch.py shows every field "
+                       "with its default.")
+    return cls(**{f.name: section[f.name] for f in dataclasses.fields(cls)})
+
+  @property
+  def rows(self) -> int:
+    """Trajectories a step: prompts_per_step x samples_per_prompt."""
+    return self.prompts_per_step * self.samples_per_prompt
+
+  @property
+  def loss_kl_coef(self) -> float:
+    """The KL coefficient of the policy loss: 0 where the KL sits in the reward
+    (``rl.kl_in_reward``: PPO)."""
+    return 0.0 if rl.kl_in_reward(self.algorithm) else self.kl_coef
+
+  def check(self) -> "RLSettings":
+    """Fails naming the field, the value and the fix; returns ``self``."""
+    if self.algorithm not in rl.ALGORITHMS:
+      raise ValueError(f"config.rl.algorithm={self.algorithm!r} is not one of {rl.ALGORITHMS}.")
+    if self.reward not in rewards.TRAIN_REWARDS:
+      raise ValueError(f"config.rl.reward={self.reward!r} is not one of "
+                       f"{sorted(rewards.TRAIN_REWARDS)}.")
+    if self.loss_mask not in LOSS_MASKS:
+      raise ValueError(f"config.rl.loss_mask={self.loss_mask!r}: use 'policy' (only sampled "
+                       "tokens, the method) or 'response' (inserted documents too, the ablation).")
+    check_compute_dtype(self.scoring_dtype, "config.rl.scoring_dtype")
+    for name in ("prompts_per_step", "samples_per_prompt", "total_steps", "epochs"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"config.rl.{name}={getattr(self, name)} must be a positive integer.")
+    for name in ("learning_rate",) + (("critic_learning_rate",) if self.algorithm == "ppo" else ()):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"config.rl.{name}={getattr(self, name)} must be > 0 (a negative rate "
+                         "would climb the loss); the paper uses 1e-6 for the policy.")
+    if not 0 <= self.warmup_fraction < 1:
+      raise ValueError(f"config.rl.warmup_fraction={self.warmup_fraction} must lie in [0, 1).")
+    self._check_batches()
+    if self.algorithm == "grpo" and self.samples_per_prompt < 2:
+      raise ValueError(f"config.rl.samples_per_prompt={self.samples_per_prompt}: GRPO needs "
+                       "groups of at least 2 samples per prompt.")
+    return self
+
+  def _check_batches(self) -> None:
+    n, m, micro = self.rows, self.minibatch_size, self.micro_batch_size
+    if not 0 < m <= n:
+      raise ValueError(f"config.rl.minibatch_size={m} must lie in [1, {n}] (the "
+                       f"trajectories of a step, prompts_per_step x samples_per_prompt = "
+                       f"{self.prompts_per_step} x {self.samples_per_prompt}).")
+    last = n % m  # an epoch's last, smaller minibatch (0: none)
+    divisors = [d for d in range(1, m + 1) if m % d == 0 and last % d == 0]
+    if micro <= 0 or m % micro:
+      raise ValueError(f"config.rl.micro_batch_size={micro} must divide "
+                       f"config.rl.minibatch_size={m}.")
+    if last % micro:
+      raise ValueError(
+          f"config.rl.minibatch_size={m} does not divide the {n} trajectories "
+          f"of a step ({self.prompts_per_step} x {self.samples_per_prompt}): the last minibatch "
+          f"holds {last}, which config.rl.micro_batch_size={micro} does not "
+          f"divide. Use a minibatch_size that divides {n}, or a micro_batch_size of "
+          f"{divisors[-1]} (or another divisor of both {m} and {last}).")
+    if self.score_batch_size <= 0 or n % self.score_batch_size:
+      raise ValueError(f"config.rl.score_batch_size={self.score_batch_size} must divide the {n} "
+                       "trajectories of a step.")
+
+  def check_mesh(self, plan) -> None:
+    """Every batch the job shards splits evenly over data x fsdp."""
+    sizes = (self.rows, self.micro_batch_size, self.score_batch_size)
+    if any(n % plan.batch_divisor for n in sizes):
+      raise ValueError(
+          f"config.rl: trajectories per step ({self.rows}), micro_batch_size "
+          f"({self.micro_batch_size}) and score_batch_size ({self.score_batch_size}) must be "
+          f"multiples of data x fsdp = {plan.batch_divisor} (mesh {plan.sizes}).")
+
+
+def check_config(config) -> RLSettings:
+  """Checks every section the RL job reads before any work; returns the settings."""
+  settings = RLSettings.from_config(config.rl).check()
+  check_engine_config(config.engine)
+  check_compute_dtype(config.rollout.dtype, "config.rollout.dtype")
+  check_method(config.sampling.method, "config.sampling.method")
+  check_method(config.simulator.sampling_method, "config.simulator.sampling_method")
+  check_checkpoint_config(config.checkpoint)
+  return settings
+
+
+__all__ = ["RLSettings", "LOSS_MASKS", "check_config"]
