@@ -5,7 +5,7 @@ Command:  python -m zsjax.main --config=configs/tiny_world.py --workdir=/tmp/zsj
 Arg: "default" | "ci" (a smaller world and shorter stages, for the test suite).
 Hardware: a 2-core CPU, no accelerator, nothing downloaded.
 
-Stages (zsjax/pipeline.py; each skipped when its output exists): build the world
+Stages (zsjax/pipeline.py, data from zsjax/demonstrations.py; each skipped when its output exists): build the world
 -> pretrain a simulator LM on its documents (as search results) -> tune it as a
 search simulator on oracle BM25 searches labelled by whether they answer the
 query (its prompt carries the question and the gold answer, as in the paper) ->
@@ -32,7 +32,7 @@ INSTRUCTION = ("Find the answer with a search engine: write a query between <sea
 # The paper's simulator prompt (METHOD §3): the question and its gold answer, then
 # the query. With the answer in its prompt a simulator could write it into the
 # results of any query; it does not, because its tuning pairs are labelled by
-# whether the documents answer the *query* (pipeline.QueryJudge): the results of a
+# whether the documents answer the *query* (demonstrations.QueryJudge): the results of a
 # query about another entity, useful or not, do not hold this question's answer.
 SIMULATOR_TEMPLATE = "Question: {question}\nAnswer: {answer}\nQuery: {query}\n{Quality} documents:\n"
 
@@ -101,7 +101,7 @@ def get_config(arg=None):
   config.demo_bridge_fraction = 0.25
   # Share of questions also demonstrated in the RAG baseline's format, and another
   # share in the direct baseline's: the baselines are prompted in formats the
-  # warm-started model was trained on (pipeline.demonstrations).
+  # warm-started model was trained on (demonstrations.demonstrations).
   config.demo_baseline_fraction = 0.2
   # Other worlds whose oracle searches also give simulator-tuning pairs. Seed 0, with
   # 1500 pretraining steps: 2 such worlds lowered useful results holding the answer
@@ -179,7 +179,7 @@ def get_config(arg=None):
   # default turn it off, since it does not depend on what they vary.
   config.compare_real_search = True
   # A directory shared by workdirs: stages whose config matches are made once and
-  # linked (pipeline.StageCache). Sweeps set it; "" keeps every stage in the workdir.
+  # linked (stages.StageCache). Sweeps set it; "" keeps every stage in the workdir.
   config.stage_cache = ""
   config.eval_sample_size = 16 if ci else 0  # 0 = every test question
   config.eval_batch_size = 16

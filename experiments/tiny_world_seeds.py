@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from zsjax import pipeline  # noqa: E402
+from zsjax import report as tiny_report  # noqa: E402
 from zsjax.metrics import read_jsonl  # noqa: E402
 
 CONFIG = "configs/tiny_world.py"
@@ -113,14 +113,14 @@ def targets(runs: dict[int, dict]) -> list[dict]:
 
 def report(root: Path, seeds: list[int], out: Path) -> dict:
   runs = {s: json.loads((root / f"seed_{s}" / "results.json").read_text()) for s in seeds}
-  methods = [m for m in pipeline.METHODS if all(m in r["methods"] for r in runs.values())]
+  methods = [m for m in tiny_report.METHODS if all(m in r["methods"] for r in runs.values())]
   lines = [f"# Tiny world over seeds {', '.join(map(str, seeds))}", "",
            "Test EM % (mean ± std over seeds); searches per question.", "",
            "| method | single-hop EM | two-hop EM | all EM | searches single-hop | "
            "searches two-hop |", "|---|---|---|---|---|---|"]
   summary = {"seeds": seeds, "methods": {}, "gains": {}, "per_seed": {}}
   for m in methods:
-    cells = {s: [r["methods"][m][s]["em"] for r in runs.values()] for s in pipeline.SPLITS}
+    cells = {s: [r["methods"][m][s]["em"] for r in runs.values()] for s in tiny_report.SPLITS}
     searches = {s: [r["methods"][m][s].get("searches", np.nan) for r in runs.values()]
                 for s in ("single_hop", "two_hop")}
     summary["methods"][m] = {s: mean_std(v) for s, v in cells.items()}
@@ -143,7 +143,7 @@ def report(root: Path, seeds: list[int], out: Path) -> dict:
           + f" | {fmt([g['em'] for g in gains])} |")
   lines += ["", "Simulator control on the test questions' queries, per seed: % whose "
             "documents hold the gold answer / % with a document that names the query's "
-            "subject and the answer (`pipeline.answers`). Answerable: a single-hop question "
+            "subject and the answer (`tiny_report.answers`). Answerable: a single-hop question "
             "or a two-hop question's bridge entity.", "",
             "| seed | answerable: useful | noisy | BM25 | two-hop question: useful / noisy / "
             "BM25 (holds) | another entity's question: useful / noisy (holds) |",
@@ -176,7 +176,7 @@ def report(root: Path, seeds: list[int], out: Path) -> dict:
             for c in checks]
   lines += ["", "Per-seed tables:"]
   for s, r in runs.items():
-    lines += ["", f"## seed {s}", "", pipeline.results_table(r)]
+    lines += ["", f"## seed {s}", "", tiny_report.results_table(r)]
   out.mkdir(parents=True, exist_ok=True)
   (out / "report.md").write_text("\n".join(lines) + "\n")
   (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -189,7 +189,7 @@ def report(root: Path, seeds: list[int], out: Path) -> dict:
         label = f"seed {s} {stage}"
         curves[label] = read_jsonl(path)
         colors[label] = f"C{2 * k + (stage == 'rl_real_search')}"
-  pipeline.plot_runs(curves, out / "plots", colors)
+  tiny_report.plot_runs(curves, out / "plots", colors)
   print("\n".join(lines))
   return summary
 

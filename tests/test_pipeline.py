@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from zsjax import pipeline, stages, tinyworld
+from zsjax import demonstrations, pipeline, report, stages, template, tinyworld
 
 from config_files import load_config
 
@@ -50,9 +50,9 @@ def test_oracle_searches_are_labelled_by_what_answers_the_query():
   world = tinyworld.generate(3)
   engine = search.BM25Engine([d["contents"] for d in world["corpus"]], top_k=12)
   questions = world["splits"]["train"]
-  trajectories, pairs = pipeline.oracle_searches(
+  trajectories, pairs = demonstrations.oracle_searches(
       [("x-", questions, world["corpus"], engine)], top_k=3, seed=0)
-  judge = pipeline.QueryJudge(questions, world["corpus"])
+  judge = demonstrations.QueryJudge(questions, world["corpus"])
   by_text = {q["question"]: q for q in questions}
   docs_of = {d["title"]: d["contents"] for d in world["corpus"]}
   for q, t in zip(questions[:40], trajectories):
@@ -93,7 +93,7 @@ def test_demonstrations_are_correct_and_show_no_test_world_fact():
   questions = {r["question"]: r for r in demo["splits"]["train"]}
   test_docs = [d["contents"] for d in tinyworld.generate(0)["corpus"]]
   for bridge in (0.0, 1.0):
-    rows = pipeline.demonstrations(demo, engine, INSTRUCTION, seed=0, bridge_fraction=bridge,
+    rows = demonstrations.demonstrations(demo, engine, INSTRUCTION, seed=0, bridge_fraction=bridge,
                                    baseline_fraction=0.3)
     search_rows = [r for r in rows if r["format"] == "search"]
     assert len(search_rows) == len(questions)  # every training question once
@@ -121,7 +121,7 @@ def test_demonstrations_are_correct_and_show_no_test_world_fact():
         assert read
       for query, seg in zip(queries, row["target_segments"][1::2]):
         docs = engine.search([search.SearchRequest(query)]).documents[0]
-        assert seg == pipeline.render_observation(docs)
+        assert seg == template.render_observation(docs)
     baselines = [r for r in rows if r["format"] != "search"]
     assert {r["format"] for r in baselines} == {"rag", "direct"}
     assert 0.3 < len(baselines) / len(questions) < 0.9  # 0.3 each, drawn
@@ -135,14 +135,14 @@ def test_each_evaluated_format_is_in_the_warm_start_demonstrations():
 
   config = load_config("tiny_world", "ci")
   config.demo_worlds = 2
-  rows = pipeline.warm_start_rows(config)
+  rows = demonstrations.warm_start_rows(config)
   by_format = {}
   for r in rows:
     by_format.setdefault(r["format"], set()).add(r["prompt"])
-  assert set(by_format) == set(pipeline.DEMO_FORMATS)
+  assert set(by_format) == set(demonstrations.DEMO_FORMATS)
   evaluated = {"warm_start": "search", "direct": "direct", "rag": "rag"}
-  assert set(pipeline.METHODS) - {"rl_simulator", "rl_real_search"} == set(evaluated)
-  for world in pipeline.demonstration_worlds(config):
+  assert set(report.METHODS) - {"rl_simulator", "rl_real_search"} == set(evaluated)
+  for world in demonstrations.demonstration_worlds(config):
     retriever = search.BM25Engine([d["contents"] for d in world["corpus"]], top_k=config.top_k)
     questions = [q["question"] for q in world["splits"]["train"]]
     for method, fmt in evaluated.items():
@@ -160,11 +160,11 @@ def test_demonstrations_do_not_depend_on_the_hash_seed():
   import subprocess
   import sys
 
-  code = ("import hashlib, json; from zsjax import pipeline, search, tinyworld; "
+  code = ("import hashlib, json; from zsjax import demonstrations, search, tinyworld; "
           "w = tinyworld.generate(5, tinyworld.WorldSize(people=12, films=4, cities=6, "
           "countries=3, organizations=3)); "
           "e = search.BM25Engine([d['contents'] for d in w['corpus']], top_k=3); "
-          "rows = pipeline.demonstrations(w, e, 'Answer.', seed=1, bridge_fraction=0.5, "
+          "rows = demonstrations.demonstrations(w, e, 'Answer.', seed=1, bridge_fraction=0.5, "
           "baseline_fraction=0.2); "
           "print(hashlib.sha256(json.dumps(rows).encode()).hexdigest())")
   digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -229,7 +229,7 @@ def test_paired_gains_by_hand():
   records = ([rec("warm_start", f"q{i}", e) for i, e in enumerate(base)]
              + [rec("rag", f"q{i}", e) for i, e in reversed(list(enumerate(other)))]
              + [rec("rl_simulator", f"q{i}", e) for i, e in enumerate(rl)])
-  gains = pipeline.paired_gains(records)
+  gains = report.paired_gains(records)
   # differences 0, +1, 0, -1: mean 0, sample std sqrt(2/3), stderr sqrt(2/3) / 2
   assert gains["rag"] == {"em": 0.0, "stderr": pytest.approx((2 / 3) ** 0.5 / 2), "n": 4}
   # differences 0, +1, +1, 0: mean 0.5, sample std sqrt(1/3), stderr sqrt(1/3) / 2
@@ -237,7 +237,7 @@ def test_paired_gains_by_hand():
   assert gains["rl_simulator"]["stderr"] == pytest.approx((1 / 3) ** 0.5 / 2)
   assert "warm_start" not in gains
   with pytest.raises(ValueError, match="other questions"):
-    pipeline.paired_gains(records + [rec("rag", "q9", 1.0, "two_hop")])
+    report.paired_gains(records + [rec("rag", "q9", 1.0, "two_hop")])
 
 
 def test_parallel_runs_make_a_cache_entry_once(tmp_path):
@@ -280,8 +280,8 @@ def test_ci_sized_pipeline_runs_every_stage(tmp_path, capsys):
   config.progress = False
   config.stage_cache = str(tmp_path / "stages")
   results = pipeline.run(config, str(tmp_path))
-  for method in pipeline.METHODS:
-    for split in pipeline.SPLITS:
+  for method in report.METHODS:
+    for split in report.SPLITS:
       for metric in ("em", "substring_em", "f1"):
         assert 0.0 <= results["methods"][method][split][metric] <= 1.0
   assert set(results["stage_seconds"]) == {"world", "pretrain", "sim_tuning", "warm_start",
@@ -292,18 +292,18 @@ def test_ci_sized_pipeline_runs_every_stage(tmp_path, capsys):
   for method, gain in results["gains_over_warm_start"].items():
     assert gain["em"] == pytest.approx(results["methods"][method]["all"]["em"]
                                        - results["methods"]["warm_start"]["all"]["em"])
-  assert set(results["gains_over_warm_start"]) == set(pipeline.METHODS) - {"warm_start"}
+  assert set(results["gains_over_warm_start"]) == set(report.METHODS) - {"warm_start"}
   # The warm start reads: RAG (a format it was trained on, with BM25's documents for
   # the question) beats answering directly, which a policy that knows no facts of
   # this world cannot do.
   assert results["methods"]["rag"]["all"]["em"] > results["methods"]["direct"]["all"]["em"]
   control = results["simulator_control"]["groups"]
-  assert set(control) == set(pipeline.CONTROL_GROUPS) | {"answerable"}
+  assert set(control) == set(report.CONTROL_GROUPS) | {"answerable"}
   assert control["answerable"]["queries"] == (control["single_hop_question"]["queries"]
                                               + control["bridge"]["queries"])
   env = results["environment"]
   assert env["cores"] >= 1 and env["cpu"] and env["packages"]["jax"] != "not installed"
-  assert set(results["gains_over_rag"]) == set(pipeline.METHODS) - {"rag"}
+  assert set(results["gains_over_rag"]) == set(report.METHODS) - {"rag"}
   for plot in ("reward_f1", "reward_em", "rollout_searches", "curriculum_p_noise"):
     assert (tmp_path / "plots" / f"{plot}.png").stat().st_size > 1000
   for stage in ("pretrain", "warm_start", "rl_simulator", "rl_real_search"):
@@ -389,7 +389,7 @@ def test_control_queries_ask_the_question_its_bridge_and_another_entity():
                                                     organizations=3))
   questions = world["splits"]["test"]
   docs = {d["title"]: d["contents"] for d in world["corpus"]}
-  rows = pipeline.control_queries(questions, list(docs), seed=0)
+  rows = report.control_queries(questions, list(docs), seed=0)
   for q in questions:
     mine = {r["group"]: r for r in rows if r["question"] == q["question"]}
     own = "single_hop_question" if q["hops"] == 1 else "two_hop_question"
@@ -403,17 +403,17 @@ def test_control_queries_ask_the_question_its_bridge_and_another_entity():
     assert all(r["golden_answers"] == q["golden_answers"] for r in mine.values())
     for r in mine.values():  # the subject is the entity the query is about
       assert r["subject"] in r["query"] and r["subject"] in docs
-      if r["group"] in pipeline.ANSWERABLE:  # the subject's own document answers it
-        assert pipeline.answers([docs[r["subject"]]], r["subject"], r["golden_answers"])
+      if r["group"] in report.ANSWERABLE:  # the subject's own document answers it
+        assert report.answers([docs[r["subject"]]], r["subject"], r["golden_answers"])
     if "other_question" in mine:
       assert mine["other_question"]["subject"] != mine[own]["subject"]
 
 
 def test_a_document_answers_a_query_when_it_names_the_subject_and_the_answer():
   docs = ["Tulzios is a sculptor born in Pidrin.", "Gromdrem is a physician born in Zumho."]
-  assert pipeline.answers(docs, "Tulzios", ["Pidrin"])
-  assert not pipeline.answers(docs, "Tulzios", ["Zumho"])  # the answer, about someone else
-  assert not pipeline.answers([], "Tulzios", ["Pidrin"])
+  assert report.answers(docs, "Tulzios", ["Pidrin"])
+  assert not report.answers(docs, "Tulzios", ["Zumho"])  # the answer, about someone else
+  assert not report.answers([], "Tulzios", ["Pidrin"])
 
 
 def test_source_metrics_by_hand():

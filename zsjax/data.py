@@ -28,10 +28,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import datasets
+import numpy as np
 
 COLUMNS = ("id", "question", "golden_answers", "data_source")
 ON_ERROR = ("skip", "raise")
@@ -290,8 +292,6 @@ def load_benchmark(name: str, path: str | Path = "", *, on_error: str = "skip",
   ``load_qa``."""
   if path:
     return load_qa(path, on_error=on_error, data_source=name, report=report, check=check)
-  import os
-
   if name not in BENCHMARKS:
     raise DataError(f"unknown benchmark {name!r} with no local path; known: {sorted(BENCHMARKS)} "
                     "(or give name=path).")
@@ -326,16 +326,12 @@ def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
 
 def epoch_order(num_rows: int, seed: int, epoch: int):
   """The row order of one pass over the data: a permutation fixed by (seed, epoch)."""
-  import numpy as np
-
   return np.random.default_rng([seed, epoch]).permutation(num_rows)
 
 
 def batch_rows(num_rows: int, batch_size: int, seed: int, step: int):
   """Row indices of training step ``step`` (from 0): consecutive slices of the
   concatenated epoch orders, so the data position is a function of the step."""
-  import numpy as np
-
   out = []
   position = step * batch_size
   while len(out) < batch_size:

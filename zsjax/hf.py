@@ -28,7 +28,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from zsjax.model import ModelConfig, RopeScaling, param_shapes
+from zsjax.model import ModelConfig, RopeScaling, init_params, param_shapes
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -509,7 +509,6 @@ def load_model(section, plan, rng: jax.Array, vocab_size: int, eos_ids, *, what:
   the tokenizer's ``vocab_size``, its empty ``eos_token_ids`` = ``eos_ids``),
   placed by ``plan`` (a ``zsjax.sharding.ShardingPlan``, or None). ``what`` names
   the section in errors."""
-  from zsjax.model import init_params
 
   if section.checkpoint:
     cfg, params = load_checkpoint(section.checkpoint, dtype=section.param_dtype, plan=plan)

@@ -11,17 +11,22 @@ workdir holds (``zsjax.workdir``). Library logs stay off the console unless
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import logging
 import os
 import sys
 
+import jax
+import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from zsjax import sharding
+from zsjax import search, sharding
+from zsjax import workdir as workdir_lib
 
 
 
@@ -58,12 +63,6 @@ def run_job(config, workdir: str):
         "(set it in the config file or with --config.job=...).")
   module, function = JOBS[job].split(":")
   run = getattr(importlib.import_module(module), function)
-  import contextlib
-
-  import jax
-
-  from zsjax import workdir as workdir_lib
-
   # Process 0 holds the lock and checks the run; every process learns its verdict,
   # so a refusal stops them all instead of leaving the others waiting for it.
   with contextlib.ExitStack() as stack:
@@ -75,9 +74,6 @@ def run_job(config, workdir: str):
       except (workdir_lib.WorkdirBusy, workdir_lib.RunMismatch) as e:
         refusal = e
     if jax.process_count() > 1:
-      import numpy as np
-      from jax.experimental import multihost_utils
-
       refused = multihost_utils.broadcast_one_to_all(np.int32(refusal is not None))
       if refused and refusal is None:
         raise workdir_lib.RunMismatch(f"process 0 refused {workdir}; its log says why.")
@@ -106,8 +102,6 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # Orbax's INFO lines would bury the progress bar
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger().setLevel(logging.WARNING)  # libraries logging through the root logger
-  from zsjax import search, workdir as workdir_lib
-
   try:
     report = run_job(_CONFIG.value, _WORKDIR.value)
   except (workdir_lib.WorkdirBusy, workdir_lib.RunMismatch, search.EngineError) as e:

@@ -45,18 +45,17 @@ from typing import Any, Sequence
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from zsjax.curriculum import Curriculum
 from zsjax.data import DataError
+from zsjax.engine import (EngineOutput, NoEngine, concat_ragged, gather_span, pad_rows,
+                          tokens_covering_tail)
 from zsjax.model import (ModelConfig, Transformer, attention_views, cached_apply, init_cache,
                          write_chunk)
 from zsjax.sampling import Greedy, Sampling, sample
-from zsjax.engine import (EngineOutput, NoEngine, concat_ragged, gather_span, pad_rows,
-                          tokens_covering_tail)
 from zsjax.template import (ANSWER_CLOSE, ANSWER_OPEN, CLOSING, INFORMATION_CLOSE,
                             INFORMATION_OPEN, INVALID_ACTION_FEEDBACK, SEARCH_CLOSE, SEARCH_OPEN,
-                            TAGS, TagMatcher)
+                            TAGS, TagMatcher, token_bytes)
 
 SEARCH_CLOSE_BYTES = len(TAGS[1])
 
@@ -453,7 +452,6 @@ def prepare_static_tokens(tokenizer, vocab_size: int | None = None,
                           eos_ids: tuple[int, ...] | None = None,
                           pad_id: int | None = None) -> StaticTokens:
   """Token ids of the inserted texts, and the byte length of every token."""
-  from zsjax.template import token_bytes
 
   def ids(text):
     return jnp.asarray(tokenizer.encode(text, add_special_tokens=False), jnp.int32)

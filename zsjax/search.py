@@ -39,6 +39,7 @@ import numpy as np
 import flax.struct
 from jax.experimental import io_callback
 
+from zsjax import hf, simulator
 from zsjax.engine import EngineOutput
 from zsjax.simulator import SimulatorPrompt, parse_documents
 from zsjax.template import render_documents
@@ -399,7 +400,6 @@ def build_engine(config, tokenizer, static, rollout_config, plan, rng, *, greedy
   ``bm25`` / ``http``: a ``HostSearch``. ``static``: the policy's
   ``zsjax.rollout.StaticTokens``; ``greedy``: the simulator decodes greedily
   (evaluation); ``prebuilt``: a host engine already built for ``bm25`` / ``http``."""
-  from zsjax import hf, simulator
 
   if config.engine.kind == "simulator":
     sim_cfg, sim_params = hf.load_model(config.simulator, plan, rng, len(tokenizer),

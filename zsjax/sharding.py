@@ -31,6 +31,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from zsjax.model import KVCache, activation_sharding, init_cache, logical_axes, param_shapes
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -157,8 +159,6 @@ class ShardingPlan:
     """Makes the model's activation constraints (``zsjax.model.constrain``) follow
     this plan. Enter it inside the function being traced; the jitted entry points
     of ``zsjax.train_step`` do."""
-    from zsjax.model import activation_sharding
-
     return activation_sharding(lambda names: NamedSharding(self.mesh, self.mesh_axes(P(*names))))
 
   def replicated(self) -> NamedSharding:
@@ -192,8 +192,6 @@ class ShardingPlan:
 
   def params(self, cfg, head: str = "lm"):
     """NamedSharding tree for the params of ``Transformer(cfg, head)`` (checked)."""
-    from zsjax.model import logical_axes, param_shapes  # keep model import-light here
-
     logical = logical_axes(cfg, head)
     self.check_divisible(param_shapes(cfg, head), logical)
     return self.shardings(logical)
@@ -234,7 +232,6 @@ class ShardingPlan:
 
   def cache(self, cfg, batch_size: int, max_length: int):
     """Shardings of ``zsjax.model.init_cache(cfg, batch_size, max_length)`` (checked)."""
-    from zsjax.model import KVCache, init_cache
 
     shapes = jax.eval_shape(lambda: init_cache(cfg, batch_size, max_length))
     logical = KVCache(**CACHE_AXES)

@@ -33,12 +33,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zsjax import rewards
+import datasets
+import ml_collections
+from tqdm import tqdm
+
+from zsjax import data as data_lib
+from zsjax import hf, rewards, tinyworld, train_sft
+from zsjax import sampling as sampling_lib
 from zsjax import rollout as rollout_lib
-from zsjax.metrics import drop_torn_tail, read_jsonl
-from zsjax.search import SearchRequest, SearchResult
-from zsjax.simulator import SimulatorEngine, SimulatorPrompt, policy_query
-from zsjax.template import render_documents, render_prompt
+from zsjax.data import write_jsonl
+from zsjax.engine import pad_rows
+from zsjax.metrics import MetricWriter, drop_torn_tail, read_jsonl
+from zsjax.model import token_log_probs
+from zsjax.search import HostSearch, SearchRequest, SearchResult, engine_from_config
+from zsjax.sharding import ShardingPlan
+from zsjax.simulator import SimulatorEngine, SimulatorPrompt, policy_query, simulator_sampling
+from zsjax.stages import Stage, StageRun, run_stage
+from zsjax.template import build_tag_matcher, render_documents, render_prompt
+from zsjax.train_sft import packed_split
+from zsjax.train_step import next_token_loss
 
 
 class RecordingEngine:
@@ -75,8 +88,6 @@ def collect_trajectories(path: str | Path, examples, engine, *, tokenizer=None, 
   ``HostSearch`` around ``RecordingEngine(engine)``, its params, static tokens and
   prompt width). ``queries="question"`` searches each question
   instead. Returns counts."""
-  from tqdm import tqdm
-
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   done = _done_ids(path)
@@ -110,9 +121,6 @@ def make_collection_policy(policy_cfg, policy_params, tokenizer, engine, rollout
                            sampling, *, prompt_width: int):
   """The ``policy`` tuple of ``collect_trajectories``: a jitted rollout on a host
   engine that records every search."""
-  from zsjax.search import HostSearch
-  from zsjax.template import build_tag_matcher
-
   static = rollout_lib.prepare_static_tokens(tokenizer, vocab_size=policy_cfg.vocab_size)
   recorder = RecordingEngine(engine)
   search = HostSearch(recorder, tokenizer, rollout_config.max_obs_tokens, pad_id=static.pad_id)
@@ -185,8 +193,6 @@ class LLMJudge:
   max_prompt_tokens: int = 1024
 
   def __post_init__(self):
-    from zsjax.model import token_log_probs
-
     self._scores = jax.jit(lambda p, t, s: token_log_probs(self.cfg, p, t, s))
 
   def _logp(self, prompt_ids, answer_ids) -> float:
@@ -258,8 +264,6 @@ def save_sft_dataset(rows: Sequence[dict], directory: str | Path, *, test_fracti
                      seed: int):
   """Splits rows into train / test by question (no question in both) and saves a
   ``datasets.DatasetDict``; returns it."""
-  import datasets
-
   questions = sorted({r["question"] for r in rows})
   order = np.random.default_rng(seed).permutation(len(questions))
   n_test = int(round(test_fraction * len(questions)))
@@ -280,14 +284,13 @@ def save_sft_dataset(rows: Sequence[dict], directory: str | Path, *, test_fracti
 def simulated_documents(sim_cfg, sim_params, tokenizer, rows: Sequence[dict], *,
                         sim_prompt: SimulatorPrompt = SimulatorPrompt(),
                         max_new_tokens: int = 128, max_query_tokens: int = 32,
-                        batch_size: int = 8, seed: int = 0,
-                        temperature: float = 0.0) -> dict[str, list[str]]:
+                        batch_size: int = 8, seed: int = 0, temperature: float = 0.0,
+                        sampling_method: str = "gumbel") -> dict[str, list[str]]:
   """The documents the on-device simulator engine (the one RL uses) writes for
   each row's ``query`` (rendered as RL's policy writes it), with the row's
   ``question`` and first gold answer in its prompt: ``{"useful": [text per
-  row], "noisy": [text per row]}``. Greedy at ``temperature`` 0, else sampled."""
-  from zsjax.sampling import Greedy, Sampling
-
+  row], "noisy": [text per row]}``. Greedy at ``temperature`` 0, else sampled
+  (``simulator.simulator_sampling``)."""
   static = rollout_lib.prepare_static_tokens(tokenizer, vocab_size=sim_cfg.vocab_size)
   prefix_width = max(len(tokenizer.encode(sim_prompt.split(r["question"], r["golden_answers"][0],
                                                            noisy, tokenizer)[0],
@@ -296,7 +299,7 @@ def simulated_documents(sim_cfg, sim_params, tokenizer, rows: Sequence[dict], *,
   engine = SimulatorEngine(
       cfg=sim_cfg, tokenizer=tokenizer, prompt=sim_prompt, piece_bytes=static.piece_bytes,
       max_new_tokens=max_new_tokens, prefix_width=prefix_width, query_width=max_query_tokens,
-      sampling=Greedy() if temperature <= 0 else Sampling(temperature=temperature),
+      sampling=simulator_sampling(temperature, sampling_method),
       eos_ids=static.eos_ids, pad_id=static.pad_id)
   generate = jax.jit(engine)
   texts = {"useful": [], "noisy": []}
@@ -305,12 +308,9 @@ def simulated_documents(sim_cfg, sim_params, tokenizer, rows: Sequence[dict], *,
     n = len(chunk)
     chunk += [chunk[-1]] * (batch_size - n)
     inputs = engine.inputs([r["question"] for r in chunk], [r["golden_answers"][0] for r in chunk])
-    query_ids = [tokenizer.encode(policy_query(r["query"]),  # as RL's policy writes it
-                                  add_special_tokens=False)[:max_query_tokens] for r in chunk]
-    query = np.full((batch_size, max_query_tokens), static.pad_id, np.int32)
-    for i, q in enumerate(query_ids):
-      query[i, :len(q)] = q
-    lengths = np.asarray([len(q) for q in query_ids], np.int32)
+    query, lengths = pad_rows([tokenizer.encode(policy_query(r["query"]),  # as RL's policy
+                                                add_special_tokens=False) for r in chunk],
+                              max_query_tokens, static.pad_id)
     for mode in ("useful", "noisy"):
       noisy = jnp.full((batch_size,), mode == "noisy")
       out = jax.device_get(generate(sim_params, inputs, jnp.asarray(query), jnp.asarray(lengths),
@@ -330,9 +330,6 @@ def quality_report(sim_cfg, sim_params, tokenizer, rows: Sequence[dict], *,
   (``simulated_documents``) and reports how often they contain a gold answer,
   plus the target perplexity of the rows' own documents under their own label.
   Returns a dict; ``format_report`` prints it."""
-  from zsjax.train_sft import packed_split
-  from zsjax.train_step import next_token_loss
-
   if not rows:
     raise ValueError("quality_report: no held-out rows (is the dataset's test split empty?).")
   texts = simulated_documents(sim_cfg, sim_params, tokenizer, rows, sim_prompt=sim_prompt,
@@ -383,37 +380,26 @@ def report_rows(rows: list[dict], queries: str) -> list[dict]:
 
 def _collect(run) -> None:
   """Trajectories against the real engine (resumable question by question)."""
-  from zsjax import data as data_lib
-  from zsjax import search
-
   config, c, tokenizer = run.config, run.config.sim_tuning, run.shared["tokenizer"]
   examples = data_lib.load_qa(config.data.train_files, on_error=config.data.on_error)
   if c.num_questions and c.num_questions < len(examples):
     order = np.random.default_rng(config.seed).permutation(len(examples))[:c.num_questions]
     examples = examples.select(sorted(order.tolist()))
-  engine = search.engine_from_config(config.engine, run.shared["sim_prompt"])  # a real engine
+  engine = engine_from_config(config.engine, run.shared["sim_prompt"])  # a real engine
   policy = None
   if c.queries == "policy":
-    from zsjax.hf import load_model
-    from zsjax.rollout import RolloutConfig
-    from zsjax.sampling import from_config
-    from zsjax.sharding import ShardingPlan
-
     plan = ShardingPlan.single_device()
-    cfg, params = load_model(c.policy, plan, jax.random.key(config.seed), len(tokenizer),
+    cfg, params = hf.load_model(c.policy, plan, jax.random.key(config.seed), len(tokenizer),
                              (tokenizer.eos_token_id,), what="sim_tuning.policy")
     policy = make_collection_policy(cfg, params, tokenizer, engine,
-                                    RolloutConfig.from_config(c.rollout),
-                                    from_config(c.sampling), prompt_width=c.prompt_width)
+                                    rollout_lib.RolloutConfig.from_config(c.rollout),
+                                    sampling_lib.from_config(c.sampling), prompt_width=c.prompt_width)
   run.shared["summary"]["collect"] = collect_trajectories(
       run.workdir / "trajectories.jsonl", examples, engine, tokenizer=tokenizer, policy=policy,
       batch_size=c.batch_size, queries=c.queries, progress=config.progress)
 
 
 def _label(run) -> None:
-  from zsjax import hf
-  from zsjax.data import write_jsonl
-
   config, c = run.config, run.config.sim_tuning
   if c.judge == "rule":
     judge = RuleJudge()
@@ -444,21 +430,12 @@ def _dataset(run) -> None:
 
 
 def _sft(run) -> None:
-  import ml_collections
-
-  from zsjax import train_sft
-
   sft_config = ml_collections.ConfigDict(run.config.to_dict())
   sft_config.sft.data = str(run.workdir / "sft_data")
   train_sft.run(sft_config, str(run.workdir / "sft"))
 
 
 def _report(run) -> None:
-  import datasets
-
-  from zsjax import hf
-  from zsjax.metrics import MetricWriter
-
   config, c, workdir = run.config, run.config.sim_tuning, run.workdir
   sim_cfg, sim_params = hf.load_checkpoint(workdir / "sft" / "hf_export")
   test = datasets.load_from_disk(str(workdir / "sft_data")).get("test")
@@ -476,11 +453,6 @@ def run(config, workdir: str) -> dict:
   """``job="sim_tuning"``: collect -> label -> dataset -> SFT -> quality report, each
   stage skipped when its output exists in WORKDIR (``zsjax.stages``), so a rerun
   resumes. Collection always runs: it skips the questions already collected."""
-  import ml_collections
-
-  from zsjax import hf
-  from zsjax.stages import Stage, StageRun, run_stage
-
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   report_rows([], config.sim_tuning.report_queries)  # a bad value fails now, not after tuning

@@ -36,7 +36,7 @@ import numpy as np
 from zsjax.engine import EngineOutput, concat_ragged, gather_span, pad_rows, tokens_covering_tail
 from zsjax.model import ModelConfig, Transformer, init_cache
 from zsjax.sampling import Greedy, Sampling, sample
-from zsjax.template import TagMatcher, build_tag_matcher
+from zsjax.template import TagMatcher, build_tag_matcher, token_bytes
 
 DEFAULT_TEMPLATE = (
     "You act as a web search engine.\n"
@@ -204,8 +204,6 @@ class SimulatorEngine:
   newline_id: int = dataclasses.field(init=False)  # the token of "\n" (-1: none single)
 
   def __post_init__(self):
-    from zsjax.template import token_bytes
-
     pieces = token_bytes(self.tokenizer, self.cfg.vocab_size)
     object.__setattr__(self, "matcher", build_tag_matcher(pieces=pieces,
                                                           tags=(self.prompt.stop_marker,)))
@@ -412,6 +410,14 @@ def _generate(engine: SimulatorEngine, params, prompt, prompt_lengths, active, r
   return state.tokens, state.count, state.hit_marker
 
 
+def simulator_sampling(temperature: float, method: str = "gumbel",
+                       greedy: bool = False) -> Greedy | Sampling:
+  """How a simulator draws its documents: greedy at temperature 0 (or when
+  ``greedy``: evaluation), else at ``temperature`` with ``method``."""
+  return Greedy() if greedy or temperature <= 0 else Sampling(temperature=temperature,
+                                                               method=method)
+
+
 def engine_from_config(config, tokenizer, *, cfg: ModelConfig, piece_bytes, eos_ids, pad_id: int,
                        query_width: int, greedy: bool = False) -> SimulatorEngine:
   """The on-device engine of a config: ``config.simulator`` (``template``,
@@ -419,8 +425,7 @@ def engine_from_config(config, tokenizer, *, cfg: ModelConfig, piece_bytes, eos_
   ``sampling_method``, ``zsjax.sampling.Sampling.method``) and
   ``config.engine.top_k``. ``greedy`` overrides the temperature (evaluation)."""
   sim = config.simulator
-  sampling = (Greedy() if greedy or sim.temperature <= 0 else
-              Sampling(temperature=sim.temperature, method=sim.sampling_method))
+  sampling = simulator_sampling(sim.temperature, sim.sampling_method, greedy)
   return SimulatorEngine(
       cfg=cfg, tokenizer=tokenizer,
       prompt=SimulatorPrompt.from_config(sim.template, config.engine.top_k, sim.chat_template),
@@ -432,4 +437,4 @@ def engine_from_config(config, tokenizer, *, cfg: ModelConfig, piece_bytes, eos_
 __all__ = ["DEFAULT_TEMPLATE", "SimulatorPrompt", "policy_query", "strip_blank",
            "collapse_blank_lines",
            "parse_documents", "SimulatorInputs",
-           "SimulatorEngine", "engine_from_config"]
+           "SimulatorEngine", "simulator_sampling", "engine_from_config"]

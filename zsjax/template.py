@@ -25,8 +25,10 @@ the total length of the tags (~35 states): ~21 MB of int32 for a 150k vocab.
 from __future__ import annotations
 
 import functools
+import json
 import re
 from collections import deque
+from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import flax.struct
@@ -86,18 +88,12 @@ PROMPT_FORMAT_FILE = "zsjax_prompt.json"
 def save_prompt_format(directory, *, chat_template: bool, instruction: str) -> None:
   """Records beside an exported policy how its prompts were rendered in training,
   so that evaluation renders them the same way (``load_prompt_format``)."""
-  import json
-  from pathlib import Path
-
   (Path(directory) / PROMPT_FORMAT_FILE).write_text(json.dumps(
       {"chat_template": bool(chat_template), "instruction": instruction}, indent=2) + "\n")
 
 
 def load_prompt_format(directory) -> dict | None:
   """``{"chat_template": bool, "instruction": str}`` of an exported policy, or None."""
-  import json
-  from pathlib import Path
-
   path = Path(directory) / PROMPT_FORMAT_FILE
   return json.loads(path.read_text()) if path.exists() else None
 

@@ -31,8 +31,12 @@ import json
 from pathlib import Path
 from typing import Callable
 
+import datasets
 import ml_collections
 import numpy as np
+
+from zsjax import simulator, template
+from zsjax.data import write_jsonl
 
 _ONSETS = ["b", "br", "c", "d", "dr", "f", "g", "gr", "h", "k", "l", "m", "n", "p", "r", "s",
            "st", "t", "th", "v", "z"]
@@ -57,6 +61,11 @@ class WorldSize:
   test_fraction: float = 0.15
   dev_fraction: float = 0.1
   vocab_size: int = 1536
+
+  @classmethod
+  def from_config(cls, section) -> "WorldSize":
+    """From a ``config.world`` section (configs/tiny_world.py)."""
+    return cls(**(section.to_dict() if hasattr(section, "to_dict") else dict(section)))
 
 
 # Every world draws its names from fixed pools of made-up words, one pool per
@@ -218,15 +227,9 @@ def train_tokenizer(texts, vocab_size: int, directory: str | Path):
 
 def build(directory: str | Path, seed: int, size: WorldSize = WorldSize()) -> dict:
   """Writes the world to ``directory``; returns the paths as a dict."""
-  import datasets
-
-  from zsjax import simulator, template
-
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   world = generate(seed, size)
-  from zsjax.data import write_jsonl
-
   write_jsonl(directory / "corpus.jsonl", world["corpus"])
   for split, rows in world["splits"].items():
     datasets.Dataset.from_list(rows).to_parquet(str(directory / f"{split}.parquet"))

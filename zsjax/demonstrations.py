@@ -1,0 +1,170 @@
+"""The tiny world's demonstration data: what the warm start and the simulator's
+tuning learn from (``zsjax.pipeline`` runs the stages that use them).
+
+* ``demonstrations``: correct demonstrations on a world (never the test world)
+  in the formats the evaluation prompts (the search template, RAG, direct);
+  ``warm_start_rows`` gathers them over ``demonstration_worlds``, other seeds;
+* ``QueryJudge``: a search is useful iff its documents answer the *query*,
+  which the world knows;
+* ``oracle_searches``: an oracle searcher's queries (the question, a two-hop
+  question's bridge, a question about another entity) with useful and noisy
+  results, labelled by ``QueryJudge``: the simulator's tuning pairs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from zsjax import tinyworld
+from zsjax.evaluate import method_prompt
+from zsjax.search import BM25Engine, SearchRequest
+from zsjax.sim_tuning import RuleJudge, label_pairs
+from zsjax.template import render_observation, render_prompt
+
+
+# The formats the warm start demonstrates, each as the evaluation prompts it: the
+# search template, and the direct and RAG baselines (``evaluate.method_prompt``).
+DEMO_FORMATS = ("search", "rag", "direct")
+
+
+def demonstrations(world: dict, engine, instruction: str, seed: int, *,
+                   bridge_fraction: float, baseline_fraction: float) -> list[dict]:
+  """Correct demonstrations on ``world`` (never the test world), each a row
+  ``{"prompt", "target", "target_segments", "target_loss", "format", "hops"}``:
+
+  * ``search``, one per training question: the template's prompt; the target
+    searches the question and sees the engine's documents exactly as the rollout
+    inserts them (no loss on them), and for a two-hop question, with probability
+    ``bridge_fraction``, also searches the bridge entity its documents name;
+    then it answers the gold answer. A two-hop demonstration without the second
+    search answers without the evidence: when a second search pays is left to
+    RL;
+  * ``rag`` for a ``baseline_fraction`` of the questions: the RAG baseline's
+    prompt (the engine's documents for the question) -> the gold answer;
+  * ``direct`` for another such share: the direct baseline's prompt -> the
+    gold answer (a world the model has not seen: the format only).
+
+  The answer's name carries loss only where the context (the prompt and the
+  inserted documents) holds it; ``<answer>`` always does. So the warm start is
+  taught to read an answer, never to guess one: what it writes after evidence
+  that does not answer is its own, as a base model's would be."""
+  rng = np.random.default_rng(seed)
+  rows = []
+
+  def answer(context: str) -> tuple[list[str], list[int]]:
+    # The name is a training target only where the context holds it: reading is
+    # taught, guessing is not (the tag is taught either way: the format).
+    gold = q["golden_answers"][0]
+    return ["<answer>", f" {gold} </answer>"], [1, int(gold in context)]
+
+  for q in world["splits"]["train"]:
+    queries = [q["question"]]
+    if q["bridge"] and rng.random() < bridge_fraction:
+      queries.append(q["bridge"])
+    segments, loss, first_docs = [], [], None
+    for query in queries:
+      docs = engine.search([SearchRequest(query)]).documents[0]
+      first_docs = docs if first_docs is None else first_docs
+      segments += [f"<search> {query} </search>", render_observation(docs)]
+      loss += [1, 0]  # the documents are inserted, not written: no loss on them
+    tail, tail_loss = answer("".join(segments))
+    common = {"hops": q["hops"]}
+    rows.append({"prompt": render_prompt(q["question"], None, instruction, False),
+                 "target": "".join(segments + tail), "target_segments": segments + tail,
+                 "target_loss": loss + tail_loss, "format": "search", **common})
+    draw = rng.random()
+    for fmt, low in (("rag", 0.0), ("direct", baseline_fraction)):
+      if low <= draw < low + baseline_fraction:
+        prompt = method_prompt(fmt, q["question"], None, first_docs if fmt == "rag" else ())
+        tail, tail_loss = answer(prompt)
+        rows.append({"prompt": prompt, "target": "".join(tail), "target_segments": tail,
+                     "target_loss": tail_loss, "format": fmt, **common})
+  return rows
+
+
+class QueryJudge:
+  """The tiny world's judge of a search: useful iff the documents answer the
+  *query* (the paper labels a result useful "if it holds enough to answer the
+  query"), which the world knows: a query that is one of its questions is
+  answered by a gold answer of that question, a query that names an entity by
+  the entity's own document. Other queries fall back to the trajectory's own
+  question (``sim_tuning.RuleJudge``). Judging the query, not the question, is
+  what keeps a tuned simulator from writing the answer into the results of a
+  query about something else."""
+
+  def __init__(self, questions: list[dict], corpus: list[dict]):
+    self.golds = {q["question"]: list(q["golden_answers"]) for q in questions}
+    self.entity_docs = {d["title"]: d["contents"] for d in corpus}
+    self.by_answer = RuleJudge()
+
+  def useful(self, question, golds, query, documents) -> bool:
+    query = query.strip()
+    if query in self.entity_docs:
+      return any(self.entity_docs[query] == d.strip() for d in documents)
+    return self.by_answer.useful(question, self.golds.get(query, golds), query, documents)
+
+
+def oracle_searches(sources, top_k: int, seed: int) -> tuple[list[dict], list[dict]]:
+  """What an oracle searcher sees, as ``sim_tuning`` trajectories and labelled
+  pairs. ``sources`` holds ``(id_prefix, questions, corpus, engine)`` per world;
+  for each question the queries are the question, a two-hop question's bridge
+  entity, and another question of the same relation (a query about the wrong
+  entity, as a policy that miscopies a name would write). Each query is recorded
+  twice: with the engine's top ``top_k`` documents, and with its best ``top_k``
+  documents that do not answer the query (fewer, or none, when the engine finds
+  fewer; labelling skips empty results). ``engine`` should return more than
+  ``top_k``. Pairs are labelled with ``QueryJudge``."""
+  rng = np.random.default_rng(seed)
+  trajectories, pairs = [], []
+  for prefix, questions, corpus, engine in sources:
+    judge = QueryJudge(questions, corpus)
+    by_relation: dict[str, list[dict]] = {}
+    for q in questions:
+      by_relation.setdefault(q.get("relation", ""), []).append(q)
+    source = []
+    for q in questions:
+      queries = [q["question"]] + ([q["bridge"]] if q["bridge"] else [])
+      others = [o for o in by_relation[q.get("relation", "")] if o["question"] != q["question"]]
+      if others:
+        queries.append(others[rng.integers(len(others))]["question"])
+      searches = []
+      for query, docs in zip(queries, engine.search([SearchRequest(x) for x in queries]).documents):
+        without = [d for d in docs if not judge.useful(q["question"], q["golden_answers"], query,
+                                                       [d])][:top_k]
+        searches += [{"query": query, "documents": list(docs[:top_k])},
+                     {"query": query, "documents": without}]
+      source.append({"id": prefix + q["id"], "question": q["question"],
+                     "golden_answers": list(q["golden_answers"]), "searches": searches,
+                     "answer": None, "correct": 0.0, "f1": 0.0})
+    trajectories += source
+    pairs += label_pairs(source, judge)
+  return trajectories, pairs
+
+def demonstration_worlds(config) -> list[dict]:
+  """The ``demo_worlds`` worlds the warm start is demonstrated on (other seeds than
+  ``config.seed``, the same size)."""
+  if config.demo_worlds < 1:
+    raise ValueError(f"config.demo_worlds={config.demo_worlds}: the warm start needs at least "
+                     "one other world to demonstrate on (64 by default).")
+  return [tinyworld.generate(config.seed + 7919 * (k + 1), tinyworld.WorldSize.from_config(config.world))
+          for k in range(config.demo_worlds)]
+
+
+def warm_start_rows(config) -> list[dict]:
+  """Every demonstration the warm start trains on (``demonstrations`` of each of
+  ``demonstration_worlds``, BM25 with ``top_k`` as the engine); never this
+  world's questions."""
+  worlds = demonstration_worlds(config)
+  if config.demo_this_world:  # CI only: see configs/tiny_world.py
+    worlds.append(tinyworld.generate(config.seed, tinyworld.WorldSize.from_config(config.world)))
+  rows = []
+  for k, world in enumerate(worlds):
+    engine = BM25Engine([d["contents"] for d in world["corpus"]], top_k=config.top_k)
+    rows += demonstrations(world, engine, config.instruction, config.seed + k,
+                           bridge_fraction=config.demo_bridge_fraction,
+                           baseline_fraction=config.demo_baseline_fraction)
+  return rows
+
+
+__all__ = ["DEMO_FORMATS", "demonstrations", "QueryJudge", "oracle_searches",
+           "demonstration_worlds", "warm_start_rows"]
