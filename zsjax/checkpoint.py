@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from zsjax import hf
+from zsjax import hf, template
 
 
 def abstract_like(tree, shardings=None):
@@ -48,6 +48,11 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save))
+
+  @classmethod
+  def from_config(cls, directory: str | Path, checkpoint) -> "Checkpointer":
+    """From a ``config.checkpoint`` section (``max_to_keep``, ``async_save``)."""
+    return cls(directory, max_to_keep=checkpoint.max_to_keep, async_save=checkpoint.async_save)
 
   def save(self, step: int, state, extra: dict[str, Any] | None = None, force: bool = False) -> bool:
     """Saves ``state`` (arrays) and ``extra`` (JSON) as ``step``; asynchronous
@@ -115,8 +120,13 @@ class Checkpointer:
     self.manager.close()
 
 
-def export_hf(directory: str | Path, cfg, params, tokenizer) -> Path:
-  """A trained model and its tokenizer as an HF directory (``hf.save_checkpoint``)."""
+def export_hf(directory: str | Path, cfg, params, tokenizer,
+              prompt_format: dict | None = None) -> Path:
+  """A trained model and its tokenizer as an HF directory (``hf.save_checkpoint``);
+  a policy's ``prompt_format`` (``chat_template``, ``instruction``) beside them
+  (``template.save_prompt_format``)."""
   export = hf.save_checkpoint(directory, cfg, params)
   tokenizer.save_pretrained(str(export))
+  if prompt_format is not None:
+    template.save_prompt_format(export, **prompt_format)
   return export

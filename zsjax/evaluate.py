@@ -351,7 +351,7 @@ def setup(config, workdir: str | Path) -> EvalJob:
   for m in methods:
     if m not in METHODS:
       raise ValueError(f"config.eval.methods has {m!r}; choose from {METHODS}.")
-  tokenizer = hf.load_tokenizer(config.tokenizer or config.policy.checkpoint)
+  tokenizer = hf.config_tokenizer(config, "policy")
   plan = ShardingPlan.single_device()
   cfg, params = load_policy(config.policy, tokenizer, plan)
   use_chat_template, instruction = prompt_format(config)

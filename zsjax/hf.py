@@ -502,6 +502,16 @@ def load_tokenizer(path: str | os.PathLike, **kwargs):
   return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, **kwargs)
 
 
+def config_tokenizer(config, section: str):
+  """The tokenizer a job's config names: ``config.tokenizer``, else the one beside
+  ``config.<section>.checkpoint`` (both empty: an error naming both)."""
+  path = config.tokenizer or config[section].checkpoint
+  if not path:
+    raise ValueError(f"config.tokenizer is empty and config.{section}.checkpoint too; give a "
+                     "local directory with the tokenizer.")
+  return load_tokenizer(path)
+
+
 def load_model(section, plan, rng: jax.Array, vocab_size: int, eos_ids, *, what: str):
   """``(cfg, params)`` of a config section (``checkpoint``, ``param_dtype``,
   ``dtype``, ``remat``, ``model``): the local HF directory ``section.checkpoint``
@@ -534,4 +544,4 @@ def load_model(section, plan, rng: jax.Array, vocab_size: int, eos_ids, *, what:
 
 __all__ = ["CheckpointError", "load_model", "config_from_hf", "config_to_hf", "read_config",
            "iter_checkpoint_params", "load_checkpoint", "save_checkpoint", "hf_state_dict",
-           "load_tokenizer"]
+           "load_tokenizer", "config_tokenizer"]

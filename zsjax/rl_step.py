@@ -285,6 +285,24 @@ def step_metrics(update_metrics: list[dict], traj, scores: AnswerScores, reward:
   return metrics
 
 
+def sample_records(tokenizer, step: int, traj, golds, scores: AnswerScores,
+                   rows: int) -> list[dict]:
+  """The step's first ``rows`` trajectories decoded: what the policy wrote, what
+  the engine answered, the answer and its reward (``WORKDIR/samples.jsonl``)."""
+  def decode(ids):
+    return tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=True)
+
+  records = []
+  for i in range(min(rows, len(golds))):
+    start, end = int(traj.prompt_lengths[i]), int(traj.lengths[i])
+    records.append({
+        "step": step, "row": i, "golden_answers": golds[i], "answer": scores.answers[i],
+        "reward": float(scores.train[i]), "searches": int(traj.searches[i]),
+        "noisy_calls": int(traj.noisy_calls[i]), "prompt": decode(traj.tokens[i, :start]),
+        "response": decode(traj.tokens[i, start:end])})
+  return records
+
+
 def source_metrics(traj, scores: AnswerScores, sources) -> dict[str, float]:
   """Reward, EM and searches per trajectory for each data source of the batch
   (``data_source`` of the training rows, e.g. a benchmark's name, or the tiny
@@ -303,4 +321,4 @@ def source_metrics(traj, scores: AnswerScores, sources) -> dict[str, float]:
 
 __all__ = ["RLState", "RLBatch", "RLPrograms", "build_programs",
            "minibatch_sizes", "critic_from_policy", "loss_mask_of", "make_rl_batch",
-           "update_epochs", "step_metrics", "source_metrics"]
+           "update_epochs", "step_metrics", "sample_records", "source_metrics"]

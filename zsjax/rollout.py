@@ -519,7 +519,28 @@ def prepare_batch(tokenizer, prompts: Sequence[str], questions: Sequence[str],
                                                                   n))
 
 
+def prepare_qa_batch(tokenizer, examples: Sequence[dict], render, engine=None, *,
+                     samples_per_prompt: int = 1, pad_id: int = 0, prompt_width: int | None = None,
+                     widths: str = ""):
+  """``prepare_batch`` of QA rows (``question``, ``golden_answers``, ``data_source``),
+  each prompt ``render(question)``: ``(RolloutBatch, golds per row, data source per
+  row)``. ``widths`` names the config fields whose widths a failure may need."""
+  questions = [e["question"] for e in examples]
+  try:
+    batch = prepare_batch(tokenizer, [render(q) for q in questions], questions,
+                          [e["golden_answers"][0] for e in examples], engine,
+                          samples_per_prompt=samples_per_prompt, pad_id=pad_id,
+                          prompt_width=prompt_width)
+  except ValueError as e:
+    if not widths:
+      raise
+    raise ValueError(f"{e} The widths are {widths}.") from None
+  n = samples_per_prompt
+  golds = [list(e["golden_answers"]) for e in examples for _ in range(n)]
+  return batch, golds, [e["data_source"] for e in examples for _ in range(n)]
+
+
 __all__ = ["RolloutConfig", "RolloutBatch", "Trajectories", "StaticTokens", "RolloutSpec",
-           "RolloutState", "TurnState", "make_rollout", "run_rollout", "prompt_too_wide",
+           "RolloutState", "TurnState", "make_rollout", "run_rollout", "prompt_too_wide", "prepare_qa_batch",
            "shard_rollout", "prepare_static_tokens", "prepare_batch", "row_check",
            "decode_step", "decode_turn", "turn_step", "insert_observation", "initial_state"]

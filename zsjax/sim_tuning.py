@@ -460,8 +460,7 @@ def run(config, workdir: str) -> dict:
                                        lambda world: world["train"])
   summary: dict = {}
   state = StageRun(config, workdir, "sim_tuning", shared={
-      "summary": summary, "tokenizer": hf.load_tokenizer(config.tokenizer or
-                                                         config.model.checkpoint),
+      "summary": summary, "tokenizer": hf.config_tokenizer(config, "model"),
       "sim_prompt": SimulatorPrompt.from_config(config.simulator_template, config.engine.top_k,
                                                 config.simulator_chat_template)})
   _collect(state)

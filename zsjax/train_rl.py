@@ -24,6 +24,7 @@ the step, so a resumed run reproduces the uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -45,6 +46,7 @@ from zsjax.rewards import AnswerScores, score_answers
 from zsjax.rl_settings import RLSettings, check_config
 from zsjax.sharding import ShardingPlan, is_main_process, to_host
 
+
 @dataclasses.dataclass
 class RLJob:
   """What ``setup`` builds; the loop reads it and never changes it."""
@@ -54,6 +56,7 @@ class RLJob:
   workdir: Path
   key: jax.Array  # key(seed); step s draws from fold_in(key, s)
   tokenizer: Any
+  render: Any  # question -> the policy's prompt (config.data.instruction, chat_template)
   data: Any  # datasets.Dataset of QA rows
   sources: tuple[str, ...]  # the data's data_source values, sorted
   plan: ShardingPlan
@@ -72,11 +75,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> RLJob:
   r, plan = check_config(config), ShardingPlan.from_config(config)
   r.check_mesh(plan)
   key = jax.random.key(config.seed)
-  tokenizer_dir = config.tokenizer or config.policy.checkpoint
-  if not tokenizer_dir:
-    raise ValueError("config.tokenizer is empty and config.policy.checkpoint too; give a "
-                     "local directory with the tokenizer.")
-  tokenizer = hf.load_tokenizer(tokenizer_dir)
+  tokenizer = hf.config_tokenizer(config, "policy")
   eos_ids = tuple(i for i in (tokenizer.eos_token_id,) if i is not None)
   policy_cfg, params = hf.load_model(config.policy, plan, jax.random.fold_in(key, 1),
                                      len(tokenizer), eos_ids, what="policy")
@@ -98,23 +97,20 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> RLJob:
   programs = rl_step.build_programs(r, policy_cfg, plan, policy_sampling.temperature)
   # Rows that cannot make a batch (a prompt wider than the fixed width, text too long
   # for the engine) are found now, with file, row and field, not at the step drawing them.
-  check = rollout_lib.row_check(
-      tokenizer, engine, lambda q: _render(config, tokenizer, q),
-      config.rollout.max_prompt_tokens, "config.rollout.max_prompt_tokens")
+  render = functools.partial(template.render_prompt, tokenizer=tokenizer,
+                             instruction=config.data.instruction or template.INSTRUCTION,
+                             use_chat_template=config.data.chat_template)
+  check = rollout_lib.row_check(tokenizer, engine, render, config.rollout.max_prompt_tokens,
+                                "config.rollout.max_prompt_tokens")
   data = data_lib.load_qa(config.data.train_files, on_error=config.data.on_error,
                           limit=config.data.limit or None, check=check)
   return RLJob(
       config=config, settings=r, workdir=Path(workdir), key=key, tokenizer=tokenizer,
+      render=render,
       data=data, sources=tuple(sorted(set(data["data_source"]))),
       plan=plan, policy_cfg=policy_cfg, initial_params=params,
       ref_params=programs.copy_params(params), engine=engine, engine_state=engine_state,
       rollout=rollout, rollout_config=rollout_config, pad_id=static.pad_id, programs=programs)
-
-
-def _render(config, tokenizer, question: str) -> str:
-  return template.render_prompt(question, tokenizer,
-                                config.data.instruction or template.INSTRUCTION,
-                                use_chat_template=config.data.chat_template)
 
 
 def rollout_batch(job: RLJob, step: int):
@@ -122,22 +118,12 @@ def rollout_batch(job: RLJob, step: int):
   row's gold answers and each row's data source."""
   config, r = job.config, job.settings
   rows = data_lib.batch_rows(len(job.data), r.prompts_per_step, config.seed, step - 1)
-  examples = [job.data[int(i)] for i in rows]
-  questions = [e["question"] for e in examples]
-  prompts = [_render(config, job.tokenizer, q) for q in questions]
-  try:
-    batch = rollout_lib.prepare_batch(
-        job.tokenizer, prompts, questions, [e["golden_answers"][0] for e in examples],
-        job.engine, samples_per_prompt=r.samples_per_prompt,
-        pad_id=job.pad_id, prompt_width=config.rollout.max_prompt_tokens)
-  except ValueError as e:
-    raise ValueError(f"{e} The widths are config.rollout.max_prompt_tokens="
-                     f"{config.rollout.max_prompt_tokens} and "
-                     f"config.simulator.max_prefix_tokens="
-                     f"{config.simulator.max_prefix_tokens}.") from None
-  golds = [list(e["golden_answers"]) for e in examples for _ in range(r.samples_per_prompt)]
-  sources = [e["data_source"] for e in examples for _ in range(r.samples_per_prompt)]
-  return batch, golds, sources
+  return rollout_lib.prepare_qa_batch(
+      job.tokenizer, [job.data[int(i)] for i in rows], job.render,
+      job.engine, samples_per_prompt=r.samples_per_prompt, pad_id=job.pad_id,
+      prompt_width=config.rollout.max_prompt_tokens,
+      widths=f"config.rollout.max_prompt_tokens={config.rollout.max_prompt_tokens} and "
+             f"config.simulator.max_prefix_tokens={config.simulator.max_prefix_tokens}")
 
 
 def train_step(job: RLJob, state: rl_step.RLState, step: int):
@@ -175,18 +161,12 @@ def train_step(job: RLJob, state: rl_step.RLState, step: int):
 
 
 def write_samples(job: RLJob, step: int, traj, golds, scores: AnswerScores) -> None:
-  """Appends the step's first ``rl.sample_rows`` trajectories, decoded, to
-  ``WORKDIR/samples.jsonl``: what the policy wrote and what the engine answered."""
-  decode = lambda ids: job.tokenizer.decode(np.asarray(ids).tolist(),  # noqa: E731
-                                            skip_special_tokens=True)
+  """Appends the step's first ``rl.sample_rows`` trajectories, decoded
+  (``rl_step.sample_records``), to ``WORKDIR/samples.jsonl``."""
   with open(job.workdir / "samples.jsonl", "a") as f:
-    for i in range(min(job.settings.sample_rows, len(golds))):
-      start, end = int(traj.prompt_lengths[i]), int(traj.lengths[i])
-      f.write(json.dumps({
-          "step": step, "row": i, "golden_answers": golds[i], "answer": scores.answers[i],
-          "reward": float(scores.train[i]), "searches": int(traj.searches[i]),
-          "noisy_calls": int(traj.noisy_calls[i]), "prompt": decode(traj.tokens[i, :start]),
-          "response": decode(traj.tokens[i, start:end])}) + "\n")
+    for record in rl_step.sample_records(job.tokenizer, step, traj, golds, scores,
+                                         job.settings.sample_rows):
+      f.write(json.dumps(record) + "\n")
 
 
 def train(job: RLJob) -> dict:
@@ -196,8 +176,7 @@ def train(job: RLJob) -> dict:
   config, r, workdir = job.config, job.settings, job.workdir
   workdir.mkdir(parents=True, exist_ok=True)
   ck = config.checkpoint
-  checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=ck.max_to_keep,
-                              async_save=ck.async_save)
+  checkpointer = Checkpointer.from_config(workdir / "checkpoints", ck)
   checkpointer.refuse_other_run(workdir, "algorithm", r.algorithm, "config.rl.algorithm")
   state, extra, resumed = checkpointer.restore_or(
       job.programs.state_target(),
@@ -205,7 +184,7 @@ def train(job: RLJob) -> dict:
   start = int(extra.get("step", 0)) if resumed else 0
   if start > r.total_steps and is_main_process():
     console(f"{workdir} holds step {start}, past config.rl.total_steps={r.total_steps}: "
-             f"nothing to train; the export and summary are of step {start}.")
+            f"nothing to train; the export and summary are of step {start}.")
   if is_main_process():
     drop_steps_after(workdir / "samples.jsonl", start)  # as MetricWriter does for metrics
   failures = search.FailingSteps.from_config(config.engine)
@@ -238,7 +217,7 @@ def train(job: RLJob) -> dict:
   except KeyboardInterrupt:
     checkpointer.close()  # an asynchronous save in progress completes first
     console(f"interrupted during RL step {step}; the last complete checkpoint is step "
-             f"{checkpointer.latest_step()}: rerun the same command to resume from it.")
+            f"{checkpointer.latest_step()}: rerun the same command to resume from it.")
     raise
   except search.EngineError as e:
     checkpointer.close()
@@ -249,9 +228,10 @@ def train(job: RLJob) -> dict:
   checkpointer.close()
   summary = {"final_step": done, "resumed_from": start, **last}
   if ck.export_hf and is_main_process():
-    export = export_hf(workdir / "hf_export", job.policy_cfg, state.policy.params, job.tokenizer)
-    template.save_prompt_format(export, chat_template=config.data.chat_template,
-                                instruction=config.data.instruction or template.INSTRUCTION)
+    export = export_hf(workdir / "hf_export", job.policy_cfg, state.policy.params, job.tokenizer,
+                       prompt_format={"chat_template": config.data.chat_template,
+                                      "instruction": config.data.instruction
+                                      or template.INSTRUCTION})
     summary["hf_export"] = str(export)
   if is_main_process():
     (workdir / "rl_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -264,5 +244,4 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return train(setup(config, workdir))
 
 
-__all__ = ["RLJob", "setup", "rollout_batch", "train_step",
-           "write_samples", "train", "run"]
+__all__ = ["RLJob", "setup", "rollout_batch", "train_step", "write_samples", "train", "run"]

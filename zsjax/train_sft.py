@@ -164,11 +164,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> SFTJob:
   if s.batch_size % plan.batch_divisor:
     raise ValueError(f"config.sft.batch_size={s.batch_size} is not a multiple of data x fsdp = "
                      f"{plan.batch_divisor} (mesh {plan.sizes}).")
-  tokenizer_dir = config.tokenizer or config.model.checkpoint
-  tokenizer = hf.load_tokenizer(tokenizer_dir)
+  tokenizer = hf.config_tokenizer(config, "model")
   eos = tokenizer.eos_token_id
   if eos is None:
-    raise ValueError(f"the tokenizer in {tokenizer_dir} has no EOS token; SFT targets end in it.")
+    raise ValueError(f"the tokenizer in {tokenizer.name_or_path} has no EOS token; SFT targets "
+                     "end in it.")
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
   key = jax.random.key(config.seed)
   cfg, initial = hf.load_model(config.model, plan, jax.random.fold_in(key, 1), len(tokenizer),
@@ -208,8 +208,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> SFTJob:
 def train(job: SFTJob) -> dict:
   """The loop: resume or start, step, evaluate, write, checkpoint; export at the end."""
   config, s, plan, workdir, train = job.config, job.config.sft, job.plan, job.workdir, job.train
-  checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.max_to_keep,
-                              async_save=config.checkpoint.async_save)
+  checkpointer = Checkpointer.from_config(workdir / "checkpoints", config.checkpoint)
   state, extra, resumed = checkpointer.restore_or(job.target, lambda: job.state)
   start = int(extra.get("step", 0))
   summary = {"data": job.train_info, "resumed_from": start}
