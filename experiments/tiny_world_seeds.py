@@ -143,7 +143,7 @@ def report(root: Path, seeds: list[int], out: Path) -> dict:
           + f" | {fmt([g['em'] for g in gains])} |")
   lines += ["", "Simulator control on the test questions' queries, per seed: % whose "
             "documents hold the gold answer / % with a document that names the query's "
-            "subject and the answer (`tiny_report.answers`). Answerable: a single-hop question "
+            "subject and the answer (`zsjax.report.answers`). Answerable: a single-hop question "
             "or a two-hop question's bridge entity.", "",
             "| seed | answerable: useful | noisy | BM25 | two-hop question: useful / noisy / "
             "BM25 (holds) | another entity's question: useful / noisy (holds) |",
