@@ -344,7 +344,7 @@ def setup(config, workdir: str | Path) -> EvalJob:
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   config = tinyworld.fill_missing_data(
-      config, workdir, "eval.sets",
+      config, workdir, "eval", "sets",
       lambda world: f"single_hop={world['test_single_hop']},two_hop={world['test_two_hop']}")
   e = config.eval
   methods = [m.strip() for m in e.methods.split(",") if m.strip()]

@@ -541,6 +541,7 @@ def prepare_qa_batch(tokenizer, examples: Sequence[dict], render, engine=None, *
 
 
 __all__ = ["RolloutConfig", "RolloutBatch", "Trajectories", "StaticTokens", "RolloutSpec",
-           "RolloutState", "TurnState", "make_rollout", "run_rollout", "prompt_too_wide", "prepare_qa_batch",
+           "RolloutState", "TurnState", "make_rollout", "run_rollout", "prompt_too_wide",
+           "prepare_qa_batch",
            "shard_rollout", "prepare_static_tokens", "prepare_batch", "row_check",
            "decode_step", "decode_turn", "turn_step", "insert_observation", "initial_state"]

@@ -456,7 +456,7 @@ def run(config, workdir: str) -> dict:
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   report_rows([], config.sim_tuning.report_queries)  # a bad value fails now, not after tuning
-  config = tinyworld.fill_missing_data(config, workdir, "data.train_files",
+  config = tinyworld.fill_missing_data(config, workdir, "data", "train_files",
                                        lambda world: world["train"])
   summary: dict = {}
   state = StageRun(config, workdir, "sim_tuning", shared={

@@ -266,25 +266,19 @@ def paths(directory: str | Path) -> dict:
           "test_two_hop": str(directory / "test_two_hop.jsonl")}
 
 
-def fill_missing_data(config, workdir: str | Path, field: str, value: Callable[[dict], str]):
-  """A job's data when none is given: with ``config.synthetic_data`` set and the
-  dotted ``field`` (the job's data, e.g. ``data.train_files``) empty, a copy of the
-  config whose ``field`` is ``value(paths)`` of a tiny world built in
-  ``WORKDIR/world`` (for ``config.seed``), and whose ``tokenizer`` and
+def fill_missing_data(config, workdir: str | Path, section: str, field: str,
+                      value: Callable[[dict], str]):
+  """A job's data when none is given: with ``config.synthetic_data`` set and
+  ``config[section][field]`` (the job's data, e.g. ``data``, ``train_files``)
+  empty, a copy of the config whose field is ``value(paths)`` of a tiny world
+  built in ``WORKDIR/world`` (for ``config.seed``), and whose ``tokenizer`` and
   ``engine.corpus`` are the world's where the config gives none. Otherwise the
   config itself."""
-  *parents, leaf = field.split(".")
-  section = config
-  for name in parents:
-    section = section[name]
-  if not config.synthetic_data or section[leaf]:
+  if not config.synthetic_data or config[section][field]:
     return config
   world = ensure(Path(workdir) / "world", config.seed)
   config = ml_collections.ConfigDict(config.to_dict())
-  section = config
-  for name in parents:
-    section = section[name]
-  section[leaf] = value(world)
+  config[section][field] = value(world)
   config.tokenizer = config.tokenizer or world["tokenizer"]
   config.engine.corpus = config.engine.corpus or world["corpus"]
   return config

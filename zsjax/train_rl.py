@@ -239,7 +239,7 @@ def train(job: RLJob) -> dict:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  config = tinyworld.fill_missing_data(config, workdir, "data.train_files",
+  config = tinyworld.fill_missing_data(config, workdir, "data", "train_files",
                                        lambda world: world["train"])
   return train(setup(config, workdir))
 
