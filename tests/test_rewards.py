@@ -44,3 +44,39 @@ def test_strict_and_substring_em():
   assert W.exact_match(None, "x") == 0.0 and W.substring_match(None, "x") == 0.0
   with pytest.raises(ValueError, match="gold answers"):
     W.f1("x", [])
+
+
+class _Chars:
+  """A character-level tokenizer: token id = code point (decode only)."""
+
+  def decode(self, ids, skip_special_tokens=True):
+    return "".join(map(chr, ids))
+
+
+def _row(*pieces):
+  """tokens and loss mask of one row from (text, sampled) pieces."""
+  tokens, mask = [], []
+  for text, sampled in pieces:
+    tokens += [ord(c) for c in text]
+    mask += [int(sampled)] * len(text)
+  return tokens, mask
+
+
+def test_policy_answer_never_joins_two_turns():
+  # the failure another machine's rollout hit: a turn ends inside an <answer>, the
+  # invalid-action feedback follows, the next turn closes it
+  tokens, mask = _row(("Question: q?", False), ("<think> x </think><answer> Paris", True),
+                      ("\nMy previous action is invalid.\n", False),
+                      ("<search> Eoad? </answer>", True), ("\n\n<information>d</information>\n\n", False))
+  assert W.policy_answer(_Chars(), tokens, mask) is None
+  assert W.sampled_turns(tokens, mask)[1] == [ord(c) for c in "<search> Eoad? </answer>"]
+  # a complete answer in an earlier turn still counts when a later turn has none
+  tokens, mask = _row(("P", False), ("<answer> Lyon </answer>", True), ("fb", False),
+                      ("<answer> Par", True), ("pad", False))
+  assert W.policy_answer(_Chars(), tokens, mask) == "Lyon"
+  # the last turn that holds one wins; the prompt's example answer never counts
+  tokens, mask = _row(("<answer> Beijing </answer>", False), ("<answer> A </answer>", True),
+                      ("fb", False), ("<answer> B </answer>", True))
+  assert W.policy_answer(_Chars(), tokens, mask) == "B"
+  assert W.sampled_turns([1, 2, 3], [0, 0, 0]) == []
+  assert W.policy_answer(_Chars(), [65, 66], [1, 1]) is None

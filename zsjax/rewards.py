@@ -3,8 +3,10 @@
 * ``normalize_answer``: SQuAD normalisation (lower case, no punctuation, no
   articles a/an/the, single spaces).
 * ``extract_answer``: the content of the last complete ``<answer>…</answer>`` (no
-  other ``<answer>`` inside) of the *response* (never the prompt, whose
-  instructions contain an example answer); None when there is none, which scores 0.
+  other ``<answer>`` inside) of a text; None when there is none, which scores 0.
+* ``policy_answer``: ``extract_answer`` of each turn the policy sampled, on its own
+  (never the prompt, whose instructions contain an example answer, and never
+  one answer assembled from two turns); the last turn that holds one wins.
 * ``f1`` (the training reward), ``exact_match`` (strict) and
   ``substring_match`` (the normalised gold inside the normalised prediction: what
   the reference code calls EM), each the max over the gold answers.
@@ -80,12 +82,24 @@ def substring_match(prediction: str | None, golds: str | Sequence[str]) -> float
 # ------------------------------------------------------- scoring a rollout
 
 
+def sampled_turns(tokens, loss_mask) -> list[list[int]]:
+  """The token ids of each turn the policy sampled: the maximal runs of
+  ``loss_mask == 1`` of one row (observations and feedback between turns are 0)."""
+  tokens, mask = np.asarray(tokens), np.asarray(loss_mask) == 1
+  edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+  return [tokens[start:stop].tolist() for start, stop in zip(edges[::2], edges[1::2])]
+
+
 def policy_answer(tokenizer, tokens, loss_mask) -> str | None:
-  """The last ``<answer>`` of the text the policy itself sampled (the loss-mask
-  tokens of one row): never the prompt, and never a document or the
-  invalid-action message, which names the tags."""
-  sampled = np.asarray(tokens)[np.asarray(loss_mask) == 1]
-  return extract_answer(tokenizer.decode(sampled.tolist(), skip_special_tokens=True))
+  """The last complete ``<answer>…</answer>`` that lies inside one turn the policy
+  itself sampled (the loss-mask runs of one row): never the prompt, never a
+  document or the invalid-action message (which names the tags), and never an
+  answer opened at the end of one turn and closed in a later one."""
+  for turn in reversed(sampled_turns(tokens, loss_mask)):
+    answer = extract_answer(tokenizer.decode(turn, skip_special_tokens=True))
+    if answer is not None:
+      return answer
+  return None
 
 
 @dataclasses.dataclass(frozen=True)
