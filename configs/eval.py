@@ -49,10 +49,12 @@ def get_config(arg=None):
                  param_dtype="float32", remat="none") if tiny else {}))
   config.simulator = ml_collections.ConfigDict(dict(
       checkpoint="", param_dtype="float32", dtype="float32", remat="none", model={},
-      template="",  # empty = zsjax.simulator.DEFAULT_TEMPLATE
+      # "zerosearch": the released simulators' prompt; "" (or "zsjax"): our wording; or a template
+      template="" if tiny else "zerosearch",
       chat_template=not tiny,  # a chat simulator: its chat template / chat messages
       max_prefix_tokens=192 if tiny else 320, max_new_tokens=64 if tiny else 512,
       temperature=0.0,  # evaluation decodes the simulator greedily
+      top_p=1.0,  # when temperature > 0
       sampling_method="gumbel",  # | inverse_cdf, when temperature > 0
       noise_probability=0.0))  # share of noisy calls when the engine is a simulator
   config.engine = ml_collections.ConfigDict(dict(

@@ -52,7 +52,8 @@ def get_config(arg=None):
   config.progress = True
   config.tokenizer = ""  # empty = the model checkpoint's
   config.synthetic_data = arg == "tiny"
-  config.simulator_template = ""  # empty = zsjax.simulator.DEFAULT_TEMPLATE
+  # "zerosearch": the released simulators' prompt; "" (or "zsjax"): our wording; or a template
+  config.simulator_template = "" if tiny else "zerosearch"
   # the simulator is a chat model (its prompt in its chat template, empty system message)
   config.simulator_chat_template = not tiny
   config.model = ml_collections.ConfigDict(dict(

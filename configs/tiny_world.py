@@ -144,7 +144,7 @@ def get_config(arg=None):
   config.rl = ml_collections.ConfigDict(dict(
       job="rl", tokenizer="", synthetic_data=False, policy=lm(),
       simulator=dict(lm(), template="", chat_template=False, max_prefix_tokens=80,
-                     max_new_tokens=48 if ci else 72, temperature=0.8,
+                     max_new_tokens=48 if ci else 72, temperature=0.8, top_p=1.0,
                      sampling_method="gumbel"),  # | inverse_cdf (zsjax.sampling.Sampling.method)
       engine=bm25_engine(),
       # RL trains on the first `data.limit` training questions (0 = all of them). The CI

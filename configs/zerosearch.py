@@ -80,12 +80,15 @@ def get_config(arg=None):
   config.simulator = ml_collections.ConfigDict(dict(
       checkpoint="", param_dtype="float32" if tiny else "bfloat16",
       dtype="float32" if tiny else "bfloat16", remat="none", model=tiny_model(),
-      template="",  # empty = zsjax.simulator.DEFAULT_TEMPLATE; paste the paper's here
+      # "zerosearch": the released simulators' prompt (zsjax.simulator.ZEROSEARCH_TEMPLATE);
+      # "" (or "zsjax"): our wording; or a template's own text with {query}
+      template="" if tiny else "zerosearch",
       # released simulators are chat models: their prompt in their chat template with an
       # empty system message (on device), or chat messages over HTTP
       chat_template=not tiny,
       max_prefix_tokens=192 if tiny else 320,  # simulator prompt before the query
       max_new_tokens=32 if tiny else 600, temperature=0.8 if not tiny else 1.0,
+      top_p=1.0,  # on device and sent to a served simulator (vLLM's default: 1.0)
       sampling_method="gumbel"))  # | inverse_cdf: the same distribution, a cheaper draw
   config.engine = ml_collections.ConfigDict(dict(
       kind="simulator",  # simulator (on device) | bm25 (config.engine.corpus) | http

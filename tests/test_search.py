@@ -13,6 +13,7 @@ import pytest
 
 from zsjax import search as S
 from zsjax import simulator as SIM
+from config_files import load_config
 from stub_server import StubServer
 
 transformers = pytest.importorskip("transformers")
@@ -254,3 +255,82 @@ def test_a_server_that_dies_mid_run_fails_its_later_calls():
     server.close()
   assert first.failed == [False] and second.failed == [True]
   assert engine.stats["failures"] == 1 and engine.stats["last_error"]
+
+
+# The released ZeroSearch simulators' prompt, as `search_simulate_sft` in
+# llm_agent/generation.py of Alibaba-NLP/ZeroSearch (commit 2d4cdca) builds it for
+# query 'capital of France', problem 'What is the capital of France?' and
+# ground_truth[0] 'Paris': written out here as data, one string per quality.
+REFERENCE_USEFUL = """You are the Google search engine.
+Given a query, you need to generate five useful documents for the query.
+
+The user is trying to answer the question: "What is the capital of France?" whose answer is Paris.
+Each document should contain about 30 words, and these documents should contain useful information.
+
+Query: capital of France
+Useful Output:
+"""
+REFERENCE_NOISY = """You are the Google search engine.
+Given a query, you need to generate five noisy documents for the query.
+
+The user is trying to answer the question: "What is the capital of France?" whose answer is Paris.
+Each document should contain about 30 words, and these documents should contain noisy information.
+
+Query: capital of France
+Noisy Output:
+"""
+
+
+def test_the_zerosearch_template_is_the_released_simulators_prompt():
+  prompt = SIM.SimulatorPrompt.from_config("zerosearch", top_k=5)
+  question = "What is the capital of France?"
+  # the policy's query as it stands between <search> and </search>
+  assert prompt.render(" capital of France ", question, "Paris", False) == REFERENCE_USEFUL
+  assert prompt.render("capital of France", question, "Paris", True) == REFERENCE_NOISY
+  assert prompt.messages("capital of France", question, "Paris", True) == [
+      {"role": "system", "content": ""}, {"role": "user", "content": REFERENCE_NOISY}]
+  prefix, suffix = prompt.split(question, "Paris", noisy=False)
+  assert prefix + " capital of France" + suffix == REFERENCE_USEFUL
+  assert SIM.SimulatorPrompt.from_config("", 5).template == SIM.DEFAULT_TEMPLATE
+  assert SIM.SimulatorPrompt.from_config("zsjax", 5).template == SIM.DEFAULT_TEMPLATE
+  with pytest.raises(ValueError, match=r"simulator.template='zerosarch'.*zerosearch"):
+    SIM.SimulatorPrompt.from_config("zerosarch", 5)
+
+
+@pytest.mark.parametrize("name,arg,field", [
+    ("zerosearch", "qwen2.5-3b", "simulator.template"),
+    ("zerosearch", "llama3.2-3b", "simulator.template"),
+    ("eval", "paper", "simulator.template"),
+    ("sim_tuning", "qwen2.5-7b", "simulator_template")])
+def test_paper_configs_send_the_released_prompt(name, arg, field):
+  config = load_config(name, arg)
+  section, key = field.rsplit(".", 1) if "." in field else ("", field)
+  value = (config[section] if section else config)[key]
+  assert value == "zerosearch", (name, arg, value)
+  assert load_config("tiny_world").simulator_template != "zerosearch"
+
+
+def _sampling_section(**fields):
+  import ml_collections
+
+  return ml_collections.ConfigDict({**dict(max_new_tokens=21, temperature=0.3, top_p=0.9),
+                                    **fields})
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_served_simulator_samples_as_the_config_says(server, chat):
+  prompt = SIM.SimulatorPrompt.from_config("zerosearch", 5, chat=chat)
+  engine = S.engine_from_config(http_section(url=server.url), prompt,
+                                simulator=_sampling_section())
+  engine.search([S.SearchRequest("q", "Q?", "A", False)])
+  greedy = S.engine_from_config(http_section(url=server.url), prompt,
+                                simulator=_sampling_section(), greedy=True)
+  greedy.search([S.SearchRequest("q", "Q?", "A", False)])
+  # the health checks' requests come first; every request carries the settings
+  sent = server.requests
+  assert len(sent) == 4
+  for body in sent[:2]:
+    assert (body["temperature"], body["max_tokens"], body["top_p"]) == (0.3, 21, 0.9)
+  for body in sent[2:]:
+    assert (body["temperature"], body["max_tokens"], body["top_p"]) == (0.0, 21, 0.9)
+  assert server.paths[-1] == ("/v1/chat/completions" if chat else "/v1/completions")

@@ -139,6 +139,9 @@ def check_config(config) -> RLSettings:
   check_compute_dtype(config.rollout.dtype, "config.rollout.dtype")
   check_method(config.sampling.method, "config.sampling.method")
   check_method(config.simulator.sampling_method, "config.simulator.sampling_method")
+  if not 0.0 < config.simulator.top_p <= 1.0:
+    raise ValueError(f"config.simulator.top_p={config.simulator.top_p} must lie in (0, 1] "
+                     "(1.0: no nucleus truncation, what the reference's simulator server uses).")
   check_checkpoint_config(config.checkpoint)
   return settings
 

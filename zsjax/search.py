@@ -217,7 +217,8 @@ class HttpSimulatorEngine:
 
   def __init__(self, base_url: str, model: str, prompt: SimulatorPrompt = SimulatorPrompt(), *,
                timeout_s: float = 30.0, max_retries: int = 2, backoff_s: float = 1.0,
-               max_tokens: int = 600, temperature: float = 0.8, concurrency: int = 16):
+               max_tokens: int = 600, temperature: float = 0.8, top_p: float = 1.0,
+               concurrency: int = 16):
     if timeout_s <= 0 or max_retries < 0:
       raise ValueError(f"HttpSimulatorEngine: timeout_s={timeout_s} must be > 0 and "
                        f"max_retries={max_retries} >= 0 (a search must never wait forever).")
@@ -226,7 +227,8 @@ class HttpSimulatorEngine:
     self.model, self.prompt = model, prompt
     self.top_k = prompt.top_k
     self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
-    self.max_tokens, self.temperature, self.concurrency = max_tokens, temperature, concurrency
+    self.max_tokens, self.temperature, self.top_p = max_tokens, temperature, top_p
+    self.concurrency = concurrency
     self.stats = {"calls": 0, "queries": 0, "retries": 0, "failures": 0, "last_error": ""}
     self._lock = threading.Lock()
 
@@ -309,7 +311,7 @@ class HttpSimulatorEngine:
       self.stats["calls"] += 1
       self.stats["queries"] += len(requests)
     settings = {"model": self.model, "max_tokens": self.max_tokens,
-                "temperature": self.temperature}
+                "temperature": self.temperature, "top_p": self.top_p}
     if self.prompt.chat:
       def one(r):
         out = self._with_retries(
@@ -357,20 +359,29 @@ class HttpSimulatorEngine:
 
 
 def engine_from_config(engine, prompt: SimulatorPrompt = SimulatorPrompt(), *,
+                       simulator=None, greedy: bool = False,
                        health_check: bool = True) -> HostEngine:
   """The host engine a config's ``engine`` section names: ``kind="bm25"`` (BM25 over
   ``corpus``) or ``kind="http"`` (``url``, ``model``, ``timeout_s``, ``max_retries``;
-  checked with one test call unless ``health_check=False``)."""
+  checked with one test call unless ``health_check=False``). A served simulator
+  samples as the config's ``simulator`` section says (``max_new_tokens``,
+  ``temperature``, ``top_p``; temperature 0 when ``greedy``: evaluation); without
+  that section, as the reference's trainer calls it (600 tokens, temperature 0.8)."""
   check_engine_config(engine)
   if engine.kind == "bm25":
     if not engine.corpus:
       raise ValueError("config.engine.kind='bm25' needs config.engine.corpus (a jsonl file).")
     return BM25Engine.from_jsonl(engine.corpus, top_k=engine.top_k, text_field=engine.text_field)
   if engine.kind == "http":
+    sampling = {} if simulator is None else {
+        "max_tokens": simulator.max_new_tokens, "top_p": simulator.top_p,
+        "temperature": max(float(simulator.temperature), 0.0)}
+    if greedy:
+      sampling["temperature"] = 0.0
     http_engine = HttpSimulatorEngine(engine.url, engine.model, prompt,
                                       timeout_s=engine.timeout_s, max_retries=engine.max_retries,
                                       backoff_s=engine.backoff_s,
-                                      concurrency=engine.concurrency)
+                                      concurrency=engine.concurrency, **sampling)
     if health_check:
       http_engine.health_check()
     return http_engine
@@ -413,7 +424,9 @@ def build_engine(config, tokenizer, static, rollout_config, plan, rng, *, greedy
     return engine, sim_params, plan.params(sim_cfg)
   prompt = SimulatorPrompt.from_config(config.simulator.template, config.engine.top_k,
                                        config.simulator.chat_template)
-  engine = HostSearch(prebuilt or engine_from_config(config.engine, prompt), tokenizer,
+  engine = HostSearch(prebuilt or engine_from_config(config.engine, prompt,
+                                                     simulator=config.simulator, greedy=greedy),
+                      tokenizer,
                       rollout_config.max_obs_tokens, pad_id=static.pad_id,
                       text_width=config.engine.max_text_bytes)
   return engine, jnp.zeros((), jnp.int32), None

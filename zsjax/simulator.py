@@ -4,8 +4,8 @@ Everything about the simulator lives here (METHOD.md §3):
 
 * ``SimulatorPrompt``: the prompt, a config string with ``{query}``,
   ``{question}``, ``{answer}`` and ``{quality}`` / ``{Quality}`` placeholders (the
-  default wording is our own; paste a released simulator's exact wording into
-  the config);
+  default wording is our own; ``"zerosearch"`` names the released simulators'
+  exact prompt, ``ZEROSEARCH_TEMPLATE``);
 * ``parse_documents``: post-processing of a simulator's text (cut before the
   (k+1)-th ``Doc`` marker, blank lines collapsed);
 * ``SimulatorEngine``: the on-device engine of the jitted rollout. On the host
@@ -47,6 +47,25 @@ DEFAULT_TEMPLATE = (
     "Query: {query}\n"
     "{Quality} Output:")
 
+# The prompt the released ZeroSearch simulators (Sim-3B/7B/14B) were fine-tuned on
+# and are called with: `search_simulate_sft` in llm_agent/generation.py of
+# Alibaba-NLP/ZeroSearch (commit 2d4cdca), its useful and noisy variants folded
+# into {quality} / {Quality}. The question in quotes, the first gold answer, "five"
+# whatever top_k is, and a final newline, character for character.
+ZEROSEARCH_TEMPLATE = (
+    "You are the Google search engine.\n"
+    "Given a query, you need to generate five {quality} documents for the query.\n"
+    "\n"
+    'The user is trying to answer the question: "{question}" whose answer is {answer}.\n'
+    "Each document should contain about 30 words, and these documents should contain "
+    "{quality} information.\n"
+    "\n"
+    "Query: {query}\n"
+    "{Quality} Output:\n")
+
+# config.simulator.template: one of these names, or a template's own text; "" is "zsjax".
+TEMPLATES = {"zsjax": DEFAULT_TEMPLATE, "zerosearch": ZEROSEARCH_TEMPLATE}
+
 _DOC_MARKER = re.compile(r"Doc\s*(\d+)\s*:?", re.IGNORECASE)
 
 
@@ -87,8 +106,10 @@ class SimulatorPrompt:
 
   @classmethod
   def from_config(cls, template: str, top_k: int, chat: bool = False) -> "SimulatorPrompt":
-    """An empty template means ``DEFAULT_TEMPLATE``."""
-    return cls(template or DEFAULT_TEMPLATE, top_k=top_k, chat=chat)
+    """``template``: a name of ``TEMPLATES`` (``"zerosearch"``: the released
+    simulators' prompt; ``"zsjax"`` or empty: ``DEFAULT_TEMPLATE``) or a template's
+    own text (it has a ``{query}``)."""
+    return cls(named_template(template), top_k=top_k, chat=chat)
 
   @property
   def stop_marker(self) -> str:
@@ -135,6 +156,18 @@ class SimulatorPrompt:
     text = self.render(marker, question, answer, noisy, tokenizer)
     prefix, suffix = text.split(policy_query(marker))
     return prefix, suffix
+
+
+def named_template(template: str) -> str:
+  """The text of ``config.simulator.template``: a name of ``TEMPLATES``, empty
+  (``DEFAULT_TEMPLATE``) or a template's own text."""
+  if template in TEMPLATES or not template:
+    return TEMPLATES[template or "zsjax"]
+  if "{query}" not in template:
+    raise ValueError(f"config.simulator.template={template!r} is neither a template name "
+                     f"({', '.join(sorted(TEMPLATES))}) nor a template (no '{{query}}'); use "
+                     "'zerosearch' for the released simulators' prompt.")
+  return template
 
 
 def policy_query(query: str) -> str:
@@ -410,22 +443,23 @@ def _generate(engine: SimulatorEngine, params, prompt, prompt_lengths, active, r
   return state.tokens, state.count, state.hit_marker
 
 
-def simulator_sampling(temperature: float, method: str = "gumbel",
-                       greedy: bool = False) -> Greedy | Sampling:
+def simulator_sampling(temperature: float, method: str = "gumbel", greedy: bool = False,
+                       top_p: float = 1.0) -> Greedy | Sampling:
   """How a simulator draws its documents: greedy at temperature 0 (or when
-  ``greedy``: evaluation), else at ``temperature`` with ``method``."""
-  return Greedy() if greedy or temperature <= 0 else Sampling(temperature=temperature,
-                                                               method=method)
+  ``greedy``: evaluation), else at ``temperature`` and ``top_p`` with ``method``."""
+  if greedy or temperature <= 0:
+    return Greedy()
+  return Sampling(temperature=temperature, top_p=top_p, method=method)
 
 
 def engine_from_config(config, tokenizer, *, cfg: ModelConfig, piece_bytes, eos_ids, pad_id: int,
                        query_width: int, greedy: bool = False) -> SimulatorEngine:
   """The on-device engine of a config: ``config.simulator`` (``template``,
   ``max_prefix_tokens``, ``max_new_tokens``, ``temperature``: 0 = greedy;
-  ``sampling_method``, ``zsjax.sampling.Sampling.method``) and
+  ``top_p``; ``sampling_method``, ``zsjax.sampling.Sampling.method``) and
   ``config.engine.top_k``. ``greedy`` overrides the temperature (evaluation)."""
   sim = config.simulator
-  sampling = simulator_sampling(sim.temperature, sim.sampling_method, greedy)
+  sampling = simulator_sampling(sim.temperature, sim.sampling_method, greedy, sim.top_p)
   return SimulatorEngine(
       cfg=cfg, tokenizer=tokenizer,
       prompt=SimulatorPrompt.from_config(sim.template, config.engine.top_k, sim.chat_template),
@@ -434,7 +468,8 @@ def engine_from_config(config, tokenizer, *, cfg: ModelConfig, piece_bytes, eos_
       eos_ids=tuple(eos_ids), pad_id=pad_id)
 
 
-__all__ = ["DEFAULT_TEMPLATE", "SimulatorPrompt", "policy_query", "strip_blank",
+__all__ = ["DEFAULT_TEMPLATE", "ZEROSEARCH_TEMPLATE", "TEMPLATES", "named_template",
+           "SimulatorPrompt", "policy_query", "strip_blank",
            "collapse_blank_lines",
            "parse_documents", "SimulatorInputs",
            "SimulatorEngine", "simulator_sampling", "engine_from_config"]

@@ -68,6 +68,7 @@ LATER_FIELDS = {
     "rl.scoring_dtype": "",
     "sampling.method": "gumbel",
     "simulator.sampling_method": "gumbel",
+    "simulator.top_p": 1.0,
     "distributed.auto": False,
     "distributed.local_device_ids": [],
 }
