@@ -17,9 +17,12 @@ popqa=/data/popqa_test.jsonl,hotpotqa=/data/hotpotqa_dev.jsonl,\\
   with --config.policy.checkpoint naming the base model (its architecture).
 
 Hardware: tiny on a 2-core CPU in about a minute; paper on one GPU (7B, greedy).
-Expected: WORKDIR/results.json (methods.<method>.<set>.{em,substring_em,f1,count}
+Expected: WORKDIR/results.json (methods.<method>.<set>.{substring_em,em,f1,count}
   and .average), results.md / results.csv, predictions.jsonl with one record per
-  question. The paper reports average EM 40.93 for ZeroSearch with Qwen2.5-7B.
+  question. The paper reports average EM 40.93 for ZeroSearch with Qwen2.5-7B: its
+  EM is the reference's qa_em.py, the gold answer inside the answer after
+  normalisation, so compare it with methods.search.average.substring_em (the
+  first column of results.md); `em` is strict equality and reads lower.
 """
 
 import ml_collections

@@ -119,6 +119,21 @@ def test_eval_job_covers_every_set_method_and_question(tmp_path, world):
     for name in counts:
       assert f"| {method} | {name} |" in table
   assert len((out / "results.csv").read_text().splitlines()) == 1 + 4 * 4
+  # the paper's EM is substring EM: its column says so and comes first
+  header = table.splitlines()[0]
+  assert header.index("EM (paper's: gold inside answer)") < header.index("strict EM")
+  assert "qa_em.py" in table
+
+
+def test_the_papers_em_is_substring_em():
+  """qa_em.py of the reference counts a hit when the normalised gold lies inside
+  the normalised prediction; zsjax's substring_em is that, em is strict."""
+  assert E.METRICS[0] == "substring_em" and "paper" in E.METRIC_TITLES["substring_em"]
+  scores = E._score("Paris, France", ["paris"])
+  assert scores["substring_em"] == 1.0 and scores["em"] == 0.0
+  # the eval config quotes the paper's number beside the column that can match it
+  doc = (Path(__file__).parents[1] / "configs" / "eval.py").read_text().split('"""')[1]
+  assert "40.93" in doc and "substring_em" in doc.split("40.93")[1][:300]
 
 
 def test_prompt_format_travels_with_the_checkpoint(tmp_path):

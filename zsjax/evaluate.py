@@ -11,7 +11,8 @@ Methods (the same harness, greedy decoding, the same scoring):
 
 Every question of every set is evaluated (the last batch is padded and the
 padding dropped); a set larger than ``sample_size`` is sampled with the seed.
-Scores: strict EM, substring EM and F1 (``zsjax.rewards``) of the last
+Scores: substring EM (``substring_em``: the paper's "EM", the reference's
+qa_em.py), strict EM (``em``) and F1 (``zsjax.rewards``) of the last
 ``<answer>`` the policy wrote, per set and averaged over sets. Outputs in the
 workdir: ``results.json`` (``methods.<method>.<set>.<metric>`` plus
 ``average``), ``results.md`` and ``results.csv`` tables, and
@@ -44,7 +45,13 @@ from zsjax.search import SearchRequest
 from zsjax.sharding import ShardingPlan
 
 METHODS = ("search", "direct", "cot", "rag")
-METRICS = ("em", "substring_em", "f1")
+METRICS = ("substring_em", "em", "f1")
+# The column titles of results.md. The paper's "EM" is the reference's qa_em.py
+# (verl/utils/reward_score/qa_em.py in Alibaba-NLP/ZeroSearch and Search-R1): a hit
+# when the normalised gold answer lies inside the normalised prediction. Its
+# numbers compare with `substring_em`, never with the strict `em`.
+METRIC_TITLES = {"substring_em": "EM (paper's: gold inside answer)", "em": "strict EM",
+                 "f1": "F1"}
 
 DIRECT_INSTRUCTION = (
     "Answer the question below directly, with no explanation. Write only the answer between "
@@ -224,7 +231,8 @@ def _search_counts(rows: Sequence[dict]) -> dict:
 
 def write_tables(results: dict, directory: Path, metric_names=METRICS) -> str:
   """``results.md`` and ``results.csv``: one row per (method, set); returns the markdown."""
-  lines = ["| method | set | n | " + " | ".join(metric_names) + " | failed searches |",
+  titles = [METRIC_TITLES.get(m, m) for m in metric_names]
+  lines = ["| method | set | n | " + " | ".join(titles) + " | failed searches |",
            "|---|---|---|" + "---|" * (len(metric_names) + 1)]
   csv_rows = [["method", "set", "n", *metric_names, "failed_searches", "failed_share"]]
   for method, sets in results["methods"].items():
@@ -237,7 +245,9 @@ def write_tables(results: dict, directory: Path, metric_names=METRICS) -> str:
       csv_rows.append([method, name, scores["count"], *[f"{scores[m]:.4f}" for m in metric_names],
                        scores.get("failed_searches", ""),
                        f"{scores['failed_share']:.4f}" if "failed_share" in scores else ""])
-  markdown = "\n".join(lines) + "\n\n(scores in %)\n"
+  markdown = "\n".join(lines) + (
+      "\n\n(scores in %. The paper's EM is substring EM, the reference's qa_em.py: the "
+      "normalised gold answer inside the normalised answer; strict EM needs them equal.)\n")
   if results.get("engine_failures"):
     markdown += "\n**The search engine failed:** " + " ".join(results["engine_failures"]) + "\n"
   if not results.get("complete", True):
@@ -454,6 +464,6 @@ def _write_results(workdir: Path, results: dict) -> None:
   partial.replace(path)
 
 
-__all__ = ["METHODS", "METRICS", "Evaluator", "method_prompt", "method_prompts", "summarize",
+__all__ = ["METHODS", "METRICS", "METRIC_TITLES", "Evaluator", "method_prompt", "method_prompts", "summarize",
            "write_tables",
            "sample_rows", "load_policy", "parse_sets", "EvalJob", "setup", "evaluate", "run"]
