@@ -2,6 +2,7 @@
 and method in the table, counts equal to the fixtures, and per-question records
 that reproduce the averages."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from zsjax import data
 from zsjax import evaluate as E
+from zsjax.sampling import Greedy
 
 from config_files import load_config
 
@@ -239,3 +241,31 @@ def test_evaluation_writes_set_by_set_and_keeps_what_was_scored(tmp_path, world,
   results = json.loads((out / "results.json").read_text())
   assert results["complete"] is False and results["methods"]["direct"]["a"]["count"] == 3
   assert results["skipped_rows"] == {"a": 1, "b": 0}
+
+
+def test_every_job_stops_on_the_checkpoints_end_tokens(tmp_path, world):
+  """Evaluation and simulator tuning's collector stop where RL does: on every end
+  token of the checkpoint (generation_config, then config), not on the tokenizer's
+  single one (``hf.end_tokens``)."""
+  from zsjax import hf, search, sim_tuning
+  from zsjax import rollout as R
+
+  write_fixtures(tmp_path, world)
+  config = load_config("eval", "tiny")
+  config.progress, config.synthetic_data = False, False
+  config.tokenizer, config.engine.corpus = world["tokenizer"], world["corpus"]
+  config.eval.sets = f"nq={tmp_path / 'nq.jsonl'}"
+  config.eval.methods = "search"
+  tokenizer = hf.load_tokenizer(world["tokenizer"])
+  ends = (tokenizer.eos_token_id, tokenizer.eos_token_id + 1)  # a second end token
+  config.policy.model.eos_token_ids = ends  # as a checkpoint's generation_config lists them
+  job = E.setup(config, str(tmp_path / "eval"))
+  assert job.evaluator.static.eos_ids == ends
+  cfg = job.evaluator.cfg
+  collector = sim_tuning.make_collection_policy(
+      cfg, job.evaluator.params, tokenizer, search.BM25Engine.from_jsonl(world["corpus"], top_k=1),
+      R.RolloutConfig(max_turns=1, max_new_tokens=4, max_obs_tokens=64, max_length=160),
+      Greedy(), prompt_width=32)
+  assert collector["static"].eos_ids == ends
+  without = dataclasses.replace(cfg, eos_token_ids=())
+  assert hf.end_tokens(without, tokenizer) == (tokenizer.eos_token_id,)

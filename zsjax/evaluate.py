@@ -367,7 +367,8 @@ def setup(config, workdir: str | Path) -> EvalJob:
   use_chat_template, instruction = prompt_format(config)
   rollout_config = rollout_config_of(config)
   engine = engine_state = retriever = None
-  static = rollout_lib.prepare_static_tokens(tokenizer, vocab_size=cfg.vocab_size)
+  static = rollout_lib.prepare_static_tokens(tokenizer, vocab_size=cfg.vocab_size,
+                                             eos_ids=hf.end_tokens(cfg, tokenizer))
   if config.engine.corpus:
     retriever = search.BM25Engine.from_jsonl(config.engine.corpus, top_k=config.engine.top_k,
                                              text_field=config.engine.text_field)

@@ -321,6 +321,17 @@ def end_token_ids(directory: Path, from_config: tuple[int, ...] = ()) -> tuple[i
   return tuple(dict.fromkeys(ids + tuple(from_config)))
 
 
+def end_tokens(cfg: ModelConfig, tokenizer) -> tuple[int, ...]:
+  """The tokens a model stops on, wherever it generates (RL, evaluation,
+  simulator tuning, the simulator): its checkpoint's (``generation_config.json``,
+  then ``config.json``: ``cfg.eos_token_ids`` as ``load_checkpoint`` reads them),
+  else the tokenizer's end token. An instruct checkpoint lists two (Qwen2.5:
+  ``<|im_end|>`` and ``<|endoftext|>``), its tokenizer names one."""
+  if cfg.eos_token_ids:
+    return tuple(cfg.eos_token_ids)
+  return tuple(i for i in (tokenizer.eos_token_id,) if i is not None)
+
+
 def iter_checkpoint_params(path: str | os.PathLike, cfg: ModelConfig, head: str = "lm",
                            dtype=jnp.float32) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
   """Yields ``(param_path, host_array)`` in zsjax layout, one param at a time (a
@@ -542,6 +553,6 @@ def load_model(section, plan, rng: jax.Array, vocab_size: int, eos_ids, *, what:
   return cfg, params
 
 
-__all__ = ["CheckpointError", "load_model", "config_from_hf", "config_to_hf", "read_config",
+__all__ = ["CheckpointError", "load_model", "end_tokens", "config_from_hf", "config_to_hf", "read_config",
            "iter_checkpoint_params", "load_checkpoint", "save_checkpoint", "hf_state_dict",
            "load_tokenizer", "config_tokenizer"]

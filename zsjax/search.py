@@ -416,10 +416,10 @@ def build_engine(config, tokenizer, static, rollout_config, plan, rng, *, greedy
     sim_cfg, sim_params = hf.load_model(config.simulator, plan, rng, len(tokenizer),
                                         static.eos_ids, what="simulator")
     # The simulator stops at its own end tokens (an instruct simulator's <|im_end|>
-    # is not a base policy's <|endoftext|>); the policy's when its checkpoint has none.
+    # is not a base policy's <|endoftext|>).
     engine = simulator.engine_from_config(
         config, tokenizer, cfg=sim_cfg, piece_bytes=static.piece_bytes,
-        eos_ids=sim_cfg.eos_token_ids or static.eos_ids,
+        eos_ids=hf.end_tokens(sim_cfg, tokenizer),
         pad_id=static.pad_id, query_width=rollout_config.max_query_tokens, greedy=greedy)
     return engine, sim_params, plan.params(sim_cfg)
   prompt = SimulatorPrompt.from_config(config.simulator.template, config.engine.top_k,

@@ -121,7 +121,8 @@ def make_collection_policy(policy_cfg, policy_params, tokenizer, engine, rollout
                            sampling, *, prompt_width: int):
   """The ``policy`` tuple of ``collect_trajectories``: a jitted rollout on a host
   engine that records every search."""
-  static = rollout_lib.prepare_static_tokens(tokenizer, vocab_size=policy_cfg.vocab_size)
+  static = rollout_lib.prepare_static_tokens(tokenizer, vocab_size=policy_cfg.vocab_size,
+                                             eos_ids=hf.end_tokens(policy_cfg, tokenizer))
   recorder = RecordingEngine(engine)
   search = HostSearch(recorder, tokenizer, rollout_config.max_obs_tokens, pad_id=static.pad_id)
   matcher = build_tag_matcher(tokenizer, vocab_size=policy_cfg.vocab_size)
@@ -291,7 +292,8 @@ def simulated_documents(sim_cfg, sim_params, tokenizer, rows: Sequence[dict], *,
   ``question`` and first gold answer in its prompt: ``{"useful": [text per
   row], "noisy": [text per row]}``. Greedy at ``temperature`` 0, else sampled
   (``simulator.simulator_sampling``)."""
-  static = rollout_lib.prepare_static_tokens(tokenizer, vocab_size=sim_cfg.vocab_size)
+  static = rollout_lib.prepare_static_tokens(tokenizer, vocab_size=sim_cfg.vocab_size,
+                                             eos_ids=hf.end_tokens(sim_cfg, tokenizer))
   prefix_width = max(len(tokenizer.encode(sim_prompt.split(r["question"], r["golden_answers"][0],
                                                            noisy, tokenizer)[0],
                                           add_special_tokens=False))

@@ -80,7 +80,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> RLJob:
   policy_cfg, params = hf.load_model(config.policy, plan, jax.random.fold_in(key, 1),
                                      len(tokenizer), eos_ids, what="policy")
   static = rollout_lib.prepare_static_tokens(tokenizer, vocab_size=policy_cfg.vocab_size,
-                                             eos_ids=policy_cfg.eos_token_ids or eos_ids)
+                                             eos_ids=hf.end_tokens(policy_cfg, tokenizer))
   policy_sampling = sampling.from_config(config.sampling)
   rollout_config = rollout_lib.RolloutConfig.from_config(config.rollout, config.curriculum,
                                                          r.total_steps)
