@@ -42,7 +42,11 @@ def get_config(arg=None):
   # How the policy's prompts are rendered: "checkpoint" (as it was trained, read from
   # its export's zsjax_prompt.json), "chat" (the tokenizer's chat template) or "plain".
   config.prompt_format = "plain" if tiny else "checkpoint"
-  config.instruction = ""  # the search method's instruction; empty = the checkpoint's / default
+  # The search method's wording when prompt_format is not "checkpoint" (which reads it
+  # from the export): "search_r1", the reference's prompt and feedback (released
+  # ZeroSearch / Search-R1 policies), or "zsjax" (zsjax.template.PROMPT_STYLES)
+  config.prompt_style = "zsjax" if tiny else "search_r1"
+  config.instruction = ""  # the search method's instruction; empty = the checkpoint's / style's
   config.policy = ml_collections.ConfigDict(dict(
       checkpoint="", orbax_dir="", orbax_step=0, param_dtype="float32",
       dtype="float32" if tiny else "bfloat16", remat="none",

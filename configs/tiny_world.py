@@ -155,6 +155,7 @@ def get_config(arg=None):
       # against the simulator / BM25: 0.006 -> 0.062 / 0.044 -> 0.154
       # (tests/test_pipeline.py).
       data=dict(train_files="", on_error="skip", limit=4 if ci else 0, chat_template=False,
+                prompt_style="zsjax",  # | search_r1 (zsjax.template.PROMPT_STYLES)
                 instruction=""),
       # attention_view: decode reads the smallest cache view holding every row (0: all);
       # dtype: the rollout's compute dtype, "" = the policy's

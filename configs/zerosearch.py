@@ -102,7 +102,10 @@ def get_config(arg=None):
   config.data = ml_collections.ConfigDict(dict(
       train_files="",  # comma-separated .parquet / .jsonl (common QA or Search-R1 format)
       on_error="skip", limit=0, chat_template=not tiny,
-      instruction=""))  # the policy's instruction; empty = zsjax.template.INSTRUCTION
+      # the policy's wording (zsjax.template.PROMPT_STYLES): "search_r1" is the prompt and
+      # invalid-action feedback of the reference's parquet and trainer; "zsjax" our own
+      prompt_style="zsjax" if tiny else "search_r1",
+      instruction=""))  # the policy's instruction; empty = the prompt style's
   config.rollout = ml_collections.ConfigDict(dict(
       max_turns=2 if tiny else 5, max_new_tokens=24 if tiny else 500,
       max_obs_tokens=64 if tiny else 2048, max_length=512 if tiny else 4096,

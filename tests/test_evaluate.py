@@ -149,12 +149,12 @@ def test_prompt_format_travels_with_the_checkpoint(tmp_path):
   with pytest.raises(ValueError, match="config.prompt_format='checkpoint'"):
     E.prompt_format(config)
   template.save_prompt_format(tmp_path, chat_template=True, instruction="Search, then answer.")
-  assert E.prompt_format(config) == (True, "Search, then answer.")
+  assert E.prompt_format(config) == (True, "Search, then answer.", "zsjax")
   config.instruction = "Another instruction."
   with pytest.raises(ValueError, match="config.instruction differs"):
     E.prompt_format(config)
   config.prompt_format = "plain"
-  assert E.prompt_format(config) == (False, "Another instruction.")
+  assert E.prompt_format(config) == (False, "Another instruction.", "search_r1")
 
 
 def test_simulated_engine_noise_comes_from_the_config():

@@ -148,3 +148,57 @@ def test_matcher_step_inside_jit(tokenizer):
   assert masks.count(T.SEARCH_OPEN) == 1 and masks.count(T.SEARCH_CLOSE) == 1
   assert masks.index(T.SEARCH_CLOSE) > masks.index(T.SEARCH_OPEN)
   assert all(m & T.CLOSING == 0 for m in masks[:masks.index(T.SEARCH_CLOSE)])
+
+
+# The reference's training prompt for the question "who wrote hamlet": the `prompt`
+# of Search-R1's scripts/data_process/nq_search.py (make_prefix, template 'base'),
+# which ZeroSearch's parquet and inference.py share, and the invalid-action
+# observation of llm_agent/generation.py, written out as data.
+REFERENCE_PROMPT = (
+    "Answer the given question. You must conduct reasoning inside <think> and </think> first "
+    "every time you get new information. After reasoning, if you find you lack some knowledge, "
+    "you can call a search engine by <search> query </search> and it will return the top "
+    "searched results between <information> and </information>. You can search as many times "
+    "as your want. If you find no further external knowledge needed, you can directly provide "
+    "the answer inside <answer> and </answer>, without detailed illustrations. For example, "
+    "<answer> Beijing </answer>. Question: who wrote hamlet?\n")
+REFERENCE_FEEDBACK = (
+    "\nMy previous action is invalid. If I want to search, I should put the query between "
+    "<search> and </search>. If I want to give the final answer, I should put the answer "
+    "between <answer> and </answer>. Let me try again.\n")
+
+
+def test_the_search_r1_style_is_the_reference_prompt_and_feedback(tmp_path):
+  from config_files import load_config
+  from zsjax import evaluate
+
+  assert T.user_message(" who wrote hamlet ", style="search_r1") == REFERENCE_PROMPT
+  assert T.render_prompt("who wrote hamlet?", None, style="search_r1") == REFERENCE_PROMPT
+  assert T.prompt_style("search_r1").feedback == REFERENCE_FEEDBACK
+  assert T.user_message("who wrote hamlet").startswith(T.INSTRUCTION + "\nQuestion:")
+  with pytest.raises(ValueError, match=r"config.data.prompt_style='searchr1'"):
+    T.prompt_style("searchr1")
+  for name, arg in (("zerosearch", "qwen2.5-3b"), ("zerosearch", "qwen2.5-7b")):
+    assert load_config(name, arg).data.prompt_style == "search_r1"
+  assert load_config("eval", "paper").prompt_style == "search_r1"
+  assert load_config("tiny_world").rl.data.prompt_style == "zsjax"
+  # the style travels with an exported policy, and evaluation renders in it
+  T.save_prompt_format(tmp_path, chat_template=False, instruction=T.SEARCH_R1_INSTRUCTION,
+                       style="search_r1")
+  config = load_config("eval", "paper")
+  config.policy.checkpoint = str(tmp_path)
+  chat, instruction, style = evaluate.prompt_format(config)
+  assert evaluate.method_prompt("search", "who wrote hamlet", None, use_chat_template=chat,
+                                search_instruction=instruction, style=style) == REFERENCE_PROMPT
+  # an export from before the style was recorded reads as our wording
+  (tmp_path / T.PROMPT_FORMAT_FILE).write_text('{"chat_template": false, "instruction": "x"}')
+  assert T.load_prompt_format(tmp_path)["style"] == "zsjax"
+
+
+def test_the_rollout_inserts_the_styles_feedback(tokenizer):
+  from zsjax import rollout as R
+
+  static = R.prepare_static_tokens(tokenizer, feedback=T.prompt_style("search_r1").feedback)
+  assert tokenizer.decode(static.feedback.tolist()) == REFERENCE_FEEDBACK
+  assert tokenizer.decode(R.prepare_static_tokens(tokenizer).feedback.tolist()) == \
+      T.INVALID_ACTION_FEEDBACK

@@ -251,7 +251,8 @@ def test_run_writes_events_checkpoints_export_and_resumes_exactly_after_a_kill(t
   assert cfg.num_layers == 2 and (full / "hf_export" / "tokenizer.json").exists()
   from zsjax.template import INSTRUCTION, load_prompt_format
   assert load_prompt_format(full / "hf_export") == {"chat_template": config.data.chat_template,
-                                                    "instruction": INSTRUCTION}
+                                                    "instruction": INSTRUCTION,
+                                                    "style": "zsjax"}
 
   # The same run killed (SIGKILL) in the middle of step 3, then started again.
   resumed = tmp_path / "resumed"

@@ -65,11 +65,14 @@ RAG_INSTRUCTION = (
 
 
 def method_prompt(method: str, question: str, tokenizer=None, documents: Sequence[str] = (),
-                  use_chat_template: bool = False, search_instruction: str = "") -> str:
+                  use_chat_template: bool = False, search_instruction: str = "",
+                  style: str = "zsjax") -> str:
   """The policy prompt of an evaluation method (``search_instruction`` replaces the
-  template's instruction, for policies trained with another)."""
+  style's instruction, for policies trained with another; ``style``, a
+  ``template.PROMPT_STYLES`` name, is the search method's wording)."""
   if method == "search":
-    instruction = search_instruction or template.INSTRUCTION
+    return template.render_prompt(question, tokenizer, search_instruction,
+                                  use_chat_template=use_chat_template, style=style)
   elif method == "direct":
     instruction = DIRECT_INSTRUCTION
   elif method == "cot":
@@ -83,7 +86,8 @@ def method_prompt(method: str, question: str, tokenizer=None, documents: Sequenc
 
 
 def method_prompts(method: str, questions: Sequence[str], tokenizer=None, *, retriever=None,
-                   use_chat_template: bool = False, search_instruction: str = "") -> list[str]:
+                   use_chat_template: bool = False, search_instruction: str = "",
+                   style: str = "zsjax") -> list[str]:
   """The prompts ``Evaluator`` gives the policy for ``method``: ``method_prompt``
   of each question, with RAG's documents retrieved by ``retriever`` (a host
   engine) for the question itself."""
@@ -93,7 +97,7 @@ def method_prompts(method: str, questions: Sequence[str], tokenizer=None, *, ret
       raise ValueError("method 'rag' needs a retriever (a BM25 engine).")
 
     documents = retriever.search([SearchRequest(q) for q in questions]).documents
-  return [method_prompt(method, q, tokenizer, d, use_chat_template, search_instruction)
+  return [method_prompt(method, q, tokenizer, d, use_chat_template, search_instruction, style)
           for q, d in zip(questions, documents)]
 
 
@@ -109,23 +113,24 @@ class Evaluator:
   def __init__(self, policy_cfg, params, tokenizer, *, engine=None, engine_state=None,
                retriever=None, rollout_config=None, batch_size: int = 8,
                prompt_width: int = 512, use_chat_template: bool = False, instruction: str = "",
-               static=None, on_error: str = "raise"):
+               style: str = "zsjax", static=None, on_error: str = "raise"):
     """``engine``: a rollout engine (``zsjax.search.build_engine``) for the search
     method; ``retriever``: a host engine (BM25) for RAG's one retrieval; ``static``:
     the policy's ``rollout.StaticTokens`` when already made (they decode the vocabulary);
+    ``style``: the search method's wording and feedback (``template.PROMPT_STYLES``);
     ``on_error``: a row whose prompt (with RAG's documents) is wider than
     ``prompt_width`` is skipped and listed in ``skipped`` ("skip") or stops the run
     naming it ("raise")."""
     self.cfg, self.params, self.tokenizer = policy_cfg, params, tokenizer
-    self.static = static or rollout_lib.prepare_static_tokens(tokenizer,
-                                                              vocab_size=policy_cfg.vocab_size)
+    self.static = static or rollout_lib.prepare_static_tokens(
+        tokenizer, vocab_size=policy_cfg.vocab_size, feedback=template.prompt_style(style).feedback)
     self.matcher = template.build_tag_matcher(tokenizer, vocab_size=policy_cfg.vocab_size)
     self.engine, self.engine_state = engine, engine_state
     self.retriever = retriever
     self.config = rollout_config or rollout_lib.RolloutConfig()
     self.batch_size, self.prompt_width = batch_size, prompt_width
     self.use_chat_template = use_chat_template
-    self.instruction = instruction
+    self.instruction, self.style = instruction, style
     self.on_error = on_error
     self.skipped: list[dict] = []  # {"set", "method", "id", "reason"} per row left out
     self._rollouts = {}
@@ -151,7 +156,8 @@ class Evaluator:
       chunk = list(rows[start:start + b])
       pairs += zip(chunk, method_prompts(
           method, [r["question"] for r in chunk], self.tokenizer, retriever=self.retriever,
-          use_chat_template=self.use_chat_template, search_instruction=self.instruction))
+          use_chat_template=self.use_chat_template, search_instruction=self.instruction,
+          style=self.style))
     pairs = [(r, p) for r, p in pairs if self._fits(method, set_name, r, p)]
     for start in range(0, len(pairs), b):
       chunk_pairs = pairs[start:start + b]
@@ -292,17 +298,20 @@ def load_policy(section, tokenizer, plan=None):
 PROMPT_FORMATS = ("checkpoint", "chat", "plain")
 
 
-def prompt_format(config) -> tuple[bool, str]:
-  """``(use_chat_template, instruction)`` of the policy's prompts:
+def prompt_format(config) -> tuple[bool, str, str]:
+  """``(use_chat_template, instruction, style)`` of the policy's prompts:
   ``config.prompt_format="checkpoint"`` reads what the policy was trained with from
   its export (``zsjax_prompt.json``, written by the RL job), so the two cannot
   disagree; ``"chat"`` / ``"plain"`` choose by hand (a base model, a policy from
-  elsewhere), with ``config.instruction`` (empty: ``template.INSTRUCTION``)."""
+  elsewhere), with ``config.prompt_style`` and ``config.instruction`` (empty: the
+  style's)."""
   kind, instruction = config.prompt_format, config.instruction
   if kind not in PROMPT_FORMATS:
     raise ValueError(f"config.prompt_format={kind!r} is not one of {PROMPT_FORMATS}.")
   if kind != "checkpoint":
-    return kind == "chat", instruction or template.INSTRUCTION
+    style = config.prompt_style
+    return (kind == "chat", instruction or template.prompt_style(style, "config.prompt_style")
+            .instruction, style)
   saved = template.load_prompt_format(config.policy.checkpoint) \
       if config.policy.checkpoint else None
   if saved is None:
@@ -314,7 +323,7 @@ def prompt_format(config) -> tuple[bool, str]:
     raise ValueError(f"config.instruction differs from the one the policy was trained with "
                      f"({template.PROMPT_FORMAT_FILE}); leave config.instruction empty, or set "
                      "--config.prompt_format=chat or plain to override.")
-  return saved["chat_template"], saved["instruction"]
+  return saved["chat_template"], saved["instruction"], saved["style"]
 
 
 def rollout_config_of(config) -> rollout_lib.RolloutConfig:
@@ -364,11 +373,12 @@ def setup(config, workdir: str | Path) -> EvalJob:
   tokenizer = hf.config_tokenizer(config, "policy")
   plan = ShardingPlan.single_device()
   cfg, params = load_policy(config.policy, tokenizer, plan)
-  use_chat_template, instruction = prompt_format(config)
+  use_chat_template, instruction, style = prompt_format(config)
   rollout_config = rollout_config_of(config)
   engine = engine_state = retriever = None
   static = rollout_lib.prepare_static_tokens(tokenizer, vocab_size=cfg.vocab_size,
-                                             eos_ids=hf.end_tokens(cfg, tokenizer))
+                                             eos_ids=hf.end_tokens(cfg, tokenizer),
+                                             feedback=template.prompt_style(style).feedback)
   if config.engine.corpus:
     retriever = search.BM25Engine.from_jsonl(config.engine.corpus, top_k=config.engine.top_k,
                                              text_field=config.engine.text_field)
@@ -379,7 +389,7 @@ def setup(config, workdir: str | Path) -> EvalJob:
   evaluator = Evaluator(cfg, params, tokenizer, engine=engine, engine_state=engine_state,
                         retriever=retriever, rollout_config=rollout_config,
                         batch_size=e.batch_size, prompt_width=e.prompt_width,
-                        use_chat_template=use_chat_template, instruction=instruction,
+                        use_chat_template=use_chat_template, instruction=instruction, style=style,
                         static=static, on_error=e.on_error)
 
   def check(row):  # the prompts known before retrieval fit; RAG's are checked per set
@@ -387,7 +397,7 @@ def setup(config, workdir: str | Path) -> EvalJob:
       if method != "rag":
         evaluator._fits_or_raise(method, row, method_prompt(
             method, row["question"], tokenizer, use_chat_template=use_chat_template,
-            search_instruction=instruction))
+            search_instruction=instruction, style=style))
     if engine is not None:
       problem = engine.row_problem(row["question"], row["golden_answers"][0])
       if problem:

@@ -16,6 +16,7 @@ from zsjax.checkpoint import check_checkpoint_config
 from zsjax.model import check_compute_dtype
 from zsjax.sampling import check_method
 from zsjax.search import check_engine_config
+from zsjax.template import prompt_style
 
 LOSS_MASKS = ("policy", "response")
 
@@ -143,6 +144,7 @@ def check_config(config) -> RLSettings:
     raise ValueError(f"config.simulator.top_p={config.simulator.top_p} must lie in (0, 1] "
                      "(1.0: no nucleus truncation, what the reference's simulator server uses).")
   check_checkpoint_config(config.checkpoint)
+  prompt_style(config.data.prompt_style)
   return settings
 
 

@@ -450,8 +450,11 @@ def shard_rollout(rollout, plan, policy_cfg: ModelConfig, *, engine=None,
 
 def prepare_static_tokens(tokenizer, vocab_size: int | None = None,
                           eos_ids: tuple[int, ...] | None = None,
-                          pad_id: int | None = None) -> StaticTokens:
-  """Token ids of the inserted texts, and the byte length of every token."""
+                          pad_id: int | None = None,
+                          feedback: str = INVALID_ACTION_FEEDBACK) -> StaticTokens:
+  """Token ids of the inserted texts (``feedback``: the invalid-action
+  observation of the prompt style, ``zsjax.template.PROMPT_STYLES``), and the byte
+  length of every token."""
 
   def ids(text):
     return jnp.asarray(tokenizer.encode(text, add_special_tokens=False), jnp.int32)
@@ -463,7 +466,7 @@ def prepare_static_tokens(tokenizer, vocab_size: int | None = None,
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or (0,))[0]
   return StaticTokens(obs_open=ids("\n\n" + INFORMATION_OPEN),
                       obs_close=ids(INFORMATION_CLOSE + "\n\n"),
-                      feedback=ids(INVALID_ACTION_FEEDBACK),
+                      feedback=ids(feedback),
                       piece_bytes=jnp.asarray([len(x) for x in pieces], jnp.int32),
                       eos_ids=tuple(int(i) for i in eos_ids), pad_id=int(pad_id))
 

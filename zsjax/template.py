@@ -24,6 +24,7 @@ the total length of the tags (~35 states): ~21 MB of int32 for a 150k vocab.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -48,6 +49,48 @@ INVALID_ACTION_FEEDBACK = (
     "\nThat action was not valid. To search, put a query between <search> and </search>. To "
     "answer, put the answer between <answer> and </answer>. Try again.\n")
 
+# The reference's policy prompt and feedback, exactly: Search-R1's `make_prefix`
+# (template 'base') in scripts/data_process/nq_search.py, the prompt of the NQ +
+# HotpotQA parquets ZeroSearch and Search-R1 train on (ZeroSearch's inference.py
+# has the same text), and the invalid-action observation of
+# llm_agent/generation.py (both repositories). "as your want" is theirs.
+SEARCH_R1_INSTRUCTION = (
+    "Answer the given question. You must conduct reasoning inside <think> and </think> first "
+    "every time you get new information. After reasoning, if you find you lack some knowledge, "
+    "you can call a search engine by <search> query </search> and it will return the top "
+    "searched results between <information> and </information>. You can search as many times "
+    "as your want. If you find no further external knowledge needed, you can directly provide "
+    "the answer inside <answer> and </answer>, without detailed illustrations. For example, "
+    "<answer> Beijing </answer>.")
+SEARCH_R1_FEEDBACK = (
+    "\nMy previous action is invalid. If I want to search, I should put the query between "
+    "<search> and </search>. If I want to give the final answer, I should put the answer "
+    "between <answer> and </answer>. Let me try again.\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptStyle:
+  """The policy's wording: its default instruction, what joins the instruction to
+  ``Question: …`` and the invalid-action feedback (``config.data.prompt_style``)."""
+
+  instruction: str
+  separator: str
+  feedback: str
+
+
+PROMPT_STYLES = {
+    "zsjax": PromptStyle(INSTRUCTION, "\n", INVALID_ACTION_FEEDBACK),  # our wording
+    "search_r1": PromptStyle(SEARCH_R1_INSTRUCTION, " ", SEARCH_R1_FEEDBACK),  # the reference's
+}
+
+
+def prompt_style(name: str, field: str = "config.data.prompt_style") -> PromptStyle:
+  if name not in PROMPT_STYLES:
+    raise ValueError(f"{field}={name!r} is not one of {sorted(PROMPT_STYLES)}; 'search_r1' is "
+                     "the prompt the released ZeroSearch / Search-R1 policies were trained on.")
+  return PROMPT_STYLES[name]
+
+
 INFORMATION_OPEN, INFORMATION_CLOSE = "<information>", "</information>"
 
 # Tags tracked in token space; bit i of a ``completed`` mask is TAGS[i].
@@ -67,15 +110,20 @@ def format_question(question: str) -> str:
   return question if question.endswith("?") else question + "?"
 
 
-def user_message(question: str, instruction: str = INSTRUCTION) -> str:
-  return f"{instruction}\nQuestion: {format_question(question)}\n"
+def user_message(question: str, instruction: str = "", style: str = "zsjax") -> str:
+  """``instruction`` (empty: the style's), the style's separator, then
+  ``Question: <question>?`` and a newline. In style ``search_r1`` this is, character
+  for character, the ``prompt`` of the reference's training parquet."""
+  s = prompt_style(style)
+  return f"{instruction or s.instruction}{s.separator}Question: {format_question(question)}\n"
 
 
-def render_prompt(question: str, tokenizer=None, instruction: str = INSTRUCTION,
-                  use_chat_template: bool = True) -> str:
+def render_prompt(question: str, tokenizer=None, instruction: str = "",
+                  use_chat_template: bool = True, style: str = "zsjax") -> str:
   """The policy's prompt; wrapped in the tokenizer's chat template (with the
-  generation prompt) when it has one, base models included."""
-  message = user_message(question, instruction)
+  generation prompt, no system message: the reference's rl_dataset.py) when it has
+  one, base models included."""
+  message = user_message(question, instruction, style)
   if use_chat_template and tokenizer is not None and getattr(tokenizer, "chat_template", None):
     return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
                                          add_generation_prompt=True)
@@ -85,17 +133,22 @@ def render_prompt(question: str, tokenizer=None, instruction: str = INSTRUCTION,
 PROMPT_FORMAT_FILE = "zsjax_prompt.json"
 
 
-def save_prompt_format(directory, *, chat_template: bool, instruction: str) -> None:
+def save_prompt_format(directory, *, chat_template: bool, instruction: str,
+                       style: str = "zsjax") -> None:
   """Records beside an exported policy how its prompts were rendered in training,
   so that evaluation renders them the same way (``load_prompt_format``)."""
   (Path(directory) / PROMPT_FORMAT_FILE).write_text(json.dumps(
-      {"chat_template": bool(chat_template), "instruction": instruction}, indent=2) + "\n")
+      {"chat_template": bool(chat_template), "instruction": instruction, "style": style},
+      indent=2) + "\n")
 
 
 def load_prompt_format(directory) -> dict | None:
-  """``{"chat_template": bool, "instruction": str}`` of an exported policy, or None."""
+  """``{"chat_template": bool, "instruction": str, "style": str}`` of an exported
+  policy (``style`` "zsjax" in files written before it was recorded), or None."""
   path = Path(directory) / PROMPT_FORMAT_FILE
-  return json.loads(path.read_text()) if path.exists() else None
+  if not path.exists():
+    return None
+  return {"style": "zsjax", **json.loads(path.read_text())}
 
 
 def render_documents(documents: Sequence[str]) -> str:

@@ -79,8 +79,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> RLJob:
   eos_ids = tuple(i for i in (tokenizer.eos_token_id,) if i is not None)
   policy_cfg, params = hf.load_model(config.policy, plan, jax.random.fold_in(key, 1),
                                      len(tokenizer), eos_ids, what="policy")
+  style = template.prompt_style(config.data.prompt_style)
   static = rollout_lib.prepare_static_tokens(tokenizer, vocab_size=policy_cfg.vocab_size,
-                                             eos_ids=hf.end_tokens(policy_cfg, tokenizer))
+                                             eos_ids=hf.end_tokens(policy_cfg, tokenizer),
+                                             feedback=style.feedback)
   policy_sampling = sampling.from_config(config.sampling)
   rollout_config = rollout_lib.RolloutConfig.from_config(config.rollout, config.curriculum,
                                                          r.total_steps)
@@ -98,8 +100,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> RLJob:
   # Rows that cannot make a batch (a prompt wider than the fixed width, text too long
   # for the engine) are found now, with file, row and field, not at the step drawing them.
   render = functools.partial(template.render_prompt, tokenizer=tokenizer,
-                             instruction=config.data.instruction or template.INSTRUCTION,
-                             use_chat_template=config.data.chat_template)
+                             instruction=config.data.instruction or style.instruction,
+                             use_chat_template=config.data.chat_template,
+                             style=config.data.prompt_style)
   check = rollout_lib.row_check(tokenizer, engine, render, config.rollout.max_prompt_tokens,
                                 "config.rollout.max_prompt_tokens")
   data = data_lib.load_qa(config.data.train_files, on_error=config.data.on_error,
@@ -230,8 +233,8 @@ def train(job: RLJob) -> dict:
   if ck.export_hf and is_main_process():
     export = export_hf(workdir / "hf_export", job.policy_cfg, state.policy.params, job.tokenizer,
                        prompt_format={"chat_template": config.data.chat_template,
-                                      "instruction": config.data.instruction
-                                      or template.INSTRUCTION})
+                                      "instruction": job.render.keywords["instruction"],
+                                      "style": config.data.prompt_style})
     summary["hf_export"] = str(export)
   if is_main_process():
     (workdir / "rl_summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -69,6 +69,7 @@ LATER_FIELDS = {
     "sampling.method": "gumbel",
     "simulator.sampling_method": "gumbel",
     "simulator.top_p": 1.0,
+    "data.prompt_style": "zsjax",
     "distributed.auto": False,
     "distributed.local_device_ids": [],
 }
