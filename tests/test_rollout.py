@@ -2,6 +2,8 @@
 outputs, equality with the Python-driven oracle, sampling log-probs, the
 useful/noisy draw, and one compile per batch shape."""
 
+import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -303,6 +305,37 @@ def test_on_device_simulator_writes_documents_into_the_context(tokenizer, world)
   mask = np.asarray(traj.loss_mask[0])
   n_obs = int(traj.lengths[0]) - int(traj.prompt_lengths[0]) - int(mask.sum())
   assert n_obs > len(np.asarray(static.obs_open)) + len(np.asarray(static.obs_close))
+
+
+def test_observations_are_prefilled_only_as_wide_as_the_engine_can_write(tokenizer, world):
+  """An on-device simulator writes at most max_new_tokens: its observations are
+  that plus the wrapper wide, not max_obs_tokens (2048 in the paper), and the
+  trajectory does not change."""
+  cfg, params, static, _ = world
+  engine = SIM.SimulatorEngine(cfg, tokenizer, SIM.SimulatorPrompt(), static.piece_bytes,
+                               max_new_tokens=12, prefix_width=140, query_width=24,
+                               eos_ids=static.eos_ids, pad_id=static.pad_id)
+  wrapper = len(np.asarray(static.obs_open)) + len(np.asarray(static.obs_close))
+  feedback = len(np.asarray(static.feedback))
+  assert R.observation_width(CONFIG, static, 12) == max(12 + wrapper, feedback)
+  assert R.observation_width(CONFIG, static, 5000) == CONFIG.max_obs_tokens
+  ids = tokenizer.encode("<search> capital of France </search>") + tokenizer.encode(
+      "<answer> Paris </answer>")
+  questions = QUESTIONS[:2]
+  batch = R.prepare_batch(tokenizer, [T.render_prompt(q) for q in questions], questions,
+                          ANSWERS[:2], engine, pad_id=static.pad_id)
+  out = {}
+  for width in (277, 1999):  # widths no other shape has
+    config = dataclasses.replace(CONFIG, max_obs_tokens=width, max_length=2400)
+    rollout = R.make_rollout(cfg, T.build_tag_matcher(tokenizer), static, engine, config,
+                             Scripted(script_rows([ids, ids])))
+    jaxpr = str(jax.make_jaxpr(rollout)(params, params, batch, jax.random.key(3), 1))
+    assert not re.search(rf"\b{width}\b", jaxpr), width
+    out[width] = jax.device_get(jax.jit(rollout)(params, params, batch, jax.random.key(3), 1))
+  narrow, wide = out.values()
+  assert (narrow.searches == 1).all()
+  for field in ("tokens", "loss_mask", "lengths"):
+    np.testing.assert_array_equal(getattr(narrow, field), getattr(wide, field))
 
 
 def test_sharded_rollout_matches_one_device(tokenizer, world):

@@ -259,10 +259,22 @@ def search_query(spec: RolloutSpec, state: RolloutState, open_end):
   return gather_span(state.tokens, open_end, query_len, width, spec.static.pad_id), query_len
 
 
+def observation_width(config: RolloutConfig, static: StaticTokens, doc_width: int) -> int:
+  """O, the width of an inserted observation: as wide as the widest the engine can
+  return (``doc_width`` document tokens inside the wrapper) or the feedback, never
+  wider than ``config.max_obs_tokens``. An on-device simulator writes at most its
+  ``max_new_tokens`` (600 in the paper), so its observations are prefilled ~600
+  wide, not 2048."""
+  wrapper = static.obs_open.shape[0] + static.obs_close.shape[0]
+  return min(config.max_obs_tokens, max(wrapper + doc_width, static.feedback.shape[0]))
+
+
 def observations(spec: RolloutSpec, docs: EngineOutput, do_search):
   """Per row, ``<information>`` + documents + ``</information>`` where it searched,
-  else the invalid-action feedback: ``([B, O], lengths [B])``."""
-  static, width = spec.static, spec.config.max_obs_tokens
+  else the invalid-action feedback: ``([B, O], lengths [B])``, O =
+  ``observation_width``."""
+  static = spec.static
+  width = observation_width(spec.config, static, docs.tokens.shape[1])
   wrapper = static.obs_open.shape[0] + static.obs_close.shape[0]
   doc_len = jnp.minimum(docs.lengths, width - wrapper)
   obs_docs, obs_docs_len = concat_ragged(
@@ -277,8 +289,8 @@ def observations(spec: RolloutSpec, docs: EngineOutput, do_search):
 def insert_observation(spec: RolloutSpec, params, state: RolloutState, obs, obs_len, insert,
                        any_documents) -> RolloutState:
   """Writes ``obs`` after each inserting row's tokens (loss mask 0) and prefills
-  it into the cache at the row's offset."""
-  width, s_len = spec.config.max_obs_tokens, spec.config.max_length
+  it into the cache at the row's offset (``obs [B, O]``)."""
+  width, s_len = obs.shape[1], spec.config.max_length
   rows = jnp.arange(obs.shape[0])
   slots = state.length[:, None] + jnp.arange(width)[None, :]
   in_obs = jnp.arange(width)[None, :] < obs_len[:, None]
@@ -547,4 +559,5 @@ __all__ = ["RolloutConfig", "RolloutBatch", "Trajectories", "StaticTokens", "Rol
            "RolloutState", "TurnState", "make_rollout", "run_rollout", "prompt_too_wide",
            "prepare_qa_batch",
            "shard_rollout", "prepare_static_tokens", "prepare_batch", "row_check",
-           "decode_step", "decode_turn", "turn_step", "insert_observation", "initial_state"]
+           "decode_step", "decode_turn", "turn_step", "observation_width", "insert_observation",
+           "initial_state"]
