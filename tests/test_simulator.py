@@ -136,3 +136,49 @@ def test_documents_are_post_processed_like_parse_documents(tokenizer, world, tex
   out = generate(tokenizer, world, engine, ["one", "two"])
   want = re.sub(r"\n\s*\n+", "\n", text).strip()
   assert [tokenizer.decode(row) for row in out] == [want, want]
+
+
+def test_the_simulator_uses_its_own_tokenizer_and_must_share_the_ids(tokenizer, world, tmp_path):
+  """An on-device simulator renders its prompt with its own tokenizer (its chat
+  template: an instruct simulator beside a base policy); a simulator whose
+  vocabulary gives an exchanged id another token fails, naming both paths."""
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+  from zsjax import hf, search
+  from zsjax.checkpoint import export_hf
+  from zsjax import rollout as R
+  from zsjax.sharding import ShardingPlan
+  from config_files import load_config
+
+  cfg, params, static, _ = world
+  policy_dir, sim_dir = tmp_path / "policy", tmp_path / "sim"
+  tokenizer.save_pretrained(policy_dir)
+  own = copy.deepcopy(tokenizer)
+  own.chat_template = CHAT_TEMPLATE
+  export_hf(sim_dir, cfg, params, own)  # an instruct simulator: its own chat template
+  got = hf.partner_tokenizer(str(sim_dir), tokenizer, str(policy_dir), what="simulator")
+  assert got.chat_template == CHAT_TEMPLATE
+  assert all(got.get_vocab()[t] == i for t, i in tokenizer.get_vocab().items())
+  assert hf.partner_tokenizer(str(tmp_path / "none"), tokenizer, "p", what="simulator") is tokenizer
+  # the engine built from a config renders with the simulator's template
+  assert not getattr(tokenizer, "chat_template", None)
+  config = load_config("zerosearch", "tiny")
+  config.tokenizer, config.simulator.checkpoint = str(policy_dir), str(sim_dir)
+  config.simulator.chat_template = True
+  engine, _, _ = search.build_engine(config, tokenizer, static,
+                                     R.RolloutConfig.from_config(config.rollout),
+                                     ShardingPlan.from_config(config), jax.random.key(0))
+  prefix = tokenizer.decode(np.asarray(engine.inputs(["q?"], ["a"]).prefix[0, 0]).tolist())
+  assert prefix.startswith("<|im_start|>system")
+  # another vocabulary: the same words trained in another order give other ids
+  other = Tokenizer(models.BPE(unk_token="<unk>"))
+  other.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  other.train_from_iterator(["zebra quartz " * 30, "alpha beta gamma " * 20], trainers.BpeTrainer(
+      vocab_size=300, special_tokens=["<unk>"], show_progress=False))
+  import transformers
+
+  bad_dir = tmp_path / "bad"
+  transformers.PreTrainedTokenizerFast(tokenizer_object=other).save_pretrained(bad_dir)
+  with pytest.raises(ValueError) as caught:
+    hf.partner_tokenizer(str(bad_dir), tokenizer, str(policy_dir), what="simulator")
+  assert str(bad_dir) in str(caught.value) and str(policy_dir) in str(caught.value)

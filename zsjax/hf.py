@@ -523,6 +523,34 @@ def config_tokenizer(config, section: str):
   return load_tokenizer(path)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def partner_tokenizer(checkpoint: str, tokenizer, tokenizer_path: str, *, what: str):
+  """The tokenizer of the model at ``checkpoint`` (``config.<what>.checkpoint``),
+  which exchanges token ids with the model of ``tokenizer`` (at ``tokenizer_path``):
+  its own when the directory holds one (its chat template, its end token), else
+  ``tokenizer``. Raises ``ValueError`` naming both paths when the two vocabularies
+  give any id the other also has a different token: the simulator reads the
+  policy's query ids and writes ids into the policy's context."""
+  if not checkpoint or not any((Path(checkpoint) / f).exists() for f in TOKENIZER_FILES):
+    return tokenizer
+  own = load_tokenizer(checkpoint)
+  ours, theirs = tokenizer.get_vocab(), own.get_vocab()
+  by_id = {i: t for t, i in theirs.items()}
+  differ = [(i, t, by_id[i]) for t, i in sorted(ours.items(), key=lambda kv: kv[1])
+            if i in by_id and by_id[i] != t]
+  missing = [t for t in ours if t not in theirs][:3]
+  if differ or missing:
+    example = (f"id {differ[0][0]} is {differ[0][1]!r} for one and {differ[0][2]!r} for the other"
+               if differ else f"{missing} are not in the {what}'s vocabulary")
+    raise ValueError(
+        f"the {what} at {checkpoint} and the policy's tokenizer at {tokenizer_path} do not share "
+        f"their token ids ({len(differ)} ids differ; {example}); they exchange ids, so use a "
+        f"{what} of the policy's model family (Qwen2.5 with Qwen2.5) or the same tokenizer.")
+  return own
+
+
 def load_model(section, plan, rng: jax.Array, vocab_size: int, eos_ids, *, what: str):
   """``(cfg, params)`` of a config section (``checkpoint``, ``param_dtype``,
   ``dtype``, ``remat``, ``model``): the local HF directory ``section.checkpoint``
@@ -553,6 +581,7 @@ def load_model(section, plan, rng: jax.Array, vocab_size: int, eos_ids, *, what:
   return cfg, params
 
 
-__all__ = ["CheckpointError", "load_model", "end_tokens", "config_from_hf", "config_to_hf", "read_config",
+__all__ = ["CheckpointError", "load_model", "end_tokens", "partner_tokenizer", "TOKENIZER_FILES",
+           "config_from_hf", "config_to_hf", "read_config",
            "iter_checkpoint_params", "load_checkpoint", "save_checkpoint", "hf_state_dict",
            "load_tokenizer", "config_tokenizer"]

@@ -413,13 +413,18 @@ def build_engine(config, tokenizer, static, rollout_config, plan, rng, *, greedy
   (evaluation); ``prebuilt``: a host engine already built for ``bm25`` / ``http``."""
 
   if config.engine.kind == "simulator":
+    # the simulator renders its prompt with its own tokenizer (its chat template),
+    # which must give every id the policy's does (checked here, both paths named)
+    sim_tokenizer = hf.partner_tokenizer(config.simulator.checkpoint, tokenizer,
+                                         config.tokenizer or config.policy.checkpoint,
+                                         what="simulator")
     sim_cfg, sim_params = hf.load_model(config.simulator, plan, rng, len(tokenizer),
                                         static.eos_ids, what="simulator")
     # The simulator stops at its own end tokens (an instruct simulator's <|im_end|>
     # is not a base policy's <|endoftext|>).
     engine = simulator.engine_from_config(
-        config, tokenizer, cfg=sim_cfg, piece_bytes=static.piece_bytes,
-        eos_ids=hf.end_tokens(sim_cfg, tokenizer),
+        config, sim_tokenizer, cfg=sim_cfg, piece_bytes=static.piece_bytes,
+        eos_ids=hf.end_tokens(sim_cfg, sim_tokenizer),
         pad_id=static.pad_id, query_width=rollout_config.max_query_tokens, greedy=greedy)
     return engine, sim_params, plan.params(sim_cfg)
   prompt = SimulatorPrompt.from_config(config.simulator.template, config.engine.top_k,

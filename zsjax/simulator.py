@@ -216,8 +216,9 @@ class SimulatorInputs:
 class SimulatorEngine:
   """The LLM simulator on device; its ``engine_state`` is the simulator's params.
 
-  The simulator must share the policy's tokenizer (true within the Qwen2.5
-  family and in the tiny world). ``max_prompt`` (prefix + query + suffix widths)
+  ``tokenizer`` is the simulator's own (its chat template renders the prompt);
+  it must give every id the policy's gives (``hf.partner_tokenizer`` checks it:
+  true within the Qwen2.5 family and in the tiny world). ``max_prompt`` (prefix + query + suffix widths)
   and ``max_new_tokens`` fix the shapes of its generation."""
 
   cfg: ModelConfig
