@@ -82,6 +82,9 @@ def get_config(arg=None):
       sampling=dict(kind="greedy", temperature=1.0, top_p=1.0, top_k=0, method="gumbel"),
       prompt_width=512,
       judge="rule" if tiny else "llm", judge_checkpoint="", judge_prompt="",
+      # instruct models (the paper's Qwen2.5-7B-Instruct collector and judge) read their
+      # prompts in their chat templates
+      policy_chat_template=not tiny, judge_chat_template=not tiny,
       balance=True, test_fraction=0.15,
       # report_queries: "all" held-out pairs, or "question" (only searches of the
       # question itself, where useful documents should hold the gold answer)

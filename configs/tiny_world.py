@@ -126,6 +126,7 @@ def get_config(arg=None):
       sim_tuning=dict(
           num_questions=0, queries="question", batch_size=16, judge="rule",
           judge_checkpoint="", judge_prompt="", balance=True, test_fraction=0.1,
+          policy_chat_template=False, judge_chat_template=False,  # base models
           report_rows=8 if ci else 64, report_queries="question",
           report_new_tokens=32 if ci else 64,
           policy=lm(),

@@ -102,6 +102,41 @@ def test_llm_judge_compares_yes_and_no_log_probs(tokenizer):
     decisions.append(want)
 
 
+CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_an_instruct_judge_reads_its_chat_template(tokenizer):
+  """The paper's judge is an instruct model: the prompt goes in as a user message
+  of its chat template, and it answers "yes" / "no" as the assistant."""
+  import copy
+
+  chat_tokenizer = copy.deepcopy(tokenizer)
+  chat_tokenizer.chat_template = CHAT
+  cfg = M.ModelConfig(vocab_size=len(tokenizer), embed_dim=32, mlp_dim=48, num_layers=1,
+                      num_heads=4, num_kv_heads=2, head_dim=8, arch="qwen2")
+  args = ("Where was Ann born?", ["Lund"], "Ann born", ["Ann was born in Lund."])
+  for seed in range(3):
+    params = M.init_params(cfg, jax.random.key(seed))
+    judge = ST.LLMJudge(cfg, params, chat_tokenizer, chat_template=True)
+    text = chat_tokenizer.apply_chat_template([{"role": "user", "content": judge.prompt.format(
+        question=args[0], answer="Lund", query=args[2], documents="Doc 1: Ann was born in Lund.")}],
+        tokenize=False, add_generation_prompt=True)
+    assert text.startswith("<|im_start|>user") and text.endswith("<|im_start|>assistant\n")
+    ids = tokenizer.encode(text, add_special_tokens=False)
+
+    def score(word):
+      full = ids + tokenizer.encode(word, add_special_tokens=False)
+      lp = log_softmax(np.asarray(M.Transformer(cfg).apply({"params": params},
+                                                          jnp.asarray([full])), np.float64)[0])
+      return sum(lp[t - 1, full[t]] for t in range(len(ids), len(full)))
+
+    assert judge.useful(*args) == (score("yes") > score("no"))
+  config = load_config("sim_tuning", "qwen2.5-7b").sim_tuning
+  assert config.policy_chat_template and config.judge_chat_template
+  assert not load_config("sim_tuning", "tiny").sim_tuning.judge_chat_template
+
+
 def test_collection_with_a_searching_policy_records_queries_documents_and_resumes(
     tmp_path, world, tokenizer):
   from zsjax import data

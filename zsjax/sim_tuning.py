@@ -118,9 +118,10 @@ def collect_trajectories(path: str | Path, examples, engine, *, tokenizer=None, 
 
 
 def make_collection_policy(policy_cfg, policy_params, tokenizer, engine, rollout_config,
-                           sampling, *, prompt_width: int):
+                           sampling, *, prompt_width: int, chat_template: bool = False):
   """The ``policy`` tuple of ``collect_trajectories``: a jitted rollout on a host
-  engine that records every search."""
+  engine that records every search. ``chat_template``: the prompts in the
+  tokenizer's chat template (an instruct collector, the paper's Qwen2.5-7B-Instruct)."""
   static = rollout_lib.prepare_static_tokens(tokenizer, vocab_size=policy_cfg.vocab_size,
                                              eos_ids=hf.end_tokens(policy_cfg, tokenizer))
   recorder = RecordingEngine(engine)
@@ -129,7 +130,7 @@ def make_collection_policy(policy_cfg, policy_params, tokenizer, engine, rollout
   rollout = jax.jit(rollout_lib.make_rollout(policy_cfg, matcher, static, search, rollout_config,
                                              sampling))
   return {"rollout": rollout, "params": policy_params, "static": static, "search": search,
-          "recorder": recorder, "prompt_width": prompt_width}
+          "recorder": recorder, "prompt_width": prompt_width, "chat_template": chat_template}
 
 
 def _policy_chunk(chunk, policy, tokenizer, batch_size):
@@ -139,7 +140,8 @@ def _policy_chunk(chunk, policy, tokenizer, batch_size):
   padded = questions + [questions[-1]] * (batch_size - len(chunk))  # one shape, one compile
   answers = [list(e["golden_answers"])[0] for e in chunk]
   answers += [answers[-1]] * (batch_size - len(chunk))
-  prompts = [render_prompt(q, tokenizer, use_chat_template=False) for q in padded]
+  prompts = [render_prompt(q, tokenizer, use_chat_template=policy.get("chat_template", False))
+             for q in padded]
   batch = rollout_lib.prepare_batch(tokenizer, prompts, padded, answers, policy["search"],
                                     pad_id=policy["static"].pad_id,
                                     prompt_width=policy["prompt_width"])
@@ -185,13 +187,16 @@ DEFAULT_JUDGE_PROMPT = (
 @dataclasses.dataclass
 class LLMJudge:
   """An LLM judge from a checkpoint: useful iff log p(" yes") > log p(" no") after
-  the prompt (teacher-forced, so deterministic)."""
+  the prompt (teacher-forced, so deterministic). ``chat_template``: an instruct
+  judge reads the prompt as a user message in its chat template (with the
+  generation prompt) and answers "yes" / "no" as the assistant's first word."""
 
   cfg: object
   params: object
   tokenizer: object
   prompt: str = DEFAULT_JUDGE_PROMPT
   max_prompt_tokens: int = 1024
+  chat_template: bool = False
 
   def __post_init__(self):
     self._scores = jax.jit(lambda p, t, s: token_log_probs(self.cfg, p, t, s))
@@ -208,9 +213,14 @@ class LLMJudge:
   def useful(self, question, golds, query, documents) -> bool:
     text = self.prompt.format(question=question, answer=golds[0], query=query,
                               documents=render_documents(documents))
+    space = " "
+    if self.chat_template:
+      text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                tokenize=False, add_generation_prompt=True)
+      space = ""
     ids = self.tokenizer.encode(text, add_special_tokens=False)
-    yes = self._logp(ids, self.tokenizer.encode(" yes", add_special_tokens=False))
-    no = self._logp(ids, self.tokenizer.encode(" no", add_special_tokens=False))
+    yes = self._logp(ids, self.tokenizer.encode(space + "yes", add_special_tokens=False))
+    no = self._logp(ids, self.tokenizer.encode(space + "no", add_special_tokens=False))
     return yes > no
 
 
@@ -395,7 +405,8 @@ def _collect(run) -> None:
                              (tokenizer.eos_token_id,), what="sim_tuning.policy")
     policy = make_collection_policy(cfg, params, tokenizer, engine,
                                     rollout_lib.RolloutConfig.from_config(c.rollout),
-                                    sampling_lib.from_config(c.sampling), prompt_width=c.prompt_width)
+                                    sampling_lib.from_config(c.sampling), prompt_width=c.prompt_width,
+                                    chat_template=c.policy_chat_template)
   run.shared["summary"]["collect"] = collect_trajectories(
       run.workdir / "trajectories.jsonl", examples, engine, tokenizer=tokenizer, policy=policy,
       batch_size=c.batch_size, queries=c.queries, progress=config.progress)
@@ -408,7 +419,7 @@ def _label(run) -> None:
   elif c.judge == "llm":
     judge_cfg, judge_params = hf.load_checkpoint(c.judge_checkpoint)
     judge = LLMJudge(judge_cfg, judge_params, hf.load_tokenizer(c.judge_checkpoint),
-                     c.judge_prompt or DEFAULT_JUDGE_PROMPT)
+                     c.judge_prompt or DEFAULT_JUDGE_PROMPT, chat_template=c.judge_chat_template)
   else:
     raise ValueError(f"config.sim_tuning.judge={c.judge!r} is not 'rule' or 'llm'.")
   trajectories = run.workdir / "trajectories.jsonl"

@@ -70,6 +70,8 @@ LATER_FIELDS = {
     "simulator.sampling_method": "gumbel",
     "simulator.top_p": 1.0,
     "data.prompt_style": "zsjax",
+    "sim_tuning.policy_chat_template": False,
+    "sim_tuning.judge_chat_template": False,
     "distributed.auto": False,
     "distributed.local_device_ids": [],
 }
