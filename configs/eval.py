@@ -65,7 +65,8 @@ def get_config(arg=None):
       sampling_method="gumbel",  # | inverse_cdf, when temperature > 0
       noise_probability=0.0))  # share of noisy calls when the engine is a simulator
   config.engine = ml_collections.ConfigDict(dict(
-      kind="bm25", corpus="", text_field="contents", top_k=3 if tiny else 5,
+      kind="bm25",  # | simulator | http | retriever (a Search-R1 server: POST /retrieve)
+      corpus="", text_field="contents", top_k=3 if tiny else 5,
       url="", model="", timeout_s=30.0, max_retries=2,  # timeout_s: a deadline per attempt
       # a step (an eval set) with more failed search calls than this share fails;
       # RL stops after max_failed_steps failing steps in a row, eval exits non-zero

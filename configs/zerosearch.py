@@ -91,7 +91,9 @@ def get_config(arg=None):
       top_p=1.0,  # on device and sent to a served simulator (vLLM's default: 1.0)
       sampling_method="gumbel"))  # | inverse_cdf: the same distribution, a cheaper draw
   config.engine = ml_collections.ConfigDict(dict(
-      kind="simulator",  # simulator (on device) | bm25 (config.engine.corpus) | http
+      # simulator (on device) | bm25 (config.engine.corpus) | http (a served simulator) |
+      # retriever (a Search-R1 retrieval server at config.engine.url: POST /retrieve)
+      kind="simulator",
       top_k=5, corpus="", text_field="contents",
       url="", model="", timeout_s=30.0, max_retries=2,  # timeout_s: a deadline per attempt
       # a step (an eval set) with more failed search calls than this share fails;

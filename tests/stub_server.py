@@ -47,7 +47,14 @@ class StubServer:
                   "Doc 2: more\nDoc 3: x\nDoc 4: y\nDoc 5: z\nDoc 6: cut")
 
         outer.paths.append(self.path)
-        if self.path.endswith("/chat/completions"):  # one conversation a request
+        if self.path == "/retrieve":  # Search-R1's retrieval server (retrieval_server.py)
+          def hits(query):
+            rows = [{"id": str(k), "contents": f'"Title {k}"\nText {k} about {query}.'}
+                    for k in range(body["topk"] or 3)]
+            return [{"document": r, "score": 1.0 / (k + 1)} for k, r in enumerate(rows)] \
+                if body.get("return_scores") else rows
+          answer = {"result": [hits(q) for q in body["queries"]]}
+        elif self.path.endswith("/chat/completions"):  # one conversation a request
           answer = {"choices": [{"index": 0, "message": {
               "role": "assistant", "content": documents(body["messages"][-1]["content"])}}]}
         else:

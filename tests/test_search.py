@@ -334,3 +334,39 @@ def test_a_served_simulator_samples_as_the_config_says(server, chat):
   for body in sent[2:]:
     assert (body["temperature"], body["max_tokens"], body["top_p"]) == (0.0, 21, 0.9)
   assert server.paths[-1] == ("/v1/chat/completions" if chat else "/v1/completions")
+
+
+def test_a_search_r1_retrieval_server_is_a_host_engine(server, tokenizer_for_docs):
+  """POST /retrieve with queries, topk and return_scores (the contract of
+  Search-R1's retrieval_server.py); each document shown as the reference's client
+  shows it: ``Doc i(Title: <first line>) <rest>``, the title's quotes kept."""
+  section = http_section(kind="retriever", url=server.url, model="", top_k=2)
+  S.check_engine_config(section)
+  engine = S.engine_from_config(section)  # health-checked
+  result = engine.search([S.SearchRequest(" capital of France "), S.SearchRequest("Seine")])
+  assert server.paths[-1] == "/retrieve"
+  assert server.requests[-1] == {"queries": ["capital of France", "Seine"], "topk": 2,
+                                 "return_scores": True}
+  assert result.failed == [False, False]
+  assert engine.format_documents(result.documents[0]) == (
+      'Doc 1(Title: "Title 0") Text 0 about capital of France.\n'
+      'Doc 2(Title: "Title 1") Text 1 about capital of France.')
+  # through the rollout's bridge the policy reads that text between the tags
+  host = S.HostSearch(engine, tokenizer_for_docs, 64)
+  assert host.render == engine.format_documents
+  assert S.retriever_document({"id": "1", "contents": "T\nbody\nmore"}) == "(Title: T) body\nmore"
+  # the same deadlines and accounting as a served simulator
+  server.mode = "error"
+  failed = engine.search([S.SearchRequest("q")])
+  assert failed.failed == [True] and "HTTP 500" in engine.stats["last_error"]
+  with pytest.raises(ValueError, match="config.engine.kind='retriever' but config.engine.url"):
+    S.check_engine_config(http_section(kind="retriever", url=""))
+
+
+@pytest.fixture()
+def tokenizer_for_docs():
+  class Chars:
+    def encode(self, text, add_special_tokens=False):
+      return [ord(c) for c in text]
+
+  return Chars()

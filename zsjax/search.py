@@ -9,7 +9,11 @@
       ``health_check``); every attempt has a wall-clock deadline and a call a
       bounded number of retries, so a call that still fails returns no
       documents and is counted, it never hangs training. Its prompt is
-      ``zsjax.simulator.SimulatorPrompt``, the on-device simulator's.
+      ``zsjax.simulator.SimulatorPrompt``, the on-device simulator's;
+    - ``RetrieverEngine``: a Search-R1 retrieval server (``POST /retrieve``; the
+      e5 + wiki-18 server of the reference), its documents formatted as the
+      reference's client formats them, with the same deadlines, retries,
+      health check and failure accounting (``HttpClient``).
 
 A failing engine is loud: RL reports the share of failed search calls per step
 (``rollout/failed_share``), prints it when it is not zero and stops after
@@ -125,7 +129,7 @@ class EngineError(RuntimeError):
   """A search engine that cannot serve; the message names it, the error and the fix."""
 
 
-HOST_ENGINES = ("bm25", "http")
+HOST_ENGINES = ("bm25", "http", "retriever")
 
 
 def failure_limits(engine) -> tuple[float, int]:
@@ -179,19 +183,20 @@ def check_engine_config(engine) -> None:
   if steps < 1:
     raise ValueError(f"config.engine.max_failed_steps={steps} must be >= 1 (failing steps in a "
                      "row before RL stops).")
-  if engine.kind != "http":
+  if engine.kind not in ("http", "retriever"):
     return
   url = engine.url
   if not url:
-    raise ValueError("config.engine.kind='http' but config.engine.url is empty: give the "
-                     "simulator server's base URL, e.g. --config.engine.url=http://127.0.0.1:8000 "
-                     "(or use --config.engine.kind=simulator for the on-device simulator).")
+    server = "simulator" if engine.kind == "http" else "retrieval"
+    raise ValueError(f"config.engine.kind={engine.kind!r} but config.engine.url is empty: give "
+                     f"the {server} server's base URL, e.g. --config.engine.url=http://127.0.0.1:"
+                     "8000 (or use --config.engine.kind=simulator for the on-device simulator).")
   parts = urllib.parse.urlsplit(url)
   if parts.scheme not in ("http", "https") or not parts.hostname:
     raise ValueError(f"config.engine.url={url!r} is not an http(s) URL with a host; write the "
                      "server's base URL with its scheme, e.g. http://127.0.0.1:8000 (without "
                      "/v1/completions).")
-  if not engine.model:
+  if engine.kind == "http" and not engine.model:
     raise ValueError("config.engine.kind='http' but config.engine.model is empty: give the "
                      "model name the server serves the simulator under (its --served-model-name).")
   if engine.timeout_s <= 0 or engine.max_retries < 0:
@@ -200,35 +205,22 @@ def check_engine_config(engine) -> None:
                      "wait forever).")
 
 
-class HttpSimulatorEngine:
-  """A simulator behind an OpenAI-compatible endpoint: ``/v1/completions`` (one
-  POST per call carries every prompt of the batch) or, for a prompt with
-  ``chat=True``, ``/v1/chat/completions`` (one POST per request, sent
-  concurrently, the server applying its own chat template; released simulators
-  are chat models).
+class HttpClient:
+  """POSTs of JSON with bounded time, shared by the served engines.
 
-  Time is bounded: ``timeout_s`` is a deadline on each attempt's whole exchange
-  (connect, send, every byte of the answer; a server that trickles bytes is cut
-  off at it), up to ``max_retries`` more attempts follow with a doubling
-  ``backoff_s``, so a request ends within ``call_deadline_s``
-  (``(max_retries + 1) * timeout_s`` plus the backoffs) and a call within
-  ``call_bound_s`` (chat requests go ``concurrency`` at a time). A request that still fails gets no documents and ``failed=True``;
-  ``stats`` counts calls, requests, retries and failures and keeps the last error."""
+  ``timeout_s`` is a deadline on each attempt's whole exchange (connect, send,
+  every byte of the answer; a server that trickles bytes is cut off at it), up to
+  ``max_retries`` more attempts follow with a doubling ``backoff_s``, so a request
+  ends within ``call_deadline_s``. A request that still fails gives None;
+  ``stats`` counts calls, queries, retries and failures and keeps the last error."""
 
-  def __init__(self, base_url: str, model: str, prompt: SimulatorPrompt = SimulatorPrompt(), *,
-               timeout_s: float = 30.0, max_retries: int = 2, backoff_s: float = 1.0,
-               max_tokens: int = 600, temperature: float = 0.8, top_p: float = 1.0,
-               concurrency: int = 16):
+  def __init__(self, url: str, *, timeout_s: float = 30.0, max_retries: int = 2,
+               backoff_s: float = 1.0):
     if timeout_s <= 0 or max_retries < 0:
-      raise ValueError(f"HttpSimulatorEngine: timeout_s={timeout_s} must be > 0 and "
+      raise ValueError(f"{type(self).__name__}: timeout_s={timeout_s} must be > 0 and "
                        f"max_retries={max_retries} >= 0 (a search must never wait forever).")
-    self.url = base_url.rstrip("/") + ("/v1/chat/completions" if prompt.chat
-                                       else "/v1/completions")
-    self.model, self.prompt = model, prompt
-    self.top_k = prompt.top_k
+    self.url = url
     self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
-    self.max_tokens, self.temperature, self.top_p = max_tokens, temperature, top_p
-    self.concurrency = concurrency
     self.stats = {"calls": 0, "queries": 0, "retries": 0, "failures": 0, "last_error": ""}
     self._lock = threading.Lock()
 
@@ -306,10 +298,52 @@ class HttpSimulatorEngine:
           self._count("failures", error)
     return None
 
-  def search(self, requests: Sequence[SearchRequest]) -> SearchResult:
+  def _start_call(self, requests: int) -> None:
     with self._lock:
       self.stats["calls"] += 1
-      self.stats["queries"] += len(requests)
+      self.stats["queries"] += requests
+
+  def health_check(self) -> None:
+    """One search call (with its retries) before any work: raises ``EngineError``
+    with the URL, the last error and the fix when the server cannot answer it."""
+    failures = self.stats["failures"]
+    result = self.search([SearchRequest("health check", "health check", "ok")])
+    for key in ("calls", "queries"):
+      self.stats[key] -= 1
+    if self.stats["failures"] > failures or result.failed[0]:
+      raise EngineError(
+          f"the search engine at {self.url} ({self.describe()}) did not answer a test "
+          f"request within {self.call_deadline_s:.3g} s: {self.stats['last_error']}. Start the "
+          "server there, or fix config.engine.url / config.engine.model "
+          "(config.engine.timeout_s and max_retries bound the wait).")
+    self.stats["last_error"] = ""
+
+
+class HttpSimulatorEngine(HttpClient):
+  """A simulator behind an OpenAI-compatible endpoint: ``/v1/completions`` (one
+  POST per call carries every prompt of the batch) or, for a prompt with
+  ``chat=True``, ``/v1/chat/completions`` (one POST per request, sent
+  concurrently, the server applying its own chat template; released simulators
+  are chat models). Time is bounded as ``HttpClient`` says; a call ends within
+  ``call_bound_s`` (chat requests go ``concurrency`` at a time)."""
+
+  def __init__(self, base_url: str, model: str, prompt: SimulatorPrompt = SimulatorPrompt(), *,
+               timeout_s: float = 30.0, max_retries: int = 2, backoff_s: float = 1.0,
+               max_tokens: int = 600, temperature: float = 0.8, top_p: float = 1.0,
+               concurrency: int = 16):
+    super().__init__(base_url.rstrip("/") + ("/v1/chat/completions" if prompt.chat
+                                             else "/v1/completions"),
+                     timeout_s=timeout_s, max_retries=max_retries, backoff_s=backoff_s)
+    self.model, self.prompt = model, prompt
+    self.top_k = prompt.top_k
+    self.max_tokens, self.temperature, self.top_p = max_tokens, temperature, top_p
+    self.concurrency = concurrency
+
+  def describe(self) -> str:
+    return f"model {self.model!r}"
+
+  def search(self, requests: Sequence[SearchRequest]) -> SearchResult:
+    self._start_call(len(requests))
     settings = {"model": self.model, "max_tokens": self.max_tokens,
                 "temperature": self.temperature, "top_p": self.top_p}
     if self.prompt.chat:
@@ -342,20 +376,61 @@ class HttpSimulatorEngine:
     waves = -(-requests // self.concurrency) if self.prompt.chat else 1
     return waves * self.call_deadline_s
 
-  def health_check(self) -> None:
-    """One search call (with its retries) before any work: raises ``EngineError``
-    with the URL, the last error and the fix when the server cannot answer it."""
-    failures = self.stats["failures"]
-    result = self.search([SearchRequest("health check", "health check", "ok")])
-    for key in ("calls", "queries"):
-      self.stats[key] -= 1
-    if self.stats["failures"] > failures or result.failed[0]:
-      raise EngineError(
-          f"the search engine at {self.url} (model {self.model!r}) did not answer a test "
-          f"request within {self.call_deadline_s:.3g} s: {self.stats['last_error']}. Start the "
-          "simulator server there, or fix config.engine.url / config.engine.model "
-          "(config.engine.timeout_s and max_retries bound the wait).")
-    self.stats["last_error"] = ""
+
+def retriever_document(item) -> str:
+  """One document of a Search-R1 retrieval server's answer as the reference's
+  client shows it (search_r1/llm_agent/generation.py, ``_passages2string``): its
+  ``contents``' first line is the title, the rest the text, written
+  ``(Title: <title>) <text>`` after ``Doc i``. ``item`` is ``{"document": {...},
+  "score": s}`` (``return_scores``) or the corpus row itself."""
+  row = item["document"] if isinstance(item, dict) and "document" in item else item
+  contents = _text(row["contents"])
+  title, _, text = contents.partition("\n")
+  return f"(Title: {title}) {text}"
+
+
+class RetrieverEngine(HttpClient):
+  """A retrieval server that speaks Search-R1's contract (its
+  search_r1/search/retrieval_server.py: the e5 + wiki-18 server users already run):
+  one ``POST {url}/retrieve`` per call with ``{"queries": [...], "topk": k,
+  "return_scores": true}``, answered ``{"result": [[{"document": {"contents": ...},
+  "score": s}, ...] per query]}``. Documents read ``Doc i(Title: …) …`` as in the
+  reference (``format_documents``). Deadlines, retries and failure accounting
+  are ``HttpClient``'s, as for a served simulator."""
+
+  def __init__(self, base_url: str, top_k: int = 3, *, timeout_s: float = 30.0,
+               max_retries: int = 2, backoff_s: float = 1.0):
+    super().__init__(base_url.rstrip("/") + "/retrieve", timeout_s=timeout_s,
+                     max_retries=max_retries, backoff_s=backoff_s)
+    self.top_k = top_k
+
+  def describe(self) -> str:
+    return "a Search-R1 retrieval server"
+
+  def search(self, requests: Sequence[SearchRequest]) -> SearchResult:
+    self._start_call(len(requests))
+    queries = [r.query.strip() for r in requests]
+
+    def read(body):
+      result = body["result"]
+      if not isinstance(result, list) or len(result) != len(queries):
+        raise ValueError(f"'result' holds {len(result) if isinstance(result, list) else result!r}"
+                         f" lists for {len(queries)} queries")
+      return [[retriever_document(item) for item in docs[:self.top_k]] for docs in result]
+
+    docs = self._with_retries({"queries": queries, "topk": self.top_k, "return_scores": True},
+                              read)
+    if docs is None:
+      return SearchResult([[] for _ in requests], [True] * len(requests))
+    return SearchResult(docs, [False] * len(requests))
+
+  @staticmethod
+  def format_documents(documents: Sequence[str]) -> str:
+    """``Doc 1(Title: …) …\nDoc 2(Title: …) …``: no colon after the number."""
+    return "\n".join(f"Doc {i + 1}{doc}" for i, doc in enumerate(documents))
+
+  def call_bound_s(self, requests: int) -> float:
+    return self.call_deadline_s
 
 
 def engine_from_config(engine, prompt: SimulatorPrompt = SimulatorPrompt(), *,
@@ -385,8 +460,14 @@ def engine_from_config(engine, prompt: SimulatorPrompt = SimulatorPrompt(), *,
     if health_check:
       http_engine.health_check()
     return http_engine
-  raise ValueError(f"config.engine.kind={engine.kind!r} is not a host engine; use 'bm25' or "
-                   "'http'.")
+  if engine.kind == "retriever":
+    retriever = RetrieverEngine(engine.url, engine.top_k, timeout_s=engine.timeout_s,
+                                max_retries=engine.max_retries, backoff_s=engine.backoff_s)
+    if health_check:
+      retriever.health_check()
+    return retriever
+  raise ValueError(f"config.engine.kind={engine.kind!r} is not a host engine; use one of "
+                   f"{HOST_ENGINES}.")
 
 
 def _text(value) -> str:
@@ -440,12 +521,13 @@ def build_engine(config, tokenizer, static, rollout_config, plan, rng, *, greedy
 # ------------------------------------------------------------- from jitted code
 
 
-def document_tokens(tokenizer, documents: Sequence[str]) -> list[int]:
-  """Token ids of documents as inserted into the policy's context: rendered
-  ``Doc 1: …\nDoc 2: …`` (none for no documents)."""
+def document_tokens(tokenizer, documents: Sequence[str], render=render_documents) -> list[int]:
+  """Token ids of documents as inserted into the policy's context: ``render``ed
+  (``Doc 1: …\nDoc 2: …``, or an engine's ``format_documents``; none for no
+  documents)."""
   if not documents:
     return []
-  return tokenizer.encode(render_documents(documents), add_special_tokens=False)
+  return tokenizer.encode(render(documents), add_special_tokens=False)
 
 
 @flax.struct.dataclass
@@ -470,6 +552,7 @@ class HostSearch:
     one compile; ``config.engine.max_text_bytes``)."""
     self.engine, self.tokenizer = engine, tokenizer
     self.max_doc_tokens, self.pad_id, self.text_width = max_doc_tokens, pad_id, text_width
+    self.render = getattr(engine, "format_documents", render_documents)
 
   def inputs(self, questions: Sequence[str], answers: Sequence[str],
              samples_per_prompt: int = 1) -> HostInputs:
@@ -523,7 +606,7 @@ class HostSearch:
         row_text(i, 0), row_text(i, 1), bool(noisy[i]), row=i) for i in rows]
     result = self.engine.search(requests)
     for i, docs, fail in zip(rows, result.documents, result.failed):
-      ids = document_tokens(self.tokenizer, docs)[:self.max_doc_tokens]
+      ids = document_tokens(self.tokenizer, docs, self.render)[:self.max_doc_tokens]
       tokens[i, :len(ids)] = ids
       lengths[i] = len(ids)
       failed[i] = fail
