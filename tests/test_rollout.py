@@ -129,6 +129,31 @@ def test_search_information_answer(tokenizer, world):
   assert int(fast.loss_mask[0].sum()) == sum(len(tokenizer.encode(t)) for t in turns)
 
 
+def test_thinking_stays_in_the_context_exactly_as_sampled(tokenizer, world):
+  """Qwen3-style thinking across turns: what the policy wrote inside <think> is
+  never re-rendered (a chat template would drop earlier turns' thinking) nor
+  re-tokenized. Scripted in a tokenization no encoder would choose (one token per
+  character), the ids of both turns stand in the trajectory verbatim."""
+  def by_char(text):
+    return [tokenizer.convert_tokens_to_ids(c) if c != " " else tokenizer.encode(" ")[0]
+            for c in text]
+
+  think1, think2 = "<think> a hunch </think>", "<think> so Paris </think>"  # < 40 tokens a turn
+  assert all(i != tokenizer.unk_token_id for i in by_char(think1 + think2))
+  turn1 = by_char(think1) + tokenizer.encode("<search> capital of France </search>")
+  turn2 = by_char(think2) + tokenizer.encode("<answer> Paris </answer>")
+  assert turn1[:len(by_char(think1))] != tokenizer.encode(think1)  # not what encode gives
+  fast, slow, _, _ = run_both(tokenizer, world, CONFIG, Greedy(), [turn1 + turn2] * 2)
+  assert_same(fast, slow)
+  tokens, mask = np.asarray(fast.tokens[0]), np.asarray(fast.loss_mask[0])
+  sampled = tokens[mask == 1].tolist()
+  assert sampled == turn1 + turn2
+  start = int(fast.prompt_lengths[0])
+  assert tokens[start:start + len(turn1)].tolist() == turn1  # right after the prompt
+  second = start + len(turn1) + int((mask[start + len(turn1):] == 0).argmin())
+  assert tokens[second:second + len(turn2)].tolist() == turn2  # right after the documents
+
+
 def test_invalid_action_gets_feedback_then_answer(tokenizer, world):
   scripts = [["<search> q </answer>", "<answer> Seine </answer>"]] * 2
   fast, slow, engine, _ = run_both(tokenizer, world, CONFIG, Greedy(), scripts)
