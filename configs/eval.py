@@ -77,6 +77,9 @@ def get_config(arg=None):
       max_turns=2 if tiny else 5, max_new_tokens=24 if tiny else 500,
       max_obs_tokens=192 if tiny else 2048, max_length=768 if tiny else 4096,
       max_query_tokens=24 if tiny else 64,
+      # the simulator's prompt and observation blocks tokenized on the host as one string
+      # (the reference's tokenization), or assembled from token pieces on device
+      retokenize=not tiny,
       attention_view=512))  # decode reads the smallest cache view holding every row
   config.eval = ml_collections.ConfigDict(dict(
       sets="" if tiny else "nq,triviaqa,popqa,hotpotqa,2wikimultihopqa,musique,bamboogle",

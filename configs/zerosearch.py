@@ -117,7 +117,11 @@ def get_config(arg=None):
       attention_view=512,
       # compute dtype of the rollout and its KV cache: float32 | bfloat16 | float16;
       # "" = the policy's own (params stay as loaded)
-      dtype=""))
+      dtype="",
+      # True: the simulator's prompt and each observation block are tokenized on the host
+      # as one string, as the reference does (exact at tokenizer seams such as "?\n");
+      # False: assembled from token pieces on device (no host round trip per turn)
+      retokenize=not tiny))
   # the policy in training: temperature 1, top-p 0.95 (ZeroSearch's trainer); evaluation is
   # greedy (configs/eval.py). method="inverse_cdf" draws from the same distribution as
   # "gumbel" with a cheaper sampler (zsjax.sampling.Sampling.method).

@@ -47,3 +47,40 @@ def make(vocab_size: int = 120_000, seed: int = 0):
                                              pad_token="<|endoftext|>")
   out.chat_template = CHAT_TEMPLATE
   return out
+
+
+# The pre-tokenizer regexes of real tokenizers (their tokenizer.json files): Qwen2 /
+# Qwen2.5 / Qwen3 split digits one by one, Llama 3 keeps up to three together. Both
+# join punctuation with the newlines after it ("?\n", ".\n") and a space with the
+# letters after it, unlike GPT-2's.
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@functools.lru_cache(maxsize=4)
+def make_pretokenized(pattern: str = QWEN2_PATTERN, vocab_size: int = 4000, seed: int = 0):
+  """A ``transformers`` tokenizer whose pre-tokenizer is a real model's: a regex
+  ``Split`` and then ByteLevel without its own regex, as Qwen2's and Llama 3's
+  tokenizer.json files have it. It has the specials and chat template of ``make``."""
+  import transformers
+  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  tok.decoder = decoders.ByteLevel()
+  rng = np.random.default_rng(seed)
+  letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+  words = ["".join(rng.choice(letters, rng.integers(3, 9))) for _ in range(3000)]
+  questions = [" ".join(words[i:i + 5]) + "?\nDoc 1: " + " ".join(words[i + 5:i + 9]) + ".\n"
+               for i in range(0, len(words) - 9, 9)]
+  tok.train_from_iterator(_corpus(seed)[:2000] + questions * 3, trainers.BpeTrainer(
+      vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      special_tokens=SPECIAL, show_progress=False))
+  out = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                             pad_token="<|endoftext|>")
+  out.chat_template = CHAT_TEMPLATE
+  return out

@@ -37,6 +37,33 @@ class EngineOutput(flax.struct.PyTreeNode):
   tokens: jax.Array  # [B, D] right-padded
   lengths: jax.Array  # [B]
   failed: jax.Array  # [B] bool: the engine gave up on the row's call
+  # True: ``tokens`` are the whole observation block, wrapper included, tokenized as
+  # one string (config.rollout.retokenize); False: the documents alone
+  wrapped: bool = flax.struct.field(pytree_node=False, default=False)
+
+
+def encode_texts(rows: Sequence[Sequence[str]], width: int, field: str):
+  """Each row's strings as zero-padded UTF-8 bytes, ``([N, K, width] uint8,
+  lengths [N, K])``, for host callbacks that need the text; a string longer than
+  ``width`` bytes raises, naming ``field``."""
+  encoded = [[t.encode("utf-8") for t in row] for row in rows]
+  longest = max((len(t) for row in encoded for t in row), default=0)
+  if longest > width:
+    raise ValueError(f"a question or answer of {longest} UTF-8 bytes is longer than the "
+                     f"text width {width} ({field}); raise it.")
+  k = max((len(row) for row in encoded), default=0)
+  text = np.zeros((len(encoded), k, width), np.uint8)
+  lengths = np.zeros((len(encoded), k), np.int32)
+  for i, row in enumerate(encoded):
+    for j, raw in enumerate(row):
+      text[i, j, :len(raw)] = np.frombuffer(raw, np.uint8)
+      lengths[i, j] = len(raw)
+  return text, lengths
+
+
+def decode_text(text, lengths, i: int, j: int) -> str:
+  """String ``j`` of row ``i`` of ``encode_texts``' arrays (on the host)."""
+  return bytes(np.asarray(text)[i, j, :int(lengths[i, j])]).decode("utf-8")
 
 
 def pad_rows(rows: Sequence[Sequence[int]], width: int | None = None, pad_id: int = 0):
@@ -125,5 +152,5 @@ class NoEngine:
                         jnp.zeros((b,), bool))
 
 
-__all__ = ["Engine", "EngineOutput", "NoEngine", "pad_rows", "concat_ragged", "gather_span",
+__all__ = ["encode_texts", "decode_text", "Engine", "EngineOutput", "NoEngine", "pad_rows", "concat_ragged", "gather_span",
            "tokens_covering_tail"]

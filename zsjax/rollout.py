@@ -259,13 +259,14 @@ def search_query(spec: RolloutSpec, state: RolloutState, open_end):
   return gather_span(state.tokens, open_end, query_len, width, spec.static.pad_id), query_len
 
 
-def observation_width(config: RolloutConfig, static: StaticTokens, doc_width: int) -> int:
+def observation_width(config: RolloutConfig, static: StaticTokens, doc_width: int,
+                      wrapped: bool = False) -> int:
   """O, the width of an inserted observation: as wide as the widest the engine can
   return (``doc_width`` document tokens inside the wrapper) or the feedback, never
   wider than ``config.max_obs_tokens``. An on-device simulator writes at most its
   ``max_new_tokens`` (600 in the paper), so its observations are prefilled ~600
-  wide, not 2048."""
-  wrapper = static.obs_open.shape[0] + static.obs_close.shape[0]
+  wide, not 2048. ``wrapped``: the engine's tokens hold the wrapper already."""
+  wrapper = 0 if wrapped else static.obs_open.shape[0] + static.obs_close.shape[0]
   return min(config.max_obs_tokens, max(wrapper + doc_width, static.feedback.shape[0]))
 
 
@@ -274,12 +275,16 @@ def observations(spec: RolloutSpec, docs: EngineOutput, do_search):
   else the invalid-action feedback: ``([B, O], lengths [B])``, O =
   ``observation_width``."""
   static = spec.static
-  width = observation_width(spec.config, static, docs.tokens.shape[1])
-  wrapper = static.obs_open.shape[0] + static.obs_close.shape[0]
-  doc_len = jnp.minimum(docs.lengths, width - wrapper)
-  obs_docs, obs_docs_len = concat_ragged(
-      [(static.obs_open[None], static.obs_open.shape[0]), (docs.tokens, doc_len),
-       (static.obs_close[None], static.obs_close.shape[0])], width, static.pad_id)
+  width = observation_width(spec.config, static, docs.tokens.shape[1], docs.wrapped)
+  if docs.wrapped:  # one string tokenized on the host; cut at the width, as the reference
+    obs_docs, obs_docs_len = concat_ragged([(docs.tokens, jnp.minimum(docs.lengths, width))],
+                                           width, static.pad_id)
+  else:
+    wrapper = static.obs_open.shape[0] + static.obs_close.shape[0]
+    doc_len = jnp.minimum(docs.lengths, width - wrapper)
+    obs_docs, obs_docs_len = concat_ragged(
+        [(static.obs_open[None], static.obs_open.shape[0]), (docs.tokens, doc_len),
+         (static.obs_close[None], static.obs_close.shape[0])], width, static.pad_id)
   feedback, feedback_len = concat_ragged(
       [(static.feedback[None], static.feedback.shape[0])], width, static.pad_id)
   return (jnp.where(do_search[:, None], obs_docs, feedback),

@@ -44,9 +44,9 @@ import flax.struct
 from jax.experimental import io_callback
 
 from zsjax import hf, simulator
-from zsjax.engine import EngineOutput
-from zsjax.simulator import SimulatorPrompt, parse_documents
-from zsjax.template import render_documents
+from zsjax.engine import EngineOutput, decode_text, encode_texts
+from zsjax.simulator import SimulatorPrompt, parse_documents, reference_text
+from zsjax.template import information_block, render_documents
 
 # ---------------------------------------------------------------- host engines
 
@@ -66,6 +66,9 @@ class SearchRequest:
 class SearchResult:
   documents: list[list[str]]  # per request, at most top_k
   failed: list[bool]  # per request: gave up after retries (documents empty)
+  # per request, the text the reference would put inside <information> (a served
+  # simulator's post-processed output); None: the documents rendered
+  texts: list[str] | None = None
 
 
 class HostEngine(Protocol):
@@ -368,7 +371,8 @@ class HttpSimulatorEngine(HttpClient):
 
       texts = self._with_retries({**settings, "prompt": prompts}, read) or [None] * len(prompts)
     return SearchResult([[] if t is None else parse_documents(t, self.top_k) for t in texts],
-                        [t is None for t in texts])
+                        [t is None for t in texts],
+                        ["" if t is None else reference_text(t, self.top_k) for t in texts])
 
   def call_bound_s(self, requests: int) -> float:
     """The longest a ``search`` of ``requests`` requests can take: one request's
@@ -512,9 +516,9 @@ def build_engine(config, tokenizer, static, rollout_config, plan, rng, *, greedy
                                        config.simulator.chat_template)
   engine = HostSearch(prebuilt or engine_from_config(config.engine, prompt,
                                                      simulator=config.simulator, greedy=greedy),
-                      tokenizer,
-                      rollout_config.max_obs_tokens, pad_id=static.pad_id,
-                      text_width=config.engine.max_text_bytes)
+                      tokenizer, rollout_config.max_obs_tokens, pad_id=static.pad_id,
+                      text_width=config.engine.max_text_bytes,
+                      retokenize=config.rollout.retokenize)
   return engine, jnp.zeros((), jnp.int32), None
 
 
@@ -547,27 +551,22 @@ class HostSearch:
   right-padded with ``pad_id``."""
 
   def __init__(self, engine: HostEngine, tokenizer, max_doc_tokens: int, pad_id: int = 0,
-               text_width: int = 1024):
+               text_width: int = 1024, retokenize: bool = False):
     """``text_width``: the fixed byte width of each question and answer (one shape,
-    one compile; ``config.engine.max_text_bytes``)."""
-    self.engine, self.tokenizer = engine, tokenizer
+    one compile; ``config.engine.max_text_bytes``). ``retokenize``
+    (``config.rollout.retokenize``): each observation block, wrapper included,
+    tokenized as one string (``template.information_block`` of the engine's text,
+    as the reference tokenizes it), at most ``max_doc_tokens`` long; else the
+    documents alone, the rollout adding the wrapper's tokens."""
+    self.engine, self.tokenizer, self.retokenize = engine, tokenizer, retokenize
     self.max_doc_tokens, self.pad_id, self.text_width = max_doc_tokens, pad_id, text_width
     self.render = getattr(engine, "format_documents", render_documents)
 
   def inputs(self, questions: Sequence[str], answers: Sequence[str],
              samples_per_prompt: int = 1) -> HostInputs:
-    encoded = [(q.encode("utf-8"), a.encode("utf-8")) for q, a in zip(questions, answers)
-               for _ in range(samples_per_prompt)]
-    width, longest = self.text_width, max(len(t) for pair in encoded for t in pair)
-    if longest > width:
-      raise ValueError(f"a question or answer of {longest} UTF-8 bytes is longer than the host "
-                       f"engine's text width {width} (config.engine.max_text_bytes); raise it.")
-    text = np.zeros((len(encoded), 2, width), np.uint8)
-    lengths = np.zeros((len(encoded), 2), np.int32)
-    for i, pair in enumerate(encoded):
-      for j, raw in enumerate(pair):
-        text[i, j, :len(raw)] = np.frombuffer(raw, np.uint8)
-        lengths[i, j] = len(raw)
+    text, lengths = encode_texts([(q, a) for q, a in zip(questions, answers)
+                                  for _ in range(samples_per_prompt)], self.text_width,
+                                 "the host engine's, config.engine.max_text_bytes")
     return HostInputs(text=jnp.asarray(text), lengths=jnp.asarray(lengths))
 
   def input_shardings(self, plan) -> HostInputs:
@@ -597,16 +596,19 @@ class HostSearch:
     if not rows:
       return tokens, lengths, failed
 
-    def row_text(i, j):
-      return bytes(text[i, j, :text_lengths[i, j]]).decode("utf-8")
-
     requests = [SearchRequest(
         self.tokenizer.decode(query_tokens[i, :query_lengths[i]].tolist(),
                               skip_special_tokens=True),
-        row_text(i, 0), row_text(i, 1), bool(noisy[i]), row=i) for i in rows]
+        decode_text(text, text_lengths, i, 0), decode_text(text, text_lengths, i, 1),
+        bool(noisy[i]), row=i) for i in rows]
     result = self.engine.search(requests)
-    for i, docs, fail in zip(rows, result.documents, result.failed):
-      ids = document_tokens(self.tokenizer, docs, self.render)[:self.max_doc_tokens]
+    texts = result.texts or [self.render(docs) if docs else "" for docs in result.documents]
+    for i, docs, fail, text in zip(rows, result.documents, result.failed, texts):
+      if self.retokenize:
+        ids = self.tokenizer.encode(information_block(text), add_special_tokens=False)
+      else:
+        ids = document_tokens(self.tokenizer, docs, self.render)
+      ids = ids[:self.max_doc_tokens]
       tokens[i, :len(ids)] = ids
       lengths[i] = len(ids)
       failed[i] = fail
@@ -621,4 +623,5 @@ class HostSearch:
     shapes = (jax.ShapeDtypeStruct((b, self.max_doc_tokens), jnp.int32),
               jax.ShapeDtypeStruct((b,), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.bool_))
     return EngineOutput(*io_callback(self._callback, shapes, inputs.text, inputs.lengths,
-                                     query_tokens, query_lengths, active, noisy, ordered=True))
+                                     query_tokens, query_lengths, active, noisy, ordered=True),
+                        wrapped=self.retokenize)

@@ -32,11 +32,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
-from zsjax.engine import EngineOutput, concat_ragged, gather_span, pad_rows, tokens_covering_tail
+from zsjax.engine import (EngineOutput, concat_ragged, decode_text, encode_texts, gather_span,
+                          pad_rows, tokens_covering_tail)
 from zsjax.model import ModelConfig, Transformer, init_cache
 from zsjax.sampling import Greedy, Sampling, sample
-from zsjax.template import TagMatcher, build_tag_matcher, token_bytes
+from zsjax.template import TagMatcher, build_tag_matcher, information_block, token_bytes
 
 DEFAULT_TEMPLATE = (
     "You act as a web search engine.\n"
@@ -178,6 +180,13 @@ def policy_query(query: str) -> str:
   return " " + query.strip()
 
 
+def reference_text(text: str, top_k: int) -> str:
+  """A simulator's text as the reference passes it on (llm_agent/generation.py,
+  ``search_simulate_sft``): each ``\\n\\n`` made one newline, and everything from
+  ``Doc {top_k + 1}`` on cut away."""
+  return text.replace("\n\n", "\n").split(f"Doc {top_k + 1}")[0]
+
+
 def parse_documents(text: str, top_k: int) -> list[str]:
   """Documents from a simulator's output: cut before the (top_k + 1)-th ``Doc``
   marker, blank lines collapsed, split at the markers (text before the first
@@ -210,6 +219,10 @@ class SimulatorInputs:
   prefix_lengths: jax.Array  # [2, B]
   suffix: jax.Array  # [2, Ls] after the query
   suffix_lengths: jax.Array  # [2]
+  # question and first gold answer as UTF-8 bytes ([B, 2, W], [B, 2]) when the prompt
+  # is tokenized on the host (``retokenize``); [B, 2, 1] zeros otherwise
+  text: jax.Array
+  text_lengths: jax.Array
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -231,6 +244,12 @@ class SimulatorEngine:
   sampling: Greedy | Sampling = Sampling(temperature=0.8)
   eos_ids: tuple[int, ...] = ()
   pad_id: int = 0
+  # True (config.rollout.retokenize): what the reference tokenizes as one string is
+  # tokenized on the host as one string, through a host callback each call: the
+  # prompt around the decoded query, and the observation block (wrapper included)
+  # around the post-processed text; False: both assembled in token space on device
+  retokenize: bool = False
+  text_width: int = 1024  # bytes of a question or answer (config.engine.max_text_bytes)
   # Built from the tokenizer when the engine is made (on the host, never in a trace):
   matcher: TagMatcher = dataclasses.field(init=False)  # the stop marker's automaton
   blank: np.ndarray = dataclasses.field(init=False)  # [V] bool: text is whitespace only
@@ -281,9 +300,15 @@ class SimulatorEngine:
                        "or shorten the simulator template.")
     pre = [pad_rows(p, self.prefix_width, self.pad_id) for p in prefixes]
     suffix, suffix_lengths = pad_rows(suffixes, pad_id=self.pad_id)
+    if self.retokenize:
+      text, text_lengths = encode_texts([(questions[i], answers[i]) for i in rows],
+                                        self.text_width, "config.engine.max_text_bytes")
+    else:
+      text, text_lengths = np.zeros((len(rows), 2, 1), np.uint8), np.zeros((len(rows), 2), np.int32)
     return SimulatorInputs(prefix=jnp.asarray(np.stack([p[0] for p in pre])),
                            prefix_lengths=jnp.asarray(np.stack([p[1] for p in pre])),
-                           suffix=jnp.asarray(suffix), suffix_lengths=jnp.asarray(suffix_lengths))
+                           suffix=jnp.asarray(suffix), suffix_lengths=jnp.asarray(suffix_lengths),
+                           text=jnp.asarray(text), text_lengths=jnp.asarray(text_lengths))
 
   @property
   def last_error(self) -> str:
@@ -301,7 +326,8 @@ class SimulatorEngine:
 
   def input_shardings(self, plan) -> SimulatorInputs:
     return SimulatorInputs(prefix=plan.rows(3, axis=1), prefix_lengths=plan.rows(2, axis=1),
-                           suffix=plan.replicated(), suffix_lengths=plan.replicated())
+                           suffix=plan.replicated(), suffix_lengths=plan.replicated(),
+                           text=plan.rows(3), text_lengths=plan.rows(2))
 
   # -- device side
 
@@ -318,6 +344,9 @@ class SimulatorEngine:
           "engine with the widths of the batch (config.simulator.max_prefix_tokens, "
           "config.rollout.max_query_tokens).")
     prompt, prompt_lengths = self.assemble(inputs, query, query_lengths, noisy)
+    if self.retokenize:
+      prompt, prompt_lengths = self.host_prompt(inputs, query, query_lengths, noisy, active,
+                                                prompt, prompt_lengths)
     b = query.shape[0]
     # No row searching (the final turn, or every row answered): skip the prefill too,
     # which costs about as much as a whole batch's documents at 0.1B scale. The
@@ -326,6 +355,8 @@ class SimulatorEngine:
         jnp.any(active), lambda: _generate(self, params, prompt, prompt_lengths, active, rng),
         lambda: (jnp.full((b, self.max_new_tokens), self.pad_id, jnp.int32),
                  jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool)))
+    if self.retokenize:
+      return self.host_observation(tokens, jnp.where(active, count, 0))
     marker_bytes = len(self.prompt.stop_marker)
     drop = jnp.where(hit, tokens_covering_tail(self.piece_bytes, tokens, count, count,
                                                marker_bytes), 0)
@@ -336,6 +367,63 @@ class SimulatorEngine:
                                            self.pad_id)
     tokens, lengths = strip_blank(tokens, lengths, jnp.asarray(self.blank), self.pad_id)
     return EngineOutput(tokens, lengths, jnp.zeros((query.shape[0],), bool))
+
+  # -- retokenize: host callbacks
+
+  @property
+  def observation_width(self) -> int:
+    """The width of a host-tokenized observation block: the budget, the wrapper
+    and room for a tokenization of the decoded text longer than the sampled one."""
+    wrapper = len(self._encode(information_block("")))
+    return self.max_new_tokens + wrapper + 16
+
+  def _host_prompt(self, text, text_lengths, query, query_lengths, noisy, active):
+    b, width = query.shape[0], self.max_prompt
+    ids = np.full((b, width), self.pad_id, np.int32)
+    lengths = np.full((b,), -1, np.int32)  # -1: keep the device's assembly
+    for i in range(b):
+      if not active[i]:
+        continue
+      words = self.tokenizer.decode(query[i, :query_lengths[i]].tolist(),
+                                    skip_special_tokens=True)
+      row = self._encode(self.prompt.render(words, decode_text(text, text_lengths, i, 0),
+                                            decode_text(text, text_lengths, i, 1),
+                                            bool(noisy[i]), self.tokenizer))
+      if len(row) <= width:
+        ids[i, :len(row)], lengths[i] = row, len(row)
+    return ids, lengths
+
+  def host_prompt(self, inputs, query, query_lengths, noisy, active, assembled, assembled_lengths):
+    """Each active row's prompt tokenized as one string (``SimulatorPrompt.render``
+    of the decoded query), as the reference does; a row whose string would not fit
+    ``max_prompt`` keeps its device assembly."""
+    b, width = query.shape[0], self.max_prompt
+    shapes = (jax.ShapeDtypeStruct((b, width), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32))
+    ids, lengths = io_callback(self._host_prompt, shapes, inputs.text, inputs.text_lengths,
+                               query, query_lengths, noisy, active, ordered=True)
+    ok = lengths >= 0
+    return (jnp.where(ok[:, None], ids, assembled), jnp.where(ok, lengths, assembled_lengths))
+
+  def _host_observation(self, tokens, count):
+    b, width = tokens.shape[0], self.observation_width
+    ids = np.full((b, width), self.pad_id, np.int32)
+    lengths = np.zeros((b,), np.int32)
+    for i in range(b):
+      if count[i] <= 0:
+        continue
+      text = self.tokenizer.decode(tokens[i, :count[i]].tolist(), skip_special_tokens=True)
+      row = self._encode(information_block(reference_text(text, self.prompt.top_k)))[:width]
+      ids[i, :len(row)], lengths[i] = row, len(row)
+    return ids, lengths
+
+  def host_observation(self, tokens, count) -> EngineOutput:
+    """Each row's observation block as the reference makes it: the generated text
+    decoded, post-processed (``reference_text``) and wrapped
+    (``template.information_block``), tokenized as one string."""
+    b, width = tokens.shape[0], self.observation_width
+    shapes = (jax.ShapeDtypeStruct((b, width), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32))
+    ids, lengths = io_callback(self._host_observation, shapes, tokens, count, ordered=True)
+    return EngineOutput(ids, lengths, jnp.zeros((b,), bool), wrapped=True)
 
   def assemble(self, inputs: SimulatorInputs, query, query_lengths, noisy):
     """Each row's prompt ids, ``([B, max_prompt], lengths [B])``: the token form of
@@ -466,10 +554,12 @@ def engine_from_config(config, tokenizer, *, cfg: ModelConfig, piece_bytes, eos_
       prompt=SimulatorPrompt.from_config(sim.template, config.engine.top_k, sim.chat_template),
       piece_bytes=piece_bytes, max_new_tokens=sim.max_new_tokens,
       prefix_width=sim.max_prefix_tokens, query_width=query_width, sampling=sampling,
-      eos_ids=tuple(eos_ids), pad_id=pad_id)
+      eos_ids=tuple(eos_ids), pad_id=pad_id, retokenize=config.rollout.retokenize,
+      text_width=config.engine.max_text_bytes)
 
 
 __all__ = ["DEFAULT_TEMPLATE", "ZEROSEARCH_TEMPLATE", "TEMPLATES", "named_template",
+           "reference_text",
            "SimulatorPrompt", "policy_query", "strip_blank",
            "collapse_blank_lines",
            "parse_documents", "SimulatorInputs",

@@ -157,7 +157,13 @@ def render_documents(documents: Sequence[str]) -> str:
 
 def render_observation(documents: Sequence[str]) -> str:
   """What is appended after a search: the documents inside information tags."""
-  return f"\n\n{INFORMATION_OPEN}{render_documents(documents)}{INFORMATION_CLOSE}\n\n"
+  return information_block(render_documents(documents))
+
+
+def information_block(text: str) -> str:
+  """The observation of a search as the reference writes it (llm_agent/generation.py:
+  ``f'\\n\\n<information>{result.strip()}</information>\\n\\n'``)."""
+  return f"\n\n{INFORMATION_OPEN}{text.strip()}{INFORMATION_CLOSE}\n\n"
 
 
 class Action(NamedTuple):

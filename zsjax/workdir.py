@@ -72,6 +72,7 @@ LATER_FIELDS = {
     "data.prompt_style": "zsjax",
     "sim_tuning.policy_chat_template": False,
     "sim_tuning.judge_chat_template": False,
+    "rollout.retokenize": False,
     "distributed.auto": False,
     "distributed.local_device_ids": [],
 }
