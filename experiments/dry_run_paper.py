@@ -57,7 +57,7 @@ def warm_start(out: Path, model: str, tokenizer_dir: Path, tokenizer) -> Path:
 
   rows = []
   for question, _ in QUESTIONS * 4:
-    prompt = template.render_prompt(question, tokenizer)
+    prompt = template.render_prompt(question, tokenizer, style="search_r1")  # as RL prompts
     # two fixed first turns, so a small policy learns them in a few steps: the paths
     # matter here, not the words
     rows += [{"prompt": prompt, "target": "<search> the question </search>"},
@@ -114,6 +114,7 @@ def inspect(job, state, tokenizer) -> dict:
   traj = to_host(job.rollout(state.policy.params, job.engine_state, batch, jax.random.key(9),
                              jnp.int32(1)))
   ends = ("<|im_end|>", "<|endoftext|>")
+  feedback = template.prompt_style(job.config.data.prompt_style).feedback
   rows, texts = [], []
   for i in range(traj.tokens.shape[0]):
     start, end = int(traj.prompt_lengths[i]), int(traj.lengths[i])
@@ -126,16 +127,33 @@ def inspect(job, state, tokenizer) -> dict:
         and prompt.endswith("<|im_start|>assistant\n"),
         # a turn ended by an end token (dropped) is an invalid action: the feedback follows
         "feedback_after_end": bool(traj.end_token_turns[i])
-        and template.INVALID_ACTION_FEEDBACK in response,
+        and feedback in response,
+        "reference_prompt": prompt.startswith("<|im_start|>user\n" + template.SEARCH_R1_INSTRUCTION
+                                              + " Question: "),
         "end_token_in_response": any(e in response for e in ends),
         "documents": len(documents),
         "end_token_in_documents": any(e in d for d in documents for e in ends)})
-  return {"rows": rows, "texts": texts}
+  return {"rows": rows, "texts": texts, "simulator_prompt": simulator_prompt(job, batch, tokenizer)}
+
+
+def simulator_prompt(job, batch, tokenizer) -> str:
+  """What the on-device simulator prefills for one query of ``batch``'s first row:
+  its host-tokenized prompt (``rollout.retokenize``), decoded."""
+  import numpy as np
+
+  engine = job.engine
+  if not hasattr(engine, "_host_prompt"):
+    return ""
+  inputs = batch.engine_inputs
+  query = np.asarray([tokenizer.encode(" the question", add_special_tokens=False)], np.int32)
+  ids, lengths = engine._host_prompt(np.asarray(inputs.text)[:1], np.asarray(inputs.text_lengths)[:1],
+                                     query, np.asarray([query.shape[1]]), [False], [True])
+  return tokenizer.decode(ids[0, :lengths[0]].tolist())
 
 
 def run_one(out: Path, work: Path, model: str, engine: str, policy_dir: Path,
             tokenizer_dir: Path, data: Path, stub, tokenizer) -> dict:
-  from zsjax import train_rl
+  from zsjax import simulator, train_rl
   from zsjax.checkpoint import Checkpointer
 
   workdir = work / model / f"rl_{engine}"
@@ -148,7 +166,17 @@ def run_one(out: Path, work: Path, model: str, engine: str, policy_dir: Path,
   (out / f"{model}_{engine}_rollout.txt").write_text(
       "\n\n=====\n\n".join(seen["texts"]) + "\n")
   rows = seen["rows"]
+  released = simulator.ZEROSEARCH_TEMPLATE.split("{quality}")[0]  # "You are the Google ..."
+  if seen["simulator_prompt"]:
+    (out / f"{model}_{engine}_simulator_prompt.txt").write_text(seen["simulator_prompt"])
   return {
+      "retokenize": bool(config.rollout.retokenize),
+      "reference_policy_prompt": all(r["reference_prompt"] for r in rows),
+      "released_simulator_prompt_on_device": (
+          seen["simulator_prompt"].startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\n"
+                                              + released)
+          and seen["simulator_prompt"].endswith("Useful Output:\n<|im_end|>\n<|im_start|>assistant\n"))
+      if engine == "simulator" else None,
       "steps": summary["final_step"], "seconds": round(time.perf_counter() - started, 1),
       "reward/f1": summary.get("reward/f1"), "rollout/searches": summary.get("rollout/searches"),
       "chat_wrapped_prompt": all(r["chat_wrapped_prompt"] for r in rows),
@@ -190,15 +218,22 @@ def main(argv=None) -> int:
         print(f"{model}/{engine}: {results[f'{model}/{engine}']}", flush=True)
   finally:
     stub.close()
-  import platform
-
-  import jax
-
   results["http_requests"] = len(stub.requests)
   results["http_chat_messages"] = bool(stub.requests) and all(
       r["messages"][0] == {"role": "system", "content": ""} for r in stub.requests)
-  results["environment"] = {"cpu": platform.processor() or platform.machine(),
-                            "jax": jax.__version__, "python": platform.python_version()}
+  from zsjax import simulator
+
+  released = simulator.ZEROSEARCH_TEMPLATE.split("{quality}")[0]
+  results["http_released_prompt"] = bool(stub.requests) and all(
+      r["messages"][1]["content"].startswith(released)
+      and r["messages"][1]["content"].endswith(" Output:\n") for r in stub.requests)
+  results["http_sampling"] = sorted({(r["temperature"], r["max_tokens"], r["top_p"])
+                                     for r in stub.requests})
+  if stub.requests:
+    (out / "http_simulator_request.json").write_text(json.dumps(stub.requests[-1], indent=2) + "\n")
+  from zsjax.environment import describe
+
+  results["environment"] = describe()
   (out / "summary.json").write_text(json.dumps(results, indent=2) + "\n")
   print(json.dumps(results))
   return 0

@@ -34,19 +34,12 @@ def _corpus(seed: int) -> list[str]:
 def make(vocab_size: int = 120_000, seed: int = 0):
   """A ``transformers`` tokenizer: eos ``<|im_end|>`` (an instruct model's end),
   pad ``<|endoftext|>``, Qwen's chat template, ``vocab_size`` tokens."""
-  import transformers
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  tok.train_from_iterator(_corpus(seed), trainers.BpeTrainer(
-      vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-      special_tokens=SPECIAL, show_progress=False))
-  out = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                             pad_token="<|endoftext|>")
-  out.chat_template = CHAT_TEMPLATE
-  return out
+  return _train(tok, _corpus(seed), vocab_size)
 
 
 # The pre-tokenizer regexes of real tokenizers (their tokenizer.json files): Qwen2 /
@@ -64,8 +57,7 @@ def make_pretokenized(pattern: str = QWEN2_PATTERN, vocab_size: int = 4000, seed
   """A ``transformers`` tokenizer whose pre-tokenizer is a real model's: a regex
   ``Split`` and then ByteLevel without its own regex, as Qwen2's and Llama 3's
   tokenizer.json files have it. It has the specials and chat template of ``make``."""
-  import transformers
-  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -77,7 +69,16 @@ def make_pretokenized(pattern: str = QWEN2_PATTERN, vocab_size: int = 4000, seed
   words = ["".join(rng.choice(letters, rng.integers(3, 9))) for _ in range(3000)]
   questions = [" ".join(words[i:i + 5]) + "?\nDoc 1: " + " ".join(words[i + 5:i + 9]) + ".\n"
                for i in range(0, len(words) - 9, 9)]
-  tok.train_from_iterator(_corpus(seed)[:2000] + questions * 3, trainers.BpeTrainer(
+  return _train(tok, _corpus(seed)[:2000] + questions * 3, vocab_size)
+
+
+def _train(tok, texts, vocab_size: int):
+  """``tok`` trained on ``texts``, as a ``transformers`` tokenizer with Qwen-style
+  specials (eos ``<|im_end|>``, pad ``<|endoftext|>``) and chat template."""
+  import transformers
+  from tokenizers import pre_tokenizers, trainers
+
+  tok.train_from_iterator(texts, trainers.BpeTrainer(
       vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
       special_tokens=SPECIAL, show_progress=False))
   out = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
