@@ -224,6 +224,10 @@ def comparable(records):
   return [{k: v for k, v in r.items() if not k.startswith(("time", "perf/"))} for r in records]
 
 
+# Slow (-m slow): its short siblings in the default run are
+# test_interrupted_resumed_and_mismatched_runs_keep_the_workdir_whole here and
+# tests/test_metrics_checkpoint.py::test_resume_equals_an_uninterrupted_run.
+@pytest.mark.slow
 def test_run_writes_events_checkpoints_export_and_resumes_exactly_after_a_kill(tmp_path,
                                                                              world):
   from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -386,6 +390,10 @@ def test_other_algorithms_and_engines_run(tmp_path, world, algorithm, engine):
   json.dumps(records)
 
 
+# Slow (-m slow): the default run checks the same equality on one step
+# (test_accumulated_update_equals_one_batch_on_eight_devices) and per layout
+# (tests/test_sharding.py::test_preset_matches_single_device).
+@pytest.mark.slow
 def test_fsdp_run_matches_data_parallel_run(tmp_path, world):
   runs = {}
   for name, mesh, strategy in (("dp", dict(data=8, fsdp=1, tensor=1), "dp"),
