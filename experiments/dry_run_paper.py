@@ -69,7 +69,7 @@ def warm_start(out: Path, model: str, tokenizer_dir: Path, tokenizer) -> Path:
   config.progress = False
   config.tokenizer = str(tokenizer_dir)
   config.model.model = ml_collections.ConfigDict(model_fields(SHAPES[model]))
-  config.sft.update(dict(data=str(data), max_length=160, batch_size=8, total_steps=120,
+  config.sft.update(dict(data=str(data), max_length=256, batch_size=8, total_steps=120,
                          learning_rate=3e-3, eval_every=120))
   config.checkpoint.update(dict(every=120, async_save=False))
   train_sft.run(config, str(out / model / "warm_start"))
@@ -91,7 +91,7 @@ def rl_config(model: str, engine: str, policy_dir: Path, tokenizer_dir: Path, da
   config.simulator.model = ml_collections.ConfigDict(model_fields(SHAPES[model]))
   config.engine.update(dict(kind=engine, url=url, model="sim", timeout_s=10.0))
   config.rollout.update(dict(max_turns=2, max_new_tokens=24, max_obs_tokens=160,
-                             max_length=768, max_query_tokens=24, max_prompt_tokens=192))
+                             max_length=768, max_query_tokens=24, max_prompt_tokens=256))
   config.rl.update(dict(prompts_per_step=2, samples_per_prompt=2, total_steps=2,
                         minibatch_size=4, micro_batch_size=4, score_batch_size=4,
                         sample_every=1))
