@@ -60,6 +60,18 @@ class StubServer:
         else:
           answer = {"choices": [{"index": i, "text": documents(p)}
                                 for i, p in enumerate(body["prompt"])]}
+        if "choices" in answer:  # 200s that hold no usable completion
+          choices = answer["choices"]
+          if mode == "no_choices":
+            answer["choices"] = []
+          elif mode == "empty_text":
+            for c in choices:
+              c.update({"text": ""} if "text" in c else {"message": {"content": " "}})
+          elif mode == "fewer":
+            answer["choices"] = choices[:-1] if len(choices) > 1 else []
+          elif mode == "no_index":
+            for c in choices:
+              c.pop("index", None)
         payload = b"not json" if mode == "garbage" else json.dumps(answer).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")

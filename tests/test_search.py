@@ -370,3 +370,28 @@ def tokenizer_for_docs():
       return [ord(c) for c in text]
 
   return Chars()
+
+
+@pytest.mark.parametrize("mode,needle", [
+    ("no_choices", "0 choices for"), ("empty_text", "completion is empty"),
+    ("fewer", "1 choices for 2 prompts"), ("no_index", "indices")])
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_200_without_usable_completions_is_a_failed_call(server, mode, needle, chat):
+  """No choices, empty text, fewer choices than prompts, choices without an index:
+  each is a counted failure with the reason, never documents silently missing
+  (nor row 0 given the last row's documents)."""
+  if chat and mode in ("fewer", "no_index"):
+    needle = "0 choices for" if mode == "fewer" else None  # one choice a chat request
+  server.mode = mode
+  prompt = SIM.SimulatorPrompt(chat=chat)
+  engine = S.HttpSimulatorEngine(server.url, "sim", prompt, timeout_s=2.0, max_retries=0)
+  result = engine.search([S.SearchRequest("capital of France", "Q?", "Paris", False),
+                          S.SearchRequest("river in Paris", "Q?", "Seine", True)])
+  if needle is None:  # a chat answer without an index is still one answer to one request
+    assert result.failed == [False, False]
+    return
+  assert result.failed == [True, True] and result.documents == [[], []]
+  assert needle in engine.stats["last_error"] and engine.stats["failures"] >= 1
+  # the health check (one prompt) refuses such a server before any work
+  with pytest.raises(S.EngineError, match="choices for|completion is empty|indices"):
+    engine.health_check()

@@ -354,7 +354,7 @@ class HttpSimulatorEngine(HttpClient):
         out = self._with_retries(
             {**settings, "messages": self.prompt.messages(r.query, r.question, r.answer,
                                                           r.noisy)},
-            lambda body: [_text(body["choices"][0]["message"]["content"])])
+            lambda body: [_generated(_choices(body, 1)[0]["message"]["content"])])
         return None if out is None else out[0]
 
       with concurrent.futures.ThreadPoolExecutor(max(1, min(self.concurrency,
@@ -364,9 +364,15 @@ class HttpSimulatorEngine(HttpClient):
       prompts = [self.prompt.render(r.query, r.question, r.answer, r.noisy) for r in requests]
 
       def read(body):
+        choices = _choices(body, len(prompts))
+        indices = [choice.get("index") for choice in choices]
+        if sorted(i for i in indices if isinstance(i, int)) != list(range(len(prompts))):
+          raise ValueError(f"the {len(prompts)} choices do not carry the indices 0..."
+                           f"{len(prompts) - 1} once each (got {indices[:8]}); the server must "
+                           "answer every prompt, in order or indexed")
         out = [""] * len(prompts)
-        for choice in body["choices"]:
-          out[int(choice.get("index", 0))] = _text(choice["text"])
+        for choice in choices:
+          out[choice["index"]] = _generated(choice["text"])
         return out
 
       texts = self._with_retries({**settings, "prompt": prompts}, read) or [None] * len(prompts)
@@ -472,6 +478,25 @@ def engine_from_config(engine, prompt: SimulatorPrompt = SimulatorPrompt(), *,
     return retriever
   raise ValueError(f"config.engine.kind={engine.kind!r} is not a host engine; use one of "
                    f"{HOST_ENGINES}.")
+
+
+def _choices(body, expected: int) -> list:
+  """A completion answer's ``choices``, which must hold ``expected`` entries (one
+  per prompt): a 200 with fewer is a failed call, never a silent empty search."""
+  choices = body["choices"]
+  if not isinstance(choices, list) or len(choices) != expected:
+    got = len(choices) if isinstance(choices, list) else repr(choices)
+    raise ValueError(f"the server answered {got} choices for {expected} prompts")
+  return choices
+
+
+def _generated(value) -> str:
+  """A completion's text, which must say something: an empty or blank answer is a
+  failed call (retried, counted), not a search that found nothing."""
+  text = _text(value)
+  if not text.strip():
+    raise ValueError("the server's completion is empty")
+  return text
 
 
 def _text(value) -> str:
