@@ -152,5 +152,5 @@ class NoEngine:
                         jnp.zeros((b,), bool))
 
 
-__all__ = ["encode_texts", "decode_text", "Engine", "EngineOutput", "NoEngine", "pad_rows", "concat_ragged", "gather_span",
-           "tokens_covering_tail"]
+__all__ = ["Engine", "EngineOutput", "NoEngine", "encode_texts", "decode_text", "pad_rows",
+           "concat_ragged", "gather_span", "tokens_covering_tail"]

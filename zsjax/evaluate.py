@@ -310,8 +310,7 @@ def prompt_format(config) -> tuple[bool, str, str]:
     raise ValueError(f"config.prompt_format={kind!r} is not one of {PROMPT_FORMATS}.")
   if kind != "checkpoint":
     style = config.prompt_style
-    return (kind == "chat", instruction or template.prompt_style(style, "config.prompt_style")
-            .instruction, style)
+    return kind == "chat", template.instruction_of(style, instruction, "config.prompt_style"), style
   saved = template.load_prompt_format(config.policy.checkpoint) \
       if config.policy.checkpoint else None
   if saved is None:
@@ -475,6 +474,7 @@ def _write_results(workdir: Path, results: dict) -> None:
   partial.replace(path)
 
 
-__all__ = ["METHODS", "METRICS", "METRIC_TITLES", "Evaluator", "method_prompt", "method_prompts", "summarize",
+__all__ = ["METHODS", "METRICS", "METRIC_TITLES", "Evaluator", "method_prompt", "method_prompts",
+           "summarize",
            "write_tables",
            "sample_rows", "load_policy", "parse_sets", "EvalJob", "setup", "evaluate", "run"]

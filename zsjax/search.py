@@ -463,21 +463,18 @@ def engine_from_config(engine, prompt: SimulatorPrompt = SimulatorPrompt(), *,
         "temperature": max(float(simulator.temperature), 0.0)}
     if greedy:
       sampling["temperature"] = 0.0
-    http_engine = HttpSimulatorEngine(engine.url, engine.model, prompt,
-                                      timeout_s=engine.timeout_s, max_retries=engine.max_retries,
-                                      backoff_s=engine.backoff_s,
-                                      concurrency=engine.concurrency, **sampling)
-    if health_check:
-      http_engine.health_check()
-    return http_engine
-  if engine.kind == "retriever":
-    retriever = RetrieverEngine(engine.url, engine.top_k, timeout_s=engine.timeout_s,
-                                max_retries=engine.max_retries, backoff_s=engine.backoff_s)
-    if health_check:
-      retriever.health_check()
-    return retriever
-  raise ValueError(f"config.engine.kind={engine.kind!r} is not a host engine; use one of "
-                   f"{HOST_ENGINES}.")
+    served = HttpSimulatorEngine(engine.url, engine.model, prompt, timeout_s=engine.timeout_s,
+                                 max_retries=engine.max_retries, backoff_s=engine.backoff_s,
+                                 concurrency=engine.concurrency, **sampling)
+  elif engine.kind == "retriever":
+    served = RetrieverEngine(engine.url, engine.top_k, timeout_s=engine.timeout_s,
+                             max_retries=engine.max_retries, backoff_s=engine.backoff_s)
+  else:
+    raise ValueError(f"config.engine.kind={engine.kind!r} is not a host engine; use one of "
+                     f"{HOST_ENGINES}.")
+  if health_check:
+    served.health_check()
+  return served
 
 
 def _choices(body, expected: int) -> list:
@@ -627,9 +624,9 @@ class HostSearch:
         decode_text(text, text_lengths, i, 0), decode_text(text, text_lengths, i, 1),
         bool(noisy[i]), row=i) for i in rows]
     result = self.engine.search(requests)
-    texts = result.texts or [self.render(docs) if docs else "" for docs in result.documents]
-    for i, docs, fail, text in zip(rows, result.documents, result.failed, texts):
-      if self.retokenize:
+    for k, (i, docs, fail) in enumerate(zip(rows, result.documents, result.failed)):
+      if self.retokenize:  # the engine's own text when it has one (a served simulator's)
+        text = result.texts[k] if result.texts is not None else self.render(docs)
         ids = self.tokenizer.encode(information_block(text), add_special_tokens=False)
       else:
         ids = document_tokens(self.tokenizer, docs, self.render)

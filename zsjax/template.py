@@ -110,12 +110,18 @@ def format_question(question: str) -> str:
   return question if question.endswith("?") else question + "?"
 
 
+def instruction_of(style: str, instruction: str = "",
+                   field: str = "config.data.prompt_style") -> str:
+  """The policy's instruction: ``instruction``, or the style's when it is empty."""
+  return instruction or prompt_style(style, field).instruction
+
+
 def user_message(question: str, instruction: str = "", style: str = "zsjax") -> str:
   """``instruction`` (empty: the style's), the style's separator, then
   ``Question: <question>?`` and a newline. In style ``search_r1`` this is, character
   for character, the ``prompt`` of the reference's training parquet."""
-  s = prompt_style(style)
-  return f"{instruction or s.instruction}{s.separator}Question: {format_question(question)}\n"
+  separator = prompt_style(style).separator
+  return f"{instruction_of(style, instruction)}{separator}Question: {format_question(question)}\n"
 
 
 def render_prompt(question: str, tokenizer=None, instruction: str = "",

@@ -100,7 +100,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> RLJob:
   # Rows that cannot make a batch (a prompt wider than the fixed width, text too long
   # for the engine) are found now, with file, row and field, not at the step drawing them.
   render = functools.partial(template.render_prompt, tokenizer=tokenizer,
-                             instruction=config.data.instruction or style.instruction,
+                             instruction=template.instruction_of(config.data.prompt_style,
+                                                                 config.data.instruction),
                              use_chat_template=config.data.chat_template,
                              style=config.data.prompt_style)
   check = rollout_lib.row_check(tokenizer, engine, render, config.rollout.max_prompt_tokens,
@@ -233,7 +234,8 @@ def train(job: RLJob) -> dict:
   if ck.export_hf and is_main_process():
     export = export_hf(workdir / "hf_export", job.policy_cfg, state.policy.params, job.tokenizer,
                        prompt_format={"chat_template": config.data.chat_template,
-                                      "instruction": job.render.keywords["instruction"],
+                                      "instruction": template.instruction_of(
+                                          config.data.prompt_style, config.data.instruction),
                                       "style": config.data.prompt_style})
     summary["hf_export"] = str(export)
   if is_main_process():
