@@ -127,6 +127,72 @@ def test_demonstrations_are_correct_and_show_no_test_world_fact():
     assert 0.3 < len(baselines) / len(questions) < 0.9  # 0.3 each, drawn
 
 
+def test_reading_drills_hold_the_answer_and_teach_the_query_and_the_answer():
+  from zsjax import search
+
+  demo = tinyworld.generate(99, tinyworld.WorldSize(people=12, films=4, cities=6, countries=3,
+                                                    organizations=3))
+  engine = search.BM25Engine([d["contents"] for d in demo["corpus"]], top_k=3)
+  single = {q["question"]: q for q in demo["splits"]["train"] if q["hops"] == 1}
+  for most in (1, 3):
+    rows = demonstrations.reading_drills(demo, engine, seed=0, per_question=2, max_documents=most)
+    assert rows and len(rows) <= 2 * len(single)
+    counts = []
+    for row in rows:
+      question = row["prompt"][len("Question: "):].strip()
+      q = single[question]  # single-hop training questions only
+      gold = q["golden_answers"][0]
+      query, observation, tag, answer = row["target_segments"]
+      assert query == f"<search> {question} </search>" and tag == "<answer>"
+      assert answer == f" {gold} </answer>" and "".join(row["target_segments"]) == row["target"]
+      assert row["target_loss"] == [1, 0, 1, 1]  # the documents are inserted: no loss
+      docs = engine.search([search.SearchRequest(question)]).documents[0]
+      shown = [d for d in docs if f"{d.strip()}" in observation]
+      counts.append(observation.count("Doc "))
+      assert len(shown) == counts[-1] and sum(gold in d for d in shown) >= 1
+      assert observation == template.render_observation(
+          sorted(shown, key=lambda d: observation.index(d.strip())))
+    assert max(counts) == most and min(counts) == 1
+
+
+def test_the_reading_stage_checks_a_world_it_never_drilled(tmp_path):
+  config = load_config("tiny_world", "ci")
+  config.demo_worlds, config.reading_drills = 2, 3
+  rows = demonstrations.reading_rows(config)
+  train = [r for r in rows if r["split"] == "train"]
+  test = [r for r in rows if r["split"] == "test"]
+  assert train and test and all(r["target_loss"] == [1, 0, 1, 1] for r in train)
+  assert all(r["target_loss"] == [0, 0, 0, 1] for r in test)  # the answer only
+  drilled = {q["question"] for w in demonstrations.demonstration_worlds(config)
+             for q in w["splits"]["train"]}
+  this = {q["question"] for q in tinyworld.generate(config.seed, tinyworld.WorldSize.from_config(
+      config.world))["splits"]["train"]}
+  held = {r["prompt"][len("Question: "):].strip() for r in test}
+  assert {r["prompt"][len("Question: "):].strip() for r in train} <= drilled
+  assert held - drilled - this  # the check's world is neither drilled nor this one
+
+
+def test_a_reading_stage_that_did_not_learn_to_read_fails_and_is_made_again(tmp_path):
+  config = load_config("tiny_world", "ci")
+  config.progress = False
+  config.demo_worlds = 1
+  config.reading_drills, config.reading_steps = 3, 2  # far too short to read
+  workdir = tmp_path / "run"
+  (workdir / "world").mkdir(parents=True)
+  tinyworld.ensure(workdir / "world", config.seed, tinyworld.WorldSize.from_config(config.world))
+  run = stages.StageRun(config, workdir, "test")
+  with pytest.raises(RuntimeError, match=r"reading_nll_max=0.25.*reading_steps"):
+    stages.run_stage(run, pipeline.READING)
+  assert not (workdir / "reading").exists()
+  summary = json.loads((workdir / "reading.failed" / "sft_summary.json").read_text())
+  assert summary["eval/nll"] > config.reading_nll_max
+  config.reading_nll_max = 100.0  # a rerun makes the stage again from nothing
+  stages.run_stage(run, pipeline.READING)
+  again = [json.loads(line) for line in open(workdir / "reading" / "metrics.jsonl")]
+  assert [r["step"] for r in again] == [1, 2]
+  assert (workdir / "reading" / "hf_export" / "config.json").exists()
+
+
 def test_each_evaluated_format_is_in_the_warm_start_demonstrations():
   # The baselines are fair: the prompt evaluation gives each method (rendered by
   # the evaluator's own function, with the pipeline's instruction and top_k) is,

@@ -180,7 +180,14 @@ def test_bad_settings_name_the_field():
       ("rollout.dtype", "fp8", "config.rollout.dtype='fp8' is not 'float32', 'bfloat16'"),
       ("rl.scoring_dtype", "int8", "config.rl.scoring_dtype='int8' is not 'float32'"),
       ("sampling.method", "beam", "config.sampling.method='beam' is not one of"),
-      ("simulator.sampling_method", "top1", "config.simulator.sampling_method='top1'")):
+      ("simulator.sampling_method", "top1", "config.simulator.sampling_method='top1'"),
+      # checked before any model is built (issue 30 items 11, 12)
+      ("rl.kl_type", "k4", "config.rl.kl_type='k4' is not one of ('k1', 'k2', 'k3')"),
+      ("rl.aggregation", "sum", "config.rl.aggregation='sum' is not one of"),
+      ("rl.kl_coef", -0.001, "config.rl.kl_coef=-0.001 must be >= 0"),
+      ("rl.entropy_coef", -0.01, "config.rl.entropy_coef=-0.01 must be >= 0"),
+      ("rl.weight_decay", -0.1, "config.rl.weight_decay=-0.1 must be >= 0"),
+      ("rl.dual_clip", 0.5, "config.rl.dual_clip=0.5 must be > 1")):
     config = load_config("zerosearch", "tiny")
     section, name = field.split(".")
     config[section][name] = value  # every knob is a field of the file

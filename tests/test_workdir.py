@@ -100,6 +100,16 @@ def test_the_entry_point_takes_the_lock_and_checks_the_run_before_the_job(tmp_pa
   assert CALLS == [(0, str(tmp_path))]
 
 
+def test_deleting_the_lock_file_does_not_let_a_second_run_in(tmp_path):
+  with workdir.lock(tmp_path) as path:
+    path.unlink()  # what issue 30 item 11 did under a live holder
+    with pytest.raises(workdir.WorkdirBusy, match="lock file is gone"):
+      with workdir.lock(tmp_path):
+        pass
+  with workdir.lock(tmp_path):  # released with the holder
+    pass
+
+
 def test_jobs_that_do_not_resume_have_no_identity(tmp_path):
   assert workdir.check_identity(tmp_path, load_config("eval", "tiny")) == []
   assert not (tmp_path / "run.json").exists()

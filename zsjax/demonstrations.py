@@ -82,6 +82,44 @@ def demonstrations(world: dict, engine, instruction: str, seed: int, *,
   return rows
 
 
+def reading_drills(world: dict, engine, seed: int, *, per_question: int,
+                   max_documents: int) -> list[dict]:
+  """Short reading exercises on ``world``'s single-hop training questions, in
+  the search template's format without its instruction: the question, its
+  search, an observation of 1 to ``max_documents`` of the engine's documents (the
+  one holding the answer always among them, in a random order) and the answer.
+  The query and the answer carry loss, the documents do not; ``per_question``
+  drills per question.
+
+  What they are for (``configs/tiny_world.py``, the reading stage): a search
+  demonstration is ~160 tokens with one or two answer tokens in it, and a 2-layer
+  model learns to read from it only after a plateau whose length depends on the
+  seed and the float rounding. A one-document drill is ~45 tokens, so a 128-token
+  row holds three; copying the question into the query trains the copying
+  heads, and reading the answer off one document is the next step from there."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for q in world["splits"]["train"]:
+    if q["hops"] != 1:
+      continue
+    gold = q["golden_answers"][0]
+    docs = list(engine.search([SearchRequest(q["question"])]).documents[0])
+    holding = [d for d in docs if gold in d]
+    if not holding:
+      continue
+    others = [d for d in docs if gold not in d]
+    for _ in range(per_question):
+      n = int(rng.integers(1, max_documents + 1))
+      shown = [holding[0]] + [others[i] for i in rng.permutation(len(others))[:n - 1]]
+      shown = [shown[i] for i in rng.permutation(len(shown))]
+      segments = [f"<search> {q['question']} </search>", render_observation(shown), "<answer>",
+                  f" {gold} </answer>"]
+      rows.append({"prompt": f"Question: {q['question']}\n", "target": "".join(segments),
+                   "target_segments": segments, "target_loss": [1, 0, 1, 1],
+                   "format": "drill", "hops": 1})
+  return rows
+
+
 class QueryJudge:
   """The tiny world's judge of a search: useful iff the documents answer the
   *query* (the paper labels a result useful "if it holds enough to answer the
@@ -150,6 +188,28 @@ def demonstration_worlds(config) -> list[dict]:
           for k in range(config.demo_worlds)]
 
 
+def reading_rows(config) -> list[dict]:
+  """The reading stage's data: ``reading_drills`` (``config.reading_drills`` per
+  single-hop question, at most ``config.reading_documents`` documents each) on the
+  ``demonstration_worlds`` as ``split="train"``, and one drill per question of a
+  further world, never demonstrated, with loss on the answer only, as
+  ``split="test"``: its held-out NLL is the stage's check that reading formed."""
+  worlds = demonstration_worlds(config)
+  held_out = tinyworld.generate(config.seed + 7919 * (config.demo_worlds + 1),
+                                tinyworld.WorldSize.from_config(config.world))
+  rows = []
+  for k, world in enumerate(worlds + [held_out]):
+    test = k == len(worlds)
+    engine = BM25Engine([d["contents"] for d in world["corpus"]], top_k=config.top_k)
+    drills = reading_drills(world, engine, config.seed + k, max_documents=config.reading_documents,
+                            per_question=1 if test else config.reading_drills)
+    for row in drills:
+      if test:
+        row = dict(row, target_loss=[0, 0, 0, 1])
+      rows.append(dict(row, split="test" if test else "train"))
+  return rows
+
+
 def warm_start_rows(config) -> list[dict]:
   """Every demonstration the warm start trains on (``demonstrations`` of each of
   ``demonstration_worlds``, BM25 with ``top_k`` as the engine); never this
@@ -167,4 +227,4 @@ def warm_start_rows(config) -> list[dict]:
 
 
 __all__ = ["DEMO_FORMATS", "demonstrations", "QueryJudge", "oracle_searches",
-           "demonstration_worlds", "warm_start_rows"]
+           "demonstration_worlds", "reading_drills", "reading_rows", "warm_start_rows"]

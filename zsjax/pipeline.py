@@ -19,7 +19,11 @@ rerun resumes):
                whether they answer the *query* (``demonstrations.QueryJudge``) -> balanced SFT
                set -> the pretrained LM tuned into the search simulator
                (``sim_tuning``);
-  warm_start   the policy LM trained on correct demonstrations from 64 *other*
+  reading      the policy LM's first lessons: short reading drills on 64 *other*
+               worlds (the question, its search, one document holding the answer,
+               the answer; ``demonstrations.reading_drills``), checked on a
+               further world's drills: the stage fails when reading did not form;
+  warm_start   from there, trained on correct demonstrations from the same *other*
                worlds (``demonstrations.demonstrations``): the search template (search the
                question, and for a share of two-hop questions the bridge entity,
                read the BM25 documents, answer), the RAG and the direct
@@ -97,12 +101,13 @@ def job_config(config, section: str, values: dict) -> ml_collections.ConfigDict:
   return job
 
 
-def _train_lm(config, section: str, directory: Path, tokenizer: str, rows) -> None:
-  """The sft job of ``config[section]`` trained on ``rows`` (written to
-  ``directory/data.jsonl``); outputs land in ``directory``."""
+def _train_lm(config, section: str, directory: Path, tokenizer: str, rows,
+              values: dict | None = None) -> None:
+  """The sft job of ``config[section]`` (with ``values``) trained on ``rows``
+  (written to ``directory/data.jsonl``); outputs land in ``directory``."""
   data = write_jsonl(directory / "data.jsonl", rows)
-  train_sft.run(job_config(config, section, {"tokenizer": tokenizer, "sft.data": str(data)}),
-                str(directory))
+  train_sft.run(job_config(config, section, {"tokenizer": tokenizer, "sft.data": str(data),
+                                             **(values or {})}), str(directory))
 
 
 # ------------------------------------------------------------------ the stages
@@ -158,11 +163,40 @@ def make_sim_tuning(run: StageRun) -> None:
   sim_tuning.run(sub, str(out))
 
 
+def make_reading(run: StageRun) -> None:
+  """The policy LM's first stage: short reading drills on other worlds
+  (``demonstrations.reading_rows``). It fails, naming what to change, when the
+  held-out drills' answer NLL is still above ``config.reading_nll_max`` at its end:
+  a warm start that cannot read would make the RL comparison one of luck."""
+  config, out = run.config, run.workdir / "reading"
+  _train_lm(config, "warm_start", out, _world_paths(run)["tokenizer"],
+            demonstrations.reading_rows(config), {
+                "sft.total_steps": config.reading_steps, "sft.eval_every": config.reading_steps,
+                "sft.batch_size": config.reading_batch_size,
+                "sft.max_length": config.reading_max_length,
+                "sft.learning_rate": config.reading_learning_rate, "sft.decay": "constant"})
+  nll = json.loads((out / "sft_summary.json").read_text())["eval/nll"]
+  if nll > config.reading_nll_max:
+    failed = out.with_name("reading.failed")
+    shutil.rmtree(failed, ignore_errors=True)
+    out.rename(failed)
+    raise RuntimeError(
+        f"the reading stage did not learn to read: after {config.reading_steps} steps "
+        f"the held-out drills' answer NLL is {nll:.3f} > config.reading_nll_max="
+        f"{config.reading_nll_max} (the curve: {out / 'metrics.jsonl'}). Raise "
+        "config.reading_steps or config.reading_drills; the failed stage is kept "
+        f"in {failed}, and a rerun makes it again from nothing.")
+
+
 def make_warm_start(run: StageRun) -> None:
   """The policy LM trained on ``warm_start_rows``: other worlds (many distinct
-  facts over the same name pools, so reading pays and memorising does not)."""
-  _train_lm(run.config, "warm_start", run.workdir / "warm_start",
-            _world_paths(run)["tokenizer"], demonstrations.warm_start_rows(run.config))
+  facts over the same name pools, so reading pays and memorising does not),
+  from the reading stage's model when there is one."""
+  config = run.config
+  start = {"model.checkpoint": str(run.workdir / "reading" / "hf_export")} \
+      if config.reading_drills else {}
+  _train_lm(config, "warm_start", run.workdir / "warm_start", _world_paths(run)["tokenizer"],
+            demonstrations.warm_start_rows(config), start)
 
 
 def simulator_dir(run: StageRun) -> Path:
@@ -216,10 +250,16 @@ PRETRAIN = Stage("pretrain", "pretrain/sft_summary.json", make_pretrain,
 SIM_TUNING = Stage("sim_tuning", "sim_tuning/sim_tuning.json", make_sim_tuning,
                    reads=("top_k", "simulator_template", "sim_worlds", "sim_tuning"),
                    after=("pretrain",))
+READING = Stage("reading", "reading/sft_summary.json", make_reading,
+                reads=("top_k", "world", "demo_worlds", "reading_drills", "reading_documents",
+                       "reading_nll_max", "reading_steps", "reading_batch_size",
+                       "reading_max_length", "reading_learning_rate", "warm_start"),
+                after=("world",))
 WARM_START = Stage("warm_start", "warm_start/sft_summary.json", make_warm_start,
                    reads=("top_k", "instruction", "demo_worlds", "demo_this_world",
-                          "demo_bridge_fraction", "demo_baseline_fraction", "warm_start"),
-                   after=("world",))
+                          "demo_bridge_fraction", "demo_baseline_fraction", "reading_drills",
+                          "warm_start"),
+                   after=("world", "reading"))
 RL_SIMULATOR = Stage("rl_simulator", "rl_simulator/rl_summary.json", make_rl_simulator,
                      reads=("top_k", "instruction", "rl", "simulator_template"),
                      after=("warm_start", "simulator"))
@@ -231,7 +271,7 @@ EVALUATE = Stage("evaluate", "evaluation.json", make_evaluation, cached=False)
 def stages_of(config) -> list[Stage]:
   """The table this config runs, in order."""
   table = [WORLD, PRETRAIN] + ([SIM_TUNING] if config.tune_simulator else [])
-  table += [WARM_START, RL_SIMULATOR]
+  table += ([READING] if config.reading_drills else []) + [WARM_START, RL_SIMULATOR]
   table += [RL_REAL_SEARCH] if config.compare_real_search else []
   return table + [EVALUATE]
 
@@ -321,6 +361,6 @@ def evaluate_policies(config, workdir: Path, paths: dict, tokenizer_dir: str,
   return out
 
 
-__all__ = ["RUN_FIELDS", "COMMON_FIELDS", "WORLD", "PRETRAIN", "SIM_TUNING", "WARM_START",
+__all__ = ["RUN_FIELDS", "COMMON_FIELDS", "WORLD", "PRETRAIN", "SIM_TUNING", "READING", "WARM_START",
            "RL_SIMULATOR", "RL_REAL_SEARCH", "EVALUATE", "job_config", "stages_of",
            "simulator_dir", "compared_methods", "write_results", "evaluate_policies", "run"]

@@ -86,6 +86,23 @@ class RLSettings:
       raise ValueError(f"config.rl.loss_mask={self.loss_mask!r}: use 'policy' (only sampled "
                        "tokens, the method) or 'response' (inserted documents too, the ablation).")
     check_compute_dtype(self.scoring_dtype, "config.rl.scoring_dtype")
+    # Checked here, before the models are built and a rollout is done (rl.py checks
+    # them again where they are used).
+    if self.kl_type not in rl.KL_TYPES:
+      raise ValueError(f"config.rl.kl_type={self.kl_type!r} is not one of {rl.KL_TYPES} "
+                       "(k3, the low-variance estimator, is the reference's).")
+    if self.aggregation not in rl.AGGREGATIONS:
+      raise ValueError(f"config.rl.aggregation={self.aggregation!r} is not one of "
+                       f"{rl.AGGREGATIONS} (token_mean is the reference's).")
+    for name in ("kl_coef", "entropy_coef", "weight_decay", "grad_clip", "clip_eps",
+                 "dual_clip", "value_clip"):
+      if not getattr(self, name) >= 0:
+        raise ValueError(f"config.rl.{name}={getattr(self, name)} must be >= 0 (a negative "
+                         "coefficient would reward what it is meant to penalise; 0 turns "
+                         "the term off).")
+    if self.dual_clip and self.dual_clip <= 1.0:
+      raise ValueError(f"config.rl.dual_clip={self.dual_clip} must be > 1 (the paper: 3) or 0 "
+                       "(off).")
     for name in ("prompts_per_step", "samples_per_prompt", "total_steps", "epochs"):
       if getattr(self, name) <= 0:
         raise ValueError(f"config.rl.{name}={getattr(self, name)} must be a positive integer.")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import zsjax
-from zsjax.workdir import without_later_defaults
+from zsjax.workdir import later_default, without_later_defaults
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +59,9 @@ class StageRun:
   def inputs(self, stage: Stage) -> dict:
     """The config fields and upstream keys that decide ``stage``'s output."""
     out = config_fields(self.config, *self.common, *stage.reads)
-    out.update({name: self.keys.get(name) for name in stage.after})
+    # an upstream stage this run does not have (the reading stage when it is off)
+    # leaves the key as it was before that stage existed
+    out.update({name: self.keys[name] for name in stage.after if self.keys.get(name)})
     return out
 
 
@@ -70,6 +72,9 @@ def config_fields(config, *names) -> dict:
   out = {}
   for name in names:
     value = config[name]
+    later, default = later_default(name)
+    if later and json.loads(json.dumps(value, default=str)) == default:
+      continue
     out[name] = without_later_defaults(value.to_dict() if hasattr(value, "to_dict") else value,
                                        name)
   return out

@@ -73,6 +73,14 @@ LATER_FIELDS = {
     "sim_tuning.policy_chat_template": False,
     "sim_tuning.judge_chat_template": False,
     "rollout.retokenize": False,
+    # the reading stage (zsjax.pipeline.READING), off before it existed
+    "reading_drills": 0,
+    "reading_documents": 1,
+    "reading_nll_max": 0.25,
+    "reading_steps": 500,
+    "reading_batch_size": 16,
+    "reading_max_length": 128,
+    "reading_learning_rate": 8e-3,
     "distributed.auto": False,
     "distributed.local_device_ids": [],
 }
@@ -112,17 +120,23 @@ class RunMismatch(ValueError):
 
 @contextlib.contextmanager
 def lock(workdir: str | os.PathLike) -> Iterator[Path]:
-  """Holds ``WORKDIR/.zsjax.lock`` exclusively for the ``with`` body."""
+  """Holds the workdir exclusively for the ``with`` body: a lock on the directory
+  itself (which deleting a file cannot drop) and on ``WORKDIR/.zsjax.lock``, which
+  names the holder."""
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   path = workdir / LOCK_FILE
-  handle = open(path, "a+", encoding="utf-8")
+  directory = os.open(workdir, os.O_RDONLY)
+  handle = None
   try:
+    handle = open(path, "a+", encoding="utf-8")
     try:
+      fcntl.flock(directory, fcntl.LOCK_EX | fcntl.LOCK_NB)
       fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       handle.seek(0)
-      holder = handle.read().strip() or "a process that wrote no details"
+      holder = handle.read().strip() or ("a process whose lock file is gone: it was deleted "
+                                         "while the run held it")
       raise WorkdirBusy(
           f"{workdir} is in use by another zsjax run ({holder}). Wait for it to finish, or "
           "give this run another --workdir.") from None
@@ -133,7 +147,9 @@ def lock(workdir: str | os.PathLike) -> Iterator[Path]:
     handle.flush()
     yield path
   finally:
-    handle.close()  # closing drops the lock
+    if handle is not None:
+      handle.close()  # closing drops the locks
+    os.close(directory)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
