@@ -146,9 +146,9 @@ def get_config(arg=None):
   # heads, and reading the answer off one document follows; the warm start then
   # starts from a reader. The stage fails when the held-out drills' answer NLL (a
   # further world) ends above `reading_nll_max` (formed: ~0.02; not formed: ~0.8).
-  # Off by default while it is measured (experiments/results/reading/): seeds 1 and
-  # 2 read one document within 300 steps on one core, but the warm start after it
-  # did not yet read three (tiny world v3, issue 27).
+  # Off by default while it is measured (experiments/reading_probe.py; issue 27,
+  # tiny world v3): on one core seeds 1 and 2 read one document within 300 steps,
+  # then 1-3 shuffled documents only partly (held-out answer NLL ~0.5 after 400 more).
   config.reading_drills = 0
   config.reading_documents = 1
   config.reading_nll_max = 0.25
