@@ -19,13 +19,14 @@ rerun resumes):
                whether they answer the *query* (``demonstrations.QueryJudge``) -> balanced SFT
                set -> the pretrained LM tuned into the search simulator
                (``sim_tuning``);
-  reading      the policy LM's first lessons: short reading drills on 64 *other*
-               worlds (the question, its search, one document holding the answer,
-               the answer; ``demonstrations.reading_drills``), checked on a
-               further world's drills: the stage fails when reading did not form;
-  warm_start   from there, trained on correct demonstrations from the same *other*
-               worlds (``demonstrations.demonstrations``): the search template (search the
-               question, and for a share of two-hop questions the bridge entity,
+  reading      (when ``config.reading_drills`` > 0; off by default while it is
+               measured) the policy LM's first lessons: short reading drills on
+               64 *other* worlds (the question, its search, one document holding
+               the answer, the answer; ``demonstrations.reading_drills``), checked
+               on a further world's drills: the stage fails when reading did not form;
+  warm_start   from there (or from random weights), trained on correct
+               demonstrations from 64 *other* worlds
+               (``demonstrations.demonstrations``): the search template (search the question, and for a share of two-hop questions the bridge entity,
                read the BM25 documents, answer), the RAG and the direct
                baselines' formats. Documents carry no loss, nor does an answer
                the context does not hold: it learns to read and the formats,
@@ -175,7 +176,8 @@ def make_reading(run: StageRun) -> None:
                 "sft.batch_size": config.reading_batch_size,
                 "sft.max_length": config.reading_max_length,
                 "sft.learning_rate": config.reading_learning_rate, "sft.decay": "constant"})
-  nll = json.loads((out / "sft_summary.json").read_text())["eval/nll"]
+  # absent when a resumed job had nothing left to train: unchecked counts as failed
+  nll = json.loads((out / "sft_summary.json").read_text()).get("eval/nll", float("inf"))
   if nll > config.reading_nll_max:
     failed = out.with_name("reading.failed")
     shutil.rmtree(failed, ignore_errors=True)
@@ -183,7 +185,7 @@ def make_reading(run: StageRun) -> None:
     raise RuntimeError(
         f"the reading stage did not learn to read: after {config.reading_steps} steps "
         f"the held-out drills' answer NLL is {nll:.3f} > config.reading_nll_max="
-        f"{config.reading_nll_max} (the curve: {out / 'metrics.jsonl'}). Raise "
+        f"{config.reading_nll_max} (the curve: {failed / 'metrics.jsonl'}). Raise "
         "config.reading_steps or config.reading_drills; the failed stage is kept "
         f"in {failed}, and a rerun makes it again from nothing.")
 
