@@ -4,6 +4,7 @@ that reproduce the averages."""
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import datasets
@@ -175,6 +176,40 @@ def test_a_byte_order_mark_does_not_cost_the_first_row(tmp_path):
   (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(rows).encode())
   assert data.load_qa(path)["question"] == ["Q0?", "Q1?", "Q2?"]
   assert len(data.load_qa(tmp_path / "bom.json")) == 3
+
+
+def test_bad_eval_settings_name_the_field_before_anything_is_written(tmp_path):
+  for field, value, needle in (("methods", " , ", "config.eval.methods=' , ' names no method"),
+                               ("methods", "search,cot2", "config.eval.methods has 'cot2'"),
+                               ("batch_size", 0, "config.eval.batch_size=0 must be a positive"),
+                               ("sample_size", -1, "config.eval.sample_size=-1 must be >= 0")):
+    config = load_config("eval", "tiny")
+    config.eval[field] = value
+    with pytest.raises(ValueError, match=re.escape(needle)):
+      E.setup(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
+def test_a_mistyped_orbax_dir_is_named_and_not_created(tmp_path):
+  import ml_collections
+
+  from zsjax.sharding import ShardingPlan
+
+  class Tok:
+    eos_token_id = 1
+
+    def __len__(self):
+      return 64
+
+  section = ml_collections.ConfigDict(dict(
+      checkpoint="", orbax_dir=str(tmp_path / "chekpoints"), orbax_step=0,
+      param_dtype="float32", dtype="float32", remat="none",
+      model=dict(arch="qwen2", vocab_size=64, embed_dim=16, mlp_dim=32, num_layers=1,
+                 num_heads=2, num_kv_heads=1, head_dim=8)))
+  with pytest.raises(FileNotFoundError, match="config.policy.orbax_dir=.*chekpoints.* is not a "
+                                             "directory"):
+    E.load_policy(section, Tok(), ShardingPlan.single_device())
+  assert not (tmp_path / "chekpoints").exists()
 
 
 def test_unreadable_files_name_the_path_and_the_columns(tmp_path):

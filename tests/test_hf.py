@@ -128,6 +128,19 @@ def test_bfloat16_checkpoint_loads_without_torch_in_the_path(tmp_path):
   assert cfg16.param_dtype == "bfloat16" and params16["lm_head"].dtype == jnp.bfloat16
 
 
+def test_exported_weights_are_readable_like_every_other_file(saved, tmp_path):
+  import os
+
+  cfg, params = hf.load_checkpoint(saved[2])
+  for shard_bytes in (10**12, 20_000):  # one file, and shards with an index
+    out = hf.save_checkpoint(tmp_path / str(shard_bytes), cfg, params,
+                             max_shard_bytes=shard_bytes)
+    (out / "plain.txt").write_text("x")
+    plain = os.stat(out / "plain.txt").st_mode & 0o777
+    weights = sorted(out.glob("*.safetensors"))
+    assert weights and all(os.stat(w).st_mode & 0o777 == plain for w in weights)
+
+
 def test_value_head_load_skips_lm_head(saved):
   name, _, directory = saved
   cfg, critic = hf.load_checkpoint(directory, head="value")

@@ -88,10 +88,11 @@ def setup_training():
 def test_keep_last_k_and_sharded_restore(tmp_path):
   plan, state, shardings, _, _ = setup_training()
   ckpt = C.Checkpointer(tmp_path, max_to_keep=2)
+  assert ckpt.latest() == "none yet (a rerun starts from step 0)"  # never "step None"
   for step in (1, 2, 3):
     ckpt.save(step, state, {"data_position": step * 8})
   ckpt.wait()
-  assert ckpt.all_steps() == [2, 3] and ckpt.latest_step() == 3
+  assert ckpt.all_steps() == [2, 3] and ckpt.latest_step() == 3 and ckpt.latest() == "step 3"
   restored, extra = ckpt.restore(C.abstract_like(state, shardings))
   assert extra == {"data_position": 24}
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),

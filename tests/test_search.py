@@ -13,6 +13,7 @@ import pytest
 
 from zsjax import search as S
 from zsjax import simulator as SIM
+from zsjax.template import information_block, render_documents
 from config_files import load_config
 from stub_server import StubServer
 
@@ -82,6 +83,13 @@ def test_bm25_corpus_errors_name_file_line_and_field(tmp_path):
     S.BM25Engine.from_jsonl(bad)
   with pytest.raises(FileNotFoundError, match="missing.jsonl"):
     S.BM25Engine.from_jsonl(tmp_path / "missing.jsonl")
+  # an empty corpus, and one with nothing to index, name the file (issue 30 item 12)
+  bad.write_text("\n")
+  with pytest.raises(ValueError, match=r"bad\.jsonl holds no documents"):
+    S.BM25Engine.from_jsonl(bad)
+  bad.write_text('{"contents": ""}\n{"contents": "the of and"}\n')
+  with pytest.raises(ValueError, match=r"bad\.jsonl \(2 documents\) has no word to index"):
+    S.BM25Engine.from_jsonl(bad)
 
 
 @pytest.fixture()
@@ -170,6 +178,37 @@ def test_host_search_from_jitted_code(corpus_file):
   text = tokenizer.decode(np.asarray(docs[0, :doc_lengths[0]]).tolist())
   assert text == "Doc 1: Berlin is the capital of Germany."
   assert int(doc_lengths[1]) == 0 and not bool(failed.any())  # the inactive row is not searched
+
+  # A huge document is cut before it is tokenized, to the same kept tokens (issue 30 item 12).
+  huge = "Berlin is the capital of Germany. " * 20_000
+  seen = []
+
+  class Counting:
+    def __init__(self, inner):
+      self.inner = inner
+
+    def encode(self, text, **kwargs):
+      seen.append(len(text))
+      return self.inner.encode(text, **kwargs)
+
+    def decode(self, *args, **kwargs):
+      return self.inner.decode(*args, **kwargs)
+
+  class Huge:
+    def search(self, requests):
+      return S.SearchResult([[huge] for _ in requests], [False] * len(requests))
+
+  for retokenize in (False, True):
+    seen.clear()
+    cut = S.HostSearch(Huge(), Counting(tokenizer), max_doc_tokens=64, retokenize=retokenize)
+    ids, n, _ = cut._callback(np.asarray(inputs.text), np.asarray(inputs.lengths), query_tokens,
+                              lengths, np.array([True, False]), np.array([False, False]))
+    whole = render_documents([huge])
+    if retokenize:
+      whole = information_block(whole)
+    want = tokenizer.encode(whole, add_special_tokens=False)[:64]
+    assert ids[0, :n[0]].tolist() == want and n[0] == 64
+    assert seen and max(seen) <= 64 * S.HEAD_CHARS_PER_TOKEN < len(huge)
 
 
 # ------------------------------------------------------- a failing engine is loud

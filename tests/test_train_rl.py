@@ -166,7 +166,9 @@ def test_answers_are_read_from_policy_tokens_only():
 def test_bad_settings_name_the_field():
   config = load_config("zerosearch", "tiny")
   config.rl.minibatch_size = 3
-  with pytest.raises(ValueError, match="config.rl.minibatch_size=3"):
+  micro = config.rl.micro_batch_size
+  with pytest.raises(ValueError, match=re.escape(
+      f"config.rl.minibatch_size=3 is not a multiple of config.rl.micro_batch_size={micro}")):
     rl_settings.check_config(config)
   config = load_config("zerosearch", "tiny")
   config.rl.algorithm = "dpo"
@@ -187,7 +189,8 @@ def test_bad_settings_name_the_field():
       ("rl.kl_coef", -0.001, "config.rl.kl_coef=-0.001 must be >= 0"),
       ("rl.entropy_coef", -0.01, "config.rl.entropy_coef=-0.01 must be >= 0"),
       ("rl.weight_decay", -0.1, "config.rl.weight_decay=-0.1 must be >= 0"),
-      ("rl.dual_clip", 0.5, "config.rl.dual_clip=0.5 must be > 1")):
+      ("rl.dual_clip", 0.5, "config.rl.dual_clip=0.5 must be > 1"),
+      ("data.limit", -1, "config.data.limit=-1 must be >= 0")):
     config = load_config("zerosearch", "tiny")
     section, name = field.split(".")
     config[section][name] = value  # every knob is a field of the file
@@ -302,7 +305,7 @@ def test_nan_loss_stops_naming_step_and_metric_and_saves_nothing_corrupt(tmp_pat
 
   monkeypatch.setattr(train_rl, "score_answers", nan_rewards_at_step_2)
   job = train_rl.setup(config, tmp_path)
-  with pytest.raises(FloatingPointError, match=r"RL step 2: .*loss/.*last checkpoint is step 1"):
+  with pytest.raises(FloatingPointError, match=r"RL step 2: .*loss/.*the last checkpoint: step 1\."):
     train_rl.train(job)
   checkpointer = Checkpointer(tmp_path / "checkpoints")
   assert checkpointer.all_steps() == [1]
@@ -342,7 +345,7 @@ def test_interrupted_resumed_and_mismatched_runs_keep_the_workdir_whole(tmp_path
   monkeypatch.setattr(train_rl, "train_step", interrupted_at_3)
   with pytest.raises(KeyboardInterrupt):
     train_rl.train(job)
-  assert "the last complete checkpoint is step 2" in capsys.readouterr().err
+  assert "the last complete checkpoint: step 2. Rerun" in capsys.readouterr().err
   assert Checkpointer(tmp_path / "run" / "checkpoints").all_steps() == [1, 2]
   monkeypatch.setattr(train_rl, "train_step", step_of)
 
@@ -350,6 +353,9 @@ def test_interrupted_resumed_and_mismatched_runs_keep_the_workdir_whole(tmp_path
   summary = train_rl.train(dataclasses.replace(
       job, config=config, settings=rl_settings.RLSettings.from_config(config.rl)))
   assert summary["final_step"] == 2 and "past config.rl.total_steps=1" in capsys.readouterr().err
+  # the summary of a rerun that trained nothing still holds the last step's metrics
+  metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  assert metrics[-1]["step"] == 2 and summary["reward/train"] == metrics[-1]["reward/train"]
 
   ppo = with_world(tiny_config("ppo", steps=3), world)
   ppo.data.train_files = str(train_file)

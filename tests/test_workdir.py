@@ -100,6 +100,18 @@ def test_the_entry_point_takes_the_lock_and_checks_the_run_before_the_job(tmp_pa
   assert CALLS == [(0, str(tmp_path))]
 
 
+def test_an_empty_workdir_flag_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+  from absl import app
+
+  from zsjax import main
+
+  monkeypatch.chdir(tmp_path)
+  for empty in ("", "  "):
+    with pytest.raises(app.UsageError, match="--workdir=.* is empty"):
+      main.run_job(load_config("zerosearch", "tiny"), empty)
+  assert list(tmp_path.iterdir()) == []  # not the current directory either
+
+
 def test_deleting_the_lock_file_does_not_let_a_second_run_in(tmp_path):
   with workdir.lock(tmp_path) as path:
     path.unlink()  # what issue 30 item 11 did under a live holder

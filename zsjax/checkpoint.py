@@ -63,6 +63,12 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def latest(self) -> str:
+    """The last complete checkpoint in words, for messages: ``"step 40"``, or that
+    there is none yet and a rerun starts from the beginning."""
+    step = self.latest_step()
+    return f"step {step}" if step is not None else "none yet (a rerun starts from step 0)"
+
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 

@@ -283,6 +283,9 @@ def load_policy(section, tokenizer, plan=None):
   cfg, params = hf.load_model(section, plan, jax.random.key(0), len(tokenizer),
                            (tokenizer.eos_token_id,), what="policy")
   if section.orbax_dir:
+    if not Path(section.orbax_dir).is_dir():  # Orbax would create it, then find nothing
+      raise FileNotFoundError(f"config.policy.orbax_dir={section.orbax_dir!r} is not a "
+                              "directory; give an RL or SFT workdir's checkpoints/ directory.")
     checkpointer = Checkpointer(section.orbax_dir, async_save=False)
     raw = checkpointer.restore_raw(section.orbax_step or None)
     tree = raw.get("policy", raw)
@@ -360,15 +363,23 @@ def setup(config, workdir: str | Path) -> EvalJob:
   """The policy, the engine and retriever, the evaluator, and every set loaded
   (rows whose prompts cannot fit reported or refused with file, row and field)."""
   workdir = Path(workdir)
+  e = config.eval
+  methods = [m.strip() for m in e.methods.split(",") if m.strip()]
+  if not methods:
+    raise ValueError(f"config.eval.methods={e.methods!r} names no method; give a comma-separated "
+                     f"list of {METHODS}.")
+  for m in methods:
+    if m not in METHODS:
+      raise ValueError(f"config.eval.methods has {m!r}; choose from {METHODS}.")
+  if e.batch_size <= 0:
+    raise ValueError(f"config.eval.batch_size={e.batch_size} must be a positive integer.")
+  if e.sample_size < 0:
+    raise ValueError(f"config.eval.sample_size={e.sample_size} must be >= 0 (0: every row).")
   workdir.mkdir(parents=True, exist_ok=True)
   config = tinyworld.fill_missing_data(
       config, workdir, "eval", "sets",
       lambda world: f"single_hop={world['test_single_hop']},two_hop={world['test_two_hop']}")
   e = config.eval
-  methods = [m.strip() for m in e.methods.split(",") if m.strip()]
-  for m in methods:
-    if m not in METHODS:
-      raise ValueError(f"config.eval.methods has {m!r}; choose from {METHODS}.")
   tokenizer = hf.config_tokenizer(config, "policy")
   plan = ShardingPlan.single_device()
   cfg, params = load_policy(config.policy, tokenizer, plan)

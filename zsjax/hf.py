@@ -486,17 +486,36 @@ def save_checkpoint(path: str | os.PathLike, cfg: ModelConfig, params, *, dtype=
   (directory / INDEX_FILE).unlink(missing_ok=True)
   metadata = {"format": "pt"}  # transformers expects this marker
   if len(shards) == 1:
-    save_file(shards[0], str(directory / SINGLE_FILE), metadata=metadata)
+    _save_tensors(shards[0], directory / SINGLE_FILE, metadata)
     return directory
   weight_map = {}
   for i, shard in enumerate(shards):
     fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    save_file(shard, str(directory / fname), metadata=metadata)
+    _save_tensors(shard, directory / fname, metadata)
     weight_map.update({name: fname for name in shard})
   total = sum(t.nbytes for t in tensors.values())
   (directory / INDEX_FILE).write_text(json.dumps(
       {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
   return directory
+
+
+def _save_tensors(tensors: dict, path: Path, metadata: dict) -> None:
+  """``save_file``, then the mode any other file written here gets (safetensors
+  creates its files 0600: a shared checkpoint then is unreadable by others)."""
+  save_file(tensors, str(path), metadata=metadata)
+  os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+  """The process's umask, read without setting it (``os.umask`` would, for a
+  moment, for every thread)."""
+  try:
+    for line in Path("/proc/self/status").read_text().splitlines():
+      if line.startswith("Umask:"):
+        return int(line.split()[1], 8)
+  except OSError:
+    pass
+  return 0o022
 
 
 # ----------------------------------------------------------------------- tokenizer

@@ -55,6 +55,9 @@ JOBS = {
 
 
 def run_job(config, workdir: str):
+  if not workdir or not str(workdir).strip():
+    raise app.UsageError(f"--workdir={workdir!r} is empty; give the directory the run writes "
+                         "into (checkpoints, logs, results), e.g. --workdir=/tmp/zsjax_run.")
   sharding.initialize_distributed(config.distributed)
   job = config.job
   if job not in JOBS:

@@ -126,9 +126,16 @@ class RLSettings:
                        f"{self.prompts_per_step} x {self.samples_per_prompt}).")
     last = n % m  # an epoch's last, smaller minibatch (0: none)
     divisors = [d for d in range(1, m + 1) if m % d == 0 and last % d == 0]
-    if micro <= 0 or m % micro:
-      raise ValueError(f"config.rl.micro_batch_size={micro} must divide "
-                       f"config.rl.minibatch_size={m}.")
+    if micro <= 0:
+      raise ValueError(f"config.rl.micro_batch_size={micro} must be a positive integer.")
+    if m % micro:
+      fits = [k for k in range(micro, n + 1, micro) if n % k == 0]
+      raise ValueError(
+          f"config.rl.minibatch_size={m} is not a multiple of config.rl.micro_batch_size="
+          f"{micro} (a minibatch is accumulated from whole micro-batches). Use a "
+          f"minibatch_size of {' or '.join(map(str, fits)) or 'a multiple of it'} (multiples of "
+          f"{micro} that divide the {n} trajectories of a step), or a micro_batch_size that "
+          f"divides {m}.")
     if last % micro:
       raise ValueError(
           f"config.rl.minibatch_size={m} does not divide the {n} trajectories "
@@ -162,6 +169,9 @@ def check_config(config) -> RLSettings:
                      "(1.0: no nucleus truncation, what the reference's simulator server uses).")
   check_checkpoint_config(config.checkpoint)
   prompt_style(config.data.prompt_style)
+  if not config.data.limit >= 0:
+    raise ValueError(f"config.data.limit={config.data.limit} must be >= 0: the first N training "
+                     "rows of each file, or 0 for all of them.")
   return settings
 
 

@@ -80,18 +80,25 @@ class HostEngine(Protocol):
 class BM25Engine:
   """BM25 over a local corpus (``bm25s``); documents are returned as stored."""
 
-  def __init__(self, corpus: Sequence[str], top_k: int = 5, k1: float = 1.5, b: float = 0.75):
+  def __init__(self, corpus: Sequence[str], top_k: int = 5, k1: float = 1.5, b: float = 0.75,
+               source: str = "the corpus"):
     import bm25s
 
     # bm25s sets its logger to DEBUG on import; follow the application's level instead
     logging.getLogger("bm25s").setLevel(logging.getLogger().getEffectiveLevel())
     if not corpus:
-      raise ValueError("BM25Engine: the corpus is empty.")
+      raise ValueError(f"BM25Engine: {source} holds no documents; give a corpus with one JSON "
+                       "object per line (engine.corpus, its text in engine.text_field).")
     self.corpus = list(corpus)
     self.top_k = top_k
     self._bm25s = bm25s
     self._retriever = bm25s.BM25(k1=k1, b=b)
-    self._retriever.index(bm25s.tokenize(self.corpus, show_progress=False), show_progress=False)
+    tokens = bm25s.tokenize(self.corpus, show_progress=False)
+    if not tokens.vocab:  # empty or stop-word-only documents: bm25s fails on max() of nothing
+      raise ValueError(f"BM25Engine: {source} ({len(self.corpus)} documents) has no word to "
+                       "index: every document is empty or only stop words. Check "
+                       "engine.text_field names the documents' text.")
+    self._retriever.index(tokens, show_progress=False)
     self.stats = {"calls": 0, "queries": 0}
 
   @classmethod
@@ -115,7 +122,7 @@ class BM25Engine:
                            f"{sorted(row) if isinstance(row, dict) else type(row).__name__}); "
                            "pass text_field= to name the document text field.")
         corpus.append(row[text_field])
-    return cls(corpus, **kwargs)
+    return cls(corpus, source=str(path), **kwargs)
 
   def search(self, requests: Sequence[SearchRequest]) -> SearchResult:
     self.stats["calls"] += 1
@@ -565,6 +572,11 @@ class HostInputs:
   lengths: jax.Array  # [B, 2] bytes of each
 
 
+# Characters kept per token of an observation before it is tokenized and cut
+# (``HostSearch``): far more than any vocabulary's tokens span.
+HEAD_CHARS_PER_TOKEN = 64
+
+
 class HostSearch:
   """A host engine as a rollout engine: ``inputs`` carries each row's question
   and answer into the jitted call, where ``io_callback`` hands them to the
@@ -624,12 +636,17 @@ class HostSearch:
         decode_text(text, text_lengths, i, 0), decode_text(text, text_lengths, i, 1),
         bool(noisy[i]), row=i) for i in rows]
     result = self.engine.search(requests)
+    # A token spans at most a few dozen characters: cutting the text well past
+    # max_doc_tokens of them leaves the kept tokens as they were and spares
+    # tokenizing a huge document whole.
+    head = self.max_doc_tokens * HEAD_CHARS_PER_TOKEN
     for k, (i, docs, fail) in enumerate(zip(rows, result.documents, result.failed)):
       if self.retokenize:  # the engine's own text when it has one (a served simulator's)
         text = result.texts[k] if result.texts is not None else self.render(docs)
-        ids = self.tokenizer.encode(information_block(text), add_special_tokens=False)
+        ids = self.tokenizer.encode(information_block(text)[:head], add_special_tokens=False)
       else:
-        ids = document_tokens(self.tokenizer, docs, self.render)
+        ids = self.tokenizer.encode(self.render(docs)[:head], add_special_tokens=False) \
+            if docs else []
       ids = ids[:self.max_doc_tokens]
       tokens[i, :len(ids)] = ids
       lengths[i] = len(ids)

@@ -40,7 +40,7 @@ from zsjax import data as data_lib
 from zsjax import hf, rl_step, sampling, search, template, tinyworld
 from zsjax import rollout as rollout_lib
 from zsjax.checkpoint import Checkpointer, export_hf
-from zsjax.metrics import MetricWriter, console, drop_steps_after
+from zsjax.metrics import MetricWriter, console, drop_steps_after, read_jsonl
 from zsjax.model import with_compute_dtype
 from zsjax.rewards import AnswerScores, score_answers
 from zsjax.rl_settings import RLSettings, check_config
@@ -205,8 +205,8 @@ def train(job: RLJob) -> dict:
           last = writer.write(step, metrics)
         except FloatingPointError as e:
           raise FloatingPointError(
-              f"RL step {step}: {e} The update was not applied; the last checkpoint is step "
-              f"{checkpointer.latest_step()}. Lower config.rl.learning_rate or check the "
+              f"RL step {step}: {e} The update was not applied; the last checkpoint: "
+              f"{checkpointer.latest()}. Lower config.rl.learning_rate or check the "
               "rewards.") from None
         failures.observe(step, last["rollout/failed_share"], job.engine.last_error,
                          log=console if is_main_process() else None)
@@ -220,16 +220,24 @@ def train(job: RLJob) -> dict:
         done = step
   except KeyboardInterrupt:
     checkpointer.close()  # an asynchronous save in progress completes first
-    console(f"interrupted during RL step {step}; the last complete checkpoint is step "
-            f"{checkpointer.latest_step()}: rerun the same command to resume from it.")
+    console(f"interrupted during RL step {step}; the last complete checkpoint: "
+            f"{checkpointer.latest()}. Rerun the same command to resume.")
     raise
   except search.EngineError as e:
     checkpointer.close()
-    raise search.EngineError(f"{e} from checkpoint step {checkpointer.latest_step()}.") from None
+    step_ = checkpointer.latest_step()  # the error's sentence ends "... to resume"
+    where = f"checkpoint step {step_}" if step_ is not None else \
+        "the beginning (no checkpoint was saved yet)"
+    raise search.EngineError(f"{e} from {where}.") from None
   except BaseException:
     checkpointer.close()  # a save in flight completes whatever stopped the loop
     raise
   checkpointer.close()
+  if not last and done and (workdir / "metrics.jsonl").exists():
+    # a rerun of a finished run trains nothing: its summary keeps the last step's metrics
+    records = [rec for rec in read_jsonl(workdir / "metrics.jsonl", torn_tail="drop")
+               if rec.get("step") == done]
+    last = {k: v for k, v in records[-1].items() if k not in ("step", "time")} if records else {}
   summary = {"final_step": done, "resumed_from": start, **last}
   if ck.export_hf and is_main_process():
     export = export_hf(workdir / "hf_export", job.policy_cfg, state.policy.params, job.tokenizer,

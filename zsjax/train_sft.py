@@ -235,8 +235,8 @@ def train(job: SFTJob) -> dict:
         last = writer.write(step, metrics)
       except FloatingPointError as e:
         checkpointer.close()
-        raise FloatingPointError(f"SFT step {step}: {e} Last checkpoint: step "
-                                 f"{checkpointer.latest_step()}.") from None
+        raise FloatingPointError(f"SFT step {step}: {e} The last checkpoint: "
+                                 f"{checkpointer.latest()}.") from None
       summary.setdefault("loss/first", last["loss/nll"])
       summary.update(last)
       bar.set_postfix({"nll": f"{last['loss/nll']:.3f}"}, refresh=False)
