@@ -186,7 +186,6 @@ def test_bad_settings_name_the_field():
       # checked before any model is built (issue 30 items 11, 12)
       ("rl.kl_type", "k4", "config.rl.kl_type='k4' is not one of ('k1', 'k2', 'k3')"),
       ("rl.aggregation", "sum", "config.rl.aggregation='sum' is not one of"),
-      ("rl.kl_coef", -0.001, "config.rl.kl_coef=-0.001 must be >= 0"),
       ("rl.entropy_coef", -0.01, "config.rl.entropy_coef=-0.01 must be >= 0"),
       ("rl.weight_decay", -0.1, "config.rl.weight_decay=-0.1 must be >= 0"),
       ("rl.dual_clip", 0.5, "config.rl.dual_clip=0.5 must be > 1"),
@@ -196,6 +195,10 @@ def test_bad_settings_name_the_field():
     config[section][name] = value  # every knob is a field of the file
     with pytest.raises(ValueError, match=re.escape(needle)):
       rl_settings.check_config(config)
+  # a negative KL coefficient is the reference's sign, one config line away (docs/fidelity.md)
+  config = load_config("zerosearch", "tiny")
+  config.rl.kl_coef = -0.001
+  assert rl_settings.check_config(config).kl_coef == -0.001
   # 4 x 2 = 8 trajectories in minibatches of 6 leave a last one of 2, which a
   # micro-batch of 3 cannot split: the message names minibatch_size, and the fix
   config = load_config("zerosearch", "tiny")

@@ -94,8 +94,9 @@ class RLSettings:
     if self.aggregation not in rl.AGGREGATIONS:
       raise ValueError(f"config.rl.aggregation={self.aggregation!r} is not one of "
                        f"{rl.AGGREGATIONS} (token_mean is the reference's).")
-    for name in ("kl_coef", "entropy_coef", "weight_decay", "grad_clip", "clip_eps",
-                 "dual_clip", "value_clip"):
+    # kl_coef may be negative: -0.001 is the ZeroSearch code's sign (docs/fidelity.md)
+    for name in ("entropy_coef", "weight_decay", "grad_clip", "clip_eps", "dual_clip",
+                 "value_clip"):
       if not getattr(self, name) >= 0:
         raise ValueError(f"config.rl.{name}={getattr(self, name)} must be >= 0 (a negative "
                          "coefficient would reward what it is meant to penalise; 0 turns "
