@@ -12,8 +12,9 @@ fields changed by ``--set=FIELD=VALUE``) from random weights, or from ``--init``
 (an HF export of an earlier probe), on one of:
 
 * ``--data=demos``: the warm start's demonstrations (``demonstrations.warm_start_rows``);
-* ``--data=drills``: reading drills only (``demonstrations.reading_drills``, 3 per
-  single-hop question, 1 to ``--documents`` documents, shuffled);
+* ``--data=drills``: reading drills only (the reading stage's,
+  ``demonstrations.reading_rows``: 3 per single-hop question, 1 to
+  ``--documents`` documents, shuffled);
 * ``--data=both``: the two together.
 
 Every ``sft.eval_every`` steps it measures the answer NLL (loss on the answer's
@@ -82,11 +83,9 @@ def main(argv=None) -> dict:
   out.mkdir(parents=True, exist_ok=True)
   world = tinyworld.ensure(out / "world", args.seed, tinyworld.WorldSize.from_config(config.world))
   rows = demonstrations.warm_start_rows(config) if args.data != "drills" else []
-  if args.data != "demos":
-    for k, other in enumerate(demonstrations.demonstration_worlds(config)):
-      engine = BM25Engine([d["contents"] for d in other["corpus"]], top_k=config.top_k)
-      rows += demonstrations.reading_drills(other, engine, args.seed + k, per_question=3,
-                                            max_documents=args.documents)
+  if args.data != "demos":  # the reading stage's drills (its own held-out check left out)
+    config.reading_drills, config.reading_documents = 3, args.documents
+    rows += [r for r in demonstrations.reading_rows(config) if r["split"] == "train"]
   job = pipeline.job_config(config, "warm_start", {"tokenizer": world["tokenizer"]})
   for item in args.set:
     field, _, value = item.partition("=")
@@ -117,13 +116,12 @@ def main(argv=None) -> dict:
       f.write(json.dumps({"step": step, **{k: v[-1][1] for k, v in curves.items()}}) + "\n")
 
   update = sft.update
-  counter = {"step": 0}
 
   def probed_update(state, batch, key):
     state, metrics = update(state, batch, key)
-    counter["step"] += 1
-    if counter["step"] % job.sft.eval_every == 0:
-      probe(counter["step"], state)
+    step = int(state.step)
+    if step % job.sft.eval_every == 0:
+      probe(step, state)
     return state, metrics
 
   sft.update = probed_update

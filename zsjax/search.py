@@ -554,13 +554,14 @@ def build_engine(config, tokenizer, static, rollout_config, plan, rng, *, greedy
 # ------------------------------------------------------------- from jitted code
 
 
-def document_tokens(tokenizer, documents: Sequence[str], render=render_documents) -> list[int]:
+def document_tokens(tokenizer, documents: Sequence[str], render=render_documents,
+                    max_chars: int | None = None) -> list[int]:
   """Token ids of documents as inserted into the policy's context: ``render``ed
   (``Doc 1: …\nDoc 2: …``, or an engine's ``format_documents``; none for no
-  documents)."""
+  documents), the text cut to its first ``max_chars`` characters first."""
   if not documents:
     return []
-  return tokenizer.encode(render(documents), add_special_tokens=False)
+  return tokenizer.encode(render(documents)[:max_chars], add_special_tokens=False)
 
 
 @flax.struct.dataclass
@@ -645,8 +646,7 @@ class HostSearch:
         text = result.texts[k] if result.texts is not None else self.render(docs)
         ids = self.tokenizer.encode(information_block(text)[:head], add_special_tokens=False)
       else:
-        ids = self.tokenizer.encode(self.render(docs)[:head], add_special_tokens=False) \
-            if docs else []
+        ids = document_tokens(self.tokenizer, docs, self.render, max_chars=head)
       ids = ids[:self.max_doc_tokens]
       tokens[i, :len(ids)] = ids
       lengths[i] = len(ids)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import zsjax
-from zsjax.workdir import later_default, without_later_defaults
+from zsjax.workdir import without_later_defaults
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,15 +69,9 @@ def config_fields(config, *names) -> dict:
   """The named config fields as plain values, without the fields written into the
   config files later that hold the value the code used before
   (``workdir.LATER_FIELDS``): a stage keyed before them keeps its key."""
-  out = {}
-  for name in names:
-    value = config[name]
-    later, default = later_default(name)
-    if later and json.loads(json.dumps(value, default=str)) == default:
-      continue
-    out[name] = without_later_defaults(value.to_dict() if hasattr(value, "to_dict") else value,
-                                       name)
-  return out
+  fields = {name: config[name] for name in names}
+  return without_later_defaults({name: value.to_dict() if hasattr(value, "to_dict") else value
+                                 for name, value in fields.items()}, "")
 
 
 class StageCache:
