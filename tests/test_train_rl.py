@@ -320,8 +320,8 @@ def test_nan_loss_stops_naming_step_and_metric_and_saves_nothing_corrupt(tmp_pat
 def test_interrupted_resumed_and_mismatched_runs_keep_the_workdir_whole(tmp_path, world,
                                                                        monkeypatch, capsys,
                                                                        caplog):
-  """Ctrl-C while an asynchronous save is in flight: the save completes and the
-  message names it; a resume under another algorithm is refused before Orbax reads
+  """SIGTERM while a save is written and Ctrl-C while an asynchronous save is in
+  flight: the save completes and the message names it; a resume under another algorithm is refused before Orbax reads
   a tree; a resume with fewer steps reports the step its export holds; an overlong
   question is skipped when the data loads, named by file and row."""
   import datasets
@@ -338,6 +338,29 @@ def test_interrupted_resumed_and_mismatched_runs_keep_the_workdir_whole(tmp_path
     job = train_rl.setup(config, tmp_path / "run")
   assert len(job.data) == 11 and "word" not in " ".join(job.data["question"][:5])
   assert "train.jsonl, row 5: field 'question' makes a prompt of" in caplog.text
+  # SIGTERM (a scheduler's stop) while step 2's save is being written: the save
+  # finishes, the message names it, nothing after it runs
+  import signal
+  import orbax.checkpoint as ocp
+  from zsjax import interrupts
+  manager_save, previous = ocp.CheckpointManager.save, signal.getsignal(signal.SIGTERM)
+
+  def terminated_in_save_2(self, step, *args, **kwargs):
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return manager_save(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", terminated_in_save_2)
+  interrupts.install()
+  try:
+    with pytest.raises(interrupts.Terminated):
+      train_rl.train(job)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert ("stopped by SIGTERM during RL step 2; the last complete checkpoint: step 2. Rerun"
+          in capsys.readouterr().err)
+  assert Checkpointer(tmp_path / "run" / "checkpoints").all_steps() == [1, 2]
+  monkeypatch.setattr(ocp.CheckpointManager, "save", manager_save)
   step_of = train_rl.train_step
 
   def interrupted_at_3(job_, state, step):

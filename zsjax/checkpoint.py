@@ -5,6 +5,13 @@ step, params, optimizer state; a PPO critic's too) and a JSON dict of
 everything else a resumed run needs (data position, rng seed words, config).
 Restoring takes an abstract target (``jax.ShapeDtypeStruct`` with shardings),
 so each process reads only its own shards.
+
+A save's blocking part and the wait for a background save run with SIGINT and
+SIGTERM held back (``zsjax.interrupts.deferred``): an interrupt lands between
+steps, never inside a write. A resume reads the newest *intact* checkpoint: one
+that Orbax cannot read, or whose arrays hold NaN or infinity (flipped bits in a
+weight file), is moved to ``checkpoints.damaged/<step>`` (nothing is deleted),
+named on the console, and the previous step is tried.
 """
 
 from __future__ import annotations
@@ -13,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from zsjax import hf, template
+from zsjax import hf, interrupts, template
 
 
 def abstract_like(tree, shardings=None):
@@ -57,8 +65,10 @@ class Checkpointer:
   def save(self, step: int, state, extra: dict[str, Any] | None = None, force: bool = False) -> bool:
     """Saves ``state`` (arrays) and ``extra`` (JSON) as ``step``; asynchronous
     unless disabled: ``wait`` before reading it back or exiting."""
-    return self.manager.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra or {})), force=force)
+    with interrupts.deferred():
+      return self.manager.save(int(step), args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra or {})),
+          force=force)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -83,13 +93,17 @@ class Checkpointer:
     return restored.state, dict(restored.extra or {})
 
   def latest_extra(self) -> dict | None:
-    """The JSON part of the latest checkpoint (read without its arrays), or None
-    when there is none: what a resume checks before asking Orbax for the state."""
-    step = self.latest_step()
-    if step is None:
-      return None
-    restored = self.manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))
-    return dict(restored.extra or {})
+    """The JSON part of the newest checkpoint whose JSON part reads (without its
+    arrays), or None when there is none: what a resume checks before asking Orbax
+    for the state."""
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            extra=ocp.args.JsonRestore()))
+      except Exception:  # a damaged step: restore_or names it and falls back
+        continue
+      return dict(restored.extra or {})
+    return None
 
   def restore_raw(self, step: int | None = None) -> Any:
     """The saved array tree of ``step`` (default: the latest) without a target:
@@ -110,20 +124,73 @@ class Checkpointer:
                        f"{saved.get('step')}); {field}={value!r}. Use a new --workdir, or the "
                        f"{key} the run started with.")
 
-  def restore_or(self, target, fallback) -> tuple[Any, dict, bool]:
-    """Resume: the latest checkpoint if there is one, else ``fallback()``'s state.
-    Returns ``(state, extra, resumed)``."""
-    if self.latest_step() is None:
+  def restore_or(self, target, fallback, log=print) -> tuple[Any, dict, bool]:
+    """Resume: the newest intact checkpoint if there is one, else ``fallback()``'s
+    state. Returns ``(state, extra, resumed)``. Damaged steps newer than the one
+    restored are moved to ``checkpoints.damaged/`` and ``log``ged; when every step
+    is damaged nothing is moved and a RuntimeError names them all."""
+    steps = sorted(self.all_steps(), reverse=True)
+    if not steps:
       return fallback(), {}, False
-    state, extra = self.restore(target)
-    return state, extra, True
+    damaged = []
+    for step in steps:
+      try:
+        state, extra = self.restore(target, step)
+      except Exception as e:  # Orbax / TensorStore: a torn, truncated or missing file
+        damaged.append((step, _first_line(e)))
+        continue
+      bad = non_finite_leaves(state)
+      if bad:
+        damaged.append((step, f"non-finite values in {', '.join(bad[:3])}"
+                              f"{' …' if len(bad) > 3 else ''}"))
+        continue
+      if damaged:
+        self._set_aside(damaged, restored=step, log=log)
+      return state, extra, True
+    listed = "; ".join(f"step {s}: {why}" for s, why in damaged)
+    raise RuntimeError(
+        f"every checkpoint in {self.directory} is damaged ({listed}). Nothing was moved. To "
+        f"start again from step 0, move the directory aside (mv {self.directory} "
+        f"{self.directory}.damaged), or restore it from a backup.")
+
+  def _set_aside(self, damaged, restored: int, log) -> None:
+    aside = self.directory.with_name(self.directory.name + ".damaged")
+    if jax.process_index() == 0:
+      aside.mkdir(exist_ok=True)
+      for step, _ in damaged:
+        source = self.directory / str(step)
+        target, n = aside / str(step), 1
+        while target.exists():  # an earlier resume set a step of this number aside
+          target, n = aside / f"{step}.{n}", n + 1
+        source.rename(target)
+    self.manager.reload()
+    for step, why in damaged:
+      log(f"checkpoint step {step} in {self.directory} is damaged ({why}); moved to {aside}/. "
+          f"Resuming from step {restored}, the newest intact checkpoint.")
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with interrupts.deferred():
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    with interrupts.deferred():
+      self.manager.wait_until_finished()
+      self.manager.close()
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0][:200] if text else ''}"
+
+
+def non_finite_leaves(tree) -> list[str]:
+  """Paths of the floating-point leaves of ``tree`` that hold a NaN or infinity."""
+  bad = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact) and \
+        not bool(jnp.all(jnp.isfinite(leaf))):
+      bad.append(jax.tree_util.keystr(path))
+  return bad
 
 
 def export_hf(directory: str | Path, cfg, params, tokenizer,

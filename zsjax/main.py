@@ -6,7 +6,9 @@ The config's ``job`` field picks what runs; each job is ``run(config, workdir)``
 in its own module, imported only when chosen. A job holds its workdir's lock
 while it runs, and a resumable job's settings are checked against the run the
 workdir holds (``zsjax.workdir``). Library logs stay off the console unless
-``--verbosity`` is given; a full disk ends the job with one line saying so.
+``--verbosity`` is given; a full disk ends the job with one line saying so. Ctrl-C
+and SIGTERM end it with the last complete checkpoint named and exit codes 130 and
+143 (``zsjax.interrupts``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from zsjax import search, sharding
+from zsjax import interrupts, search, sharding
 from zsjax import workdir as workdir_lib
 
 
@@ -105,11 +107,15 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # Orbax's INFO lines would bury the progress bar
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger().setLevel(logging.WARNING)  # libraries logging through the root logger
+  interrupts.install()  # SIGTERM ends a run as Ctrl-C does: the save in flight finishes
   try:
     report = run_job(_CONFIG.value, _WORKDIR.value)
   except (workdir_lib.WorkdirBusy, workdir_lib.RunMismatch, search.EngineError) as e:
     print(f"zsjax: {e}", file=sys.stderr)
     sys.exit(1)
+  except KeyboardInterrupt as e:  # the loop that was running printed where it stopped
+    print(f"zsjax: {interrupts.describe(e)}.", file=sys.stderr)
+    sys.exit(interrupts.exit_code(e))
   except BaseException as e:
     full = _no_space(e)
     if full is None:

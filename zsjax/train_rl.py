@@ -37,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from zsjax import data as data_lib
-from zsjax import hf, rl_step, sampling, search, template, tinyworld
+from zsjax import hf, interrupts, rl_step, sampling, search, template, tinyworld
 from zsjax import rollout as rollout_lib
 from zsjax.checkpoint import Checkpointer, export_hf
 from zsjax.metrics import MetricWriter, console, drop_steps_after, read_jsonl
@@ -175,8 +175,8 @@ def write_samples(job: RLJob, step: int, traj, golds, scores: AnswerScores) -> N
 
 def train(job: RLJob) -> dict:
   """The loop: restore or start, then step, write, checkpoint; export at the end.
-  A failing engine stops it before the failing step's checkpoint; Ctrl-C lets an
-  asynchronous save finish and names the last complete checkpoint."""
+  A failing engine stops it before the failing step's checkpoint; Ctrl-C or SIGTERM
+  lets a save in flight finish and names the last complete checkpoint."""
   config, r, workdir = job.config, job.settings, job.workdir
   workdir.mkdir(parents=True, exist_ok=True)
   ck = config.checkpoint
@@ -184,7 +184,8 @@ def train(job: RLJob) -> dict:
   checkpointer.refuse_other_run(workdir, "algorithm", r.algorithm, "config.rl.algorithm")
   state, extra, resumed = checkpointer.restore_or(
       job.programs.state_target(),
-      lambda: job.programs.initial_state(job.initial_params, jax.random.fold_in(job.key, 3)))
+      lambda: job.programs.initial_state(job.initial_params, jax.random.fold_in(job.key, 3)),
+      log=console)
   start = int(extra.get("step", 0)) if resumed else 0
   if start > r.total_steps and is_main_process():
     console(f"{workdir} holds step {start}, past config.rl.total_steps={r.total_steps}: "
@@ -218,9 +219,9 @@ def train(job: RLJob) -> dict:
               "step": step, "algorithm": r.algorithm, "seed": config.seed,
               "data_position": step * r.prompts_per_step})
         done = step
-  except KeyboardInterrupt:
+  except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (zsjax.interrupts)
     checkpointer.close()  # an asynchronous save in progress completes first
-    console(f"interrupted during RL step {step}; the last complete checkpoint: "
+    console(f"{interrupts.describe(e)} during RL step {step}; the last complete checkpoint: "
             f"{checkpointer.latest()}. Rerun the same command to resume.")
     raise
   except search.EngineError as e:

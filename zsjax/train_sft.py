@@ -30,9 +30,9 @@ import numpy as np
 from tqdm import tqdm
 
 from zsjax import data as data_lib
-from zsjax import hf
+from zsjax import hf, interrupts
 from zsjax.checkpoint import Checkpointer, abstract_like, check_checkpoint_config, export_hf
-from zsjax.metrics import MetricWriter
+from zsjax.metrics import MetricWriter, console
 from zsjax.sharding import ShardingPlan, is_main_process
 from zsjax.train_step import (create_train_state, init_state, make_optimizer,
                               make_update_step, next_token_loss)
@@ -209,40 +209,51 @@ def train(job: SFTJob) -> dict:
   """The loop: resume or start, step, evaluate, write, checkpoint; export at the end."""
   config, s, plan, workdir, train = job.config, job.config.sft, job.plan, job.workdir, job.train
   checkpointer = Checkpointer.from_config(workdir / "checkpoints", config.checkpoint)
-  state, extra, resumed = checkpointer.restore_or(job.target, lambda: job.state)
+  state, extra, resumed = checkpointer.restore_or(job.target, lambda: job.state,
+                                                   log=console)
   start = int(extra.get("step", 0))
   summary = {"data": job.train_info, "resumed_from": start}
   if job.held_out is not None and start == 0:
     summary["eval/nll_before"] = evaluate_nll(job.eval_fn, state.params, job.held_out,
                                               s.batch_size, plan)
   rows = len(train["tokens"])
-  with MetricWriter(workdir, resume_from=start) as writer, tqdm(
-      total=s.total_steps, initial=start, desc="sft", unit="step",
-      disable=not is_main_process() or not config.progress) as bar:
-    for step in range(start + 1, s.total_steps + 1):
-      t0 = time.perf_counter()
-      index = data_lib.batch_rows(rows, s.batch_size, config.seed, step - 1)
-      batch = plan.put_batch({k: v[index] for k, v in train.items()})
-      state, metrics = job.update(state, batch, job.key)
-      metrics = dict(jax.device_get(metrics))
-      metrics["time/step_s"] = time.perf_counter() - t0
-      metrics["perf/tokens_per_s"] = float(train["segment_ids"][index].astype(bool).sum()) / \
-          metrics["time/step_s"]
-      if job.held_out is not None and (step % s.eval_every == 0 or step == s.total_steps):
-        nll = evaluate_nll(job.eval_fn, state.params, job.held_out, s.batch_size, plan)
-        metrics.update({"eval/nll": nll, "eval/perplexity": float(np.exp(nll))})
-      try:
-        last = writer.write(step, metrics)
-      except FloatingPointError as e:
-        checkpointer.close()
-        raise FloatingPointError(f"SFT step {step}: {e} The last checkpoint: "
-                                 f"{checkpointer.latest()}.") from None
-      summary.setdefault("loss/first", last["loss/nll"])
-      summary.update(last)
-      bar.set_postfix({"nll": f"{last['loss/nll']:.3f}"}, refresh=False)
-      bar.update(1)
-      if step % config.checkpoint.every == 0 or step == s.total_steps:
-        checkpointer.save(step, state, extra={"step": step, "seed": config.seed})
+  step = start
+  try:
+    with MetricWriter(workdir, resume_from=start) as writer, tqdm(
+        total=s.total_steps, initial=start, desc="sft", unit="step",
+        disable=not is_main_process() or not config.progress) as bar:
+      for step in range(start + 1, s.total_steps + 1):
+        t0 = time.perf_counter()
+        index = data_lib.batch_rows(rows, s.batch_size, config.seed, step - 1)
+        batch = plan.put_batch({k: v[index] for k, v in train.items()})
+        state, metrics = job.update(state, batch, job.key)
+        metrics = dict(jax.device_get(metrics))
+        metrics["time/step_s"] = time.perf_counter() - t0
+        metrics["perf/tokens_per_s"] = float(train["segment_ids"][index].astype(bool).sum()) / \
+            metrics["time/step_s"]
+        if job.held_out is not None and (step % s.eval_every == 0 or step == s.total_steps):
+          nll = evaluate_nll(job.eval_fn, state.params, job.held_out, s.batch_size, plan)
+          metrics.update({"eval/nll": nll, "eval/perplexity": float(np.exp(nll))})
+        try:
+          last = writer.write(step, metrics)
+        except FloatingPointError as e:
+          checkpointer.close()
+          raise FloatingPointError(f"SFT step {step}: {e} The last checkpoint: "
+                                   f"{checkpointer.latest()}.") from None
+        summary.setdefault("loss/first", last["loss/nll"])
+        summary.update(last)
+        bar.set_postfix({"nll": f"{last['loss/nll']:.3f}"}, refresh=False)
+        bar.update(1)
+        if step % config.checkpoint.every == 0 or step == s.total_steps:
+          checkpointer.save(step, state, extra={"step": step, "seed": config.seed})
+  except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (zsjax.interrupts)
+    checkpointer.close()  # a save in flight completes first
+    console(f"{interrupts.describe(e)} during SFT step {step}; the last complete checkpoint: "
+            f"{checkpointer.latest()}. Rerun the same command to resume.")
+    raise
+  except BaseException:
+    checkpointer.close()  # a save in flight completes whatever stopped the loop
+    raise
   checkpointer.close()
   if config.checkpoint.export_hf and is_main_process():
     summary["hf_export"] = str(export_hf(workdir / "hf_export", job.cfg, state.params,

@@ -1,0 +1,121 @@
+"""Signals and damaged checkpoints: SIGINT/SIGTERM held back while a checkpoint
+is written, and a resume that falls back to the newest intact checkpoint."""
+
+import os
+import signal
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zsjax import checkpoint as C
+from zsjax import interrupts
+
+
+@pytest.fixture
+def sigterm_raises():
+  previous = signal.getsignal(signal.SIGTERM)
+  interrupts.install()
+  yield
+  signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_raises_terminated_with_its_exit_code(sigterm_raises):
+  with pytest.raises(interrupts.Terminated) as caught:
+    os.kill(os.getpid(), signal.SIGTERM)
+  assert isinstance(caught.value, KeyboardInterrupt)  # every Ctrl-C path handles it
+  assert interrupts.exit_code(caught.value) == 143
+  assert interrupts.describe(caught.value) == "stopped by SIGTERM"
+  assert interrupts.exit_code(KeyboardInterrupt()) == 130
+
+
+@pytest.mark.parametrize("signum,error", [(signal.SIGTERM, interrupts.Terminated),
+                                          (signal.SIGINT, KeyboardInterrupt)])
+def test_a_signal_in_a_deferred_body_is_raised_after_it(sigterm_raises, signum, error):
+  done = []
+  with pytest.raises(error):
+    with interrupts.deferred():
+      with interrupts.deferred():  # nested: still held until the outer body ends
+        os.kill(os.getpid(), signum)
+        done.append("inner")
+      done.append("outer")
+  assert done == ["inner", "outer"]
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+
+
+def test_a_signal_while_already_stopping_is_dropped(sigterm_raises):
+  with pytest.raises(KeyboardInterrupt) as caught:
+    try:
+      raise KeyboardInterrupt
+    except KeyboardInterrupt:
+      with interrupts.deferred():  # e.g. the wait for a save after Ctrl-C
+        os.kill(os.getpid(), signal.SIGTERM)
+      raise
+  assert not isinstance(caught.value, interrupts.Terminated)
+
+
+def test_sigterm_during_a_save_lets_the_save_finish(tmp_path, sigterm_raises, monkeypatch):
+  ck = C.Checkpointer(tmp_path, async_save=True)
+  manager_save = ck.manager.save
+
+  def signalled_save(*args, **kwargs):  # the signal lands in the blocking part
+    os.kill(os.getpid(), signal.SIGTERM)
+    return manager_save(*args, **kwargs)
+
+  monkeypatch.setattr(ck.manager, "save", signalled_save)
+  with pytest.raises(interrupts.Terminated):
+    ck.save(1, {"w": jnp.arange(4.0)}, extra={"step": 1})
+  ck.close()
+  state, extra = C.Checkpointer(tmp_path).restore({"w": jnp.zeros(4)})
+  assert extra == {"step": 1}
+  np.testing.assert_array_equal(state["w"], np.arange(4.0))
+
+
+def _three_steps(directory):
+  ck = C.Checkpointer(directory, max_to_keep=5, async_save=False)
+  for step in (1, 2, 3):
+    ck.save(step, {"w": jnp.full((8,), float(step))}, extra={"step": step})
+  ck.close()
+
+
+def _scramble(step_dir):
+  for root, _, files in os.walk(step_dir / "state"):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "r+b") as f:
+        size = os.path.getsize(path)
+        f.write(b"\x00\xff" * max(size // 2, 1))
+
+
+def test_a_resume_falls_back_past_damaged_checkpoints_and_sets_them_aside(tmp_path):
+  _three_steps(tmp_path / "checkpoints")
+  _scramble(tmp_path / "checkpoints" / "3")  # torn files: Orbax cannot read it
+  ck = C.Checkpointer(tmp_path / "checkpoints", max_to_keep=5)
+  ck.manager.save(4, args=C.ocp.args.Composite(  # flipped bits: a NaN in the weights
+      state=C.ocp.args.StandardSave({"w": jnp.full((8,), jnp.nan)}),
+      extra=C.ocp.args.JsonSave({"step": 4})))
+  ck.wait()
+  lines = []
+  state, extra, resumed = ck.restore_or({"w": jnp.zeros(8)}, fallback=lambda: None,
+                                        log=lines.append)
+  assert resumed and extra == {"step": 2}
+  np.testing.assert_array_equal(state["w"], np.full(8, 2.0))
+  assert len(lines) == 2 and "step 4" in lines[0] and "non-finite values in ['w']" in lines[0]
+  assert "step 3" in lines[1] and "Resuming from step 2" in lines[1]
+  assert sorted(p.name for p in (tmp_path / "checkpoints.damaged").iterdir()) == ["3", "4"]
+  assert ck.all_steps() == [1, 2]
+  ck.save(3, {"w": jnp.full((8,), 30.0)}, extra={"step": 3})  # the run goes on from step 2
+  ck.close()
+  assert C.Checkpointer(tmp_path / "checkpoints").restore({"w": jnp.zeros(8)})[1] == {"step": 3}
+
+
+def test_every_checkpoint_damaged_is_named_and_nothing_moves(tmp_path):
+  _three_steps(tmp_path)
+  for step in (1, 2, 3):
+    _scramble(tmp_path / str(step))
+  ck = C.Checkpointer(tmp_path)
+  assert ck.latest_extra() == {"step": 3}  # the JSON part still reads
+  with pytest.raises(RuntimeError, match=r"every checkpoint in .* is damaged \(step 3: .*step 2: "
+                                         r".*step 1: .*\)\. Nothing was moved\..*mv "):
+    ck.restore_or({"w": jnp.zeros(8)}, fallback=lambda: None)
+  assert ck.all_steps() == [1, 2, 3]
