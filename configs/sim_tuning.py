@@ -94,6 +94,7 @@ def get_config(arg=None):
       data="",  # set by the sim_tuning job; for job sft a datasets dir or a jsonl/parquet file
       max_length=256 if tiny else 2048, batch_size=8 if tiny else 2,
       total_steps=60 if tiny else 1000, learning_rate=3e-3 if tiny else 1e-6,
+      schedule_steps=0,  # the steps the lr schedule spans; 0 = total_steps (kept on resume)
       warmup_fraction=0.05, decay="cosine" if tiny else "constant", weight_decay=0.0,
       grad_clip=1.0, eval_every=20 if tiny else 100,
       on_error="skip"))  # malformed rows: skip (reported) | raise

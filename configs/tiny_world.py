@@ -46,7 +46,7 @@ def model(embed_dim: int, layers: int, mlp_dim: int) -> dict:
 
 def sft(steps: int, batch: int, length: int, lr: float, decay: str = "cosine") -> dict:
   return dict(data="", max_length=length, batch_size=batch, total_steps=steps,
-              learning_rate=lr, warmup_fraction=0.05, decay=decay, weight_decay=0.0,
+              schedule_steps=0, learning_rate=lr, warmup_fraction=0.05, decay=decay, weight_decay=0.0,
               grad_clip=1.0, eval_every=max(steps // 2, 1), on_error="skip")
 
 
@@ -191,6 +191,7 @@ def get_config(arg=None):
       # small policy away from the template.
       rl=dict(algorithm="reinforce", reward="f1", prompts_per_step=4 if ci else 16,
               samples_per_prompt=8 if ci else 4, total_steps=20 if ci else 50, epochs=1,
+              schedule_steps=0,
               minibatch_size=32 if ci else 64, micro_batch_size=16 if ci else 32,
               score_batch_size=16 if ci else 32, learning_rate=1e-3, warmup_fraction=0.1,
               decay="cosine",

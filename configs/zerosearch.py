@@ -135,6 +135,10 @@ def get_config(arg=None):
       algorithm=algorithm, reward="f1",
       prompts_per_step=4 if tiny else 64, samples_per_prompt=2 if tiny else 5,
       total_steps=3 if tiny else 203, epochs=1,
+      # the steps the lr warmup/decay and the noise curriculum span; 0 = total_steps. To
+      # run a finished run longer on its schedules, raise total_steps and set this to
+      # the old total (a resume with another span is refused, naming this field)
+      schedule_steps=0,
       minibatch_size=8 if tiny else 256, micro_batch_size=8 if tiny else 16,
       score_batch_size=8 if tiny else 32,
       learning_rate=1e-4 if tiny else 1e-6,

@@ -376,6 +376,11 @@ def test_interrupted_resumed_and_mismatched_runs_keep_the_workdir_whole(tmp_path
   monkeypatch.setattr(train_rl, "train_step", step_of)
 
   config.rl.total_steps = 1  # fewer steps than the workdir holds: nothing to train
+  with pytest.raises(ValueError, match=r"span 3 steps \(checkpoint step 2\); this one would lay "
+                                       r"them over 1 .*--config.rl.schedule_steps=3"):
+    train_rl.train(dataclasses.replace(
+        job, config=config, settings=rl_settings.RLSettings.from_config(config.rl)))
+  config.rl.schedule_steps = 3  # the checkpoint's schedules, whatever run.json says
   summary = train_rl.train(dataclasses.replace(
       job, config=config, settings=rl_settings.RLSettings.from_config(config.rl)))
   assert summary["final_step"] == 2 and "past config.rl.total_steps=1" in capsys.readouterr().err

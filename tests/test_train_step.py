@@ -99,3 +99,38 @@ def test_create_train_state_from_given_params_keeps_them():
   assert int(state.step) == 0
   with pytest.raises(ValueError, match="needs rng"):
     T.create_train_state(CFG, tx, plan)
+
+
+def test_schedule_steps_keeps_a_longer_run_on_the_recorded_schedules():
+  """rl.schedule_steps: a run taken past its recorded span keeps the learning rate
+  and the noise curriculum of its first steps, and holds their end values after."""
+  import ml_collections
+
+  from config_files import load_config
+  from zsjax import rl_settings, rl_step, rollout
+
+  def get_config(arg):
+    return load_config("zerosearch", arg)
+
+  def programs_and_rollout(total, span):
+    section = get_config("tiny").rl
+    section.update(total_steps=total, schedule_steps=span, warmup_fraction=0.5,
+                   decay="cosine")
+    r = rl_settings.RLSettings.from_config(section).check()
+    curriculum = ml_collections.ConfigDict(dict(kind="exponential", start=0.1, end=0.5,
+                                                base=4.0, probability=0.5))
+    return (rl_step.build_programs(r, CFG, one_device_plan(), 1.0),
+            rollout.RolloutConfig.from_config(get_config("tiny").rollout, curriculum, r.horizon))
+
+  short, short_rollout = programs_and_rollout(4, 0)
+  longer, longer_rollout = programs_and_rollout(8, 4)
+  moved, moved_rollout = programs_and_rollout(8, 0)
+  updates = 4 * len(short.minibatch_sizes)
+  lr = lambda p, i: float(p.schedule(i))
+  assert [lr(longer, i) for i in range(updates + 1)] == [lr(short, i) for i in range(updates + 1)]
+  assert lr(longer, 2 * updates) == lr(short, updates)  # the end value holds
+  assert lr(moved, updates // 2) != lr(short, updates // 2)  # a re-based warmup differs
+  p = lambda c, s: float(c.noise_probability(s))
+  assert [p(longer_rollout, s) for s in range(5)] == [p(short_rollout, s) for s in range(5)]
+  assert p(longer_rollout, 8) == p(short_rollout, 4) == 0.5
+  assert p(moved_rollout, 2) < p(short_rollout, 2)

@@ -63,12 +63,38 @@ def test_a_resume_refuses_a_change_to_what_defines_the_run(tmp_path):
   assert "config.seed: 0 -> 1" in message and "config.rl.algorithm: 'reinforce' -> 'ppo'" in message
   assert "new --workdir" in message and log == []
 
-  config = load_config("zerosearch", "tiny")  # allowed: more steps, no progress bar
+  # more steps would re-base the warmup and the noise curriculum: refused, the fix named
+  config = load_config("zerosearch", "tiny")
   config.rl.total_steps, config.progress = 50, False
+  with pytest.raises(workdir.RunMismatch, match=r"span 3 steps \(recorded in run.json\); this "
+                                                r"one would lay them over 50 .*add "
+                                                r"--config.rl.schedule_steps=3; or use a new"):
+    workdir.check_identity(tmp_path, config, log=log.append)
+  # allowed: more steps on the recorded schedules, no progress bar, smaller micro-batches
+  config.rl.schedule_steps, config.rl.micro_batch_size = 3, 4
   notes = workdir.check_identity(tmp_path, config, log=log.append)
-  assert sorted(notes) == ["config.progress: True -> False", "config.rl.total_steps: 3 -> 50"]
-  assert len(log) == 2 and all("(allowed)" in line for line in log)
+  assert sorted(notes) == ["config.progress: True -> False",
+                           "config.rl.micro_batch_size: 8 -> 4",
+                           "config.rl.schedule_steps: 0 -> 3", "config.rl.total_steps: 3 -> 50"]
+  assert len(log) == 4 and all("(allowed)" in line for line in log)
   assert json.loads((tmp_path / "run.json").read_text())["config"]["rl.total_steps"] == 50
+  config.rl.schedule_steps = 0  # and back: the span would be 50 again, not the recorded 3
+  with pytest.raises(workdir.RunMismatch, match="span 3 steps"):
+    workdir.check_identity(tmp_path, config, log=log.append)
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_binds_nothing(tmp_path):
+  """A NaN at step 1 (or out of memory) leaves metrics but no checkpoint: the fix
+  its message names (a lower learning rate) is taken, not refused."""
+  config = load_config("zerosearch", "tiny")
+  workdir.check_identity(tmp_path, config)
+  (tmp_path / "metrics.jsonl").write_text("")
+  (tmp_path / "checkpoints" / "1.orbax-checkpoint-tmp-123").mkdir(parents=True)  # torn save
+  config.rl.learning_rate = 1e-6
+  log = []
+  assert workdir.check_identity(tmp_path, config, log=log.append) == []
+  assert "left no checkpoint or results" in log[0]
+  assert json.loads((tmp_path / "run.json").read_text())["config"]["rl.learning_rate"] == 1e-6
 
 
 CALLS = []
@@ -76,7 +102,7 @@ CALLS = []
 
 def record_call(config, workdir_):
   CALLS.append((config.seed, str(workdir_)))
-  (Path(workdir_) / "metrics.jsonl").write_text('{"step": 1}\n')  # the run has started
+  (Path(workdir_) / "checkpoints" / "1").mkdir(parents=True)  # the run has a checkpoint
   return {}
 
 
@@ -200,7 +226,7 @@ def test_a_run_recorded_before_the_knobs_were_fields_resumes(tmp_path, record, n
   default the code used then: the same run resumes with no change noted, and
   setting such a field to another value is refused."""
   (tmp_path / "run.json").write_text((RECORDS / f"{record}.run.json").read_text())
-  (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')  # the run holds results
+  (tmp_path / "checkpoints" / "1").mkdir(parents=True)  # the run holds results
   old = set(json.loads((tmp_path / "run.json").read_text())["config"])
   config = load_config(name, arg)
   config.progress = False

@@ -124,6 +124,17 @@ class Checkpointer:
                        f"{saved.get('step')}); {field}={value!r}. Use a new --workdir, or the "
                        f"{key} the run started with.")
 
+  def refuse_other_horizon(self, workdir, horizon: int, total_steps: int, section: str) -> None:
+    """Before a resume: when the latest checkpoint's schedules span another number
+    of steps than ``horizon`` (``{section}.schedule_steps``, else ``total_steps``),
+    closes and raises ValueError naming the recorded horizon and the fix."""
+    saved = self.latest_extra()
+    if saved is None or saved.get("schedule_steps", horizon) == horizon:
+      return
+    self.close()
+    raise ValueError(horizon_message(workdir, saved["schedule_steps"], horizon, total_steps,
+                                     section, f"checkpoint step {saved.get('step')}"))
+
   def restore_or(self, target, fallback, log=print) -> tuple[Any, dict, bool]:
     """Resume: the newest intact checkpoint if there is one, else ``fallback()``'s
     state. Returns ``(state, extra, resumed)``. Damaged steps newer than the one
@@ -176,6 +187,17 @@ class Checkpointer:
     with interrupts.deferred():
       self.manager.wait_until_finished()
       self.manager.close()
+
+
+def horizon_message(workdir, recorded: int, horizon: int, total_steps: int, section: str,
+                    where: str) -> str:
+  """Why a resume whose schedules would span another number of steps is refused."""
+  return (f"{workdir} holds a run whose learning-rate schedule and noise curriculum span "
+          f"{recorded} steps ({where}); this one would lay them over {horizon} "
+          f"({section}.total_steps={total_steps}), so the steps it already trained would no "
+          f"longer be on its schedule. To go on with the recorded schedules (their end values "
+          f"hold past step {recorded}), add --{section}.schedule_steps="
+          f"{recorded}; or use a new --workdir.")
 
 
 def _first_line(error: BaseException) -> str:

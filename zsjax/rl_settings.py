@@ -54,15 +54,26 @@ class RLSettings:
   sample_every: int
   sample_rows: int
   scoring_dtype: str  # "" = the policy's
+  # the steps the learning-rate and noise schedules span; 0 = total_steps. A resumed
+  # run keeps its recorded horizon (zsjax.workdir): set it to run longer on the same
+  # schedules (their end values hold past it)
+  schedule_steps: int = 0
 
   @classmethod
   def from_config(cls, section) -> "RLSettings":
     """From a ``config.rl`` section (ConfigDict or dict); a missing field is named."""
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in section]
+    required = [f for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+    missing = [f.name for f in required if f.name not in section]
     if missing:
       raise ValueError(f"config.rl lacks {missing}; configs/zerosearch.py shows every field "
                        "with its default.")
-    return cls(**{f.name: section[f.name] for f in dataclasses.fields(cls)})
+    return cls(**{f.name: section[f.name] for f in dataclasses.fields(cls)
+                  if f.name in section})
+
+  @property
+  def horizon(self) -> int:
+    """The steps the learning-rate schedule and the noise curriculum span."""
+    return self.schedule_steps or self.total_steps
 
   @property
   def rows(self) -> int:
@@ -104,6 +115,9 @@ class RLSettings:
     if self.dual_clip and self.dual_clip <= 1.0:
       raise ValueError(f"config.rl.dual_clip={self.dual_clip} must be > 1 (the paper: 3) or 0 "
                        "(off).")
+    if self.schedule_steps < 0:
+      raise ValueError(f"config.rl.schedule_steps={self.schedule_steps} must be >= 0 (0: the "
+                       "schedules span config.rl.total_steps).")
     for name in ("prompts_per_step", "samples_per_prompt", "total_steps", "epochs"):
       if getattr(self, name) <= 0:
         raise ValueError(f"config.rl.{name}={getattr(self, name)} must be a positive integer.")

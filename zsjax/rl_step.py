@@ -161,7 +161,7 @@ def build_programs(settings: RLSettings, policy_cfg: ModelConfig, plan: Sharding
   """Optimizers and jitted programs for ``settings`` (``rl_settings.check_config``)."""
   r = settings
   sizes = minibatch_sizes(r.rows, r.minibatch_size)
-  total_updates = r.total_steps * r.epochs * len(sizes)
+  total_updates = r.horizon * r.epochs * len(sizes)  # the schedule's span
   tx, schedule = make_optimizer(r.learning_rate, total_updates, warmup_fraction=r.warmup_fraction,
                                 decay=r.decay, weight_decay=r.weight_decay, clip_norm=r.grad_clip)
   shardings = state_shardings(policy_cfg, tx, plan)

@@ -85,7 +85,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> RLJob:
                                              feedback=style.feedback)
   policy_sampling = sampling.from_config(config.sampling)
   rollout_config = rollout_lib.RolloutConfig.from_config(config.rollout, config.curriculum,
-                                                         r.total_steps)
+                                                         r.horizon)
   engine, engine_state, engine_shardings = search.build_engine(
       config, tokenizer, static, rollout_config, plan, jax.random.fold_in(key, 2))
   # the rollout may compute in another precision than training (its params are the same)
@@ -182,6 +182,8 @@ def train(job: RLJob) -> dict:
   ck = config.checkpoint
   checkpointer = Checkpointer.from_config(workdir / "checkpoints", ck)
   checkpointer.refuse_other_run(workdir, "algorithm", r.algorithm, "config.rl.algorithm")
+  checkpointer.refuse_other_run(workdir, "seed", config.seed, "config.seed")
+  checkpointer.refuse_other_horizon(workdir, r.horizon, r.total_steps, "config.rl")
   state, extra, resumed = checkpointer.restore_or(
       job.programs.state_target(),
       lambda: job.programs.initial_state(job.initial_params, jax.random.fold_in(job.key, 3)),
@@ -217,7 +219,7 @@ def train(job: RLJob) -> dict:
         if step % ck.every == 0 or step == r.total_steps:
           checkpointer.save(step, state, extra={
               "step": step, "algorithm": r.algorithm, "seed": config.seed,
-              "data_position": step * r.prompts_per_step})
+              "schedule_steps": r.horizon, "data_position": step * r.prompts_per_step})
         done = step
   except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (zsjax.interrupts)
     checkpointer.close()  # an asynchronous save in progress completes first

@@ -144,9 +144,18 @@ class SFTJob:
   eval_fn: Any  # jitted (params, batch) -> (nll sum, target tokens)
 
 
+def schedule_steps(s) -> int:
+  """The steps the learning-rate schedule spans: ``sft.schedule_steps``, or
+  ``sft.total_steps`` when it is 0 (or absent)."""
+  return s.get("schedule_steps", 0) or s.total_steps
+
+
 def check_config(config) -> None:
   """Fails before any work, naming the field, the value and the fix."""
   s = config.sft
+  if s.get("schedule_steps", 0) < 0:
+    raise ValueError(f"config.sft.schedule_steps={s.schedule_steps} must be >= 0 (0: the "
+                     "schedule spans config.sft.total_steps).")
   if s.batch_size <= 0 or s.total_steps <= 0:
     raise ValueError(f"config.sft.batch_size={s.batch_size} and config.sft.total_steps="
                      f"{s.total_steps} must be positive.")
@@ -182,7 +191,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> SFTJob:
   if "test" in splits and len(splits["test"]):
     held_out, _ = packed_split(tokenizer, splits["test"], s.max_length, eos, pad, "test")
 
-  tx, schedule = make_optimizer(s.learning_rate, s.total_steps, warmup_fraction=s.warmup_fraction,
+  tx, schedule = make_optimizer(s.learning_rate, schedule_steps(s), warmup_fraction=s.warmup_fraction,
                                 decay=s.decay, weight_decay=s.weight_decay, clip_norm=s.grad_clip)
   state, shardings = create_train_state(cfg, tx, plan, params=initial)
   spec = {k: jax.ShapeDtypeStruct((s.batch_size, s.max_length), jnp.int32) for k in train}
@@ -209,6 +218,8 @@ def train(job: SFTJob) -> dict:
   """The loop: resume or start, step, evaluate, write, checkpoint; export at the end."""
   config, s, plan, workdir, train = job.config, job.config.sft, job.plan, job.workdir, job.train
   checkpointer = Checkpointer.from_config(workdir / "checkpoints", config.checkpoint)
+  checkpointer.refuse_other_run(workdir, "seed", config.seed, "config.seed")
+  checkpointer.refuse_other_horizon(workdir, schedule_steps(s), s.total_steps, "config.sft")
   state, extra, resumed = checkpointer.restore_or(job.target, lambda: job.state,
                                                    log=console)
   start = int(extra.get("step", 0))
@@ -245,7 +256,8 @@ def train(job: SFTJob) -> dict:
         bar.set_postfix({"nll": f"{last['loss/nll']:.3f}"}, refresh=False)
         bar.update(1)
         if step % config.checkpoint.every == 0 or step == s.total_steps:
-          checkpointer.save(step, state, extra={"step": step, "seed": config.seed})
+          checkpointer.save(step, state, extra={"step": step, "seed": config.seed,
+                                                "schedule_steps": schedule_steps(s)})
   except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (zsjax.interrupts)
     checkpointer.close()  # a save in flight completes first
     console(f"{interrupts.describe(e)} during SFT step {step}; the last complete checkpoint: "

@@ -45,14 +45,23 @@ _EVERY_JOB = ("progress", "distributed.*", "mesh.*", "sharding", "sharding_rules
               "engine.concurrency",
               "engine.max_failed_share", "engine.max_failed_steps", "rollout.attention_view")
 MAY_CHANGE = {
-    "rl": _EVERY_JOB + ("rl.total_steps", "rl.sample_every", "rl.sample_rows",
+    # the steps may change, their schedules' span may not (HORIZONS); memory-only knobs
+    # change how a step is cut into pieces, not what it computes
+    "rl": _EVERY_JOB + ("rl.total_steps", "rl.schedule_steps", "rl.sample_every",
+                        "rl.sample_rows", "rl.micro_batch_size", "rl.score_batch_size",
                         "checkpoint.export_hf"),
-    "sft": _EVERY_JOB + ("sft.total_steps", "sft.eval_every", "checkpoint.export_hf"),
+    "sft": _EVERY_JOB + ("sft.total_steps", "sft.schedule_steps", "sft.eval_every",
+                         "checkpoint.export_hf"),
     "sim_tuning": _EVERY_JOB,
     # a pipeline's stages are made once: only what is recomputed on every run may change
     "tiny_world": _EVERY_JOB + ("stage_cache", "eval_batch_size", "eval_sample_size",
                                 "eval_prompt_width"),
 }
+
+# Jobs whose schedules (learning rate, noise curriculum) span a number of steps: the
+# config section holding total_steps and schedule_steps (0 = total_steps). A resume
+# keeps the recorded span, so a longer or shorter run is on the same schedules.
+HORIZONS = {"rl": "rl", "sft": "sft"}
 
 
 # Fields written into the config files after runs were recorded without them, with
@@ -73,6 +82,8 @@ LATER_FIELDS = {
     "sim_tuning.policy_chat_template": False,
     "sim_tuning.judge_chat_template": False,
     "rollout.retokenize": False,
+    "rl.schedule_steps": 0,
+    "sft.schedule_steps": 0,
     # the reading stage (zsjax.pipeline.READING), off before it existed
     "reading_drills": 0,
     "reading_documents": 1,
@@ -171,11 +182,25 @@ def _may_change(job: str, key: str) -> bool:
 
 
 def holds_results(workdir: Path) -> bool:
-  """Whether a run left something to resume: a checkpoint, metrics or stage outputs."""
+  """Whether a run left something a rerun resumes from: a complete checkpoint (a
+  step directory) or stage outputs. Metrics alone do not count: without a
+  checkpoint a rerun starts from step 0 and drops them, so a run that failed
+  before its first save (a NaN at step 1, out of memory) binds no setting."""
   checkpoints = workdir / "checkpoints"
-  return ((checkpoints.is_dir() and any(checkpoints.iterdir()))
-          or any((workdir / name).exists() for name in ("metrics.jsonl", "stage_seconds.json",
-                                                       "results.json", "trajectories.jsonl")))
+  return ((checkpoints.is_dir() and any(p.is_dir() and p.name.isdigit()
+                                        for p in checkpoints.iterdir()))
+          or any((workdir / name).exists() for name in ("stage_seconds.json", "results.json",
+                                                       "trajectories.jsonl")))
+
+
+def _check_horizon(workdir: Path, section: str, before: dict, now: dict) -> None:
+  def span(flat):
+    return flat.get(f"{section}.schedule_steps", 0) or flat.get(f"{section}.total_steps")
+  if span(before) != span(now):
+    from zsjax.checkpoint import horizon_message
+    raise RunMismatch(horizon_message(workdir, span(before), span(now),
+                                      now.get(f"{section}.total_steps"), f"config.{section}",
+                                      f"recorded in {IDENTITY_FILE}"))
 
 
 def check_identity(workdir: str | os.PathLike, config, log=print) -> list[str]:
@@ -214,6 +239,8 @@ def check_identity(workdir: str | os.PathLike, config, log=print) -> list[str]:
           f"{workdir} holds a {recorded.get('job', job)!r} run started with other settings; "
           f"resuming it with these would mix two runs:\n{lines}\nUse a new --workdir for a new "
           f"run, or rerun with the recorded values ({path}).")
+    if job in HORIZONS and changed and holds_results(workdir):
+      _check_horizon(workdir, HORIZONS[job], before, now)
     notes = [f"config.{k}: {before.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}"
              for k in changed]
     for note in notes:
