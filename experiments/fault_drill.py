@@ -171,7 +171,9 @@ def eval_case(name: str, world: dict, work: Path, policy: Path) -> dict:
     evaluate.Greedy = original
     server.close()
   seconds = time.perf_counter() - start
-  predictions = workdir / "predictions.jsonl"
+  predictions = workdir / "predictions.jsonl"  # a complete run's; a stopped one's is partial
+  if not predictions.exists():
+    predictions = workdir / "predictions.partial.jsonl"
   sets = {k: v for k, v in results.get("methods", {}).get("search", {}).items()
           if k != "average"}
   engine = search.HttpSimulatorEngine("http://x", "m", timeout_s=ENGINE["timeout_s"],

@@ -242,9 +242,11 @@ def test_a_row_check_is_applied_by_on_error_with_file_and_row(tmp_path):
 
 
 def test_evaluation_writes_set_by_set_and_keeps_what_was_scored(tmp_path, world, monkeypatch):
-  """A failure in the second set (here a raised error) leaves the first set's
-  predictions and a results.json that says it is incomplete; an overlong question is
-  skipped when the set loads, named by file and row."""
+  """A complete run replaces the outputs whole, its methods scored on the same
+  questions (a row RAG could not fit is left out of every method). A failing rerun
+  (here a raised error in the second set) leaves that run's results and
+  predictions as they were, and its own first set in the partial files; an
+  overlong question is skipped when the set loads, named by file and row."""
   test = datasets.Dataset.from_parquet(world["test"]).to_list()
   first = data.write_jsonl(tmp_path / "a.jsonl", [
       {"id": r["id"], "question": r["question"], "golden_answers": r["golden_answers"]}
@@ -258,24 +260,44 @@ def test_evaluation_writes_set_by_set_and_keeps_what_was_scored(tmp_path, world,
   config.synthetic_data = False
   config.tokenizer = world["tokenizer"]
   config.engine.corpus = world["corpus"]
-  config.eval.methods = "direct"
+  config.eval.methods = "direct,rag"
   config.eval.sets = f"a={first},b={second}"
+  wide = test[1]["id"]  # RAG's documents make this row's prompt too wide
+  failing = []
 
   def fake_run_set(self, method, rows, set_name=""):
-    if set_name == "b":
+    if set_name == "b" and failing:
       raise RuntimeError("the machine went away")
-    return [{"set": set_name, "id": r["id"], "method": method, "em": 1.0, "substring_em": 1.0,
-             "f1": 1.0} for r in rows]
+    if method == "rag":
+      self.skipped += [{"set": set_name, "method": method, "id": r["id"], "reason": "wide"}
+                       for r in rows if r["id"] == wide]
+      rows = [r for r in rows if r["id"] != wide]
+    score = 1.0 if method == "direct" else 0.0
+    return [{"set": set_name, "id": r["id"], "method": method, "em": score,
+             "substring_em": score, "f1": score} for r in rows]
 
   monkeypatch.setattr(E.Evaluator, "run_set", fake_run_set)
   out = tmp_path / "out"
+  results = E.run(config, str(out))
+  assert results["complete"] is True and results["left_out"] == {"a": [wide]}
+  for method in ("direct", "rag"):  # both on the same 2 questions of a
+    assert results["methods"][method]["a"]["count"] == 2
+  assert results["methods_every_row"]["direct"]["a"]["count"] == 3
+  assert results["skipped_rows"] == {"a": 2, "b": 0}  # "long" at load, the wide row later
+  assert "Rows left out of every method" in (out / "results.md").read_text()
+  done = {name: (out / name).read_bytes() for name in
+          ("results.json", "results.md", "results.csv", "predictions.jsonl")}
+  assert not (out / "results.partial.json").exists()
+
+  failing.append(True)
   with pytest.raises(RuntimeError, match="went away"):
     E.run(config, str(out))
-  kept = [json.loads(line) for line in open(out / "predictions.jsonl")]
+  assert {name: (out / name).read_bytes() for name in done} == done  # the complete run, whole
+  kept = [json.loads(line) for line in open(out / "predictions.partial.jsonl")]
   assert [r["id"] for r in kept] == [r["id"] for r in test[:3]]  # "long" was skipped
-  results = json.loads((out / "results.json").read_text())
-  assert results["complete"] is False and results["methods"]["direct"]["a"]["count"] == 3
-  assert results["skipped_rows"] == {"a": 1, "b": 0}
+  partial = json.loads((out / "results.partial.json").read_text())
+  assert partial["complete"] is False and partial["methods"]["direct"]["a"]["count"] == 3
+  assert partial["skipped_rows"] == {"a": 1, "b": 0}
 
 
 def test_every_job_stops_on_the_checkpoints_end_tokens(tmp_path, world):

@@ -17,6 +17,9 @@ qa_em.py), strict EM (``em``) and F1 (``zsjax.rewards``) of the last
 workdir: ``results.json`` (``methods.<method>.<set>.<metric>`` plus
 ``average``), ``results.md`` and ``results.csv`` tables, and
 ``predictions.jsonl`` with one record per question (the full trajectory text).
+They are replaced only when a run completes (a run in progress writes
+``results.partial.json`` and ``predictions.partial.jsonl``), and every method's
+scores are over the same questions: a row RAG cannot fit is left out of all.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import csv
 import dataclasses
 import json
 import logging
+import time
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -256,11 +260,20 @@ def write_tables(results: dict, directory: Path, metric_names=METRICS) -> str:
       "normalised gold answer inside the normalised answer; strict EM needs them equal.)\n")
   if results.get("engine_failures"):
     markdown += "\n**The search engine failed:** " + " ".join(results["engine_failures"]) + "\n"
+  if results.get("left_out"):
+    listed = "; ".join(f"{name}: {len(ids)}" for name, ids in results["left_out"].items())
+    markdown += ("\n**Rows left out of every method** (one method could not fit them: RAG's "
+                 f"prompt with its documents wider than config.eval.prompt_width): {listed}. "
+                 "n counts the questions every method answered; results.json keeps each "
+                 "method's scores on all its rows in methods_every_row.\n")
   if not results.get("complete", True):
     markdown += "\n**Incomplete:** the run stopped before every method and set was scored.\n"
-  (directory / "results.md").write_text(markdown)
-  with open(directory / "results.csv", "w", newline="") as f:
-    csv.writer(f).writerows(csv_rows)
+  _replace(directory / "results.md", lambda p: p.write_text(markdown))
+
+  def write_csv(p):
+    with open(p, "w", newline="") as f:
+      csv.writer(f).writerows(csv_rows)
+  _replace(directory / "results.csv", write_csv)
   return markdown
 
 
@@ -422,28 +435,51 @@ def setup(config, workdir: str | Path) -> EvalJob:
   return EvalJob(config, workdir, methods, evaluator, sets)
 
 
+# What a run in progress writes; a complete run renames them to the final names.
+PARTIAL = {"predictions.jsonl": "predictions.partial.jsonl",
+           "results.json": "results.partial.json"}
+
+
 def evaluate(job: EvalJob) -> dict:
-  """Every method on every set, written set by set (a failure later loses nothing
-  already scored); ``ok: False`` when the engine failed above the limit."""
+  """Every method on every set. While it runs, what is scored is written set by set
+  to ``results.partial.json`` and ``predictions.partial.jsonl`` (a failure later
+  loses nothing already scored); only a complete run replaces ``results.json``,
+  ``results.md``, ``results.csv`` and ``predictions.jsonl``, each by a rename, so
+  they always hold the latest complete run, whole. Rows one method had to leave
+  out (RAG's prompt too wide) are left out of every method's scores, so the table
+  compares the same questions (``left_out``; the unrestricted scores are kept in
+  ``methods_every_row``). ``ok: False`` when the engine failed above the limit."""
   config, workdir, evaluator, sets = job.config, job.workdir, job.evaluator, job.sets
   results = {"methods": {}, "skipped_rows": {name: sum(len(r.skipped) for r in reports)
                                              for name, _, reports in sets},
-             "complete": False}
+             "complete": False, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
   limit, _ = search.failure_limits(config.engine)
-  with open(workdir / "predictions.jsonl", "w", encoding="utf-8") as out:
-    for method in job.methods:
-      records = []
-      for name, rows, _ in sets:
-        scored = evaluator.run_set(method, rows, name)
-        records += scored
-        for r in scored:
-          out.write(json.dumps(r, ensure_ascii=False) + "\n")
-        out.flush()
-        if records:
-          results["methods"][method] = summarize(records)
-        results["skipped_rows"] = _skipped_counts(sets, evaluator.skipped)
-        _write_results(workdir, results)
+  by_method: dict[str, list[dict]] = {}
+  partial_predictions = workdir / PARTIAL["predictions.jsonl"]
+  try:
+    with open(partial_predictions, "w", encoding="utf-8") as out:
+      for method in job.methods:
+        records = by_method.setdefault(method, [])
+        for name, rows, _ in sets:
+          scored = evaluator.run_set(method, rows, name)
+          records += scored
+          for r in scored:
+            out.write(json.dumps(r, ensure_ascii=False) + "\n")
+          out.flush()
+          if records:
+            results["methods"][method] = summarize(records)
+          results["skipped_rows"] = _skipped_counts(sets, evaluator.skipped)
+          _write_json(workdir / PARTIAL["results.json"], results)
+  except BaseException as e:
+    done = workdir / "results.json"
+    print(f"evaluation stopped ({type(e).__name__}); what it scored is in "
+          f"{workdir / PARTIAL['results.json']} and {partial_predictions}. "
+          + (f"{done} still holds the last complete run." if done.exists() else
+             "No run in this workdir has completed."), file=sys.stderr)
+    raise
+  _restrict_to_common_rows(results, by_method, evaluator.skipped)
   results["complete"] = True
+  results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
   failures = [f"{method} on {name}: {scores['failed_searches']} of the search calls "
               f"({100 * scores['failed_share']:.1f}%) failed"
               for method, sets_ in results["methods"].items() for name, scores in sets_.items()
@@ -454,8 +490,10 @@ def evaluate(job: EvalJob) -> dict:
         f"(above config.engine.max_failed_share={limit:.0%}; the engine's last error: {error}; "
         "these scores do not measure the policy.)"]
     results["ok"] = False
-  _write_results(workdir, results)
   markdown = write_tables(results, workdir)
+  _write_json(workdir / "results.json", results)
+  partial_predictions.replace(workdir / "predictions.jsonl")
+  (workdir / PARTIAL["results.json"]).unlink(missing_ok=True)
   if config.progress:
     print(markdown)
   if failures:
@@ -477,12 +515,36 @@ def _skipped_counts(sets, skipped_later: list[dict]) -> dict[str, int]:
   return counts
 
 
-def _write_results(workdir: Path, results: dict) -> None:
-  """``results.json`` replaced whole (a crash mid-write leaves the previous one)."""
-  path = workdir / "results.json"
-  partial = path.with_name(path.name + ".partial")
-  partial.write_text(json.dumps(results, indent=2) + "\n")
+def _restrict_to_common_rows(results: dict, by_method: dict, skipped: list[dict]) -> None:
+  """Scores over the rows every method answered: a row a method left out (RAG's
+  prompt too wide) is left out of the others too, named in ``left_out``."""
+  left_out: dict[str, list] = {}
+  for s in skipped:
+    if s["id"] not in left_out.setdefault(s["set"], []):
+      left_out[s["set"]].append(s["id"])
+  left_out = {k: v for k, v in left_out.items() if v}
+  if not left_out:
+    return
+  results["methods_every_row"] = results["methods"]
+  results["left_out"] = left_out
+  drop = {(name, i) for name, ids in left_out.items() for i in ids}
+  results["methods"] = {}
+  for method, records in by_method.items():
+    kept = [r for r in records if (r["set"], r["id"]) not in drop]
+    if kept:
+      results["methods"][method] = summarize(kept)
+
+
+def _replace(path: Path, write) -> None:
+  """``write(temporary path)``, then the temporary file renamed onto ``path``: a
+  crash mid-write leaves the previous file whole."""
+  partial = path.with_name(path.name + ".tmp")
+  write(partial)
   partial.replace(path)
+
+
+def _write_json(path: Path, results: dict) -> None:
+  _replace(path, lambda p: p.write_text(json.dumps(results, indent=2) + "\n"))
 
 
 __all__ = ["METHODS", "METRICS", "METRIC_TITLES", "Evaluator", "method_prompt", "method_prompts",
