@@ -178,6 +178,51 @@ def test_a_byte_order_mark_does_not_cost_the_first_row(tmp_path):
   assert len(data.load_qa(tmp_path / "bom.json")) == 3
 
 
+def test_text_that_is_not_utf8_costs_one_row_and_names_it(tmp_path):
+  """A stray latin-1 byte is that row's error (skipped or raised, naming file, row and
+  byte), not the whole file's; gzip files read as their contents; UTF-16 is named
+  with the command that converts it; a corpus line that is not UTF-8 is named."""
+  import gzip
+
+  from zsjax import search
+
+  rows = [{"question": f"Q{i}?", "golden_answers": ["a"]} for i in range(3)]
+  path = data.write_jsonl(tmp_path / "rows.jsonl", rows)
+  lines = path.read_bytes().splitlines(keepends=True)
+  lines[1] = lines[1].replace(b"Q1", b"Q\xe91")  # latin-1 e-acute
+  path.write_bytes(b"".join(lines))
+  report = []
+  assert data.load_qa(path, report=report)["question"] == ["Q0?", "Q2?"]
+  assert report[0].skipped[0][1] == 2 and "byte 0xe9" in report[0].skipped[0][2]
+  with pytest.raises(data.DataError, match=r"rows.jsonl, row 2: not UTF-8 text \(byte 0xe9"):
+    data.load_qa(path, on_error="raise")
+  (tmp_path / "rows.json").write_bytes(b"[\n" + json.dumps(rows[0]).encode().replace(
+      b"Q0", b"Q\xe90") + b"\n]")
+  with pytest.raises(data.DataError, match=r"rows.json: not UTF-8 text \(byte 0xe9 on line 2\)"):
+    data.load_qa(tmp_path / "rows.json")
+
+  packed = tmp_path / "rows.jsonl.gz"
+  packed.write_bytes(gzip.compress(data.write_jsonl(tmp_path / "ok.jsonl", rows).read_bytes()))
+  assert data.load_qa(packed)["question"] == ["Q0?", "Q1?", "Q2?"]
+  hidden = tmp_path / "hidden.jsonl"  # compressed under a plain name
+  hidden.write_bytes(packed.read_bytes())
+  assert len(data.load_qa(hidden)) == 3
+
+  wide = tmp_path / "wide.jsonl"
+  wide.write_bytes((tmp_path / "ok.jsonl").read_text().encode("utf-16"))
+  with pytest.raises(data.DataError, match=r"wide.jsonl: the file is UTF-16.*iconv -f UTF-16"):
+    data.load_qa(wide)
+
+  corpus = tmp_path / "corpus.jsonl"
+  corpus.write_bytes(b'{"contents": "Ann lives in Lund."}\n{"contents": "Bo \xe9 Oslo."}\n')
+  with pytest.raises(ValueError, match=r"corpus.jsonl:2: not UTF-8 text \(byte 0xe9"):
+    search.BM25Engine.from_jsonl(corpus)
+  corpus_gz = tmp_path / "corpus.jsonl.gz"
+  corpus_gz.write_bytes(gzip.compress(b'{"contents": "Ann lives in Lund."}\n'
+                                      b'{"contents": "Bo sails from Oslo."}\n'))
+  assert len(search.BM25Engine.from_jsonl(corpus_gz).corpus) == 2
+
+
 def test_bad_eval_settings_name_the_field_before_anything_is_written(tmp_path):
   for field, value, needle in (("methods", " , ", "config.eval.methods=' , ' names no method"),
                                ("methods", "search,cot2", "config.eval.methods has 'cot2'"),

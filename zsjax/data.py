@@ -18,14 +18,20 @@ from any of these row formats, found row by row:
   last ``Question:`` of the prompt's user message (never the prompt's worked
   example, and never another row's question).
 
-Malformed rows (no question, no gold answer, wrong types, bad JSON) are reported
-with file, row and field; ``on_error="skip"`` drops them with a logged warning
+Files are .jsonl, .json or .parquet; .jsonl and .json may be gzip-compressed
+(``.jsonl.gz``). Text must be UTF-8: a line that is not is a malformed row
+(skipped or raised like any other, naming the byte), and a UTF-16 file is named
+with the command that converts it.
+
+Malformed rows (no question, no gold answer, wrong types, bad JSON, bytes that
+are not UTF-8) are reported with file, row and field; ``on_error="skip"`` drops them with a logged warning
 and lists them in a ``LoadReport``, ``"raise"`` stops at the first one. Nothing is dropped silently.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import logging
 import os
@@ -128,21 +134,88 @@ def normalize_row(row: Mapping[str, Any], *, source: str, index: int) -> dict:
           "data_source": data_source}
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def file_kind(path: Path) -> tuple[str, bool]:
+  """``(suffix, gzip-compressed)``: ``data.jsonl.gz`` is ``(".jsonl", True)``."""
+  suffixes = [x.lower() for x in path.suffixes]
+  compressed = bool(suffixes) and suffixes[-1] == ".gz"
+  if compressed:
+    suffixes = suffixes[:-1]
+  if not compressed and path.is_file():
+    with open(path, "rb") as f:
+      compressed = f.read(2) == GZIP_MAGIC  # compressed without saying so
+  return (suffixes[-1] if suffixes else ""), compressed
+
+
+def _open_bytes(path: Path):
+  """The file's bytes (decompressed when gzip); a UTF-16 file is refused, named."""
+  _, compressed = file_kind(path)
+  f = gzip.open(path, "rb") if compressed else open(path, "rb")
+  try:
+    head = f.read(4)
+  except (OSError, EOFError) as e:  # gzip.BadGzipFile, a truncated archive
+    f.close()
+    raise DataError(f"{path}: not a readable gzip file ({e}).") from None
+  if head[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(head) == 4 and (
+      head[1] == 0 and head[3] == 0 or head[0] == 0 and head[2] == 0)):
+    f.close()
+    raise DataError(f"{path}: the file is UTF-16, not UTF-8 text. Convert it, e.g. iconv -f "
+                    f"UTF-16 -t UTF-8 {path} > {path.with_name('utf8_' + path.name)}")
+  f.seek(0)
+  return f
+
+
+def _utf8(raw: bytes) -> str:
+  """``raw`` decoded; a DataError naming the first byte that is not UTF-8."""
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise DataError(f"not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of "
+                    "the line); re-encode the file as UTF-8 (e.g. iconv -f latin1 -t "
+                    "UTF-8)") from None
+
+
+def text_lines(path: str | Path) -> Iterable[tuple[int, str | DataError]]:
+  """``(line number, text or DataError)`` of a UTF-8 text file (gzip or not), one
+  line at a time: a line that is not UTF-8 is that line's error, not the file's."""
+  path = Path(path)
+  with _open_bytes(path) as f:
+    for number, raw in enumerate(f, 1):
+      if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # a byte-order mark is not part of line 1
+      try:
+        yield number, _utf8(raw)
+      except DataError as e:
+        yield number, e
+
+
 def _raw_rows(path: Path) -> Iterable[tuple[int, Any]]:
   """``(row number, row or DataError)`` of a jsonl/json/parquet file (rows from 1)."""
-  suffix = path.suffix.lower()
+  suffix, _ = file_kind(path)
   if suffix == ".jsonl":
-    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of row 1
-      for number, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          yield number, json.loads(line)
-        except json.JSONDecodeError as e:
-          yield number, DataError(f"invalid JSON ({e.msg} at column {e.colno})")
+    for number, line in text_lines(path):
+      if isinstance(line, DataError):
+        yield number, line
+        continue
+      if not line.strip():
+        continue
+      try:
+        yield number, json.loads(line)
+      except json.JSONDecodeError as e:
+        yield number, DataError(f"invalid JSON ({e.msg} at column {e.colno})")
   elif suffix == ".json":
     try:
-      rows = json.loads(path.read_text(encoding="utf-8-sig"))
+      with _open_bytes(path) as f:
+        raw = f.read()
+      text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+      line = raw[:e.start].count(b"\n") + 1
+      raise DataError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); "
+                      "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t UTF-8).") from None
+    try:
+      rows = json.loads(text)
     except json.JSONDecodeError as e:
       raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") \
           from None
@@ -167,7 +240,8 @@ def _raw_rows(path: Path) -> Iterable[tuple[int, Any]]:
           "reward_model, golden_answers).")
     yield from enumerate(table, 1)
   else:
-    raise DataError(f"{path}: unknown file type {suffix!r}; use .jsonl, .json or .parquet")
+    raise DataError(f"{path}: unknown file type {suffix!r}; use .jsonl, .json or .parquet "
+                    "(.jsonl and .json may be gzip-compressed: .jsonl.gz)")
 
 
 def load_qa(sources: str | Path | Sequence[str | Path], *, on_error: str = "skip",
@@ -342,6 +416,6 @@ def batch_rows(num_rows: int, batch_size: int, seed: int, step: int):
   return np.asarray(out, np.int64)
 
 
-__all__ = ["BENCHMARKS", "HUB_REPO", "load_benchmark", "COLUMNS", "DataError", "LoadReport", "normalize_row", "load_qa", "load_sft",
-           "write_jsonl",
+__all__ = ["BENCHMARKS", "HUB_REPO", "load_benchmark", "COLUMNS", "DataError", "LoadReport",
+           "normalize_row", "load_qa", "load_sft", "file_kind", "text_lines", "write_jsonl",
            "epoch_order", "batch_rows"]

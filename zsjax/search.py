@@ -43,6 +43,7 @@ import numpy as np
 import flax.struct
 from jax.experimental import io_callback
 
+from zsjax import data as data_lib
 from zsjax import hf, simulator
 from zsjax.engine import EngineOutput, decode_text, encode_texts
 from zsjax.simulator import SimulatorPrompt, parse_documents, reference_text
@@ -109,19 +110,21 @@ class BM25Engine:
     if not path.exists():
       raise FileNotFoundError(f"BM25 corpus {path} does not exist.")
     corpus = []
-    with open(path, encoding="utf-8") as f:
-      for line_no, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{line_no}: not valid JSON ({e}).") from None
-        if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-          raise ValueError(f"{path}:{line_no}: no string field {text_field!r} (keys: "
-                           f"{sorted(row) if isinstance(row, dict) else type(row).__name__}); "
-                           "pass text_field= to name the document text field.")
-        corpus.append(row[text_field])
+    for line_no, line in data_lib.text_lines(path):  # UTF-8, gzip or not, line by line
+      if isinstance(line, data_lib.DataError):
+        raise ValueError(f"{path}:{line_no}: {line}. A corpus line is a document: "
+                         "none is dropped.") from None
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{line_no}: not valid JSON ({e}).") from None
+      if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+        raise ValueError(f"{path}:{line_no}: no string field {text_field!r} (keys: "
+                         f"{sorted(row) if isinstance(row, dict) else type(row).__name__}); "
+                         "pass text_field= to name the document text field.")
+      corpus.append(row[text_field])
     return cls(corpus, source=str(path), **kwargs)
 
   def search(self, requests: Sequence[SearchRequest]) -> SearchResult:
