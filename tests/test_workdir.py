@@ -262,3 +262,78 @@ def test_tiny_world_stage_keys_are_those_made_before_the_knobs_were_fields():
   moved = stages.StageCache.key("rl_simulator", stages.config_fields(
       config, *pipeline.COMMON_FIELDS, *pipeline.RL_SIMULATOR.reads))
   assert moved != recorded["ci/rl_simulator"]
+
+
+def test_identity_does_not_rest_on_run_json(tmp_path):
+  """A data file replaced under the same path is refused (from run.json and from the
+  checkpoint); with run.json gone, the checkpoint still refuses another seed and
+  changed inputs; a tiny world under a checkpoint is not rebuilt for another seed."""
+  import jax.numpy as jnp
+
+  from zsjax import tinyworld
+  from zsjax.checkpoint import Checkpointer
+
+  data_file = tmp_path / "train.jsonl"
+  data_file.write_text('{"question": "Q?", "golden_answers": ["a"]}\n')
+  run = tmp_path / "run"
+  run.mkdir()
+  config = load_config("zerosearch", "tiny")
+  config.data.train_files = str(data_file)
+  workdir.check_identity(run, config)
+  recorded = json.loads((run / "run.json").read_text())["inputs"]
+  assert list(recorded) == ["data.train_files"]
+  assert recorded["data.train_files"]["fingerprint"] == workdir.fingerprint(data_file)
+  inputs = workdir.input_fingerprints(config)
+  ck = Checkpointer(run / "checkpoints", async_save=False)
+  ck.save(1, {"w": jnp.zeros(2)}, extra={"step": 1, "seed": 0, "inputs": inputs})
+  ck.close()
+
+  data_file.write_text('{"question": "Other?", "golden_answers": ["b"]}\n')  # same path
+  with pytest.raises(workdir.RunMismatch, match=r"inputs were other files \(recorded in .*"
+                                                r"run.json\):\n  config.data.train_files="
+                                                r".*its contents changed since the run started"):
+    workdir.check_identity(run, config)
+  (run / "run.json").unlink()  # what a user might do; the checkpoint still knows
+  log = []
+  workdir.check_identity(run, config, log=log.append)
+  assert "no run.json" in log[0] and "checked against its checkpoint" in log[0]
+  ck = Checkpointer(run / "checkpoints")
+  with pytest.raises(workdir.RunMismatch, match=r"\(checkpoint step 1\):\n  config.data."
+                                                r"train_files="):
+    ck.refuse_changed_inputs(run, workdir.input_fingerprints(config))
+  ck = Checkpointer(run / "checkpoints")
+  with pytest.raises(ValueError, match=r"holds a 0 run \(checkpoint step 1\); config.seed=1"):
+    ck.refuse_other_run(run, "seed", 1, "config.seed")
+  data_file.write_text('{"question": "Q?", "golden_answers": ["a"]}\n')  # put back: accepted
+  ck = Checkpointer(run / "checkpoints")
+  ck.refuse_changed_inputs(run, workdir.input_fingerprints(config))
+  ck.close()
+
+  world = run / "world"
+  world.mkdir()
+  (world / "world.json").write_text(json.dumps({"seed": 0, "size": {}}))
+  with pytest.raises(ValueError, match=r"holds the tiny world of seed 0 .* asks for seed 1.*"
+                                       r"--config.seed=0"):
+    tinyworld.fill_missing_data(_seeded(1), run, "data", "train_files", lambda w: w["train"])
+  assert json.loads((world / "world.json").read_text())["seed"] == 0  # nothing rebuilt
+
+
+def _seeded(seed):
+  config = load_config("zerosearch", "tiny")
+  config.seed = seed
+  return config
+
+
+def test_a_fingerprint_sees_contents_not_paths(tmp_path):
+  a = tmp_path / "a"
+  a.mkdir()
+  (a / "tokenizer.json").write_text("{}")
+  (a / "config.json").write_text('{"x": 1}')
+  before = workdir.fingerprint(a)
+  assert workdir.fingerprint(a) == before  # stable
+  (a / "config.json").write_text('{"x": 2}')  # same size, other bytes
+  assert workdir.fingerprint(a) != before
+  (a / "config.json").write_text('{"x": 1}')
+  assert workdir.fingerprint(a) == before
+  (a / "extra.txt").write_text("")
+  assert workdir.fingerprint(a) != before  # a file more

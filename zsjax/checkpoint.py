@@ -124,6 +124,21 @@ class Checkpointer:
                        f"{saved.get('step')}); {field}={value!r}. Use a new --workdir, or the "
                        f"{key} the run started with.")
 
+  def refuse_changed_inputs(self, workdir, inputs: dict) -> None:
+    """Before a resume: when an input the latest checkpoint recorded (its path and
+    content fingerprint, ``workdir.input_fingerprints``) has other contents now,
+    closes and raises ``workdir.RunMismatch`` naming it."""
+    from zsjax import workdir as workdir_lib
+    saved = self.latest_extra()
+    if saved is None:
+      return
+    try:
+      workdir_lib.refuse_changed_inputs(workdir, saved.get("inputs"), inputs,
+                                        f"checkpoint step {saved.get('step')}")
+    except workdir_lib.RunMismatch:
+      self.close()
+      raise
+
   def refuse_other_horizon(self, workdir, horizon: int, total_steps: int, section: str) -> None:
     """Before a resume: when the latest checkpoint's schedules span another number
     of steps than ``horizon`` (``{section}.schedule_steps``, else ``total_steps``),

@@ -276,7 +276,9 @@ def fill_missing_data(config, workdir: str | Path, section: str, field: str,
   config itself."""
   if not config.synthetic_data or config[section][field]:
     return config
-  world = ensure(Path(workdir) / "world", config.seed)
+  from zsjax.workdir import holds_checkpoint  # a world under a checkpoint is not rebuilt
+  world = ensure(Path(workdir) / "world", config.seed,
+                 rebuild=not holds_checkpoint(Path(workdir)))
   config = ml_collections.ConfigDict(config.to_dict())
   config[section][field] = value(world)
   config.tokenizer = config.tokenizer or world["tokenizer"]
@@ -284,13 +286,23 @@ def fill_missing_data(config, workdir: str | Path, section: str, field: str,
   return config
 
 
-def ensure(directory: str | Path, seed: int, size: WorldSize = WorldSize()) -> dict:
-  """``build`` unless ``directory`` already holds this seed's world."""
+def ensure(directory: str | Path, seed: int, size: WorldSize = WorldSize(),
+           rebuild: bool = True) -> dict:
+  """``build`` unless ``directory`` already holds this seed's world. A directory
+  holding another world is rebuilt only with ``rebuild``; otherwise (a run's
+  checkpoint was trained on it) a ValueError names both seeds."""
   meta = Path(directory) / "world.json"
   if meta.exists():
     old = json.loads(meta.read_text())
     if old.get("seed") == seed and old.get("size") == dataclasses.asdict(size):
       return paths(directory)
+    if not rebuild:
+      raise ValueError(
+          f"{directory} holds the tiny world of seed {old.get('seed')} (size {old.get('size')}), "
+          f"and this run asks for seed {seed} (size {dataclasses.asdict(size)}). The run's "
+          f"checkpoints were trained on that world and its tokenizer: rebuilding it in place "
+          f"would resume them on other data. Use a new --workdir, or "
+          f"--config.seed={old.get('seed')}.")
   return build(directory, seed, size)
 
 

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from zsjax import data as data_lib
 from zsjax import hf, interrupts, rl_step, sampling, search, template, tinyworld
 from zsjax import rollout as rollout_lib
+from zsjax import workdir as workdir_lib
 from zsjax.checkpoint import Checkpointer, export_hf
 from zsjax.metrics import MetricWriter, console, drop_steps_after, read_jsonl
 from zsjax.model import with_compute_dtype
@@ -184,6 +185,8 @@ def train(job: RLJob) -> dict:
   checkpointer.refuse_other_run(workdir, "algorithm", r.algorithm, "config.rl.algorithm")
   checkpointer.refuse_other_run(workdir, "seed", config.seed, "config.seed")
   checkpointer.refuse_other_horizon(workdir, r.horizon, r.total_steps, "config.rl")
+  inputs = workdir_lib.input_fingerprints(config)  # data, tokenizer, checkpoints, corpus
+  checkpointer.refuse_changed_inputs(workdir, inputs)
   state, extra, resumed = checkpointer.restore_or(
       job.programs.state_target(),
       lambda: job.programs.initial_state(job.initial_params, jax.random.fold_in(job.key, 3)),
@@ -219,7 +222,8 @@ def train(job: RLJob) -> dict:
         if step % ck.every == 0 or step == r.total_steps:
           checkpointer.save(step, state, extra={
               "step": step, "algorithm": r.algorithm, "seed": config.seed,
-              "schedule_steps": r.horizon, "data_position": step * r.prompts_per_step})
+              "schedule_steps": r.horizon, "inputs": inputs,
+              "data_position": step * r.prompts_per_step})
         done = step
   except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (zsjax.interrupts)
     checkpointer.close()  # an asynchronous save in progress completes first

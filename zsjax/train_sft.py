@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from zsjax import data as data_lib
 from zsjax import hf, interrupts
+from zsjax import workdir as workdir_lib
 from zsjax.checkpoint import Checkpointer, abstract_like, check_checkpoint_config, export_hf
 from zsjax.metrics import MetricWriter, console
 from zsjax.sharding import ShardingPlan, is_main_process
@@ -220,6 +221,8 @@ def train(job: SFTJob) -> dict:
   checkpointer = Checkpointer.from_config(workdir / "checkpoints", config.checkpoint)
   checkpointer.refuse_other_run(workdir, "seed", config.seed, "config.seed")
   checkpointer.refuse_other_horizon(workdir, schedule_steps(s), s.total_steps, "config.sft")
+  inputs = workdir_lib.input_fingerprints(config)  # data, tokenizer, the starting checkpoint
+  checkpointer.refuse_changed_inputs(workdir, inputs)
   state, extra, resumed = checkpointer.restore_or(job.target, lambda: job.state,
                                                    log=console)
   start = int(extra.get("step", 0))
@@ -257,7 +260,8 @@ def train(job: SFTJob) -> dict:
         bar.update(1)
         if step % config.checkpoint.every == 0 or step == s.total_steps:
           checkpointer.save(step, state, extra={"step": step, "seed": config.seed,
-                                                "schedule_steps": schedule_steps(s)})
+                                                "schedule_steps": schedule_steps(s),
+                                                "inputs": inputs})
   except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (zsjax.interrupts)
     checkpointer.close()  # a save in flight completes first
     console(f"{interrupts.describe(e)} during SFT step {step}; the last complete checkpoint: "

@@ -13,8 +13,15 @@
   engine's address and limits) may change, and each change is printed. A field
   of ``LATER_FIELDS`` missing from the record (a run recorded before the field
   was written into the config files) counts as the value the code then used.
+* Identity does not rest on ``run.json`` alone. Its ``inputs`` hold a content
+  fingerprint (``fingerprint``: sizes and SHA-256 digests) of every local file
+  or directory the config names (data, tokenizer, checkpoints, corpus), so a
+  file replaced under the same path is refused too; the training loops save
+  the seed, the schedules' span and the same fingerprints with each checkpoint
+  and check them before resuming, so a workdir whose ``run.json`` is missing or
+  was deleted is still checked (``refuse_changed_inputs``).
 
-``zsjax.main`` does both before a job builds anything.
+``zsjax.main`` does the lock and ``check_identity`` before a job builds anything.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import fnmatch
+import hashlib
 import json
 import os
 import socket
@@ -95,6 +103,84 @@ LATER_FIELDS = {
     "distributed.auto": False,
     "distributed.local_device_ids": [],
 }
+
+
+# Config fields (the last part of a dotted key) that name a run's inputs: their
+# contents are fingerprinted, so a file replaced under the same path is noticed.
+INPUT_FIELDS = ("train_files", "tokenizer", "checkpoint", "judge_checkpoint", "corpus", "data",
+                "orbax_dir")
+_WHOLE = 64 << 20  # files up to this size are hashed whole; larger: size, head and tail
+_PART = 4 << 20
+_MAX_FILES = 2000  # a directory with more files is fingerprinted by its names and sizes
+
+
+def _digest_file(path: Path, digest) -> None:
+  size = path.stat().st_size
+  digest.update(f"{size}\0".encode())
+  with open(path, "rb") as f:
+    if size <= _WHOLE:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
+    else:
+      digest.update(f.read(_PART))
+      f.seek(size - _PART)
+      digest.update(f.read(_PART))
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+  """``"<bytes>:<sha256 prefix>"`` of a file or a directory's files (names, sizes
+  and contents; a file over 64 MiB by its size, first and last 4 MiB)."""
+  path = Path(path)
+  digest, total = hashlib.sha256(), 0
+  files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+  for file in files:
+    size = file.stat().st_size
+    total += size
+    digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode() + b"\0")
+    if len(files) > _MAX_FILES:
+      digest.update(f"{size}\0".encode())
+    else:
+      _digest_file(file, digest)
+  return f"{total}:{digest.hexdigest()[:16]}"
+
+
+def input_fingerprints(config) -> dict[str, dict]:
+  """``{dotted key: {"path": value, "fingerprint": ...}}`` for each config field of
+  ``INPUT_FIELDS`` naming existing local paths (a comma-separated list of files
+  is fingerprinted together)."""
+  out = {}
+  for key, value in flatten(config).items():
+    if key.rsplit(".", 1)[-1] not in INPUT_FIELDS or not isinstance(value, str) or not value:
+      continue
+    whole = Path(value)
+    parts = [whole] if whole.exists() else [Path(v) for v in value.split(",") if v]
+    if not parts or not all(p.exists() for p in parts):
+      continue
+    out[key] = {"path": value, "fingerprint": ",".join(fingerprint(p) for p in parts)}
+  return out
+
+
+def changed_inputs(recorded: dict, now: dict) -> list[str]:
+  """Lines naming each input whose path is the same but whose contents differ."""
+  lines = []
+  for key, then in sorted((recorded or {}).items()):
+    current = now.get(key)
+    if current and current["path"] == then["path"] and \
+        current["fingerprint"] != then["fingerprint"]:
+      lines.append(f"  config.{key}={then['path']!r}: its contents changed since the run "
+                   f"started ({then['fingerprint']} -> {current['fingerprint']})")
+  return lines
+
+
+def refuse_changed_inputs(workdir, recorded: dict | None, now: dict, where: str) -> None:
+  """Raises ``RunMismatch`` when an input recorded (``where``: a checkpoint, run.json)
+  has other contents now."""
+  lines = changed_inputs(recorded or {}, now)
+  if lines:
+    raise RunMismatch(
+        f"{workdir} holds a run whose inputs were other files ({where}):\n" + "\n".join(lines)
+        + "\nResuming would train on other data, tokenizer or weights than its checkpoints "
+        "were. Put the original files back, or use a new --workdir for a new run.")
 
 
 def later_default(key: str) -> tuple[bool, Any]:
@@ -181,14 +267,20 @@ def _may_change(job: str, key: str) -> bool:
   return any(fnmatch.fnmatchcase(key, pattern) for pattern in MAY_CHANGE.get(job, _EVERY_JOB))
 
 
+def holds_checkpoint(workdir: Path) -> bool:
+  """Whether ``WORKDIR/checkpoints`` holds a complete step (a digit-named directory;
+  a save torn by a crash leaves only a temporary one)."""
+  checkpoints = Path(workdir) / "checkpoints"
+  return checkpoints.is_dir() and any(p.is_dir() and p.name.isdigit()
+                                      for p in checkpoints.iterdir())
+
+
 def holds_results(workdir: Path) -> bool:
   """Whether a run left something a rerun resumes from: a complete checkpoint (a
   step directory) or stage outputs. Metrics alone do not count: without a
   checkpoint a rerun starts from step 0 and drops them, so a run that failed
   before its first save (a NaN at step 1, out of memory) binds no setting."""
-  checkpoints = workdir / "checkpoints"
-  return ((checkpoints.is_dir() and any(p.is_dir() and p.name.isdigit()
-                                        for p in checkpoints.iterdir()))
+  return (holds_checkpoint(workdir)
           or any((workdir / name).exists() for name in ("stage_seconds.json", "results.json",
                                                        "trajectories.jsonl")))
 
@@ -213,14 +305,16 @@ def check_identity(workdir: str | os.PathLike, config, log=print) -> list[str]:
   workdir = Path(workdir)
   path = workdir / IDENTITY_FILE
   now = flatten(config)
+  inputs = input_fingerprints(config)
   if path.exists():
     try:
       recorded = json.loads(path.read_text())
       before = recorded["config"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
       raise RunMismatch(f"{path} is unreadable ({e}); it records which run this workdir "
-                        "holds. Use a new --workdir (or delete the file if you know the "
-                        "workdir matches this config).") from None
+                        "holds. Use a new --workdir. (Moving it aside resumes the run; "
+                        "its checkpoint's seed, schedules and inputs are still "
+                        "checked.)") from None
     for key in set(now) - set(before):  # recorded before the field was written
       later, default = later_default(key)
       if later:
@@ -241,6 +335,8 @@ def check_identity(workdir: str | os.PathLike, config, log=print) -> list[str]:
           f"run, or rerun with the recorded values ({path}).")
     if job in HORIZONS and changed and holds_results(workdir):
       _check_horizon(workdir, HORIZONS[job], before, now)
+    if holds_results(workdir):
+      refuse_changed_inputs(workdir, recorded.get("inputs"), inputs, f"recorded in {path}")
     notes = [f"config.{k}: {before.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}"
              for k in changed]
     for note in notes:
@@ -248,13 +344,17 @@ def check_identity(workdir: str | os.PathLike, config, log=print) -> list[str]:
     started = recorded.get("started", "")
   else:
     notes, started = [], time.strftime("%Y-%m-%d %H:%M:%S")
+    if holds_results(workdir):
+      log(f"{workdir}: no {IDENTITY_FILE} (the workdir predates it, or it was removed); the "
+          "run is checked against its checkpoint (seed, schedules, inputs) instead")
   partial = path.with_name(path.name + ".partial")
-  partial.write_text(json.dumps({"job": job, "started": started, "config": now}, indent=2,
-                                sort_keys=True) + "\n")
+  partial.write_text(json.dumps({"job": job, "started": started, "config": now,
+                                 "inputs": inputs}, indent=2, sort_keys=True) + "\n")
   partial.replace(path)
   return notes
 
 
 __all__ = ["LOCK_FILE", "IDENTITY_FILE", "RESUMABLE", "MAY_CHANGE", "LATER_FIELDS",
-           "WorkdirBusy", "RunMismatch", "lock", "flatten", "holds_results", "check_identity",
-           "later_default", "without_later_defaults"]
+           "WorkdirBusy", "RunMismatch", "lock", "flatten", "holds_checkpoint", "holds_results", "check_identity",
+           "later_default", "without_later_defaults", "INPUT_FIELDS", "fingerprint",
+           "input_fingerprints", "changed_inputs", "refuse_changed_inputs"]
