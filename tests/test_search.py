@@ -131,7 +131,7 @@ def test_http_engine_calls_a_chat_simulator_with_chat_messages(server):
 
 @pytest.mark.parametrize("mode", ["slow", "error", "garbage"])
 def test_http_engine_gives_up_after_bounded_retries(server, mode):
-  server.mode = mode
+  server.mode, server.delay_s = mode, 10.0  # slow: each answer 10 s late
   engine = S.HttpSimulatorEngine(server.url, "sim", timeout_s=0.3, max_retries=2, backoff_s=0.05)
   start = time.perf_counter()
   result = engine.search([S.SearchRequest("q")])
@@ -139,7 +139,9 @@ def test_http_engine_gives_up_after_bounded_retries(server, mode):
   assert result.documents == [[]] and result.failed == [True]
   assert engine.stats["failures"] == 1 and engine.stats["retries"] == 2
   assert len(server.requests) == 3 and engine.stats["last_error"]
-  assert elapsed < 3 * 0.3 + 0.05 + 0.1 + 1.0  # three timeouts and two backoffs, no hang
+  # three timeouts and two backoffs (about 1 s), not three 10 s answers; the margin is
+  # for a loaded machine
+  assert elapsed < 10.0
 
 
 def test_unreachable_server_fails_fast():
@@ -261,7 +263,8 @@ def test_each_call_ends_by_its_deadline_even_when_the_server_trickles(server):
   elapsed = time.perf_counter() - start
   assert result.failed == [True] * 4 and "timeout_s=0.4" in engine.stats["last_error"]
   assert engine.call_deadline_s == pytest.approx(0.85)
-  assert elapsed < engine.call_deadline_s + 0.3  # the answer alone would take > 10 s
+  # the answer alone would take > 10 s (the margin is for a loaded machine)
+  assert elapsed < engine.call_deadline_s + 5.0
 
 
 def test_a_chat_call_is_bounded_by_waves_of_concurrent_requests(server):
@@ -280,7 +283,9 @@ def test_a_chat_call_is_bounded_by_waves_of_concurrent_requests(server):
   result = engine.search([S.SearchRequest(f"q{i}") for i in range(24)])
   assert all(result.failed) and engine.stats["failures"] == 24
   assert engine.call_bound_s(24) == pytest.approx(6 * 0.3)
-  assert time.perf_counter() - start < engine.call_bound_s(24) + 0.5  # not 24 x 0.3 s
+  # the failing server is found out in one wave; 24 requests one after another would
+  # take 7.2 s (the margin is for a loaded machine)
+  assert time.perf_counter() - start < engine.call_bound_s(24) + 4.0
 
 
 def test_a_server_that_dies_mid_run_fails_its_later_calls():
@@ -434,3 +439,53 @@ def test_a_200_without_usable_completions_is_a_failed_call(server, mode, needle,
   # the health check (one prompt) refuses such a server before any work
   with pytest.raises(S.EngineError, match="choices for|completion is empty|indices"):
     engine.health_check()
+
+
+def test_a_server_that_stops_answering_is_found_out_in_one_wave(server):
+  """Once ``concurrency`` requests in a row fail, the call's other requests fail
+  unsent; the next call sends one probe with one attempt, and a server that
+  answers it again gets the whole call. Counted in requests, not seconds."""
+  server.mode, server.delay_s = "slow", 1.0
+  prompt = SIM.SimulatorPrompt(chat=True)
+  engine = S.HttpSimulatorEngine(server.url, "sim", prompt, timeout_s=0.2, max_retries=0,
+                                 concurrency=4)
+  result = engine.search([S.SearchRequest(f"q{i}") for i in range(40)])
+  assert all(result.failed) and engine.down
+  # the fourth failure in a row stops it; workers freed by the first three may each
+  # have sent one more: at most 2 x concurrency - 1 of the 40
+  sent = len(server.requests)
+  assert 4 <= sent <= 7
+  assert engine.stats["failures"] == 40 and engine.stats["unsent"] == 40 - sent
+  result = engine.search([S.SearchRequest(f"q{i}") for i in range(40)])
+  assert all(result.failed) and len(server.requests) == sent + 1  # one probe, one attempt
+  server.mode = "ok"
+  result = engine.search([S.SearchRequest(f"q{i}") for i in range(40)])
+  assert not any(result.failed) and not engine.down and len(server.requests) == sent + 41
+
+  server.mode = "error"  # one POST a call: the retries are spent once, then one probe
+  batch = S.HttpSimulatorEngine(server.url, "sim", timeout_s=1.0, max_retries=2,
+                                backoff_s=0.01)
+  sent = len(server.requests)
+  assert batch.search([S.SearchRequest("q")] * 3).failed == [True] * 3
+  assert len(server.requests) - sent == 3
+  assert batch.search([S.SearchRequest("q")] * 3).failed == [True] * 3
+  assert len(server.requests) - sent == 4
+  server.mode = "ok"
+  assert batch.search([S.SearchRequest("q")] * 3).failed == [False] * 3
+
+
+def test_a_long_wait_prints_where_the_call_stands(server):
+  """A call outstanding past ``timeout_s`` says so every ``timeout_s`` seconds: how
+  long, how many answered, the last error and when it ends at the latest."""
+  server.mode, server.delay_s = "slow", 5.0
+  engine = S.HttpSimulatorEngine(server.url, "sim", timeout_s=0.3, max_retries=2,
+                                 backoff_s=0.05)
+  lines = []
+  engine.log = lines.append
+  assert engine.search([S.SearchRequest("q")]).failed == [True]  # >= 0.9 s of deadlines
+  assert lines and all(server.url in line and "0 answered so far" in line for line in lines)
+  assert f"ends within {engine.call_deadline_s:.0f} s" in lines[0]
+  count = len(lines)
+  server.mode = "ok"
+  engine.search([S.SearchRequest("q")])  # a quick call says nothing
+  assert len(lines) == count

@@ -26,6 +26,7 @@ Shape legend: B batch, Q query tokens, D document tokens.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import http.client
 import json
@@ -138,6 +139,11 @@ class BM25Engine:
     return SearchResult(documents, [False] * len(requests))
 
 
+def _console(message: str) -> None:
+  from zsjax.metrics import console  # (metrics imports jax; this module is imported early)
+  console(message)
+
+
 class EngineError(RuntimeError):
   """A search engine that cannot serve; the message names it, the error and the fix."""
 
@@ -225,7 +231,17 @@ class HttpClient:
   every byte of the answer; a server that trickles bytes is cut off at it), up to
   ``max_retries`` more attempts follow with a doubling ``backoff_s``, so a request
   ends within ``call_deadline_s``. A request that still fails gives None;
-  ``stats`` counts calls, queries, retries and failures and keeps the last error."""
+  ``stats`` counts calls, queries, retries and failures and keeps the last error.
+
+  A server that stops answering is found out in one wave, not one deadline per
+  request: once ``concurrency`` requests in a row (all of a call's, if fewer) have
+  failed, the server counts as down and the call's other requests fail at once,
+  unsent (workers freed meanwhile may each have sent one more: at most
+  ``2 x concurrency - 1`` requests are sent). The next call first sends one request, one attempt: if it is answered
+  the server is up again and the call goes on, else the whole call fails. While
+  a call has been waiting longer than ``timeout_s``, a line every ``timeout_s``
+  seconds says how long, how many requests are answered and the last error
+  (``log``, the console by default)."""
 
   def __init__(self, url: str, *, timeout_s: float = 30.0, max_retries: int = 2,
                backoff_s: float = 1.0):
@@ -234,8 +250,11 @@ class HttpClient:
                        f"max_retries={max_retries} >= 0 (a search must never wait forever).")
     self.url = url
     self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
-    self.stats = {"calls": 0, "queries": 0, "retries": 0, "failures": 0, "last_error": ""}
+    self.stats = {"calls": 0, "queries": 0, "retries": 0, "failures": 0, "unsent": 0,
+                  "last_error": ""}
     self._lock = threading.Lock()
+    self.down = False  # the last requests failed in a row: probe before sending more
+    self.log = _console
 
   @property
   def call_deadline_s(self) -> float:
@@ -243,6 +262,11 @@ class HttpClient:
     completions call is one request; chat calls send theirs ``concurrency`` at a
     time: ``call_bound_s``)."""
     return (self.max_retries + 1) * self.timeout_s + self.backoff_s * (2 ** self.max_retries - 1)
+
+  def call_bound_s(self, requests: int) -> float:
+    """The longest a ``search`` of ``requests`` requests can take (one POST here)."""
+    del requests
+    return self.call_deadline_s
 
   def _post(self, payload: dict, timeout_s: float) -> dict:
     """One POST whose whole exchange ends within ``timeout_s``: a timer shuts the
@@ -295,21 +319,88 @@ class HttpClient:
       if error is not None:
         self.stats["last_error"] = error
 
-  def _with_retries(self, payload: dict, read) -> list[str] | None:
-    """``read(response body)`` after at most ``max_retries + 1`` attempts (each
-    within ``timeout_s``, with doubling backoffs between them), or None."""
-    for attempt in range(self.max_retries + 1):
+  def _with_retries(self, payload: dict, read, attempts: int | None = None) -> list[str] | None:
+    """``read(response body)`` after at most ``attempts`` (default ``max_retries + 1``)
+    attempts (each within ``timeout_s``, with doubling backoffs between them), or None."""
+    attempts = self.max_retries + 1 if attempts is None else attempts
+    for attempt in range(attempts):
       try:
         return read(self._post(payload, self.timeout_s))
       except (OSError, http.client.HTTPException, EngineError, ValueError, KeyError, TypeError,
               IndexError, AttributeError) as e:
         error = f"{type(e).__name__}: {e}"
-        if attempt < self.max_retries:
+        if attempt < attempts - 1:
           self._count("retries", error)
           time.sleep(self.backoff_s * 2 ** attempt)
         else:
           self._count("failures", error)
     return None
+
+  def _send_all(self, items: Sequence, send, workers: int = 1) -> list:
+    """``send(item, attempts)`` (a result or None) for every item, ``workers`` at a
+    time, with the down-server rule of the class docstring; None for each item
+    that failed or was not sent."""
+    results: list = [None] * len(items)
+    if not items:
+      return results
+    answered, failed_in_a_row = [0], [0]
+    threshold = max(1, min(workers, len(items)))
+
+    def one(i, attempts=None):
+      if self.down and attempts is None:  # found down during this call: fail unsent
+        with self._lock:
+          self.stats["failures"] += 1
+          self.stats["unsent"] += 1
+        return None
+      out = send(items[i], self.max_retries + 1 if attempts is None else attempts)
+      with self._lock:
+        if out is None:
+          failed_in_a_row[0] += 1
+          if failed_in_a_row[0] >= threshold:
+            self.down = True
+        else:
+          failed_in_a_row[0] = 0
+          answered[0] += 1
+      return out
+
+    with self._progress(len(items), answered):
+      start = 0
+      if self.down:  # the last call found the server down: one request, one attempt
+        results[0] = one(0, attempts=1)
+        if results[0] is None:
+          for i in range(1, len(items)):
+            results[i] = one(i)
+          return results
+        self.down, start = False, 1
+      rest = range(start, len(items))
+      if workers <= 1 or len(rest) <= 1:
+        for i in rest:
+          results[i] = one(i)
+      else:
+        with concurrent.futures.ThreadPoolExecutor(min(workers, len(rest))) as pool:
+          for i, out in zip(rest, pool.map(one, rest)):
+            results[i] = out
+    return results
+
+  @contextlib.contextmanager
+  def _progress(self, requests: int, answered: list):
+    """A line every ``timeout_s`` seconds while the body (one call) still runs."""
+    done, started = threading.Event(), time.perf_counter()
+
+    def report():
+      while not done.wait(self.timeout_s):
+        with self._lock:
+          error = self.stats["last_error"] or "none yet"
+        self.log(f"search engine at {self.url}: a call of {requests} requests has waited "
+                 f"{time.perf_counter() - started:.0f} s; {answered[0]} answered so far "
+                 f"(last error: {error}). It ends within {self.call_bound_s(requests):.0f} s.")
+
+    watcher = threading.Thread(target=report, daemon=True)
+    watcher.start()
+    try:
+      yield
+    finally:
+      done.set()
 
   def _start_call(self, requests: int) -> None:
     with self._lock:
@@ -360,16 +451,14 @@ class HttpSimulatorEngine(HttpClient):
     settings = {"model": self.model, "max_tokens": self.max_tokens,
                 "temperature": self.temperature, "top_p": self.top_p}
     if self.prompt.chat:
-      def one(r):
+      def one(r, attempts):
         out = self._with_retries(
             {**settings, "messages": self.prompt.messages(r.query, r.question, r.answer,
                                                           r.noisy)},
-            lambda body: [_generated(_choices(body, 1)[0]["message"]["content"])])
+            lambda body: [_generated(_choices(body, 1)[0]["message"]["content"])], attempts)
         return None if out is None else out[0]
 
-      with concurrent.futures.ThreadPoolExecutor(max(1, min(self.concurrency,
-                                                            len(requests)))) as pool:
-        texts = list(pool.map(one, requests))
+      texts = self._send_all(list(requests), one, workers=self.concurrency)
     else:
       prompts = [self.prompt.render(r.query, r.question, r.answer, r.noisy) for r in requests]
 
@@ -385,7 +474,9 @@ class HttpSimulatorEngine(HttpClient):
           out[choice["index"]] = _generated(choice["text"])
         return out
 
-      texts = self._with_retries({**settings, "prompt": prompts}, read) or [None] * len(prompts)
+      sent = self._send_all([{**settings, "prompt": prompts}],
+                            lambda payload, attempts: self._with_retries(payload, read, attempts))
+      texts = sent[0] or [None] * len(prompts)
     return SearchResult([[] if t is None else parse_documents(t, self.top_k) for t in texts],
                         [t is None for t in texts],
                         ["" if t is None else reference_text(t, self.top_k) for t in texts])
@@ -438,8 +529,9 @@ class RetrieverEngine(HttpClient):
                          f" lists for {len(queries)} queries")
       return [[retriever_document(item) for item in docs[:self.top_k]] for docs in result]
 
-    docs = self._with_retries({"queries": queries, "topk": self.top_k, "return_scores": True},
-                              read)
+    docs = self._send_all([{"queries": queries, "topk": self.top_k, "return_scores": True}],
+                          lambda payload, attempts: self._with_retries(payload, read,
+                                                                       attempts))[0]
     if docs is None:
       return SearchResult([[] for _ in requests], [True] * len(requests))
     return SearchResult(docs, [False] * len(requests))
