@@ -20,7 +20,11 @@ per-call deadline, plus the run's compute); what it had written before the
 fault (checkpoints, metrics, scored sets) is still there. Writes
 ``OUT/fault_drill.md`` (the table) and ``OUT/fault_drill.json``; the last line
 printed is a JSON summary. ``--scenarios`` and ``--jobs`` run a subset (the
-test suite runs a short drill). About 3 minutes on 2 cores.
+test suite runs a short drill). The ``sig*`` scenarios stop a healthy RL run
+with SIGTERM or Ctrl-C (SIGINT) during a checkpoint save or a step, then rerun
+it: the save in flight must be complete, the message must name the last
+complete checkpoint, and the rerun must finish every step. About 6 minutes on
+2 cores.
 """
 
 from __future__ import annotations
@@ -49,7 +53,18 @@ SCENARIOS = {
     "error": dict(mode="error", healthy_for=2),
     "garbage": dict(mode="garbage", healthy_for=2),
     "dies": dict(mode="ok", die_after=2),
+    # 200s that hold no usable completion (issue 30 item 1)
+    "no_choices": dict(mode="no_choices", healthy_for=2),
+    "empty_text": dict(mode="empty_text", healthy_for=2),
+    "fewer": dict(mode="fewer", healthy_for=2),
+    "no_index": dict(mode="no_index", healthy_for=2),
+    # a healthy server; the run is stopped by a signal (RL only): during the blocking
+    # part of step 2's checkpoint save, or in the middle of step 3
+    "sigterm_in_save": dict(mode="ok", signal="SIGTERM", at="save", step=2),
+    "sigint_in_save": dict(mode="ok", signal="SIGINT", at="save", step=2),
+    "sigterm_in_step": dict(mode="ok", signal="SIGTERM", at="step", step=3),
 }
+RL_ONLY = ("sigterm_in_save", "sigint_in_save", "sigterm_in_step")
 ENGINE = dict(timeout_s=0.5, max_retries=1, backoff_s=0.05, max_failed_share=0.2,
               max_failed_steps=2)
 RL_STEPS = 4
@@ -104,16 +119,27 @@ def rl_case(name: str, world: dict, work: Path) -> dict:
   console = io.StringIO()
   start = time.perf_counter()
   outcome, message = "finished", ""
+  resumed_steps, interrupted_at = [], []
   try:
     sampling.from_config = lambda section: _searching(  # noqa: E731
         _tokenizer(world), rows, original(section))
-    with contextlib.redirect_stderr(console):
+    with contextlib.redirect_stderr(console), _signal_at(scenario) as armed:
       try:
         job = train_rl.setup(config, workdir)
         train_rl.train(job)
       except search.EngineError as e:
         outcome, message = ("refused at start" if "did not answer a test request" in str(e)
                             else "stopped"), str(e)
+      except KeyboardInterrupt as e:  # the scenario's signal (Terminated for SIGTERM)
+        outcome = f"interrupted ({type(e).__name__})"
+        message = next((line for line in console.getvalue().splitlines()
+                        if "last complete checkpoint" in line), "")
+    if "signal" in scenario:  # the same command again: it resumes and finishes
+      interrupted_at = Checkpointer(workdir / "checkpoints").all_steps()
+      armed.clear()
+      with contextlib.redirect_stderr(io.StringIO()):
+        train_rl.train(train_rl.setup(config, workdir))
+      resumed_steps = [r["step"] for r in read_jsonl(workdir / "metrics.jsonl")]
   finally:
     sampling.from_config = original
     server.close()
@@ -121,6 +147,8 @@ def rl_case(name: str, world: dict, work: Path) -> dict:
   metrics = read_jsonl(workdir / "metrics.jsonl") if (workdir / "metrics.jsonl").exists() else []
   steps = Checkpointer(workdir / "checkpoints").all_steps() \
       if (workdir / "checkpoints").exists() else []
+  if resumed_steps:
+    steps = interrupted_at  # what the interrupted run left, before the rerun
   # time bound: every step's one search call at its deadline, plus the health check
   engine = search.HttpSimulatorEngine("http://x", "m", timeout_s=ENGINE["timeout_s"],
                                       max_retries=ENGINE["max_retries"],
@@ -129,8 +157,51 @@ def rl_case(name: str, world: dict, work: Path) -> dict:
           "search_bound_s": (RL_STEPS + 1) * engine.call_deadline_s,
           "failed_share": [r["rollout/failed_share"] for r in metrics],
           "metrics_steps": [r["step"] for r in metrics], "checkpoints": steps,
+          "resumed_steps": resumed_steps,
           "printed": [line for line in console.getvalue().splitlines() if "failed" in line],
           "message": message}
+
+
+@contextlib.contextmanager
+def _signal_at(scenario: dict):
+  """Sends the scenario's signal to this process in the blocking part of step
+  ``step``'s checkpoint save (``at="save"``) or during step ``step`` (``"step"``),
+  with SIGTERM handled as ``zsjax.main`` handles it. Yields a list whose clearing
+  disarms it (for the rerun)."""
+  import os
+  import signal
+
+  import orbax.checkpoint as ocp
+
+  from zsjax import interrupts, train_rl
+
+  armed = [True] if "signal" in scenario else []
+  if not armed:
+    yield armed
+    return
+  signum = getattr(signal, scenario["signal"])
+  previous = signal.getsignal(signal.SIGTERM)
+  save, score = ocp.CheckpointManager.save, train_rl.score_answers
+  calls = [0]
+
+  def save_then(self, step, *args, **kwargs):
+    if armed and scenario["at"] == "save" and step == scenario["step"]:
+      os.kill(os.getpid(), signum)
+    return save(self, step, *args, **kwargs)
+
+  def score_then(*args, **kwargs):
+    calls[0] += 1
+    if armed and scenario["at"] == "step" and calls[0] == scenario["step"]:
+      os.kill(os.getpid(), signum)
+    return score(*args, **kwargs)
+
+  interrupts.install()
+  ocp.CheckpointManager.save, train_rl.score_answers = save_then, score_then
+  try:
+    yield armed
+  finally:
+    ocp.CheckpointManager.save, train_rl.score_answers = save, score
+    signal.signal(signal.SIGTERM, previous)
 
 
 def eval_case(name: str, world: dict, work: Path, policy: Path) -> dict:
@@ -228,7 +299,18 @@ def check(row: dict) -> list[str]:
   name, job = row["scenario"], row["job"]
   if row["seconds"] > row["search_bound_s"] + 120:
     bad.append(f"took {row['seconds']:.0f} s, past the bound")
-  if name == "ok":
+  scenario = SCENARIOS[name]
+  if "signal" in scenario:
+    kept = scenario["step"] if scenario["at"] == "save" else scenario["step"] - 1
+    if not row["outcome"].startswith("interrupted"):
+      bad.append(f"the run did not stop on {scenario['signal']}")
+    if f"the last complete checkpoint: step {kept}" not in row["message"]:
+      bad.append(f"the message did not name checkpoint step {kept}")
+    if kept not in row["checkpoints"]:
+      bad.append(f"checkpoint step {kept} (its save in flight) is missing")
+    if row["resumed_steps"] != list(range(1, RL_STEPS + 1)):
+      bad.append(f"the rerun did not resume and finish (steps {row['resumed_steps']})")
+  elif name == "ok":
     if row["outcome"] != "finished" or any(row["failed_share"]):
       bad.append("a healthy server was reported failing")
   elif name in ("dead", "error_at_start"):
@@ -264,8 +346,11 @@ def table(rows: list[dict]) -> str:
   for r in rows:
     kept = (f"checkpoints {r['checkpoints']}" if r["job"] == "rl"
             else f"{r['predictions']} predictions")
+    if r.get("resumed_steps"):
+      kept += f"; rerun: steps 1-{r['resumed_steps'][-1]}"
     share = ", ".join(f"{s:.2f}" for s in r["failed_share"]) or "-"
-    error = engine_error(r["message"]).replace("|", "/")[:80]
+    error = (engine_error(r["message"]) or (r["message"] if "signal" in SCENARIOS[r["scenario"]]
+                                            else "")).replace("|", "/")[:80]
     lines.append(f"| {r['job']} | {r['scenario']} | {r['outcome']} | {share} | "
                  f"{r['seconds']:.1f} ({r['search_bound_s']:.1f}) | {kept} | {error} |")
   return "\n".join(lines) + "\n"
@@ -278,6 +363,8 @@ def run(scenarios, jobs, work: Path) -> list[dict]:
   rows = []
   for job in jobs:
     for name in scenarios:
+      if job == "eval" and name in RL_ONLY:
+        continue
       row = rl_case(name, world, work) if job == "rl" else eval_case(
           name, world, work, tiny_policy(world, work))
       row["violations"] = check(row)
