@@ -293,6 +293,45 @@ def tiny_policy(world: dict, work: Path) -> Path:
   return directory
 
 
+def paper_scale_hang(scale: float = 0.01) -> dict:
+  """The paper config's served-simulator settings against a server that never
+  answers, with every time limit multiplied by ``scale``: RL's search calls until
+  it stops (``max_failed_steps`` steps of ``max_turns`` calls of
+  prompts x samples chat requests), timed, and the same divided by ``scale``: what
+  a hung server costs at the paper defaults. Also the count of progress lines."""
+  from config_files import load_config
+  from stub_server import StubServer
+
+  from zsjax import search, simulator
+
+  config = load_config("zerosearch", "llama3.2-3b")
+  e, r = config.engine, config.rl
+  rows, turns, steps = r.prompts_per_step * r.samples_per_prompt, config.rollout.max_turns, \
+      e.max_failed_steps
+  server = StubServer("slow", delay_s=3600.0)
+  engine = search.HttpSimulatorEngine(
+      server.url, "sim", simulator.SimulatorPrompt(chat=True), timeout_s=e.timeout_s * scale,
+      max_retries=e.max_retries, backoff_s=e.backoff_s * scale, concurrency=e.concurrency)
+  lines = []
+  engine.log = lines.append
+  calls = []
+  try:
+    for _ in range(steps * turns):
+      start = time.perf_counter()
+      result = engine.search([search.SearchRequest(f"q{i}") for i in range(rows)])
+      calls.append(time.perf_counter() - start)
+      assert all(result.failed)
+  finally:
+    server.close()
+  old_bound = steps * turns * engine.call_bound_s(rows)  # every request waits its deadline
+  return {"rows": rows, "turns": turns, "failing_steps": steps,
+          "timeout_s": e.timeout_s, "max_retries": e.max_retries,
+          "concurrency": e.concurrency, "scale": scale, "requests_sent": len(server.requests),
+          "requests": rows * turns * steps, "progress_lines": len(lines),
+          "first_step_s": sum(calls[:turns]) / scale, "until_stop_s": sum(calls) / scale,
+          "without_the_down_rule_s": old_bound / scale}
+
+
 def check(row: dict) -> list[str]:
   """What a row's outcome must satisfy; returns the violations."""
   bad = []
@@ -380,17 +419,33 @@ def main(argv=None) -> int:
   parser.add_argument("--work", default="")
   parser.add_argument("--scenarios", default=",".join(SCENARIOS))
   parser.add_argument("--jobs", default="rl,eval")
+  parser.add_argument("--paper_scale", type=int, default=1,
+                      help="also time a hung server at the paper defaults, scaled (1/0)")
   args = parser.parse_args(argv)
   logging.getLogger().setLevel(logging.ERROR)  # the drill's own lines, not the libraries'
   work = Path(args.work or tempfile.mkdtemp(prefix="fault_drill_"))
   rows = run([s for s in args.scenarios.split(",") if s], [j for j in args.jobs.split(",") if j],
              work)
   markdown = table(rows)
+  hang = paper_scale_hang() if args.paper_scale else None
+  if hang:
+    markdown += (
+        f"\nA hung served simulator at the paper defaults (`zerosearch.py:llama3.2-3b`: "
+        f"{hang['rows']} chat requests a call, {hang['turns']} calls a step, "
+        f"timeout_s={hang['timeout_s']:g}, max_retries={hang['max_retries']}, concurrency="
+        f"{hang['concurrency']}, max_failed_steps={hang['failing_steps']}), every limit "
+        f"scaled by {hang['scale']:g} and the times divided by it: the first failing step "
+        f"takes {hang['first_step_s'] / 60:.1f} min, RL stops after "
+        f"{hang['until_stop_s'] / 60:.1f} min ({hang['requests_sent']} of "
+        f"{hang['requests']} requests sent, {hang['progress_lines']} progress lines); "
+        f"every request waiting out its deadline would take "
+        f"{hang['without_the_down_rule_s'] / 3600:.1f} h.\n")
+    print(markdown.rsplit("\n\n", 1)[-1])
   print(markdown)
   from zsjax import environment
 
   summary = {"cases": len(rows), "violations": sum(len(r["violations"]) for r in rows),
-             "environment": environment.describe()}
+             "paper_scale_hang": hang, "environment": environment.describe()}
   if args.out:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -236,8 +236,8 @@ class HttpClient:
   A server that stops answering is found out in one wave, not one deadline per
   request: once ``concurrency`` requests in a row (all of a call's, if fewer) have
   failed, the server counts as down and the call's other requests fail at once,
-  unsent (workers freed meanwhile may each have sent one more: at most
-  ``2 x concurrency - 1`` requests are sent). The next call first sends one request, one attempt: if it is answered
+  unsent. (The first wave of a call completes before more requests are sent, so
+  a server down from the start costs one request deadline, ``call_deadline_s``.) The next call first sends one request, one attempt: if it is answered
   the server is up again and the call goes on, else the whole call fails. While
   a call has been waiting longer than ``timeout_s``, a line every ``timeout_s``
   seconds says how long, how many requests are answered and the last error
@@ -372,14 +372,17 @@ class HttpClient:
             results[i] = one(i)
           return results
         self.down, start = False, 1
-      rest = range(start, len(items))
+      rest = list(range(start, len(items)))
       if workers <= 1 or len(rest) <= 1:
         for i in rest:
           results[i] = one(i)
       else:
+        # the first wave completes before more are sent: a server that fails all of it
+        # is down, and nothing more waits out a deadline in this call
         with concurrent.futures.ThreadPoolExecutor(min(workers, len(rest))) as pool:
-          for i, out in zip(rest, pool.map(one, rest)):
-            results[i] = out
+          for wave in (rest[:workers], rest[workers:]):
+            for i, out in zip(wave, pool.map(one, wave)):
+              results[i] = out
     return results
 
   @contextlib.contextmanager
