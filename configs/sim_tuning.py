@@ -58,7 +58,9 @@ def get_config(arg=None):
   config.simulator_chat_template = not tiny
   config.model = ml_collections.ConfigDict(dict(
       checkpoint="", param_dtype="float32", dtype="float32" if tiny else "bfloat16",
-      remat="none" if tiny else "full", model=simulator_model() if tiny else {}))
+      remat="none" if tiny else "full",
+      logits_chunk=0 if tiny else 256,  # LM-head positions at a time (0 = all at once)
+      model=simulator_model() if tiny else {}))
   config.data = ml_collections.ConfigDict(dict(train_files="", on_error="skip"))
   config.engine = ml_collections.ConfigDict(dict(
       kind="bm25", corpus="", text_field="contents", top_k=5 if not tiny else 3,

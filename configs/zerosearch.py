@@ -76,7 +76,12 @@ def get_config(arg=None):
   config.policy = ml_collections.ConfigDict(dict(
       checkpoint="",  # a local HF directory; empty = random model from `model`
       param_dtype="float32", dtype="float32" if tiny else "bfloat16",
-      remat="none" if tiny else "full", model=tiny_model()))
+      remat="none" if tiny else "full",
+      # positions per piece of the LM head in training and scoring (0 = all at once): the
+      # same log-probs without a [rows, length, vocab] float32 array (a 152k vocab
+      # makes that 80 GB for 32 rows of 4096 tokens)
+      logits_chunk=0 if tiny else 256,
+      model=tiny_model()))
   config.simulator = ml_collections.ConfigDict(dict(
       checkpoint="", param_dtype="float32" if tiny else "bfloat16",
       dtype="float32" if tiny else "bfloat16", remat="none", model=tiny_model(),

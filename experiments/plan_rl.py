@@ -86,7 +86,8 @@ def compiled_temps(cfg, plan, r, length: int) -> dict:
           "update_temp": float(update_mem.temp_size_in_bytes)}
 
 
-def plan_one(model: str, simulator: str, devices, rows: int | None = None) -> dict:
+def plan_one(model: str, simulator: str, devices, rows: int | None = None,
+             logits_chunk: int = -1) -> dict:
   import dataclasses
 
   from config_files import load_config
@@ -95,8 +96,9 @@ def plan_one(model: str, simulator: str, devices, rows: int | None = None) -> di
 
   config = load_config("zerosearch", model)
   r, ro = config.rl, config.rollout
+  chunk = config.policy.logits_chunk if logits_chunk < 0 else logits_chunk
   cfg = dataclasses.replace(ModelConfig.from_dict(shape(model)), dtype="bfloat16",
-                            param_dtype="float32", remat="full")
+                            param_dtype="float32", remat="full", logits_chunk=chunk)
   gpus = len(devices)
   plan = ShardingPlan.from_config({"mesh": {"data": 1, "fsdp": -1, "tensor": 1},
                                    "sharding": "fsdp", "sharding_rules": ()}, devices=devices)
@@ -126,6 +128,7 @@ def plan_one(model: str, simulator: str, devices, rows: int | None = None) -> di
     best = int(room // (caches_per_row * gpus)) * gpus if room > 0 else 0
     largest[device] = max(best, 0)
   return {"model": model, "simulator": simulator, "gpus": gpus, "rollout_rows": rows,
+          "logits_chunk": chunk,
           "params": n, "per_device_gb": {k: v / GB for k, v in per_device.items()},
           "phases_gb": {k: v / GB for k, v in phases.items()}, "peak_gb": peak / GB,
           "fits": fits, "largest_rollout_rows": largest}
@@ -134,12 +137,12 @@ def plan_one(model: str, simulator: str, devices, rows: int | None = None) -> di
 def table(plans: list[dict]) -> str:
   pieces = ("policy_params", "optimizer", "reference", "simulator", "policy_cache",
             "simulator_cache", "score_temp", "update_temp")
-  head = ["model", "sim", "GPUs", *pieces, "peak", *(f"fits {d}" for d in DEVICES_GB),
+  head = ["model", "sim", "GPUs", "logits chunk", *pieces, "peak", *(f"fits {d}" for d in DEVICES_GB),
           *(f"max rows {d}" for d in DEVICES_GB)]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for p in plans:
     gb = p["per_device_gb"]
-    cells = [p["model"], p["simulator"], str(p["gpus"]),
+    cells = [p["model"], p["simulator"], str(p["gpus"]), str(p.get("logits_chunk", 0) or "-"),
              *(f"{gb[k]:.1f}" if k in gb else "-" for k in pieces), f"{p['peak_gb']:.1f}",
              *("yes" if p["fits"][d] else "no" for d in DEVICES_GB),
              *(str(p["largest_rollout_rows"][d]) for d in DEVICES_GB)]
@@ -155,6 +158,11 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--rows", type=int, default=0, help="rollout rows (0: the paper's 320)")
   parser.add_argument("--all", action="store_true",
                       help="qwen2.5-3b, qwen2.5-7b and llama3.2-3b on 1 and 8 GPUs")
+  parser.add_argument("--logits_chunk", type=int, default=-1,
+                      help="LM-head positions at a time (-1: the config's policy.logits_chunk, "
+                           "0: all at once)")
+  parser.add_argument("--compare_chunk", action="store_true",
+                      help="also plan each case with logits_chunk=0 (the whole sequence)")
   parser.add_argument("--out", default="")
   args = parser.parse_args(argv)
   gpus = [1, 8] if args.all else [args.gpus]
@@ -164,8 +172,9 @@ def main(argv=None) -> list[dict]:
   import jax
 
   models = ("qwen2.5-3b", "qwen2.5-7b", "llama3.2-3b") if args.all else (args.model,)
-  plans = [plan_one(model, args.simulator, jax.devices()[:count], args.rows or None)
-           for count in gpus for model in models]
+  chunks = [args.logits_chunk] + ([0] if args.compare_chunk else [])
+  plans = [plan_one(model, args.simulator, jax.devices()[:count], args.rows or None, chunk)
+           for chunk in chunks for count in gpus for model in models]
   markdown = table(plans)
   print(markdown)
   if args.out:
@@ -173,7 +182,8 @@ def main(argv=None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan_rl.md").write_text(markdown)
     (out / "plan_rl.json").write_text(json.dumps(plans, indent=2) + "\n")
-  print(json.dumps([{k: p[k] for k in ("model", "gpus", "peak_gb", "fits")} for p in plans]))
+  print(json.dumps([{k: p[k] for k in ("model", "gpus", "logits_chunk", "peak_gb", "fits")}
+                    for p in plans]))
   return plans
 
 

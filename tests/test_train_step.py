@@ -134,3 +134,55 @@ def test_schedule_steps_keeps_a_longer_run_on_the_recorded_schedules():
   assert [p(longer_rollout, s) for s in range(5)] == [p(short_rollout, s) for s in range(5)]
   assert p(longer_rollout, 8) == p(short_rollout, 4) == 0.5
   assert p(moved_rollout, 2) < p(short_rollout, 2)
+
+
+@pytest.mark.parametrize("tie,dtype", [(True, "float32"), (False, "float32"),
+                                       (True, "bfloat16")])
+def test_chunked_logits_give_the_same_log_probs_gradients_and_less_memory(tie, dtype):
+  """ModelConfig.logits_chunk: the LM head in pieces (a chunk that does not divide
+  the length, packed segments, a temperature) gives the unchunked log-probs,
+  entropies and gradients, in float32 and bfloat16 compute; its compiled gradient
+  needs far fewer temporaries."""
+  import dataclasses
+
+  cfg = dataclasses.replace(CFG, tie_embeddings=tie, dtype=dtype)
+  tol = 1e-5 if dtype == "float32" else 2e-2
+  params = M.init_params(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (3, 11), 0, cfg.vocab_size)
+  segments = jnp.array([[1] * 11, [1] * 6 + [2] * 5, [1] * 8 + [0] * 3])
+  chunked = dataclasses.replace(cfg, logits_chunk=4)
+
+  def loss(c, p):
+    logp, entropy = M.token_log_probs(c, p, tokens, segments, temperature=0.7,
+                                      with_entropy=True)
+    return jnp.sum(logp * 0.3 + entropy * 0.1), (logp, entropy)
+
+  (_, (logp, entropy)), grads = jax.value_and_grad(loss, argnums=1, has_aux=True)(cfg, params)
+  (_, (logp_c, entropy_c)), grads_c = jax.value_and_grad(loss, argnums=1, has_aux=True)(
+      chunked, params)
+  np.testing.assert_allclose(logp_c, logp, atol=tol)
+  np.testing.assert_allclose(entropy_c, entropy, atol=tol)
+  for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_c)):
+    np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(a, np.float32), atol=tol)
+  if dtype != "float32":
+    return
+
+  big = dataclasses.replace(cfg, vocab_size=16384)  # the LM head dominates, not attention
+  shapes = M.param_shapes(big)
+  batch = jax.ShapeDtypeStruct((2, 256), jnp.int32)
+
+  def temporaries(chunk):
+    c = dataclasses.replace(big, logits_chunk=chunk)
+    step = jax.jit(jax.grad(lambda p, t: jnp.sum(M.token_log_probs(c, p, t))))
+    return step.lower(shapes, batch).compile().memory_analysis().temp_size_in_bytes
+
+  whole = 2 * 255 * 16384 * 4  # one float32 logits array of the batch
+  assert temporaries(0) > 2 * whole and temporaries(32) < temporaries(0) / 3
+
+
+def test_a_bad_logits_chunk_is_named():
+  import dataclasses
+
+  with pytest.raises(ValueError, match=r"logits_chunk=-1 must be an integer >= 0.*"
+                                       r"config.policy.logits_chunk"):
+    dataclasses.replace(CFG, logits_chunk=-1)

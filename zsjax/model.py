@@ -103,6 +103,10 @@ class ModelConfig:
   dtype: str = "float32"  # activations / matmuls
   param_dtype: str = "float32"
   remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs)
+  # run setting: token_log_probs computes the LM head's float32 logits this many
+  # positions at a time, each piece recomputed in the backward pass, so no [B, L, V]
+  # array exists (0 = the whole sequence at once). Results are the same.
+  logits_chunk: int = 0
 
   def __post_init__(self):
     positive = ("vocab_size", "embed_dim", "mlp_dim", "num_layers", "num_heads",
@@ -122,6 +126,10 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.arch={self.arch!r} is not one of {_ARCHS}.")
     if self.remat not in _REMAT:
       raise ValueError(f"ModelConfig.remat={self.remat!r} is not one of {_REMAT}.")
+    if not isinstance(self.logits_chunk, (int, np.integer)) or self.logits_chunk < 0:
+      raise ValueError(f"ModelConfig.logits_chunk={self.logits_chunk!r} must be an integer >= 0 "
+                       "(positions per piece of the LM head; 0 = the whole sequence). Set it "
+                       "with config.policy.logits_chunk (config.model.logits_chunk for SFT).")
     for name in ("dtype", "param_dtype"):
       value = getattr(self, name)
       try:
@@ -570,16 +578,61 @@ def token_log_probs(cfg: ModelConfig, params, tokens, segment_ids=None, position
   ``softmax(logits / temperature)``: ``[B, L]`` float32, 0 at index 0 (nothing
   predicts the first token) and at padding. With ``with_entropy`` also returns the
   entropy of the distribution that predicted each token ``[B, L]``."""
-  logits = Transformer(cfg).apply({"params": params}, tokens, positions=positions,
-                                  segment_ids=segment_ids)  # [B, L, V]
-  logp_all = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32) / temperature, axis=-1)
-  picked = jnp.take_along_axis(logp_all, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, L-1]
   scored = _scored(segment_ids, tokens.shape[1])
+  chunk = cfg.logits_chunk
+  if chunk and chunk < tokens.shape[1] - 1:
+    hidden = Transformer(cfg, head="hidden").apply(
+        {"params": params}, tokens, positions=positions, segment_ids=segment_ids)  # [B, L, D]
+    picked, entropy = _chunked_head(cfg, params, hidden[:, :-1], tokens[:, 1:], temperature,
+                                    with_entropy, chunk)  # [B, L-1]
+  else:
+    logits = Transformer(cfg).apply({"params": params}, tokens, positions=positions,
+                                    segment_ids=segment_ids)  # [B, L, V]
+    picked, entropy = _head_log_probs(logits[:, :-1], tokens[:, 1:], temperature, with_entropy)
   logp = jnp.where(scored, jnp.pad(picked, ((0, 0), (1, 0))), 0.0)
   if not with_entropy:
     return logp
-  entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)  # [B, L-1]
   return logp, jnp.where(scored, jnp.pad(entropy, ((0, 0), (1, 0))), 0.0)
+
+
+def _head_log_probs(logits, targets, temperature: float, with_entropy: bool):
+  """``(log p(target), entropy or None)`` ``[B, T]`` from logits ``[B, T, V]``."""
+  logp_all = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+  picked = jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]
+  if not with_entropy:
+    return picked, None
+  return picked, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+
+
+def _chunked_head(cfg: ModelConfig, params, hidden, targets, temperature: float,
+                  with_entropy: bool, chunk: int):
+  """``_head_log_probs`` of the LM head over ``hidden [B, T, D]``, ``chunk``
+  positions at a time (``lax.map``), each piece under ``jax.checkpoint``: the
+  forward keeps no logits, the backward recomputes one piece's at a time. Peak
+  logits memory is ``B x chunk x V`` float32 (times the softmax's few copies)
+  instead of ``B x T x V``."""
+  b, t, d = hidden.shape
+  n = -(-t // chunk)
+  hidden = jnp.pad(hidden, ((0, 0), (0, n * chunk - t), (0, 0)))
+  targets = jnp.pad(targets, ((0, 0), (0, n * chunk - t)))
+  pieces = (hidden.reshape(b, n, chunk, d).swapaxes(0, 1),  # [n, B, C, D]
+            targets.reshape(b, n, chunk).swapaxes(0, 1))  # [n, B, C]
+  if cfg.tie_embeddings:
+    table, spec = params["embed"]["embedding"], "bcd,vd->bcv"  # [V, D]
+  else:
+    table, spec = params["lm_head"], "bcd,dv->bcv"  # [D, V]
+
+  @jax.checkpoint
+  def piece(table, h, target):
+    logits = jnp.einsum(spec, h, table.astype(cfg.compute_dtype),
+                        preferred_element_type=jnp.float32)  # [B, C, V]
+    logits = constrain(logits, ("batch", "length", "vocab"))
+    picked, entropy = _head_log_probs(logits, target, temperature, with_entropy)
+    return picked, (entropy if with_entropy else jnp.zeros_like(picked))
+
+  picked, entropy = jax.lax.map(lambda x: piece(table, *x), pieces)  # [n, B, C]
+  unchunk = lambda x: x.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]  # noqa: E731
+  return unchunk(picked), (unchunk(entropy) if with_entropy else None)
 
 
 def token_values(cfg: ModelConfig, params, tokens, segment_ids=None, positions=None):

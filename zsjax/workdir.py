@@ -51,7 +51,8 @@ _EVERY_JOB = ("progress", "distributed.*", "mesh.*", "sharding", "sharding_rules
               "checkpoint.every", "checkpoint.max_to_keep", "checkpoint.async_save",
               "engine.url", "engine.timeout_s", "engine.max_retries", "engine.backoff_s",
               "engine.concurrency",
-              "engine.max_failed_share", "engine.max_failed_steps", "rollout.attention_view")
+              "engine.max_failed_share", "engine.max_failed_steps", "rollout.attention_view",
+              "*logits_chunk")  # memory only: the same log-probs in pieces
 MAY_CHANGE = {
     # the steps may change, their schedules' span may not (HORIZONS); memory-only knobs
     # change how a step is cut into pieces, not what it computes
@@ -91,6 +92,8 @@ LATER_FIELDS = {
     "sim_tuning.judge_chat_template": False,
     "rollout.retokenize": False,
     "rl.schedule_steps": 0,
+    "policy.logits_chunk": 0,
+    "model.logits_chunk": 0,
     "sft.schedule_steps": 0,
     # the reading stage (zsjax.pipeline.READING), off before it existed
     "reading_drills": 0,
