@@ -164,7 +164,7 @@ def test_chunked_logits_give_the_same_log_probs_gradients_and_less_memory(tie, d
   np.testing.assert_allclose(entropy_c, entropy, atol=tol)
   for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_c)):
     np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(a, np.float32), atol=tol)
-  if dtype != "float32":
+  if dtype != "float32" or tie:  # the memory check once
     return
 
   big = dataclasses.replace(cfg, vocab_size=16384)  # the LM head dominates, not attention
