@@ -203,7 +203,13 @@ def test_text_that_is_not_utf8_costs_one_row_and_names_it(tmp_path):
 
   packed = tmp_path / "rows.jsonl.gz"
   packed.write_bytes(gzip.compress(data.write_jsonl(tmp_path / "ok.jsonl", rows).read_bytes()))
-  assert data.load_qa(packed)["question"] == ["Q0?", "Q1?", "Q2?"]
+  loaded = data.load_qa(packed)
+  assert loaded["question"] == ["Q0?", "Q1?", "Q2?"] and loaded["data_source"][0] == "rows"
+  cut = tmp_path / "cut.jsonl.gz"  # a download that broke off
+  many = data.write_jsonl(tmp_path / "many.jsonl", rows * 300).read_bytes()
+  cut.write_bytes(gzip.compress(many)[:len(gzip.compress(many)) // 2])
+  with pytest.raises(data.DataError, match=r"cut.jsonl.gz: not a readable gzip file"):
+    data.load_qa(cut)
   hidden = tmp_path / "hidden.jsonl"  # compressed under a plain name
   hidden.write_bytes(packed.read_bytes())
   assert len(data.load_qa(hidden)) == 3
@@ -221,6 +227,23 @@ def test_text_that_is_not_utf8_costs_one_row_and_names_it(tmp_path):
   corpus_gz.write_bytes(gzip.compress(b'{"contents": "Ann lives in Lund."}\n'
                                       b'{"contents": "Bo sails from Oslo."}\n'))
   assert len(search.BM25Engine.from_jsonl(corpus_gz).corpus) == 2
+
+
+def test_rows_left_out_by_one_method_are_left_out_of_all_unless_none_remain(tmp_path):
+  def records(method, set_name, ids):
+    return [{"set": set_name, "id": i, "method": method, **{m: 1.0 for m in E.METRICS}}
+            for i in ids]
+
+  by_method = {"direct": records("direct", "a", "123") + records("direct", "b", "12"),
+               "rag": records("rag", "a", "13")}  # rag left out a/2 and all of b
+  skipped = [{"set": "a", "method": "rag", "id": "2"}, {"set": "b", "method": "rag", "id": "1"},
+             {"set": "b", "method": "rag", "id": "2"}]
+  results = {"methods": {m: E.summarize(r) for m, r in by_method.items()}}
+  E._restrict_to_common_rows(results, by_method, skipped)
+  assert results["left_out"] == {"a": ["2"]} and results["not_comparable"] == ["b"]
+  assert results["methods"]["direct"]["a"]["count"] == 2  # the rows rag answered too
+  assert results["methods"]["direct"]["b"]["count"] == 2  # b: nothing in common, kept
+  assert "Not comparable" in E.write_tables(results, tmp_path)
 
 
 def test_bad_eval_settings_name_the_field_before_anything_is_written(tmp_path):

@@ -31,7 +31,7 @@ def test_sigterm_raises_terminated_with_its_exit_code(sigterm_raises):
 
 @pytest.mark.parametrize("signum,error", [(signal.SIGTERM, interrupts.Terminated),
                                           (signal.SIGINT, KeyboardInterrupt)])
-def test_a_signal_in_a_deferred_body_is_raised_after_it(sigterm_raises, signum, error):
+def test_a_signal_in_a_deferred_body_is_raised_after_it(sigterm_raises, signum, error, capsys):
   done = []
   with pytest.raises(error):
     with interrupts.deferred():
@@ -40,6 +40,7 @@ def test_a_signal_in_a_deferred_body_is_raised_after_it(sigterm_raises, signum, 
         done.append("inner")
       done.append("outer")
   assert done == ["inner", "outer"]
+  assert "received; finishing a checkpoint write first" in capsys.readouterr().err
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
 
 
@@ -119,3 +120,33 @@ def test_every_checkpoint_damaged_is_named_and_nothing_moves(tmp_path):
                                          r".*step 1: .*\)\. Nothing was moved\..*mv "):
     ck.restore_or({"w": jnp.zeros(8)}, fallback=lambda: None)
   assert ck.all_steps() == [1, 2, 3]
+
+
+def test_only_an_unreadable_checkpoint_counts_as_damaged(tmp_path, monkeypatch):
+  """Out of memory or a storage error while restoring is raised as it is, nothing
+  moved; a checkpoints directory that is a symlink sets damaged steps aside beside
+  its real directory."""
+  assert not C._is_damage(MemoryError())
+  assert not C._is_damage(RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9 GB"))
+  assert not C._is_damage(OSError(5, "Input/output error"))
+  assert C._is_damage(ValueError("Error opening 'zarr' driver: unexpected end of data"))
+  assert C._is_damage(FileNotFoundError(2, "No such file", "_METADATA"))
+
+  real = tmp_path / "disk" / "checkpoints"
+  _three_steps(real)
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "checkpoints").symlink_to(real)
+  ck = C.Checkpointer(tmp_path / "run" / "checkpoints")
+
+  def out_of_memory(*args, **kwargs):
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+
+  monkeypatch.setattr(ck, "restore", out_of_memory)
+  with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+    ck.restore_or({"w": jnp.zeros(8)}, fallback=lambda: None)
+  assert ck.all_steps() == [1, 2, 3]
+  monkeypatch.undo()
+  _scramble(real / "3")
+  _, extra, _ = ck.restore_or({"w": jnp.zeros(8)}, fallback=lambda: None, log=lambda m: None)
+  assert extra == {"step": 2} and (tmp_path / "disk" / "checkpoints.damaged" / "3").is_dir()
+  ck.close()

@@ -16,6 +16,7 @@ named on the console, and the previous step is tried.
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Any
 
@@ -163,28 +164,41 @@ class Checkpointer:
       try:
         state, extra = self.restore(target, step)
       except Exception as e:  # Orbax / TensorStore: a torn, truncated or missing file
+        if not _is_damage(e):  # out of memory, a storage error: not the checkpoint's fault
+          raise
         damaged.append((step, _first_line(e)))
+        if jax.process_count() > 1:  # processes must agree: no fallback, say what to do
+          break
         continue
       bad = non_finite_leaves(state)
       if bad:
         damaged.append((step, f"non-finite values in {', '.join(bad[:3])}"
                               f"{' …' if len(bad) > 3 else ''}"))
         continue
+      if damaged and jax.process_count() > 1:
+        break
       if damaged:
         self._set_aside(damaged, restored=step, log=log)
       return state, extra, True
     listed = "; ".join(f"step {s}: {why}" for s, why in damaged)
+    if jax.process_count() > 1:
+      raise RuntimeError(
+          f"checkpoint {listed} in {self.directory} is damaged. A run of several processes "
+          f"does not fall back on its own: move that step's directory out of "
+          f"{self.directory} (e.g. to {self.directory}.damaged/) and rerun; it resumes from "
+          "the newest step left.")
     raise RuntimeError(
         f"every checkpoint in {self.directory} is damaged ({listed}). Nothing was moved. To "
         f"start again from step 0, move the directory aside (mv {self.directory} "
         f"{self.directory}.damaged), or restore it from a backup.")
 
   def _set_aside(self, damaged, restored: int, log) -> None:
-    aside = self.directory.with_name(self.directory.name + ".damaged")
+    real = self.directory.resolve()  # beside the real directory: a rename, not a copy
+    aside = real.with_name(real.name + ".damaged")
     if jax.process_index() == 0:
       aside.mkdir(exist_ok=True)
       for step, _ in damaged:
-        source = self.directory / str(step)
+        source = real / str(step)
         target, n = aside / str(step), 1
         while target.exists():  # an earlier resume set a step of this number aside
           target, n = aside / f"{step}.{n}", n + 1
@@ -213,6 +227,20 @@ def horizon_message(workdir, recorded: int, horizon: int, total_steps: int, sect
           f"longer be on its schedule. To go on with the recorded schedules (their end values "
           f"hold past step {recorded}), add --{section}.schedule_steps="
           f"{recorded}; or use a new --workdir.")
+
+
+_NOT_DAMAGE = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OOM")
+
+
+def _is_damage(error: BaseException) -> bool:
+  """Whether a restore error says the checkpoint itself is unreadable (torn,
+  truncated, garbled, missing files), not that memory or storage failed."""
+  if isinstance(error, MemoryError):
+    return False
+  if isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and \
+      error.errno in (errno.EIO, errno.ESTALE, errno.EACCES, errno.ENOSPC):
+    return False
+  return not any(word in str(error) for word in _NOT_DAMAGE)
 
 
 def _first_line(error: BaseException) -> str:

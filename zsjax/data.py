@@ -35,6 +35,7 @@ import gzip
 import json
 import logging
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -149,15 +150,21 @@ def file_kind(path: Path) -> tuple[str, bool]:
   return (suffixes[-1] if suffixes else ""), compressed
 
 
+def _stem(path: Path) -> str:
+  """The file's name without its suffixes' data part: ``nq.jsonl.gz`` -> ``nq``."""
+  name = path.name[:-3] if path.name.lower().endswith(".gz") else path.name
+  return Path(name).stem
+
+
 def _open_bytes(path: Path):
   """The file's bytes (decompressed when gzip); a UTF-16 file is refused, named."""
   _, compressed = file_kind(path)
   f = gzip.open(path, "rb") if compressed else open(path, "rb")
   try:
     head = f.read(4)
-  except (OSError, EOFError) as e:  # gzip.BadGzipFile, a truncated archive
+  except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile, a truncated archive
     f.close()
-    raise DataError(f"{path}: not a readable gzip file ({e}).") from None
+    raise _broken_gzip(path, e) from None
   if head[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(head) == 4 and (
       head[1] == 0 and head[3] == 0 or head[0] == 0 and head[2] == 0)):
     f.close()
@@ -177,12 +184,25 @@ def _utf8(raw: bytes) -> str:
                     "UTF-8)") from None
 
 
+def _broken_gzip(path: Path, error: BaseException) -> DataError:
+  return DataError(f"{path}: not a readable gzip file ({type(error).__name__}: {error}); it "
+                   "may be truncated. Compress it again, or give the uncompressed file.")
+
+
 def text_lines(path: str | Path) -> Iterable[tuple[int, str | DataError]]:
   """``(line number, text or DataError)`` of a UTF-8 text file (gzip or not), one
-  line at a time: a line that is not UTF-8 is that line's error, not the file's."""
+  line at a time: a line that is not UTF-8 is that line's error, not the file's.
+  A gzip file that breaks off raises a DataError naming it."""
   path = Path(path)
   with _open_bytes(path) as f:
-    for number, raw in enumerate(f, 1):
+    lines = enumerate(f, 1)
+    while True:
+      try:
+        number, raw = next(lines)
+      except StopIteration:
+        return
+      except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise _broken_gzip(path, e) from None
       if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]  # a byte-order mark is not part of line 1
       try:
@@ -208,7 +228,10 @@ def _raw_rows(path: Path) -> Iterable[tuple[int, Any]]:
   elif suffix == ".json":
     try:
       with _open_bytes(path) as f:
-        raw = f.read()
+        try:
+          raw = f.read()
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+          raise _broken_gzip(path, e) from None
       text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
       line = raw[:e.start].count(b"\n") + 1
@@ -276,7 +299,7 @@ def load_qa(sources: str | Path | Sequence[str | Path], *, on_error: str = "skip
       try:
         if isinstance(raw, DataError):
           raise raw
-        row = normalize_row(raw, source=data_source or path.stem, index=number - 1)
+        row = normalize_row(raw, source=data_source or _stem(path), index=number - 1)
         if check is not None:
           check(row)
       except DataError as e:
@@ -287,7 +310,7 @@ def load_qa(sources: str | Path | Sequence[str | Path], *, on_error: str = "skip
         file_report.skipped.append((str(path), number, str(e)))
         continue
       if row["id"] in seen:  # ids collide across sources (the reference numbering does)
-        row["id"] = f"{row['id']}@{path.stem}:{number}"
+        row["id"] = f"{row['id']}@{_stem(path)}:{number}"
       seen.add(row["id"])
       rows.append(row)
       file_report.kept += 1

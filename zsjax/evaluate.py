@@ -266,6 +266,11 @@ def write_tables(results: dict, directory: Path, metric_names=METRICS) -> str:
                  f"prompt with its documents wider than config.eval.prompt_width): {listed}. "
                  "n counts the questions every method answered; results.json keeps each "
                  "method's scores on all its rows in methods_every_row.\n")
+  if results.get("not_comparable"):
+    markdown += ("\n**Not comparable:** in " + ", ".join(results["not_comparable"]) + " no "
+                 "question could be answered by every method (RAG's prompts are wider than "
+                 "config.eval.prompt_width), so each method is scored on its own rows. Raise "
+                 "config.eval.prompt_width.\n")
   if not results.get("complete", True):
     markdown += "\n**Incomplete:** the run stopped before every method and set was scored.\n"
   _replace(directory / "results.md", lambda p: p.write_text(markdown))
@@ -525,6 +530,16 @@ def _restrict_to_common_rows(results: dict, by_method: dict, skipped: list[dict]
   left_out = {k: v for k, v in left_out.items() if v}
   if not left_out:
     return
+  # a set that no method kept a row of stays as it was, named: an empty table would
+  # replace the last complete run's with nothing
+  rows_of = {(r["set"], r["id"]) for records in by_method.values() for r in records}
+  empty = sorted(name for name, ids in left_out.items()
+                 if not {key for key in rows_of if key[0] == name} - {(name, i) for i in ids})
+  if empty:
+    results["not_comparable"] = empty
+    left_out = {k: v for k, v in left_out.items() if k not in empty}
+    if not left_out:
+      return
   results["methods_every_row"] = results["methods"]
   results["left_out"] = left_out
   drop = {(name, i) for name, ids in left_out.items() for i in ids}

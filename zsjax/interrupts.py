@@ -75,9 +75,15 @@ class deferred:
       deferred._depth += 1
     if self.active:
       self.pending: list[int] = []
-      self.previous = {s: signal.signal(s, lambda signum, _: self.pending.append(signum))
-                       for s in SIGNALS}
+      self.previous = {s: signal.signal(s, self._hold) for s in SIGNALS}
     return self
+
+  def _hold(self, signum, frame):
+    del frame
+    self.pending.append(signum)
+    sys.stderr.write(f"zsjax: {signal.Signals(signum).name} received; finishing a checkpoint "
+                     "write first (SIGKILL stops at once, losing that write).\n")
+    sys.stderr.flush()
 
   def __exit__(self, exc_type, exc, tb):
     if _main_thread():

@@ -238,7 +238,9 @@ class HttpClient:
   failed, the server counts as down and the call's other requests fail at once,
   unsent. (The first wave of a call completes before more requests are sent, so
   a server down from the start costs one request deadline, ``call_deadline_s``.) The next call first sends one request, one attempt: if it is answered
-  the server is up again and the call goes on, else the whole call fails. While
+  the server is up again and the call goes on, else the whole call fails. (For
+  an engine that sends one POST a call, or ``concurrency=1``, one request that
+  spends its retries is enough: its next call starts with the probe.) While
   a call has been waiting longer than ``timeout_s``, a line every ``timeout_s``
   seconds says how long, how many requests are answered and the last error
   (``log``, the console by default)."""
@@ -264,9 +266,10 @@ class HttpClient:
     return (self.max_retries + 1) * self.timeout_s + self.backoff_s * (2 ** self.max_retries - 1)
 
   def call_bound_s(self, requests: int) -> float:
-    """The longest a ``search`` of ``requests`` requests can take (one POST here)."""
+    """The longest a ``search`` of ``requests`` requests can take (one POST here; a
+    server found down first gets a one-attempt probe)."""
     del requests
-    return self.call_deadline_s
+    return self.call_deadline_s + (self.timeout_s if self.down else 0.0)
 
   def _post(self, payload: dict, timeout_s: float) -> dict:
     """One POST whose whole exchange ends within ``timeout_s``: a timer shuts the
@@ -488,7 +491,7 @@ class HttpSimulatorEngine(HttpClient):
     """The longest a ``search`` of ``requests`` requests can take: one request's
     ``call_deadline_s``, times the waves of ``concurrency`` chat requests."""
     waves = -(-requests // self.concurrency) if self.prompt.chat else 1
-    return waves * self.call_deadline_s
+    return waves * self.call_deadline_s + (self.timeout_s if self.down else 0.0)  # + probe
 
 
 def retriever_document(item) -> str:
@@ -545,7 +548,7 @@ class RetrieverEngine(HttpClient):
     return "\n".join(f"Doc {i + 1}{doc}" for i, doc in enumerate(documents))
 
   def call_bound_s(self, requests: int) -> float:
-    return self.call_deadline_s
+    return self.call_deadline_s + (self.timeout_s if self.down else 0.0)  # + the probe
 
 
 def engine_from_config(engine, prompt: SimulatorPrompt = SimulatorPrompt(), *,

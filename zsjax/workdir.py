@@ -159,7 +159,10 @@ def input_fingerprints(config) -> dict[str, dict]:
     parts = [whole] if whole.exists() else [Path(v) for v in value.split(",") if v]
     if not parts or not all(p.exists() for p in parts):
       continue
-    out[key] = {"path": value, "fingerprint": ",".join(fingerprint(p) for p in parts)}
+    try:
+      out[key] = {"path": value, "fingerprint": ",".join(fingerprint(p) for p in parts)}
+    except OSError as e:  # unreadable here (permissions, removed meanwhile): not compared
+      out[key] = {"path": value, "fingerprint": f"unreadable ({e.strerror or e})"}
   return out
 
 
@@ -168,7 +171,9 @@ def changed_inputs(recorded: dict, now: dict) -> list[str]:
   lines = []
   for key, then in sorted((recorded or {}).items()):
     current = now.get(key)
-    if current and current["path"] == then["path"] and \
+    readable = current and not any(x["fingerprint"].startswith("unreadable")
+                                   for x in (current, then))
+    if readable and current["path"] == then["path"] and \
         current["fingerprint"] != then["fingerprint"]:
       lines.append(f"  config.{key}={then['path']!r}: its contents changed since the run "
                    f"started ({then['fingerprint']} -> {current['fingerprint']})")
