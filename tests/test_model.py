@@ -92,6 +92,26 @@ def test_ragged_prefill_then_per_row_decode(params):
       np.testing.assert_allclose(step_logits[s][i], ref[n + s], atol=1e-4, rtol=1e-4)
 
 
+def test_logits_at_one_position_are_those_of_the_full_head_bit_for_bit(params):
+  """A prefill's ``logits_at`` (each row's last position) gives exactly the
+  full head's logits there, and the same cache: the rollout's prefills (prompt,
+  observations, the simulator's prompt) read only these."""
+  lengths = jnp.array([2, 7, 4])
+  tokens = tokens_of(3, (3, 7))
+  segment = (jnp.arange(7)[None, :] < lengths[:, None]).astype(jnp.int32)
+  full, cache = forward(params, tokens, segment_ids=segment, cache=M.init_cache(CFG, 3, 12))
+  last, cache_last = forward(params, tokens, segment_ids=segment, cache=M.init_cache(CFG, 3, 12),
+                             logits_at=lengths - 1)
+  assert last.shape == (3, 1, CFG.vocab_size)
+  np.testing.assert_array_equal(last[:, 0], full[jnp.arange(3), lengths - 1])
+  np.testing.assert_array_equal(cache_last.k, cache.k)
+  views = M.attention_views(12, 4)
+  step, _ = M.cached_apply(M.Transformer(CFG), params, tokens[:, :2], cache, views=views,
+                           logits_at=jnp.array([0, 1, 1]))
+  whole, _ = M.cached_apply(M.Transformer(CFG), params, tokens[:, :2], cache, views=views)
+  np.testing.assert_array_equal(step[:, 0], whole[jnp.arange(3), jnp.array([0, 1, 1])])
+
+
 def test_chunk_prefill_at_per_row_offsets_matches_full_forward(params):
   """An inserted chunk (e.g. search results) written after differently long
   contexts equals the full forward of the concatenation."""

@@ -424,11 +424,15 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
-               embeddings=None, attend: int | None = None, write_cache: bool = True):
+               embeddings=None, attend: int | None = None, write_cache: bool = True,
+               logits_at=None):
     """``attend`` (static): with a cache, attention reads only its first ``attend``
     slots, which must hold every row's filled ones (``cached_apply`` picks it); the
     default reads all of them. ``write_cache=False``: return ``(output, (chunk_k,
-    chunk_v, advance))`` for ``write_chunk`` instead of the updated cache."""
+    chunk_v, advance))`` for ``write_chunk`` instead of the updated cache.
+    ``logits_at [B]`` int32: the head reads only that position of each row (output
+    ``[B, 1, ...]``): a prefill that needs the last position's logits computes no
+    ``[B, L, V]`` array."""
     cfg = self.cfg
     if self.head not in _HEADS:
       raise ValueError(f"Transformer.head={self.head!r} is not one of {_HEADS}.")
@@ -470,6 +474,8 @@ class Transformer(nn.Module):
       lengths = jax.lax.optimization_barrier(lengths)
     x, new_layer_cache = layers(x, layer_cache, cos, sin, mask, lengths)
     x = RMSNorm(cfg, name="final_norm")(x)
+    if logits_at is not None:
+      x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)  # [B,1,D]
 
     if self.head == "lm":
       if cfg.tie_embeddings:
@@ -527,7 +533,7 @@ def attention_views(max_length: int, smallest: int = 512) -> tuple[int, ...]:
 
 
 def cached_apply(model: "Transformer", params, tokens, cache: KVCache, *, segment_ids=None,
-                 views: tuple[int, ...] | None = None, write: bool = True):
+                 views: tuple[int, ...] | None = None, write: bool = True, logits_at=None):
   """``model.apply`` with a cache, its attention reading only the live prefix:
   the smallest of ``views`` (static slot counts, ascending, the last the whole
   cache; default ``attention_views``) that holds every row's filled slots, chosen
@@ -541,7 +547,7 @@ def cached_apply(model: "Transformer", params, tokens, cache: KVCache, *, segmen
 
   if len(views) == 1:
     return model.apply({"params": params}, tokens, segment_ids=segment_ids, cache=cache,
-                       write_cache=write)
+                       write_cache=write, logits_at=logits_at)
 
   # The branches only read the cache; the one write happens after the switch, so
   # the buffer is updated in place instead of copied through the conditional.
@@ -549,7 +555,7 @@ def cached_apply(model: "Transformer", params, tokens, cache: KVCache, *, segmen
     def run(operand):
       params_, cache_ = operand
       return model.apply({"params": params_}, tokens, segment_ids=segment_ids, cache=cache_,
-                         attend=slots, write_cache=False)
+                         attend=slots, write_cache=False, logits_at=logits_at)
     return run
 
   longest = jnp.max(cache.lengths)

@@ -310,12 +310,12 @@ def insert_observation(spec: RolloutSpec, params, state: RolloutState, obs, obs_
   def prefill(chunk):
     def run(operand):
       cache, last = operand
-      logits, (k, v, advance) = cached_apply(
+      index = jnp.clip(obs_len - 1, 0, chunk - 1)
+      logits, (k, v, advance) = cached_apply(  # the logits of each row's last position only
           spec.model, params, obs[:, :chunk], cache,
           segment_ids=in_obs[:, :chunk].astype(jnp.int32), views=spec.config.attention_views,
-          write=False)
-      index = jnp.clip(obs_len - 1, 0, chunk - 1)[:, None, None]
-      last = jnp.where(insert[:, None], jnp.take_along_axis(logits, index, 1)[:, 0], last)
+          write=False, logits_at=index)
+      last = jnp.where(insert[:, None], logits[:, 0], last)
       return last, (pad(k).astype(cache.k.dtype), pad(v).astype(cache.v.dtype), advance)
     return run
 
@@ -380,8 +380,9 @@ def initial_state(spec: RolloutSpec, params, batch: RolloutBatch) -> RolloutStat
   cache = init_cache(spec.policy_cfg, b, s_len)
   # A fresh cache holds nothing: attention reads none of its slots.
   logits, cache = spec.model.apply({"params": params}, batch.prompt_tokens, segment_ids=segment,
-                                   cache=cache, attend=0)
-  last = jnp.take_along_axis(logits, (batch.prompt_lengths - 1)[:, None, None], 1)[:, 0]
+                                   cache=cache, attend=0,
+                                   logits_at=batch.prompt_lengths - 1)  # the last position's
+  last = logits[:, 0]
   zeros, false = jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool)
   return RolloutState(
       tokens=jnp.full((b, s_len), pad_id, jnp.int32).at[:, :p].set(batch.prompt_tokens),

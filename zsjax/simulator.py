@@ -504,8 +504,9 @@ def _generate(engine: SimulatorEngine, params, prompt, prompt_lengths, active, r
   eos = jnp.asarray(engine.eos_ids or (-1,), jnp.int32)
   cache = init_cache(engine.cfg, b, width + engine.max_new_tokens)
   segment = (jnp.arange(width)[None, :] < prompt_lengths[:, None]).astype(jnp.int32)
-  logits, cache = model.apply({"params": params}, prompt, segment_ids=segment, cache=cache)
-  last = jnp.take_along_axis(logits, jnp.maximum(prompt_lengths - 1, 0)[:, None, None], 1)[:, 0]
+  logits, cache = model.apply({"params": params}, prompt, segment_ids=segment, cache=cache,
+                              logits_at=jnp.maximum(prompt_lengths - 1, 0))  # last position's
+  last = logits[:, 0]
 
   def step(s: _GenerationState) -> _GenerationState:
     token, _ = sample(engine.sampling, s.last_logits, jax.random.fold_in(rng, s.i),
