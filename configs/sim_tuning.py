@@ -60,6 +60,7 @@ def get_config(arg=None):
       checkpoint="", param_dtype="float32", dtype="float32" if tiny else "bfloat16",
       remat="none" if tiny else "full",
       logits_chunk=0 if tiny else 256,  # LM-head positions at a time (0 = all at once)
+      attention_impl="auto",  # auto (cuDNN on a GPU in bfloat16) | einsum | xla | cudnn
       model=simulator_model() if tiny else {}))
   config.data = ml_collections.ConfigDict(dict(train_files="", on_error="skip"))
   config.engine = ml_collections.ConfigDict(dict(

@@ -81,10 +81,14 @@ def get_config(arg=None):
       # same log-probs without a [rows, length, vocab] float32 array (a 152k vocab
       # makes that 80 GB for 32 rows of 4096 tokens)
       logits_chunk=0 if tiny else 256,
+      # attention without a cache (scoring, the update, prefills): "auto" = cuDNN's fused
+      # kernel on a GPU in bfloat16, zsjax's einsums elsewhere | einsum | xla | cudnn
+      attention_impl="auto",
       model=tiny_model()))
   config.simulator = ml_collections.ConfigDict(dict(
       checkpoint="", param_dtype="float32" if tiny else "bfloat16",
-      dtype="float32" if tiny else "bfloat16", remat="none", model=tiny_model(),
+      dtype="float32" if tiny else "bfloat16", remat="none", attention_impl="auto",
+      model=tiny_model(),
       # "zerosearch": the released simulators' prompt (zsjax.simulator.ZEROSEARCH_TEMPLATE);
       # "" (or "zsjax"): our wording; or a template's own text with {query}
       template="" if tiny else "zerosearch",

@@ -321,3 +321,82 @@ def test_qwen3_qk_norm_decode_matches_full_forward_and_changes_logits():
   scale = unit["layers"]["attn"]["q_norm"]["scale"]
   unit["layers"]["attn"]["q_norm"]["scale"] = jnp.ones_like(scale)
   assert not np.allclose(forward(unit, tokens, cfg=cfg), full, atol=1e-3)
+
+
+def test_attention_kernel_is_chosen_by_backend_dtype_and_head_dim():
+  choose = M.attention_implementation
+  bf16 = dataclasses.replace(CFG, dtype="bfloat16", head_dim=64)
+  assert choose(CFG, "cpu") == "einsum"  # auto off a GPU
+  assert choose(bf16, "cpu") == "einsum"
+  assert choose(bf16, "tpu") == "einsum"
+  assert choose(bf16, "gpu") == "cudnn"
+  assert choose(dataclasses.replace(bf16, dtype="float32"), "gpu") == "einsum"  # cuDNN: half only
+  assert choose(dataclasses.replace(bf16, head_dim=256), "gpu") == "einsum"
+  assert choose(dataclasses.replace(bf16, head_dim=60), "gpu") == "einsum"  # not a multiple of 8
+  assert choose(dataclasses.replace(bf16, attention_impl="xla"), "gpu") == "xla"
+  assert choose(dataclasses.replace(bf16, attention_impl="einsum"), "gpu") == "einsum"
+  assert choose(dataclasses.replace(bf16, attention_impl="cudnn"), "gpu") == "cudnn"
+  with pytest.raises(ValueError, match=r"attention_impl='cudnn'.*backend: 'cpu'.*attention_impl"):
+    choose(dataclasses.replace(bf16, attention_impl="cudnn"), "cpu")
+  with pytest.raises(ValueError, match="attention_impl='flash'"):
+    dataclasses.replace(CFG, attention_impl="flash")
+
+
+def test_the_model_calls_the_kernel_it_chose_where_it_has_no_cache(params, monkeypatch):
+  # On a "GPU" in bfloat16 (the backend faked), scoring and a prefill into an empty
+  # cache call jax.nn.dot_product_attention with cuDNN; decoding reads the cache with
+  # the einsums. The fake runs the XLA path, so the outputs are checked too.
+  calls = []
+  real = jax.nn.dot_product_attention
+
+  def recording(*args, implementation=None, **kw):
+    calls.append(implementation)
+    return real(*args, implementation="xla", **kw)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+  monkeypatch.setattr(M.jax, "default_backend", lambda: "gpu")
+  cfg = dataclasses.replace(CFG, dtype="bfloat16", head_dim=16)
+  p = M.init_params(cfg, jax.random.key(3))
+  tokens = tokens_of(21, (2, 7))
+  model = M.Transformer(cfg)
+  model.apply({"params": p}, tokens)
+  assert calls and set(calls) == {"cudnn"}, calls  # (the layer scan traces its body more than once)
+  calls.clear()
+  cache = M.init_cache(cfg, 2, 16)
+  _, cache = model.apply({"params": p}, tokens, cache=cache, attend=0)
+  assert calls and set(calls) == {"cudnn"}, calls
+  calls.clear()
+  model.apply({"params": p}, tokens[:, :1], cache=cache)  # decode: the cache's einsums
+  assert calls == []
+  monkeypatch.setattr(M.jax, "default_backend", lambda: "cpu")
+  model.apply({"params": p}, tokens)
+  assert calls == []  # auto on a CPU: zsjax's einsums
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_xla_attention_kernel_equals_the_einsums(params, dtype):
+  # jax.nn.dot_product_attention (the function cuDNN's kernel sits behind) against
+  # zsjax's einsums: packed segments, padding, grouped-query heads; values and grads.
+  base = dataclasses.replace(CFG, dtype=dtype, attention_impl="einsum")
+  other = dataclasses.replace(base, attention_impl="xla")
+  tokens = tokens_of(12, (2, 11))
+  segment = jnp.asarray([[1] * 4 + [2] * 5 + [0] * 2, [1] * 9 + [0] * 2])
+  positions = jnp.asarray([list(range(4)) + list(range(5)) + [0, 0], list(range(9)) + [0, 0]])
+  real = np.asarray(segment) != 0
+
+  def loss(p, cfg):
+    logits = forward(p, tokens, cfg=cfg, positions=positions, segment_ids=segment)
+    return jnp.sum(jnp.where(segment != 0, jax.nn.log_softmax(logits)[..., 3], 0.0)), logits
+
+  (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(params, base)
+  (value2, logits2), grads2 = jax.value_and_grad(loss, has_aux=True)(params, other)
+  tol = 1e-4 if dtype == "float32" else 5e-2
+  np.testing.assert_allclose(np.asarray(logits2)[real], np.asarray(logits)[real], atol=tol * 10,
+                             rtol=tol)
+  np.testing.assert_allclose(value2, value, rtol=tol)
+  if dtype == "float32":
+    for x, y in zip(jax.tree_util.tree_leaves(grads2), jax.tree_util.tree_leaves(grads)):
+      # the weights are scaled up (sharp softmaxes): compared as whole tensors
+      assert np.linalg.norm(x - y) <= 1e-3 * np.linalg.norm(y) + 1e-6, (
+          np.linalg.norm(x - y), np.linalg.norm(y))
+  assert np.all(np.isfinite(np.asarray(logits2)))  # fully masked padding stays finite

@@ -572,7 +572,7 @@ def partner_tokenizer(checkpoint: str, tokenizer, tokenizer_path: str, *, what: 
 
 def load_model(section, plan, rng: jax.Array, vocab_size: int, eos_ids, *, what: str):
   """``(cfg, params)`` of a config section (``checkpoint``, ``param_dtype``,
-  ``dtype``, ``remat``, ``model``, optional ``logits_chunk``): the local HF directory ``section.checkpoint``
+  ``dtype``, ``remat``, ``model``, optional ``logits_chunk`` and ``attention_impl``): the local HF directory ``section.checkpoint``
   or, when it is empty, a random model of shape ``section.model`` (its vocab 0 =
   the tokenizer's ``vocab_size``, its empty ``eos_token_ids`` = ``eos_ids``),
   placed by ``plan`` (a ``zsjax.sharding.ShardingPlan``, or None). ``what`` names
@@ -580,9 +580,11 @@ def load_model(section, plan, rng: jax.Array, vocab_size: int, eos_ids, *, what:
 
   if section.checkpoint:
     cfg, params = load_checkpoint(section.checkpoint, dtype=section.param_dtype, plan=plan)
-    # Compute dtype, remat and the logits chunk are run settings, not part of the checkpoint.
+    # Compute dtype, remat, the logits chunk and the attention kernel are run settings,
+    # not part of the checkpoint.
     cfg = dataclasses.replace(cfg, dtype=section.dtype, remat=section.remat,
-                              logits_chunk=section.get("logits_chunk", 0))
+                              logits_chunk=section.get("logits_chunk", 0),
+                              attention_impl=section.get("attention_impl", "auto"))
   else:
     fields = section.model.to_dict()
     if not fields:
@@ -593,8 +595,8 @@ def load_model(section, plan, rng: jax.Array, vocab_size: int, eos_ids, *, what:
     if not fields.get("eos_token_ids"):
       fields["eos_token_ids"] = tuple(eos_ids)
     cfg = ModelConfig.from_dict(fields)
-    if section.get("logits_chunk", 0):
-      cfg = dataclasses.replace(cfg, logits_chunk=section.logits_chunk)
+    cfg = dataclasses.replace(cfg, logits_chunk=section.get("logits_chunk", 0),
+                              attention_impl=section.get("attention_impl", "auto"))
     params = jax.jit(init_params, static_argnums=0, out_shardings=plan.params(cfg))(cfg, rng)
   if cfg.vocab_size < vocab_size:
     raise ValueError(f"{what}: the model's vocab_size={cfg.vocab_size} is smaller than the "

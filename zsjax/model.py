@@ -56,6 +56,13 @@ _NEG_INF = -1e30  # finite, so a fully masked row gives a uniform softmax, not N
 _ARCHS = ("qwen2", "qwen3", "llama")
 _REMAT = ("none", "full", "dots")
 _HEADS = ("lm", "value", "hidden")
+# How attention without a cache (training, scoring, a prefill into an empty cache) is
+# computed. "einsum": zsjax's own einsums (the only path with a cache: decode and later
+# prefills). "xla": jax.nn.dot_product_attention's XLA path. "cudnn": its fused cuDNN
+# kernel (flash attention; an NVIDIA GPU, bfloat16 or float16, head_dim <= 128, a
+# multiple of 8). "auto": cudnn where those hold, einsum elsewhere (attention_implementation).
+ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
+_CUDNN_DTYPES = ("bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +114,9 @@ class ModelConfig:
   # positions at a time, each piece recomputed in the backward pass, so no [B, L, V]
   # array exists (0 = the whole sequence at once). Results are the same.
   logits_chunk: int = 0
+  # run setting: how attention without a cache is computed (ATTENTION_IMPLS); the same
+  # function, other kernels (float rounding may differ)
+  attention_impl: str = "auto"
 
   def __post_init__(self):
     positive = ("vocab_size", "embed_dim", "mlp_dim", "num_layers", "num_heads",
@@ -130,6 +140,11 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.logits_chunk={self.logits_chunk!r} must be an integer >= 0 "
                        "(positions per piece of the LM head; 0 = the whole sequence). Set it "
                        "with config.policy.logits_chunk (config.model.logits_chunk for SFT).")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"ModelConfig.attention_impl={self.attention_impl!r} is not one of "
+                       f"{ATTENTION_IMPLS}; 'auto' picks cuDNN's fused kernel on a GPU and "
+                       "zsjax's einsums elsewhere (config.policy.attention_impl, "
+                       "config.simulator.attention_impl, config.model.attention_impl).")
     for name in ("dtype", "param_dtype"):
       value = getattr(self, name)
       try:
@@ -283,6 +298,25 @@ def _dense(cfg: ModelConfig, features, axis, names, bias_names, use_bias, name):
       bias_init=_param_init(bias_names, nn.initializers.zeros), name=name)
 
 
+def attention_implementation(cfg: ModelConfig, backend: str) -> str:
+  """The kernel ``cfg.attention_impl`` names on ``backend`` (``jax.default_backend()``):
+  "auto" is "cudnn" on a GPU when the compute dtype is bfloat16/float16 and the head
+  dim suits cuDNN (<= 128, a multiple of 8), else "einsum". An explicit "cudnn" where
+  cuDNN cannot run is an error naming the field, not a silent fallback."""
+  fits = (backend in ("gpu", "cuda") and cfg.dtype in _CUDNN_DTYPES
+          and cfg.head_dim <= 128 and cfg.head_dim % 8 == 0)
+  if cfg.attention_impl == "auto":
+    return "cudnn" if fits else "einsum"
+  if cfg.attention_impl == "cudnn" and not fits:
+    raise ValueError(
+        f"attention_impl='cudnn' needs an NVIDIA GPU (backend: {backend!r}), a bfloat16 or "
+        f"float16 compute dtype (dtype: {cfg.dtype!r}) and head_dim <= 128, a multiple of 8 "
+        f"(head_dim: {cfg.head_dim}); set attention_impl='auto' (config.policy.attention_impl,"
+        " config.simulator.attention_impl or config.model.attention_impl) to use it only "
+        "where it runs.")
+  return cfg.attention_impl
+
+
 class Attention(nn.Module):
   """Grouped-query attention with rotary positions and an optional cache slice."""
 
@@ -311,6 +345,13 @@ class Attention(nn.Module):
     # matmuls over (B, K, G): on XLA:CPU the attention forward is ~1.7x and its
     # backward ~1.3x faster than with q as [B, L, K, G, H]. Keys and values (and so
     # the cache) keep their layout.
+    impl = attention_implementation(cfg, jax.default_backend())
+    if impl != "einsum" and (cache_k is None or cache_k.shape[1] == 0):
+      out = jax.nn.dot_product_attention(
+          q, key, value, mask=mask[:, None], implementation=impl)  # [B, L, N, H]
+      out = _dense(cfg, cfg.embed_dim, (-2, -1), ("heads", "head_dim", "embed"), ("embed",),
+                   cfg.o_bias, "o_proj")(out.astype(cfg.compute_dtype))  # [B, L, D]
+      return out, key, value
     q = q.reshape(b, l, k, g, h).transpose(0, 2, 3, 1, 4) * (h ** -0.5)  # [B, K, G, L, H]
     logits = jnp.einsum("bkglh,bskh->bkgls", q, key, preferred_element_type=jnp.float32)
     logits = jnp.where(mask[:, None, None, :, :], logits, _NEG_INF)  # [B, K, G, L, L]

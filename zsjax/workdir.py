@@ -52,7 +52,8 @@ _EVERY_JOB = ("progress", "distributed.*", "mesh.*", "sharding", "sharding_rules
               "engine.url", "engine.timeout_s", "engine.max_retries", "engine.backoff_s",
               "engine.concurrency",
               "engine.max_failed_share", "engine.max_failed_steps", "rollout.attention_view",
-              "*logits_chunk")  # memory only: the same log-probs in pieces
+              "*logits_chunk",  # memory only: the same log-probs in pieces
+              "*attention_impl")  # the same attention on another kernel
 MAY_CHANGE = {
     # the steps may change, their schedules' span may not (HORIZONS); memory-only knobs
     # change how a step is cut into pieces, not what it computes
@@ -94,6 +95,9 @@ LATER_FIELDS = {
     "rl.schedule_steps": 0,
     "policy.logits_chunk": 0,
     "model.logits_chunk": 0,
+    "policy.attention_impl": "auto",
+    "simulator.attention_impl": "auto",
+    "model.attention_impl": "auto",
     "sft.schedule_steps": 0,
     # the reading stage (zsjax.pipeline.READING), off before it existed
     "reading_drills": 0,
