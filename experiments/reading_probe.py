@@ -75,6 +75,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--init", default="", help="an HF export to start from")
   parser.add_argument("--export", action="store_true", help="write hf_export/ (for --init)")
   parser.add_argument("--set", action="append", default=[], help="FIELD=VALUE of the sft job")
+  parser.add_argument("--doc_loss", action="store_true",
+                      help="also train on the inserted documents (a language-model loss on "
+                           "each observation: dense copying signal in the real contexts)")
   args = parser.parse_args(argv)
 
   config = tiny_world.get_config()
@@ -86,6 +89,9 @@ def main(argv=None) -> dict:
   if args.data != "demos":  # the reading stage's drills (its own held-out check left out)
     config.reading_drills, config.reading_documents = 3, args.documents
     rows += [r for r in demonstrations.reading_rows(config) if r["split"] == "train"]
+  if args.doc_loss:
+    rows = [dict(r, target_loss=[1 if "<information>" in seg else loss for seg, loss in
+                                 zip(r["target_segments"], r["target_loss"])]) for r in rows]
   job = pipeline.job_config(config, "warm_start", {"tokenizer": world["tokenizer"]})
   for item in args.set:
     field, _, value = item.partition("=")
@@ -127,7 +133,7 @@ def main(argv=None) -> dict:
   sft.update = probed_update
   start = time.time()
   summary = train_sft.train(sft)
-  result = {"name": args.name, "seed": args.seed, "data": args.data,
+  result = {"name": args.name, "seed": args.seed, "data": args.data, "doc_loss": args.doc_loss,
             "documents": args.documents, "init": args.init, "set": args.set,
             "seconds": round(time.time() - start, 1), "rows": len(rows),
             "train_nll_last": summary.get("loss/nll"),

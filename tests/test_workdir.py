@@ -318,6 +318,61 @@ def test_identity_does_not_rest_on_run_json(tmp_path):
   assert json.loads((world / "world.json").read_text())["seed"] == 0  # nothing rebuilt
 
 
+def test_without_run_json_the_checkpoints_record_is_checked_in_full(tmp_path):
+  """RL and SFT save run.json's record in each checkpoint; with run.json gone, a
+  setting that defines the run (a learning rate), a data file at another path with
+  other contents, or another seed is refused from it. A file moved with the same
+  contents and an allowed knob pass, and run.json is written again."""
+  import jax.numpy as jnp
+
+  from zsjax.checkpoint import Checkpointer
+
+  data_file = tmp_path / "train.jsonl"
+  data_file.write_text('{"question": "Q?", "golden_answers": ["a"]}\n')
+  run = tmp_path / "run"
+  run.mkdir()
+  config = load_config("zerosearch", "tiny")
+  config.data.train_files = str(data_file)
+  workdir.check_identity(run, config)
+  record = workdir.identity_record(run)
+  assert record["job"] == "rl" and record["config"]["rl.learning_rate"] == config.rl.learning_rate
+  ck = Checkpointer(run / "checkpoints", async_save=False)
+  ck.save(3, {"w": jnp.zeros(2)}, extra={"step": 3, "seed": 0, "record": record,
+                                         "inputs": workdir.input_fingerprints(config)})
+  ck.close()
+  (run / "run.json").unlink()
+
+  def changed(**fields):
+    c = load_config("zerosearch", "tiny")
+    c.data.train_files = str(data_file)
+    for dotted, value in fields.items():
+      section, leaf = dotted.split("__")
+      c[section][leaf] = value
+    return c
+
+  with pytest.raises(workdir.RunMismatch, match=r"\(checkpoint step 3\).*\n  config.rl."
+                                                r"learning_rate: 0.0001 -> 0.1"):
+    workdir.check_identity(run, changed(rl__learning_rate=0.1))
+  other = tmp_path / "other.jsonl"
+  other.write_text('{"question": "Other?", "golden_answers": ["b"]}\n')
+  with pytest.raises(workdir.RunMismatch, match=r"config.data.train_files: .*train.jsonl"):
+    workdir.check_identity(run, changed(data__train_files=str(other)))
+  with pytest.raises(workdir.RunMismatch, match=r"config.seed: 0 -> 4"):
+    c = changed()
+    c.seed = 4
+    workdir.check_identity(run, c)
+  assert not (run / "run.json").exists()  # nothing recorded by a refused run
+  moved = tmp_path / "moved" / "train.jsonl"  # (a file's fingerprint includes its name)
+  moved.parent.mkdir()
+  moved.write_bytes(data_file.read_bytes())
+  log = []
+  notes = workdir.check_identity(run, changed(data__train_files=str(moved),
+                                              rl__micro_batch_size=4), log=log.append)
+  assert "checked against the record in its checkpoint step 3" in log[0]
+  assert any("train_files" in n for n in notes) and any("micro_batch_size" in n for n in notes)
+  assert json.loads((run / "run.json").read_text())["config"]["data.train_files"] == str(moved)
+
+
 def _seeded(seed):
   config = load_config("zerosearch", "tiny")
   config.seed = seed

@@ -187,6 +187,7 @@ def train(job: RLJob) -> dict:
   checkpointer.refuse_other_horizon(workdir, r.horizon, r.total_steps, "config.rl")
   inputs = workdir_lib.input_fingerprints(config)  # data, tokenizer, checkpoints, corpus
   checkpointer.refuse_changed_inputs(workdir, inputs)
+  record = workdir_lib.identity_record(workdir)  # saved in each checkpoint: run.json's copy
   state, extra, resumed = checkpointer.restore_or(
       job.programs.state_target(),
       lambda: job.programs.initial_state(job.initial_params, jax.random.fold_in(job.key, 3)),
@@ -223,7 +224,8 @@ def train(job: RLJob) -> dict:
           checkpointer.save(step, state, extra={
               "step": step, "algorithm": r.algorithm, "seed": config.seed,
               "schedule_steps": r.horizon, "inputs": inputs,
-              "data_position": step * r.prompts_per_step})
+              "data_position": step * r.prompts_per_step,
+              **({"record": record} if record else {})})
         done = step
   except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (zsjax.interrupts)
     checkpointer.close()  # an asynchronous save in progress completes first

@@ -223,6 +223,7 @@ def train(job: SFTJob) -> dict:
   checkpointer.refuse_other_horizon(workdir, schedule_steps(s), s.total_steps, "config.sft")
   inputs = workdir_lib.input_fingerprints(config)  # data, tokenizer, the starting checkpoint
   checkpointer.refuse_changed_inputs(workdir, inputs)
+  record = workdir_lib.identity_record(workdir)  # saved in each checkpoint: run.json's copy
   state, extra, resumed = checkpointer.restore_or(job.target, lambda: job.state,
                                                    log=console)
   start = int(extra.get("step", 0))
@@ -261,7 +262,8 @@ def train(job: SFTJob) -> dict:
         if step % config.checkpoint.every == 0 or step == s.total_steps:
           checkpointer.save(step, state, extra={"step": step, "seed": config.seed,
                                                 "schedule_steps": schedule_steps(s),
-                                                "inputs": inputs})
+                                                "inputs": inputs,
+                                                **({"record": record} if record else {})})
   except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (zsjax.interrupts)
     checkpointer.close()  # a save in flight completes first
     console(f"{interrupts.describe(e)} during SFT step {step}; the last complete checkpoint: "

@@ -307,10 +307,77 @@ def _check_horizon(workdir: Path, section: str, before: dict, now: dict) -> None
                                       f"recorded in {IDENTITY_FILE}"))
 
 
+def checkpoint_record(workdir: Path) -> tuple[dict | None, str]:
+  """The run record (``{"job", "config", "inputs"}``, ``identity_record``) the newest
+  readable checkpoint under ``WORKDIR/checkpoints`` carries in its JSON part, and
+  where it was read; ``(None, "")`` when none carries one."""
+  if not holds_checkpoint(workdir):
+    return None, ""
+  from zsjax.checkpoint import Checkpointer
+  checkpointer = Checkpointer(Path(workdir) / "checkpoints", async_save=False)
+  try:
+    saved = checkpointer.latest_extra()
+  finally:
+    checkpointer.close()
+  record = (saved or {}).get("record")
+  if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+    return None, ""
+  return record, f"checkpoint step {saved.get('step')}"
+
+
+def identity_record(workdir: str | os.PathLike) -> dict | None:
+  """``WORKDIR/run.json`` as ``check_identity`` wrote it for this run (job, config,
+  inputs), or None: RL and SFT save it in each checkpoint, the run's second record."""
+  path = Path(workdir) / IDENTITY_FILE
+  try:
+    record = json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError):
+    return None
+  return {k: record[k] for k in ("job", "config", "inputs") if k in record}
+
+
+def compare_runs(workdir: Path, job: str, before: dict, now: dict, recorded_inputs: dict | None,
+                 inputs: dict, where: str, log=print) -> list[str]:
+  """Checks the run about to resume (flat config ``now``, its ``inputs``) against a
+  record (``before``, ``recorded_inputs``, read from ``where``): raises
+  ``RunMismatch`` listing the fields that define the run and differ (an input read
+  from another path with the same contents is not a difference), the schedules' span
+  or an input's changed contents; returns the allowed changes."""
+  before = dict(before)
+  for key in set(now) - set(before):  # recorded before the field was written
+    later, default = later_default(key)
+    if later:
+      before[key] = default
+  keys = sorted(set(before) | set(now))
+  changed = [k for k in keys if before.get(k, "<absent>") != now.get(k, "<absent>")]
+  recorded_inputs = recorded_inputs or {}
+
+  def same_contents(key):  # an input moved, not replaced
+    then, current = recorded_inputs.get(key), inputs.get(key)
+    return bool(then and current and then["fingerprint"] == current["fingerprint"]
+                and not then["fingerprint"].startswith("unreadable"))
+
+  refused = [k for k in changed if not _may_change(job, k) and not same_contents(k)]
+  if refused:
+    lines = "\n".join(f"  config.{k}: {before.get(k, '<absent>')!r} -> "
+                      f"{now.get(k, '<absent>')!r}" for k in refused)
+    raise RunMismatch(
+        f"{workdir} holds a {job!r} run started with other settings ({where}); resuming it "
+        f"with these would mix two runs:\n{lines}\nUse a new --workdir for a new run, or "
+        f"rerun with the recorded values.")
+  if job in HORIZONS and changed:
+    _check_horizon(workdir, HORIZONS[job], before, now)
+  refuse_changed_inputs(workdir, recorded_inputs, inputs, where)
+  return [f"config.{k}: {before.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}"
+          for k in changed]
+
+
 def check_identity(workdir: str | os.PathLike, config, log=print) -> list[str]:
   """Records the run in ``WORKDIR/run.json``, or checks this run against the one
   recorded: raises ``RunMismatch`` listing the fields that define the run and
-  differ; returns (and ``log``s) the allowed changes, then records the new values."""
+  differ; returns (and ``log``s) the allowed changes, then records the new values.
+  Without ``run.json`` (deleted, or a workdir from before it) the record each
+  checkpoint carries is checked the same way (``checkpoint_record``)."""
   job = config.job
   if job not in RESUMABLE:
     return []
@@ -318,6 +385,7 @@ def check_identity(workdir: str | os.PathLike, config, log=print) -> list[str]:
   path = workdir / IDENTITY_FILE
   now = flatten(config)
   inputs = input_fingerprints(config)
+  notes, started = [], time.strftime("%Y-%m-%d %H:%M:%S")
   if path.exists():
     try:
       recorded = json.loads(path.read_text())
@@ -325,40 +393,29 @@ def check_identity(workdir: str | os.PathLike, config, log=print) -> list[str]:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
       raise RunMismatch(f"{path} is unreadable ({e}); it records which run this workdir "
                         "holds. Use a new --workdir. (Moving it aside resumes the run; "
-                        "its checkpoint's seed, schedules and inputs are still "
-                        "checked.)") from None
-    for key in set(now) - set(before):  # recorded before the field was written
-      later, default = later_default(key)
-      if later:
-        before[key] = default
-    keys = sorted(set(before) | set(now))
-    changed = [k for k in keys if before.get(k, "<absent>") != now.get(k, "<absent>")]
-    refused = [k for k in changed if not _may_change(job, k)]
-    if refused and not holds_results(workdir):
-      log(f"{workdir}: the run recorded in {IDENTITY_FILE} left no checkpoint or results "
-          f"(it stopped during set-up); recording this one instead")
-      refused, changed = [], []
-    if refused:
-      lines = "\n".join(f"  config.{k}: {before.get(k, '<absent>')!r} -> "
-                        f"{now.get(k, '<absent>')!r}" for k in refused)
-      raise RunMismatch(
-          f"{workdir} holds a {recorded.get('job', job)!r} run started with other settings; "
-          f"resuming it with these would mix two runs:\n{lines}\nUse a new --workdir for a new "
-          f"run, or rerun with the recorded values ({path}).")
-    if job in HORIZONS and changed and holds_results(workdir):
-      _check_horizon(workdir, HORIZONS[job], before, now)
+                        "its checkpoint's record is then checked instead.)") from None
     if holds_results(workdir):
-      refuse_changed_inputs(workdir, recorded.get("inputs"), inputs, f"recorded in {path}")
-    notes = [f"config.{k}: {before.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}"
-             for k in changed]
-    for note in notes:
-      log(f"{workdir}: resuming with a changed setting (allowed): {note}")
-    started = recorded.get("started", "")
-  else:
-    notes, started = [], time.strftime("%Y-%m-%d %H:%M:%S")
-    if holds_results(workdir):
+      notes = compare_runs(workdir, recorded.get("job", job), before, now,
+                           recorded.get("inputs"), inputs, f"recorded in {path}", log)
+    else:
+      changed = [k for k in sorted(set(before) | set(now))
+                 if before.get(k) != now.get(k) and not _may_change(job, k)]
+      if changed:
+        log(f"{workdir}: the run recorded in {IDENTITY_FILE} left no checkpoint or results "
+            f"(it stopped during set-up); recording this one instead")
+    started = recorded.get("started", started)
+  elif holds_results(workdir):
+    saved, where = checkpoint_record(workdir)
+    if saved is not None:
+      log(f"{workdir}: no {IDENTITY_FILE} (it was removed, or the workdir predates it); the "
+          f"run is checked against the record in its {where}")
+      notes = compare_runs(workdir, saved.get("job", job), saved["config"], now,
+                           saved.get("inputs"), inputs, where, log)
+    else:
       log(f"{workdir}: no {IDENTITY_FILE} (the workdir predates it, or it was removed); the "
           "run is checked against its checkpoint (seed, schedules, inputs) instead")
+  for note in notes:
+    log(f"{workdir}: resuming with a changed setting (allowed): {note}")
   partial = path.with_name(path.name + ".partial")
   partial.write_text(json.dumps({"job": job, "started": started, "config": now,
                                  "inputs": inputs}, indent=2, sort_keys=True) + "\n")
@@ -369,4 +426,5 @@ def check_identity(workdir: str | os.PathLike, config, log=print) -> list[str]:
 __all__ = ["LOCK_FILE", "IDENTITY_FILE", "RESUMABLE", "MAY_CHANGE", "LATER_FIELDS",
            "WorkdirBusy", "RunMismatch", "lock", "flatten", "holds_checkpoint", "holds_results", "check_identity",
            "later_default", "without_later_defaults", "INPUT_FIELDS", "fingerprint",
-           "input_fingerprints", "changed_inputs", "refuse_changed_inputs"]
+           "input_fingerprints", "changed_inputs", "refuse_changed_inputs", "checkpoint_record",
+           "compare_runs", "identity_record"]
