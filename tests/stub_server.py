@@ -53,7 +53,7 @@ class StubServer:
                     for k in range(body["topk"] or 3)]
             return [{"document": r, "score": 1.0 / (k + 1)} for k, r in enumerate(rows)] \
                 if body.get("return_scores") else rows
-          answer = {"result": [hits(q) for q in body["queries"]]}
+          answer = {"result": [[] if mode == "no_hits" else hits(q) for q in body["queries"]]}
         elif self.path.endswith("/chat/completions"):  # one conversation a request
           answer = {"choices": [{"index": 0, "message": {
               "role": "assistant", "content": documents(body["messages"][-1]["content"])}}]}

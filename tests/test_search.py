@@ -443,6 +443,21 @@ def test_a_200_without_usable_completions_is_a_failed_call(server, mode, needle,
     engine.health_check()
 
 
+def test_a_retriever_that_finds_nothing_is_a_failed_call(server):
+  """A retrieval server answering 200 with empty hit lists: a failed, counted call
+  naming the query, and a health check that refuses it."""
+  server.mode = "no_hits"
+  engine = S.RetrieverEngine(server.url, top_k=2, timeout_s=2.0, max_retries=0)
+  result = engine.search([S.SearchRequest("capital of France"), S.SearchRequest("x")])
+  assert result.failed == [True, True] and result.documents == [[], []]
+  assert "no documents for query 0 ('capital of France')" in engine.stats["last_error"]
+  with pytest.raises(S.EngineError, match="no documents for query 0"):
+    engine.health_check()
+  server.mode = "ok"
+  result = engine.search([S.SearchRequest("capital of France")])
+  assert result.failed == [False] and len(result.documents[0]) == 2
+
+
 def test_a_server_that_stops_answering_is_found_out_in_one_wave(server):
   """Once ``concurrency`` requests in a row fail, the call's other requests fail
   unsent; the next call sends one probe with one attempt, and a server that

@@ -186,3 +186,31 @@ def test_a_bad_logits_chunk_is_named():
   with pytest.raises(ValueError, match=r"logits_chunk=-1 must be an integer >= 0.*"
                                        r"config.policy.logits_chunk"):
     dataclasses.replace(CFG, logits_chunk=-1)
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("weight_decay", -0.1, r"config.sft.weight_decay=-0.1 must be >= 0"),
+    ("grad_clip", -1.0, r"config.sft.grad_clip=-1.0 must be >= 0"),
+    ("warmup_fraction", 1.5, r"config.sft.warmup_fraction=1.5 must lie in \[0, 1\]"),
+    ("learning_rate", 0.0, r"config.sft.learning_rate=0.0 must be > 0"),
+])
+def test_bad_sft_settings_name_the_field_before_any_work(field, value, needle):
+  from tests.config_files import load_config
+  from zsjax import train_sft
+
+  config = load_config("sim_tuning", "sft")
+  train_sft.check_config(config)  # the config as shipped passes
+  config.sft[field] = value
+  with pytest.raises(ValueError, match=needle):
+    train_sft.check_config(config)
+
+
+def test_a_finished_runs_summary_keeps_its_last_metrics(tmp_path):
+  # what a rerun that trains nothing (SFT and RL) puts in its summary
+  from zsjax.metrics import MetricWriter, metrics_at
+
+  with MetricWriter(tmp_path) as writer:
+    for step in (1, 2):
+      writer.write(step, {"loss/nll": 1.0 / step})
+  assert metrics_at(tmp_path, 2) == {"loss/nll": 0.5}
+  assert metrics_at(tmp_path, 7) == {} and metrics_at(tmp_path / "none", 1) == {}

@@ -166,3 +166,15 @@ def read_jsonl(path: str | Path, torn_tail: str = "raise") -> list[dict]:
                        "dropped on resume, a bad line before it means the file was edited or "
                        "corrupted.") from None
   return records
+
+
+def metrics_at(workdir: str | Path, step: int) -> dict:
+  """The metrics ``WORKDIR/metrics.jsonl`` recorded for ``step`` (without ``step`` and
+  ``time``), or {}: what a rerun of a finished run, which trains nothing, puts in
+  its summary."""
+  path = Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return {}
+  records = [r for r in read_jsonl(path, torn_tail="drop") if r.get("step") == step]
+  return {k: v for k, v in records[-1].items() if k not in ("step", "time")} if records else {}
+

@@ -533,6 +533,10 @@ class RetrieverEngine(HttpClient):
       if not isinstance(result, list) or len(result) != len(queries):
         raise ValueError(f"'result' holds {len(result) if isinstance(result, list) else result!r}"
                          f" lists for {len(queries)} queries")
+      empty = [i for i, docs in enumerate(result) if not isinstance(docs, list) or not docs]
+      if empty:  # a retriever returns top-k for every query: nothing is a failed call
+        raise ValueError(f"the server returned no documents for query {empty[0]} "
+                         f"({queries[empty[0]]!r}) and {len(empty) - 1} more")
       return [[retriever_document(item) for item in docs[:self.top_k]] for docs in result]
 
     docs = self._send_all([{"queries": queries, "topk": self.top_k, "return_scores": True}],

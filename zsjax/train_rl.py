@@ -41,7 +41,7 @@ from zsjax import hf, interrupts, rl_step, sampling, search, template, tinyworld
 from zsjax import rollout as rollout_lib
 from zsjax import workdir as workdir_lib
 from zsjax.checkpoint import Checkpointer, export_hf
-from zsjax.metrics import MetricWriter, console, drop_steps_after, read_jsonl
+from zsjax.metrics import MetricWriter, console, drop_steps_after, metrics_at
 from zsjax.model import with_compute_dtype
 from zsjax.rewards import AnswerScores, score_answers
 from zsjax.rl_settings import RLSettings, check_config
@@ -242,11 +242,8 @@ def train(job: RLJob) -> dict:
     checkpointer.close()  # a save in flight completes whatever stopped the loop
     raise
   checkpointer.close()
-  if not last and done and (workdir / "metrics.jsonl").exists():
-    # a rerun of a finished run trains nothing: its summary keeps the last step's metrics
-    records = [rec for rec in read_jsonl(workdir / "metrics.jsonl", torn_tail="drop")
-               if rec.get("step") == done]
-    last = {k: v for k, v in records[-1].items() if k not in ("step", "time")} if records else {}
+  if not last and done:  # a rerun of a finished run trains nothing: keep the last metrics
+    last = metrics_at(workdir, done)
   summary = {"final_step": done, "resumed_from": start, **last}
   if ck.export_hf and is_main_process():
     export = export_hf(workdir / "hf_export", job.policy_cfg, state.policy.params, job.tokenizer,

@@ -33,7 +33,7 @@ from zsjax import data as data_lib
 from zsjax import hf, interrupts
 from zsjax import workdir as workdir_lib
 from zsjax.checkpoint import Checkpointer, abstract_like, check_checkpoint_config, export_hf
-from zsjax.metrics import MetricWriter, console
+from zsjax.metrics import MetricWriter, console, metrics_at
 from zsjax.sharding import ShardingPlan, is_main_process
 from zsjax.train_step import (create_train_state, init_state, make_optimizer,
                               make_update_step, next_token_loss)
@@ -163,6 +163,12 @@ def check_config(config) -> None:
   if not s.learning_rate > 0:
     raise ValueError(f"config.sft.learning_rate={s.learning_rate} must be > 0 (a negative rate "
                      "would climb the loss).")
+  for name in ("weight_decay", "grad_clip"):
+    if s.get(name, 0.0) < 0:
+      raise ValueError(f"config.sft.{name}={s[name]} must be >= 0 (0 turns it off).")
+  if not 0.0 <= s.get("warmup_fraction", 0.0) <= 1.0:
+    raise ValueError(f"config.sft.warmup_fraction={s.warmup_fraction} must lie in [0, 1] (the "
+                     "share of the schedule's steps spent warming the learning rate up).")
   check_checkpoint_config(config.checkpoint)
 
 
@@ -273,6 +279,8 @@ def train(job: SFTJob) -> dict:
     checkpointer.close()  # a save in flight completes whatever stopped the loop
     raise
   checkpointer.close()
+  if start >= s.total_steps and start:  # a rerun of a finished run: keep the last metrics
+    summary.update(metrics_at(workdir, start))
   if config.checkpoint.export_hf and is_main_process():
     summary["hf_export"] = str(export_hf(workdir / "hf_export", job.cfg, state.params,
                                          job.tokenizer))
