@@ -163,7 +163,14 @@ def get_config(arg=None):
       value_clip=0.5, gamma=1.0, lam=1.0,
       sample_every=0,  # > 0: every N steps, decoded trajectories to WORKDIR/samples.jsonl
       sample_rows=4,  # trajectories per sample
-      scoring_dtype=""))  # compute dtype of the scoring pass (as rollout.dtype); "" = the policy's
+      scoring_dtype="",  # compute dtype of the scoring pass (as rollout.dtype); "" = the policy's
+      # the frozen reference's params: "" = the policy's param dtype; bfloat16 halves them
+      # (veRL keeps its reference in bf16 too)
+      reference_dtype="" if tiny else "bfloat16",
+      # keep the reference / the optimizer state in host memory ("pinned_host") between
+      # the phases that use them: less device memory, a copy each way a step
+      # (experiments/plan_rl.py counts both)
+      offload_reference=False, offload_optimizer=False))
   config.checkpoint = ml_collections.ConfigDict(dict(
       every=1 if tiny else 20, max_to_keep=3, async_save=True, export_hf=True))
   config.mesh = ml_collections.ConfigDict(dict(data=-1 if tiny else 1, fsdp=1 if tiny else -1,

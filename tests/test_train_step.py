@@ -195,7 +195,7 @@ def test_a_bad_logits_chunk_is_named():
     ("learning_rate", 0.0, r"config.sft.learning_rate=0.0 must be > 0"),
 ])
 def test_bad_sft_settings_name_the_field_before_any_work(field, value, needle):
-  from tests.config_files import load_config
+  from config_files import load_config
   from zsjax import train_sft
 
   config = load_config("sim_tuning", "sft")
@@ -214,3 +214,85 @@ def test_a_finished_runs_summary_keeps_its_last_metrics(tmp_path):
       writer.write(step, {"loss/nll": 1.0 / step})
   assert metrics_at(tmp_path, 2) == {"loss/nll": 0.5}
   assert metrics_at(tmp_path, 7) == {} and metrics_at(tmp_path / "none", 1) == {}
+
+
+def test_reference_in_bfloat16_and_offloaded_states_give_the_same_step():
+  """rl.offload_reference / rl.offload_optimizer keep the reference and the optimizer
+  state in host memory between the phases that use them: the step is the same, bit
+  for bit. rl.reference_dtype=bfloat16 stores the reference in half precision: its
+  log-probs follow the float32 reference's within bf16 rounding."""
+  import types
+
+  from config_files import load_config
+  from zsjax import rl_settings, rl_step
+
+  plan = one_device_plan()
+  params = M.init_params(CFG, jax.random.key(2))
+  n, s = 8, 12
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(6, s + 1, n)
+  prompt = np.full(n, 3)
+  held = np.arange(s)[None] < lengths[:, None]
+  traj = types.SimpleNamespace(
+      tokens=np.where(held, rng.integers(0, CFG.vocab_size, (n, s)), 0).astype(np.int32),
+      loss_mask=(held & (np.arange(s)[None] >= prompt[:, None])).astype(np.int32),
+      lengths=lengths, prompt_lengths=prompt)
+  rewards = rng.random(n).astype(np.float32)
+
+  def step(**fields):
+    section = load_config("zerosearch", "tiny,grpo").rl
+    section.update(prompts_per_step=2, samples_per_prompt=4, minibatch_size=8,
+                   micro_batch_size=8, score_batch_size=8, kl_coef=0.1, **fields)
+    r = rl_settings.RLSettings.from_config(section).check()
+    r.check_memory(jax.devices())
+    programs = rl_step.build_programs(r, CFG, plan, 1.0)
+    state = programs.initial_state(params, jax.random.key(0))
+    ref = programs.reference_params(params)
+    kinds = {x.sharding.memory_kind for x in jax.tree_util.tree_leaves(state.policy.opt_state)
+             if hasattr(x, "sharding") and x.ndim}
+    batch = rl_step.make_rl_batch(programs, state, ref, traj, rewards)
+    state, metrics = rl_step.update_epochs(programs, state, batch, np.random.default_rng(1),
+                                           jax.random.key(3))
+    after = {x.sharding.memory_kind for x in jax.tree_util.tree_leaves(state.policy.opt_state)
+             if x.ndim}
+    return ref, kinds, after, batch, state, jax.device_get(metrics)
+
+  ref, kinds, after, batch, state, metrics = step()
+  assert kinds == after == {"device"}
+  assert {x.dtype for x in jax.tree_util.tree_leaves(ref)} == {jnp.dtype("float32")}
+  ref2, kinds2, after2, batch2, state2, metrics2 = step(offload_reference=True,
+                                                        offload_optimizer=True)
+  assert kinds2 == after2 == {rl_settings.HOST_MEMORY}  # between the phases
+  assert {x.sharding.memory_kind for x in jax.tree_util.tree_leaves(ref2)} == {
+      rl_settings.HOST_MEMORY}
+  np.testing.assert_array_equal(batch2.ref_logp, batch.ref_logp)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, state2.policy.params,
+                         state.policy.params)
+  assert metrics2 == metrics
+  ref3, _, _, batch3, _, _ = step(reference_dtype="bfloat16")
+  assert {x.dtype for x in jax.tree_util.tree_leaves(ref3)} == {jnp.dtype("bfloat16")}
+  real = np.asarray(batch.loss_mask) > 0
+  gap = np.abs(np.asarray(batch3.ref_logp) - np.asarray(batch.ref_logp))[real]
+  assert 0 < gap.max() < 0.05  # rounded, not another model
+  np.testing.assert_array_equal(batch3.old_logp, batch.old_logp)  # the policy is untouched
+
+
+def test_offload_on_a_backend_without_host_memory_is_named():
+  from zsjax import rl_settings
+
+  class Memory:
+    kind = "device"
+
+  class Device:
+    platform = "weird"
+
+    def addressable_memories(self):
+      return [Memory()]
+
+  r = rl_settings.RLSettings.from_config(__import__("config_files").load_config(
+      "zerosearch", "tiny").rl)
+  r.check_memory([Device()])  # nothing offloaded: nothing asked of the backend
+  offloaded = rl_settings.dataclasses.replace(r, offload_optimizer=True)
+  with pytest.raises(ValueError, match=r"config.rl.offload_optimizer=True keep arrays in host "
+                                       r"memory, but this backend \(weird\) has no 'pinned_host'"):
+    offloaded.check_memory([Device()])

@@ -19,6 +19,7 @@ from zsjax.search import check_engine_config
 from zsjax.template import prompt_style
 
 LOSS_MASKS = ("policy", "response")
+HOST_MEMORY = "pinned_host"  # the JAX memory kind offloaded arrays live in
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,13 @@ class RLSettings:
   # run keeps its recorded horizon (zsjax.workdir): set it to run longer on the same
   # schedules (their end values hold past it)
   schedule_steps: int = 0
+  # memory options (zsjax.rl_step; experiments/plan_rl.py counts them): the frozen
+  # reference's dtype ("" = the policy's param dtype; "bfloat16" halves it), and the
+  # reference and the optimizer state kept in host memory between the phases that
+  # use them (JAX memory kinds: "pinned_host")
+  reference_dtype: str = ""
+  offload_reference: bool = False
+  offload_optimizer: bool = False
 
   @classmethod
   def from_config(cls, section) -> "RLSettings":
@@ -97,6 +105,7 @@ class RLSettings:
       raise ValueError(f"config.rl.loss_mask={self.loss_mask!r}: use 'policy' (only sampled "
                        "tokens, the method) or 'response' (inserted documents too, the ablation).")
     check_compute_dtype(self.scoring_dtype, "config.rl.scoring_dtype")
+    check_compute_dtype(self.reference_dtype, "config.rl.reference_dtype")
     # Checked here, before the models are built and a rollout is done (rl.py checks
     # them again where they are used).
     if self.kl_type not in rl.KL_TYPES:
@@ -161,6 +170,21 @@ class RLSettings:
     if self.score_batch_size <= 0 or n % self.score_batch_size:
       raise ValueError(f"config.rl.score_batch_size={self.score_batch_size} must divide the {n} "
                        "trajectories of a step.")
+
+  def check_memory(self, devices) -> None:
+    """Host offload needs a backend with a ``pinned_host`` memory (GPU, TPU and CPU
+    in current JAX): elsewhere an error naming the fields to turn off."""
+    fields = [f"config.rl.{name}=True" for name in ("offload_reference", "offload_optimizer")
+              if getattr(self, name)]
+    if not fields:
+      return
+    device = devices[0]
+    kinds = sorted(m.kind for m in device.addressable_memories())
+    if HOST_MEMORY not in kinds:
+      raise ValueError(f"{' and '.join(fields)} keep arrays in host memory, but this backend "
+                       f"({device.platform}) has no {HOST_MEMORY!r} memory (it has {kinds}); "
+                       "set them to False, or plan the run without offload "
+                       "(experiments/plan_rl.py).")
 
   def check_mesh(self, plan) -> None:
     """Every batch the job shards splits evenly over data x fsdp."""

@@ -31,7 +31,7 @@ from zsjax import rl
 from zsjax.checkpoint import abstract_like
 from zsjax.model import ModelConfig, init_params, token_log_probs, token_values, with_compute_dtype
 from zsjax.rewards import AnswerScores
-from zsjax.rl_settings import RLSettings
+from zsjax.rl_settings import HOST_MEMORY, RLSettings
 from zsjax.sharding import ShardingPlan, place
 from zsjax.train_step import (TrainState, init_state, make_accumulating_update,
                               make_chunked_score_fn, make_optimizer, state_shardings)
@@ -98,6 +98,20 @@ def _copy(tree):
   return jax.tree_util.tree_map(jnp.copy, tree)
 
 
+def _as_reference(dtype: str, tree):
+  """A separate copy of policy params, floating leaves in ``dtype`` ("" = as they are)."""
+  def cast(x):
+    if dtype and jnp.issubdtype(x.dtype, jnp.floating):
+      return x.astype(dtype)
+    return jnp.copy(x)
+  return jax.tree_util.tree_map(cast, tree)
+
+
+def in_memory(shardings, kind: str | None):
+  """``shardings`` (a tree of NamedSharding) in memory ``kind`` (None: the default)."""
+  return jax.tree_util.tree_map(lambda s: s.with_memory_kind(kind) if kind else s, shardings)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class RLPrograms:
   """The RL job's optimizers and jitted programs (``build_programs``)."""
@@ -119,6 +133,25 @@ class RLPrograms:
   update: Callable  # (TrainState, RLBatch, rng) -> (TrainState, metrics)
   critic_update: Callable | None
   copy_params: Callable  # a fresh copy (separate buffers) of policy params
+  # params -> the frozen reference: a copy in rl.reference_dtype, in host memory with
+  # rl.offload_reference (brought to the devices only for its scoring pass)
+  reference_params: Callable | None = None
+
+  def placed_optimizer(self, state: "RLState", host: bool) -> "RLState":
+    """``state`` with its optimizer states in host memory (``host``) or on the
+    devices, when ``rl.offload_optimizer``; else ``state`` as it is. The update needs
+    them on the devices; the rollout and scoring do not."""
+    if not self.settings.offload_optimizer:
+      return state
+
+    def put(train_state, shardings):
+      if train_state is None:
+        return None
+      target = in_memory(shardings.opt_state, HOST_MEMORY if host else "device")
+      return train_state.replace(opt_state=jax.device_put(train_state.opt_state, target))
+
+    return RLState(policy=put(state.policy, self.shardings),
+                   critic=put(state.critic, self.critic_shardings))
 
   def initial_state(self, params, key: jax.Array) -> RLState:
     """The policy (a copy of ``params``) and, for PPO, its critic, with fresh optimizers."""
@@ -137,7 +170,7 @@ class RLPrograms:
                            out_shardings=self.critic_shardings.opt_state)(critic_params)
       critic = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
                           params=critic_params, opt_state=critic_opt)
-    return RLState(policy=policy, critic=critic)
+    return self.placed_optimizer(RLState(policy=policy, critic=critic), host=True)
 
   def state_target(self) -> RLState:
     """The checkpoint's abstract tree (shapes, dtypes, shardings) for restoring."""
@@ -197,7 +230,11 @@ def build_programs(settings: RLSettings, policy_cfg: ModelConfig, plan: Sharding
       take=jax.jit(_take_rows, in_shardings=(batch_shardings, repl),
                    out_shardings=batch_shardings),
       update=update, critic_update=critic_update,
-      copy_params=jax.jit(_copy, out_shardings=shardings.params))
+      copy_params=jax.jit(_copy, out_shardings=shardings.params),
+      reference_params=jax.jit(
+          functools.partial(_as_reference, r.reference_dtype),
+          out_shardings=in_memory(shardings.params,
+                                  HOST_MEMORY if r.offload_reference else None)))
 
 
 def loss_mask_of(traj, kind: str) -> np.ndarray:
@@ -220,7 +257,10 @@ def make_rl_batch(programs: RLPrograms, state: RLState, ref_params, traj, reward
   tokens = place(traj.tokens, row2)
   segment_ids = place(held.astype(np.int32), row2)
   mask = place(loss_mask_of(traj, r.loss_mask), row2)
+  if r.offload_reference:  # on the devices for this pass only
+    ref_params = jax.device_put(ref_params, in_memory(programs.shardings.params, "device"))
   ref_logp = programs.log_probs(ref_params, tokens, segment_ids)
+  del ref_params
   old_logp = programs.log_probs(state.policy.params, tokens, segment_ids)
   if programs.values is not None:
     old_values = programs.values(state.critic.params, tokens, segment_ids)
@@ -237,6 +277,7 @@ def update_epochs(programs: RLPrograms, state: RLState, batch: RLBatch, order_rn
                   ) -> tuple[RLState, list[dict]]:
   """``epochs x minibatches`` updates over ``batch``, each epoch in a new row order
   drawn from ``order_rng`` (a numpy Generator); returns the device metrics of each."""
+  state = programs.placed_optimizer(state, host=False)  # (rl.offload_optimizer)
   policy, critic = state.policy, state.critic
   sizes = programs.minibatch_sizes
   n = sum(sizes)
@@ -252,7 +293,7 @@ def update_epochs(programs: RLPrograms, state: RLState, batch: RLBatch, order_rn
                                                         jax.random.fold_in(rng, 2))
       policy, policy_metrics = programs.update(policy, minibatch, jax.random.fold_in(rng, 1))
       metrics.append({**policy_metrics, **critic_metrics})
-  return RLState(policy=policy, critic=critic), metrics
+  return programs.placed_optimizer(RLState(policy=policy, critic=critic), host=True), metrics
 
 
 def step_metrics(update_metrics: list[dict], traj, scores: AnswerScores, reward: np.ndarray,

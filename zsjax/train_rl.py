@@ -63,7 +63,8 @@ class RLJob:
   plan: ShardingPlan
   policy_cfg: Any
   initial_params: Any
-  ref_params: Any  # frozen, never donated, never in an optimizer
+  ref_params: Any  # frozen, never donated, never in an optimizer (rl.reference_dtype,
+  # in host memory with rl.offload_reference)
   engine: Any
   engine_state: Any  # the simulator's params, or a placeholder for host engines
   rollout: Any  # jitted (policy_params, engine_state, RolloutBatch, rng, step) -> Trajectories
@@ -75,6 +76,7 @@ class RLJob:
 def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> RLJob:
   r, plan = check_config(config), ShardingPlan.from_config(config)
   r.check_mesh(plan)
+  r.check_memory(plan.mesh.devices.flat)
   key = jax.random.key(config.seed)
   tokenizer = hf.config_tokenizer(config, "policy")
   eos_ids = tuple(i for i in (tokenizer.eos_token_id,) if i is not None)
@@ -114,7 +116,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> RLJob:
       render=render,
       data=data, sources=tuple(sorted(set(data["data_source"]))),
       plan=plan, policy_cfg=policy_cfg, initial_params=params,
-      ref_params=programs.copy_params(params), engine=engine, engine_state=engine_state,
+      ref_params=programs.reference_params(params), engine=engine, engine_state=engine_state,
       rollout=rollout, rollout_config=rollout_config, pad_id=static.pad_id, programs=programs)
 
 
@@ -192,6 +194,7 @@ def train(job: RLJob) -> dict:
       job.programs.state_target(),
       lambda: job.programs.initial_state(job.initial_params, jax.random.fold_in(job.key, 3)),
       log=console)
+  state = job.programs.placed_optimizer(state, host=True)  # (rl.offload_optimizer)
   start = int(extra.get("step", 0)) if resumed else 0
   if start > r.total_steps and is_main_process():
     console(f"{workdir} holds step {start}, past config.rl.total_steps={r.total_steps}: "

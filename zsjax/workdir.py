@@ -59,6 +59,7 @@ MAY_CHANGE = {
     # change how a step is cut into pieces, not what it computes
     "rl": _EVERY_JOB + ("rl.total_steps", "rl.schedule_steps", "rl.sample_every",
                         "rl.sample_rows", "rl.micro_batch_size", "rl.score_batch_size",
+                        "rl.offload_reference", "rl.offload_optimizer",
                         "checkpoint.export_hf"),
     "sft": _EVERY_JOB + ("sft.total_steps", "sft.schedule_steps", "sft.eval_every",
                          "checkpoint.export_hf"),
@@ -85,6 +86,9 @@ LATER_FIELDS = {
     "rollout.dtype": "",
     "rollout.attention_view": 512,
     "rl.scoring_dtype": "",
+    "rl.reference_dtype": "",
+    "rl.offload_reference": False,
+    "rl.offload_optimizer": False,
     "sampling.method": "gumbel",
     "simulator.sampling_method": "gumbel",
     "simulator.top_p": 1.0,
