@@ -34,5 +34,12 @@ setup(
         # torch only for logit-parity tests against transformers' PyTorch models;
         # 2.13.0 is the CPU build available offline on the project machines.
         "test": ["pytest>=9", "chex>=0.1.92", "torch==2.13.0"],
+        # accelerators: JAX's own extras, pinned to the jax above (jax 0.10.2's metadata:
+        # cuda12 pulls jax-cuda12-plugin[with-cuda] 0.10.2 and NVIDIA's CUDA 12 / cuDNN
+        # wheels; tpu pulls libtpu 0.0.42.*). "cuda12-local" uses a CUDA already installed.
+        "cuda12": ["jax[cuda12]>=0.10.2,<0.11"],
+        "cuda12-local": ["jax[cuda12-local]>=0.10.2,<0.11"],
+        "cuda13": ["jax[cuda13]>=0.10.2,<0.11"],
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     },
 )

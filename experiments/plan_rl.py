@@ -10,7 +10,7 @@ over ``--gpus`` devices (``fsdp``: params and optimizer state over every device,
 batch rows over every device), the per-device bytes of:
 
   policy params (float32), AdamW state (two float32 moments), the frozen
-  reference (a float32 copy), the simulator (bfloat16), the policy's KV cache
+  reference (``rl.reference_dtype``: float32 or bfloat16), the simulator (bfloat16), the policy's KV cache
   for every rollout row at the full context (bfloat16), the simulator's KV cache
   (prefix + 600 new tokens, bfloat16), and the temporaries of the scoring pass
   and of one micro-batch update, these two from XLA: the programs are compiled
@@ -19,7 +19,10 @@ batch rows over every device), the per-device bytes of:
 
 The step's peak is the larger of its phases: rollout (states + both caches),
 scoring (states + scoring temporaries) and update (states + update
-temporaries). The table says whether that fits an 80 GB H100, a 141 GB H200
+temporaries). With ``rl.offload_reference`` / ``rl.offload_optimizer`` the
+reference is on the devices only while scoring, the AdamW state only while
+updating (host memory the rest of the step; ``--compare_options`` plans each
+option beside the config's). The table says whether that fits an 80 GB H100, a 141 GB H200
 and a 16 GB TPU v5e chip, and the largest rollout batch (rows, a multiple of
 the device count) that would fit each with 10% headroom. CPU compiles fuse
 differently from GPU ones: treat the compiled temporaries as estimates. The
@@ -86,8 +89,17 @@ def compiled_temps(cfg, plan, r, length: int) -> dict:
           "update_temp": float(update_mem.temp_size_in_bytes)}
 
 
+# What rl.reference_dtype / rl.offload_reference / rl.offload_optimizer buy, planned
+# side by side by --compare_options: (name, reference dtype, offload reference, offload
+# optimizer). None takes the config's value.
+OPTIONS = {"config": (None, None, None), "f32_reference": ("float32", False, False),
+           "bf16_reference": ("bfloat16", False, False),
+           "bf16_reference+offload": ("bfloat16", True, True)}
+
+
 def plan_one(model: str, simulator: str, devices, rows: int | None = None,
-             logits_chunk: int = -1) -> dict:
+             logits_chunk: int = -1, options: str = "config", temps: dict | None = None
+             ) -> dict:
   import dataclasses
 
   from config_files import load_config
@@ -104,21 +116,31 @@ def plan_one(model: str, simulator: str, devices, rows: int | None = None,
                                    "sharding": "fsdp", "sharding_rules": ()}, devices=devices)
   n = count_params(param_shapes(cfg))
   rows = rows or r.prompts_per_step * r.samples_per_prompt
+  ref_dtype, off_ref, off_opt = (
+      value if value is not None else default for value, default in
+      zip(OPTIONS[options], (r.get("reference_dtype", ""), r.get("offload_reference", False),
+                             r.get("offload_optimizer", False))))
+  ref_bytes = 2.0 if ref_dtype in ("bfloat16", "float16") else 4.0  # "": the policy's f32
   per_device = {
-      "policy_params": 4.0 * n / gpus, "optimizer": 8.0 * n / gpus, "reference": 4.0 * n / gpus,
+      "policy_params": 4.0 * n / gpus, "optimizer": 8.0 * n / gpus,
+      "reference": ref_bytes * n / gpus,
       "policy_cache": cache_bytes(cfg, rows, ro.max_length) / gpus}
   if simulator != "none":
     sim = ModelConfig.from_dict(shape(simulator))
     per_device["simulator"] = 2.0 * count_params(param_shapes(sim)) / gpus
     per_device["simulator_cache"] = cache_bytes(
         sim, rows, config.simulator.max_prefix_tokens + config.simulator.max_new_tokens) / gpus
-  per_device.update(compiled_temps(cfg, plan, r, ro.max_length))
-  states = sum(per_device.get(k, 0.0) for k in ("policy_params", "optimizer", "reference",
-                                                 "simulator"))
+  per_device.update(temps or compiled_temps(cfg, plan, r, ro.max_length))
+  # on the devices throughout: the policy, the simulator, and what is not offloaded; an
+  # offloaded reference is on them for the scoring pass, offloaded optimizer states for
+  # the update (zsjax.rl_step)
+  ref, opt = per_device["reference"], per_device["optimizer"]
+  states = (per_device["policy_params"] + per_device.get("simulator", 0.0)
+            + (0.0 if off_ref else ref) + (0.0 if off_opt else opt))
   caches_per_row = (per_device["policy_cache"] + per_device.get("simulator_cache", 0.0)) / rows
   phases = {"rollout": states + caches_per_row * rows,
-            "scoring": states + per_device["score_temp"],
-            "update": states + per_device["update_temp"]}
+            "scoring": states + (ref if off_ref else 0.0) + per_device["score_temp"],
+            "update": states + (opt if off_opt else 0.0) + per_device["update_temp"]}
   peak = max(phases.values())
   fits, largest = {}, {}
   for device, gb in DEVICES_GB.items():
@@ -128,7 +150,11 @@ def plan_one(model: str, simulator: str, devices, rows: int | None = None,
     best = int(room // (caches_per_row * gpus)) * gpus if room > 0 else 0
     largest[device] = max(best, 0)
   return {"model": model, "simulator": simulator, "gpus": gpus, "rollout_rows": rows,
-          "logits_chunk": chunk,
+          "logits_chunk": chunk, "options": options, "reference_dtype": ref_dtype or "float32",
+          "offload": "+".join(x for x, on in (("reference", off_ref), ("optimizer", off_opt))
+                              if on) or "none",
+          "host_gb": ((ref if off_ref else 0.0) + (opt if off_opt else 0.0)) / GB,
+          "temps": {k: per_device[k] for k in ("score_temp", "update_temp")},
           "params": n, "per_device_gb": {k: v / GB for k, v in per_device.items()},
           "phases_gb": {k: v / GB for k, v in phases.items()}, "peak_gb": peak / GB,
           "fits": fits, "largest_rollout_rows": largest}
@@ -137,12 +163,15 @@ def plan_one(model: str, simulator: str, devices, rows: int | None = None,
 def table(plans: list[dict]) -> str:
   pieces = ("policy_params", "optimizer", "reference", "simulator", "policy_cache",
             "simulator_cache", "score_temp", "update_temp")
-  head = ["model", "sim", "GPUs", "logits chunk", *pieces, "peak", *(f"fits {d}" for d in DEVICES_GB),
+  head = ["model", "sim", "GPUs", "logits chunk", "reference", "offload (host GB)", *pieces,
+          "peak", *(f"fits {d}" for d in DEVICES_GB),
           *(f"max rows {d}" for d in DEVICES_GB)]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for p in plans:
     gb = p["per_device_gb"]
     cells = [p["model"], p["simulator"], str(p["gpus"]), str(p.get("logits_chunk", 0) or "-"),
+             p.get("reference_dtype", "float32"),
+             f"{p.get('offload', 'none')} ({p.get('host_gb', 0.0):.1f})",
              *(f"{gb[k]:.1f}" if k in gb else "-" for k in pieces), f"{p['peak_gb']:.1f}",
              *("yes" if p["fits"][d] else "no" for d in DEVICES_GB),
              *(str(p["largest_rollout_rows"][d]) for d in DEVICES_GB)]
@@ -163,6 +192,10 @@ def main(argv=None) -> list[dict]:
                            "0: all at once)")
   parser.add_argument("--compare_chunk", action="store_true",
                       help="also plan each case with logits_chunk=0 (the whole sequence)")
+  parser.add_argument("--compare_options", action="store_true",
+                      help="also plan each case with the memory options of OPTIONS (a float32 "
+                           "reference, a bfloat16 one, bfloat16 with the reference and the "
+                           "optimizer states offloaded to host memory)")
   parser.add_argument("--out", default="")
   args = parser.parse_args(argv)
   gpus = [1, 8] if args.all else [args.gpus]
@@ -173,8 +206,15 @@ def main(argv=None) -> list[dict]:
 
   models = ("qwen2.5-3b", "qwen2.5-7b", "llama3.2-3b") if args.all else (args.model,)
   chunks = [args.logits_chunk] + ([0] if args.compare_chunk else [])
-  plans = [plan_one(model, args.simulator, jax.devices()[:count], args.rows or None, chunk)
-           for chunk in chunks for count in gpus for model in models]
+  plans = []
+  for chunk in chunks:
+    for count in gpus:
+      for model in models:
+        base = plan_one(model, args.simulator, jax.devices()[:count], args.rows or None, chunk)
+        plans.append(base)
+        if args.compare_options and chunk == chunks[0]:  # the compiled temporaries reused
+          plans += [plan_one(model, args.simulator, jax.devices()[:count], args.rows or None,
+                             chunk, name, base["temps"]) for name in OPTIONS if name != "config"]
   markdown = table(plans)
   print(markdown)
   if args.out:
@@ -182,7 +222,8 @@ def main(argv=None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan_rl.md").write_text(markdown)
     (out / "plan_rl.json").write_text(json.dumps(plans, indent=2) + "\n")
-  print(json.dumps([{k: p[k] for k in ("model", "gpus", "logits_chunk", "peak_gb", "fits")}
+  print(json.dumps([{k: p[k] for k in ("model", "gpus", "logits_chunk", "reference_dtype",
+                                       "offload", "peak_gb", "fits")}
                     for p in plans]))
   return plans
 

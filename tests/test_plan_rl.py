@@ -34,3 +34,20 @@ def test_plan_of_the_tiny_config_counts_states_and_caches():
   assert plan["peak_gb"] == pytest.approx(max(plan["phases_gb"].values()))
   assert all(plan["fits"].values())  # a tiny model fits everywhere
   assert "| tiny | tiny | 8 |" in plan_rl.table([plan])
+
+
+def test_the_memory_options_move_the_reference_and_optimizer_out_of_the_phases():
+  devices = jax.devices()[:8]
+  base = plan_rl.plan_one("tiny", "tiny", devices, options="f32_reference")
+  plans = {name: plan_rl.plan_one("tiny", "tiny", devices, options=name, temps=base["temps"])
+           for name in ("bf16_reference", "bf16_reference+offload")}
+  gb = {name: p["per_device_gb"] for name, p in plans.items()}
+  assert gb["bf16_reference"]["reference"] == pytest.approx(base["per_device_gb"]["reference"] / 2)
+  ref, opt = gb["bf16_reference"]["reference"], gb["bf16_reference"]["optimizer"]
+  half, off = plans["bf16_reference"]["phases_gb"], plans["bf16_reference+offload"]["phases_gb"]
+  assert off["rollout"] == pytest.approx(half["rollout"] - ref - opt)  # both on the host
+  assert off["scoring"] == pytest.approx(half["scoring"] - opt)  # the reference is needed
+  assert off["update"] == pytest.approx(half["update"] - ref)  # the optimizer is needed
+  assert plans["bf16_reference+offload"]["host_gb"] == pytest.approx(ref + opt)
+  assert plans["bf16_reference+offload"]["offload"] == "reference+optimizer"
+  assert "| bfloat16 | reference+optimizer (" in plan_rl.table([plans["bf16_reference+offload"]])
