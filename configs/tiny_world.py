@@ -183,7 +183,8 @@ def get_config(arg=None):
       # dtype: the rollout's compute dtype, "" = the policy's
       rollout=dict(max_turns=2, max_new_tokens=20, max_obs_tokens=96, max_length=384,
                    max_query_tokens=16, max_prompt_tokens=96, attention_view=512, dtype="",
-                   retokenize=False),  # True: prompts and observations tokenized as strings
+                   retokenize=False,  # True: prompts and observations tokenized as strings
+                   waves=1, share_prompt=False),  # (configs/zerosearch.py)
       sampling=dict(kind="sample", temperature=1.0, top_p=1.0, top_k=0, method="gumbel"),
       curriculum=dict(kind="exponential", start=0.0, end=0.5, base=4.0, probability=0.5),
       # entropy_coef 0 (the paper: 0.001): with REINFORCE and no baseline, a batch

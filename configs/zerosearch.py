@@ -130,7 +130,14 @@ def get_config(arg=None):
       # True: the simulator's prompt and each observation block are tokenized on the host
       # as one string, as the reference does (exact at tokenizer seams such as "?\n");
       # False: assembled from token pieces on device (no host round trip per turn)
-      retokenize=not tiny))
+      retokenize=not tiny,
+      # the step's prompts are rolled out in this many waves (each a whole number of GRPO
+      # groups, keyed by its own rng): the live KV caches of policy and simulator are a
+      # wave's, not the step's (experiments/plan_rl.py --waves). 1: all rows at once
+      waves=1,
+      # each prompt is prefilled once per group of rl.samples_per_prompt rows and its
+      # cache copied to them (where a wave's prompts split evenly over data x fsdp)
+      share_prompt=True))
   # the policy in training: temperature 1, top-p 0.95 (ZeroSearch's trainer); evaluation is
   # greedy (configs/eval.py). method="inverse_cdf" draws from the same distribution as
   # "gumbel" with a cheaper sampler (zsjax.sampling.Sampling.method).

@@ -12,7 +12,7 @@ batch rows over every device), the per-device bytes of:
   policy params (float32), AdamW state (two float32 moments), the frozen
   reference (``rl.reference_dtype``: float32 or bfloat16), the simulator (bfloat16), the policy's KV cache
   for every rollout row at the full context (bfloat16), the simulator's KV cache
-  (prefix + 600 new tokens, bfloat16), and the temporaries of the scoring pass
+  (prefix + 600 new tokens, bfloat16; a wave's rows with ``rollout.waves``), and the temporaries of the scoring pass
   and of one micro-batch update, these two from XLA: the programs are compiled
   on the CPU from abstract inputs over ``--gpus`` fake devices and their memory
   analysis read (nothing is allocated).
@@ -97,9 +97,24 @@ OPTIONS = {"config": (None, None, None), "f32_reference": ("float32", False, Fal
            "bf16_reference+offload": ("bfloat16", True, True)}
 
 
+def apply_overrides(config, overrides: dict) -> None:
+  """``{"rl.micro_batch_size": "4", ...}`` into ``config``, typed as the field is."""
+  for dotted, text in overrides.items():
+    *parents, leaf = dotted.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    if leaf not in node:
+      raise ValueError(f"--set {dotted}: no such config field")
+    old = node[leaf]
+    node[leaf] = text if isinstance(old, str) else type(old)(json.loads(text.lower()
+                                                                       if isinstance(old, bool)
+                                                                       else text))
+
+
 def plan_one(model: str, simulator: str, devices, rows: int | None = None,
-             logits_chunk: int = -1, options: str = "config", temps: dict | None = None
-             ) -> dict:
+             logits_chunk: int = -1, options: str = "config", temps: dict | None = None,
+             overrides: dict | None = None) -> dict:
   import dataclasses
 
   from config_files import load_config
@@ -107,7 +122,9 @@ def plan_one(model: str, simulator: str, devices, rows: int | None = None,
   from zsjax.sharding import ShardingPlan
 
   config = load_config("zerosearch", model)
+  apply_overrides(config, overrides or {})
   r, ro = config.rl, config.rollout
+  waves = ro.get("waves", 1)
   chunk = config.policy.logits_chunk if logits_chunk < 0 else logits_chunk
   cfg = dataclasses.replace(ModelConfig.from_dict(shape(model)), dtype="bfloat16",
                             param_dtype="float32", remat="full", logits_chunk=chunk)
@@ -138,7 +155,7 @@ def plan_one(model: str, simulator: str, devices, rows: int | None = None,
   states = (per_device["policy_params"] + per_device.get("simulator", 0.0)
             + (0.0 if off_ref else ref) + (0.0 if off_opt else opt))
   caches_per_row = (per_device["policy_cache"] + per_device.get("simulator_cache", 0.0)) / rows
-  phases = {"rollout": states + caches_per_row * rows,
+  phases = {"rollout": states + caches_per_row * rows / waves,  # a wave's caches are live
             "scoring": states + (ref if off_ref else 0.0) + per_device["score_temp"],
             "update": states + (opt if off_opt else 0.0) + per_device["update_temp"]}
   peak = max(phases.values())
@@ -146,11 +163,13 @@ def plan_one(model: str, simulator: str, devices, rows: int | None = None,
   for device, gb in DEVICES_GB.items():
     budget = 0.9 * gb * GB
     fits[device] = peak <= budget
-    room = budget - max(phases["scoring"], phases["update"], states)
-    best = int(room // (caches_per_row * gpus)) * gpus if room > 0 else 0
+    # the rollout's caches sit beside the states only; scoring and update must fit too
+    room = budget - states if max(phases["scoring"], phases["update"]) <= budget else 0.0
+    best = int(room // (caches_per_row * gpus)) * gpus * waves if room > 0 else 0
     largest[device] = max(best, 0)
   return {"model": model, "simulator": simulator, "gpus": gpus, "rollout_rows": rows,
           "logits_chunk": chunk, "options": options, "reference_dtype": ref_dtype or "float32",
+          "settings": dict(overrides or {}), "waves": waves,
           "offload": "+".join(x for x, on in (("reference", off_ref), ("optimizer", off_opt))
                               if on) or "none",
           "host_gb": ((ref if off_ref else 0.0) + (opt if off_opt else 0.0)) / GB,
@@ -163,7 +182,8 @@ def plan_one(model: str, simulator: str, devices, rows: int | None = None,
 def table(plans: list[dict]) -> str:
   pieces = ("policy_params", "optimizer", "reference", "simulator", "policy_cache",
             "simulator_cache", "score_temp", "update_temp")
-  head = ["model", "sim", "GPUs", "logits chunk", "reference", "offload (host GB)", *pieces,
+  head = ["model", "sim", "GPUs", "logits chunk", "reference", "offload (host GB)", "settings",
+          *pieces,
           "peak", *(f"fits {d}" for d in DEVICES_GB),
           *(f"max rows {d}" for d in DEVICES_GB)]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -172,6 +192,7 @@ def table(plans: list[dict]) -> str:
     cells = [p["model"], p["simulator"], str(p["gpus"]), str(p.get("logits_chunk", 0) or "-"),
              p.get("reference_dtype", "float32"),
              f"{p.get('offload', 'none')} ({p.get('host_gb', 0.0):.1f})",
+             " ".join(f"{k}={v}" for k, v in p.get("settings", {}).items()) or "-",
              *(f"{gb[k]:.1f}" if k in gb else "-" for k in pieces), f"{p['peak_gb']:.1f}",
              *("yes" if p["fits"][d] else "no" for d in DEVICES_GB),
              *(str(p["largest_rollout_rows"][d]) for d in DEVICES_GB)]
@@ -196,6 +217,9 @@ def main(argv=None) -> list[dict]:
                       help="also plan each case with the memory options of OPTIONS (a float32 "
                            "reference, a bfloat16 one, bfloat16 with the reference and the "
                            "optimizer states offloaded to host memory)")
+  parser.add_argument("--set", action="append", default=[],
+                      help="FIELD=VALUE of configs/zerosearch.py (e.g. rl.micro_batch_size=4, "
+                           "rollout.waves=2, rl.offload_optimizer=True), for every case")
   parser.add_argument("--out", default="")
   args = parser.parse_args(argv)
   gpus = [1, 8] if args.all else [args.gpus]
@@ -206,15 +230,18 @@ def main(argv=None) -> list[dict]:
 
   models = ("qwen2.5-3b", "qwen2.5-7b", "llama3.2-3b") if args.all else (args.model,)
   chunks = [args.logits_chunk] + ([0] if args.compare_chunk else [])
+  overrides = dict(item.split("=", 1) for item in args.set)
   plans = []
   for chunk in chunks:
     for count in gpus:
       for model in models:
-        base = plan_one(model, args.simulator, jax.devices()[:count], args.rows or None, chunk)
+        base = plan_one(model, args.simulator, jax.devices()[:count], args.rows or None, chunk,
+                        overrides=overrides)
         plans.append(base)
         if args.compare_options and chunk == chunks[0]:  # the compiled temporaries reused
           plans += [plan_one(model, args.simulator, jax.devices()[:count], args.rows or None,
-                             chunk, name, base["temps"]) for name in OPTIONS if name != "config"]
+                             chunk, name, base["temps"], overrides)
+                    for name in OPTIONS if name != "config"]
   markdown = table(plans)
   print(markdown)
   if args.out:

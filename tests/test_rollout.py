@@ -384,3 +384,37 @@ def test_sharded_rollout_matches_one_device(tokenizer, world):
     small = R.prepare_batch(tokenizer, [T.render_prompt(QUESTIONS[0])], QUESTIONS[:1],
                             ANSWERS[:1], host, pad_id=static.pad_id)
     R.shard_rollout(rollout, plan, cfg, engine=host)(params, None, small, jax.random.key(5), 1)
+
+
+def test_a_prompt_prefilled_once_per_group_gives_the_same_trajectories(tokenizer, world):
+  """RolloutConfig.prompt_group: each GRPO group's prompt is prefilled once and its
+  cache copied to the group's rows; sampled trajectories (tokens, log-probs, every
+  count) are those of a prefill per row, on one device and over a 2 x 2 x 2 mesh."""
+  import dataclasses
+
+  from zsjax import sharding as SH
+
+  cfg, params, static, matcher = world
+  host = S.HostSearch(ScriptedEngine(), tokenizer, max_doc_tokens=48, pad_id=static.pad_id)
+  config = R.RolloutConfig(max_turns=1, max_new_tokens=12, max_obs_tokens=96, max_length=320)
+  batch = R.prepare_batch(tokenizer, [T.render_prompt(q) for q in QUESTIONS], QUESTIONS,
+                          (ANSWERS * len(QUESTIONS))[:len(QUESTIONS)], host, samples_per_prompt=4,
+                          pad_id=static.pad_id)
+  sampling = Sampling(temperature=1.0)
+  apart = jax.device_get(jax.jit(R.make_rollout(cfg, matcher, static, host, config, sampling))(
+      params, None, batch, jax.random.key(3), 1))
+  shared_rollout = R.make_rollout(cfg, matcher, static, host,
+                                  dataclasses.replace(config, prompt_group=4), sampling)
+  shared = jax.device_get(jax.jit(shared_rollout)(params, None, batch, jax.random.key(3), 1))
+  assert_same(shared, apart)
+  np.testing.assert_allclose(shared.log_probs, apart.log_probs, atol=1e-6)
+  assert len({tuple(np.asarray(r)) for r in shared.tokens[:4]}) > 1  # the samples differ
+  plan = SH.ShardingPlan(SH.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}),
+                         SH.rules_for("fsdp_tp"), "fsdp_tp")
+  sharded = jax.device_get(R.shard_rollout(shared_rollout, plan, cfg, engine=host)(
+      params, None, batch, jax.random.key(3), 1))
+  assert_same(sharded, apart)
+  with pytest.raises(ValueError, match="does not split into groups of .*prompt_group=3"):
+    jax.jit(R.make_rollout(cfg, matcher, static, host,
+                           dataclasses.replace(config, prompt_group=3), sampling))(
+        params, None, batch, jax.random.key(3), 1)

@@ -453,3 +453,35 @@ def test_fsdp_run_matches_data_parallel_run(tmp_path, world):
       assert a[key] == b[key], key
     for key in ("loss/policy", "loss/kl", "optim/grad_norm", "loss/entropy"):
       assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-6), key
+
+
+def test_waves_roll_out_the_same_rows_in_order(tmp_path, world):
+  """config.rollout.waves: the step's prompts rolled out a share at a time, each wave
+  keyed by its own rng. Greedy against BM25 (no randomness that matters), two waves
+  give the trajectories of one, row for row, with the same gold answers and
+  sources; waves that do not divide the prompts, or a wave that does not split over
+  the mesh, are named before any work."""
+  config = with_world(tiny_config(steps=1, kind="bm25"), world)
+  config.sampling.kind = "greedy"
+  config.rollout.max_turns = 2
+  config.mesh.update(dict(data=4, fsdp=1, tensor=2))  # a wave's 4 rows split over 4
+  job = train_rl.setup(config, tmp_path / "one")
+  rng = jax.random.key(4)
+  one, golds, sources = train_rl.roll_out(job, job.initial_params, 1, rng)
+  config.rollout.waves = 2
+  job2 = train_rl.setup(config, tmp_path / "two")
+  two, golds2, sources2 = train_rl.roll_out(job2, job2.initial_params, 1, rng)
+  assert (golds2, sources2) == (golds, sources)
+  for name in ("tokens", "loss_mask", "lengths", "prompt_lengths", "turns", "searches",
+               "answered"):
+    np.testing.assert_array_equal(getattr(two, name), getattr(one, name), err_msg=name)
+  np.testing.assert_allclose(two.log_probs, one.log_probs, atol=1e-5)
+  assert one.tokens.shape[0] == config.rl.prompts_per_step * config.rl.samples_per_prompt
+  config.rollout.waves = 3
+  with pytest.raises(ValueError, match=r"config.rollout.waves=3 must be a whole number >= 1 "
+                                       r"that divides config.rl.prompts_per_step=4"):
+    rl_settings.check_config(config)
+  config.rollout.waves = 4  # 1 prompt x 2 samples: 2 rows over 4
+  with pytest.raises(ValueError, match=r"a wave of 1 prompts x 2 samples = 2 rows does not "
+                                       r"split over data x fsdp = 4"):
+    train_rl.setup(config, tmp_path / "four")

@@ -211,7 +211,23 @@ def check_config(config) -> RLSettings:
   if not config.data.limit >= 0:
     raise ValueError(f"config.data.limit={config.data.limit} must be >= 0: the first N training "
                      "rows of each file, or 0 for all of them.")
+  check_waves(config.rollout.get("waves", 1), settings)
   return settings
+
+
+def check_waves(waves, settings: RLSettings, plan=None) -> None:
+  """``config.rollout.waves``: a whole number of prompts per wave, and (with
+  ``plan``) a wave's rows split evenly over data x fsdp."""
+  p, n = settings.prompts_per_step, settings.samples_per_prompt
+  if not isinstance(waves, int) or waves < 1 or p % waves:
+    fits = [k for k in range(1, p + 1) if p % k == 0]
+    raise ValueError(f"config.rollout.waves={waves!r} must be a whole number >= 1 that divides "
+                     f"config.rl.prompts_per_step={p} (each wave rolls out whole prompts); "
+                     f"use one of {fits}.")
+  if plan is not None and (p // waves * n) % plan.batch_divisor:
+    raise ValueError(f"config.rollout.waves={waves}: a wave of {p // waves} prompts x {n} "
+                     f"samples = {p // waves * n} rows does not split over data x fsdp = "
+                     f"{plan.batch_divisor} (mesh {plan.sizes}); use fewer waves.")
 
 
 __all__ = ["RLSettings", "LOSS_MASKS", "check_config"]

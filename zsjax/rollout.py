@@ -50,8 +50,8 @@ from zsjax.curriculum import Curriculum
 from zsjax.data import DataError
 from zsjax.engine import (EngineOutput, NoEngine, concat_ragged, gather_span, pad_rows,
                           tokens_covering_tail)
-from zsjax.model import (ModelConfig, Transformer, attention_views, cached_apply, init_cache,
-                         write_chunk)
+from zsjax.model import (KVCache, ModelConfig, Transformer, attention_views, cached_apply,
+                         init_cache, write_chunk)
 from zsjax.sampling import Greedy, Sampling, sample
 from zsjax.template import (ANSWER_CLOSE, ANSWER_OPEN, CLOSING, INFORMATION_CLOSE,
                             INFORMATION_OPEN, INVALID_ACTION_FEEDBACK, SEARCH_CLOSE, SEARCH_OPEN,
@@ -75,6 +75,11 @@ class RolloutConfig:
   # (S, S/2, ... down to this many slots) holding every row's tokens
   # (model.cached_apply); 0 reads the whole cache every step.
   attention_view: int = 512
+  # Rows in a row of the batch's groups: consecutive rows ``g*k .. g*k+k-1`` hold the
+  # same prompt (a GRPO group's samples, ``prepare_batch(samples_per_prompt=k)``), and
+  # it is prefilled once per group, its cache copied to the group's rows. 1: every
+  # row prefills its own prompt.
+  prompt_group: int = 1
 
   @classmethod
   def from_config(cls, rollout, curriculum=None, total_steps: int = 1) -> "RolloutConfig":
@@ -102,7 +107,7 @@ class RolloutConfig:
 
   def __post_init__(self):
     for name in ("max_turns", "max_new_tokens", "max_obs_tokens", "max_length",
-                 "max_query_tokens"):
+                 "max_query_tokens", "prompt_group"):
       if getattr(self, name) < (0 if name == "max_turns" else 1):
         raise ValueError(f"RolloutConfig.{name}={getattr(self, name)} is too small.")
 
@@ -376,13 +381,22 @@ def initial_state(spec: RolloutSpec, params, batch: RolloutBatch) -> RolloutStat
   s_len, pad_id = spec.config.max_length, spec.static.pad_id
   if p > s_len:
     raise ValueError(f"prompts of {p} tokens exceed RolloutConfig.max_length={s_len}.")
-  segment = (jnp.arange(p)[None, :] < batch.prompt_lengths[:, None]).astype(jnp.int32)
-  cache = init_cache(spec.policy_cfg, b, s_len)
+  g = spec.config.prompt_group
+  if b % g:
+    raise ValueError(f"a rollout batch of {b} rows does not split into groups of "
+                     f"RolloutConfig.prompt_group={g} rows sharing a prompt.")
+  prompts, prompt_lengths = batch.prompt_tokens[::g], batch.prompt_lengths[::g]  # [B/g, P]
+  segment = (jnp.arange(p)[None, :] < prompt_lengths[:, None]).astype(jnp.int32)
+  cache = init_cache(spec.policy_cfg, b // g, s_len)
   # A fresh cache holds nothing: attention reads none of its slots.
-  logits, cache = spec.model.apply({"params": params}, batch.prompt_tokens, segment_ids=segment,
+  logits, cache = spec.model.apply({"params": params}, prompts, segment_ids=segment,
                                    cache=cache, attend=0,
-                                   logits_at=batch.prompt_lengths - 1)  # the last position's
+                                   logits_at=prompt_lengths - 1)  # the last position's
   last = logits[:, 0]
+  if g > 1:  # each group's prefill, copied to its rows
+    cache = KVCache(k=jnp.repeat(cache.k, g, axis=1), v=jnp.repeat(cache.v, g, axis=1),
+                    lengths=jnp.repeat(cache.lengths, g))
+    last = jnp.repeat(last, g, axis=0)
   zeros, false = jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool)
   return RolloutState(
       tokens=jnp.full((b, s_len), pad_id, jnp.int32).at[:, :p].set(batch.prompt_tokens),

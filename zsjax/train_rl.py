@@ -37,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from zsjax import data as data_lib
-from zsjax import hf, interrupts, rl_step, sampling, search, template, tinyworld
+from zsjax import hf, interrupts, rl_settings, rl_step, sampling, search, template, tinyworld
 from zsjax import rollout as rollout_lib
 from zsjax import workdir as workdir_lib
 from zsjax.checkpoint import Checkpointer, export_hf
@@ -77,6 +77,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> RLJob:
   r, plan = check_config(config), ShardingPlan.from_config(config)
   r.check_mesh(plan)
   r.check_memory(plan.mesh.devices.flat)
+  rl_settings.check_waves(config.rollout.get("waves", 1), r, plan)
   key = jax.random.key(config.seed)
   tokenizer = hf.config_tokenizer(config, "policy")
   eos_ids = tuple(i for i in (tokenizer.eos_token_id,) if i is not None)
@@ -89,6 +90,13 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> RLJob:
   policy_sampling = sampling.from_config(config.sampling)
   rollout_config = rollout_lib.RolloutConfig.from_config(config.rollout, config.curriculum,
                                                          r.horizon)
+  waves = config.rollout.get("waves", 1)
+  if config.rollout.get("share_prompt", False) and r.samples_per_prompt > 1:
+    if (r.prompts_per_step // waves) % plan.batch_divisor == 0:
+      rollout_config = dataclasses.replace(rollout_config, prompt_group=r.samples_per_prompt)
+    else:
+      console(f"config.rollout.share_prompt: a wave's {r.prompts_per_step // waves} prompts do "
+              f"not split over data x fsdp = {plan.batch_divisor}; every row prefills its own")
   engine, engine_state, engine_shardings = search.build_engine(
       config, tokenizer, static, rollout_config, plan, jax.random.fold_in(key, 2))
   # the rollout may compute in another precision than training (its params are the same)
@@ -120,11 +128,14 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> RLJob:
       rollout=rollout, rollout_config=rollout_config, pad_id=static.pad_id, programs=programs)
 
 
-def rollout_batch(job: RLJob, step: int):
+def rollout_batch(job: RLJob, step: int, wave: int = 0, waves: int = 1):
   """The step's prompts (a function of the step) as a ``RolloutBatch``, each
-  row's gold answers and each row's data source."""
+  row's gold answers and each row's data source; with ``waves`` > 1, wave
+  ``wave``'s share of them (consecutive prompts, whole GRPO groups)."""
   config, r = job.config, job.settings
   rows = data_lib.batch_rows(len(job.data), r.prompts_per_step, config.seed, step - 1)
+  share = len(rows) // waves
+  rows = rows[wave * share:(wave + 1) * share]
   return rollout_lib.prepare_qa_batch(
       job.tokenizer, [job.data[int(i)] for i in rows], job.render,
       job.engine, samples_per_prompt=r.samples_per_prompt, pad_id=job.pad_id,
@@ -133,15 +144,31 @@ def rollout_batch(job: RLJob, step: int):
              f"config.simulator.max_prefix_tokens={config.simulator.max_prefix_tokens}")
 
 
+def roll_out(job: RLJob, params, step: int, rng):
+  """The step's trajectories (on the host), gold answers and data sources, rolled
+  out in ``config.rollout.waves`` waves: each wave a jitted rollout of its share of
+  the prompts (keyed ``fold_in(rng, wave)``; one wave: ``rng`` itself, the rollout
+  of every row at once), so only a wave's KV caches are live at a time."""
+  waves = job.config.rollout.get("waves", 1)
+  parts, golds, sources = [], [], []
+  for wave in range(waves):
+    batch, wave_golds, wave_sources = rollout_batch(job, step, wave, waves)
+    key = rng if waves == 1 else jax.random.fold_in(rng, wave)
+    parts.append(to_host(job.rollout(params, job.engine_state, batch, key, jnp.int32(step))))
+    golds += wave_golds
+    sources += wave_sources
+  traj = parts[0] if waves == 1 else jax.tree_util.tree_map(
+      lambda *xs: np.concatenate(xs, axis=0), *parts)
+  return traj, golds, sources
+
+
 def train_step(job: RLJob, state: rl_step.RLState, step: int):
   """One RL step: ``(new state, metrics (host floats), (traj, golds, scores))``."""
   r, programs = job.settings, job.programs
   timings = {}
   start = time.perf_counter()
-  batch, golds, sources = rollout_batch(job, step)
   rng = jax.random.fold_in(job.key, step)
-  traj = to_host(job.rollout(state.policy.params, job.engine_state, batch,
-                             jax.random.fold_in(rng, 0), jnp.int32(step)))
+  traj, golds, sources = roll_out(job, state.policy.params, step, jax.random.fold_in(rng, 0))
   timings["rollout_s"] = time.perf_counter() - start
 
   t = time.perf_counter()
@@ -266,4 +293,4 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return train(setup(config, workdir))
 
 
-__all__ = ["RLJob", "setup", "rollout_batch", "train_step", "write_samples", "train", "run"]
+__all__ = ["RLJob", "setup", "rollout_batch", "roll_out", "train_step", "write_samples", "train", "run"]

@@ -60,6 +60,9 @@ MAY_CHANGE = {
     "rl": _EVERY_JOB + ("rl.total_steps", "rl.schedule_steps", "rl.sample_every",
                         "rl.sample_rows", "rl.micro_batch_size", "rl.score_batch_size",
                         "rl.offload_reference", "rl.offload_optimizer",
+                        # memory: the same trajectories' distribution (another random
+                        # stream with more waves; a shared prefill is the same cache)
+                        "rollout.waves", "rollout.share_prompt",
                         "checkpoint.export_hf"),
     "sft": _EVERY_JOB + ("sft.total_steps", "sft.schedule_steps", "sft.eval_every",
                          "checkpoint.export_hf"),
@@ -96,6 +99,8 @@ LATER_FIELDS = {
     "sim_tuning.policy_chat_template": False,
     "sim_tuning.judge_chat_template": False,
     "rollout.retokenize": False,
+    "rollout.waves": 1,
+    "rollout.share_prompt": False,
     "rl.schedule_steps": 0,
     "policy.logits_chunk": 0,
     "model.logits_chunk": 0,
