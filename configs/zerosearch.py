@@ -136,8 +136,9 @@ def get_config(arg=None):
       # wave's, not the step's (experiments/plan_rl.py --waves). 1: all rows at once
       waves=1,
       # each prompt is prefilled once per group of rl.samples_per_prompt rows and its
-      # cache copied to them (where a wave's prompts split evenly over data x fsdp)
-      share_prompt=True))
+      # cache copied to them (where a wave's prompts split evenly over data x fsdp); the
+      # same trajectories (tests/test_rollout.py), so on in the paper configs
+      share_prompt=not tiny))
   # the policy in training: temperature 1, top-p 0.95 (ZeroSearch's trainer); evaluation is
   # greedy (configs/eval.py). method="inverse_cdf" draws from the same distribution as
   # "gumbel" with a cheaper sampler (zsjax.sampling.Sampling.method).

@@ -465,11 +465,14 @@ def test_waves_roll_out_the_same_rows_in_order(tmp_path, world):
   config.sampling.kind = "greedy"
   config.rollout.max_turns = 2
   config.mesh.update(dict(data=4, fsdp=1, tensor=2))  # a wave's 4 rows split over 4
+  config.rollout.share_prompt = True  # one wave: 4 prompts over 4, shared; two: each row's own
   job = train_rl.setup(config, tmp_path / "one")
+  assert job.rollout_config.prompt_group == config.rl.samples_per_prompt
   rng = jax.random.key(4)
   one, golds, sources = train_rl.roll_out(job, job.initial_params, 1, rng)
   config.rollout.waves = 2
   job2 = train_rl.setup(config, tmp_path / "two")
+  assert job2.rollout_config.prompt_group == 1
   two, golds2, sources2 = train_rl.roll_out(job2, job2.initial_params, 1, rng)
   assert (golds2, sources2) == (golds, sources)
   for name in ("tokens", "loss_mask", "lengths", "prompt_lengths", "turns", "searches",
