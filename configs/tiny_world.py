@@ -201,7 +201,8 @@ def get_config(arg=None):
               critic_learning_rate=1e-4, critic_warmup_fraction=0.0, value_clip=0.5,
               gamma=1.0, lam=1.0, sample_every=1 if ci else 5, sample_rows=4,
               scoring_dtype="",  # the scoring pass's compute dtype, "" = the policy's
-              reference_dtype="", offload_reference=False, offload_optimizer=False)))
+              reference_dtype="", offload_reference=False, offload_optimizer=False,
+              pack_tokens=0)))  # (configs/zerosearch.py)
   # Also train RL against BM25 (the rl_real_search row); ablation arms other than the
   # default turn it off, since it does not depend on what they vary.
   config.compare_real_search = True

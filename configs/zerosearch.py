@@ -175,6 +175,10 @@ def get_config(arg=None):
       # the frozen reference's params: "" = the policy's param dtype; bfloat16 halves them
       # (veRL keeps its reference in bf16 too)
       reference_dtype="" if tiny else "bfloat16",
+      # padding-free scoring and update: trajectories packed into rows of this many tokens
+      # (>= rollout.max_length; zsjax.packing); 0: each in its own padded row. The same
+      # loss and gradients up to float rounding (tests/test_packing.py)
+      pack_tokens=0 if tiny else 4096,
       # keep the reference / the optimizer state in host memory ("pinned_host") between
       # the phases that use them: less device memory, a copy each way a step
       # (experiments/plan_rl.py counts both)

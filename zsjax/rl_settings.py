@@ -63,6 +63,9 @@ class RLSettings:
   # reference's dtype ("" = the policy's param dtype; "bfloat16" halves it), and the
   # reference and the optimizer state kept in host memory between the phases that
   # use them (JAX memory kinds: "pinned_host")
+  # padding-free scoring and update (zsjax.packing): trajectories packed into rows of
+  # this many tokens (>= rollout.max_length); 0: padded rows of rollout.max_length
+  pack_tokens: int = 0
   reference_dtype: str = ""
   offload_reference: bool = False
   offload_optimizer: bool = False
@@ -212,6 +215,11 @@ def check_config(config) -> RLSettings:
     raise ValueError(f"config.data.limit={config.data.limit} must be >= 0: the first N training "
                      "rows of each file, or 0 for all of them.")
   check_waves(config.rollout.get("waves", 1), settings)
+  if not isinstance(settings.pack_tokens, int) or settings.pack_tokens < 0 or (
+      settings.pack_tokens and settings.pack_tokens < config.rollout.max_length):
+    raise ValueError(f"config.rl.pack_tokens={settings.pack_tokens!r} must be 0 (padded rows) "
+                     f"or at least config.rollout.max_length={config.rollout.max_length} (a "
+                     "packed row holds whole trajectories).")
   return settings
 
 

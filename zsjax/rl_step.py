@@ -27,14 +27,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zsjax import rl
+from zsjax import packing, rl
 from zsjax.checkpoint import abstract_like
 from zsjax.model import ModelConfig, init_params, token_log_probs, token_values, with_compute_dtype
 from zsjax.rewards import AnswerScores
 from zsjax.rl_settings import HOST_MEMORY, RLSettings
-from zsjax.sharding import ShardingPlan, place
+from zsjax.sharding import ShardingPlan, place, to_host
 from zsjax.train_step import (TrainState, init_state, make_accumulating_update,
-                              make_chunked_score_fn, make_optimizer, state_shardings)
+                              make_chunked_score_fn, make_optimizer, make_packed_update,
+                              state_shardings)
 
 
 @flax.struct.dataclass
@@ -59,10 +60,20 @@ class RLBatch:
   old_values: jax.Array  # [N, S] PPO's critic values (zeros otherwise)
 
 
+@flax.struct.dataclass
+class PackedRLBatch(RLBatch):
+  """An ``RLBatch`` micro-batch of packed rows (``zsjax.packing``): segment ids 1, 2,
+  ... per trajectory, ``positions`` restarting in each, and ``loss_mask`` as float
+  weights (per-sequence ones folded in for ``seq_mean_token_mean``)."""
+
+  positions: jax.Array  # [R, W]
+
+
 def _policy_objective(settings: RLSettings, cfg: ModelConfig, temperature: float, params, mb: RLBatch,
                       normalizer, rng):
   del rng
   logp, entropy = token_log_probs(cfg, params, mb.tokens, mb.segment_ids,
+                                  getattr(mb, "positions", None),
                                   temperature=temperature, with_entropy=True)
   return rl.policy_loss(
       logp, mb.old_logp, mb.ref_logp, mb.advantages, mb.loss_mask, clip_eps=settings.clip_eps,
@@ -73,7 +84,7 @@ def _policy_objective(settings: RLSettings, cfg: ModelConfig, temperature: float
 
 def _critic_objective(settings: RLSettings, cfg: ModelConfig, params, mb: RLBatch, normalizer, rng):
   del rng
-  values = token_values(cfg, params, mb.tokens, mb.segment_ids)
+  values = token_values(cfg, params, mb.tokens, mb.segment_ids, getattr(mb, "positions", None))
   return rl.value_loss(values, mb.old_values, mb.returns, mb.loss_mask, clip=settings.value_clip,
                        aggregation=settings.aggregation, normalizer=normalizer)
 
@@ -136,6 +147,13 @@ class RLPrograms:
   # params -> the frozen reference: a copy in rl.reference_dtype, in host memory with
   # rl.offload_reference (brought to the devices only for its scoring pass)
   reference_params: Callable | None = None
+  # rl.pack_tokens > 0 (zsjax.packing): (params, tokens, segment_ids, positions) ->
+  # [R, W] on score_batch_size packed rows, and updates over packed micro-batches
+  # (train_step.make_packed_update: (state, micro_batches, normalizer, rng))
+  packed_log_probs: Callable | None = None
+  packed_values: Callable | None = None
+  packed_update: Callable | None = None
+  packed_critic_update: Callable | None = None
 
   def placed_optimizer(self, state: "RLState", host: bool) -> "RLState":
     """``state`` with its optimizer states in host memory (``host``) or on the
@@ -219,7 +237,30 @@ def build_programs(settings: RLSettings, policy_cfg: ModelConfig, plan: Sharding
     critic_update = make_accumulating_update(
         functools.partial(_critic_objective, r, policy_cfg), critic_tx, plan, critic_shardings,
         batch_shardings, r.micro_batch_size, r.aggregation, critic_schedule, prefix="critic/")
+  packed = {}
+  if r.pack_tokens:
+    packed_r = dataclasses.replace(r, aggregation="token_mean")  # weights carry seq_mean
+    micro_shardings = PackedRLBatch(*[row2] * len(dataclasses.fields(PackedRLBatch)))
+
+    def scorer(fn, param_shardings):
+      def score(params, tokens, segment_ids, positions):
+        with plan.context():
+          return fn(params, tokens, segment_ids, positions)
+      return jax.jit(score, in_shardings=(param_shardings, row2, row2, row2), out_shardings=row2)
+
+    packed["packed_log_probs"] = scorer(
+        functools.partial(token_log_probs, score_cfg, temperature=temperature), shardings.params)
+    packed["packed_update"] = make_packed_update(
+        functools.partial(_policy_objective, packed_r, policy_cfg, temperature), tx, plan,
+        shardings, micro_shardings, schedule)
+    if r.algorithm == "ppo":
+      packed["packed_values"] = scorer(functools.partial(token_values, policy_cfg),
+                                       critic_shardings.params)
+      packed["packed_critic_update"] = make_packed_update(
+          functools.partial(_critic_objective, packed_r, policy_cfg), critic_tx, plan,
+          critic_shardings, micro_shardings, critic_schedule, prefix="critic/")
   return RLPrograms(
+      **packed,
       settings=r, policy_cfg=policy_cfg, plan=plan, minibatch_sizes=sizes, tx=tx,
       schedule=schedule, shardings=shardings, critic_tx=critic_tx,
       critic_schedule=critic_schedule, critic_shardings=critic_shardings, log_probs=log_probs,
@@ -257,13 +298,27 @@ def make_rl_batch(programs: RLPrograms, state: RLState, ref_params, traj, reward
   tokens = place(traj.tokens, row2)
   segment_ids = place(held.astype(np.int32), row2)
   mask = place(loss_mask_of(traj, r.loss_mask), row2)
+  if r.pack_tokens:  # padding-free: packed rows, results back in the padded layout
+    layout = packing.pack(traj.lengths, r.pack_tokens, multiple=r.score_batch_size)
+    packed = (layout.scatter(traj.tokens), layout.segment_ids(), layout.positions())
+
+    def score(fn, params):
+      parts = [to_host(fn(params, *(place(x[c:c + r.score_batch_size], row2) for x in packed)))
+               for c in range(0, layout.rows, r.score_batch_size)]
+      return place(layout.gather(np.concatenate(parts), traj.tokens.shape[1]), row2)
+
+    log_probs = functools.partial(score, programs.packed_log_probs)
+    values = functools.partial(score, programs.packed_values)
+  else:
+    log_probs = lambda params: programs.log_probs(params, tokens, segment_ids)  # noqa: E731
+    values = lambda params: programs.values(params, tokens, segment_ids)  # noqa: E731
   if r.offload_reference:  # on the devices for this pass only
     ref_params = jax.device_put(ref_params, in_memory(programs.shardings.params, "device"))
-  ref_logp = programs.log_probs(ref_params, tokens, segment_ids)
+  ref_logp = log_probs(ref_params)
   del ref_params
-  old_logp = programs.log_probs(state.policy.params, tokens, segment_ids)
+  old_logp = log_probs(state.policy.params)
   if programs.values is not None:
-    old_values = programs.values(state.critic.params, tokens, segment_ids)
+    old_values = values(state.critic.params)
   else:
     old_values = jnp.zeros_like(old_logp)
   group_ids = np.arange(len(rewards)) // r.samples_per_prompt
@@ -271,6 +326,32 @@ def make_rl_batch(programs: RLPrograms, state: RLState, ref_params, traj, reward
                                                old_logp, ref_logp, old_values)
   return RLBatch(tokens=tokens, segment_ids=segment_ids, loss_mask=mask, old_logp=old_logp,
                  ref_logp=ref_logp, advantages=advantages, returns=returns, old_values=old_values)
+
+
+def packed_micro_batches(programs: RLPrograms, host: RLBatch, rows: np.ndarray
+                         ) -> tuple[list[PackedRLBatch], float]:
+  """A minibatch (``rows`` of the step's host ``RLBatch``) packed into micro-batches
+  of ``micro_batch_size`` rows of ``pack_tokens`` tokens, and its normalizer: the
+  loss-mask token count (``token_mean``) or the count of sequences with loss
+  tokens (``seq_mean_token_mean``, each sequence's tokens weighted 1 / its count)."""
+  r, row2 = programs.settings, programs.plan.rows(2)
+  lengths = host.segment_ids[rows].astype(bool).sum(axis=1)
+  layout = packing.pack(lengths, r.pack_tokens, multiple=r.micro_batch_size)
+  mask = host.loss_mask[rows].astype(np.float32)
+  if r.aggregation == "token_mean":
+    normalizer = float(mask.sum())
+  else:
+    counts = mask.sum(axis=1)
+    mask = mask / np.maximum(counts, 1.0)[:, None]
+    normalizer = float((counts > 0).sum())
+  fields = {f.name: layout.scatter(getattr(host, f.name)[rows])
+            for f in dataclasses.fields(RLBatch)}
+  fields.update(loss_mask=layout.scatter(mask), segment_ids=layout.segment_ids(),
+                positions=layout.positions())
+  m = r.micro_batch_size
+  micro = [PackedRLBatch(**{k: place(v[c:c + m], row2) for k, v in fields.items()})
+           for c in range(0, layout.rows, m)]
+  return micro, normalizer
 
 
 def update_epochs(programs: RLPrograms, state: RLState, batch: RLBatch, order_rng, rng
@@ -282,12 +363,22 @@ def update_epochs(programs: RLPrograms, state: RLState, batch: RLBatch, order_rn
   sizes = programs.minibatch_sizes
   n = sum(sizes)
   metrics = []
+  host = to_host(batch) if programs.settings.pack_tokens else None
   for _ in range(programs.settings.epochs):
     order = order_rng.permutation(n)
     for start, size in zip(np.cumsum((0,) + sizes), sizes):
-      rows = place(np.sort(order[start:start + size]), programs.plan.replicated())
-      minibatch = programs.take(batch, rows)
+      rows = np.sort(order[start:start + size])
       critic_metrics = {}
+      if host is not None:  # padding-free micro-batches of this minibatch's trajectories
+        micro, normalizer = packed_micro_batches(programs, host, rows)
+        if critic is not None:
+          critic, critic_metrics = programs.packed_critic_update(
+              critic, micro, normalizer, jax.random.fold_in(rng, 2))
+        policy, policy_metrics = programs.packed_update(policy, micro, normalizer,
+                                                        jax.random.fold_in(rng, 1))
+        metrics.append({**policy_metrics, **critic_metrics})
+        continue
+      minibatch = programs.take(batch, place(rows, programs.plan.replicated()))
       if critic is not None:
         critic, critic_metrics = programs.critic_update(critic, minibatch,
                                                         jax.random.fold_in(rng, 2))

@@ -219,19 +219,62 @@ def make_accumulating_update(loss_fn, tx, plan: ShardingPlan, shardings: TrainSt
     first = jax.tree_util.tree_map(lambda x: x[0], micro)
     zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype),
                                    jax.eval_shape(grads_of, first))
-    ((loss, metrics), grads), _ = jax.lax.scan(body, zeros, micro)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-    new = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, state)
-    metrics = {**metrics, f"{prefix}loss/total": loss, f"{prefix}optim/grad_norm": grad_norm,
-               f"{prefix}optim/update_norm": optax.global_norm(updates),
-               f"{prefix}optim/skipped": 1.0 - ok.astype(jnp.float32)}
-    if schedule is not None:
-      metrics[f"{prefix}optim/lr"] = schedule(state.step)
-    return new, metrics
+    summed, _ = jax.lax.scan(body, zeros, micro)
+    return _apply_summed(tx, state, summed, schedule, prefix)
 
   return jax.jit(update, in_shardings=(shardings, batch_shardings, plan.replicated()),
                  out_shardings=(shardings, plan.replicated()), donate_argnums=(0,))
+
+
+def _apply_summed(tx, state: TrainState, summed, schedule, prefix: str):
+  """One optimizer step from the summed ``((loss, metrics), grads)`` of a batch's
+  micro-batches; skipped (state unchanged, ``optim/skipped`` 1) when the loss or the
+  gradient norm is not finite."""
+  (loss, metrics), grads = summed
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.global_norm(grads)
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+  new = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, state)
+  metrics = {**metrics, f"{prefix}loss/total": loss, f"{prefix}optim/grad_norm": grad_norm,
+             f"{prefix}optim/update_norm": optax.global_norm(updates),
+             f"{prefix}optim/skipped": 1.0 - ok.astype(jnp.float32)}
+  if schedule is not None:
+    metrics[f"{prefix}optim/lr"] = schedule(state.step)
+  return new, metrics
+
+
+def make_packed_update(loss_fn, tx, plan: ShardingPlan, shardings: TrainState,
+                       micro_shardings, schedule=None, prefix: str = ""):
+  """``update(state, micro_batches, normalizer, rng) -> (state, metrics)`` for a
+  batch given as a list of micro-batches of one shape (packed rows,
+  ``zsjax.packing``: how many depends on the batch's real tokens). Each
+  micro-batch's ``((loss, metrics), grads)`` comes from one jitted program and is
+  summed; one jitted step applies the sum (``make_accumulating_update``'s step,
+  the state donated). ``normalizer`` is the whole batch's (its token count, or its
+  sequence count for per-sequence weights folded into ``loss_mask``), so the
+  result equals one pass over the batch."""
+  repl = plan.replicated()
+
+  def grads_of(params, micro_batch, normalizer, rng):
+    with plan.context():
+      return jax.value_and_grad(loss_fn, has_aux=True)(params, micro_batch, normalizer, rng)
+
+  grad_fn = jax.jit(grads_of, in_shardings=(shardings.params, micro_shardings, repl, repl))
+  add = jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b), donate_argnums=(0,))
+  apply = jax.jit(functools.partial(_apply_summed, tx, schedule=schedule, prefix=prefix),
+                  out_shardings=(shardings, repl), donate_argnums=(0,))
+
+  def update(state: TrainState, micro_batches, normalizer, rng):
+    if not micro_batches:
+      raise ValueError("a packed update needs at least one micro-batch.")
+    normalizer = jnp.float32(max(float(normalizer), 1.0))
+    rng = jax.random.fold_in(rng, state.step)
+    summed = None
+    for micro in micro_batches:
+      out = grad_fn(state.params, micro, normalizer, rng)
+      summed = out if summed is None else add(summed, out)
+    return apply(state, summed)
+
+  return update

@@ -59,7 +59,7 @@ MAY_CHANGE = {
     # change how a step is cut into pieces, not what it computes
     "rl": _EVERY_JOB + ("rl.total_steps", "rl.schedule_steps", "rl.sample_every",
                         "rl.sample_rows", "rl.micro_batch_size", "rl.score_batch_size",
-                        "rl.offload_reference", "rl.offload_optimizer",
+                        "rl.offload_reference", "rl.offload_optimizer", "rl.pack_tokens",
                         # memory: the same trajectories' distribution (another random
                         # stream with more waves; a shared prefill is the same cache)
                         "rollout.waves", "rollout.share_prompt",
@@ -92,6 +92,7 @@ LATER_FIELDS = {
     "rl.reference_dtype": "",
     "rl.offload_reference": False,
     "rl.offload_optimizer": False,
+    "rl.pack_tokens": 0,
     "sampling.method": "gumbel",
     "simulator.sampling_method": "gumbel",
     "simulator.top_p": 1.0,

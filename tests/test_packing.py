@@ -1,0 +1,138 @@
+"""Padding-free rows (zsjax.packing, rl.pack_tokens): the packed layout, and packed
+scoring and updates equal to the padded ones."""
+
+import dataclasses
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from config_files import load_config
+from zsjax import model as M
+from zsjax import packing, rl_settings, rl_step
+from zsjax import sharding as S
+
+CFG = M.ModelConfig(vocab_size=61, embed_dim=24, mlp_dim=40, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=6, arch="qwen2", qkv_bias=True)
+
+
+def test_first_fit_decreasing_places_every_token_once():
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(1, 30, 40)
+  layout = packing.pack(lengths, 32, multiple=4)
+  assert layout.rows % 4 == 0 and layout.rows < len(lengths)
+  segment = layout.segment_ids()
+  assert (segment != 0).sum() == lengths.sum()  # nothing overlaps, nothing is lost
+  for r in range(layout.rows):  # each row: whole trajectories, in order, within the width
+    placed = np.flatnonzero(layout.row == r)
+    assert lengths[placed].sum() <= 32
+  values = rng.normal(size=(40, 30)).astype(np.float32)
+  held = np.arange(30)[None] < lengths[:, None]
+  back = layout.gather(layout.scatter(values), 30)
+  np.testing.assert_array_equal(back, np.where(held, values, 0))
+  positions = layout.positions()
+  i = int(np.argmax(lengths))
+  np.testing.assert_array_equal(
+      positions[layout.row[i], layout.offset[i]:layout.offset[i] + lengths[i]],
+      np.arange(lengths[i]))
+  assert 0.5 < layout.fill <= 1.0
+  with pytest.raises(ValueError, match="pack_tokens must be at least"):
+    packing.pack([5, 40], 32)
+
+
+def test_packed_log_probs_are_the_padded_ones():
+  params = M.init_params(CFG, jax.random.key(0))
+  rng = np.random.default_rng(1)
+  lengths = rng.integers(3, 17, 9)
+  tokens = rng.integers(0, CFG.vocab_size, (9, 16)).astype(np.int32)
+  held = (np.arange(16)[None] < lengths[:, None]).astype(np.int32)
+  padded = M.token_log_probs(CFG, params, jnp.asarray(tokens), jnp.asarray(held),
+                             with_entropy=True)
+  layout = packing.pack(lengths, 40)
+  packed = M.token_log_probs(CFG, params, jnp.asarray(layout.scatter(tokens)),
+                             jnp.asarray(layout.segment_ids()), jnp.asarray(layout.positions()),
+                             with_entropy=True)
+  for a, b in zip(packed, padded):
+    np.testing.assert_allclose(layout.gather(np.asarray(a), 16), np.asarray(b), atol=2e-5)
+
+
+def _traj(n, s, seed):
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(s // 2, s + 1, n)
+  prompt = np.full(n, 3)
+  held = np.arange(s)[None] < lengths[:, None]
+  return types.SimpleNamespace(
+      tokens=np.where(held, rng.integers(0, CFG.vocab_size, (n, s)), 0).astype(np.int32),
+      loss_mask=(held & (np.arange(s)[None] >= prompt[:, None])).astype(np.int32),
+      lengths=lengths, prompt_lengths=prompt), rng.random(n).astype(np.float32)
+
+
+@pytest.mark.parametrize("algorithm,aggregation", [("grpo", "seq_mean_token_mean"),
+                                                   ("ppo", "token_mean")])
+def test_a_packed_step_equals_the_padded_step(algorithm, aggregation):
+  """Scoring (reference, old log-probs, PPO values), advantages, and two updates
+  (two minibatches) of a packed step equal the padded step's: the same loss and
+  metrics, and parameters equal to float32 rounding."""
+  plan = S.ShardingPlan(S.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]),
+                        S.rules_for("dp"), "dp")
+  params = M.init_params(CFG, jax.random.key(2))
+  traj, rewards = _traj(16, 20, 3)
+
+  def step(pack_tokens):
+    section = load_config("zerosearch", f"tiny,{algorithm}").rl
+    section.update(prompts_per_step=4, samples_per_prompt=4, minibatch_size=8,
+                   micro_batch_size=4, score_batch_size=4, kl_coef=0.1, learning_rate=1e-2,
+                   aggregation=aggregation, pack_tokens=pack_tokens)
+    r = rl_settings.RLSettings.from_config(section).check()
+    programs = rl_step.build_programs(r, CFG, plan, 1.0)
+    state = programs.initial_state(params, jax.random.key(0))
+    batch = rl_step.make_rl_batch(programs, state, programs.reference_params(params), traj,
+                                  rewards)
+    new, metrics = rl_step.update_epochs(programs, state, batch, np.random.default_rng(1),
+                                         jax.random.key(3))
+    return jax.device_get(batch), jax.device_get(new), jax.device_get(metrics)
+
+  batch, state, metrics = step(0)
+  batch2, state2, metrics2 = step(48)  # about two trajectories a row
+  for name in ("old_logp", "ref_logp", "old_values", "advantages", "returns"):
+    np.testing.assert_allclose(getattr(batch2, name), getattr(batch, name), atol=2e-5,
+                               err_msg=name)
+  assert len(metrics2) == len(metrics) == 2
+  for m2, m in zip(metrics2, metrics):
+    assert set(m2) == set(m)
+    for key in m:
+      assert m2[key] == pytest.approx(m[key], rel=2e-4, abs=2e-6), key
+  for policy_or_critic in ("policy", "critic"):
+    a, b = getattr(state2, policy_or_critic), getattr(state, policy_or_critic)
+    if b is None:
+      continue
+    for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+      np.testing.assert_allclose(x, y, atol=2e-5, rtol=1e-4)
+    assert not all(np.array_equal(x, y) for x, y in zip(
+        jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(params)))  # it moved
+
+
+def test_pack_tokens_narrower_than_the_context_is_named():
+  config = load_config("zerosearch", "tiny")
+  config.rl.pack_tokens = config.rollout.max_length - 1
+  with pytest.raises(ValueError, match=r"config.rl.pack_tokens=511 must be 0 .* or at least "
+                                       r"config.rollout.max_length=512"):
+    rl_settings.check_config(config)
+
+
+def test_packing_benchmark_writes_its_table_and_summary(tmp_path):
+  import sys
+  from pathlib import Path
+
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+  import bench_packing
+
+  summary = bench_packing.main(["--cases=tiny", "--rows=8", "--repeats=1",
+                                f"--out={tmp_path}"])
+  case = summary["cases"]["tiny"]
+  assert case["fill_packed"] > case["fill_padded"]  # packing removes padding
+  assert all(case[k][t] > 0 for k in ("padded", "packed") for t in ("score", "update"))
+  assert "| tiny | 8 x 384 |" in (tmp_path / "bench_packing.md").read_text()
+  assert summary["environment"]["packages"]["jax"]
