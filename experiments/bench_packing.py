@@ -75,7 +75,7 @@ def run_case(name: str, rows: int, repeats: int, seed: int) -> dict:
   for pack in (0, cap):
     section = load_config("zerosearch", "tiny,grpo").rl
     section.update(prompts_per_step=rows // 4, samples_per_prompt=4, minibatch_size=rows // 2,
-                   micro_batch_size=4, score_batch_size=4, pack_tokens=pack)
+                   micro_batch_size=2, score_batch_size=2, pack_tokens=pack)
     r = rl_settings.RLSettings.from_config(section).check()
     programs = rl_step.build_programs(r, cfg, plan, 1.0)
     ref = programs.reference_params(params)
@@ -98,7 +98,7 @@ def run_case(name: str, rows: int, repeats: int, seed: int) -> dict:
     key = "packed" if pack else "padded"
     out[key] = {k: statistics.median(v) for k, v in times.items()}
     if pack:
-      out["fill_packed"] = packing.pack(lengths, cap, multiple=4).fill
+      out["fill_packed"] = packing.pack(lengths, cap, multiple=2).fill
   out["speedup"] = {k: out["padded"][k] / out["packed"][k] for k in ("score", "update")}
   return out
 
@@ -118,14 +118,17 @@ def table(results: dict) -> str:
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--cases", default="tiny,paper")
-  parser.add_argument("--rows", type=int, default=32)
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--rows", type=int, default=0,
+                      help="trajectories a step (0: 32 for tiny, 8 for paper: 4096-token rows "
+                           "are slow on a CPU)")
+  parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default="")
   args = parser.parse_args(argv)
   from zsjax import environment
 
-  results = {name: run_case(name, args.rows, args.repeats, args.seed)
+  default_rows = {"tiny": 32, "paper": 8}
+  results = {name: run_case(name, args.rows or default_rows[name], args.repeats, args.seed)
              for name in args.cases.split(",")}
   markdown = table(results)
   print(markdown)

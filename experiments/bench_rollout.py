@@ -28,6 +28,9 @@ with no script. Every loop therefore generates the same number of tokens:
                   a new prefill every turn), the query parsed from the text,
                   the simulator's prompt rendered and run through ``generate``, its
                   documents parsed and tokenized into the context;
+  (a'') jit_shared: (a) with each group of ``--samples`` rows (one prompt) prefilled
+                  once and its cache copied (``RolloutConfig.prompt_group``);
+                  checked to give (a)'s trajectories;
   (d) model_only: the same forwards in one XLA program and nothing else: the
                   prompt prefill, one cached forward + argmax per policy token,
                   the simulator's prefill and one forward per document token, the
@@ -89,6 +92,9 @@ def parse_args(argv=None):
   p.add_argument("--turns", type=int, default=4, help="turns per rollout (max_turns + 1)")
   p.add_argument("--doc_tokens", type=int, default=200, help="simulator tokens per search")
   p.add_argument("--max_length", type=int, default=2048, help="the policy's context cap")
+  p.add_argument("--samples", type=int, default=1,
+                 help="rows sharing a prompt (a GRPO group; the paper: 5): consecutive rows get "
+                      "the same prompt, and loop jit_shared prefills it once per group")
   p.add_argument("--repeats", default="3,1",
                  help="timed runs per size (one number, or one per --sizes entry); the best "
                       "is kept")
@@ -201,7 +207,10 @@ def bench_size(name, args, repeats: int):
                            max_length=args.max_length, max_query_tokens=query_width)
   rng = np.random.default_rng(0)
   words = np.flatnonzero(allowed[:len(tokenizer)])
-  prompts = rng.choice(words, (b, p)).astype(np.int32)
+  if b % args.samples:
+    raise ValueError(f"--batch={b} is not a multiple of --samples={args.samples}.")
+  prompts = np.repeat(rng.choice(words, (b // args.samples, p)), args.samples,
+                      axis=0).astype(np.int32)
   batch = R.RolloutBatch(prompt_tokens=jnp.asarray(prompts),
                          prompt_lengths=jnp.full((b,), p, jnp.int32),
                          engine_inputs=engine.inputs([QUESTION] * b, [ANSWER] * b))
@@ -248,6 +257,18 @@ def bench_size(name, args, repeats: int):
         cdf(params, params, batch, jax.random.key(2), 1)), "jitted, inverse_cdf")
     if int(np.asarray(cdf_traj.loss_mask).sum()) != policy_tokens:
       raise RuntimeError("the scripted rollout drifted with the inverse_cdf sampler")
+
+  # (a'') the same with each group's prompt prefilled once (RolloutConfig.prompt_group)
+  if "jit_shared" in loops:
+    shared = jax.jit(R.make_rollout(cfg, matcher, static, engine,
+                                    dataclasses.replace(config, prompt_group=args.samples),
+                                    policy_draws))
+    shared = shared.lower(params, params, batch, jax.random.key(1), 1).compile()
+    row["jit_shared_s"], shared_traj = best(lambda: jax.block_until_ready(
+        shared(params, params, batch, jax.random.key(2), 1)), "jitted, shared prompt")
+    if not np.array_equal(np.asarray(shared_traj.tokens), np.asarray(traj.tokens)):
+      raise RuntimeError("the shared prefill changed the trajectories")
+    row["shared_speedup"] = jit_s / row["jit_shared_s"]
 
   # (b) the Python-driven loop, the simulator a Python-driven host engine
   sim_width = sim_prefix + query_width + 16
@@ -310,7 +331,7 @@ def bench_size(name, args, repeats: int):
     row.update(bench_reference(cfg, params, tokenizer, static, prompts, prompt_text, args,
                                policy_draws, allowed, best))
 
-  for key in ("jit", "jit_cdf", "python", "model_only", "reference"):
+  for key in ("jit", "jit_cdf", "jit_shared", "python", "model_only", "reference"):
     if f"{key}_s" in row:
       row[f"{key}_tokens_per_s"] = generated / row[f"{key}_s"]
   for key, ratio in (("python", "ratio_vs_python"), ("reference", "ratio_vs_reference")):
@@ -411,7 +432,8 @@ def bench_reference(cfg, params, tokenizer, static, prompts, prompt_text, args, 
 
 
 COLUMNS = ("size", "params", "generated_tokens", "jit_compile_s", "jit_tokens_per_s",
-           "jit_cdf_tokens_per_s", "python_tokens_per_s", "reference_tokens_per_s",
+           "jit_cdf_tokens_per_s", "jit_shared_tokens_per_s", "shared_speedup",
+           "python_tokens_per_s", "reference_tokens_per_s",
            "model_only_tokens_per_s", "ratio_vs_reference", "ratio_vs_python",
            "fraction_of_model_only", "cdf_ratio_vs_reference", "cdf_fraction_of_model_only")
 
@@ -456,7 +478,8 @@ def main(argv=None):
     (out / "results.md").write_text(f"{header}\n\n{table}\n")
     (out / "results.json").write_text(json.dumps({"environment": env, "args": vars(args),
                                                   "rows": rows}, indent=2) + "\n")
-  keys = ("jit_tokens_per_s", "jit_cdf_tokens_per_s", "python_tokens_per_s",
+  keys = ("jit_tokens_per_s", "jit_cdf_tokens_per_s", "jit_shared_tokens_per_s",
+          "shared_speedup", "python_tokens_per_s",
           "reference_tokens_per_s", "model_only_tokens_per_s", "ratio_vs_reference",
           "ratio_vs_python", "fraction_of_model_only", "cdf_ratio_vs_reference",
           "cdf_ratio_vs_python", "cdf_fraction_of_model_only")

@@ -75,6 +75,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--init", default="", help="an HF export to start from")
   parser.add_argument("--export", action="store_true", help="write hf_export/ (for --init)")
   parser.add_argument("--set", action="append", default=[], help="FIELD=VALUE of the sft job")
+  parser.add_argument("--demo_docs", type=int, default=0,
+                      help="demos: show at most this many documents a search (the one holding "
+                           "the answer among them); 0: all")
   parser.add_argument("--doc_loss", action="store_true",
                       help="also train on the inserted documents (a language-model loss on "
                            "each observation: dense copying signal in the real contexts)")
@@ -85,7 +88,8 @@ def main(argv=None) -> dict:
   out = Path(args.root) / f"{args.name}_s{args.seed}"
   out.mkdir(parents=True, exist_ok=True)
   world = tinyworld.ensure(out / "world", args.seed, tinyworld.WorldSize.from_config(config.world))
-  rows = demonstrations.warm_start_rows(config) if args.data != "drills" else []
+  rows = demonstrations.warm_start_rows(config, documents=args.demo_docs) \
+      if args.data != "drills" else []
   if args.data != "demos":  # the reading stage's drills (its own held-out check left out)
     config.reading_drills, config.reading_documents = 3, args.documents
     rows += [r for r in demonstrations.reading_rows(config) if r["split"] == "train"]
@@ -134,6 +138,7 @@ def main(argv=None) -> dict:
   start = time.time()
   summary = train_sft.train(sft)
   result = {"name": args.name, "seed": args.seed, "data": args.data, "doc_loss": args.doc_loss,
+            "demo_docs": args.demo_docs,
             "documents": args.documents, "init": args.init, "set": args.set,
             "seconds": round(time.time() - start, 1), "rows": len(rows),
             "train_nll_last": summary.get("loss/nll"),

@@ -16,7 +16,8 @@ pytest.importorskip("torch")
 def test_rollout_benchmark_runs_every_loop_on_the_same_work(tmp_path, capsys):
   rows = bench_rollout.main(["--sizes=tiny", "--batch=4", "--prompt_tokens=8",
                              "--new_tokens=16", "--turns=3", "--doc_tokens=8",
-                             "--max_length=160", "--repeats=1", f"--out={tmp_path}"])
+                             "--max_length=160", "--repeats=1", f"--out={tmp_path}",
+                             "--samples=2", "--loops=jit,jit_shared,python,reference,model_only"])
   summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   for key in ("jit_tokens_per_s", "python_tokens_per_s", "reference_tokens_per_s",
               "model_only_tokens_per_s", "ratio_vs_reference", "ratio_vs_python",
@@ -29,6 +30,8 @@ def test_rollout_benchmark_runs_every_loop_on_the_same_work(tmp_path, capsys):
     assert row[f"{loop}_policy_tokens"] == row["policy_tokens"], loop
   assert row["python_simulator_tokens"] == row["reference_simulator_tokens"] == 4 * 2 * 8
   assert row["jit_searches"] == 4 * 2
+  assert row["shared_speedup"] == pytest.approx(row["jit_s"] / row["jit_shared_s"])  # and the
+  # bench checked that the prompt prefilled once per pair of rows gave the same trajectories
   assert row["ratio_vs_python"] == pytest.approx(row["python_s"] / row["jit_s"])
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["environment"]["cores"] >= 1 and "torch" in saved["environment"]["packages"] and saved["rows"][0]["size"] == "tiny"

@@ -28,7 +28,8 @@ DEMO_FORMATS = ("search", "rag", "direct")
 
 
 def demonstrations(world: dict, engine, instruction: str, seed: int, *,
-                   bridge_fraction: float, baseline_fraction: float) -> list[dict]:
+                   bridge_fraction: float, baseline_fraction: float,
+                   documents: int = 0) -> list[dict]:
   """Correct demonstrations on ``world`` (never the test world), each a row
   ``{"prompt", "target", "target_segments", "target_loss", "format", "hops"}``:
 
@@ -47,7 +48,11 @@ def demonstrations(world: dict, engine, instruction: str, seed: int, *,
   The answer's name carries loss only where the context (the prompt and the
   inserted documents) holds it; ``<answer>`` always does. So the warm start is
   taught to read an answer, never to guess one: what it writes after evidence
-  that does not answer is its own, as a base model's would be."""
+  that does not answer is its own, as a base model's would be.
+
+  ``documents`` > 0 shows at most that many of each search's documents, in the
+  engine's order, the first one holding the answer always among them (shorter
+  contexts in the real format: a reading curriculum); 0 shows them all."""
   rng = np.random.default_rng(seed)
   rows = []
 
@@ -64,6 +69,11 @@ def demonstrations(world: dict, engine, instruction: str, seed: int, *,
     segments, loss, first_docs = [], [], None
     for query in queries:
       docs = engine.search([SearchRequest(query)]).documents[0]
+      if documents:
+        gold = q["golden_answers"][0]
+        keep = [i for i, d in enumerate(docs) if gold in d][:1]
+        keep += [i for i in range(len(docs)) if i not in keep][:documents - len(keep)]
+        docs = [docs[i] for i in sorted(keep)]
       first_docs = docs if first_docs is None else first_docs
       segments += [f"<search> {query} </search>", render_observation(docs)]
       loss += [1, 0]  # the documents are inserted, not written: no loss on them
@@ -210,7 +220,7 @@ def reading_rows(config) -> list[dict]:
   return rows
 
 
-def warm_start_rows(config) -> list[dict]:
+def warm_start_rows(config, documents: int = 0) -> list[dict]:
   """Every demonstration the warm start trains on (``demonstrations`` of each of
   ``demonstration_worlds``, BM25 with ``top_k`` as the engine); never this
   world's questions."""
@@ -222,7 +232,8 @@ def warm_start_rows(config) -> list[dict]:
     engine = BM25Engine([d["contents"] for d in world["corpus"]], top_k=config.top_k)
     rows += demonstrations(world, engine, config.instruction, config.seed + k,
                            bridge_fraction=config.demo_bridge_fraction,
-                           baseline_fraction=config.demo_baseline_fraction)
+                           baseline_fraction=config.demo_baseline_fraction,
+                           documents=documents)
   return rows
 
 
