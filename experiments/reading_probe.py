@@ -75,6 +75,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--init", default="", help="an HF export to start from")
   parser.add_argument("--export", action="store_true", help="write hf_export/ (for --init)")
   parser.add_argument("--set", action="append", default=[], help="FIELD=VALUE of the sft job")
+  parser.add_argument("--instruction", default=None,
+                      help="the search template's instruction (default: the tiny world's)")
   parser.add_argument("--demo_docs", type=int, default=0,
                       help="demos: show at most this many documents a search (the one holding "
                            "the answer among them); 0: all")
@@ -85,6 +87,8 @@ def main(argv=None) -> dict:
 
   config = tiny_world.get_config()
   config.seed, config.progress = args.seed, False
+  if args.instruction is not None:
+    config.instruction = args.instruction
   out = Path(args.root) / f"{args.name}_s{args.seed}"
   out.mkdir(parents=True, exist_ok=True)
   world = tinyworld.ensure(out / "world", args.seed, tinyworld.WorldSize.from_config(config.world))
@@ -138,7 +142,7 @@ def main(argv=None) -> dict:
   start = time.time()
   summary = train_sft.train(sft)
   result = {"name": args.name, "seed": args.seed, "data": args.data, "doc_loss": args.doc_loss,
-            "demo_docs": args.demo_docs,
+            "demo_docs": args.demo_docs, "instruction": config.instruction,
             "documents": args.documents, "init": args.init, "set": args.set,
             "seconds": round(time.time() - start, 1), "rows": len(rows),
             "train_nll_last": summary.get("loss/nll"),
