@@ -264,6 +264,18 @@ def test_tiny_world_stage_keys_are_those_made_before_the_knobs_were_fields():
   assert moved != recorded["ci/rl_simulator"]
 
 
+def _recorded_run(tmp_path):
+  """A data file, and a workdir whose run.json records an RL run on it."""
+  data_file = tmp_path / "train.jsonl"
+  data_file.write_text('{"question": "Q?", "golden_answers": ["a"]}\n')
+  run = tmp_path / "run"
+  run.mkdir()
+  config = load_config("zerosearch", "tiny")
+  config.data.train_files = str(data_file)
+  workdir.check_identity(run, config)
+  return data_file, run, config
+
+
 def test_identity_does_not_rest_on_run_json(tmp_path):
   """A data file replaced under the same path is refused (from run.json and from the
   checkpoint); with run.json gone, the checkpoint still refuses another seed and
@@ -273,13 +285,7 @@ def test_identity_does_not_rest_on_run_json(tmp_path):
   from zsjax import tinyworld
   from zsjax.checkpoint import Checkpointer
 
-  data_file = tmp_path / "train.jsonl"
-  data_file.write_text('{"question": "Q?", "golden_answers": ["a"]}\n')
-  run = tmp_path / "run"
-  run.mkdir()
-  config = load_config("zerosearch", "tiny")
-  config.data.train_files = str(data_file)
-  workdir.check_identity(run, config)
+  data_file, run, config = _recorded_run(tmp_path)
   recorded = json.loads((run / "run.json").read_text())["inputs"]
   assert list(recorded) == ["data.train_files"]
   assert recorded["data.train_files"]["fingerprint"] == workdir.fingerprint(data_file)
@@ -327,13 +333,7 @@ def test_without_run_json_the_checkpoints_record_is_checked_in_full(tmp_path):
 
   from zsjax.checkpoint import Checkpointer
 
-  data_file = tmp_path / "train.jsonl"
-  data_file.write_text('{"question": "Q?", "golden_answers": ["a"]}\n')
-  run = tmp_path / "run"
-  run.mkdir()
-  config = load_config("zerosearch", "tiny")
-  config.data.train_files = str(data_file)
-  workdir.check_identity(run, config)
+  data_file, run, config = _recorded_run(tmp_path)
   record = workdir.identity_record(run)
   assert record["job"] == "rl" and record["config"]["rl.learning_rate"] == config.rl.learning_rate
   ck = Checkpointer(run / "checkpoints", async_save=False)
