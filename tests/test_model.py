@@ -324,12 +324,18 @@ def test_qwen3_qk_norm_decode_matches_full_forward_and_changes_logits():
 
 
 def test_attention_kernel_is_chosen_by_backend_dtype_and_head_dim():
-  choose = M.attention_implementation
+  def choose(cfg, backend, length=None, capability="9.0"):
+    return M.attention_implementation(cfg, backend, length, capability)
+
   bf16 = dataclasses.replace(CFG, dtype="bfloat16", head_dim=64)
   assert choose(CFG, "cpu") == "einsum"  # auto off a GPU
   assert choose(bf16, "cpu") == "einsum"
   assert choose(bf16, "tpu") == "einsum"
   assert choose(bf16, "gpu") == "cudnn"
+  assert choose(bf16, "gpu", 4096) == "cudnn"
+  assert choose(bf16, "gpu", 4095) == "einsum"  # cuDNN's masked backward: even lengths
+  assert choose(bf16, "gpu", capability="7.5") == "einsum"  # before Ampere
+  assert choose(bf16, "gpu", capability=None) == "einsum"  # not CUDA (e.g. ROCm)
   assert choose(dataclasses.replace(bf16, dtype="float32"), "gpu") == "einsum"  # cuDNN: half only
   assert choose(dataclasses.replace(bf16, head_dim=256), "gpu") == "einsum"
   assert choose(dataclasses.replace(bf16, head_dim=60), "gpu") == "einsum"  # not a multiple of 8
@@ -338,6 +344,8 @@ def test_attention_kernel_is_chosen_by_backend_dtype_and_head_dim():
   assert choose(dataclasses.replace(bf16, attention_impl="cudnn"), "gpu") == "cudnn"
   with pytest.raises(ValueError, match=r"attention_impl='cudnn'.*backend: 'cpu'.*attention_impl"):
     choose(dataclasses.replace(bf16, attention_impl="cudnn"), "cpu")
+  with pytest.raises(ValueError, match=r"length: 7"):
+    choose(dataclasses.replace(bf16, attention_impl="cudnn"), "gpu", 7)
   with pytest.raises(ValueError, match="attention_impl='flash'"):
     dataclasses.replace(CFG, attention_impl="flash")
 
@@ -355,9 +363,10 @@ def test_the_model_calls_the_kernel_it_chose_where_it_has_no_cache(params, monke
 
   monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
   monkeypatch.setattr(M.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(M, "gpu_capability", lambda: "9.0")
   cfg = dataclasses.replace(CFG, dtype="bfloat16", head_dim=16)
   p = M.init_params(cfg, jax.random.key(3))
-  tokens = tokens_of(21, (2, 7))
+  tokens = tokens_of(21, (2, 8))
   model = M.Transformer(cfg)
   model.apply({"params": p}, tokens)
   assert calls and set(calls) == {"cudnn"}, calls  # (the layer scan traces its body more than once)
@@ -367,6 +376,8 @@ def test_the_model_calls_the_kernel_it_chose_where_it_has_no_cache(params, monke
   assert calls and set(calls) == {"cudnn"}, calls
   calls.clear()
   model.apply({"params": p}, tokens[:, :1], cache=cache)  # decode: the cache's einsums
+  assert calls == []
+  model.apply({"params": p}, tokens[:, :7])  # an odd length: cuDNN's backward cannot
   assert calls == []
   monkeypatch.setattr(M.jax, "default_backend", lambda: "cpu")
   model.apply({"params": p}, tokens)

@@ -285,6 +285,7 @@ def test_offload_on_a_backend_without_host_memory_is_named():
 
   class Device:
     platform = "weird"
+    process_index = 0
 
     def addressable_memories(self):
       return [Memory()]

@@ -298,22 +298,37 @@ def _dense(cfg: ModelConfig, features, axis, names, bias_names, use_bias, name):
       bias_init=_param_init(bias_names, nn.initializers.zeros), name=name)
 
 
-def attention_implementation(cfg: ModelConfig, backend: str) -> str:
-  """The kernel ``cfg.attention_impl`` names on ``backend`` (``jax.default_backend()``):
-  "auto" is "cudnn" on a GPU when the compute dtype is bfloat16/float16 and the head
-  dim suits cuDNN (<= 128, a multiple of 8), else "einsum". An explicit "cudnn" where
-  cuDNN cannot run is an error naming the field, not a silent fallback."""
-  fits = (backend in ("gpu", "cuda") and cfg.dtype in _CUDNN_DTYPES
-          and cfg.head_dim <= 128 and cfg.head_dim % 8 == 0)
+def gpu_capability() -> str | None:
+  """The first device's CUDA compute capability ("9.0"), or None off an NVIDIA GPU."""
+  return getattr(jax.devices()[0], "compute_capability", None)
+
+
+def attention_implementation(cfg: ModelConfig, backend: str, length: int | None = None,
+                             capability: str | None = None) -> str:
+  """The kernel ``cfg.attention_impl`` names on ``backend`` (``jax.default_backend()``)
+  for a call of ``length`` tokens: "auto" is "cudnn" on an NVIDIA GPU of compute
+  capability >= 8.0 (``capability``; cuDNN's fused attention needs Ampere or newer)
+  when the compute dtype is bfloat16/float16, the head dim suits cuDNN (<= 128, a
+  multiple of 8) and the length is even (cuDNN's masked backward needs it), else
+  "einsum". An explicit "cudnn" where cuDNN cannot run is an error naming the
+  field, not a silent fallback."""
+  try:
+    ampere = capability is not None and float(capability) >= 8.0
+  except ValueError:
+    ampere = False
+  fits = (backend in ("gpu", "cuda") and ampere and cfg.dtype in _CUDNN_DTYPES
+          and cfg.head_dim <= 128 and cfg.head_dim % 8 == 0
+          and (length is None or length % 2 == 0))
   if cfg.attention_impl == "auto":
     return "cudnn" if fits else "einsum"
   if cfg.attention_impl == "cudnn" and not fits:
     raise ValueError(
-        f"attention_impl='cudnn' needs an NVIDIA GPU (backend: {backend!r}), a bfloat16 or "
-        f"float16 compute dtype (dtype: {cfg.dtype!r}) and head_dim <= 128, a multiple of 8 "
-        f"(head_dim: {cfg.head_dim}); set attention_impl='auto' (config.policy.attention_impl,"
-        " config.simulator.attention_impl or config.model.attention_impl) to use it only "
-        "where it runs.")
+        f"attention_impl='cudnn' needs an NVIDIA GPU of compute capability >= 8.0 (backend: "
+        f"{backend!r}, capability: {capability!r}), a bfloat16 or float16 compute dtype "
+        f"(dtype: {cfg.dtype!r}), head_dim <= 128, a multiple of 8 (head_dim: "
+        f"{cfg.head_dim}) and an even length (length: {length}); set attention_impl='auto' "
+        "(config.policy.attention_impl, config.simulator.attention_impl or "
+        "config.model.attention_impl) to use it only where it runs.")
   return cfg.attention_impl
 
 
@@ -345,7 +360,9 @@ class Attention(nn.Module):
     # matmuls over (B, K, G): on XLA:CPU the attention forward is ~1.7x and its
     # backward ~1.3x faster than with q as [B, L, K, G, H]. Keys and values (and so
     # the cache) keep their layout.
-    impl = attention_implementation(cfg, jax.default_backend())
+    backend = jax.default_backend()
+    impl = attention_implementation(cfg, backend, l,
+                                    gpu_capability() if backend in ("gpu", "cuda") else None)
     if impl != "einsum" and (cache_k is None or cache_k.shape[1] == 0):
       out = jax.nn.dot_product_attention(
           q, key, value, mask=mask[:, None], implementation=impl)  # [B, L, N, H]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+
 from zsjax import rewards, rl
 from zsjax.checkpoint import check_checkpoint_config
 from zsjax.model import check_compute_dtype
@@ -181,7 +183,7 @@ class RLSettings:
               if getattr(self, name)]
     if not fields:
       return
-    device = devices[0]
+    device = next((d for d in devices if d.process_index == jax.process_index()), devices[0])
     kinds = sorted(m.kind for m in device.addressable_memories())
     if HOST_MEMORY not in kinds:
       raise ValueError(f"{' and '.join(fields)} keep arrays in host memory, but this backend "

@@ -144,8 +144,9 @@ class RLPrograms:
   update: Callable  # (TrainState, RLBatch, rng) -> (TrainState, metrics)
   critic_update: Callable | None
   copy_params: Callable  # a fresh copy (separate buffers) of policy params
-  # params -> the frozen reference: a copy in rl.reference_dtype, in host memory with
-  # rl.offload_reference (brought to the devices only for its scoring pass)
+  # params -> the frozen reference: the loaded params themselves, or a copy in
+  # rl.reference_dtype, in host memory with rl.offload_reference (brought to the
+  # devices only for its scoring pass)
   reference_params: Callable | None = None
   # rl.pack_tokens > 0 (zsjax.packing): (params, tokens, segment_ids, positions) ->
   # [R, W] on score_batch_size packed rows, and updates over packed micro-batches
@@ -272,10 +273,13 @@ def build_programs(settings: RLSettings, policy_cfg: ModelConfig, plan: Sharding
                    out_shardings=batch_shardings),
       update=update, critic_update=critic_update,
       copy_params=jax.jit(_copy, out_shardings=shardings.params),
-      reference_params=jax.jit(
-          functools.partial(_as_reference, r.reference_dtype),
-          out_shardings=in_memory(shardings.params,
-                                  HOST_MEMORY if r.offload_reference else None)))
+      reference_params=(
+          jax.jit(functools.partial(_as_reference, r.reference_dtype),
+                  out_shardings=in_memory(shardings.params,
+                                          HOST_MEMORY if r.offload_reference else None))
+          # as loaded: the loaded params themselves (never donated; the policy trains
+          # its own copy), so the device holds no third copy
+          if r.reference_dtype or r.offload_reference else (lambda params: params)))
 
 
 def loss_mask_of(traj, kind: str) -> np.ndarray:

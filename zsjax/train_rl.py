@@ -50,7 +50,8 @@ from zsjax.sharding import ShardingPlan, is_main_process, to_host
 
 @dataclasses.dataclass
 class RLJob:
-  """What ``setup`` builds; the loop reads it and never changes it."""
+  """What ``setup`` builds; the loop reads it and changes nothing but dropping
+  ``initial_params`` once the first state holds its own copy."""
 
   config: ml_collections.ConfigDict
   settings: RLSettings  # config.rl, checked
@@ -222,6 +223,10 @@ def train(job: RLJob) -> dict:
       lambda: job.programs.initial_state(job.initial_params, jax.random.fold_in(job.key, 3)),
       log=console)
   state = job.programs.placed_optimizer(state, host=True)  # (rl.offload_optimizer)
+  if job.ref_params is not job.initial_params:
+    # the loaded params were only the first state's source (a cast or offloaded
+    # reference is a copy): their device memory is freed for the rest of the run
+    job.initial_params = None
   start = int(extra.get("step", 0)) if resumed else 0
   if start > r.total_steps and is_main_process():
     console(f"{workdir} holds step {start}, past config.rl.total_steps={r.total_steps}: "

@@ -319,20 +319,24 @@ def _check_horizon(workdir: Path, section: str, before: dict, now: dict) -> None
 
 def checkpoint_record(workdir: Path) -> tuple[dict | None, str]:
   """The run record (``{"job", "config", "inputs"}``, ``identity_record``) the newest
-  readable checkpoint under ``WORKDIR/checkpoints`` carries in its JSON part, and
-  where it was read; ``(None, "")`` when none carries one."""
-  if not holds_checkpoint(workdir):
+  checkpoint under ``WORKDIR/checkpoints`` carries in its JSON part, and where it
+  was read; ``(None, "")`` when none carries one. Read as the JSON file Orbax wrote
+  (``<step>/extra/metadata``), newest readable step first: no Orbax manager, so no
+  collective, and one process may call it alone (``zsjax.main``)."""
+  checkpoints = Path(workdir) / "checkpoints"
+  if not checkpoints.is_dir():
     return None, ""
-  from zsjax.checkpoint import Checkpointer
-  checkpointer = Checkpointer(Path(workdir) / "checkpoints", async_save=False)
-  try:
-    saved = checkpointer.latest_extra()
-  finally:
-    checkpointer.close()
-  record = (saved or {}).get("record")
-  if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
-    return None, ""
-  return record, f"checkpoint step {saved.get('step')}"
+  steps = sorted((int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()), reverse=True)
+  for step in steps:
+    try:
+      saved = json.loads((checkpoints / str(step) / "extra" / "metadata").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+      continue  # a damaged or older-layout step: the resume names it
+    record = saved.get("record") if isinstance(saved, dict) else None
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+      return None, ""  # the newest readable step predates the record
+    return record, f"checkpoint step {saved.get('step', step)}"
+  return None, ""
 
 
 def identity_record(workdir: str | os.PathLike) -> dict | None:
