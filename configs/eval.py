@@ -50,12 +50,14 @@ def get_config(arg=None):
   config.policy = ml_collections.ConfigDict(dict(
       checkpoint="", orbax_dir="", orbax_step=0, param_dtype="float32",
       dtype="float32" if tiny else "bfloat16", remat="none",
+      attention_impl="auto",  # auto (cuDNN on a GPU in bfloat16) | einsum | xla | cudnn
       model=dict(arch="qwen2", vocab_size=0, embed_dim=64, mlp_dim=128, num_layers=2,
                  num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True, tie_embeddings=True,
                  max_position_embeddings=4096, eos_token_ids=(), dtype="float32",
                  param_dtype="float32", remat="none") if tiny else {}))
   config.simulator = ml_collections.ConfigDict(dict(
       checkpoint="", param_dtype="float32", dtype="float32", remat="none", model={},
+      attention_impl="auto",
       # "zerosearch": the released simulators' prompt; "" (or "zsjax"): our wording; or a template
       template="" if tiny else "zerosearch",
       chat_template=not tiny,  # a chat simulator: its chat template / chat messages

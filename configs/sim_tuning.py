@@ -76,7 +76,7 @@ def get_config(arg=None):
       queries="question" if tiny else "policy",  # | policy (a searching policy collects)
       batch_size=16,
       policy=dict(checkpoint="", param_dtype="float32", dtype="bfloat16", remat="none",
-                  model={}),
+                  attention_impl="auto", model={}),
       # the collecting policy's rollout; attention_view: decode reads the smallest cache
       # view holding every row (0: the whole cache)
       rollout=dict(max_turns=4, max_new_tokens=500, max_obs_tokens=2048, max_length=4096,

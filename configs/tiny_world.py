@@ -53,7 +53,7 @@ def sft(steps: int, batch: int, length: int, lr: float, decay: str = "cosine") -
 def lm(model_fields: dict | None = None) -> dict:
   """A model section: a checkpoint (set by the pipeline) or a random model's shape."""
   return dict(checkpoint="", param_dtype="float32", dtype="float32", remat="none",
-              model=model_fields or {})
+              attention_impl="auto", model=model_fields or {})
 
 
 def sft_job(model_fields: dict, steps: int, batch: int, length: int, lr: float,

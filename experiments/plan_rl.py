@@ -124,7 +124,7 @@ def plan_one(model: str, simulator: str, devices, rows: int | None = None,
   config = load_config("zerosearch", model)
   apply_overrides(config, overrides or {})
   r, ro = config.rl, config.rollout
-  waves = ro.get("waves", 1)
+  waves = ro.waves
   chunk = config.policy.logits_chunk if logits_chunk < 0 else logits_chunk
   cfg = dataclasses.replace(ModelConfig.from_dict(shape(model)), dtype="bfloat16",
                             param_dtype="float32", remat="full", logits_chunk=chunk)

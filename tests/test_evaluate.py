@@ -271,7 +271,7 @@ def test_a_mistyped_orbax_dir_is_named_and_not_created(tmp_path):
 
   section = ml_collections.ConfigDict(dict(
       checkpoint="", orbax_dir=str(tmp_path / "chekpoints"), orbax_step=0,
-      param_dtype="float32", dtype="float32", remat="none",
+      param_dtype="float32", dtype="float32", remat="none", attention_impl="auto",
       model=dict(arch="qwen2", vocab_size=64, embed_dim=16, mlp_dim=32, num_layers=1,
                  num_heads=2, num_kv_heads=1, head_dim=8)))
   with pytest.raises(FileNotFoundError, match="config.policy.orbax_dir=.*chekpoints.* is not a "

@@ -584,7 +584,7 @@ def load_model(section, plan, rng: jax.Array, vocab_size: int, eos_ids, *, what:
     # not part of the checkpoint.
     cfg = dataclasses.replace(cfg, dtype=section.dtype, remat=section.remat,
                               logits_chunk=section.get("logits_chunk", 0),
-                              attention_impl=section.get("attention_impl", "auto"))
+                              attention_impl=section.attention_impl)
   else:
     fields = section.model.to_dict()
     if not fields:
@@ -596,7 +596,7 @@ def load_model(section, plan, rng: jax.Array, vocab_size: int, eos_ids, *, what:
       fields["eos_token_ids"] = tuple(eos_ids)
     cfg = ModelConfig.from_dict(fields)
     cfg = dataclasses.replace(cfg, logits_chunk=section.get("logits_chunk", 0),
-                              attention_impl=section.get("attention_impl", "auto"))
+                              attention_impl=section.attention_impl)
     params = jax.jit(init_params, static_argnums=0, out_shardings=plan.params(cfg))(cfg, rng)
   if cfg.vocab_size < vocab_size:
     raise ValueError(f"{what}: the model's vocab_size={cfg.vocab_size} is smaller than the "

@@ -216,7 +216,7 @@ def check_config(config) -> RLSettings:
   if not config.data.limit >= 0:
     raise ValueError(f"config.data.limit={config.data.limit} must be >= 0: the first N training "
                      "rows of each file, or 0 for all of them.")
-  check_waves(config.rollout.get("waves", 1), settings)
+  check_waves(config.rollout.waves, settings)
   if not isinstance(settings.pack_tokens, int) or settings.pack_tokens < 0 or (
       settings.pack_tokens and settings.pack_tokens < config.rollout.max_length):
     raise ValueError(f"config.rl.pack_tokens={settings.pack_tokens!r} must be 0 (padded rows) "

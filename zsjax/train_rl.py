@@ -78,7 +78,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> RLJob:
   r, plan = check_config(config), ShardingPlan.from_config(config)
   r.check_mesh(plan)
   r.check_memory(plan.mesh.devices.flat)
-  rl_settings.check_waves(config.rollout.get("waves", 1), r, plan)
+  rl_settings.check_waves(config.rollout.waves, r, plan)
   key = jax.random.key(config.seed)
   tokenizer = hf.config_tokenizer(config, "policy")
   eos_ids = tuple(i for i in (tokenizer.eos_token_id,) if i is not None)
@@ -91,8 +91,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> RLJob:
   policy_sampling = sampling.from_config(config.sampling)
   rollout_config = rollout_lib.RolloutConfig.from_config(config.rollout, config.curriculum,
                                                          r.horizon)
-  waves = config.rollout.get("waves", 1)
-  if config.rollout.get("share_prompt", False) and r.samples_per_prompt > 1:
+  waves = config.rollout.waves
+  if config.rollout.share_prompt and r.samples_per_prompt > 1:
     if (r.prompts_per_step // waves) % plan.batch_divisor == 0:
       rollout_config = dataclasses.replace(rollout_config, prompt_group=r.samples_per_prompt)
     else:
@@ -150,7 +150,7 @@ def roll_out(job: RLJob, params, step: int, rng):
   out in ``config.rollout.waves`` waves: each wave a jitted rollout of its share of
   the prompts (keyed ``fold_in(rng, wave)``; one wave: ``rng`` itself, the rollout
   of every row at once), so only a wave's KV caches are live at a time."""
-  waves = job.config.rollout.get("waves", 1)
+  waves = job.config.rollout.waves
   parts, golds, sources = [], [], []
   for wave in range(waves):
     batch, wave_golds, wave_sources = rollout_batch(job, step, wave, waves)
