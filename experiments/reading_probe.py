@@ -41,14 +41,8 @@ from zsjax import demonstrations, environment, pipeline, tinyworld, train_sft  #
 from zsjax.data import write_jsonl  # noqa: E402
 from zsjax.search import BM25Engine  # noqa: E402
 
-
-def _set(config, dotted: str, text: str) -> None:
-  *parents, leaf = dotted.split(".")
-  node = config
-  for parent in parents:
-    node = node[parent]
-  old = node[leaf]
-  node[leaf] = text if isinstance(old, str) else type(old)(json.loads(text))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plan_rl import apply_overrides  # noqa: E402  (a typed --set FIELD=VALUE)
 
 
 def probe_rows(seed: int, config) -> dict[str, list[dict]]:
@@ -101,9 +95,7 @@ def main(argv=None) -> dict:
     rows = [dict(r, target_loss=[1 if "<information>" in seg else loss for seg, loss in
                                  zip(r["target_segments"], r["target_loss"])]) for r in rows]
   job = pipeline.job_config(config, "warm_start", {"tokenizer": world["tokenizer"]})
-  for item in args.set:
-    field, _, value = item.partition("=")
-    _set(job, field, value)
+  apply_overrides(job, dict(item.split("=", 1) for item in args.set))
   job.checkpoint.export_hf, job.checkpoint.every = args.export, 10**9
   if args.init:
     job.model.checkpoint = args.init
