@@ -427,6 +427,12 @@ def test_other_algorithms_and_engines_run(tmp_path, world, algorithm, engine):
   train_rl.run(config, str(tmp_path))
   records = read_jsonl(tmp_path / "metrics.jsonl")
   assert len(records) == 2 and all(r["optim/skipped"] == 0.0 for r in records)
+  # the first step compiles every phase's programs, inside the phase's wall time; the
+  # second reuses them (time/*_compile_s: jax.monitoring's compile events)
+  for phase in ("rollout", "score", "update"):
+    first = records[0][f"time/{phase}_compile_s"]
+    assert 0.0 < first <= records[0][f"time/{phase}_s"], phase
+    assert records[1][f"time/{phase}_compile_s"] < first, phase
   if algorithm == "ppo":
     assert "critic/loss/total" in records[0] and "loss/value" in records[0]
   # the reference and policy differ after one update: the KL term is live

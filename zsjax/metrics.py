@@ -178,3 +178,28 @@ def metrics_at(workdir: str | Path, step: int) -> dict:
   records = [r for r in read_jsonl(path, torn_tail="drop") if r.get("step") == step]
   return {k: v for k, v in records[-1].items() if k not in ("step", "time")} if records else {}
 
+
+
+# jax.monitoring's events for turning a traced program into an executable: lowering
+# to StableHLO and the backend's compile (tracing is left out: a nested jit's trace
+# is reported inside its caller's, so summing traces would count it twice).
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+_compile_total = [0.0]
+_compile_listening = [False]
+
+
+def _on_duration(event: str, seconds: float, **_) -> None:
+  if event in COMPILE_EVENTS:
+    _compile_total[0] += seconds
+
+
+def compile_seconds() -> float:
+  """Seconds this process has spent lowering and compiling JAX programs since the
+  first call (a ``jax.monitoring`` listener, registered then). The difference of
+  two readings is the compile time inside a phase, so a step's first-call time
+  can be split into compiling and running (``time/*_compile_s``)."""
+  if not _compile_listening[0]:
+    jax.monitoring.register_event_duration_secs_listener(_on_duration)
+    _compile_listening[0] = True
+  return _compile_total[0]

@@ -41,7 +41,7 @@ from zsjax import hf, interrupts, rl_settings, rl_step, sampling, search, templa
 from zsjax import rollout as rollout_lib
 from zsjax import workdir as workdir_lib
 from zsjax.checkpoint import Checkpointer, export_hf
-from zsjax.metrics import MetricWriter, console, drop_steps_after, metrics_at
+from zsjax.metrics import MetricWriter, compile_seconds, console, drop_steps_after, metrics_at
 from zsjax.model import with_compute_dtype
 from zsjax.rewards import AnswerScores, score_answers
 from zsjax.rl_settings import RLSettings, check_config
@@ -74,7 +74,12 @@ class RLJob:
   programs: rl_step.RLPrograms
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> RLJob:
+def setup(config: ml_collections.ConfigDict, workdir: str | Path, *,
+          draws: tuple[Any, Any] | None = None) -> RLJob:
+  """``draws``: ``(policy, simulator)`` sampling strategies in place of
+  ``config.sampling`` and the simulator's (``zsjax.sampling.sample`` takes any
+  object with a ``sample(logits, rng, position)`` method): a benchmark of random
+  models scripts their actions with it (experiments/accelerator_check.py)."""
   r, plan = check_config(config), ShardingPlan.from_config(config)
   r.check_mesh(plan)
   r.check_memory(plan.mesh.devices.flat)
@@ -88,7 +93,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> RLJob:
   static = rollout_lib.prepare_static_tokens(tokenizer, vocab_size=policy_cfg.vocab_size,
                                              eos_ids=hf.end_tokens(policy_cfg, tokenizer),
                                              feedback=style.feedback)
-  policy_sampling = sampling.from_config(config.sampling)
+  policy_sampling = draws[0] if draws else sampling.from_config(config.sampling)
   rollout_config = rollout_lib.RolloutConfig.from_config(config.rollout, config.curriculum,
                                                          r.horizon)
   waves = config.rollout.waves
@@ -100,6 +105,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> RLJob:
               f"not split over data x fsdp = {plan.batch_divisor}; every row prefills its own")
   engine, engine_state, engine_shardings = search.build_engine(
       config, tokenizer, static, rollout_config, plan, jax.random.fold_in(key, 2))
+  if draws and config.engine.kind == "simulator":
+    engine = dataclasses.replace(engine, sampling=draws[1])
   # the rollout may compute in another precision than training (its params are the same)
   rollout_cfg = with_compute_dtype(policy_cfg, config.rollout.dtype,
                                    "config.rollout.dtype")
@@ -164,13 +171,22 @@ def roll_out(job: RLJob, params, step: int, rng):
 
 
 def train_step(job: RLJob, state: rl_step.RLState, step: int):
-  """One RL step: ``(new state, metrics (host floats), (traj, golds, scores))``."""
+  """One RL step: ``(new state, metrics (host floats), (traj, golds, scores))``.
+  Its wall times are ``time/{rollout,score,update}_s``; ``time/*_compile_s`` is the
+  compile time inside each (nonzero where a program is first called)."""
   r, programs = job.settings, job.programs
-  timings = {}
+  timings, compiled = {}, compile_seconds()
   start = time.perf_counter()
+
+  def phase_compile(name):  # the compile time inside the phase just timed (first calls)
+    nonlocal compiled
+    now = compile_seconds()
+    timings[f"{name}_compile_s"], compiled = now - compiled, now
+
   rng = jax.random.fold_in(job.key, step)
   traj, golds, sources = roll_out(job, state.policy.params, step, jax.random.fold_in(rng, 0))
   timings["rollout_s"] = time.perf_counter() - start
+  phase_compile("rollout")
 
   t = time.perf_counter()
   scores = score_answers(job.tokenizer, traj, golds, r.reward)
@@ -181,12 +197,14 @@ def train_step(job: RLJob, state: rl_step.RLState, step: int):
   rl_batch = rl_step.make_rl_batch(programs, state, job.ref_params, traj, reward)
   jax.block_until_ready(rl_batch.advantages)
   timings["score_s"] = time.perf_counter() - t
+  phase_compile("score")
 
   t = time.perf_counter()
   state, update_metrics = rl_step.update_epochs(
       programs, state, rl_batch, np.random.default_rng([job.config.seed, step]), rng)
   update_metrics = to_host(update_metrics)
   timings["update_s"] = time.perf_counter() - t
+  phase_compile("update")
   timings["step_s"] = time.perf_counter() - start
   metrics = rl_step.step_metrics(update_metrics, traj, scores, reward,
                                  job.rollout_config.noise_probability(step), timings)
