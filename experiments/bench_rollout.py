@@ -100,6 +100,9 @@ def parse_args(argv=None):
                       "is kept")
   p.add_argument("--loops", default="jit,jit_cdf,python,reference,model_only",
                   help="which loops to time (jit always runs: it checks the script)")
+  p.add_argument("--profile", default="",
+                 help="a directory: one more run of the jitted rollout and of model_only each "
+                      "under jax.profiler.trace (DIR/<size>_<loop>), for xprof / TensorBoard")
   p.add_argument("--out", default="")
   return p.parse_args(argv)
 
@@ -325,6 +328,14 @@ def bench_size(name, args, repeats: int):
     jax.block_until_ready(model_only(params, batch.prompt_tokens))
     row["model_only_s"] = best(lambda: jax.block_until_ready(
         model_only(params, batch.prompt_tokens)), "model_only")[0]
+
+  if args.profile:  # where the time goes, op by op (after the timed runs: they stay clean)
+    for loop, run in (("jit", lambda: compiled(params, params, batch, jax.random.key(2), 1)),
+                      ("model_only", lambda: model_only(params, batch.prompt_tokens))):
+      if loop == "model_only" and "model_only" not in loops:
+        continue
+      with jax.profiler.trace(str(Path(args.profile) / f"{name}_{loop}")):
+        jax.block_until_ready(run())
 
   # (c) the reference architecture
   if "reference" in loops:
