@@ -99,6 +99,9 @@ def run_main(tmp_path, *args, devices=1):
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+# Slow (-m slow): test_model_check_runs_sharded_on_eight_devices runs the same job and
+# checks the same report and export on a mesh, and tests/test_sweep.py runs it on one device.
+@pytest.mark.slow
 def test_model_check_job_runs_and_reports(tmp_path):
   result = run_main(tmp_path, "--config=configs/model_check.py",
                     "--config.model_check.new_tokens=6", "--config.model.num_layers=2")
@@ -123,9 +126,11 @@ def test_model_check_runs_sharded_on_eight_devices(tmp_path):
                     "--config.model_check.new_tokens=4", "--config.model.num_layers=2", devices=8)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((tmp_path / "model_check.json").read_text())
-  assert report["ok"] is True and report["sharding"] == "fsdp_tp"
+  assert report["ok"] is True and report["sharding"] == "fsdp_tp" and report["layers"] == 2
   assert report["mesh"] == str({"data": 1, "fsdp": 4, "tensor": 2})
   assert report["decode_vs_full_max_abs_logit_diff"] < 1e-4
+  assert (tmp_path / "hf_export" / "config.json").exists()
+  assert "decode_vs_full_max_abs_logit_diff" in result.stdout
 
 
 def test_main_names_a_mesh_that_does_not_fit(tmp_path):
