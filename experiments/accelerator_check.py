@@ -66,10 +66,10 @@ def _shapes() -> dict:
 SHAPES = _shapes()
 FULL = dict(shapes=("qwen2.5-0.5b", "qwen2.5-3b"), batches=(64, 256), prompt=256, new=128,
             copy_mb=1024, matmul=8192, train=("qwen2.5-0.5b", 8, 2048), vocab=32000,
-            paper=dict(policy="qwen2.5-3b", vocab=32000, searches=3, turn_tokens=250))
+            paper=dict(policy="qwen2.5-3b", searches=3, turn_tokens=250))
 CPU = dict(shapes=("tiny",), batches=(8,), prompt=16, new=8, copy_mb=32, matmul=512,
            train=("tiny", 4, 64), vocab=400,
-           paper=dict(policy="tiny", vocab=400, searches=2, turn_tokens=24))
+           paper=dict(policy="tiny", searches=2, turn_tokens=24))
 
 
 def timed(fn, *args, repeats: int = 3) -> float:
@@ -158,15 +158,12 @@ def train_mfu(shape: str, batch: int, length: int, peak: float) -> dict:
 # The paper's RL step on one device (issue 29 item 8): configs/zerosearch.py:qwen2.5-3b
 # (64 prompts x 5 samples, 4096-token context, packed scoring and update, a bfloat16
 # reference) with random weights and a co-resident simulator, under the memory settings
-# of a committed plan (experiments/results/plan_rl/<name>): the first whose planned peak
-# fits 90% of the device's memory. (name, simulator shape, planned peak GB, settings; the
-# committed plan_rl.json's simulator, peak and settings replace these where it is found)
-PAPER_PLANS = (
-    ("one_h200_3b", "qwen2.5-14b", 113.0,
-     {"rl.micro_batch_size": "4", "rl.score_batch_size": "8", "rollout.waves": "2",
-      "rl.offload_reference": "True", "rl.offload_optimizer": "True"}),
-)  # an 80 GB H100 holds no 3B step in the committed plans: their update phase alone
-# (params, AdamW states and the update's temporaries) is over its 72 GB budget
+# of a committed plan (experiments/results/plan_rl/<name>/plan_rl.json, its simulator,
+# planned peak and settings read from there): the first whose planned peak fits 90% of
+# the device's memory. An 80 GB H100 holds no 3B step in the committed plans: their
+# update phase alone (params, AdamW states and the update's temporaries) is over its
+# 72 GB budget.
+PAPER_PLANS = ("one_h200_3b",)
 # --cpu: the same program at a tiny model, a small batch and short turns.
 CPU_PLAN = ("cpu", "tiny", 0.0,
             {"rl.prompts_per_step": "8", "rl.samples_per_prompt": "2", "rollout.waves": "2",
@@ -178,15 +175,13 @@ CPU_PLAN = ("cpu", "tiny", 0.0,
 
 
 def _load_plans() -> tuple:
-  """PAPER_PLANS with each committed plan's own peak and settings, where committed."""
+  """``(name, simulator shape, planned peak GB, settings)`` of each of PAPER_PLANS."""
   plans = []
-  for name, simulator, peak, settings in PAPER_PLANS:
-    path = ROOT / "experiments" / "results" / "plan_rl" / name / "plan_rl.json"
-    if path.exists():
-      committed = json.loads(path.read_text())[0]
-      simulator, peak = committed["simulator"], committed["peak_gb"]
-      settings = {k: str(v) for k, v in committed["settings"].items()}
-    plans.append((name, simulator, peak, settings))
+  for name in PAPER_PLANS:
+    committed = json.loads((ROOT / "experiments" / "results" / "plan_rl" / name /
+                            "plan_rl.json").read_text())[0]
+    plans.append((name, committed["simulator"], committed["peak_gb"],
+                  {k: str(v) for k, v in committed["settings"].items()}))
   return tuple(plans)
 
 
@@ -194,7 +189,7 @@ def pick_plan(device_gb: float, cpu: bool) -> tuple:
   if cpu:
     return CPU_PLAN
   for plan in _load_plans():
-    if plan[2] and plan[2] <= 0.9 * device_gb:
+    if plan[2] <= 0.9 * device_gb:
       return plan
   raise ValueError(f"no committed plan fits {device_gb:.0f} GB; plan one with "
                    "experiments/plan_rl.py --model=qwen2.5-3b --gpus=1 --simulator=... --set ... "
@@ -220,12 +215,12 @@ def paper_step(setup: dict, work: Path, cpu: bool) -> dict:
   import big_tokenizer
   from config_files import load_config
   from plan_rl import apply_overrides
-  from zsjax import data, rl_settings, train_rl
+  from zsjax import data, train_rl
 
   device = jax.devices()[0]
   name, simulator, planned_peak, settings = pick_plan(device_gb(device), cpu)
   p = setup["paper"]
-  tokenizer = big_tokenizer.make(vocab_size=p["vocab"])
+  tokenizer = big_tokenizer.make(vocab_size=setup["vocab"])
   tokenizer_dir = work / "tokenizer"
   tokenizer.save_pretrained(str(tokenizer_dir))
   rows = [{"question": f"Who founded the company {i} in the old harbour town of Orlam?",
@@ -238,7 +233,6 @@ def paper_step(setup: dict, work: Path, cpu: bool) -> dict:
     fields = dict(SHAPES[shape], max_position_embeddings=32768)
     fields["vocab_size"] = max(fields["vocab_size"], len(tokenizer))
     section.model = fields
-  rl_settings.check_config(config)
   vocab = config.policy.model.vocab_size
   allowed = bench_rollout.word_tokens(tokenizer, vocab)
   searches, turn = p["searches"], p["turn_tokens"]
@@ -272,10 +266,9 @@ def paper_step(setup: dict, work: Path, cpu: bool) -> dict:
   simulator_s = simulator_turn * searches * waves
   step_s = sum(run.values()) + metrics["time/reward_s"]
   peak = (device.memory_stats() or {}).get("peak_bytes_in_use", 0) / 1e9
-  rows_done = len(traj.lengths)
   return {
       "plan": name, "policy": p["policy"], "simulator": simulator,
-      "settings": settings, "trajectories": rows_done, "waves": waves,
+      "settings": settings, "trajectories": len(traj.lengths), "waves": waves,
       "searches_per_row": metrics["rollout/searches"],
       "response_length": metrics["response/length"],
       "policy_tokens_per_row": metrics["response/policy_tokens"],
@@ -290,7 +283,7 @@ def paper_step(setup: dict, work: Path, cpu: bool) -> dict:
       "samples_per_prompt": r.samples_per_prompt}
 
 
-def report(result: dict, setup: dict) -> str:
+def report(result: dict) -> str:
   lines = [f"# Accelerator check: {result['device']} ({result['mode']} mode)", "",
            f"copy bandwidth {result['copy_gb_s']:.1f} GB/s, bf16 matmul peak "
            f"{result['matmul_tflop_s']:.1f} TFLOP/s (both measured in this run)", ""]
@@ -348,7 +341,7 @@ def main(argv=None) -> dict:
     if out:
       out.mkdir(parents=True, exist_ok=True)
       (out / "accelerator_check.json").write_text(json.dumps(result, indent=2) + "\n")
-      (out / "README.md").write_text(report(result, setup))
+      (out / "README.md").write_text(report(result))
 
   result["copy_gb_s"] = copy_bandwidth(setup["copy_mb"]) / 1e9
   result["matmul_tflop_s"] = matmul_peak(setup["matmul"]) / 1e12
@@ -373,7 +366,7 @@ def main(argv=None) -> dict:
     result["train"] = {"shape": shape, **train_mfu(shape, batch, length,
                                                     result["matmul_tflop_s"] * 1e12)}
   save()
-  print(report(result, setup))
+  print(report(result))
   paper = result.get("paper_step", {})
   summary = {"device": result["device"], "mode": result["mode"],
              "seconds": round(result["seconds"], 1),

@@ -53,7 +53,7 @@ def test_reduced_accelerator_check_measures_every_part(tmp_path, capsys):
 
 def test_the_committed_plans_are_read_and_the_first_that_fits_is_taken():
   plans = accelerator_check._load_plans()
-  assert [p[0] for p in plans] == [p[0] for p in accelerator_check.PAPER_PLANS]
+  assert [p[0] for p in plans] == list(accelerator_check.PAPER_PLANS)
   by_name = {p[0]: p for p in plans}
   h200 = by_name["one_h200_3b"]
   assert h200[1] == "qwen2.5-14b" and 100 < h200[2] <= 0.9 * 141

@@ -179,7 +179,6 @@ def metrics_at(workdir: str | Path, step: int) -> dict:
   return {k: v for k, v in records[-1].items() if k not in ("step", "time")} if records else {}
 
 
-
 # jax.monitoring's events for turning a traced program into an executable: lowering
 # to StableHLO and the backend's compile (tracing is left out: a nested jit's trace
 # is reported inside its caller's, so summing traces would count it twice).
