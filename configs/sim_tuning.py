@@ -100,6 +100,10 @@ def get_config(arg=None):
       schedule_steps=0,  # the steps the lr schedule spans; 0 = total_steps (kept on resume)
       warmup_fraction=0.05, decay="cosine" if tiny else "constant", weight_decay=0.0,
       grad_clip=1.0, eval_every=20 if tiny else 100,
+      # early stop: when the held-out NLL (checked every eval_every steps) is <= stop_nll,
+      # the rate decays over cooldown_steps and the job ends; total_steps is the cap, whose
+      # last cooldown_steps decay when the check has not passed (0: off, the full schedule)
+      stop_nll=0.0, cooldown_steps=0,
       on_error="skip"))  # malformed rows: skip (reported) | raise
   config.checkpoint = ml_collections.ConfigDict(dict(every=20 if tiny else 200, max_to_keep=2,
                                                      async_save=True, export_hf=True))

@@ -45,9 +45,11 @@ def model(embed_dim: int, layers: int, mlp_dim: int) -> dict:
 
 
 def sft(steps: int, batch: int, length: int, lr: float, decay: str = "cosine") -> dict:
+  """An sft section (configs/sim_tuning.py documents its fields)."""
   return dict(data="", max_length=length, batch_size=batch, total_steps=steps,
               schedule_steps=0, learning_rate=lr, warmup_fraction=0.05, decay=decay, weight_decay=0.0,
-              grad_clip=1.0, eval_every=max(steps // 2, 1), on_error="skip")
+              grad_clip=1.0, eval_every=max(steps // 2, 1), stop_nll=0.0, cooldown_steps=0,
+              on_error="skip")
 
 
 def lm(model_fields: dict | None = None) -> dict:

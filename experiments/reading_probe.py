@@ -86,8 +86,8 @@ def main(argv=None) -> dict:
   out = Path(args.root) / f"{args.name}_s{args.seed}"
   out.mkdir(parents=True, exist_ok=True)
   world = tinyworld.ensure(out / "world", args.seed, tinyworld.WorldSize.from_config(config.world))
-  rows = demonstrations.warm_start_rows(config, documents=args.demo_docs) \
-      if args.data != "drills" else []
+  rows = [r for r in demonstrations.warm_start_rows(config, documents=args.demo_docs)
+          if r["split"] == "train"] if args.data != "drills" else []
   if args.data != "demos":  # the reading stage's drills (its own held-out check left out)
     config.reading_drills, config.reading_documents = 3, args.documents
     rows += [r for r in demonstrations.reading_rows(config) if r["split"] == "train"]

@@ -172,6 +172,24 @@ def test_the_reading_stage_checks_a_world_it_never_drilled(tmp_path):
   assert held - drilled - this  # the check's world is neither drilled nor this one
 
 
+def test_the_warm_starts_reading_check_is_a_world_it_never_saw():
+  config = load_config("tiny_world", "ci")
+  config.demo_worlds = 2
+  rows = demonstrations.warm_start_rows(config)
+  test = [r for r in rows if r["split"] == "test"]
+  train = [r for r in rows if r["split"] == "train"]
+  assert len(test) + len(train) == len(rows) and len(test) > 10
+  questions = {q["question"]: q for q in demonstrations.held_out_world(config)["splits"]["train"]}
+  for r in test:
+    q = questions[r["prompt"].rsplit("Question: ", 1)[1].strip()]  # the held-out world's
+    assert q["hops"] == 1 and r["format"] == "search"
+    assert r["target_loss"] == [0, 0, 0, 1]  # the answer only
+    assert q["golden_answers"][0] in r["target_segments"][1]  # the documents hold it
+  # its facts are not demonstrated (a name of the shared pools may recur, its facts do not)
+  seen = {(r["prompt"], r["target_segments"][-1]) for r in train}
+  assert np.mean([(r["prompt"], r["target_segments"][-1]) in seen for r in test]) < 0.05
+
+
 def test_a_reading_stage_that_did_not_learn_to_read_fails_and_is_made_again(tmp_path):
   config = load_config("tiny_world", "ci")
   config.progress = False

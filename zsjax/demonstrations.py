@@ -198,6 +198,13 @@ def demonstration_worlds(config) -> list[dict]:
           for k in range(config.demo_worlds)]
 
 
+def held_out_world(config) -> dict:
+  """A further world, never demonstrated: the reading checks' (``reading_rows``,
+  ``warm_start_rows``) test questions."""
+  return tinyworld.generate(config.seed + 7919 * (config.demo_worlds + 1),
+                            tinyworld.WorldSize.from_config(config.world))
+
+
 def reading_rows(config) -> list[dict]:
   """The reading stage's data: ``reading_drills`` (``config.reading_drills`` per
   single-hop question, at most ``config.reading_documents`` documents each) on the
@@ -205,10 +212,8 @@ def reading_rows(config) -> list[dict]:
   further world, never demonstrated, with loss on the answer only, as
   ``split="test"``: its held-out NLL is the stage's check that reading formed."""
   worlds = demonstration_worlds(config)
-  held_out = tinyworld.generate(config.seed + 7919 * (config.demo_worlds + 1),
-                                tinyworld.WorldSize.from_config(config.world))
   rows = []
-  for k, world in enumerate(worlds + [held_out]):
+  for k, world in enumerate(worlds + [held_out_world(config)]):
     test = k == len(worlds)
     engine = BM25Engine([d["contents"] for d in world["corpus"]], top_k=config.top_k)
     drills = reading_drills(world, engine, config.seed + k, max_documents=config.reading_documents,
@@ -222,8 +227,12 @@ def reading_rows(config) -> list[dict]:
 
 def warm_start_rows(config, documents: int = 0) -> list[dict]:
   """Every demonstration the warm start trains on (``demonstrations`` of each of
-  ``demonstration_worlds``, BM25 with ``top_k`` as the engine); never this
-  world's questions."""
+  ``demonstration_worlds``, BM25 with ``top_k`` as the engine; never this world's
+  questions) as ``split="train"``, and the reading check as ``split="test"``: the
+  single-hop search demonstrations of ``held_out_world`` whose documents hold the
+  answer, with loss on the answer only. Its NLL is ~0.05 once the policy reads
+  (copies the answer from the documents) and ~0.8 or more while it guesses; the
+  warm start may stop on it (``sft.stop_nll``)."""
   worlds = demonstration_worlds(config)
   if config.demo_this_world:  # CI only: see configs/tiny_world.py
     worlds.append(tinyworld.generate(config.seed, tinyworld.WorldSize.from_config(config.world)))
@@ -234,8 +243,14 @@ def warm_start_rows(config, documents: int = 0) -> list[dict]:
                            bridge_fraction=config.demo_bridge_fraction,
                            baseline_fraction=config.demo_baseline_fraction,
                            documents=documents)
-  return rows
+  world = held_out_world(config)
+  engine = BM25Engine([d["contents"] for d in world["corpus"]], top_k=config.top_k)
+  held_out = [dict(r, target_loss=[0] * (len(r["target_loss"]) - 1) + [1], split="test")
+              for r in demonstrations(world, engine, config.instruction, config.seed,
+                                      bridge_fraction=0.0, baseline_fraction=0.0)
+              if r["hops"] == 1 and r["target_loss"][-1]]  # the documents hold the answer
+  return [dict(r, split="train") for r in rows] + held_out
 
 
 __all__ = ["DEMO_FORMATS", "demonstrations", "QueryJudge", "oracle_searches",
-           "demonstration_worlds", "reading_drills", "reading_rows", "warm_start_rows"]
+           "demonstration_worlds", "held_out_world", "reading_drills", "reading_rows", "warm_start_rows"]

@@ -176,29 +176,44 @@ def make_reading(run: StageRun) -> None:
                 "sft.batch_size": config.reading_batch_size,
                 "sft.max_length": config.reading_max_length,
                 "sft.learning_rate": config.reading_learning_rate, "sft.decay": "constant"})
+  _refuse_unread(out, config.reading_nll_max, "config.reading_nll_max",
+                 "Raise config.reading_steps or config.reading_drills")
+
+
+def _refuse_unread(out: Path, nll_max: float, field: str, fix: str) -> None:
+  """Fails when a policy stage's held-out reading check (``eval/nll`` of its
+  summary) ended above ``nll_max``, keeping the stage as ``<stage>.failed``: a
+  policy that cannot read would make the RL comparison one of luck."""
+  summary = json.loads((out / "sft_summary.json").read_text())
   # absent when a resumed job had nothing left to train: unchecked counts as failed
-  nll = json.loads((out / "sft_summary.json").read_text()).get("eval/nll", float("inf"))
-  if nll > config.reading_nll_max:
-    failed = out.with_name("reading.failed")
-    shutil.rmtree(failed, ignore_errors=True)
-    out.rename(failed)
-    raise RuntimeError(
-        f"the reading stage did not learn to read: after {config.reading_steps} steps "
-        f"the held-out drills' answer NLL is {nll:.3f} > config.reading_nll_max="
-        f"{config.reading_nll_max} (the curve: {failed / 'metrics.jsonl'}). Raise "
-        "config.reading_steps or config.reading_drills; the failed stage is kept "
-        f"in {failed}, and a rerun makes it again from nothing.")
+  nll = summary.get("eval/nll", float("inf"))
+  if nll <= nll_max:
+    return
+  failed = out.with_name(f"{out.name}.failed")
+  shutil.rmtree(failed, ignore_errors=True)
+  out.rename(failed)
+  raise RuntimeError(
+      f"the {out.name} stage did not learn to read: after {summary.get('sft/steps', '?')} steps the "
+      f"held-out answer NLL is {nll:.3f} > {field}={nll_max} (the curve: "
+      f"{failed / 'metrics.jsonl'}). {fix}; the failed stage is kept in {failed}, and a rerun "
+      "makes it again from nothing.")
 
 
 def make_warm_start(run: StageRun) -> None:
   """The policy LM trained on ``warm_start_rows``: other worlds (many distinct
   facts over the same name pools, so reading pays and memorising does not),
-  from the reading stage's model when there is one."""
-  config = run.config
+  from the reading stage's model when there is one. With
+  ``warm_start.sft.stop_nll`` it ends once the held-out reading check passes, and
+  fails when the cap is reached without it."""
+  config, out = run.config, run.workdir / "warm_start"
   start = {"model.checkpoint": str(run.workdir / "reading" / "hf_export")} \
       if config.reading_drills else {}
-  _train_lm(config, "warm_start", run.workdir / "warm_start", _world_paths(run)["tokenizer"],
+  _train_lm(config, "warm_start", out, _world_paths(run)["tokenizer"],
             demonstrations.warm_start_rows(config), start)
+  s = config.warm_start.sft
+  if s.stop_nll:
+    _refuse_unread(out, s.stop_nll, "config.warm_start.sft.stop_nll",
+                   f"Raise the cap, config.warm_start.sft.total_steps={s.total_steps}")
 
 
 def simulator_dir(run: StageRun) -> Path:

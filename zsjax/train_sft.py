@@ -141,8 +141,19 @@ class SFTJob:
   train: dict  # packed rows: tokens, segment_ids, positions, loss_mask [R, L]
   train_info: dict
   held_out: dict | None  # the packed test split
-  update: Any  # jitted (state, batch, rng) -> (state, metrics)
+  update: Any  # jitted (state, batch, rng) -> (state, metrics), on the schedule's first plan
   eval_fn: Any  # jitted (params, batch) -> (nll sum, target tokens)
+  # cooldown (start, steps) -> an update on that schedule (learning_rate_schedule's
+  # cooldown); the early stop rebuilds the step once, when its check passes
+  make_update: Any = None
+
+
+def first_cooldown(s) -> tuple[int, int] | None:
+  """The cooldown an early-stopping job plans before its check passes: the last
+  ``sft.cooldown_steps`` of ``sft.total_steps`` (None: the job does not stop early)."""
+  if not s.stop_nll:
+    return None
+  return s.total_steps - s.cooldown_steps, s.cooldown_steps
 
 
 def schedule_steps(s) -> int:
@@ -169,6 +180,16 @@ def check_config(config) -> None:
   if not 0.0 <= s.get("warmup_fraction", 0.0) <= 1.0:
     raise ValueError(f"config.sft.warmup_fraction={s.warmup_fraction} must lie in [0, 1] (the "
                      "share of the schedule's steps spent warming the learning rate up).")
+  if s.stop_nll < 0 or s.cooldown_steps < 0:
+    raise ValueError(f"config.sft.stop_nll={s.stop_nll} and config.sft.cooldown_steps="
+                     f"{s.cooldown_steps} must be >= 0 (stop_nll 0: no early stop).")
+  if s.stop_nll and not 0 <= s.cooldown_steps < s.total_steps:
+    raise ValueError(f"config.sft.cooldown_steps={s.cooldown_steps} must be below "
+                     f"config.sft.total_steps={s.total_steps} (the cap) when config.sft.stop_nll "
+                     "is set: the check may pass only before the cap's cooldown.")
+  if s.stop_nll and s.eval_every < 1:
+    raise ValueError(f"config.sft.eval_every={s.eval_every}: the early stop's check runs every "
+                     "eval_every steps; set it >= 1.")
   check_checkpoint_config(config.checkpoint)
 
 
@@ -197,14 +218,25 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> SFTJob:
   held_out = None
   if "test" in splits and len(splits["test"]):
     held_out, _ = packed_split(tokenizer, splits["test"], s.max_length, eos, pad, "test")
+  if s.stop_nll and held_out is None:
+    raise ValueError(f"config.sft.stop_nll={s.stop_nll}: the early stop checks the held-out "
+                     f"NLL, and config.sft.data={s.data!r} has no 'test' split. Add test rows, "
+                     "or set config.sft.stop_nll=0.")
 
-  tx, schedule = make_optimizer(s.learning_rate, schedule_steps(s), warmup_fraction=s.warmup_fraction,
-                                decay=s.decay, weight_decay=s.weight_decay, clip_norm=s.grad_clip)
+  def optimizer(cooldown):
+    return make_optimizer(s.learning_rate, schedule_steps(s), warmup_fraction=s.warmup_fraction,
+                          decay=s.decay, weight_decay=s.weight_decay, clip_norm=s.grad_clip,
+                          cooldown=cooldown)
+
+  tx, _ = optimizer(first_cooldown(s))  # the state's structure: the same for every schedule
   state, shardings = create_train_state(cfg, tx, plan, params=initial)
   spec = {k: jax.ShapeDtypeStruct((s.batch_size, s.max_length), jnp.int32) for k in train}
   batch_shardings = plan.batch(spec)
   loss_fn = functools.partial(next_token_loss, cfg)
-  update = make_update_step(lambda p, b, r: loss_fn(p, b, r), tx, plan, shardings,
+
+  def make_update(cooldown):
+    tx_, schedule = optimizer(cooldown)
+    return make_update_step(lambda p, b, r: loss_fn(p, b, r), tx_, plan, shardings,
                             batch_shardings, schedule)
 
   def eval_step(params, batch):
@@ -218,7 +250,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> SFTJob:
   target = abstract_like(jax.eval_shape(lambda: init_state(cfg, tx, jax.random.key(0))), shardings)
   return SFTJob(config=config, workdir=workdir, key=key, plan=plan, tokenizer=tokenizer, cfg=cfg,
                 state=state, target=target, train=train, train_info=train_info,
-                held_out=held_out, update=update, eval_fn=eval_fn)
+                held_out=held_out, update=make_update(first_cooldown(s)), eval_fn=eval_fn,
+                make_update=make_update)
 
 
 def train(job: SFTJob) -> dict:
@@ -234,6 +267,11 @@ def train(job: SFTJob) -> dict:
                                                    log=console)
   start = int(extra.get("step", 0))
   summary = {"data": job.train_info, "resumed_from": start}
+  # the early stop (sft.stop_nll): the cooldown planned so far, the step the check passed
+  cooldown = tuple(extra["cooldown"]) if "cooldown" in extra else first_cooldown(s)
+  formed = int(extra.get("formed_step", -1))
+  update = job.update if cooldown == first_cooldown(s) else job.make_update(cooldown)
+  end = sum(cooldown) if cooldown else s.total_steps
   if job.held_out is not None and start == 0:
     summary["eval/nll_before"] = evaluate_nll(job.eval_fn, state.params, job.held_out,
                                               s.batch_size, plan)
@@ -241,20 +279,28 @@ def train(job: SFTJob) -> dict:
   step = start
   try:
     with MetricWriter(workdir, resume_from=start) as writer, tqdm(
-        total=s.total_steps, initial=start, desc="sft", unit="step",
+        total=end, initial=start, desc="sft", unit="step",
         disable=not is_main_process() or not config.progress) as bar:
-      for step in range(start + 1, s.total_steps + 1):
+      while step < end:
+        step += 1
         t0 = time.perf_counter()
         index = data_lib.batch_rows(rows, s.batch_size, config.seed, step - 1)
         batch = plan.put_batch({k: v[index] for k, v in train.items()})
-        state, metrics = job.update(state, batch, job.key)
+        state, metrics = update(state, batch, job.key)
         metrics = dict(jax.device_get(metrics))
         metrics["time/step_s"] = time.perf_counter() - t0
         metrics["perf/tokens_per_s"] = float(train["segment_ids"][index].astype(bool).sum()) / \
             metrics["time/step_s"]
-        if job.held_out is not None and (step % s.eval_every == 0 or step == s.total_steps):
+        if job.held_out is not None and (step % s.eval_every == 0 or step == end):
           nll = evaluate_nll(job.eval_fn, state.params, job.held_out, s.batch_size, plan)
           metrics.update({"eval/nll": nll, "eval/perplexity": float(np.exp(nll))})
+          if s.stop_nll and formed < 0 and nll <= s.stop_nll:
+            formed = step  # the check passed: cool down from here (unless the cap's has begun)
+            if step < cooldown[0]:
+              cooldown, end = (step, s.cooldown_steps), step + s.cooldown_steps
+              update, bar.total = job.make_update(cooldown), end
+              console(f"SFT step {step}: held-out NLL {nll:.4f} <= config.sft.stop_nll="
+                      f"{s.stop_nll}; cooling down over {s.cooldown_steps} steps.")
         try:
           last = writer.write(step, metrics)
         except FloatingPointError as e:
@@ -265,10 +311,12 @@ def train(job: SFTJob) -> dict:
         summary.update(last)
         bar.set_postfix({"nll": f"{last['loss/nll']:.3f}"}, refresh=False)
         bar.update(1)
-        if step % config.checkpoint.every == 0 or step == s.total_steps:
+        if step % config.checkpoint.every == 0 or step == end:
           checkpointer.save(step, state, extra={"step": step, "seed": config.seed,
                                                 "schedule_steps": schedule_steps(s),
                                                 "inputs": inputs,
+                                                **({"cooldown": list(cooldown),
+                                                    "formed_step": formed} if formed >= 0 else {}),
                                                 **({"record": record} if record else {})})
   except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (zsjax.interrupts)
     checkpointer.close()  # a save in flight completes first
@@ -279,8 +327,11 @@ def train(job: SFTJob) -> dict:
     checkpointer.close()  # a save in flight completes whatever stopped the loop
     raise
   checkpointer.close()
-  if start >= s.total_steps and start:  # a rerun of a finished run: keep the last metrics
+  if start >= end and start:  # a rerun of a finished run: keep the last metrics
     summary.update(metrics_at(workdir, start))
+  summary["sft/steps"] = step
+  if s.stop_nll:  # -1: the check never passed (the cap's cooldown ran)
+    summary["sft/formed_step"] = formed
   if config.checkpoint.export_hf and is_main_process():
     summary["hf_export"] = str(export_hf(workdir / "hf_export", job.cfg, state.params,
                                          job.tokenizer))

@@ -36,16 +36,24 @@ class TrainState:
 
 
 def learning_rate_schedule(learning_rate: float, total_steps: int, warmup_fraction: float = 0.0,
-                           decay: str = "constant") -> optax.Schedule:
+                           decay: str = "constant", cooldown: tuple[int, int] | None = None
+                           ) -> optax.Schedule:
   """Linear warmup over ``warmup_fraction * total_steps`` updates, then constant or
-  cosine decay to 0 at ``total_steps``."""
+  cosine decay to 0 at ``total_steps``. ``cooldown=(start, steps)``: the rate holds
+  after the warmup and the decay spans ``steps`` updates from ``start`` instead
+  (warmup-stable-decay; an sft job that stops when a check passes, ``train_sft``)."""
   if not 0.0 <= warmup_fraction <= 1.0:
     raise ValueError(f"warmup_fraction={warmup_fraction} must lie in [0, 1].")
   warmup = int(round(warmup_fraction * total_steps))
+  stable, span = 0, total_steps - warmup
+  if cooldown is not None:
+    stable, span = max(cooldown[0] - warmup, 0), cooldown[1]
   if decay == "constant":
     after = optax.constant_schedule(learning_rate)
   elif decay == "cosine":
-    after = optax.cosine_decay_schedule(learning_rate, max(total_steps - warmup, 1))
+    after = optax.cosine_decay_schedule(learning_rate, max(span, 1))
+    if stable:
+      after = optax.join_schedules([optax.constant_schedule(learning_rate), after], [stable])
   else:
     raise ValueError(f"decay={decay!r} is not 'constant' or 'cosine'.")
   if warmup == 0:
@@ -56,9 +64,11 @@ def learning_rate_schedule(learning_rate: float, total_steps: int, warmup_fracti
 
 def make_optimizer(learning_rate: float, total_steps: int, *, warmup_fraction: float = 0.0,
                    decay: str = "constant", weight_decay: float = 0.0, clip_norm: float = 1.0,
-                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
-  """AdamW after global-norm clipping; returns ``(tx, schedule)``."""
-  schedule = learning_rate_schedule(learning_rate, total_steps, warmup_fraction, decay)
+                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                   cooldown: tuple[int, int] | None = None):
+  """AdamW after global-norm clipping; returns ``(tx, schedule)``. The optimizer
+  state's structure does not depend on the schedule (``learning_rate_schedule``)."""
+  schedule = learning_rate_schedule(learning_rate, total_steps, warmup_fraction, decay, cooldown)
   parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm > 0 else []
   parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
   return optax.chain(*parts), schedule

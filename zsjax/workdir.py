@@ -109,6 +109,8 @@ LATER_FIELDS = {
     "simulator.attention_impl": "auto",
     "model.attention_impl": "auto",
     "sft.schedule_steps": 0,
+    "sft.stop_nll": 0.0,  # the early stop (zsjax.train_sft), off before it existed
+    "sft.cooldown_steps": 0,
     # the reading stage (zsjax.pipeline.READING), off before it existed
     "reading_drills": 0,
     "reading_documents": 1,

@@ -1,0 +1,132 @@
+"""The sft job's early stop (``sft.stop_nll``): it ends a cooldown after its
+held-out check passes, on a warmup-stable-decay schedule, resumes on the same
+schedule, and runs to its cap when the check never passes."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from config_files import load_config
+from zsjax import train_sft
+from zsjax.checkpoint import Checkpointer
+from zsjax.data import write_jsonl
+from zsjax.metrics import read_jsonl
+from zsjax.train_step import learning_rate_schedule
+
+LR, WARMUP, CAP, EVERY, COOLDOWN = 1e-2, 0.1, 40, 5, 6
+
+
+def _config(world, tmp_path, stop_nll):
+  rows = [{"prompt": f"Question: where is {name}?\n", "target": f"<answer> {name} </answer>",
+           "split": split} for split, names in (("train", ["Lund", "Oslo", "Bern"] * 4),
+                                                ("test", ["Riga", "Kiev"]))
+          for name in names]
+  config = load_config("sim_tuning", "sft")
+  config.progress = False
+  config.tokenizer = world["tokenizer"]
+  config.model.model.update(dict(embed_dim=32, mlp_dim=64, num_layers=1, num_heads=2,
+                                 num_kv_heads=1, head_dim=16))
+  config.sft.update(dict(data=str(write_jsonl(tmp_path / "data.jsonl", rows)), max_length=32,
+                         batch_size=8, total_steps=CAP, learning_rate=LR, warmup_fraction=WARMUP,
+                         decay="cosine", eval_every=EVERY, stop_nll=stop_nll,
+                         cooldown_steps=COOLDOWN))
+  config.checkpoint.update(dict(every=4, async_save=False, export_hf=False))
+  return config
+
+
+def _lrs(workdir):
+  return [r["optim/lr"] for r in read_jsonl(workdir / "metrics.jsonl")]
+
+
+def _expected_lrs(start, end):
+  """The warmup-stable-decay rates written out: linear warmup, the rate held, then a
+  cosine to 0 over the COOLDOWN steps after ``start`` (update k is step k + 1)."""
+  warmup = round(WARMUP * CAP)
+  out = []
+  for k in range(end):
+    if k < warmup:
+      out.append(LR / warmup + (LR - LR / warmup) * k / (warmup - 1))
+    elif k < start:
+      out.append(LR)
+    else:
+      out.append(LR * 0.5 * (1 + math.cos(math.pi * (k - start) / COOLDOWN)))
+  return out
+
+
+def test_the_early_stop_cools_down_after_its_check_and_resumes_on_the_same_schedule(world,
+                                                                                     tmp_path):
+  config = _config(world, tmp_path, stop_nll=1e9)  # the first check passes
+  summary = train_sft.run(config, str(tmp_path / "whole"))
+  assert summary["sft/formed_step"] == EVERY and summary["sft/steps"] == EVERY + COOLDOWN
+  np.testing.assert_allclose(_lrs(tmp_path / "whole"), _expected_lrs(EVERY, EVERY + COOLDOWN),
+                             rtol=1e-5, atol=1e-9)
+  assert "eval/nll" in read_jsonl(tmp_path / "whole" / "metrics.jsonl")[-1]  # the end's check
+
+  # killed after step 8 (its checkpoint holds the cooldown): the rerun ends where the
+  # whole run did, on the same schedule, with the same parameters
+  job = train_sft.setup(config, tmp_path / "killed")
+  build = job.make_update
+
+  def make_update(cooldown):
+    update = build(cooldown)
+
+    def killing(state, batch, key):
+      if int(state.step) == 8:
+        raise KeyboardInterrupt
+      return update(state, batch, key)
+    return killing
+
+  job.make_update = make_update
+  with pytest.raises(KeyboardInterrupt):
+    train_sft.train(job)
+  resumed_job = train_sft.setup(config, tmp_path / "killed")
+  resumed = train_sft.train(resumed_job)
+  assert resumed["resumed_from"] == 8 and resumed["sft/steps"] == EVERY + COOLDOWN
+  assert resumed["sft/formed_step"] == EVERY
+  np.testing.assert_allclose(_lrs(tmp_path / "killed")[-3:], _lrs(tmp_path / "whole")[-3:],
+                             rtol=1e-6)
+  final = {}
+  for name in ("whole", "killed"):
+    checkpointer = Checkpointer.from_config(tmp_path / name / "checkpoints", config.checkpoint)
+    state, extra = checkpointer.restore(resumed_job.target, EVERY + COOLDOWN)
+    checkpointer.close()
+    assert extra["cooldown"] == [EVERY, COOLDOWN] and extra["formed_step"] == EVERY
+    final[name] = state.params
+  for a, b in zip(jax.tree_util.tree_leaves(final["whole"]),
+                  jax.tree_util.tree_leaves(final["killed"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_a_check_that_never_passes_runs_to_the_cap_and_cools_down_there(world, tmp_path):
+  config = _config(world, tmp_path, stop_nll=1e-9)
+  summary = train_sft.run(config, str(tmp_path / "run"))
+  assert summary["sft/formed_step"] == -1 and summary["sft/steps"] == CAP
+  np.testing.assert_allclose(_lrs(tmp_path / "run"), _expected_lrs(CAP - COOLDOWN, CAP),
+                             rtol=1e-5, atol=1e-9)
+  evals = [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "eval/nll" in r]
+  assert evals == list(range(EVERY, CAP + 1, EVERY))
+  assert json.loads((tmp_path / "run" / "sft_summary.json").read_text())["eval/nll"] > 1e-9
+
+
+@pytest.mark.parametrize("change,needle", [
+    (dict(cooldown_steps=40), r"config.sft.cooldown_steps=40 must be below config.sft.total_steps=40"),
+    (dict(stop_nll=-1.0), r"config.sft.stop_nll=-1.0 and config.sft.cooldown_steps=6 must be >= 0"),
+    (dict(eval_every=0), r"config.sft.eval_every=0: the early stop's check runs every"),
+])
+def test_bad_early_stop_settings_are_named(world, tmp_path, change, needle):
+  config = _config(world, tmp_path, stop_nll=0.5)
+  train_sft.check_config(config)
+  config.sft.update(change)
+  with pytest.raises(ValueError, match=needle):
+    train_sft.check_config(config)
+
+
+def test_an_early_stop_without_held_out_rows_is_refused(world, tmp_path):
+  config = _config(world, tmp_path, stop_nll=0.5)
+  rows = [r for r in read_jsonl(config.sft.data) if r["split"] == "train"]
+  config.sft.data = str(write_jsonl(tmp_path / "train_only.jsonl", rows))
+  with pytest.raises(ValueError, match=r"config.sft.stop_nll=0.5: .* has no 'test' split"):
+    train_sft.setup(config, tmp_path / "run")
