@@ -2,7 +2,10 @@
 
 Command:  python -m zsjax.main --config=configs/tiny_world.py --workdir=/tmp/zsjax_tiny
           (--config.seed=N makes a different world and training run)
-Arg: "default" | "ci" (a smaller world and shorter stages, for the test suite).
+Arg: "default" | "ci" (a smaller world and shorter stages, for the test suite) |
+     "v3" (the warm start being measured for tiny world v3, issue 27: a policy with 8
+     full attention heads, a short instruction, and a warm start that stops a cooldown
+     after its held-out reading check passes; see WARM_START_V3).
 Hardware: a 2-core CPU, no accelerator, nothing downloaded.
 
 Stages (zsjax/pipeline.py, data from zsjax/demonstrations.py; each skipped when its output exists): build the world
@@ -74,10 +77,30 @@ def bm25_engine() -> dict:
               max_text_bytes=1024)
 
 
+# Tiny world v3's warm start (arg "v3"; issue 27), while it is measured over seeds and
+# roundings. The v2 warm start reads only after a loss plateau whose length depends on
+# the seed and the float rounding (single-hop EM 98 / 42 for seed 0 on 2 cores / 1
+# core), so whether RL starts from a reader was luck. Two changes, from probes of the
+# held-out answer NLL (experiments/reading_probe.py; one core, lr 8e-3 held; reading
+# formed ~0.05, guessing ~0.9):
+# - 8 full attention heads of 24 (4 heads of 24 sharing 2 key/value heads before):
+#   seed 0 was at 0.39 after 600 steps where the v2 shape (and 8 heads of 12 sharing
+#   4) still guessed, 0.92-0.97 for 1000 steps. The step costs ~2.3x on XLA:CPU.
+# - the warm start stops once reading has formed: every 100 steps the held-out check
+#   (demonstrations.warm_start_rows' test split, a world never demonstrated); at NLL
+#   <= stop_nll the rate cools down over cooldown_steps and the stage ends; total_steps
+#   is the cap, and a stage that reaches it without the check passing fails, naming it.
+WARM_START_V3 = {"instruction": "Search, then answer.",
+                 "warm_start.model.model.num_heads": 8, "warm_start.model.model.num_kv_heads": 8,
+                 "warm_start.model.model.head_dim": 24, "warm_start.sft.total_steps": 4000,
+                 "warm_start.sft.eval_every": 100, "warm_start.sft.stop_nll": 0.15,
+                 "warm_start.sft.cooldown_steps": 300}
+
+
 def get_config(arg=None):
   arg = arg or "default"
-  if arg not in ("default", "ci"):
-    raise ValueError(f"config arg {arg!r} is not 'default' or 'ci'.")
+  if arg not in ("default", "ci", "v3"):
+    raise ValueError(f"config arg {arg!r} is not 'default', 'ci' or 'v3'.")
   ci = arg == "ci"
   config = ml_collections.ConfigDict()
   config.job = "tiny_world"
@@ -224,6 +247,8 @@ def get_config(arg=None):
   # find the cluster (SLURM, TPU pods); local_device_ids: this process's devices, () = all
   config.distributed = ml_collections.ConfigDict(dict(
       coordinator_address="", num_processes=0, process_id=-1, auto=False, local_device_ids=()))
+  if arg == "v3":
+    config.update_from_flattened_dict(WARM_START_V3)
   return config
 
 

@@ -5,6 +5,7 @@
       --name=seed_{seed}_one_core --prefix="taskset -c 0" \\
       --cache=/tmp/tw/cache_one_core                  # every stage again, other rounding
   python experiments/tiny_world_seeds.py --root=/tmp/tw --seeds=0,1,2 --out=DIR
+  (--arg=v3: the config's arg, configs/tiny_world.py:v3)
 
 ``--run`` runs each missing ``ROOT/<name>`` (``--name``, default ``seed_{seed}``)
 with ``python -m zsjax.main --config=configs/tiny_world.py``, the stage cache
@@ -44,13 +45,13 @@ CONFIG = "configs/tiny_world.py"
 
 
 def run_seed(root: Path, name: str, seed: int, prefix: str, sets: list[str],
-             cache: Path) -> None:
+             cache: Path, arg: str = "") -> None:
   workdir = root / name
   if (workdir / "results.json").exists():
     print(f"{workdir}: finished, skipped", flush=True)
     return
   command = shlex.split(prefix) + [
-      sys.executable, "-m", "zsjax.main", f"--config={CONFIG}", f"--workdir={workdir}",
+      sys.executable, "-m", "zsjax.main", f"--config={CONFIG}{':' + arg if arg else ''}", f"--workdir={workdir}",
       f"--config.seed={seed}", f"--config.stage_cache={cache}",
       "--config.progress=False"] + [f"--config.{s}" for s in sets]
   print(" ".join(shlex.quote(c) for c in command), flush=True)
@@ -202,6 +203,7 @@ def main(argv=None):
   parser.add_argument("--name", default="seed_{seed}", help="workdir name under ROOT")
   parser.add_argument("--prefix", default="", help="command prefix, e.g. 'taskset -c 0'")
   parser.add_argument("--set", action="append", default=[], help="KEY=VALUE config override")
+  parser.add_argument("--arg", default="", help="the config's arg (e.g. v3)")
   parser.add_argument("--cache", default="", help="stage cache (default ROOT/cache); a rerun "
                       "that must recompute every stage needs its own")
   parser.add_argument("--out", default="", help="report directory (default ROOT)")
@@ -212,7 +214,7 @@ def main(argv=None):
   if args.run:
     for seed in seeds:
       run_seed(root, args.name.format(seed=seed), seed, args.prefix, args.set,
-               Path(args.cache) if args.cache else root / "cache")
+               Path(args.cache) if args.cache else root / "cache", args.arg)
   ready = [s for s in seeds if (root / f"seed_{s}" / "results.json").exists()]
   if not ready:
     print(json.dumps({"seeds": [], "note": "no finished seed_<N> run under the root"}))

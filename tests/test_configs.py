@@ -44,6 +44,25 @@ def test_config_builds_and_names_a_known_job(path):
   assert "python -m zsjax.main" in doc and "Expected" in doc
 
 
+def test_the_tiny_worlds_v3_arg_changes_only_the_warm_start_it_names():
+  def flat(config, prefix=""):
+    out = {}
+    for key, value in config.items():
+      if hasattr(value, "items"):
+        out.update(flat(value, f"{prefix}{key}."))
+      else:
+        out[f"{prefix}{key}"] = value
+    return out
+
+  default = flat(load_config(ROOT / "configs/tiny_world.py"))
+  v3 = flat(load_config(ROOT / "configs/tiny_world.py", "v3"))
+  changed = {k for k in default if default[k] != v3[k]}
+  assert set(v3) == set(default) and changed
+  assert changed == {"instruction"} | {k for k in changed if k.startswith("warm_start.")}
+  assert v3["warm_start.sft.stop_nll"] > 0 and v3["warm_start.sft.cooldown_steps"] > 0
+  assert v3["warm_start.sft.eval_every"] < v3["warm_start.sft.total_steps"]
+
+
 @pytest.mark.parametrize("arg", ["tiny", "qwen2.5-7b", "sft"])
 def test_sim_tuning_config_args_build(arg):
   config = load_config(ROOT / "configs/sim_tuning.py", arg)
