@@ -381,6 +381,10 @@ def test_ci_sized_pipeline_runs_every_stage(tmp_path, capsys):
   # the question) beats answering directly, which a policy that knows no facts of
   # this world cannot do.
   assert results["methods"]["rag"]["all"]["em"] > results["methods"]["direct"]["all"]["em"]
+  # its held-out reading check (no early stop in the CI run): measured before and after
+  warm = results["warm_start"]
+  assert warm["steps"] == config.warm_start.sft.total_steps and "formed_step" not in warm
+  assert warm["reading_nll"] < warm["reading_nll_before"]
   control = results["simulator_control"]["groups"]
   assert set(control) == set(report.CONTROL_GROUPS) | {"answerable"}
   assert control["answerable"]["queries"] == (control["single_hop_question"]["queries"]

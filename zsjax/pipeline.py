@@ -53,7 +53,8 @@ Outputs: ``results.json`` (``methods.<method>.<split>.<metric>`` with
 seconds it took when it was made -- ``reused_stages``,
 ``gains_over_warm_start`` and ``gains_over_rag`` (``<method>.{em,stderr,n}``,
 each method's test-EM gain paired over the same questions),
-``simulator_control`` (``controllability``) and ``environment`` (CPU, cores,
+``simulator_control`` (``controllability``), ``warm_start`` (its steps and held-out
+reading check, ``warm_start_summary``) and ``environment`` (CPU, cores,
 package versions, commit: ``zsjax.environment``)), ``results.md``,
 ``predictions.jsonl`` (every test answer), ``simulator_samples.jsonl``,
 ``plots/*.png``, TensorBoard logs and checkpoints of every training stage, and
@@ -309,6 +310,16 @@ def run(config, workdir: str) -> dict:
   return write_results(config, workdir, state)
 
 
+def warm_start_summary(workdir: Path) -> dict:
+  """The warm start's steps and its held-out reading check (answer NLL on a world
+  never demonstrated, before and after; ``sft/formed_step``: where the early stop's
+  check passed, -1 never; absent when the stage predates them)."""
+  summary = json.loads((workdir / "warm_start" / "sft_summary.json").read_text())
+  names = {"sft/steps": "steps", "sft/formed_step": "formed_step",
+           "eval/nll_before": "reading_nll_before", "eval/nll": "reading_nll"}
+  return {short: summary[name] for name, short in names.items() if name in summary}
+
+
 def write_results(config, workdir: Path, state: StageRun) -> dict:
   """``results.json`` / ``results.md``, plots and ``final_policy/``."""
   predictions = read_jsonl(workdir / "predictions.jsonl")
@@ -318,6 +329,7 @@ def write_results(config, workdir: Path, state: StageRun) -> dict:
              "gains_over_warm_start": report.paired_gains(predictions),
              "gains_over_rag": report.paired_gains(predictions, base="rag"),
              "simulator_control": json.loads((workdir / "controllability.json").read_text()),
+             "warm_start": warm_start_summary(workdir),
              "environment": environment.describe()}
   (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
   table = report.results_table(results)
