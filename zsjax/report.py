@@ -198,6 +198,13 @@ def results_table(results: dict) -> str:
     lines += ["", "Simulator control (test questions' queries as RL writes them; % whose "
               "documents hold the question's gold answer / % with a document that names the "
               "query's subject and the answer):", "", controllability_table(control)]
+  warm = results.get("warm_start", {})
+  if "reading_nll" in warm:
+    stop = {None: "", -1: "; the early stop's check never passed"}.get(
+        warm.get("formed_step"), f"; the early stop's check passed at step {warm.get('formed_step')}")
+    lines += ["", f"Warm start: {warm['steps']} steps; held-out reading check (answer NLL on a "
+              f"world never demonstrated) {warm['reading_nll_before']:.3f} -> "
+              f"{warm['reading_nll']:.3f}{stop}."]
   seconds = results["stage_seconds"]
   lines += ["", "Stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
             + f"; total {sum(seconds.values()):.0f} s."]
