@@ -90,11 +90,14 @@ def bm25_engine() -> dict:
 #   (demonstrations.warm_start_rows' test split, a world never demonstrated); at NLL
 #   <= stop_nll the rate cools down over cooldown_steps and the stage ends; total_steps
 #   is the cap, and a stage that reaches it without the check passing fails, naming it.
+#   At the held rate (8e-3) the check levels off near 0.2 (seeds 0 and 1, one core:
+#   0.19 / 0.18 at step 1300, 0.26 / 0.32 at 700), so it passes at 0.3 and the cooldown
+#   takes the rest.
 WARM_START_V3 = {"instruction": "Search, then answer.",
                  "warm_start.model.model.num_heads": 8, "warm_start.model.model.num_kv_heads": 8,
                  "warm_start.model.model.head_dim": 24, "warm_start.sft.total_steps": 4000,
-                 "warm_start.sft.eval_every": 100, "warm_start.sft.stop_nll": 0.15,
-                 "warm_start.sft.cooldown_steps": 300}
+                 "warm_start.sft.eval_every": 100, "warm_start.sft.stop_nll": 0.3,
+                 "warm_start.sft.cooldown_steps": 400}
 
 
 def get_config(arg=None):
