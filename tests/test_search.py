@@ -181,6 +181,29 @@ def test_host_search_from_jitted_code(corpus_file):
   assert text == "Doc 1: Berlin is the capital of Germany."
   assert int(doc_lengths[1]) == 0 and not bool(failed.any())  # the inactive row is not searched
 
+  # BM25 reads the query alone: no question or answer bytes enter the jitted call (a
+  # large text array there hung the RL step on a 1-core CPU), and any length passes
+  assert inputs.text.shape == (2, 2, 0) and host.row_problem("q" * 5000, "a") is None
+
+  class Reading:  # an engine that reads the context (a simulator) gets it, to the width
+    top_k = 1
+
+    def __init__(self):
+      self.requests = []
+
+    def search(self, requests):
+      self.requests += requests
+      return S.SearchResult(documents=[["d"] for _ in requests], failed=[False] * len(requests))
+
+  reading = Reading()
+  simulated = S.HostSearch(reading, tokenizer, max_doc_tokens=8, text_width=16)
+  assert simulated.inputs(["q0"], ["a0"]).text.shape == (1, 2, 16)
+  assert "17 UTF-8 bytes" in simulated.row_problem("q" * 17, "a")
+  jax.jit(lambda i, t, n: simulated(None, i, t, n, jnp.array([True]), jnp.array([True]),
+                                    None).tokens)(simulated.inputs(["q0"], ["a0"]),
+                                                  query_tokens[:1], lengths[:1])
+  assert [(r.question, r.answer, r.noisy) for r in reading.requests] == [("q0", "a0", True)]
+
   # A huge document is cut before it is tokenized, to the same kept tokens (issue 30 item 12).
   huge = "Berlin is the capital of Germany. " * 20_000
   seen = []

@@ -75,12 +75,18 @@ class SearchResult:
 
 class HostEngine(Protocol):
   top_k: int
+  # Whether search() reads each request's question and answer (a simulator's prompt
+  # does; a retriever does not). HostSearch ships them into the jitted call only
+  # when it does; an engine without the attribute counts as reading them.
+  reads_context: bool
 
   def search(self, requests: Sequence[SearchRequest]) -> SearchResult: ...
 
 
 class BM25Engine:
   """BM25 over a local corpus (``bm25s``); documents are returned as stored."""
+
+  reads_context = False  # the query alone
 
   def __init__(self, corpus: Sequence[str], top_k: int = 5, k1: float = 1.5, b: float = 0.75,
                source: str = "the corpus"):
@@ -515,6 +521,8 @@ class RetrieverEngine(HttpClient):
   reference (``format_documents``). Deadlines, retries and failure accounting
   are ``HttpClient``'s, as for a served simulator."""
 
+  reads_context = False  # the query alone
+
   def __init__(self, base_url: str, top_k: int = 3, *, timeout_s: float = 30.0,
                max_retries: int = 2, backoff_s: float = 1.0):
     super().__init__(base_url.rstrip("/") + "/retrieve", timeout_s=timeout_s,
@@ -699,13 +707,21 @@ class HostSearch:
     as the reference tokenizes it), at most ``max_doc_tokens`` long; else the
     documents alone, the rollout adding the wrapper's tokens."""
     self.engine, self.tokenizer, self.retokenize = engine, tokenizer, retokenize
-    self.max_doc_tokens, self.pad_id, self.text_width = max_doc_tokens, pad_id, text_width
+    self.max_doc_tokens, self.pad_id = max_doc_tokens, pad_id
+    # Only an engine that reads them gets the questions and answers: their bytes
+    # reach the callback as arrays that XLA:CPU copies on its worker threads, and a
+    # copy above ~100 KB (64 rows of 2 x 1024 bytes) waits for a thread that the
+    # computation calling back holds: on a 1-core CPU the RL step against BM25 hung
+    # (issue 27). A retriever gets zero-width text instead.
+    self.reads_context = getattr(engine, "reads_context", True)
+    self.text_width = text_width if self.reads_context else 0
     self.render = getattr(engine, "format_documents", render_documents)
 
   def inputs(self, questions: Sequence[str], answers: Sequence[str],
              samples_per_prompt: int = 1) -> HostInputs:
-    text, lengths = encode_texts([(q, a) for q, a in zip(questions, answers)
-                                  for _ in range(samples_per_prompt)], self.text_width,
+    rows = [(q, a) if self.reads_context else ("", "") for q, a in zip(questions, answers)
+            for _ in range(samples_per_prompt)]
+    text, lengths = encode_texts(rows, self.text_width,
                                  "the host engine's, config.engine.max_text_bytes")
     return HostInputs(text=jnp.asarray(text), lengths=jnp.asarray(lengths))
 
@@ -719,8 +735,10 @@ class HostSearch:
 
   def row_problem(self, question: str, answer: str) -> str | None:
     """Why a row cannot go through ``inputs`` (its text is wider than the fixed
-    width), or None."""
+    width), or None. An engine that does not read them takes any."""
     for field, text in (("question", question), ("golden_answers", answer)):
+      if not self.reads_context:
+        break
       size = len(text.encode("utf-8"))
       if size > self.text_width:
         return (f"field {field!r} is {size} UTF-8 bytes, more than the host engine's text width "
