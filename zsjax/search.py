@@ -736,9 +736,9 @@ class HostSearch:
   def row_problem(self, question: str, answer: str) -> str | None:
     """Why a row cannot go through ``inputs`` (its text is wider than the fixed
     width), or None. An engine that does not read them takes any."""
+    if not self.reads_context:
+      return None
     for field, text in (("question", question), ("golden_answers", answer)):
-      if not self.reads_context:
-        break
       size = len(text.encode("utf-8"))
       if size > self.text_width:
         return (f"field {field!r} is {size} UTF-8 bytes, more than the host engine's text width "
