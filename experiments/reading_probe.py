@@ -50,10 +50,7 @@ def probe_rows(seed: int, config) -> dict[str, list[dict]]:
   size = tinyworld.WorldSize.from_config(config.world)
   world = tinyworld.generate(10**6 + seed, size)
   engine = BM25Engine([d["contents"] for d in world["corpus"]], top_k=config.top_k)
-  demos = [dict(r, target_loss=[0] * (len(r["target_loss"]) - 1) + [1])
-           for r in demonstrations.demonstrations(world, engine, config.instruction, seed,
-                                                  bridge_fraction=0.0, baseline_fraction=0.0)
-           if r["target_loss"][-1]]  # the documents hold the answer
+  demos = demonstrations.answer_check_rows(world, config, seed)
   drills = [dict(r, target_loss=[0, 0, 0, 1]) for r in demonstrations.reading_drills(
       world, engine, seed, per_question=1, max_documents=config.top_k)]
   return {"demos": demos, "drills": drills}

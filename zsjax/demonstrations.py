@@ -243,14 +243,21 @@ def warm_start_rows(config, documents: int = 0) -> list[dict]:
                            bridge_fraction=config.demo_bridge_fraction,
                            baseline_fraction=config.demo_baseline_fraction,
                            documents=documents)
-  world = held_out_world(config)
+  held_out = answer_check_rows(held_out_world(config), config, config.seed, hops=(1,))
+  return [dict(r, split="train") for r in rows] + [dict(r, split="test") for r in held_out]
+
+
+def answer_check_rows(world: dict, config, seed: int, hops=(1, 2)) -> list[dict]:
+  """The search demonstrations of ``world`` (BM25 with ``config.top_k``, the search
+  template with ``config.instruction``) whose documents hold the answer, for
+  questions of ``hops``, with loss on the answer only: a check of reading."""
   engine = BM25Engine([d["contents"] for d in world["corpus"]], top_k=config.top_k)
-  held_out = [dict(r, target_loss=[0] * (len(r["target_loss"]) - 1) + [1], split="test")
-              for r in demonstrations(world, engine, config.instruction, config.seed,
-                                      bridge_fraction=0.0, baseline_fraction=0.0)
-              if r["hops"] == 1 and r["target_loss"][-1]]  # the documents hold the answer
-  return [dict(r, split="train") for r in rows] + held_out
+  return [dict(r, target_loss=[0] * (len(r["target_loss"]) - 1) + [1])
+          for r in demonstrations(world, engine, config.instruction, seed,
+                                  bridge_fraction=0.0, baseline_fraction=0.0)
+          if r["hops"] in hops and r["target_loss"][-1]]  # the documents hold the answer
 
 
 __all__ = ["DEMO_FORMATS", "demonstrations", "QueryJudge", "oracle_searches",
-           "demonstration_worlds", "held_out_world", "reading_drills", "reading_rows", "warm_start_rows"]
+           "demonstration_worlds", "held_out_world", "reading_drills", "reading_rows", "warm_start_rows",
+           "answer_check_rows"]
