@@ -10,17 +10,20 @@
 ``--run`` runs each missing ``ROOT/<name>`` (``--name``, default ``seed_{seed}``)
 with ``python -m zsjax.main --config=configs/tiny_world.py``, the stage cache
 ``ROOT/cache`` (a finished stage is reused), and any ``--set=KEY=VALUE`` flags.
-The report (``--out``, default ``ROOT``) reads every ``ROOT/seed_<seed>/results.json``
-of ``--seeds`` and writes:
+The report (``--out``, default ``ROOT``) reads every finished run of ``--seeds``
+in each rounding of ``--roundings`` (default: ``seed_<seed>``, the job as run,
+and ``seed_<seed>_one_core``) and writes:
 
-* ``report.md``: each seed's table; the mean ± std over seeds of every method's
-  EM (single-hop, two-hop, all) and searches per question; each seed's paired
-  gains (± one standard error over the test questions); the simulator's
-  control; every other run under ROOT with a ``results.json`` (e.g. the one-core
-  rerun) beside the seed it repeats; the issue's targets, met or not; the
-  machine and package versions of each run;
-* ``summary.json`` (what the table says, as numbers) and ``plots/*.png`` (one
-  line per seed: training reward, searches per question by hops, p_noise);
+* ``report.md``: a row per run (warm start, baselines, RL against the simulator
+  and BM25, the paired gain ± one standard error over the test questions, two-hop
+  EM and searches, the warm start's steps, minutes); per rounding the mean ± std
+  over seeds of every method's EM and searches; the spread across the roundings of
+  one seed next to the spread across seeds; stage minutes with each run's CPU;
+  the simulator's control; the targets of issue 27, met or not; the commits and
+  package versions; each run's full table;
+* ``summary.json`` (what the tables say, as numbers) and ``plots/*.png`` (a line
+  per run and RL stage, a colour per seed: training reward, searches per question
+  by hops, p_noise);
 * a final JSON line on stdout.
 """
 
@@ -42,6 +45,9 @@ from zsjax import report as tiny_report  # noqa: E402
 from zsjax.metrics import read_jsonl  # noqa: E402
 
 CONFIG = "configs/tiny_world.py"
+# The report's roundings: the job as the README runs it (all the machine's cores), and
+# pinned to one core (--prefix="taskset -c N" --name=seed_{seed}_one_core).
+ROUNDINGS = "all cores=seed_{seed},one core=seed_{seed}_one_core"
 
 
 def run_seed(root: Path, name: str, seed: int, prefix: str, sets: list[str],
@@ -72,124 +78,186 @@ def fmt(values, scale=100.0, digits=1) -> str:
   return f"{m:.{digits}f} ± {s:.{digits}f}" if not np.isnan(s) else f"{m:.{digits}f}"
 
 
-def targets(runs: dict[int, dict]) -> list[dict]:
-  """The issue's targets over the seeds' results: ``{target, value, met}``; values
-  in EM points (or %, searches, minutes), each computed once."""
+# What each run's row reports, in EM points (searches as they are): name -> f(results).
+def _em(method, split="all"):
+  return lambda r: 100 * r["methods"][method][split]["em"]
+
+
+KEYS = {
+    "warm start single-hop": _em("warm_start", "single_hop"),
+    "warm start": _em("warm_start"),
+    "direct": _em("direct"),
+    "RAG": _em("rag"),
+    "RL(sim)": _em("rl_simulator"),
+    "RL(BM25)": _em("rl_real_search"),
+    "RL(sim) - warm start": lambda r: 100 * r["gains_over_warm_start"]["rl_simulator"]["em"],
+    "RL(sim) two-hop": _em("rl_simulator", "two_hop"),
+    "RL(sim) two-hop searches": lambda r: r["methods"]["rl_simulator"]["two_hop"]["searches"],
+}
+
+
+def spread(runs: dict[tuple[int, str], dict], key: str) -> tuple[float, float]:
+  """(across roundings, across seeds) for ``KEYS[key]``: the pooled std of one seed's
+  runs over the roundings (seeds run in more than one), and the pooled std over seeds
+  of one rounding's runs (roundings with more than one seed)."""
+  f = KEYS[key]
+  def pooled(groups):
+    groups = [np.asarray(g, float) for g in groups if len(g) > 1]
+    if not groups:
+      return float("nan")
+    dev = sum(float(((g - g.mean()) ** 2).sum()) for g in groups)
+    return float(np.sqrt(dev / sum(len(g) - 1 for g in groups)))
+  seeds = sorted({s for s, _ in runs})
+  roundings = sorted({r for _, r in runs})
+  across_roundings = pooled([[f(v) for (s, _), v in runs.items() if s == seed] for seed in seeds])
+  across_seeds = pooled([[f(v) for (_, r), v in runs.items() if r == rounding]
+                         for rounding in roundings])
+  return across_roundings, across_seeds
+
+
+def targets(runs: dict[tuple[int, str], dict], minutes: float = 7.0) -> list[dict]:
+  """Tiny world v3's targets (issue 27) over every run (seed, rounding):
+  ``{target, value, met}``, values in EM points (searches, minutes)."""
   res = list(runs.values())
-  mean = lambda values: float(np.mean(values))  # noqa: E731
-  em = lambda m, s="all": mean([r["methods"][m][s]["em"] for r in res]) * 100  # noqa: E731
-  two_hop_searches = lambda m: mean([r["methods"][m]["two_hop"]["searches"] for r in res])  # noqa: E731
-  control = lambda key: mean([r["simulator_control"]["groups"]["answerable"][key]  # noqa: E731
-                              for r in res]) * 100
-  gain = [r["gains_over_warm_start"]["rl_simulator"] for r in res]
+  value = lambda key: [KEYS[key](r) for r in res]  # noqa: E731
+  gains = [r["gains_over_warm_start"]["rl_simulator"] for r in res]
+  control = lambda key: float(np.mean([r["simulator_control"]["groups"]["answerable"][key]  # noqa: E731
+                                       for r in res])) * 100
+  rounding, seed = spread(runs, "RL(sim) - warm start")
   rows = [
-      ("RL(sim) - warm start, mean >= +20 EM", mean([g["em"] for g in gain]) * 100, ">=", 20),
-      ("RL(sim) - RAG, mean >= +10 EM",
-       mean([r["gains_over_rag"]["rl_simulator"]["em"] for r in res]) * 100, ">=", 10),
-      ("RAG > direct (mean EM)", em("rag") - em("direct"), ">", 0),
-      ("RL(sim) >= RL(BM25) - 5 (mean EM)", em("rl_simulator") - em("rl_real_search"), ">=", -5),
-      ("two-hop searches rise under RL(sim)",
-       two_hop_searches("rl_simulator") - two_hop_searches("warm_start"), ">", 0),
-      ("two-hop EM rises under RL(sim)",
-       em("rl_simulator", "two_hop") - em("warm_start", "two_hop"), ">", 0),
-      ("simulator useful holds the answer >= 80% (answerable queries)", control("useful"),
-       ">=", 80),
-      ("simulator noisy holds the answer <= 20% (answerable queries)", control("noisy"),
-       "<=", 20),
-      ("simulator useful answers the query >= 80% (answerable queries)",
-       control("useful_answers"), ">=", 80),
-      ("simulator noisy answers the query <= 20% (answerable queries)",
-       control("noisy_answers"), "<=", 20),
-      ("every seed <= 15 min", max(r["total_seconds"] for r in res) / 60, "<=", 15),
+      ("warm start single-hop EM >= 85 in every run", min(value("warm start single-hop")),
+       ">=", 85),
+      ("RAG - direct > 0 in every run (all EM)",
+       min(a - b for a, b in zip(value("RAG"), value("direct"))), ">", 0),
+      ("RL(sim) - warm start >= +20 in every run (min; and > 2 SE in every run)",
+       min(value("RL(sim) - warm start")), ">=", 20),
+      ("|mean RL(sim) - mean RL(BM25)| <= 5 (all EM)",
+       abs(np.mean(value("RL(sim)")) - np.mean(value("RL(BM25)"))), "<=", 5),
+      ("RL(sim) two-hop EM >= 40 in every run", min(value("RL(sim) two-hop")), ">=", 40),
+      ("RL(sim) two-hop searches per question >= 1.8 in every run",
+       min(value("RL(sim) two-hop searches")), ">=", 1.8),
+      ("spread of RL(sim) - warm start across roundings of a seed <= across seeds "
+       f"(across seeds: {seed:.1f})", rounding, "<=", seed),
+      ("simulator useful holds the answer >= 80% (answerable queries, mean)",
+       control("useful"), ">=", 80),
+      ("simulator noisy holds the answer <= 20% (answerable queries, mean)",
+       control("noisy"), "<=", 20),
+      (f"every run <= {minutes:g} min (on this report's machines)",
+       max(r["total_seconds"] for r in res) / 60, "<=", minutes),
   ]
   compare = {">=": np.greater_equal, ">": np.greater, "<=": np.less_equal}
   out = [{"target": t, "value": float(v), "met": bool(compare[op](v, bound))}
          for t, v, op, bound in rows]
-  # per seed, not on the mean: each gain at least +10 and above twice its error
-  out.insert(1, {"target": "RL(sim) - warm start >= +10 on every seed, gain > 2 SE",
-                 "value": float(min(g["em"] for g in gain) * 100),
-                 "met": all(g["em"] >= 0.10 and g["em"] > 2 * g["stderr"] for g in gain)})
+  out[2]["met"] = out[2]["met"] and all(g["em"] > 2 * g["stderr"] for g in gains)
   return out
 
 
-def report(root: Path, seeds: list[int], out: Path) -> dict:
-  runs = {s: json.loads((root / f"seed_{s}" / "results.json").read_text()) for s in seeds}
+def collect(root: Path, seeds: list[int], roundings: dict[str, str]) -> dict:
+  """Every finished run: ``(seed, rounding label) -> results.json``."""
+  runs = {}
+  for seed in seeds:
+    for label, pattern in roundings.items():
+      path = root / pattern.format(seed=seed) / "results.json"
+      if path.exists():
+        runs[(seed, label)] = json.loads(path.read_text())
+  return runs
+
+
+def report(root: Path, seeds: list[int], out: Path, roundings: dict[str, str]) -> dict:
+  runs = collect(root, seeds, roundings)
+  labels = [r for r in roundings if any(k[1] == r for k in runs)]
   methods = [m for m in tiny_report.METHODS if all(m in r["methods"] for r in runs.values())]
-  lines = [f"# Tiny world over seeds {', '.join(map(str, seeds))}", "",
-           "Test EM % (mean ± std over seeds); searches per question.", "",
-           "| method | single-hop EM | two-hop EM | all EM | searches single-hop | "
-           "searches two-hop |", "|---|---|---|---|---|---|"]
-  summary = {"seeds": seeds, "methods": {}, "gains": {}, "per_seed": {}}
-  for m in methods:
-    cells = {s: [r["methods"][m][s]["em"] for r in runs.values()] for s in tiny_report.SPLITS}
-    searches = {s: [r["methods"][m][s].get("searches", np.nan) for r in runs.values()]
-                for s in ("single_hop", "two_hop")}
-    summary["methods"][m] = {s: mean_std(v) for s, v in cells.items()}
-    lines.append(f"| {m} | {fmt(cells['single_hop'])} | {fmt(cells['two_hop'])} | "
-                 f"{fmt(cells['all'])} | {fmt(searches['single_hop'], 1, 2)} | "
-                 f"{fmt(searches['two_hop'], 1, 2)} |")
-  lines += ["", "Paired all-EM gains per seed (± one standard error over the test questions), "
-            "and their mean ± std over seeds:", "",
-            "| gain | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
-            "|---|" + "---|" * (len(seeds) + 1)]
-  for base, key in (("warm_start", "gains_over_warm_start"), ("rag", "gains_over_rag")):
+  name = lambda seed, label: roundings[label].format(seed=seed)  # noqa: E731
+  lines = [f"# Tiny world over seeds and roundings ({len(runs)} runs)", "",
+           "Roundings: " + "; ".join(f"{label}: `{roundings[label]}`" for label in labels)
+           + ". Test EM %; the gain is paired over the test questions (± one standard error).",
+           "", "| run | rounding | " + " | ".join(KEYS) + " | warm start steps (check passed) "
+           "| minutes |", "|---|---|" + "---|" * (len(KEYS) + 2)]
+  summary = {"seeds": seeds, "roundings": roundings, "runs": {}, "by_rounding": {},
+             "spread": {}}
+  for (seed, label), r in runs.items():
+    values = {k: f(r) for k, f in KEYS.items()}
+    g = r["gains_over_warm_start"]["rl_simulator"]
+    w = r.get("warm_start", {})
+    summary["runs"][name(seed, label)] = dict(values, seed=seed, rounding=label,
+                                              stage_seconds=r["stage_seconds"], warm_start=w)
+    cells = [f"{v:.2f}" if k.endswith("searches") else f"{v:.1f}" for k, v in values.items()]
+    cells[list(KEYS).index("RL(sim) - warm start")] = f"{100 * g['em']:+.1f} ± {100 * g['stderr']:.1f}"
+    lines.append(f"| {name(seed, label)} | {label} | " + " | ".join(cells)
+                 + f" | {w.get('steps', '-')} ({w.get('formed_step', '-')}) | "
+                 f"{r['total_seconds'] / 60:.1f} |")
+  for label in labels:
+    group = [r for (_, lab), r in runs.items() if lab == label]
+    lines += ["", f"## {label}: mean ± std over seeds "
+              f"{', '.join(str(s) for s, lab in runs if lab == label)}", "",
+              "| method | single-hop EM | two-hop EM | all EM | searches single-hop | "
+              "searches two-hop |", "|---|---|---|---|---|---|"]
+    summary["by_rounding"][label] = {}
     for m in methods:
-      if m == base or (base == "rag" and not m.startswith("rl_")):
-        continue
-      gains = [r[key][m] for r in runs.values()]
-      summary["gains"][f"{m}-{base}"] = {"per_seed": gains, "mean_std": mean_std(
-          [g["em"] for g in gains])}
-      lines.append(f"| {m} - {base} | " + " | ".join(
-          f"{100 * g['em']:+.1f} ± {100 * g['stderr']:.1f}" for g in gains)
-          + f" | {fmt([g['em'] for g in gains])} |")
-  lines += ["", "Simulator control on the test questions' queries, per seed: % whose "
-            "documents hold the gold answer / % with a document that names the query's "
-            "subject and the answer (`zsjax.report.answers`). Answerable: a single-hop question "
-            "or a two-hop question's bridge entity.", "",
-            "| seed | answerable: useful | noisy | BM25 | two-hop question: useful / noisy / "
+      cells = {s: [r["methods"][m][s]["em"] for r in group] for s in tiny_report.SPLITS}
+      searches = {s: [r["methods"][m][s].get("searches", np.nan) for r in group]
+                  for s in ("single_hop", "two_hop")}
+      summary["by_rounding"][label][m] = {s: mean_std(v) for s, v in cells.items()}
+      lines.append(f"| {m} | {fmt(cells['single_hop'])} | {fmt(cells['two_hop'])} | "
+                   f"{fmt(cells['all'])} | {fmt(searches['single_hop'], 1, 2)} | "
+                   f"{fmt(searches['two_hop'], 1, 2)} |")
+    for m in ("rl_simulator", "rl_real_search"):
+      if m in methods:
+        gains = [100 * r["gains_over_warm_start"][m]["em"] for r in group]
+        summary["by_rounding"][label][f"{m}-warm_start"] = mean_std(gains)
+        lines += ["", f"{m} - warm start (all EM): {fmt(gains, 1)} over seeds."]
+  lines += ["", "## Spread: pooled std across the roundings of one seed vs across the seeds "
+            "of one rounding", "", "| measure | across roundings | across seeds |",
+            "|---|---|---|"]
+  for key in KEYS:
+    a, b = spread(runs, key)
+    summary["spread"][key] = {"across_roundings": a, "across_seeds": b}
+    lines.append(f"| {key} | {a:.2f} | {b:.2f} |")
+  stages = list(next(iter(runs.values()))["stage_seconds"])
+  lines += ["", "## Stage minutes", "", "| run | " + " | ".join(stages) + " | total | cpu |",
+            "|---|" + "---|" * (len(stages) + 2)]
+  for (seed, label), r in runs.items():
+    env = r["environment"]
+    lines.append(f"| {name(seed, label)} | " + " | ".join(
+        f"{r['stage_seconds'].get(s, 0) / 60:.1f}" for s in stages)
+        + f" | {r['total_seconds'] / 60:.1f} | {env['cpu']}, {env['cores']} of "
+        f"{env.get('machine_cores', '?')} cores |")
+  lines += ["", "## Simulator control on the test questions' queries: % whose documents hold "
+            "the gold answer / % with a document that names the query's subject and the "
+            "answer (`zsjax.report.answers`). Answerable: a single-hop question or a two-hop "
+            "question's bridge entity.", "",
+            "| run | answerable: useful | noisy | BM25 | two-hop question: useful / noisy / "
             "BM25 (holds) | another entity's question: useful / noisy (holds) |",
             "|---|---|---|---|---|---|"]
-  for s, r in runs.items():
+  for (seed, label), r in runs.items():
     g = r["simulator_control"]["groups"]
     a, t, o = g["answerable"], g["two_hop_question"], g["other_question"]
     both = lambda x, m: f"{100 * x[m]:.1f} / {100 * x[m + '_answers']:.1f}"  # noqa: E731
-    lines.append(f"| {s} | {both(a, 'useful')} | {both(a, 'noisy')} | {both(a, 'real')} | "
-                 f"{100 * t['useful']:.1f} / {100 * t['noisy']:.1f} / {100 * t['real']:.1f} | "
-                 f"{100 * o['useful']:.1f} / {100 * o['noisy']:.1f} |")
-  others = sorted(p.parent for p in root.glob("*/results.json")
-                  if p.parent.name not in {f"seed_{s}" for s in seeds})
-  if others:
-    lines += ["", "Other runs under the root (e.g. a rerun with changed float rounding), all EM:",
-              "", "| run | " + " | ".join(methods) + " | RL(sim) - warm start |",
-              "|---|" + "---|" * (len(methods) + 1)]
-    for d in others:
-      r = json.loads((d / "results.json").read_text())
-      g = r["gains_over_warm_start"].get("rl_simulator", {"em": np.nan, "stderr": np.nan})
-      lines.append(f"| {d.name} ({r['environment']['cores']} cores) | " + " | ".join(
-          f"{100 * r['methods'][m]['all']['em']:.1f}" if m in r["methods"] else "-"
-          for m in methods) + f" | {100 * g['em']:+.1f} ± {100 * g['stderr']:.1f} |")
-      summary["per_seed"][d.name] = {m: r["methods"][m]["all"]["em"] for m in methods
-                                     if m in r["methods"]}
+    lines.append(f"| {name(seed, label)} | {both(a, 'useful')} | {both(a, 'noisy')} | "
+                 f"{both(a, 'real')} | {100 * t['useful']:.1f} / {100 * t['noisy']:.1f} / "
+                 f"{100 * t['real']:.1f} | {100 * o['useful']:.1f} / {100 * o['noisy']:.1f} |")
   checks = targets(runs)
   summary["targets"] = checks
-  lines += ["", "Targets:", "", "| target | value | met |", "|---|---|---|"]
+  lines += ["", "## Targets (issue 27)", "", "| target | value | met |", "|---|---|---|"]
   lines += [f"| {c['target']} | {c['value']:.2f} | {'yes' if c['met'] else 'no'} |"
             for c in checks]
-  lines += ["", "Per-seed tables:"]
-  for s, r in runs.items():
-    lines += ["", f"## seed {s}", "", tiny_report.results_table(r)]
+  envs = {(r["environment"]["commit"], json.dumps(r["environment"]["packages"], sort_keys=True))
+          for r in runs.values()}
+  lines += ["", "## Environment", ""] + [f"- commit {c}, packages {p}" for c, p in sorted(envs)]
+  lines += ["", "## Per-run tables"]
+  for (seed, label), r in runs.items():
+    lines += ["", f"### {name(seed, label)} ({label})", "", tiny_report.results_table(r)]
   out.mkdir(parents=True, exist_ok=True)
   (out / "report.md").write_text("\n".join(lines) + "\n")
   (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-  colors = {}
-  curves = {}
-  for k, s in enumerate(seeds):
+  curves, colors = {}, {}
+  for (seed, label), r in runs.items():
     for stage in ("rl_simulator", "rl_real_search"):
-      path = root / f"seed_{s}" / stage / "metrics.jsonl"
+      path = root / name(seed, label) / stage / "metrics.jsonl"
       if path.exists():
-        label = f"seed {s} {stage}"
-        curves[label] = read_jsonl(path)
-        colors[label] = f"C{2 * k + (stage == 'rl_real_search')}"
+        key = f"{name(seed, label)} {stage}"
+        curves[key] = read_jsonl(path)
+        colors[key] = f"C{(2 * seed + (stage == 'rl_real_search')) % 10}"
   tiny_report.plot_runs(curves, out / "plots", colors)
   print("\n".join(lines))
   return summary
@@ -207,6 +275,9 @@ def main(argv=None):
   parser.add_argument("--cache", default="", help="stage cache (default ROOT/cache); a rerun "
                       "that must recompute every stage needs its own")
   parser.add_argument("--out", default="", help="report directory (default ROOT)")
+  parser.add_argument("--roundings", default=ROUNDINGS,
+                      help="LABEL=NAME,...: the workdir names (NAME formatted with the seed) "
+                           "of each rounding the report compares")
   args = parser.parse_args(argv)
   root = Path(args.root)
   root.mkdir(parents=True, exist_ok=True)
@@ -215,15 +286,16 @@ def main(argv=None):
     for seed in seeds:
       run_seed(root, args.name.format(seed=seed), seed, args.prefix, args.set,
                Path(args.cache) if args.cache else root / "cache", args.arg)
-  ready = [s for s in seeds if (root / f"seed_{s}" / "results.json").exists()]
-  if not ready:
-    print(json.dumps({"seeds": [], "note": "no finished seed_<N> run under the root"}))
+  roundings = dict(item.split("=", 1) for item in args.roundings.split(","))
+  runs = collect(root, seeds, roundings)
+  if not runs:
+    print(json.dumps({"runs": 0, "note": "no finished run under the root"}))
     return
-  summary = report(root, ready, Path(args.out) if args.out else root)
-  print(json.dumps({"seeds": ready, "targets_met": sum(t["met"] for t in summary["targets"]),
+  summary = report(root, seeds, Path(args.out) if args.out else root, roundings)
+  print(json.dumps({"runs": len(runs), "targets_met": sum(t["met"] for t in summary["targets"]),
                     "targets": len(summary["targets"]),
-                    **{k: v["mean_std"][0] for k, v in summary["gains"].items()}}))
-
+                    **{f"{label}: {k}": v for label, g in summary["by_rounding"].items()
+                       for k, v in g.items() if k.endswith("-warm_start")}}))
 
 if __name__ == "__main__":
   main()

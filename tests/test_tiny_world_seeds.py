@@ -1,0 +1,64 @@
+"""The tiny world's seeds-and-roundings report: its spreads and targets (issue 27)."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+
+import tiny_world_seeds  # noqa: E402
+
+
+def fake_run(rng, gain: float, seconds: float = 300.0) -> dict:
+  """A results.json holding what the targets read."""
+  splits = lambda em, searches=1.0: {s: {"em": em, "searches": searches}  # noqa: E731
+                                      for s in ("single_hop", "two_hop", "all")}
+  warm = float(rng.uniform(0.4, 0.5))
+  methods = {"warm_start": dict(splits(warm), single_hop={"em": 0.9, "searches": 1.0}), "direct": splits(0.0), "rag": splits(0.4),
+             "rl_simulator": splits(warm + gain, 1.9), "rl_real_search": splits(warm + gain)}
+  group = {"useful": 0.9, "noisy": 0.1, "useful_answers": 0.9, "noisy_answers": 0.1}
+  return {"methods": methods, "total_seconds": seconds,
+          "gains_over_warm_start": {"rl_simulator": {"em": gain, "stderr": 0.04, "n": 100}},
+          "simulator_control": {"groups": {"answerable": group}}}
+
+
+def test_spread_pools_within_seed_and_within_rounding_variances(tmp_path):
+  rng = np.random.default_rng(0)
+  gains = rng.uniform(0.2, 0.35, size=(4, 2))  # seed x rounding
+  labels = {"all cores": "seed_{seed}", "one core": "seed_{seed}_one_core"}
+  for seed in range(4):
+    for k, pattern in enumerate(labels.values()):
+      d = tmp_path / pattern.format(seed=seed)
+      d.mkdir()
+      (d / "results.json").write_text(json.dumps(fake_run(rng, float(gains[seed, k]))))
+  (tmp_path / "seed_9").mkdir()  # unfinished: no results.json
+  runs = tiny_world_seeds.collect(tmp_path, [0, 1, 2, 3, 9], labels)
+  assert sorted(runs) == [(s, r) for s in range(4) for r in sorted(labels)]
+  across_roundings, across_seeds = tiny_world_seeds.spread(runs, "RL(sim) - warm start")
+  g = 100 * gains
+  # two runs a seed: each seed's variance is (a - b)^2 / 2; four seeds a rounding
+  assert np.isclose(across_roundings, np.sqrt(np.mean((g[:, 0] - g[:, 1]) ** 2 / 2)))
+  assert np.isclose(across_seeds, np.sqrt(np.mean(g.var(axis=0, ddof=1))))
+  checks = {c["target"].split(" (")[0]: c for c in tiny_world_seeds.targets(runs)}
+  spread_check = next(c for t, c in checks.items() if t.startswith("spread"))
+  assert spread_check["met"] == (across_roundings <= across_seeds)
+  every = checks["RL(sim) - warm start >= +20 in every run"]
+  assert np.isclose(every["value"], g.min()) and every["met"] == (g.min() >= 20)
+
+
+def test_a_single_run_below_a_per_run_target_fails_it():
+  rng = np.random.default_rng(1)
+  runs = {(s, "all cores"): fake_run(rng, 0.3) for s in range(3)}
+  assert all(c["met"] for c in tiny_world_seeds.targets(runs, minutes=10)
+             if not c["target"].startswith("spread"))
+  runs[(1, "all cores")] = fake_run(rng, 0.3, seconds=700.0)  # one slow run
+  runs[(2, "all cores")]["gains_over_warm_start"]["rl_simulator"]["stderr"] = 0.2  # gain < 2 SE
+  checks = {c["target"].split(" (")[0]: c["met"] for c in tiny_world_seeds.targets(runs, 10)}
+  assert not checks["RL(sim) - warm start >= +20 in every run"]
+  assert not checks["every run <= 10 min"]
+  assert checks["warm start single-hop EM >= 85 in every run"]
+  runs[(0, "all cores")]["methods"]["warm_start"]["single_hop"]["em"] = 0.84
+  checks = {c["target"].split(" (")[0]: c["met"] for c in tiny_world_seeds.targets(runs, 10)}
+  assert not checks["warm start single-hop EM >= 85 in every run"]
