@@ -66,10 +66,11 @@ QUESTION, ANSWER = "Who founded the city of Orlam?", "Kester Vale"
 
 
 def tiny_world_policy() -> dict:
-  """The policy shape of configs/tiny_world.py (read from it, so they stay equal)."""
+  """The policy shape of tiny world v2 (configs/tiny_world.py:v2, read from it), the
+  shape the committed rollout tables measured (tiny world v3's has 8 full heads)."""
   from sweep import config_module  # experiments/, beside this file
 
-  config = config_module(ROOT / "configs" / "tiny_world.py").get_config()
+  config = config_module(ROOT / "configs" / "tiny_world.py").get_config("v2")
   shape = {k: config.warm_start.model.model[k] for k in ARCH_KEYS}
   shape["vocab_size"] = config.world.vocab_size  # the world's tokenizer sets it
   return shape

@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
                            "each observation: dense copying signal in the real contexts)")
   args = parser.parse_args(argv)
 
-  config = tiny_world.get_config()
+  config = tiny_world.get_config("v2")  # the probes of results/reading_probe ran on v2
   config.seed, config.progress = args.seed, False
   if args.instruction is not None:
     config.instruction = args.instruction

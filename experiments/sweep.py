@@ -26,7 +26,7 @@ other than default: ``ROOT/sweep_NAME.csv``, ``ROOT/sweep_NAME.md`` and
 ``ROOT/plots/NAME/``, so several sweeps can share a root and their common points.
 ``--hide=KEY,...`` leaves keys out of the group names in the table.
 
-  python experiments/sweep.py --config=configs/tiny_world.py --sweep=algorithms \\
+  python experiments/sweep.py --config=configs/tiny_world.py:v2 --sweep=algorithms \\
       --root=/tmp/sweep_alg --metrics=methods.rl_simulator.all.em,total_seconds
 """
 
