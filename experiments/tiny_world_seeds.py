@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -152,6 +153,27 @@ def targets(runs: dict[tuple[int, str], dict], minutes: float = 7.0) -> list[dic
   return out
 
 
+# What --keep copies of each run (small files; checkpoints and exports stay behind),
+# and the warm start's metrics thinned to every 50th step and each reading check.
+KEEP = ("results.json", "results.md", "predictions.jsonl", "controllability.json",
+        "simulator_samples.jsonl", "rl_simulator/metrics.jsonl", "rl_real_search/metrics.jsonl")
+WARM_START_CURVE = "warm_start_curve.jsonl"
+CURVE_KEYS = ("step", "loss/nll", "optim/lr", "eval/nll")
+
+
+def keep(run: Path, out: Path) -> None:
+  """Copy ``KEEP`` of the finished run ``run`` to ``out`` (made), and its warm
+  start's curve to ``out/WARM_START_CURVE``."""
+  for rel in KEEP:
+    if (run / rel).exists():
+      (out / rel).parent.mkdir(parents=True, exist_ok=True)
+      shutil.copyfile(run / rel, out / rel)
+  records = read_jsonl(run / "warm_start" / "metrics.jsonl")
+  curve = [{k: r[k] for k in CURVE_KEYS if k in r} for r in records
+           if (r["step"] - 1) % 50 == 0 or "eval/nll" in r]
+  (out / WARM_START_CURVE).write_text("".join(json.dumps(r) + "\n" for r in curve))
+
+
 def collect(root: Path, seeds: list[int], roundings: dict[str, str]) -> dict:
   """Every finished run: ``(seed, rounding label) -> results.json``."""
   runs = {}
@@ -259,6 +281,16 @@ def report(root: Path, seeds: list[int], out: Path, roundings: dict[str, str]) -
         curves[key] = read_jsonl(path)
         colors[key] = f"C{(2 * seed + (stage == 'rl_real_search')) % 10}"
   tiny_report.plot_runs(curves, out / "plots", colors)
+  warm = {}
+  for (seed, label), r in runs.items():
+    for path in (root / name(seed, label) / "warm_start" / "metrics.jsonl",
+                 root / name(seed, label) / WARM_START_CURVE):
+      if path.exists():
+        warm[name(seed, label)] = read_jsonl(path)
+        break
+  tiny_report.plot_runs(warm, out / "plots", {n: f"C{runs_seed % 10}" for n, runs_seed in
+                                              ((name(s, lab), s) for s, lab in runs)},
+                        plots=tiny_report.WARM_START_PLOTS, xlabel="warm start step")
   print("\n".join(lines))
   return summary
 
@@ -275,6 +307,9 @@ def main(argv=None):
   parser.add_argument("--cache", default="", help="stage cache (default ROOT/cache); a rerun "
                       "that must recompute every stage needs its own")
   parser.add_argument("--out", default="", help="report directory (default ROOT)")
+  parser.add_argument("--keep", default="", help="copy each finished run's small files "
+                      "(KEEP, the warm start's curve) to KEEP/<name>; the report can then "
+                      "be made from there (--root=KEEP)")
   parser.add_argument("--roundings", default=ROUNDINGS,
                       help="LABEL=NAME,...: the workdir names (NAME formatted with the seed) "
                            "of each rounding the report compares")
@@ -288,6 +323,10 @@ def main(argv=None):
                Path(args.cache) if args.cache else root / "cache", args.arg)
   roundings = dict(item.split("=", 1) for item in args.roundings.split(","))
   runs = collect(root, seeds, roundings)
+  if args.keep:
+    for seed, label in runs:
+      run = roundings[label].format(seed=seed)
+      keep(root / run, Path(args.keep) / run)
   if not runs:
     print(json.dumps({"runs": 0, "note": "no finished run under the root"}))
     return

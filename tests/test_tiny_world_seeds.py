@@ -62,3 +62,23 @@ def test_a_single_run_below_a_per_run_target_fails_it():
   runs[(0, "all cores")]["methods"]["warm_start"]["single_hop"]["em"] = 0.84
   checks = {c["target"].split(" (")[0]: c["met"] for c in tiny_world_seeds.targets(runs, 10)}
   assert not checks["warm start single-hop EM >= 85 in every run"]
+
+
+def test_keep_copies_the_small_files_and_thins_the_warm_start_curve(tmp_path):
+  run = tmp_path / "seed_0"
+  (run / "warm_start").mkdir(parents=True)
+  (run / "rl_simulator").mkdir()
+  (run / "results.json").write_text("{}")
+  (run / "rl_simulator" / "metrics.jsonl").write_text('{"step": 1}\n')
+  (run / "warm_start" / "checkpoints").mkdir()  # stays behind
+  records = [{"step": s, "loss/nll": 1.0 / s, "time": 0.0, **({"eval/nll": 0.5} if s % 100 == 0
+                                                                else {})} for s in range(1, 301)]
+  (run / "warm_start" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  out = tmp_path / "kept" / "seed_0"
+  tiny_world_seeds.keep(run, out)
+  assert (out / "results.json").read_text() == "{}"
+  assert (out / "rl_simulator" / "metrics.jsonl").exists() and not (out / "warm_start").exists()
+  curve = [json.loads(line) for line in (out / "warm_start_curve.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in curve] == [1, 51, 100, 101, 151, 200, 201, 251, 300]
+  assert all("time" not in r for r in curve)
+  assert [r["step"] for r in curve if "eval/nll" in r] == [100, 200, 300]

@@ -226,14 +226,22 @@ PLOTS = (("reward_f1", "training reward (F1)", ("reward/f1",)),
          ("curriculum_p_noise", "noise probability", ("curriculum/p_noise",)))
 
 
-def plot_runs(runs: dict[str, list[dict]], directory: Path, colors: dict | None = None) -> list:
-  """One PNG per ``PLOTS`` entry under ``directory``: a line per run (``runs``:
-  label -> metrics.jsonl records) and metric, metrics told apart by line style.
-  ``colors``: label -> color (runs of one seed share one). Returns the files."""
+# The warm start's curves (its metrics.jsonl): x is the sft step.
+WARM_START_PLOTS = (("warm_start_check", "warm start: held-out reading check (answer NLL)",
+                     ("eval/nll",)),
+                    ("warm_start_loss", "warm start: training loss", ("loss/nll",)))
+
+
+def plot_runs(runs: dict[str, list[dict]], directory: Path, colors: dict | None = None,
+              plots=PLOTS, xlabel: str = "RL step") -> list:
+  """One PNG per ``plots`` entry (default ``PLOTS``) under ``directory``: a line per
+  run (``runs``: label -> metrics.jsonl records) and metric, metrics told apart by
+  line style. ``colors``: label -> color (runs of one seed share one). Returns the
+  files."""
   directory.mkdir(parents=True, exist_ok=True)
   written = []
-  for name, title, keys in PLOTS:
-    if not any(k in rec for records in runs.values() for rec in records[:1] for k in keys):
+  for name, title, keys in plots:
+    if not any(k in rec for records in runs.values() for rec in records for k in keys):
       continue
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for label, records in runs.items():
@@ -243,7 +251,7 @@ def plot_runs(runs: dict[str, list[dict]], directory: Path, colors: dict | None 
           suffix = f" {key.rsplit('/', 1)[-1]}" if len(keys) > 1 else ""
           ax.plot(*zip(*points), style, label=label + suffix,
                   color=(colors or {}).get(label))
-    ax.set_xlabel("RL step")
+    ax.set_xlabel(xlabel)
     ax.set_title(title)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
@@ -262,5 +270,6 @@ def plot_training(workdir: Path) -> None:
 
 
 __all__ = ["METHODS", "SPLITS", "CONTROL_GROUPS", "ANSWERABLE", "PROMPTS", "PLOTS",
+           "WARM_START_PLOTS",
            "control_queries", "answers", "controllability", "controllability_table",
            "paired_gains", "results_table", "plot_runs", "plot_training"]
