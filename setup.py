@@ -33,7 +33,7 @@ setup(
     extras_require={
         # torch only for logit-parity tests against transformers' PyTorch models;
         # 2.13.0 is the CPU build available offline on the project machines.
-        "test": ["pytest>=9", "chex>=0.1.92", "torch==2.13.0"],
+        "test": ["pytest>=9", "pytest-xdist>=3.8", "chex>=0.1.92", "torch==2.13.0"],
         # accelerators: JAX's own extras, pinned to the jax above (jax 0.10.2's metadata:
         # cuda12 pulls jax-cuda12-plugin[with-cuda] 0.10.2 and NVIDIA's CUDA 12 / cuDNN
         # wheels; tpu pulls libtpu 0.0.42.*). "cuda12-local" uses a CUDA already installed.

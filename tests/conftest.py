@@ -18,7 +18,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # (the same update step, rollout and scoring pass built by many tests) compile
 # once. It lives in a fresh directory, so every run starts cold and no result
 # depends on an earlier run; compiled programs are the same either way.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+# Under pytest-xdist (pytest.ini: two workers) each worker keeps its own: a worker
+# inherits the controller's directory, and two processes writing one entry at once
+# could leave the other a half-written file.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ or (
+    os.environ.get("ZSJAX_TEST_XLA_CACHE") and os.environ.get("PYTEST_XDIST_WORKER")):
   import atexit
   import shutil
   import tempfile
@@ -26,6 +30,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="zsjax_test_xla_cache_")
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ["ZSJAX_TEST_XLA_CACHE"] = _cache  # made here, not by the user
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
