@@ -58,10 +58,14 @@ def sft(steps: int, batch: int, length: int, lr: float, decay: str = "cosine") -
               on_error="skip")
 
 
-def lm(model_fields: dict | None = None) -> dict:
-  """A model section: a checkpoint (set by the pipeline) or a random model's shape."""
+def lm(model_fields: dict | None = None, trained: bool = True) -> dict:
+  """A model section: a checkpoint (set by the pipeline) or a random model's shape.
+  A ``trained`` model's section also says how many LM-head positions its training and
+  scoring compute at a time (``logits_chunk``, 0 = all at once; a model that only
+  decodes, the simulator, has no such pass)."""
   return dict(checkpoint="", param_dtype="float32", dtype="float32", remat="none",
-              attention_impl="auto", model=model_fields or {})
+              attention_impl="auto", model=model_fields or {},
+              **({"logits_chunk": 0} if trained else {}))
 
 
 def sft_job(model_fields: dict, steps: int, batch: int, length: int, lr: float,
@@ -162,7 +166,7 @@ def get_config(arg=None):
           policy_chat_template=False, judge_chat_template=False,  # base models
           report_rows=8 if ci else 64, report_queries="question",
           report_new_tokens=32 if ci else 64,
-          policy=lm(),
+          policy=lm(trained=False),
           rollout=dict(max_turns=2, max_new_tokens=24, max_obs_tokens=96, max_length=384,
                        max_query_tokens=16, attention_view=512),
           sampling=dict(kind="greedy", temperature=1.0, top_p=1.0, top_k=0, method="gumbel"),
@@ -196,7 +200,7 @@ def get_config(arg=None):
                                                         320, 8e-3))
   config.rl = ml_collections.ConfigDict(dict(
       job="rl", tokenizer="", synthetic_data=False, policy=lm(),
-      simulator=dict(lm(), template="", chat_template=False, max_prefix_tokens=80,
+      simulator=dict(lm(trained=False), template="", chat_template=False, max_prefix_tokens=80,
                      max_new_tokens=48 if ci else 72, temperature=0.8, top_p=1.0,
                      sampling_method="gumbel"),  # | inverse_cdf (zsjax.sampling.Sampling.method)
       engine=bm25_engine(),
