@@ -4,8 +4,11 @@
   python experiments/tiny_world_seeds.py --root=/tmp/tw --seeds=0 --run \\
       --name=seed_{seed}_one_core --prefix="taskset -c 0" \\
       --cache=/tmp/tw/cache_one_core                  # every stage again, other rounding
+  python experiments/tiny_world_seeds.py --root=/tmp/tw --seeds=0,1,2,3,4 --run --jobs=2 \\
+      --name=seed_{seed}_one_core --prefix="taskset -c {slot}" \\
+      --cache=/tmp/tw/cache_one_core                  # two at a time, one per core
   python experiments/tiny_world_seeds.py --root=/tmp/tw --seeds=0,1,2 --out=DIR
-  (--arg=v3: the config's arg, configs/tiny_world.py:v3)
+  (--arg=v2: the config's arg, configs/tiny_world.py:v2)
 
 ``--run`` runs each missing ``ROOT/<name>`` (``--name``, default ``seed_{seed}``)
 with ``python -m zsjax.main --config=configs/tiny_world.py``, the stage cache
@@ -30,7 +33,9 @@ and ``seed_<seed>_one_core``) and writes:
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import queue
 import shlex
 import shutil
 import subprocess
@@ -67,6 +72,28 @@ def run_seed(root: Path, name: str, seed: int, prefix: str, sets: list[str],
     subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT,
                    cwd=Path(__file__).resolve().parent.parent)
   print(f"{workdir}: {time.time() - start:.0f} s", flush=True)
+
+
+def run_all(root: Path, seeds: list[int], args) -> None:
+  """``run_seed`` for each seed, ``args.jobs`` at a time: a free slot number (0, 1,
+  ...) replaces ``{slot}`` in the prefix, so ``--prefix="taskset -c {slot}"
+  --jobs=2`` runs two seeds at once, each pinned to its own core."""
+  slots: queue.Queue = queue.Queue()
+  for slot in range(args.jobs):
+    slots.put(slot)
+  cache = Path(args.cache) if args.cache else root / "cache"
+
+  def one(seed):
+    slot = slots.get()
+    try:
+      run_seed(root, args.name.format(seed=seed), seed, args.prefix.replace("{slot}", str(slot)),
+               args.set, cache, args.arg)
+    finally:
+      slots.put(slot)
+
+  with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+    for done in [pool.submit(one, seed) for seed in seeds]:
+      done.result()  # a failed run stops the report with its error
 
 
 def mean_std(values) -> tuple[float, float]:
@@ -301,7 +328,10 @@ def main(argv=None):
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--run", action="store_true", help="run the missing seeds first")
   parser.add_argument("--name", default="seed_{seed}", help="workdir name under ROOT")
-  parser.add_argument("--prefix", default="", help="command prefix, e.g. 'taskset -c 0'")
+  parser.add_argument("--prefix", default="", help="command prefix, e.g. 'taskset -c 0'; "
+                      "{slot} becomes the run's slot number (see --jobs)")
+  parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each in a slot "
+                      "0..jobs-1)")
   parser.add_argument("--set", action="append", default=[], help="KEY=VALUE config override")
   parser.add_argument("--arg", default="", help="the config's arg (e.g. v3)")
   parser.add_argument("--cache", default="", help="stage cache (default ROOT/cache); a rerun "
@@ -318,9 +348,7 @@ def main(argv=None):
   root.mkdir(parents=True, exist_ok=True)
   seeds = [int(s) for s in args.seeds.split(",") if s]
   if args.run:
-    for seed in seeds:
-      run_seed(root, args.name.format(seed=seed), seed, args.prefix, args.set,
-               Path(args.cache) if args.cache else root / "cache", args.arg)
+    run_all(root, seeds, args)
   roundings = dict(item.split("=", 1) for item in args.roundings.split(","))
   runs = collect(root, seeds, roundings)
   if args.keep:

@@ -82,3 +82,29 @@ def test_keep_copies_the_small_files_and_thins_the_warm_start_curve(tmp_path):
   assert [r["step"] for r in curve] == [1, 51, 100, 101, 151, 200, 201, 251, 300]
   assert all("time" not in r for r in curve)
   assert [r["step"] for r in curve if "eval/nll" in r] == [100, 200, 300]
+
+
+def test_runs_at_a_time_each_hold_their_own_slot(tmp_path, monkeypatch):
+  import argparse
+  import threading
+  import time
+
+  held, calls, lock = set(), [], threading.Lock()
+
+  def fake_run_seed(root, name, seed, prefix, sets, cache, arg):
+    slot = prefix.split()[-1]
+    with lock:
+      assert slot not in held  # no two runs share a slot (a core)
+      held.add(slot)
+      calls.append((seed, prefix, name))
+    time.sleep(0.05)
+    with lock:
+      held.discard(slot)
+
+  monkeypatch.setattr(tiny_world_seeds, "run_seed", fake_run_seed)
+  args = argparse.Namespace(jobs=2, cache="", name="seed_{seed}_one_core", set=[], arg="v3",
+                            prefix="taskset -c {slot}")
+  tiny_world_seeds.run_all(tmp_path, [0, 1, 2, 3, 4], args)
+  assert sorted(c[0] for c in calls) == [0, 1, 2, 3, 4]
+  assert {c[1] for c in calls} == {"taskset -c 0", "taskset -c 1"}
+  assert {c[2] for c in calls} == {f"seed_{s}_one_core" for s in range(5)}
