@@ -53,7 +53,11 @@ def probe_rows(seed: int, config) -> dict[str, list[dict]]:
   demos = demonstrations.answer_check_rows(world, config, seed)
   drills = [dict(r, target_loss=[0, 0, 0, 1]) for r in demonstrations.reading_drills(
       world, engine, seed, per_question=1, max_documents=config.top_k)]
-  return {"demos": demos, "drills": drills}
+  # the warm start's own check (its test split), whole and by relation
+  check = [r for r in demonstrations.warm_start_rows(config) if r["split"] == "test"]
+  by_relation = {f"check/{rel}": [r for r in check if r["relation"] == rel]
+                 for rel in sorted({r["relation"] for r in check})}
+  return {"demos": demos, "drills": drills, "check": check, **by_relation}
 
 
 def main(argv=None) -> dict:
@@ -66,6 +70,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--init", default="", help="an HF export to start from")
   parser.add_argument("--export", action="store_true", help="write hf_export/ (for --init)")
   parser.add_argument("--set", action="append", default=[], help="FIELD=VALUE of the sft job")
+  parser.add_argument("--config_set", action="append", default=[],
+                      help="FIELD=VALUE of the tiny world's config (e.g. demo_balance_relations=True)")
+  parser.add_argument("--arg", default="v2", help="the tiny world config's arg")
   parser.add_argument("--instruction", default=None,
                       help="the search template's instruction (default: the tiny world's)")
   parser.add_argument("--demo_docs", type=int, default=0,
@@ -76,8 +83,9 @@ def main(argv=None) -> dict:
                            "each observation: dense copying signal in the real contexts)")
   args = parser.parse_args(argv)
 
-  config = tiny_world.get_config("v2")  # the probes of results/reading_probe ran on v2
+  config = tiny_world.get_config(args.arg)  # v2: the probes of results/reading_probe
   config.seed, config.progress = args.seed, False
+  apply_overrides(config, dict(item.split("=", 1) for item in args.config_set))
   if args.instruction is not None:
     config.instruction = args.instruction
   out = Path(args.root) / f"{args.name}_s{args.seed}"

@@ -275,8 +275,8 @@ READING = Stage("reading", "reading/sft_summary.json", make_reading,
                 after=("world",))
 WARM_START = Stage("warm_start", "warm_start/sft_summary.json", make_warm_start,
                    reads=("top_k", "instruction", "demo_worlds", "demo_this_world",
-                          "demo_bridge_fraction", "demo_baseline_fraction", "reading_drills",
-                          "warm_start"),
+                          "demo_bridge_fraction", "demo_baseline_fraction",
+                          "demo_balance_relations", "reading_drills", "warm_start"),
                    after=("world", "reading"))
 RL_SIMULATOR = Stage("rl_simulator", "rl_simulator/rl_summary.json", make_rl_simulator,
                      reads=("top_k", "instruction", "rl", "simulator_template"),

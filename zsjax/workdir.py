@@ -103,6 +103,7 @@ LATER_FIELDS = {
     "rollout.waves": 1,
     "rollout.share_prompt": False,
     "rl.schedule_steps": 0,
+    "demo_balance_relations": False,
     "policy.logits_chunk": 0,
     "model.logits_chunk": 0,
     "policy.attention_impl": "auto",
