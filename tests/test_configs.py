@@ -44,7 +44,7 @@ def test_config_builds_and_names_a_known_job(path):
   assert "python -m zsjax.main" in doc and "Expected" in doc
 
 
-def test_the_tiny_worlds_default_is_v3_and_differs_from_v2_only_in_the_warm_start():
+def test_the_tiny_worlds_v3_arg_changes_only_the_warm_start_it_names():
   def flat(config, prefix=""):
     out = {}
     for key, value in config.items():
@@ -57,7 +57,7 @@ def test_the_tiny_worlds_default_is_v3_and_differs_from_v2_only_in_the_warm_star
   default = flat(load_config(ROOT / "configs/tiny_world.py"))
   v3 = flat(load_config(ROOT / "configs/tiny_world.py", "v3"))
   v2 = flat(load_config(ROOT / "configs/tiny_world.py", "v2"))
-  assert v3 == default  # the name tiny world v3's results were run under
+  assert v2 == default  # v2 by name
   changed = {k for k in v2 if v2[k] != v3[k]}
   assert set(v3) == set(v2) and changed
   assert changed == {"instruction"} | {k for k in changed if k.startswith("warm_start.")}
