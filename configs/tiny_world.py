@@ -140,8 +140,8 @@ def get_config(arg=None):
   # warm-started model was trained on (demonstrations.demonstrations).
   config.demo_baseline_fraction = 0.2
   # Repeat each single-hop relation's search demonstrations to as many as the most
-  # frequent relation has (demonstrations.balance_relations): a film's director is
-  # the rarest and hardest to read.
+  # frequent relation has (demonstrations.balance_relations): a film's director, rare
+  # and the hardest to tell apart, read on some runs only (off while it is measured).
   config.demo_balance_relations = False
   # Other worlds whose oracle searches also give simulator-tuning pairs. Seed 0, with
   # 1500 pretraining steps: 2 such worlds lowered useful results holding the answer

@@ -2,6 +2,7 @@
 raises the training reward, a rerun skips every stage, and evaluation through the
 harness reproduces the table."""
 
+import collections
 import json
 
 import numpy as np
@@ -188,6 +189,27 @@ def test_the_warm_starts_reading_check_is_a_world_it_never_saw():
   # its facts are not demonstrated (a name of the shared pools may recur, its facts do not)
   seen = {(r["prompt"], r["target_segments"][-1]) for r in train}
   assert np.mean([(r["prompt"], r["target_segments"][-1]) in seen for r in test]) < 0.05
+
+
+def test_balanced_relations_repeat_each_single_hop_relations_search_demonstrations():
+  config = load_config("tiny_world", "ci")
+  config.demo_worlds = 2
+  plain = demonstrations.warm_start_rows(config)
+  config.demo_balance_relations = True
+  balanced = demonstrations.warm_start_rows(config)
+  key = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731
+  assert [r for r in balanced if r["split"] == "test"] == [r for r in plain if r["split"] == "test"]
+  count = lambda rows: collections.Counter(  # noqa: E731
+      r["relation"] for r in rows if r["split"] == "train" and r["hops"] == 1
+      and r["format"] == "search")
+  before, after = count(plain), count(balanced)
+  most = max(before.values())
+  assert len(before) == 5 and after[max(before, key=before.get)] == most
+  for relation, n in before.items():  # whole copies: a multiple of the count, near the most
+    assert after[relation] == n * round(most / n) and abs(after[relation] - most) <= n / 2
+  # nothing else changes: the other rows are the plain ones, the extra rows copies
+  assert collections.Counter(map(key, plain)) - collections.Counter(map(key, balanced)) == {}
+  assert set(map(key, balanced)) == set(map(key, plain))
 
 
 def test_a_reading_stage_that_did_not_learn_to_read_fails_and_is_made_again(tmp_path):

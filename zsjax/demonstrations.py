@@ -251,10 +251,10 @@ def warm_start_rows(config, documents: int = 0) -> list[dict]:
 
 def balance_relations(rows: list[dict]) -> list[dict]:
   """``rows`` with each single-hop relation's search demonstrations repeated
-  (rounded to whole copies) to as many as the most frequent relation has: in the
-  tiny world a film's director is asked about ~8x less often than a birthplace,
-  and its documents are the hardest to tell apart (other films sharing a word of
-  the title), so its reading forms last, if at all."""
+  (rounded to whole copies) to as many as the most frequent relation has. In the
+  tiny world a film's director is asked ~2.5x less often than an employer, and its
+  documents are the hardest to tell apart (films whose titles share a word), so
+  its reading formed last, if at all (experiments/results/tiny_world_v3)."""
   single = [r for r in rows if r["hops"] == 1 and r["format"] == "search"]
   counts: dict[str, int] = {}
   for r in single:
