@@ -3,7 +3,7 @@
   python experiments/reading_check.py --workdir=/tmp/tw3/seed_0 --seed=0 [--arg=v3] \\
       [--stage=warm_start]        # or warm_start.failed, a stage the check refused
 
-The warm start's check (``demonstrations.warm_start_rows``' test split: single-hop
+The warm start's check (``demonstrations.reading_check_rows``: single-hop
 search demonstrations of a world never demonstrated, loss on the answer only) is
 scored with the stage's ``hf_export`` one row at a time, and reported by relation:
 the mean answer NLL, and the share of rows whose NLL is above ln 2 (the answer's
@@ -42,7 +42,7 @@ def main(argv=None) -> dict:
     raise SystemExit(f"{stage / 'hf_export'} does not exist: --stage names a finished policy stage.")
   config = tiny_world.get_config(args.arg)
   config.seed, config.progress = args.seed, False
-  check = [r for r in demonstrations.warm_start_rows(config) if r["split"] == "test"]
+  check = demonstrations.reading_check_rows(config)
   job = pipeline.job_config(config, "warm_start", {"tokenizer": str(run / "world" / "tokenizer")})
   job.model.checkpoint = str(stage / "hf_export")
   job.sft.stop_nll = 0.0

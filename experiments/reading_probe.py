@@ -54,7 +54,7 @@ def probe_rows(seed: int, config) -> dict[str, list[dict]]:
   drills = [dict(r, target_loss=[0, 0, 0, 1]) for r in demonstrations.reading_drills(
       world, engine, seed, per_question=1, max_documents=config.top_k)]
   # the warm start's own check (its test split), whole and by relation
-  check = [r for r in demonstrations.warm_start_rows(config) if r["split"] == "test"]
+  check = demonstrations.reading_check_rows(config)
   by_relation = {f"check/{rel}": [r for r in check if r["relation"] == rel]
                  for rel in sorted({r["relation"] for r in check})}
   return {"demos": demos, "drills": drills, "check": check, **by_relation}

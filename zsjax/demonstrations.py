@@ -245,8 +245,14 @@ def warm_start_rows(config, documents: int = 0) -> list[dict]:
                            documents=documents)
   if config.demo_balance_relations:
     rows = balance_relations(rows)
-  held_out = answer_check_rows(held_out_world(config), config, config.seed, hops=(1,))
-  return [dict(r, split="train") for r in rows] + [dict(r, split="test") for r in held_out]
+  return ([dict(r, split="train") for r in rows]
+          + [dict(r, split="test") for r in reading_check_rows(config)])
+
+
+def reading_check_rows(config) -> list[dict]:
+  """The warm start's reading check (``warm_start_rows``' test split, without the
+  split): ``answer_check_rows`` of ``held_out_world``'s single-hop questions."""
+  return answer_check_rows(held_out_world(config), config, config.seed, hops=(1,))
 
 
 def balance_relations(rows: list[dict]) -> list[dict]:
@@ -277,4 +283,4 @@ def answer_check_rows(world: dict, config, seed: int, hops=(1, 2)) -> list[dict]
 
 __all__ = ["DEMO_FORMATS", "demonstrations", "QueryJudge", "oracle_searches",
            "demonstration_worlds", "held_out_world", "reading_drills", "reading_rows", "warm_start_rows",
-           "answer_check_rows", "balance_relations"]
+           "answer_check_rows", "reading_check_rows", "balance_relations"]
