@@ -19,7 +19,7 @@ this world's facts; a second search on a quarter of two-hop questions) -> RL
 against the simulator (REINFORCE, noise curriculum) and, for comparison, against
 BM25 -> evaluate everything with BM25, greedy, and measure how well the
 simulator controls quality.
-Expected (~13 min on a 2-core AMD EPYC; a 2-core Xeon @ 2.80GHz is ~2.5x slower):
+Expected (~13 min on a 2-core AMD EPYC; a 2-core Xeon @ 2.80GHz is ~2.5x slower per step):
 WORKDIR/results.json (with the machine, package versions and commit), results.md
 (EM / substring EM / F1 on single-hop, two-hop and all test questions for
 warm_start, direct, rag, rl_simulator, rl_real_search; paired gains; the
@@ -85,8 +85,8 @@ def bm25_engine() -> dict:
 
 # Tiny world v3's warm start (arg "v3"; issue 27), while it is measured. The v2 warm
 # start reads only after a loss plateau whose length depends on the seed and the float
-# rounding (single-hop EM 98 / 42 for seed 0 on 2 cores / 1
-# core), so whether RL starts from a reader was luck. Two changes, from probes of the
+# rounding (single-hop EM 98 / 42 for seed 0 on 2 cores / 1 core), so whether RL
+# starts from a reader was luck. Two changes, from probes of the
 # held-out answer NLL (experiments/reading_probe.py; one core, lr 8e-3 held; reading
 # formed ~0.05, guessing ~0.9):
 # - 8 full attention heads of 24 (4 heads of 24 sharing 2 key/value heads before):
