@@ -3,10 +3,12 @@
 Command:  python -m zsjax.main --config=configs/tiny_world.py --workdir=/tmp/zsjax_tiny
           (--config.seed=N makes a different world and training run)
 Arg: "default" (tiny world v2) | "v2" (the same config, by name) | "v3" (the
-     warm start being measured for tiny world v3, issue 27: a policy with 8 full
+     warm start measured for tiny world v3, issue 27: a policy with 8 full
      attention heads, a short instruction, and a warm start that stops a cooldown
-     after its held-out reading check passes; see WARM_START_V3) | "ci" (a smaller
-     world and shorter stages, for the test suite).
+     after its held-out reading check passes; see WARM_START_V3) | "v4" (v3 in a
+     world whose questions share their relation's words with the documents, with
+     relation-balanced demonstrations and a check every relation must pass; see
+     TINY_WORLD_V4) | "ci" (a smaller world and shorter stages, for the test suite).
 Hardware: a 2-core CPU, no accelerator, nothing downloaded.
 
 Stages (zsjax/pipeline.py, data from zsjax/demonstrations.py; each skipped when its output exists): build the world
@@ -54,6 +56,7 @@ def sft(steps: int, batch: int, length: int, lr: float, decay: str = "cosine") -
   return dict(data="", max_length=length, batch_size=batch, total_steps=steps,
               schedule_steps=0, learning_rate=lr, warmup_fraction=0.05, decay=decay, weight_decay=0.0,
               grad_clip=1.0, eval_every=max(steps // 2, 1), stop_nll=0.0, cooldown_steps=0,
+              stop_group="", stop_passes=1,
               on_error="skip")
 
 
@@ -105,11 +108,27 @@ WARM_START_V3 = {"instruction": "Search, then answer.",
                  "warm_start.sft.eval_every": 100, "warm_start.sft.stop_nll": 0.3,
                  "warm_start.sft.cooldown_steps": 400}
 
+# Tiny world v4 (arg "v4"; issue 27): v3's warm start read relation by relation, and
+# on 3 of 4 runs one relation never formed while the mean check passed or nearly did
+# (experiments/results/tiny_world_v3/README.md, "By relation"): a film's director
+# (titles sharing words, the rarest relation) or an employer (the one question with
+# no word of its document's). So:
+# - a version 2 world (zsjax.tinyworld.WORLD_VERSIONS): "X is employed by Y" / "By
+#   whom is X employed?", one-word film titles; the simulator, the demonstrations
+#   and the test questions all come from it (a new world, not v2's numbers);
+# - relation-balanced search demonstrations (demonstrations.balance_relations: made
+#   the director form on seeds 0 and 2 in probes where it had not);
+# - the check by relation: every relation's held-out answer NLL must be <= stop_nll,
+#   on two checks in a row (seed 2's v3 cooldown started on a one-check dip), and
+#   the stage fails, naming it, when the cap comes first.
+TINY_WORLD_V4 = {**WARM_START_V3, "world.version": 2, "demo_balance_relations": True,
+                 "warm_start.sft.stop_group": "relation", "warm_start.sft.stop_passes": 2}
+
 
 def get_config(arg=None):
   arg = arg or "default"
-  if arg not in ("default", "v3", "v2", "ci"):
-    raise ValueError(f"config arg {arg!r} is not 'default', 'v3', 'v2' or 'ci'.")
+  if arg not in ("default", "v4", "v3", "v2", "ci"):
+    raise ValueError(f"config arg {arg!r} is not 'default', 'v4', 'v3', 'v2' or 'ci'.")
   ci = arg == "ci"
   config = ml_collections.ConfigDict()
   config.job = "tiny_world"
@@ -118,7 +137,8 @@ def get_config(arg=None):
   config.world = ml_collections.ConfigDict(dict(
       countries=2 if ci else 6, cities=4 if ci else 24, people=10 if ci else 80,
       films=4 if ci else 30, organizations=3 if ci else 16, test_fraction=0.25,
-      dev_fraction=0.05, vocab_size=1536))
+      dev_fraction=0.05, vocab_size=1536,
+      version=1))  # the world's phrasing: zsjax.tinyworld.WORLD_VERSIONS
   config.instruction = INSTRUCTION
   config.simulator_template = SIMULATOR_TEMPLATE
   config.top_k = 3
@@ -262,6 +282,8 @@ def get_config(arg=None):
       coordinator_address="", num_processes=0, process_id=-1, auto=False, local_device_ids=()))
   if arg == "v3":
     config.update_from_flattened_dict(WARM_START_V3)
+  if arg == "v4":
+    config.update_from_flattened_dict(TINY_WORLD_V4)
   return config
 
 

@@ -65,6 +65,25 @@ def test_the_tiny_worlds_v3_arg_changes_only_the_warm_start_it_names():
   assert v3["warm_start.sft.eval_every"] < v3["warm_start.sft.total_steps"]
 
 
+def test_the_tiny_worlds_v4_arg_is_v3_in_a_version_2_world_checked_by_relation():
+  from zsjax import tinyworld
+
+  v3 = load_config(ROOT / "configs/tiny_world.py", "v3").to_dict()
+  v4 = load_config(ROOT / "configs/tiny_world.py", "v4")
+  assert v4.world.version == 2 and v4.world.version in tinyworld.WORLD_VERSIONS
+  assert v4.demo_balance_relations and v4.warm_start.sft.stop_group == "relation"
+  assert v4.warm_start.sft.stop_passes >= 2
+  v4 = v4.to_dict()
+  for key in ("world", "warm_start"):
+    v4[key].pop("version", None), v3[key].pop("version", None)
+    v4[key]["sft"] = {k: v for k, v in v4[key].get("sft", {}).items()
+                      if k not in ("stop_group", "stop_passes")} if key == "warm_start" else None
+    v3[key]["sft"] = {k: v for k, v in v3[key].get("sft", {}).items()
+                      if k not in ("stop_group", "stop_passes")} if key == "warm_start" else None
+  v4.pop("demo_balance_relations"), v3.pop("demo_balance_relations")
+  assert v4 == v3  # nothing else differs
+
+
 @pytest.mark.parametrize("arg", ["tiny", "qwen2.5-7b", "sft"])
 def test_sim_tuning_config_args_build(arg):
   config = load_config(ROOT / "configs/sim_tuning.py", arg)

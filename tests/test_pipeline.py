@@ -45,6 +45,39 @@ def test_every_name_is_one_token_of_a_kind_specific_pool(world, tmp_path):
     tinyworld.generate(0, tinyworld.WorldSize(cities=10_000))
 
 
+def test_a_version_2_worlds_questions_share_their_relations_words_with_the_documents(tmp_path):
+  from transformers import AutoTokenizer
+
+  def stated_with(world, question):
+    """The words of the subject's document sentence that states the answer, which the
+    question also holds (its relation's words)."""
+    docs = {d["title"]: d["contents"] for d in world["corpus"]}
+    subject = next(t for t in docs if f" {t}" in f" {question['question'].rstrip('?')} ")
+    sentence = next(s for s in docs[subject].split(". ") if question["golden_answers"][0] in s)
+    words = lambda text: {w.strip("?.,").lower() for w in text.split()}
+    names = words(subject) | words(question["golden_answers"][0])
+    common = {"the", "is", "a", "an", "in", "by", "for", "was", "which", "who", "of", "does"}
+    return (words(sentence) & words(question["question"])) - names - common
+
+  old, new = tinyworld.generate(4), tinyworld.generate(4, tinyworld.WorldSize(version=2))
+  for world, version in ((old, 1), (new, 2)):
+    single = [r for rows in world["splits"].values() for r in rows if r["hops"] == 1]
+    lacking = {r["relation"] for r in single if not stated_with(world, r)}
+    assert lacking == ({"works_for"} if version == 1 else set())  # v1: "work for" / "works for"
+  titles = [d["title"] for d in new["corpus"] if d["kind"] == "film"]
+  assert len(titles) == len({t.split()[-1] for t in titles})  # no two films share a word
+  assert all(t.split()[-1] in tinyworld.name_pools(2)["film"] for t in titles)
+  assert tinyworld.name_pools(2)["person"] == tinyworld.name_pools()["person"]
+  paths = tinyworld.build(tmp_path / "v2", 4, tinyworld.WorldSize(version=2))
+  tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
+  assert all(len(tokenizer.tokenize(" " + t.split()[-1])) == 1 for t in titles)
+  with pytest.raises(ValueError, match=r"WorldSize.version=7 \(config.world.version\)"):
+    tinyworld.generate(0, tinyworld.WorldSize(version=7))
+  # a workdir's world of one version is not taken for another's
+  with pytest.raises(ValueError, match="'version': 2"):
+    tinyworld.ensure(tmp_path / "v2", 4, tinyworld.WorldSize(), rebuild=False)
+
+
 def test_oracle_searches_are_labelled_by_what_answers_the_query():
   from zsjax import search, sim_tuning
 
@@ -231,6 +264,27 @@ def test_a_reading_stage_that_did_not_learn_to_read_fails_and_is_made_again(tmp_
   again = [json.loads(line) for line in open(workdir / "reading" / "metrics.jsonl")]
   assert [r["step"] for r in again] == [1, 2]
   assert (workdir / "reading" / "hf_export" / "config.json").exists()
+
+
+def test_a_warm_start_checked_by_relation_fails_on_its_worst_relation(tmp_path):
+  config = load_config("tiny_world", "ci")
+  config.progress = False
+  config.demo_worlds = 1
+  config.warm_start.sft.update(dict(total_steps=4, eval_every=2, stop_nll=1e-6, cooldown_steps=1,
+                                    stop_group="relation", stop_passes=2))
+  workdir = tmp_path / "run"
+  (workdir / "world").mkdir(parents=True)
+  tinyworld.ensure(workdir / "world", config.seed, tinyworld.WorldSize.from_config(config.world))
+  run = stages.StageRun(config, workdir, "test")
+  with pytest.raises(RuntimeError, match=r"NLL of its worst group is .* > "
+                                         r"config.warm_start.sft.stop_nll=1e-06"):
+    stages.run_stage(run, pipeline.WARM_START)
+  summary = json.loads((workdir / "warm_start.failed" / "sft_summary.json").read_text())
+  relations = {r["relation"] for r in demonstrations.reading_check_rows(config)}
+  by_relation = {k.split("/")[-1]: v for k, v in summary.items() if k.startswith("eval/nll/")}
+  assert set(by_relation) == relations and len(relations) > 1
+  assert summary["eval/nll_worst"] == max(by_relation.values()) > summary["eval/nll"]
+  assert summary["sft/formed_step"] == -1
 
 
 def test_each_evaluated_format_is_in_the_warm_start_demonstrations():

@@ -130,3 +130,76 @@ def test_an_early_stop_without_held_out_rows_is_refused(world, tmp_path):
   config.sft.data = str(write_jsonl(tmp_path / "train_only.jsonl", rows))
   with pytest.raises(ValueError, match=r"config.sft.stop_nll=0.5: .* has no 'test' split"):
     train_sft.setup(config, tmp_path / "run")
+
+
+def _grouped(config, tmp_path):
+  """The test rows in two groups: names the train rows hold (read back easily) and
+  names they do not (hard)."""
+  rows = read_jsonl(config.sft.data)
+  rows += [{"prompt": f"Question: where is {name}?\n", "target": f"<answer> {name} </answer>",
+            "split": "test"} for name in ("Lund", "Oslo")]
+  rows = [dict(r, group="seen" if r["target"].split()[1] in ("Lund", "Oslo", "Bern") else "unseen")
+          for r in rows]
+  config.sft.data = str(write_jsonl(tmp_path / "grouped.jsonl", rows))
+  config.sft.stop_group = "group"
+  return config
+
+
+def test_a_check_by_group_stops_on_its_worst_group_and_reports_each(world, tmp_path):
+  config = _grouped(_config(world, tmp_path, stop_nll=1e-9), tmp_path)
+  train_sft.run(config, str(tmp_path / "capped"))  # never passes: the whole curve
+  evals = [r for r in read_jsonl(tmp_path / "capped" / "metrics.jsonl") if "eval/nll" in r]
+  for r in evals:
+    assert r["eval/nll_worst"] == max(r["eval/nll/seen"], r["eval/nll/unseen"])
+    assert min(r["eval/nll/seen"], r["eval/nll/unseen"]) <= r["eval/nll"] <= r["eval/nll_worst"]
+  # each group's NLL is that group's rows evaluated alone (an independent packing)
+  job = train_sft.setup(config, tmp_path / "capped")
+  checkpointer = Checkpointer.from_config(tmp_path / "capped" / "checkpoints", config.checkpoint)
+  state, _ = checkpointer.restore(job.target, CAP)
+  checkpointer.close()
+  tok = job.tokenizer
+  for group in ("seen", "unseen"):
+    rows = [r for r in read_jsonl(config.sft.data) if r["split"] == "test" and r["group"] == group]
+    packed, _ = train_sft.packed_split(tok, rows, config.sft.max_length, tok.eos_token_id,
+                                       tok.pad_token_id, group)
+    alone = train_sft.evaluate_nll(job.eval_fn, state.params, packed, config.sft.batch_size, job.plan)
+    np.testing.assert_allclose(alone, evals[-1][f"eval/nll/{group}"], rtol=1e-5)
+  # a threshold the mean meets before the worst group does: the stop waits for the worst
+  worst_first = {}
+  for r in evals:
+    for key in ("eval/nll", "eval/nll_worst"):
+      worst_first.setdefault(key, [])
+      worst_first[key].append((r["step"], r[key]))
+  threshold = None
+  for step, mean in worst_first["eval/nll"]:
+    worse = dict(worst_first["eval/nll_worst"])[step]
+    if worse > mean * 1.05 and step < CAP - COOLDOWN:
+      threshold = (mean + worse) / 2
+      break
+  assert threshold is not None, "the two groups' NLL never differed: the test cannot tell"
+  config.sft.stop_nll = threshold
+  summary = train_sft.run(config, str(tmp_path / "stopped"))
+  # the same curve as the capped run's until it forms (-1: the worst never passed)
+  expected = next((step for step, worse in worst_first["eval/nll_worst"] if worse <= threshold),
+                  -1)
+  mean_would = next(step for step, mean in worst_first["eval/nll"] if mean <= threshold)
+  assert summary["sft/formed_step"] == expected and expected != mean_would
+
+
+def test_the_early_stop_waits_for_several_passing_checks_in_a_row(world, tmp_path):
+  config = _config(world, tmp_path, stop_nll=1e9)
+  config.sft.stop_passes = 3
+  summary = train_sft.run(config, str(tmp_path / "run"))
+  assert summary["sft/formed_step"] == 3 * EVERY and summary["sft/steps"] == 3 * EVERY + COOLDOWN
+
+
+def test_bad_check_by_group_settings_are_named(world, tmp_path):
+  config = _config(world, tmp_path, stop_nll=0.5)
+  config.sft.stop_passes = 0
+  with pytest.raises(ValueError, match=r"config.sft.stop_passes=0 must be >= 1"):
+    train_sft.check_config(config)
+  config.sft.stop_passes = 1
+  config.sft.stop_group = "relation"
+  with pytest.raises(ValueError, match=r"config.sft.stop_group='relation': the test split .* "
+                                       r"has no such column"):
+    train_sft.setup(config, tmp_path / "run")

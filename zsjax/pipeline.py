@@ -186,8 +186,10 @@ def _refuse_unread(out: Path, nll_max: float, field: str, fix: str) -> None:
   summary) ended above ``nll_max``, keeping the stage as ``<stage>.failed``: a
   policy that cannot read would make the RL comparison one of luck."""
   summary = json.loads((out / "sft_summary.json").read_text())
-  # absent when a resumed job had nothing left to train: unchecked counts as failed
-  nll = summary.get("eval/nll", float("inf"))
+  # absent when a resumed job had nothing left to train: unchecked counts as failed;
+  # a check by group (sft.stop_group) is judged on its worst group
+  worst = "eval/nll_worst" in summary
+  nll = summary.get("eval/nll_worst" if worst else "eval/nll", float("inf"))
   if nll <= nll_max:
     return
   failed = out.with_name(f"{out.name}.failed")
@@ -195,7 +197,8 @@ def _refuse_unread(out: Path, nll_max: float, field: str, fix: str) -> None:
   out.rename(failed)
   raise RuntimeError(
       f"the {out.name} stage did not learn to read: after {summary.get('sft/steps', '?')} steps the "
-      f"held-out answer NLL is {nll:.3f} > {field}={nll_max} (the curve: "
+      f"held-out answer NLL{' of its worst group' if worst else ''} is {nll:.3f} > "
+      f"{field}={nll_max} (the curve: "
       f"{failed / 'metrics.jsonl'}). {fix}; the failed stage is kept in {failed}, and a rerun "
       "makes it again from nothing.")
 
@@ -316,7 +319,8 @@ def warm_start_summary(workdir: Path) -> dict:
   check passed, -1 never; absent when the stage predates them)."""
   summary = json.loads((workdir / "warm_start" / "sft_summary.json").read_text())
   names = {"sft/steps": "steps", "sft/formed_step": "formed_step",
-           "eval/nll_before": "reading_nll_before", "eval/nll": "reading_nll"}
+           "eval/nll_before": "reading_nll_before", "eval/nll": "reading_nll",
+           "eval/nll_worst": "reading_nll_worst"}
   return {short: summary[name] for name, short in names.items() if name in summary}
 
 

@@ -204,7 +204,9 @@ def results_table(results: dict) -> str:
         warm.get("formed_step"), f"; the early stop's check passed at step {warm.get('formed_step')}")
     lines += ["", f"Warm start: {warm['steps']} steps; held-out reading check (answer NLL on a "
               f"world never demonstrated) {warm['reading_nll_before']:.3f} -> "
-              f"{warm['reading_nll']:.3f}{stop}."]
+              f"{warm['reading_nll']:.3f}"
+              + (f" (worst relation {warm['reading_nll_worst']:.3f})"
+                 if "reading_nll_worst" in warm else "") + f"{stop}."]
   seconds = results["stage_seconds"]
   lines += ["", "Stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
             + f"; total {sum(seconds.values()):.0f} s."]

@@ -13,6 +13,8 @@ downloaded:
 * single-hop questions (one relation) and two-hop questions (a chain of two:
   "In which country was X born?"), each with gold answers and aliases;
 * train / dev / test splits, disjoint in questions;
+* a version (``WorldSize.version``, ``WORLD_VERSIONS``): how questions and film titles
+  are phrased; version 1 stays the worlds earlier results were measured on;
 * a byte-level BPE tokenizer trained on the world's text and the template's,
   saved in HF format; the template's tags are ordinary text (several tokens),
   and every pool word is one token (``build`` checks it).
@@ -61,6 +63,10 @@ class WorldSize:
   test_fraction: float = 0.15
   dev_fraction: float = 0.1
   vocab_size: int = 1536
+  # The world's phrasing (WORLD_VERSIONS): 1, the worlds of tiny world v2 and v3;
+  # 2, each relation's question names the words its document states it with, and
+  # every film has a one-word title of its own (tiny world v4).
+  version: int = 1
 
   @classmethod
   def from_config(cls, section) -> "WorldSize":
@@ -77,7 +83,32 @@ class WorldSize:
 # minutes). Worlds differ in which words name what and in every relation, so
 # nothing about one world's facts carries over to another.
 POOL_SIZES = {"country": 24, "city": 64, "person": 224, "organization": 40}
+# Version 2 worlds also name films from a pool ("The Vorath"); drawn after the others,
+# so the four pools above are the same words in every version.
+FILM_POOL_SIZE = 48
 _POOL_SEED = 20260917
+
+# What a world's version changes (WorldSize.version). Version 1's reading failed
+# relation by relation (experiments/results/tiny_world_v3): a film's director, where
+# titles share words ("The Last Road" / "The Last Tower") so telling films apart takes
+# two tokens, and an employer, the only relation whose question ("Who does X work
+# for?") shares no word with its document ("X works for Y"), so nothing in the
+# question points at the one of the document's two names that answers it. Version 2
+# mends both and changes nothing else.
+WORLD_VERSIONS = {
+    1: "the worlds of tiny world v2 and v3",
+    2: "questions share their relation's words with the documents ('X is employed by Y' / "
+       "'By whom is X employed?'); one-word film titles from their own pool",
+}
+
+
+def size_record(size: WorldSize) -> dict:
+  """``size`` as recorded (``world.json``, a generated world's ``"size"``): version 1
+  worlds leave the version out, so they record what they did before versions existed."""
+  record = dataclasses.asdict(size)
+  if record["version"] == 1:
+    del record["version"]
+  return record
 
 
 def _syllable_word(rng: np.random.Generator) -> str:
@@ -85,12 +116,14 @@ def _syllable_word(rng: np.random.Generator) -> str:
   return "".join(parts).capitalize()
 
 
-def name_pools() -> dict[str, list[str]]:
-  """The shared pools of name words, by kind (fixed; independent of the seed)."""
+def name_pools(version: int = 1) -> dict[str, list[str]]:
+  """The shared pools of name words, by kind (fixed; independent of the seed); a
+  version 2 world's also hold ``"film"``."""
   rng = np.random.default_rng(_POOL_SEED)
   seen = {w.lower() for w in _FILM_WORDS + _FILM_NOUNS + _ORG_KINDS + _JOBS}
   pools = {}
-  for kind, n in POOL_SIZES.items():
+  sizes = dict(POOL_SIZES, **({"film": FILM_POOL_SIZE} if version >= 2 else {}))
+  for kind, n in sizes.items():
     pools[kind] = []
     while len(pools[kind]) < n:
       word = _syllable_word(rng)
@@ -102,14 +135,18 @@ def name_pools() -> dict[str, list[str]]:
 
 def generate(seed: int, size: WorldSize = WorldSize()) -> dict:
   """The world as plain data: entities, relations, documents and questions."""
-  pools = name_pools()
+  if size.version not in WORLD_VERSIONS:
+    raise ValueError(f"WorldSize.version={size.version} (config.world.version) is not one of "
+                     f"{sorted(WORLD_VERSIONS)}: {WORLD_VERSIONS}.")
+  aligned = size.version >= 2
+  pools = name_pools(size.version)
   need = {"country": size.countries, "city": size.cities, "person": size.people,
-          "organization": size.organizations}
+          "organization": size.organizations, **({"film": size.films} if aligned else {})}
   for kind, n in need.items():
     if n > len(pools[kind]):
       raise ValueError(f"WorldSize {size} needs {n} distinct {kind} names but the shared "
                        f"pool holds {len(pools[kind])}: make the world smaller.")
-  if size.films > len(_FILM_WORDS) * len(_FILM_NOUNS):
+  if not aligned and size.films > len(_FILM_WORDS) * len(_FILM_NOUNS):
     raise ValueError(f"WorldSize.films={size.films} exceeds the "
                      f"{len(_FILM_WORDS) * len(_FILM_NOUNS)} distinct film titles.")
   rng = np.random.default_rng(seed)
@@ -128,8 +165,11 @@ def generate(seed: int, size: WorldSize = WorldSize()) -> dict:
         used.add(name)
         return name
 
-  films = [fresh(lambda: f"The {rng.choice(_FILM_WORDS)} {rng.choice(_FILM_NOUNS)}")
-           for _ in range(size.films)]
+  if aligned:
+    films = [f"The {word}" for word in draw("film")]
+  else:
+    films = [fresh(lambda: f"The {rng.choice(_FILM_WORDS)} {rng.choice(_FILM_NOUNS)}")
+             for _ in range(size.films)]
 
   city_country = {c: countries[i % len(countries)] if i < len(countries) else
                   str(rng.choice(countries)) for i, c in enumerate(cities)}
@@ -153,8 +193,9 @@ def generate(seed: int, size: WorldSize = WorldSize()) -> dict:
   for c in cities:
     docs.append((c, f"{c} is a city located in {city_country[c]}."))
   for p in people:
-    docs.append((p, f"{p} is a {job[p]} born in {born_in[p]}. {p} works for "
-                    f"{works_for[p]}."))
+    employer = f"is employed by {works_for[p]}" if aligned else f"works for {works_for[p]}"
+    article = "an" if aligned and job[p][0] in "aeiou" else "a"
+    docs.append((p, f"{p} is {article} {job[p]} born in {born_in[p]}. {p} {employer}."))
   for f in films:
     docs.append((f, f"{f} is a {film_year[f]} film directed by {directed_by[f]}."))
   for o in orgs:
@@ -171,7 +212,8 @@ def generate(seed: int, size: WorldSize = WorldSize()) -> dict:
   questions = []
   for p in people:
     questions.append(("born_in", f"Where was {p} born?", golds(born_in[p]), 1, ""))
-    questions.append(("works_for", f"Who does {p} work for?", golds(works_for[p]), 1, ""))
+    questions.append(("works_for", f"By whom is {p} employed?" if aligned else
+                      f"Who does {p} work for?", golds(works_for[p]), 1, ""))
     questions.append(("birth_country", f"In which country was {p} born?",
                       golds(city_country[born_in[p]]), 2, born_in[p]))
     questions.append(("employer_city", f"In which city was the employer of {p} founded?",
@@ -201,7 +243,7 @@ def generate(seed: int, size: WorldSize = WorldSize()) -> dict:
                               "data_source": "single_hop" if hops == 1 else "two_hop",
                               "hops": hops, "bridge": bridge,
                               "relation": relation})
-  return {"seed": seed, "size": dataclasses.asdict(size),
+  return {"seed": seed, "size": size_record(size),
           "corpus": [{"id": f"doc-{i}", "title": t, "kind": kind[t], "contents": text}
                      for i, (t, text) in enumerate(docs)],
           "splits": rows}
@@ -243,7 +285,7 @@ def build(directory: str | Path, seed: int, size: WorldSize = WorldSize()) -> di
             "<think> I need to look this up. </think><search> query </search>"
             "<answer> answer </answer>"]
   # Every pool word (after a space, as names appear in text) becomes one token.
-  pool = [w for words in name_pools().values() for w in words]
+  pool = [w for words in name_pools(size.version).values() for w in words]
   texts = texts * 3 + [" " + " ".join(pool)] * 20
   tokenizer = train_tokenizer(texts, size.vocab_size, directory / "tokenizer")
   split = [w for w in pool if len(tokenizer.tokenize(" " + w)) != 1]
@@ -251,7 +293,7 @@ def build(directory: str | Path, seed: int, size: WorldSize = WorldSize()) -> di
     raise ValueError(
         f"WorldSize.vocab_size={size.vocab_size} is too small to hold every name word as "
         f"one token ({len(split)} of {len(pool)} split, e.g. {split[:3]}): raise it.")
-  meta = {"seed": seed, "size": dataclasses.asdict(size),
+  meta = {"seed": seed, "size": size_record(size),
           "counts": {k: len(v) for k, v in world["splits"].items()},
           "documents": len(world["corpus"])}
   (directory / "world.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -294,17 +336,17 @@ def ensure(directory: str | Path, seed: int, size: WorldSize = WorldSize(),
   meta = Path(directory) / "world.json"
   if meta.exists():
     old = json.loads(meta.read_text())
-    if old.get("seed") == seed and old.get("size") == dataclasses.asdict(size):
+    if old.get("seed") == seed and old.get("size") == size_record(size):
       return paths(directory)
     if not rebuild:
       raise ValueError(
           f"{directory} holds the tiny world of seed {old.get('seed')} (size {old.get('size')}), "
-          f"and this run asks for seed {seed} (size {dataclasses.asdict(size)}). The run's "
+          f"and this run asks for seed {seed} (size {size_record(size)}). The run's "
           f"checkpoints were trained on that world and its tokenizer: rebuilding it in place "
           f"would resume them on other data. Use a new --workdir, or "
           f"--config.seed={old.get('seed')}.")
   return build(directory, seed, size)
 
 
-__all__ = ["WorldSize", "generate", "train_tokenizer", "build", "paths", "ensure",
-           "fill_missing_data"]
+__all__ = ["WorldSize", "WORLD_VERSIONS", "name_pools", "generate", "train_tokenizer", "build",
+           "paths", "ensure", "fill_missing_data"]

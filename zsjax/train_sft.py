@@ -112,6 +112,12 @@ def packed_split(tokenizer, dataset, max_length: int, eos_id: int, pad_id: int, 
 
 def evaluate_nll(eval_fn, params, packed, batch_size: int, plan) -> float:
   """Mean target-token NLL over all packed rows (the last batch padded with empty rows)."""
+  total, count = nll_sum(eval_fn, params, packed, batch_size, plan)
+  return total / max(count, 1.0)
+
+
+def nll_sum(eval_fn, params, packed, batch_size: int, plan) -> tuple[float, float]:
+  """The target-token NLL summed over all packed rows, and the target tokens counted."""
   rows = len(packed["tokens"])
   total = count = 0.0
   for start in range(0, rows, batch_size):
@@ -120,10 +126,33 @@ def evaluate_nll(eval_fn, params, packed, batch_size: int, plan) -> float:
     if short:
       batch = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)])
                for k, v in batch.items()}
-    nll_sum, n = eval_fn(params, plan.put_batch(batch))
-    total += float(nll_sum)
+    nll, n = eval_fn(params, plan.put_batch(batch))
+    total += float(nll)
     count += float(n)
-  return total / max(count, 1.0)
+  return total, count
+
+
+def evaluate_check(eval_fn, params, held_out, groups, batch_size: int, plan) -> dict:
+  """The held-out metrics: ``eval/nll`` (the mean target-token NLL) and
+  ``eval/perplexity``; with ``groups`` (name -> packed rows, ``sft.stop_group``)
+  also each group's mean, ``eval/nll/<name>``, and the worst, ``eval/nll_worst``
+  (the mean is then taken over the groups' tokens together)."""
+  if not groups:
+    nll = evaluate_nll(eval_fn, params, held_out, batch_size, plan)
+    return {"eval/nll": nll, "eval/perplexity": float(np.exp(nll))}
+  sums = {name: nll_sum(eval_fn, params, packed, batch_size, plan)
+          for name, packed in groups.items()}
+  nll = sum(t for t, _ in sums.values()) / max(sum(c for _, c in sums.values()), 1.0)
+  out = {"eval/nll": nll, "eval/perplexity": float(np.exp(nll))}
+  out.update({f"eval/nll/{name}": t / max(c, 1.0) for name, (t, c) in sums.items()})
+  out["eval/nll_worst"] = max(out[f"eval/nll/{name}"] for name in groups)
+  return out
+
+
+def check_value(s, metrics: dict) -> float:
+  """The number the early stop compares with ``sft.stop_nll``: the worst group's
+  NLL with ``sft.stop_group``, else the mean."""
+  return metrics["eval/nll_worst"] if s.get("stop_group", "") else metrics["eval/nll"]
 
 
 @dataclasses.dataclass
@@ -146,6 +175,8 @@ class SFTJob:
   # cooldown (start, steps) -> an update on that schedule (learning_rate_schedule's
   # cooldown); the early stop rebuilds the step once, when its check passes
   make_update: Any = None
+  # sft.stop_group: the test split packed group by group (name -> packed rows)
+  held_out_groups: dict | None = None
 
 
 def first_cooldown(s) -> tuple[int, int] | None:
@@ -187,6 +218,9 @@ def check_config(config) -> None:
     raise ValueError(f"config.sft.cooldown_steps={s.cooldown_steps} must be below "
                      f"config.sft.total_steps={s.total_steps} (the cap) when config.sft.stop_nll "
                      "is set: the check may pass only before the cap's cooldown.")
+  if s.get("stop_passes", 1) < 1:
+    raise ValueError(f"config.sft.stop_passes={s.stop_passes} must be >= 1 (how many checks in "
+                     "a row must pass before the early stop's cooldown begins).")
   if s.stop_nll and s.eval_every < 1:
     raise ValueError(f"config.sft.eval_every={s.eval_every}: the early stop's check runs every "
                      "eval_every steps; set it >= 1.")
@@ -222,6 +256,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> SFTJob:
     raise ValueError(f"config.sft.stop_nll={s.stop_nll}: the early stop checks the held-out "
                      f"NLL, and config.sft.data={s.data!r} has no 'test' split. Add test rows, "
                      "or set config.sft.stop_nll=0.")
+  groups = None
+  if held_out is not None and s.get("stop_group", ""):
+    groups = grouped_split(tokenizer, splits["test"], s.stop_group, s.max_length, eos, pad,
+                           f"config.sft.data={s.data!r}")
 
   def optimizer(cooldown):
     return make_optimizer(s.learning_rate, schedule_steps(s), warmup_fraction=s.warmup_fraction,
@@ -251,7 +289,21 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> SFTJob:
   return SFTJob(config=config, workdir=workdir, key=key, plan=plan, tokenizer=tokenizer, cfg=cfg,
                 state=state, target=target, train=train, train_info=train_info,
                 held_out=held_out, update=make_update(first_cooldown(s)), eval_fn=eval_fn,
-                make_update=make_update)
+                make_update=make_update, held_out_groups=groups)
+
+
+def grouped_split(tokenizer, dataset, column: str, max_length: int, eos_id: int, pad_id: int,
+                  what: str) -> dict:
+  """The test split packed group by group: rows grouped by ``column``'s value
+  (``sft.stop_group``), in sorted order of the values."""
+  if column not in dataset.column_names:
+    raise ValueError(f"config.sft.stop_group={column!r}: the test split of {what} has no such "
+                     f"column (it has {sorted(dataset.column_names)}). Name one of them, or set "
+                     "config.sft.stop_group='' to check the mean.")
+  values = [str(v) for v in dataset[column]]
+  return {name: packed_split(tokenizer, dataset.select([i for i, v in enumerate(values) if v == name]),
+                             max_length, eos_id, pad_id, f"test rows with {column}={name!r}")[0]
+          for name in sorted(set(values))}
 
 
 def train(job: SFTJob) -> dict:
@@ -270,11 +322,15 @@ def train(job: SFTJob) -> dict:
   # the early stop (sft.stop_nll): the cooldown planned so far, the step the check passed
   cooldown = tuple(extra["cooldown"]) if "cooldown" in extra else first_cooldown(s)
   formed = int(extra.get("formed_step", -1))
+  passes = int(extra.get("check_passes", 0))  # checks passed in a row (sft.stop_passes)
   update = job.update if cooldown == first_cooldown(s) else job.make_update(cooldown)
   end = sum(cooldown) if cooldown else s.total_steps
   if job.held_out is not None and start == 0:
-    summary["eval/nll_before"] = evaluate_nll(job.eval_fn, state.params, job.held_out,
-                                              s.batch_size, plan)
+    before = evaluate_check(job.eval_fn, state.params, job.held_out, job.held_out_groups,
+                            s.batch_size, plan)
+    summary["eval/nll_before"] = before["eval/nll"]
+    if "eval/nll_worst" in before:
+      summary["eval/nll_worst_before"] = before["eval/nll_worst"]
   rows = len(train["tokens"])
   step = start
   try:
@@ -292,15 +348,19 @@ def train(job: SFTJob) -> dict:
         metrics["perf/tokens_per_s"] = float(train["segment_ids"][index].astype(bool).sum()) / \
             metrics["time/step_s"]
         if job.held_out is not None and (step % s.eval_every == 0 or step == end):
-          nll = evaluate_nll(job.eval_fn, state.params, job.held_out, s.batch_size, plan)
-          metrics.update({"eval/nll": nll, "eval/perplexity": float(np.exp(nll))})
-          if s.stop_nll and formed < 0 and nll <= s.stop_nll:
+          metrics.update(evaluate_check(job.eval_fn, state.params, job.held_out,
+                                        job.held_out_groups, s.batch_size, plan))
+          nll = check_value(s, metrics)
+          passes = passes + 1 if s.stop_nll and nll <= s.stop_nll else 0
+          if s.stop_nll and formed < 0 and passes >= s.get("stop_passes", 1):
             formed = step  # the check passed: cool down from here (unless the cap's has begun)
             if step < cooldown[0]:
               cooldown, end = (step, s.cooldown_steps), step + s.cooldown_steps
               update, bar.total = job.make_update(cooldown), end
-              console(f"SFT step {step}: held-out NLL {nll:.4f} <= config.sft.stop_nll="
-                      f"{s.stop_nll}; cooling down over {s.cooldown_steps} steps.")
+              what = "worst group's" if s.get("stop_group", "") else "held-out"
+              console(f"SFT step {step}: {what} NLL {nll:.4f} <= config.sft.stop_nll="
+                      f"{s.stop_nll} ({passes} checks in a row); cooling down over "
+                      f"{s.cooldown_steps} steps.")
         try:
           last = writer.write(step, metrics)
         except FloatingPointError as e:
@@ -315,6 +375,7 @@ def train(job: SFTJob) -> dict:
           checkpointer.save(step, state, extra={"step": step, "seed": config.seed,
                                                 "schedule_steps": schedule_steps(s),
                                                 "inputs": inputs,
+                                                **({"check_passes": passes} if s.stop_nll else {}),
                                                 **({"cooldown": list(cooldown),
                                                     "formed_step": formed} if formed >= 0 else {}),
                                                 **({"record": record} if record else {})})

@@ -112,6 +112,9 @@ LATER_FIELDS = {
     "sft.schedule_steps": 0,
     "sft.stop_nll": 0.0,  # the early stop (zsjax.train_sft), off before it existed
     "sft.cooldown_steps": 0,
+    "world.version": 1,  # the tiny world's phrasing (zsjax.tinyworld.WORLD_VERSIONS)
+    "sft.stop_group": "",  # the early stop's check by group (tiny world v4)
+    "sft.stop_passes": 1,
     # the reading stage (zsjax.pipeline.READING), off before it existed
     "reading_drills": 0,
     "reading_documents": 1,
