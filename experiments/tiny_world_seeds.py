@@ -217,6 +217,10 @@ def collect(root: Path, seeds: list[int], roundings: dict[str, str]) -> dict:
   return runs
 
 
+def _nll(warm_start: dict, key: str) -> str:
+  return f"{warm_start[key]:.3f}" if key in warm_start else "-"
+
+
 def report(root: Path, seeds: list[int], runs: dict, out: Path,
            roundings: dict[str, str]) -> dict:
   """``report.md``, ``summary.json`` and ``plots/`` under ``out`` for ``runs``
@@ -228,7 +232,8 @@ def report(root: Path, seeds: list[int], runs: dict, out: Path,
            "Roundings: " + "; ".join(f"{label}: `{roundings[label]}`" for label in labels)
            + ". Test EM %; the gain is paired over the test questions (± one standard error).",
            "", "| run | rounding | " + " | ".join(KEYS) + " | warm start steps (check passed) "
-           "| minutes |", "|---|---|" + "---|" * (len(KEYS) + 2)]
+           "| reading check NLL (worst relation) | minutes |",
+           "|---|---|" + "---|" * (len(KEYS) + 3)]
   summary = {"seeds": seeds, "roundings": roundings, "runs": {}, "by_rounding": {},
              "spread": {}}
   for (seed, label), r in runs.items():
@@ -241,6 +246,7 @@ def report(root: Path, seeds: list[int], runs: dict, out: Path,
     cells[list(KEYS).index("RL(sim) - warm start")] = f"{100 * g['em']:+.1f} ± {100 * g['stderr']:.1f}"
     lines.append(f"| {name(seed, label)} | {label} | " + " | ".join(cells)
                  + f" | {w.get('steps', '-')} ({w.get('formed_step', '-')}) | "
+                 f"{_nll(w, 'reading_nll')} ({_nll(w, 'reading_nll_worst')}) | "
                  f"{r['total_seconds'] / 60:.1f} |")
   for label in labels:
     group = [r for (_, lab), r in runs.items() if lab == label]

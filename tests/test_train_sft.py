@@ -165,24 +165,16 @@ def test_a_check_by_group_stops_on_its_worst_group_and_reports_each(world, tmp_p
     alone = train_sft.evaluate_nll(job.eval_fn, state.params, packed, config.sft.batch_size, job.plan)
     np.testing.assert_allclose(alone, evals[-1][f"eval/nll/{group}"], rtol=1e-5)
   # a threshold the mean meets before the worst group does: the stop waits for the worst
-  worst_first = {}
-  for r in evals:
-    for key in ("eval/nll", "eval/nll_worst"):
-      worst_first.setdefault(key, [])
-      worst_first[key].append((r["step"], r[key]))
-  threshold = None
-  for step, mean in worst_first["eval/nll"]:
-    worse = dict(worst_first["eval/nll_worst"])[step]
-    if worse > mean * 1.05 and step < CAP - COOLDOWN:
-      threshold = (mean + worse) / 2
-      break
-  assert threshold is not None, "the two groups' NLL never differed: the test cannot tell"
+  means = {r["step"]: r["eval/nll"] for r in evals}
+  worst = {r["step"]: r["eval/nll_worst"] for r in evals}
+  step = next((k for k in means if worst[k] > 1.05 * means[k] and k < CAP - COOLDOWN), None)
+  assert step is not None, "the two groups' NLL never differed: the test cannot tell"
+  threshold = (means[step] + worst[step]) / 2
   config.sft.stop_nll = threshold
   summary = train_sft.run(config, str(tmp_path / "stopped"))
   # the same curve as the capped run's until it forms (-1: the worst never passed)
-  expected = next((step for step, worse in worst_first["eval/nll_worst"] if worse <= threshold),
-                  -1)
-  mean_would = next(step for step, mean in worst_first["eval/nll"] if mean <= threshold)
+  expected = next((k for k in worst if worst[k] <= threshold), -1)
+  mean_would = next(k for k in means if means[k] <= threshold)
   assert summary["sft/formed_step"] == expected and expected != mean_would
 
 
