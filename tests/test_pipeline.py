@@ -65,12 +65,15 @@ def test_a_version_2_worlds_questions_share_their_relations_words_with_the_docum
     lacking = {r["relation"] for r in single if not stated_with(world, r)}
     assert lacking == ({"works_for"} if version == 1 else set())  # v1: "work for" / "works for"
   titles = [d["title"] for d in new["corpus"] if d["kind"] == "film"]
-  assert len(titles) == len({t.split()[-1] for t in titles})  # no two films share a word
-  assert all(t.split()[-1] in tinyworld.name_pools(2)["film"] for t in titles)
+  assert all(t in tinyworld.name_pools(2)["film"] for t in titles)  # one word each
+  assert len(titles) == len(set(titles))
+  # every document's subject is its first word (v1's films: "The ...")
+  assert all(d["contents"].startswith(d["title"] + " ") and " " not in d["title"]
+             for d in new["corpus"])
   assert tinyworld.name_pools(2)["person"] == tinyworld.name_pools()["person"]
   paths = tinyworld.build(tmp_path / "v2", 4, tinyworld.WorldSize(version=2))
   tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
-  assert all(len(tokenizer.tokenize(" " + t.split()[-1])) == 1 for t in titles)
+  assert all(len(tokenizer.tokenize(" " + t)) == 1 for t in titles)
   with pytest.raises(ValueError, match=r"WorldSize.version=7 \(config.world.version\)"):
     tinyworld.generate(0, tinyworld.WorldSize(version=7))
   # a workdir's world of one version is not taken for another's

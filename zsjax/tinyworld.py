@@ -83,7 +83,7 @@ class WorldSize:
 # minutes). Worlds differ in which words name what and in every relation, so
 # nothing about one world's facts carries over to another.
 POOL_SIZES = {"country": 24, "city": 64, "person": 224, "organization": 40}
-# Version 2 worlds also name films from a pool ("The Vorath"); drawn after the others,
+# Version 2 worlds also name films from a pool ("Vorath"); drawn after the others,
 # so the four pools above are the same words in every version.
 FILM_POOL_SIZE = 48
 _POOL_SEED = 20260917
@@ -91,14 +91,16 @@ _POOL_SEED = 20260917
 # What a world's version changes (WorldSize.version). Version 1's reading failed
 # relation by relation (experiments/results/tiny_world_v3): a film's director, where
 # titles share words ("The Last Road" / "The Last Tower") so telling films apart takes
-# two tokens, and an employer, the only relation whose question ("Who does X work
-# for?") shares no word with its document ("X works for Y"), so nothing in the
-# question points at the one of the document's two names that answers it. Version 2
-# mends both and changes nothing else.
+# two tokens, and a film document's subject is its second word where every other
+# document's is its first; and an employer, the only relation whose question ("Who
+# does X work for?") shares no word with its document ("X works for Y"), so nothing
+# in the question points at the one of the document's two names that answers it.
+# Version 2 mends both and changes nothing else.
 WORLD_VERSIONS = {
     1: "the worlds of tiny world v2 and v3",
     2: "questions share their relation's words with the documents ('X is employed by Y' / "
-       "'By whom is X employed?'); one-word film titles from their own pool",
+       "'By whom is X employed?'); one-word film titles from their own pool, without 'The' (a "
+       "document's subject is its first word, for every kind)",
 }
 
 
@@ -166,7 +168,7 @@ def generate(seed: int, size: WorldSize = WorldSize()) -> dict:
         return name
 
   if aligned:
-    films = [f"The {word}" for word in draw("film")]
+    films = draw("film")  # one word, first in its document like every other subject
   else:
     films = [fresh(lambda: f"The {rng.choice(_FILM_WORDS)} {rng.choice(_FILM_NOUNS)}")
              for _ in range(size.films)]
