@@ -110,14 +110,17 @@ WARM_START_V3 = {"instruction": "Search, then answer.",
 
 # Tiny world v4 (arg "v4"; issue 27): v3's warm start read relation by relation, and
 # on 3 of 4 runs one relation never formed while the mean check passed or nearly did
-# (experiments/results/tiny_world_v3/README.md, "By relation"): a film's director
-# (titles sharing words, the rarest relation) or an employer (the one question with
-# no word of its document's). So:
-# - a version 2 world (zsjax.tinyworld.WORLD_VERSIONS): "X is employed by Y" / "By
-#   whom is X employed?", one-word film titles; the simulator, the demonstrations
-#   and the test questions all come from it (a new world, not v2's numbers);
-# - relation-balanced search demonstrations (demonstrations.balance_relations: made
-#   the director form on seeds 0 and 2 in probes where it had not);
+# (experiments/results/tiny_world_v3/README.md, "By relation"). The relations whose
+# answer follows " in" in its document (born in, located in, founded in) formed first
+# and together; a film's director ("directed by") and an employer ("works for") were
+# the ones left, and stayed so in a world that only mended their wording
+# (experiments/results/tiny_world_v4/first_try). So:
+# - a version 2 world (zsjax.tinyworld.WORLD_VERSIONS): facts as fields ("Birthplace:
+#   Y", "Director: Y"), questions that name the field ("What is the birthplace of X?"),
+#   one-word film titles: one skill reads every relation. The simulator, the
+#   demonstrations and the test questions all come from it (a new world; v2's and
+#   v3's numbers do not carry over);
+# - relation-balanced search demonstrations (demonstrations.balance_relations);
 # - the check by relation: every relation's held-out answer NLL must be <= stop_nll,
 #   on two checks in a row (seed 2's v3 cooldown started on a one-check dip), and
 #   the stage fails, naming it, when the cap comes first.

@@ -45,25 +45,27 @@ def test_every_name_is_one_token_of_a_kind_specific_pool(world, tmp_path):
     tinyworld.generate(0, tinyworld.WorldSize(cities=10_000))
 
 
-def test_a_version_2_worlds_questions_share_their_relations_words_with_the_documents(tmp_path):
+def test_a_version_2_worlds_questions_name_the_field_their_answer_follows(tmp_path):
   from transformers import AutoTokenizer
 
-  def stated_with(world, question):
-    """The words of the subject's document sentence that states the answer, which the
-    question also holds (its relation's words)."""
+  def cue(world, question):
+    """The word just before the answer in the subject's document, and whether the
+    question names it."""
     docs = {d["title"]: d["contents"] for d in world["corpus"]}
-    subject = next(t for t in docs if f" {t}" in f" {question['question'].rstrip('?')} ")
-    sentence = next(s for s in docs[subject].split(". ") if question["golden_answers"][0] in s)
-    words = lambda text: {w.strip("?.,").lower() for w in text.split()}
-    names = words(subject) | words(question["golden_answers"][0])
-    common = {"the", "is", "a", "an", "in", "by", "for", "was", "which", "who", "of", "does"}
-    return (words(sentence) & words(question["question"])) - names - common
+    subject = next(t for t in docs if f" {t} " in f" {question['question'].rstrip('?')} ")
+    before = docs[subject].split(f" {question['golden_answers'][0]}")[0].split()[-1].strip(":")
+    return before.lower(), before.lower() in question["question"].lower().split()
 
   old, new = tinyworld.generate(4), tinyworld.generate(4, tinyworld.WorldSize(version=2))
   for world, version in ((old, 1), (new, 2)):
     single = [r for rows in world["splits"].values() for r in rows if r["hops"] == 1]
-    lacking = {r["relation"] for r in single if not stated_with(world, r)}
-    assert lacking == ({"works_for"} if version == 1 else set())  # v1: "work for" / "works for"
+    named = {r["relation"]: cue(world, r) for r in single}
+    assert len(named) == 5
+    words = {word for word, _ in named.values()}
+    if version == 1:  # "born in X", "located in X", "founded in X": one cue, three relations
+      assert len(words) < 5
+    else:  # "Birthplace: X" / "What is the birthplace of Y?": each relation its own field
+      assert len(words) == 5 and all(ok for _, ok in named.values()), named
   titles = [d["title"] for d in new["corpus"] if d["kind"] == "film"]
   assert all(t in tinyworld.name_pools(2)["film"] for t in titles)  # one word each
   assert len(titles) == len(set(titles))

@@ -89,18 +89,44 @@ FILM_POOL_SIZE = 48
 _POOL_SEED = 20260917
 
 # What a world's version changes (WorldSize.version). Version 1's reading failed
-# relation by relation (experiments/results/tiny_world_v3): a film's director, where
-# titles share words ("The Last Road" / "The Last Tower") so telling films apart takes
-# two tokens, and a film document's subject is its second word where every other
-# document's is its first; and an employer, the only relation whose question ("Who
-# does X work for?") shares no word with its document ("X works for Y"), so nothing
-# in the question points at the one of the document's two names that answers it.
-# Version 2 mends both and changes nothing else.
+# relation by relation (experiments/results/tiny_world_v3): the relations whose answer
+# follows " in" in its document (born in, located in, founded in) formed first and
+# together, and a film's director ("directed by") or an employer ("works for") did not
+# form on some runs. A version 2 document states each fact as a field ("Birthplace:
+# Baibrer"), every question names its field ("What is the birthplace of X?"), so one
+# skill reads every relation: find the question's field in the document, copy the
+# name after it; film titles are one word, first in their document as every subject.
 WORLD_VERSIONS = {
-    1: "the worlds of tiny world v2 and v3",
-    2: "questions share their relation's words with the documents ('X is employed by Y' / "
-       "'By whom is X employed?'); one-word film titles from their own pool, without 'The' (a "
-       "document's subject is its first word, for every kind)",
+    1: "the worlds of tiny world v2 and v3: facts in sentences ('X was born in Y')",
+    2: "facts as fields ('Birthplace: Y') that questions name ('What is the birthplace of X?'); "
+       "one-word film titles from their own pool",
+}
+# Per version: each kind's document and each relation's question (``s``: the subject).
+PHRASINGS = {
+    1: {"country": "{s} is a country. Its cities include {cities}.",
+        "city": "{s} is a city located in {country}.",
+        "person": "{s} is a {job} born in {city}. {s} works for {org}.",
+        "film": "{s} is a {year} film directed by {person}.",
+        "organization": "{s} is an organization founded in {city} in {year}.",
+        "born_in": "Where was {s} born?", "works_for": "Who does {s} work for?",
+        "birth_country": "In which country was {s} born?",
+        "employer_city": "In which city was the employer of {s} founded?",
+        "located_in": "In which country is {s} located?", "directed_by": "Who directed {s}?",
+        "director_birthplace": "Where was the director of {s} born?",
+        "founded_in": "In which city was {s} founded?",
+        "founded_country": "In which country was {s} founded?"},
+    2: {"country": "{s} is a country. Cities: {cities}.",
+        "city": "{s} is a city. Country: {country}.",
+        "person": "{s} is {article} {job}. Birthplace: {city}. Employer: {org}.",
+        "film": "{s} is a film from {year}. Director: {person}.",
+        "organization": "{s} is an organization from {year}. Founding city: {city}.",
+        "born_in": "What is the birthplace of {s}?", "works_for": "What is the employer of {s}?",
+        "birth_country": "What is the country of the birthplace of {s}?",
+        "employer_city": "What is the founding city of the employer of {s}?",
+        "located_in": "What is the country of {s}?", "directed_by": "Who is the director of {s}?",
+        "director_birthplace": "What is the birthplace of the director of {s}?",
+        "founded_in": "What is the founding city of {s}?",
+        "founded_country": "What is the country of the founding city of {s}?"},
 }
 
 
@@ -188,20 +214,21 @@ def generate(seed: int, size: WorldSize = WorldSize()) -> dict:
   aliases = {o: [f"{o} {org_kind[o]}"] for o in orgs}
   aliases.update({c: [f"Republic of {c}"] for c in countries})
 
+  text = PHRASINGS[size.version]
   docs = []
   for c in countries:
     members = [x for x in cities if city_country[x] == c]
-    docs.append((c, f"{c} is a country. Its cities include {', '.join(members)}."))
+    docs.append((c, text["country"].format(s=c, cities=", ".join(members))))
   for c in cities:
-    docs.append((c, f"{c} is a city located in {city_country[c]}."))
+    docs.append((c, text["city"].format(s=c, country=city_country[c])))
   for p in people:
-    employer = f"is employed by {works_for[p]}" if aligned else f"works for {works_for[p]}"
-    article = "an" if aligned and job[p][0] in "aeiou" else "a"
-    docs.append((p, f"{p} is {article} {job[p]} born in {born_in[p]}. {p} {employer}."))
+    article = "an" if job[p][0] in "aeiou" else "a"
+    docs.append((p, text["person"].format(s=p, job=job[p], article=article, city=born_in[p],
+                                          org=works_for[p])))
   for f in films:
-    docs.append((f, f"{f} is a {film_year[f]} film directed by {directed_by[f]}."))
+    docs.append((f, text["film"].format(s=f, year=film_year[f], person=directed_by[f])))
   for o in orgs:
-    docs.append((o, f"{o} is an organization founded in {founded_in[o]} in {year[o]}."))
+    docs.append((o, text["organization"].format(s=o, city=founded_in[o], year=year[o])))
 
   kind = {**{c: "country" for c in countries}, **{c: "city" for c in cities},
           **{p: "person" for p in people}, **{f: "film" for f in films},
@@ -210,28 +237,24 @@ def generate(seed: int, size: WorldSize = WorldSize()) -> dict:
   def golds(entity):
     return [entity] + aliases.get(entity, [])
 
+  def ask(relation, subject, answer, hops=1, bridge=""):
+    return (relation, text[relation].format(s=subject), golds(answer), hops, bridge)
+
   # (relation, question, gold answers, hops, bridge entity of a two-hop chain or "")
   questions = []
   for p in people:
-    questions.append(("born_in", f"Where was {p} born?", golds(born_in[p]), 1, ""))
-    questions.append(("works_for", f"By whom is {p} employed?" if aligned else
-                      f"Who does {p} work for?", golds(works_for[p]), 1, ""))
-    questions.append(("birth_country", f"In which country was {p} born?",
-                      golds(city_country[born_in[p]]), 2, born_in[p]))
-    questions.append(("employer_city", f"In which city was the employer of {p} founded?",
-                      golds(founded_in[works_for[p]]), 2, works_for[p]))
+    questions.append(ask("born_in", p, born_in[p]))
+    questions.append(ask("works_for", p, works_for[p]))
+    questions.append(ask("birth_country", p, city_country[born_in[p]], 2, born_in[p]))
+    questions.append(ask("employer_city", p, founded_in[works_for[p]], 2, works_for[p]))
   for c in cities:
-    questions.append(("located_in", f"In which country is {c} located?",
-                      golds(city_country[c]), 1, ""))
+    questions.append(ask("located_in", c, city_country[c]))
   for f in films:
-    questions.append(("directed_by", f"Who directed {f}?", golds(directed_by[f]), 1, ""))
-    questions.append(("director_birthplace", f"Where was the director of {f} born?",
-                      golds(born_in[directed_by[f]]), 2, directed_by[f]))
+    questions.append(ask("directed_by", f, directed_by[f]))
+    questions.append(ask("director_birthplace", f, born_in[directed_by[f]], 2, directed_by[f]))
   for o in orgs:
-    questions.append(("founded_in", f"In which city was {o} founded?", golds(founded_in[o]),
-                      1, ""))
-    questions.append(("founded_country", f"In which country was {o} founded?",
-                      golds(city_country[founded_in[o]]), 2, founded_in[o]))
+    questions.append(ask("founded_in", o, founded_in[o]))
+    questions.append(ask("founded_country", o, city_country[founded_in[o]], 2, founded_in[o]))
 
   order = rng.permutation(len(questions))
   n_test = int(round(size.test_fraction * len(questions)))
@@ -350,5 +373,5 @@ def ensure(directory: str | Path, seed: int, size: WorldSize = WorldSize(),
   return build(directory, seed, size)
 
 
-__all__ = ["WorldSize", "WORLD_VERSIONS", "name_pools", "generate", "train_tokenizer", "build",
+__all__ = ["WorldSize", "WORLD_VERSIONS", "PHRASINGS", "name_pools", "generate", "train_tokenizer", "build",
            "paths", "ensure", "fill_missing_data"]
