@@ -115,11 +115,11 @@ WARM_START_V3 = {"instruction": "Search, then answer.",
 # and together; a film's director ("directed by") and an employer ("works for") were
 # the ones left, and stayed so in a world that only mended their wording
 # (experiments/results/tiny_world_v4/first_try). So:
-# - a version 2 world (zsjax.tinyworld.WORLD_VERSIONS): facts as fields ("birthplace:
-#   Y", "director: Y"), questions that name the field with the same token ("What is the
-#   birthplace of X?"), one-word film titles: one skill reads every relation. The
-#   simulator, the demonstrations and the test questions all come from it (a new
-#   world; v2's and v3's numbers do not carry over);
+# - a version 2 world (zsjax.tinyworld.WORLD_VERSIONS): facts as fields ("Birthplace:
+#   Y", "Director: Y"), questions that name the field ("What is the birthplace of X?"),
+#   one-word film titles: one skill reads every relation. The simulator, the
+#   demonstrations and the test questions all come from it (a new world; v2's and
+#   v3's numbers do not carry over);
 # - relation-balanced search demonstrations (demonstrations.balance_relations);
 # - the check by relation: every relation's held-out answer NLL must be <= stop_nll,
 #   on two checks in a row (seed 2's v3 cooldown started on a one-check dip), and

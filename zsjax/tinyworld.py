@@ -92,14 +92,13 @@ _POOL_SEED = 20260917
 # relation by relation (experiments/results/tiny_world_v3): the relations whose answer
 # follows " in" in its document (born in, located in, founded in) formed first and
 # together, and a film's director ("directed by") or an employer ("works for") did not
-# form on some runs. A version 2 document states each fact as a field ("...; birthplace:
-# Baibrer"), every question names its field with the same token ("What is the
-# birthplace of X?"), so one skill reads every relation: find the question's field in
-# the document, copy the name after it; film titles are one word, first in their
-# document as every subject.
+# form on some runs. A version 2 document states each fact as a field ("Birthplace:
+# Baibrer"), every question names its field ("What is the birthplace of X?"), so one
+# skill reads every relation: find the question's field in the document, copy the
+# name after it; film titles are one word, first in their document as every subject.
 WORLD_VERSIONS = {
     1: "the worlds of tiny world v2 and v3: facts in sentences ('X was born in Y')",
-    2: "facts as fields ('birthplace: Y') that questions name ('What is the birthplace of X?'); "
+    2: "facts as fields ('Birthplace: Y') that questions name ('What is the birthplace of X?'); "
        "one-word film titles from their own pool",
 }
 # Per version: each kind's document and each relation's question (``s``: the subject).
@@ -116,11 +115,11 @@ PHRASINGS = {
         "director_birthplace": "Where was the director of {s} born?",
         "founded_in": "In which city was {s} founded?",
         "founded_country": "In which country was {s} founded?"},
-    2: {"country": "{s} is a country; cities: {cities}.",
-        "city": "{s} is a city; country: {country}.",
-        "person": "{s} is {article} {job}; birthplace: {city}; employer: {org}.",
-        "film": "{s} is a film from {year}; director: {person}.",
-        "organization": "{s} is an organization from {year}; founding city: {city}.",
+    2: {"country": "{s} is a country. Cities: {cities}.",
+        "city": "{s} is a city. Country: {country}.",
+        "person": "{s} is {article} {job}. Birthplace: {city}. Employer: {org}.",
+        "film": "{s} is a film from {year}. Director: {person}.",
+        "organization": "{s} is an organization from {year}. Founding city: {city}.",
         "born_in": "What is the birthplace of {s}?", "works_for": "What is the employer of {s}?",
         "birth_country": "What is the country of the birthplace of {s}?",
         "employer_city": "What is the founding city of the employer of {s}?",
