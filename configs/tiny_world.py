@@ -116,10 +116,12 @@ WARM_START_V3 = {"instruction": "Search, then answer.",
 # the ones left, and stayed so in a world that only mended their wording
 # (experiments/results/tiny_world_v4/first_try). So:
 # - a version 2 world (zsjax.tinyworld.WORLD_VERSIONS): facts as fields ("Birthplace:
-#   Y", "Director: Y"), questions that name the field ("What is the birthplace of X?"),
-#   one-word film titles: one skill reads every relation. The simulator, the
-#   demonstrations and the test questions all come from it (a new world; v2's and
-#   v3's numbers do not carry over);
+#   Y.", "Director: Y."), questions that name the field ("What is the birthplace of
+#   X?"), one-word film titles: one skill reads every relation (the same fields in
+#   lower case after semicolons, the question's very token, read worse on both tries:
+#   experiments/results/tiny_world_v4). The simulator, the demonstrations and the
+#   test questions all come from it (a new world; v2's and v3's numbers do not carry
+#   over);
 # - relation-balanced search demonstrations (demonstrations.balance_relations);
 # - the check by relation: every relation's held-out answer NLL must be <= stop_nll,
 #   on two checks in a row (seed 2's v3 cooldown started on a one-check dip), and
