@@ -162,7 +162,8 @@ def test_a_check_by_group_stops_on_its_worst_group_and_reports_each(world, tmp_p
     rows = [r for r in read_jsonl(config.sft.data) if r["split"] == "test" and r["group"] == group]
     packed, _ = train_sft.packed_split(tok, rows, config.sft.max_length, tok.eos_token_id,
                                        tok.pad_token_id, group)
-    alone = train_sft.evaluate_nll(job.eval_fn, state.params, packed, config.sft.batch_size, job.plan)
+    alone = train_sft.evaluate_nll(job.eval_fn, state.params, packed, config.sft.batch_size,
+                                   job.plan)
     np.testing.assert_allclose(alone, evals[-1][f"eval/nll/{group}"], rtol=1e-5)
   # a threshold the mean meets before the worst group does: the stop waits for the worst
   means = {r["step"]: r["eval/nll"] for r in evals}

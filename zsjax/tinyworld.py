@@ -373,5 +373,5 @@ def ensure(directory: str | Path, seed: int, size: WorldSize = WorldSize(),
   return build(directory, seed, size)
 
 
-__all__ = ["WorldSize", "WORLD_VERSIONS", "PHRASINGS", "name_pools", "generate", "train_tokenizer", "build",
-           "paths", "ensure", "fill_missing_data"]
+__all__ = ["WorldSize", "WORLD_VERSIONS", "PHRASINGS", "name_pools", "size_record", "generate",
+           "train_tokenizer", "build", "paths", "ensure", "fill_missing_data"]

@@ -301,9 +301,12 @@ def grouped_split(tokenizer, dataset, column: str, max_length: int, eos_id: int,
                      f"column (it has {sorted(dataset.column_names)}). Name one of them, or set "
                      "config.sft.stop_group='' to check the mean.")
   values = [str(v) for v in dataset[column]]
-  return {name: packed_split(tokenizer, dataset.select([i for i, v in enumerate(values) if v == name]),
-                             max_length, eos_id, pad_id, f"test rows with {column}={name!r}")[0]
-          for name in sorted(set(values))}
+  groups = {}
+  for name in sorted(set(values)):
+    rows = dataset.select([i for i, v in enumerate(values) if v == name])
+    groups[name], _ = packed_split(tokenizer, rows, max_length, eos_id, pad_id,
+                                   f"test rows with {column}={name!r}")
+  return groups
 
 
 def train(job: SFTJob) -> dict:
