@@ -1,0 +1,90 @@
+"""Which name a warm start answers with, where it does not read: a diagnostic.
+
+  python experiments/answer_choice.py --workdir=/tmp/tw4/seed_0 --seed=0 --step=2000 \\
+      [--arg=v4] [--relations=works_for,born_in]
+
+For every other check row of ``relations`` (the warm start's held-out check,
+``demonstrations.reading_check_rows``), every capitalised name in the row's three
+documents is scored as the answer (its answer NLL, the policy restored from the
+stage's Orbax checkpoint at ``--step``, so a stage still training can be read), and
+the best one is counted by where it stands: ``gold``, or ``docK:<the word before
+it>`` (e.g. ``doc2:Employer``, another document's field of the same name). Prints a
+count per relation and a final JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from configs import tiny_world  # noqa: E402
+from zsjax import demonstrations, pipeline, train_sft  # noqa: E402
+from zsjax.checkpoint import Checkpointer  # noqa: E402
+from zsjax.data import write_jsonl  # noqa: E402
+
+DOCS = re.compile(r"Doc \d: (.*?)(?=\nDoc \d:|</information>)", re.S)
+
+
+def where(name: str, gold: str, k: int, doc: str) -> str:
+  if name == gold:
+    return "gold"
+  before = doc.split(name)[0].strip()
+  return f"doc{k + 1}:" + (before.split()[-1].rstrip(":") if before else "subject")
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", required=True, help="a tiny world run")
+  parser.add_argument("--seed", type=int, required=True, help="the run's config.seed")
+  parser.add_argument("--step", type=int, required=True, help="a warm-start checkpoint step")
+  parser.add_argument("--arg", default="v4", help="the run's config arg")
+  parser.add_argument("--relations", default="works_for,born_in")
+  args = parser.parse_args(argv)
+  run = Path(args.workdir)
+  config = tiny_world.get_config(args.arg)
+  config.seed, config.progress = args.seed, False
+  relations = args.relations.split(",")
+  check = [r for r in demonstrations.reading_check_rows(config) if r["relation"] in relations]
+  job = pipeline.job_config(config, "warm_start", {"tokenizer": str(run / "world" / "tokenizer")})
+  job.sft.stop_nll, job.sft.stop_group = 0.0, ""
+  counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+  with tempfile.TemporaryDirectory() as tmp:
+    job.sft.data = str(write_jsonl(Path(tmp) / "data.jsonl",
+                                   [dict(r, split="train") for r in check]))
+    sft = train_sft.setup(job, tmp)
+    checkpointer = Checkpointer.from_config((run / "warm_start").resolve() / "checkpoints",
+                                            job.checkpoint)
+    state, _ = checkpointer.restore(sft.target, args.step)
+    checkpointer.close()
+    eos, pad = sft.tokenizer.eos_token_id, sft.tokenizer.pad_token_id or 0
+    for row in check[::2]:
+      gold = row["target_segments"][-1].split("<")[0].strip()
+      names = {}
+      for k, doc in enumerate(DOCS.findall(row["target_segments"][1])):
+        for name in re.findall(r"\b[A-Z][a-z]+\b", doc):
+          names.setdefault(name, where(name, gold, k, doc))
+      nll = {}
+      for name in names:
+        answer = dict(row, target_segments=row["target_segments"][:-1] + [f" {name} </answer>"])
+        examples, _ = train_sft.tokenize_examples(sft.tokenizer, [answer], job.sft.max_length, eos)
+        nll[name] = train_sft.evaluate_nll(sft.eval_fn, state.params,
+                                           train_sft.pack(examples, job.sft.max_length, pad),
+                                           job.sft.batch_size, sft.plan)
+      counts[row["relation"]][names[min(nll, key=nll.get)]] += 1
+  result = {"workdir": str(run), "step": args.step,
+            "best_answer": {rel: dict(c.most_common()) for rel, c in counts.items()}}
+  for rel, c in result["best_answer"].items():
+    print(f"{rel}: " + ", ".join(f"{k} {v}" for k, v in c.items()))
+  print(json.dumps(result))
+  return result
+
+
+if __name__ == "__main__":
+  main()
