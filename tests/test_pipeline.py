@@ -66,6 +66,15 @@ def test_a_version_2_worlds_questions_name_the_field_their_answer_follows(tmp_pa
       assert len(words) < 5
     else:  # "Birthplace: X" / "What is the birthplace of Y?": each relation its own field
       assert len(words) == 5 and all(ok for _, ok in named.values()), named
+  # v3: the question's "<field> of <subject>" stands in the subject's document before the answer
+  v3 = tinyworld.generate(4, tinyworld.WorldSize(version=3))
+  docs = {d["title"]: d["contents"] for d in v3["corpus"]}
+  single = [r for rows in v3["splits"].values() for r in rows if r["hops"] == 1]
+  assert {r["relation"] for r in single} == set(named)
+  for r in single:
+    phrase = r["question"].rstrip("?").split(" the ", 1)[1]  # "employer of X"
+    subject = phrase.split(" of ")[-1]
+    assert f"{phrase[0].upper()}{phrase[1:]}: {r['golden_answers'][0]}." in docs[subject], r
   titles = [d["title"] for d in new["corpus"] if d["kind"] == "film"]
   assert all(t in tinyworld.name_pools(2)["film"] for t in titles)  # one word each
   assert len(titles) == len(set(titles))

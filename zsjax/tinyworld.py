@@ -100,6 +100,8 @@ WORLD_VERSIONS = {
     1: "the worlds of tiny world v2 and v3: facts in sentences ('X was born in Y')",
     2: "facts as fields ('Birthplace: Y') that questions name ('What is the birthplace of X?'); "
        "one-word film titles from their own pool",
+    3: "version 2 with fields that restate their subject in the question's words ('Employer "
+       "of X: Y' for 'What is the employer of X?'); not yet measured end to end",
 }
 # Per version: each kind's document and each relation's question (``s``: the subject).
 PHRASINGS = {
@@ -128,6 +130,18 @@ PHRASINGS = {
         "founded_in": "What is the founding city of {s}?",
         "founded_country": "What is the country of the founding city of {s}?"},
 }
+# Version 3: a version 2 warm start on seed 0 (two cores) answered another document's
+# employer on 16 of 23 held-out employer questions (experiments/answer_choice.py,
+# experiments/results/tiny_world_v4/diagnosis): it found the field, not the person's
+# document. Each field names its subject, so the question's "employer of X" stands in
+# X's document right before the answer.
+PHRASINGS[3] = dict(
+    PHRASINGS[2],
+    country="{s} is a country. Cities of {s}: {cities}.",
+    city="{s} is a city. Country of {s}: {country}.",
+    person="{s} is {article} {job}. Birthplace of {s}: {city}. Employer of {s}: {org}.",
+    film="{s} is a film from {year}. Director of {s}: {person}.",
+    organization="{s} is an organization from {year}. Founding city of {s}: {city}.")
 
 
 def size_record(size: WorldSize) -> dict:
