@@ -63,9 +63,9 @@ class WorldSize:
   test_fraction: float = 0.15
   dev_fraction: float = 0.1
   vocab_size: int = 1536
-  # The world's phrasing (WORLD_VERSIONS): 1, the worlds of tiny world v2 and v3;
-  # 2, each relation's question names the words its document states it with, and
-  # every film has a one-word title of its own (tiny world v4).
+  # The world's phrasing (WORLD_VERSIONS, PHRASINGS): 1, the worlds of tiny world v2
+  # and v3; 2, facts as fields that questions name, one-word film titles (tiny world
+  # v4); 3, version 2 with fields that restate their subject.
   version: int = 1
 
   @classmethod
@@ -180,15 +180,15 @@ def generate(seed: int, size: WorldSize = WorldSize()) -> dict:
   if size.version not in WORLD_VERSIONS:
     raise ValueError(f"WorldSize.version={size.version} (config.world.version) is not one of "
                      f"{sorted(WORLD_VERSIONS)}: {WORLD_VERSIONS}.")
-  aligned = size.version >= 2
   pools = name_pools(size.version)
+  pooled_films = "film" in pools  # name_pools says which versions name films from a pool
   need = {"country": size.countries, "city": size.cities, "person": size.people,
-          "organization": size.organizations, **({"film": size.films} if aligned else {})}
+          "organization": size.organizations, **({"film": size.films} if pooled_films else {})}
   for kind, n in need.items():
     if n > len(pools[kind]):
       raise ValueError(f"WorldSize {size} needs {n} distinct {kind} names but the shared "
                        f"pool holds {len(pools[kind])}: make the world smaller.")
-  if not aligned and size.films > len(_FILM_WORDS) * len(_FILM_NOUNS):
+  if not pooled_films and size.films > len(_FILM_WORDS) * len(_FILM_NOUNS):
     raise ValueError(f"WorldSize.films={size.films} exceeds the "
                      f"{len(_FILM_WORDS) * len(_FILM_NOUNS)} distinct film titles.")
   rng = np.random.default_rng(seed)
@@ -207,7 +207,7 @@ def generate(seed: int, size: WorldSize = WorldSize()) -> dict:
         used.add(name)
         return name
 
-  if aligned:
+  if pooled_films:
     films = draw("film")  # one word, first in its document like every other subject
   else:
     films = [fresh(lambda: f"The {rng.choice(_FILM_WORDS)} {rng.choice(_FILM_NOUNS)}")
