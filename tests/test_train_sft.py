@@ -86,6 +86,8 @@ def test_the_early_stop_cools_down_after_its_check_and_resumes_on_the_same_sched
   resumed = train_sft.train(resumed_job)
   assert resumed["resumed_from"] == 8 and resumed["sft/steps"] == EVERY + COOLDOWN
   assert resumed["sft/formed_step"] == EVERY
+  # the check before training (step 0) survives the resume (report.results_table prints it)
+  assert resumed["eval/nll_before"] == summary["eval/nll_before"] > summary["eval/nll"]
   np.testing.assert_allclose(_lrs(tmp_path / "killed")[-3:], _lrs(tmp_path / "whole")[-3:],
                              rtol=1e-6)
   final = {}

@@ -202,9 +202,10 @@ def results_table(results: dict) -> str:
   if "reading_nll" in warm:
     stop = {None: "", -1: "; the early stop's check never passed"}.get(
         warm.get("formed_step"), f"; the early stop's check passed at step {warm.get('formed_step')}")
+    before = (f"{warm['reading_nll_before']:.3f} -> " if "reading_nll_before" in warm
+              else "")  # absent: resumed from a checkpoint that predates keeping it
     lines += ["", f"Warm start: {warm['steps']} steps; held-out reading check (answer NLL on a "
-              f"world never demonstrated) {warm['reading_nll_before']:.3f} -> "
-              f"{warm['reading_nll']:.3f}"
+              f"world never demonstrated) {before}{warm['reading_nll']:.3f}"
               + (f" (worst relation {warm['reading_nll_worst']:.3f})"
                  if "reading_nll_worst" in warm else "") + f"{stop}."]
   seconds = results["stage_seconds"]

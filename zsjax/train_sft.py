@@ -328,12 +328,15 @@ def train(job: SFTJob) -> dict:
   passes = int(extra.get("check_passes", 0))  # checks passed in a row (sft.stop_passes)
   update = job.update if cooldown == first_cooldown(s) else job.make_update(cooldown)
   end = sum(cooldown) if cooldown else s.total_steps
+  # the check before training: measured at step 0, kept in every checkpoint so that a
+  # resumed run still reports it
+  before = dict(extra.get("check_before", {}))
   if job.held_out is not None and start == 0:
-    before = evaluate_check(job.eval_fn, state.params, job.held_out, job.held_out_groups,
-                            s.batch_size, plan)
-    summary["eval/nll_before"] = before["eval/nll"]
-    if "eval/nll_worst" in before:
-      summary["eval/nll_worst_before"] = before["eval/nll_worst"]
+    check = evaluate_check(job.eval_fn, state.params, job.held_out, job.held_out_groups,
+                           s.batch_size, plan)
+    before = {f"{k}_before": float(check[k]) for k in ("eval/nll", "eval/nll_worst")
+              if k in check}
+  summary.update(before)
   rows = len(train["tokens"])
   step = start
   try:
@@ -379,6 +382,7 @@ def train(job: SFTJob) -> dict:
                                                 "schedule_steps": schedule_steps(s),
                                                 "inputs": inputs,
                                                 **({"check_passes": passes} if s.stop_nll else {}),
+                                                **({"check_before": before} if before else {}),
                                                 **({"cooldown": list(cooldown),
                                                     "formed_step": formed} if formed >= 0 else {}),
                                                 **({"record": record} if record else {})})
