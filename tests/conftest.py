@@ -44,3 +44,13 @@ def world(tmp_path_factory):
   from zsjax import tinyworld
 
   return tinyworld.ensure(tmp_path_factory.mktemp("world"), seed=0)
+
+
+# The longest test starts first: pytest-xdist's worksteal hands each worker a
+# contiguous block of the collected tests and lets an idle worker take from the
+# other's queue, so a 5-minute test that started late would end the suite alone.
+FIRST = ("tests/test_pipeline.py::test_ci_sized_pipeline_runs_every_stage",)
+
+
+def pytest_collection_modifyitems(config, items):
+  items.sort(key=lambda item: item.nodeid not in FIRST)  # stable: the rest keep their order

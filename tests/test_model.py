@@ -384,7 +384,7 @@ def test_the_model_calls_the_kernel_it_chose_where_it_has_no_cache(params, monke
   assert calls == []  # auto on a CPU: zsjax's einsums
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
 def test_the_xla_attention_kernel_equals_the_einsums(params, dtype):
   # jax.nn.dot_product_attention (the function cuDNN's kernel sits behind) against
   # zsjax's einsums: packed segments, padding, grouped-query heads; values and grads.

@@ -67,7 +67,12 @@ def run_step(plan):
           "params": jax.device_get(new_state.params), "metrics": jax.device_get(metrics)}
 
 
-@pytest.mark.parametrize("strategy", sorted(MESHES))
+# The default run checks dp and fsdp_tp (every mesh axis at once); fsdp and tp alone
+# are slow (-m slow). tests/test_bench_sharding.py runs a step in all four layouts
+# and checks their losses agree.
+@pytest.mark.parametrize("strategy", [
+    pytest.param(s, marks=[pytest.mark.slow] if s in ("fsdp", "tp") else [])
+    for s in sorted(MESHES)])
 def test_preset_matches_single_device(strategy, reference):
   plan = plan_for(strategy, MESHES[strategy])
   out = run_step(plan)

@@ -418,7 +418,10 @@ def test_learning_rate_decay_reaches_the_optimizer(tmp_path, world, decay):
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12) and lrs[-2] < lrs[updates // 2] < peak
 
 
-@pytest.mark.parametrize("algorithm,engine", [("grpo", "bm25"), ("ppo", "simulator")])
+# GRPO against BM25 is slow (-m slow): the default run has GRPO's packed step
+# (tests/test_packing.py) and RL against BM25 (the CI pipeline's rl_real_search).
+@pytest.mark.parametrize("algorithm,engine", [pytest.param("grpo", "bm25", marks=pytest.mark.slow),
+                                              ("ppo", "simulator")])
 def test_other_algorithms_and_engines_run(tmp_path, world, algorithm, engine):
   config = with_world(tiny_config(algorithm, steps=2, kind=engine), world)
   config.checkpoint.export_hf = False

@@ -137,7 +137,7 @@ def test_schedule_steps_keeps_a_longer_run_on_the_recorded_schedules():
 
 
 @pytest.mark.parametrize("tie,dtype", [(True, "float32"), (False, "float32"),
-                                       (True, "bfloat16")])
+                                       pytest.param(True, "bfloat16", marks=pytest.mark.slow)])
 def test_chunked_logits_give_the_same_log_probs_gradients_and_less_memory(tie, dtype):
   """ModelConfig.logits_chunk: the LM head in pieces (a chunk that does not divide
   the length, packed segments, a temperature) gives the unchunked log-probs,
