@@ -106,8 +106,10 @@ def get_config(arg=None):
       stop_nll=0.0, cooldown_steps=0,
       # stop_group: a column of the test split; the check is then on its worst group's
       # NLL (each group must pass, not only the mean). stop_passes: checks in a row that
-      # must pass before the cooldown starts (one noisy dip does not end the job)
-      stop_group="", stop_passes=1,
+      # must pass before the cooldown starts (one noisy dip does not end the job).
+      # focus: with stop_group, the share of each batch drawn from the train rows of the
+      # group whose check fails worst, until every group passes (0: off)
+      stop_group="", stop_passes=1, focus=0.0,
       on_error="skip"))  # malformed rows: skip (reported) | raise
   config.checkpoint = ml_collections.ConfigDict(dict(every=20 if tiny else 200, max_to_keep=2,
                                                      async_save=True, export_hf=True))

@@ -56,7 +56,7 @@ def sft(steps: int, batch: int, length: int, lr: float, decay: str = "cosine") -
   return dict(data="", max_length=length, batch_size=batch, total_steps=steps,
               schedule_steps=0, learning_rate=lr, warmup_fraction=0.05, decay=decay, weight_decay=0.0,
               grad_clip=1.0, eval_every=max(steps // 2, 1), stop_nll=0.0, cooldown_steps=0,
-              stop_group="", stop_passes=1,
+              stop_group="", stop_passes=1, focus=0.0,
               on_error="skip")
 
 

@@ -12,7 +12,7 @@ import pytest
 from config_files import load_config
 from zsjax import train_sft
 from zsjax.checkpoint import Checkpointer
-from zsjax.data import write_jsonl
+from zsjax.data import batch_rows, write_jsonl
 from zsjax.metrics import read_jsonl
 from zsjax.train_step import learning_rate_schedule
 
@@ -198,3 +198,93 @@ def test_bad_check_by_group_settings_are_named(world, tmp_path):
   with pytest.raises(ValueError, match=r"config.sft.stop_group='relation': the test split .* "
                                        r"has no such column"):
     train_sft.setup(config, tmp_path / "run")
+
+
+def _two_groups(world, tmp_path, focus):
+  """Cities and rivers, each group's test names never trained on (neither check passes)."""
+  config = _config(world, tmp_path, stop_nll=1e-9)
+  rows = [{"prompt": prompt.format(name), "target": f"<answer> {name} </answer>", "split": split,
+           "kind": kind}
+          for kind, prompt, train, test in (
+              ("city", "Question: where is {}?\n", ["Lund", "Oslo", "Bern"], ["Riga", "Kiev"]),
+              ("river", "Question: which river flows past the mill, {}?\n", ["Rhine", "Volga"],
+               ["Elbe", "Oder"]))
+          for split, names in (("train", train * 5), ("test", test)) for name in names]
+  config.sft.update(dict(data=str(write_jsonl(tmp_path / "kinds.jsonl", rows)),
+                         stop_group="kind", focus=focus, total_steps=16))
+  return config
+
+
+def _recording(job, batches, kill_at=None):
+  build = job.make_update
+
+  def make_update(cooldown):
+    update = build(cooldown)
+
+    def recorded(state, batch, key):
+      if int(state.step) == kill_at:
+        raise KeyboardInterrupt
+      batches[int(state.step) + 1] = {k: np.asarray(v) for k, v in batch.items()}
+      return update(state, batch, key)
+    return recorded
+
+  job.make_update = make_update
+  job.update = make_update(train_sft.first_cooldown(job.config.sft))
+  return job
+
+
+def test_focus_draws_rows_of_the_worst_group_and_resumes_the_same(world, tmp_path):
+  config = _two_groups(world, tmp_path, focus=0.5)
+  batches = {}
+  job = _recording(train_sft.setup(config, tmp_path / "whole"), batches)
+  train_sft.train(job)
+  records = read_jsonl(tmp_path / "whole" / "metrics.jsonl")
+  checks = {r["step"]: r for r in records if "eval/nll" in r}
+  tok, n = job.tokenizer, round(0.5 * config.sft.batch_size)
+
+  def kinds(rows):
+    return [{("river" if "river" in t else "city") for t in
+             tok.decode(rows["tokens"][i][rows["segment_ids"][i] > 0]).split("Question:")[1:]}
+            for i in range(len(rows["tokens"]))]
+
+  focus = None
+  for step in range(1, 17):
+    rows = batches[step]
+    if focus is None:  # before the first check: the plain epoch order
+      index = batch_rows(len(job.train["tokens"]), config.sft.batch_size, config.seed, step - 1)
+      np.testing.assert_array_equal(rows["tokens"], job.train["tokens"][index])
+    else:  # the last n rows hold only the focused group's examples
+      assert all(k == {focus} for k in kinds(rows)[-n:]), (step, focus)
+    assert records[step - 1]["data/focus_rows"] == (n if focus else 0)
+    if step in checks:  # the worst group of this check is drawn from after it
+      nll = {g: checks[step][f"eval/nll/{g}"] for g in ("city", "river")}
+      focus = max(nll, key=nll.get)
+  assert len({frozenset(k) for k in kinds(batches[16])[:-n]}) > 1  # the rest: both kinds
+
+  # killed after step 8 and resumed: the same rows, the same parameters
+  resumed = {}
+  with pytest.raises(KeyboardInterrupt):
+    train_sft.train(_recording(train_sft.setup(config, tmp_path / "killed"), resumed, kill_at=8))
+  train_sft.train(_recording(train_sft.setup(config, tmp_path / "killed"), resumed))
+  for step in range(9, 17):
+    np.testing.assert_array_equal(resumed[step]["tokens"], batches[step]["tokens"])
+  final = []
+  for name in ("whole", "killed"):
+    checkpointer = Checkpointer.from_config(tmp_path / name / "checkpoints", config.checkpoint)
+    state, extra = checkpointer.restore(job.target, 16)
+    checkpointer.close()
+    final.append(state.params)
+  for a, b in zip(*map(jax.tree_util.tree_leaves, final)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_bad_focus_settings_are_named(world, tmp_path):
+  config = _two_groups(world, tmp_path, focus=1.5)
+  with pytest.raises(ValueError, match=r"config.sft.focus=1.5 must lie in \[0, 1\]"):
+    train_sft.check_config(config)
+  config.sft.update(dict(focus=0.5, stop_group=""))
+  with pytest.raises(ValueError, match=r"config.sft.focus=0.5 .* needs config.sft.stop_group"):
+    train_sft.check_config(config)
+  config.sft.update(dict(focus=0.01, stop_group="kind"))
+  with pytest.raises(ValueError, match=r"less than one row"):
+    train_sft.check_config(config)

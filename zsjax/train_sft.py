@@ -177,6 +177,8 @@ class SFTJob:
   make_update: Any = None
   # sft.stop_group: the test split packed group by group (name -> packed rows)
   held_out_groups: dict | None = None
+  # sft.focus: the train split's rows of each checked group, packed apart (name -> rows)
+  train_groups: dict | None = None
 
 
 def first_cooldown(s) -> tuple[int, int] | None:
@@ -221,6 +223,17 @@ def check_config(config) -> None:
   if s.get("stop_passes", 1) < 1:
     raise ValueError(f"config.sft.stop_passes={s.stop_passes} must be >= 1 (how many checks in "
                      "a row must pass before the early stop's cooldown begins).")
+  focus = s.get("focus", 0.0)
+  if not 0.0 <= focus <= 1.0:
+    raise ValueError(f"config.sft.focus={focus} must lie in [0, 1] (the share of each batch "
+                     "drawn from the worst group of the check; 0: off).")
+  if focus and not (s.stop_nll and s.get("stop_group", "")):
+    raise ValueError(f"config.sft.focus={focus} draws rows of the group whose check fails "
+                     "worst: it needs config.sft.stop_group (the groups) and config.sft.stop_nll "
+                     "> 0 (what failing means). Set both, or config.sft.focus=0.")
+  if focus and round(focus * s.batch_size) < 1:
+    raise ValueError(f"config.sft.focus={focus} of config.sft.batch_size={s.batch_size} rows is "
+                     "less than one row: raise either.")
   if s.stop_nll and s.eval_every < 1:
     raise ValueError(f"config.sft.eval_every={s.eval_every}: the early stop's check runs every "
                      "eval_every steps; set it >= 1.")
@@ -260,6 +273,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> SFTJob:
   if held_out is not None and s.get("stop_group", ""):
     groups = grouped_split(tokenizer, splits["test"], s.stop_group, s.max_length, eos, pad,
                            f"config.sft.data={s.data!r}")
+  train_groups = None
+  if s.get("focus", 0.0):
+    train_groups = grouped_split(tokenizer, splits["train"], s.stop_group, s.max_length, eos, pad,
+                                 f"config.sft.data={s.data!r}", split="train", only=groups)
 
   def optimizer(cooldown):
     return make_optimizer(s.learning_rate, schedule_steps(s), warmup_fraction=s.warmup_fraction,
@@ -289,29 +306,59 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> SFTJob:
   return SFTJob(config=config, workdir=workdir, key=key, plan=plan, tokenizer=tokenizer, cfg=cfg,
                 state=state, target=target, train=train, train_info=train_info,
                 held_out=held_out, update=make_update(first_cooldown(s)), eval_fn=eval_fn,
-                make_update=make_update, held_out_groups=groups)
+                make_update=make_update, held_out_groups=groups, train_groups=train_groups)
 
 
 def grouped_split(tokenizer, dataset, column: str, max_length: int, eos_id: int, pad_id: int,
-                  what: str) -> dict:
-  """The test split packed group by group: rows grouped by ``column``'s value
-  (``sft.stop_group``), in sorted order of the values."""
+                  what: str, split: str = "test", only=None) -> dict:
+  """A split packed group by group: rows grouped by ``column``'s value
+  (``sft.stop_group``), in sorted order of the values; with ``only``, just those
+  values (each must have rows)."""
   if column not in dataset.column_names:
-    raise ValueError(f"config.sft.stop_group={column!r}: the test split of {what} has no such "
+    raise ValueError(f"config.sft.stop_group={column!r}: the {split} split of {what} has no such "
                      f"column (it has {sorted(dataset.column_names)}). Name one of them, or set "
                      "config.sft.stop_group='' to check the mean.")
   values = [str(v) for v in dataset[column]]
+  names = sorted(set(values)) if only is None else sorted(only)
+  missing = [name for name in names if name not in set(values)]
+  if missing:
+    raise ValueError(f"config.sft.focus: the {split} split of {what} has no rows with "
+                     f"{column} in {missing}, groups of the check; it cannot draw more of them. "
+                     "Add such rows, or set config.sft.focus=0.")
   groups = {}
-  for name in sorted(set(values)):
+  for name in names:
     rows = dataset.select([i for i, v in enumerate(values) if v == name])
     groups[name], _ = packed_split(tokenizer, rows, max_length, eos_id, pad_id,
-                                   f"test rows with {column}={name!r}")
+                                   f"{split} rows with {column}={name!r}")
   return groups
+
+
+def focus_group(s, metrics: dict) -> str | None:
+  """``sft.focus``'s group after a check: the group whose NLL is highest among those
+  above ``sft.stop_nll`` (ties: the first name), or None when every group passes."""
+  failing = {k[len("eval/nll/"):]: v for k, v in metrics.items()
+             if k.startswith("eval/nll/") and v > s.stop_nll}
+  return max(sorted(failing), key=failing.get) if failing else None
+
+
+def batch_of(job: SFTJob, step: int, focus: str | None) -> dict:
+  """Training step ``step``'s rows (from 1): ``sft.batch_size`` rows of the train split
+  in epoch order, of which ``round(sft.focus * batch_size)`` are drawn from ``focus``'s
+  rows (each group in its own epoch order) while a group fails the check."""
+  s, train = job.config.sft, job.train
+  n = round(s.get("focus", 0.0) * s.batch_size) if focus is not None else 0
+  index = data_lib.batch_rows(len(train["tokens"]), s.batch_size - n, job.config.seed, step - 1)
+  batch = {k: v[index] for k, v in train.items()}
+  if n:
+    rows = job.train_groups[focus]
+    extra = data_lib.batch_rows(len(rows["tokens"]), n, job.config.seed, step - 1)
+    batch = {k: np.concatenate([v, rows[k][extra]]) for k, v in batch.items()}
+  return batch
 
 
 def train(job: SFTJob) -> dict:
   """The loop: resume or start, step, evaluate, write, checkpoint; export at the end."""
-  config, s, plan, workdir, train = job.config, job.config.sft, job.plan, job.workdir, job.train
+  config, s, plan, workdir = job.config, job.config.sft, job.plan, job.workdir
   checkpointer = Checkpointer.from_config(workdir / "checkpoints", config.checkpoint)
   checkpointer.refuse_other_run(workdir, "seed", config.seed, "config.seed")
   checkpointer.refuse_other_horizon(workdir, schedule_steps(s), s.total_steps, "config.sft")
@@ -326,6 +373,7 @@ def train(job: SFTJob) -> dict:
   cooldown = tuple(extra["cooldown"]) if "cooldown" in extra else first_cooldown(s)
   formed = int(extra.get("formed_step", -1))
   passes = int(extra.get("check_passes", 0))  # checks passed in a row (sft.stop_passes)
+  focus = extra.get("focus_group")  # sft.focus: the group drawn more of, None: none yet
   update = job.update if cooldown == first_cooldown(s) else job.make_update(cooldown)
   end = sum(cooldown) if cooldown else s.total_steps
   # the check before training: measured at step 0, kept in every checkpoint so that a
@@ -337,7 +385,6 @@ def train(job: SFTJob) -> dict:
     before = {f"{k}_before": float(check[k]) for k in ("eval/nll", "eval/nll_worst")
               if k in check}
   summary.update(before)
-  rows = len(train["tokens"])
   step = start
   try:
     with MetricWriter(workdir, resume_from=start) as writer, tqdm(
@@ -346,17 +393,24 @@ def train(job: SFTJob) -> dict:
       while step < end:
         step += 1
         t0 = time.perf_counter()
-        index = data_lib.batch_rows(rows, s.batch_size, config.seed, step - 1)
-        batch = plan.put_batch({k: v[index] for k, v in train.items()})
-        state, metrics = update(state, batch, job.key)
+        rows = batch_of(job, step, focus)
+        state, metrics = update(state, plan.put_batch(rows), job.key)
         metrics = dict(jax.device_get(metrics))
         metrics["time/step_s"] = time.perf_counter() - t0
-        metrics["perf/tokens_per_s"] = float(train["segment_ids"][index].astype(bool).sum()) / \
+        metrics["perf/tokens_per_s"] = float(rows["segment_ids"].astype(bool).sum()) / \
             metrics["time/step_s"]
+        if job.train_groups:
+          metrics["data/focus_rows"] = float(round(s.focus * s.batch_size) if focus else 0)
         if job.held_out is not None and (step % s.eval_every == 0 or step == end):
           metrics.update(evaluate_check(job.eval_fn, state.params, job.held_out,
                                         job.held_out_groups, s.batch_size, plan))
           nll = check_value(s, metrics)
+          if job.train_groups and focus_group(s, metrics) != focus:
+            focus = focus_group(s, metrics)
+            console(f"SFT step {step}: " + (f"every group's NLL <= {s.stop_nll}; no focus." if
+                    focus is None else f"{s.stop_group}={focus!r} fails worst (NLL "
+                    f"{metrics[f'eval/nll/{focus}']:.4f}); {round(s.focus * s.batch_size)} of "
+                    f"{s.batch_size} rows a step are drawn from it (config.sft.focus={s.focus})."))
           passes = passes + 1 if s.stop_nll and nll <= s.stop_nll else 0
           if s.stop_nll and formed < 0 and passes >= s.get("stop_passes", 1):
             formed = step  # the check passed: cool down from here (unless the cap's has begun)
@@ -383,6 +437,8 @@ def train(job: SFTJob) -> dict:
                                                 "inputs": inputs,
                                                 **({"check_passes": passes} if s.stop_nll else {}),
                                                 **({"check_before": before} if before else {}),
+                                                **({"focus_group": focus} if job.train_groups
+                                                   else {}),
                                                 **({"cooldown": list(cooldown),
                                                     "formed_step": formed} if formed >= 0 else {}),
                                                 **({"record": record} if record else {})})

@@ -115,6 +115,7 @@ LATER_FIELDS = {
     "world.version": 1,  # the tiny world's phrasing (zsjax.tinyworld.WORLD_VERSIONS)
     "sft.stop_group": "",  # the early stop's check by group (tiny world v4)
     "sft.stop_passes": 1,
+    "sft.focus": 0.0,  # drawing more of the check's worst group (zsjax.train_sft)
     # the reading stage (zsjax.pipeline.READING), off before it existed
     "reading_drills": 0,
     "reading_documents": 1,
