@@ -13,6 +13,7 @@ from zsjax.data import write_jsonl
 from zsjax.metrics import read_jsonl
 
 from config_files import load_config
+from conftest import optimized
 
 
 
@@ -452,6 +453,8 @@ def test_parallel_runs_make_a_cache_entry_once(tmp_path):
 
 
 def test_ci_sized_pipeline_runs_every_stage(tmp_path, capsys, monkeypatch):
+  if optimized(__file__, "test_ci_sized_pipeline_runs_every_stage", tmp_path):
+    return  # it ran in a child process, compiled at XLA's default level (conftest.py)
   config = load_config("tiny_world", "ci")
   config.progress = False
   config.stage_cache = str(tmp_path / "stages")

@@ -247,8 +247,11 @@ def test_sampling_log_probs_equal_teacher_forced(tokenizer, world):
   forced = M.token_log_probs(cfg, params, jnp.asarray(fast.tokens), jnp.asarray(segment))
   mask = np.asarray(fast.loss_mask) == 1
   assert mask.sum() > 40
+  # float32 through two programs (cached decode, one forward pass), whose rounding
+  # differs with the compiler's optimization level (2.1e-4 apart at XLA's level 0,
+  # tests/conftest.py); a wrong token, position or mask is off by far more
   np.testing.assert_allclose(np.asarray(forced)[mask], np.asarray(fast.log_probs)[mask],
-                             atol=2e-4)
+                             atol=5e-4)
   assert (np.asarray(fast.log_probs)[~mask] == 0).all()
 
 
