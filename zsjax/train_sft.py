@@ -343,8 +343,11 @@ def focus_group(s, metrics: dict) -> str | None:
 
 def batch_of(job: SFTJob, step: int, focus: str | None) -> dict:
   """Training step ``step``'s rows (from 1): ``sft.batch_size`` rows of the train split
-  in epoch order, of which ``round(sft.focus * batch_size)`` are drawn from ``focus``'s
-  rows (each group in its own epoch order) while a group fails the check."""
+  in epoch order; while a group fails the check (``focus``), ``n = round(sft.focus *
+  batch_size)`` of them are drawn from that group's rows (in their own epoch order)
+  and the rest, ``batch_size - n``, from the train split at position ``(step - 1) *
+  (batch_size - n)``: a pure function of the step and the focus, so a resume draws
+  the same rows, but a change of focus moves the train split's position."""
   s, train = job.config.sft, job.train
   n = round(s.get("focus", 0.0) * s.batch_size) if focus is not None else 0
   index = data_lib.batch_rows(len(train["tokens"]), s.batch_size - n, job.config.seed, step - 1)
@@ -400,7 +403,8 @@ def train(job: SFTJob) -> dict:
         metrics["perf/tokens_per_s"] = float(rows["segment_ids"].astype(bool).sum()) / \
             metrics["time/step_s"]
         if job.train_groups:
-          metrics["data/focus_rows"] = float(round(s.focus * s.batch_size) if focus else 0)
+          metrics["data/focus_rows"] = float(round(s.focus * s.batch_size)
+                                             if focus is not None else 0)
         if job.held_out is not None and (step % s.eval_every == 0 or step == end):
           metrics.update(evaluate_check(job.eval_fn, state.params, job.held_out,
                                         job.held_out_groups, s.batch_size, plan))
