@@ -67,21 +67,8 @@ def test_the_early_stop_cools_down_after_its_check_and_resumes_on_the_same_sched
 
   # killed after step 8 (its checkpoint holds the cooldown): the rerun ends where the
   # whole run did, on the same schedule, with the same parameters
-  job = train_sft.setup(config, tmp_path / "killed")
-  build = job.make_update
-
-  def make_update(cooldown):
-    update = build(cooldown)
-
-    def killing(state, batch, key):
-      if int(state.step) == 8:
-        raise KeyboardInterrupt
-      return update(state, batch, key)
-    return killing
-
-  job.make_update = make_update
   with pytest.raises(KeyboardInterrupt):
-    train_sft.train(job)
+    train_sft.train(_recording(train_sft.setup(config, tmp_path / "killed"), {}, kill_at=8))
   resumed_job = train_sft.setup(config, tmp_path / "killed")
   resumed = train_sft.train(resumed_job)
   assert resumed["resumed_from"] == 8 and resumed["sft/steps"] == EVERY + COOLDOWN

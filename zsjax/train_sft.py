@@ -231,7 +231,7 @@ def check_config(config) -> None:
     raise ValueError(f"config.sft.focus={focus} draws rows of the group whose check fails "
                      "worst: it needs config.sft.stop_group (the groups) and config.sft.stop_nll "
                      "> 0 (what failing means). Set both, or config.sft.focus=0.")
-  if focus and round(focus * s.batch_size) < 1:
+  if focus and focus_rows(s) < 1:
     raise ValueError(f"config.sft.focus={focus} of config.sft.batch_size={s.batch_size} rows is "
                      "less than one row: raise either.")
   if s.stop_nll and s.eval_every < 1:
@@ -319,8 +319,9 @@ def grouped_split(tokenizer, dataset, column: str, max_length: int, eos_id: int,
                      f"column (it has {sorted(dataset.column_names)}). Name one of them, or set "
                      "config.sft.stop_group='' to check the mean.")
   values = [str(v) for v in dataset[column]]
-  names = sorted(set(values)) if only is None else sorted(only)
-  missing = [name for name in names if name not in set(values)]
+  present = set(values)
+  names = sorted(present) if only is None else sorted(only)
+  missing = [name for name in names if name not in present]
   if missing:
     raise ValueError(f"config.sft.focus: the {split} split of {what} has no rows with "
                      f"{column} in {missing}, groups of the check; it cannot draw more of them. "
@@ -331,6 +332,11 @@ def grouped_split(tokenizer, dataset, column: str, max_length: int, eos_id: int,
     groups[name], _ = packed_split(tokenizer, rows, max_length, eos_id, pad_id,
                                    f"{split} rows with {column}={name!r}")
   return groups
+
+
+def focus_rows(s) -> int:
+  """How many of a step's ``sft.batch_size`` rows ``sft.focus`` draws from its group."""
+  return round(s.get("focus", 0.0) * s.batch_size)
 
 
 def focus_group(s, metrics: dict) -> str | None:
@@ -349,7 +355,7 @@ def batch_of(job: SFTJob, step: int, focus: str | None) -> dict:
   (batch_size - n)``: a pure function of the step and the focus, so a resume draws
   the same rows, but a change of focus moves the train split's position."""
   s, train = job.config.sft, job.train
-  n = round(s.get("focus", 0.0) * s.batch_size) if focus is not None else 0
+  n = focus_rows(s) if focus is not None else 0
   index = data_lib.batch_rows(len(train["tokens"]), s.batch_size - n, job.config.seed, step - 1)
   batch = {k: v[index] for k, v in train.items()}
   if n:
@@ -403,17 +409,16 @@ def train(job: SFTJob) -> dict:
         metrics["perf/tokens_per_s"] = float(rows["segment_ids"].astype(bool).sum()) / \
             metrics["time/step_s"]
         if job.train_groups:
-          metrics["data/focus_rows"] = float(round(s.focus * s.batch_size)
-                                             if focus is not None else 0)
+          metrics["data/focus_rows"] = float(focus_rows(s) if focus is not None else 0)
         if job.held_out is not None and (step % s.eval_every == 0 or step == end):
           metrics.update(evaluate_check(job.eval_fn, state.params, job.held_out,
                                         job.held_out_groups, s.batch_size, plan))
           nll = check_value(s, metrics)
-          if job.train_groups and focus_group(s, metrics) != focus:
-            focus = focus_group(s, metrics)
+          if job.train_groups and (worst := focus_group(s, metrics)) != focus:
+            focus = worst
             console(f"SFT step {step}: " + (f"every group's NLL <= {s.stop_nll}; no focus." if
                     focus is None else f"{s.stop_group}={focus!r} fails worst (NLL "
-                    f"{metrics[f'eval/nll/{focus}']:.4f}); {round(s.focus * s.batch_size)} of "
+                    f"{metrics[f'eval/nll/{focus}']:.4f}); {focus_rows(s)} of "
                     f"{s.batch_size} rows a step are drawn from it (config.sft.focus={s.focus})."))
           passes = passes + 1 if s.stop_nll and nll <= s.stop_nll else 0
           if s.stop_nll and formed < 0 and passes >= s.get("stop_passes", 1):
