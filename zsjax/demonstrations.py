@@ -29,7 +29,7 @@ DEMO_FORMATS = ("search", "rag", "direct")
 
 def demonstrations(world: dict, engine, instruction: str, seed: int, *,
                    bridge_fraction: float, baseline_fraction: float,
-                   documents: int = 0) -> list[dict]:
+                   documents: int = 0, shuffle_documents: bool = False) -> list[dict]:
   """Correct demonstrations on ``world`` (never the test world), each a row
   ``{"prompt", "target", "target_segments", "target_loss", "format", "hops"}``:
 
@@ -52,8 +52,17 @@ def demonstrations(world: dict, engine, instruction: str, seed: int, *,
 
   ``documents`` > 0 shows at most that many of each search's documents, in the
   engine's order, the first one holding the answer always among them (shorter
-  contexts in the real format: a reading curriculum); 0 shows them all."""
+  contexts in the real format: a reading curriculum); 0 shows them all.
+
+  ``shuffle_documents`` shows each search's documents in a random order (drawn from
+  a stream of its own, so every other draw is as without it). In the engine's
+  order the answer is nearly always in Doc 1, and a 2-layer policy learns to copy
+  a field of the first document by its distance from the answer tag, not to find
+  the document the question names (experiments/results/tiny_world_v4, "Stop 42"):
+  such a reader fails when the answer is in another document or the documents are
+  of other lengths. In a random order only the question's subject finds it."""
   rng = np.random.default_rng(seed)
+  order = np.random.default_rng([seed, 1]) if shuffle_documents else None
   rows = []
 
   def answer(context: str) -> tuple[list[str], list[int]]:
@@ -74,6 +83,8 @@ def demonstrations(world: dict, engine, instruction: str, seed: int, *,
         keep = [i for i, d in enumerate(docs) if gold in d][:1]
         keep += [i for i in range(len(docs)) if i not in keep][:documents - len(keep)]
         docs = [docs[i] for i in sorted(keep)]
+      if order is not None:
+        docs = [docs[i] for i in order.permutation(len(docs))]
       first_docs = docs if first_docs is None else first_docs
       segments += [f"<search> {query} </search>", render_observation(docs)]
       loss += [1, 0]  # the documents are inserted, not written: no loss on them
@@ -242,7 +253,7 @@ def warm_start_rows(config, documents: int = 0) -> list[dict]:
     rows += demonstrations(world, engine, config.instruction, config.seed + k,
                            bridge_fraction=config.demo_bridge_fraction,
                            baseline_fraction=config.demo_baseline_fraction,
-                           documents=documents)
+                           documents=documents, shuffle_documents=config.demo_shuffle_documents)
   if config.demo_balance_relations:
     rows = balance_relations(rows)
   return ([dict(r, split="train") for r in rows]
@@ -273,11 +284,14 @@ def balance_relations(rows: list[dict]) -> list[dict]:
 def answer_check_rows(world: dict, config, seed: int, hops=(1, 2)) -> list[dict]:
   """The search demonstrations of ``world`` (BM25 with ``config.top_k``, the search
   template with ``config.instruction``) whose documents hold the answer, for
-  questions of ``hops``, with loss on the answer only: a check of reading."""
+  questions of ``hops``, with loss on the answer only: a check of reading. With
+  ``config.demo_shuffle_documents`` the documents are in a random order, as in the
+  demonstrations: the check then asks for a reader, not a copier of Doc 1."""
   engine = BM25Engine([d["contents"] for d in world["corpus"]], top_k=config.top_k)
   return [dict(r, target_loss=[0] * (len(r["target_loss"]) - 1) + [1])
           for r in demonstrations(world, engine, config.instruction, seed,
-                                  bridge_fraction=0.0, baseline_fraction=0.0)
+                                  bridge_fraction=0.0, baseline_fraction=0.0,
+                                  shuffle_documents=config.demo_shuffle_documents)
           if r["hops"] in hops and r["target_loss"][-1]]  # the documents hold the answer
 
 

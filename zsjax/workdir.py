@@ -104,6 +104,7 @@ LATER_FIELDS = {
     "rollout.share_prompt": False,
     "rl.schedule_steps": 0,
     "demo_balance_relations": False,
+    "demo_shuffle_documents": False,
     "policy.logits_chunk": 0,
     "model.logits_chunk": 0,
     "policy.attention_impl": "auto",
