@@ -4,6 +4,7 @@ harness reproduces the table."""
 
 import collections
 import json
+import re
 
 import numpy as np
 import pytest
@@ -637,3 +638,40 @@ def test_environment_names_the_machine_packages_and_commit():
                         text=True, cwd=os.path.dirname(pipeline.__file__))
   if head.returncode == 0:
     assert env["commit"].split("+")[0] == head.stdout.strip()
+
+
+def test_shuffled_documents_are_the_engines_in_another_order_and_nothing_else_changes():
+  config = load_config("tiny_world", "ci")
+  config.demo_worlds = 2
+  plain = demonstrations.warm_start_rows(config)
+  config.demo_shuffle_documents = True
+  shuffled = demonstrations.warm_start_rows(config)
+  assert len(plain) == len(shuffled)
+  docs_of = lambda seg: re.findall(r"Doc \d+: (.*?)(?=\nDoc \d+:|</information>)", seg, re.S)  # noqa: E731
+  moved, gold_first = 0, {False: [], True: []}
+  for a, b in zip(plain, shuffled):
+    # the same question, format, split and draws (bridges, baselines); only the order differs
+    same = lambda r: {k: v for k, v in r.items() if k not in ("prompt", "target", "target_segments")}  # noqa: E731
+    assert same(a) == same(b)
+    if b["format"] == "rag":  # the RAG baseline shows the first search's documents: shuffled too
+      lines = lambda r: sorted(re.sub(r"^Doc \d+: ", "", x) for x in r["prompt"].splitlines())  # noqa: E731
+      assert lines(a) == lines(b)
+    else:
+      assert a["prompt"] == b["prompt"]
+    assert len(a["target_segments"]) == len(b["target_segments"])
+    for sa, sb in zip(a["target_segments"], b["target_segments"]):
+      if not sa.startswith("\n\n<information>"):
+        assert sa == sb
+        continue
+      assert sorted(docs_of(sa)) == sorted(docs_of(sb)) and sb == template.render_observation(docs_of(sb))
+      moved += sa != sb
+    if b["format"] == "search" and b["hops"] == 1:
+      gold = b["target_segments"][-1][1:-len(" </answer>")]
+      for shuffle, row in ((False, a), (True, b)):
+        gold_first[shuffle].append(gold in docs_of(row["target_segments"][1])[0])
+  assert moved > len(plain) / 4
+  # in the engine's order the answer is in Doc 1; shuffled, often elsewhere (some
+  # answers are in two documents: a country in its cities')
+  assert np.mean(gold_first[False]) > 0.95 and np.mean(gold_first[True]) < 0.75
+  test = [r for r in shuffled if r["split"] == "test"]
+  assert test and sum(r != p for r, p in zip(test, [r for r in plain if r["split"] == "test"])) > 0
