@@ -25,9 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from configs import tiny_world  # noqa: E402
-from zsjax import demonstrations, pipeline, train_sft  # noqa: E402
-from zsjax.checkpoint import Checkpointer  # noqa: E402
+from zsjax import demonstrations  # noqa: E402
 from zsjax.data import write_jsonl  # noqa: E402
+import warm_start_state  # noqa: E402
 
 DOCS = re.compile(r"Doc \d: (.*?)(?=\nDoc \d:|</information>)", re.S)
 
@@ -52,18 +52,11 @@ def main(argv=None) -> dict:
   config.seed, config.progress = args.seed, False
   relations = args.relations.split(",")
   check = [r for r in demonstrations.reading_check_rows(config) if r["relation"] in relations]
-  job = pipeline.job_config(config, "warm_start", {"tokenizer": str(run / "world" / "tokenizer")})
-  job.sft.stop_nll, job.sft.stop_group = 0.0, ""
   counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
   with tempfile.TemporaryDirectory() as tmp:
-    job.sft.data = str(write_jsonl(Path(tmp) / "data.jsonl",
-                                   [dict(r, split="train") for r in check]))
-    sft = train_sft.setup(job, tmp)
-    checkpointer = Checkpointer.from_config((run / "warm_start").resolve() / "checkpoints",
-                                            job.checkpoint)
-    state, _ = checkpointer.restore(sft.target, args.step)
-    checkpointer.close()
-    eos, pad = sft.tokenizer.eos_token_id, sft.tokenizer.pad_token_id or 0
+    data = str(write_jsonl(Path(tmp) / "data.jsonl", [dict(r, split="train") for r in check]))
+    job, sft, state = warm_start_state.restore(run, config, args.step, data, Path(tmp),
+                                               stop_nll=0.0, stop_group="")
     for row in check[::2]:
       gold = row["target_segments"][-1].split("<")[0].strip()
       names = {}
@@ -73,10 +66,7 @@ def main(argv=None) -> dict:
       nll = {}
       for name in names:
         answer = dict(row, target_segments=row["target_segments"][:-1] + [f" {name} </answer>"])
-        examples, _ = train_sft.tokenize_examples(sft.tokenizer, [answer], job.sft.max_length, eos)
-        nll[name] = train_sft.evaluate_nll(sft.eval_fn, state.params,
-                                           train_sft.pack(examples, job.sft.max_length, pad),
-                                           job.sft.batch_size, sft.plan)
+        nll[name] = warm_start_state.answer_nll(job, sft, state.params, [answer])
       counts[row["relation"]][names[min(nll, key=nll.get)]] += 1
   result = {"workdir": str(run), "step": args.step,
             "best_answer": {rel: dict(c.most_common()) for rel, c in counts.items()}}

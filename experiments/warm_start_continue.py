@@ -31,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from configs import tiny_world  # noqa: E402
 from zsjax import pipeline, train_sft  # noqa: E402
-from zsjax.checkpoint import Checkpointer, export_hf  # noqa: E402
+from zsjax.checkpoint import export_hf  # noqa: E402
 from zsjax.data import write_jsonl  # noqa: E402
+import warm_start_state  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -57,13 +58,7 @@ def main(argv=None) -> dict:
   demos = run / "warm_start" / "data.jsonl"
   init = out / "init"
   if not (init / "config.json").exists():
-    job = pipeline.job_config(config, "warm_start", {"tokenizer": tokenizer,
-                                                     "sft.data": str(demos)})
-    sft = train_sft.setup(job, out / "setup")
-    checkpointer = Checkpointer.from_config((run / "warm_start").resolve() / "checkpoints",
-                                            job.checkpoint)
-    state, _ = checkpointer.restore(sft.target, args.step)
-    checkpointer.close()
+    _, sft, state = warm_start_state.restore(run, config, args.step, str(demos), out / "setup")
     export_hf(init, sft.cfg, state.params, sft.tokenizer)
   more = set(filter(None, args.more.split(",")))
   if more:

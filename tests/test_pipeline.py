@@ -5,6 +5,8 @@ harness reproduces the table."""
 import collections
 import json
 import re
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -675,3 +677,19 @@ def test_shuffled_documents_are_the_engines_in_another_order_and_nothing_else_ch
   assert np.mean(gold_first[False]) > 0.95 and np.mean(gold_first[True]) < 0.75
   test = [r for r in shuffled if r["split"] == "test"]
   assert test and sum(r != p for r, p in zip(test, [r for r in plain if r["split"] == "test"])) > 0
+
+
+def test_reading_order_moves_the_answers_document_and_keeps_the_rest():
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+  import reading_order
+
+  docs = ["Ab is a city. Country: Cd.", "Ef is a city. Country: Gh.", "Ij is a city. Country: Kl."]
+  segments = ["<search> q </search>", template.render_observation(docs), "<answer>", " Cd </answer>"]
+  row = {"prompt": "p", "target_segments": segments, "target": "".join(segments)}
+  for position, want in (("first", docs), ("second", [docs[1], docs[0], docs[2]]),
+                         ("last", [docs[1], docs[2], docs[0]])):
+    out = reading_order.moved(row, position)
+    assert out["target_segments"][1] == template.render_observation(want)
+    assert out["target"] == "".join(out["target_segments"]) and out["target_segments"][2:] == segments[2:]
+  one = dict(row, target_segments=[segments[0], template.render_observation(docs[:1])] + segments[2:])
+  assert reading_order.moved(one, "last") is None
