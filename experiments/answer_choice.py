@@ -24,7 +24,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from configs import tiny_world  # noqa: E402
 from zsjax import demonstrations  # noqa: E402
 from zsjax.data import write_jsonl  # noqa: E402
 import warm_start_state  # noqa: E402
@@ -41,15 +40,11 @@ def where(name: str, gold: str, k: int, doc: str) -> str:
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", required=True, help="a tiny world run")
-  parser.add_argument("--seed", type=int, required=True, help="the run's config.seed")
-  parser.add_argument("--step", type=int, required=True, help="a warm-start checkpoint step")
-  parser.add_argument("--arg", default="v4", help="the run's config arg")
+  warm_start_state.add_run_arguments(parser)
   parser.add_argument("--relations", default="works_for,born_in")
   args = parser.parse_args(argv)
   run = Path(args.workdir)
-  config = tiny_world.get_config(args.arg)
-  config.seed, config.progress = args.seed, False
+  config = warm_start_state.run_config(args)
   relations = args.relations.split(",")
   check = [r for r in demonstrations.reading_check_rows(config) if r["relation"] in relations]
   counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)

@@ -25,10 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from configs import tiny_world  # noqa: E402
 from zsjax import demonstrations, template  # noqa: E402
 from zsjax.data import write_jsonl  # noqa: E402
-from plan_rl import apply_overrides  # noqa: E402
 import warm_start_state  # noqa: E402
 
 DOCS = re.compile(r"Doc \d+: (.*?)(?=\nDoc \d+:|</information>)", re.S)
@@ -51,16 +49,11 @@ def moved(row: dict, position: str) -> dict | None:
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", required=True, help="a tiny world run")
-  parser.add_argument("--seed", type=int, required=True, help="the run's config.seed")
-  parser.add_argument("--step", type=int, required=True, help="a warm-start checkpoint step")
-  parser.add_argument("--arg", default="v4", help="the run's config arg")
+  warm_start_state.add_run_arguments(parser)
   parser.add_argument("--set", action="append", default=[], help="FIELD=VALUE, as the run's")
   args = parser.parse_args(argv)
   run = Path(args.workdir)
-  config = tiny_world.get_config(args.arg)
-  apply_overrides(config, dict(item.split("=", 1) for item in args.set))
-  config.seed, config.progress = args.seed, False
+  config = warm_start_state.run_config(args, dict(item.split("=", 1) for item in args.set))
   config.demo_shuffle_documents = False  # the engine's order: the answer's document first
   check = demonstrations.reading_check_rows(config)
   result = {"workdir": str(run), "step": args.step, "nll": {}}

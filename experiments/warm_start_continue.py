@@ -29,7 +29,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from configs import tiny_world  # noqa: E402
 from zsjax import pipeline, train_sft  # noqa: E402
 from zsjax.checkpoint import export_hf  # noqa: E402
 from zsjax.data import write_jsonl  # noqa: E402
@@ -38,11 +37,8 @@ import warm_start_state  # noqa: E402
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", required=True, help="a tiny world run")
-  parser.add_argument("--seed", type=int, required=True, help="the run's config.seed")
-  parser.add_argument("--step", type=int, required=True, help="a warm-start checkpoint step")
+  warm_start_state.add_run_arguments(parser)
   parser.add_argument("--out", required=True)
-  parser.add_argument("--arg", default="v4", help="the run's config arg")
   parser.add_argument("--batch", type=int, default=8, help="warm_start.sft.batch_size")
   parser.add_argument("--steps", type=int, default=400)
   parser.add_argument("--more", default="", help="relations to give more demonstrations")
@@ -51,8 +47,7 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
   run, out = Path(args.workdir), Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  config = tiny_world.get_config(args.arg)
-  config.seed, config.progress = args.seed, False
+  config = warm_start_state.run_config(args)
   config.warm_start.sft.batch_size = args.batch
   tokenizer = str(run / "world" / "tokenizer")
   demos = run / "warm_start" / "data.jsonl"

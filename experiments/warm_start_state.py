@@ -9,8 +9,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from configs import tiny_world  # noqa: E402
 from zsjax import pipeline, train_sft  # noqa: E402
 from zsjax.checkpoint import Checkpointer  # noqa: E402
+
+
+def add_run_arguments(parser) -> None:
+  """The flags that name a run's warm-start checkpoint: --workdir, --seed, --step, --arg."""
+  parser.add_argument("--workdir", required=True, help="a tiny world run")
+  parser.add_argument("--seed", type=int, required=True, help="the run's config.seed")
+  parser.add_argument("--step", type=int, required=True, help="a warm-start checkpoint step")
+  parser.add_argument("--arg", default="v4", help="the run's config arg")
+
+
+def run_config(args, overrides: dict | None = None):
+  """The tiny world config of the run ``args`` names (``add_run_arguments``), with
+  ``overrides`` (``{"field.path": "text"}``, typed as each field is)."""
+  from plan_rl import apply_overrides
+
+  config = tiny_world.get_config(args.arg)
+  apply_overrides(config, overrides or {})
+  config.seed, config.progress = args.seed, False
+  return config
 
 
 def restore(run: Path, config, step: int, data: str, workdir: Path, **sft_fields):
