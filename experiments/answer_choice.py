@@ -28,7 +28,6 @@ from zsjax import demonstrations  # noqa: E402
 from zsjax.data import write_jsonl  # noqa: E402
 import warm_start_state  # noqa: E402
 
-DOCS = re.compile(r"Doc \d: (.*?)(?=\nDoc \d:|</information>)", re.S)
 
 
 def where(name: str, gold: str, k: int, doc: str) -> str:
@@ -55,7 +54,7 @@ def main(argv=None) -> dict:
     for row in check[::2]:
       gold = row["target_segments"][-1].split("<")[0].strip()
       names = {}
-      for k, doc in enumerate(DOCS.findall(row["target_segments"][1])):
+      for k, doc in enumerate(warm_start_state.DOCUMENTS.findall(row["target_segments"][1])):
         for name in re.findall(r"\b[A-Z][a-z]+\b", doc):
           names.setdefault(name, where(name, gold, k, doc))
       nll = {}

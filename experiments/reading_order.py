@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -29,7 +28,6 @@ from zsjax import demonstrations, template  # noqa: E402
 from zsjax.data import write_jsonl  # noqa: E402
 import warm_start_state  # noqa: E402
 
-DOCS = re.compile(r"Doc \d+: (.*?)(?=\nDoc \d+:|</information>)", re.S)
 POSITIONS = ("first", "second", "last")
 
 
@@ -37,7 +35,7 @@ def moved(row: dict, position: str) -> dict | None:
   """``row`` with the first document holding its answer moved to ``position``;
   None when the search shows fewer than two documents."""
   segments = list(row["target_segments"])
-  docs = [d.strip() for d in DOCS.findall(segments[1])]
+  docs = [d.strip() for d in warm_start_state.DOCUMENTS.findall(segments[1])]
   gold = segments[-1].split("<")[0].strip()
   if len(docs) < 2:
     return None

@@ -4,6 +4,7 @@ warm_start_continue)."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -12,6 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from configs import tiny_world  # noqa: E402
 from zsjax import pipeline, train_sft  # noqa: E402
 from zsjax.checkpoint import Checkpointer  # noqa: E402
+
+# The documents of a rendered observation (template.render_observation), one match each.
+DOCUMENTS = re.compile(r"Doc \d+: (.*?)(?=\nDoc \d+:|</information>)", re.S)
 
 
 def add_run_arguments(parser) -> None:
