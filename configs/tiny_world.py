@@ -172,6 +172,11 @@ def get_config(arg=None):
   # order instead of the engine's (demonstrations.demonstrations): in the engine's
   # order the answer is in Doc 1, and the warm start learns to copy Doc 1's field.
   config.demo_shuffle_documents = False
+  # After each search, quote in <think> the clause of the documents that states what
+  # the search was for ("<think> Employer of Liomves: Thulbon </think>"), then answer
+  # or search on (demonstrations.demonstrations): the name is read right after the
+  # document's own words for it, wherever the document is (being measured: issue 27).
+  config.demo_think = False
   # Other worlds whose oracle searches also give simulator-tuning pairs. Seed 0, with
   # 1500 pretraining steps: 2 such worlds lowered useful results holding the answer
   # (answerable test queries) from 93% to 80% and noisy ones from 20% to 17%: none.

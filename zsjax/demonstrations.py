@@ -13,6 +13,8 @@ tuning learn from (``zsjax.pipeline`` runs the stages that use them).
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from zsjax import tinyworld
@@ -27,9 +29,40 @@ from zsjax.template import render_observation, render_prompt
 DEMO_FORMATS = ("search", "rag", "direct")
 
 
+def evidence(documents, target: str, query: str) -> tuple[str, str] | None:
+  """The clause of ``documents`` that states ``target`` about the query's subject,
+  split before the target: ``("Employer of Liomves:", "Thulbon")`` from "Liomves is a
+  painter. Birthplace of Liomves: Baibrer. Employer of Liomves: Thulbon." for a query
+  that names Liomves. The document is the first that holds ``target`` (as a word) and
+  whose subject (its text before " is ") the query names; the clause is its sentence
+  holding the target, cut after it. None where no document qualifies."""
+  word = re.compile(rf"(?<!\w){re.escape(target)}(?!\w)")
+  for doc in documents:
+    subject = doc.split(" is ", 1)[0]
+    if subject and re.search(rf"(?<!\w){re.escape(subject)}(?!\w)", query):
+      for sentence in re.split(r"(?<=\.) ", doc):
+        found = word.search(sentence)
+        if found and sentence[:found.start()].strip():
+          return sentence[:found.start()].strip(), target
+  return None
+
+
+def think_segments(documents, target: str, query: str) -> tuple[list[str], list[int]]:
+  """``demo_think``'s reasoning after an observation: ``<think>`` quoting the
+  clause that states ``target`` (``evidence``), as two segments, the clause's words
+  and then the target with ``</think>``, both written by the policy (loss on both);
+  nothing where no document states it."""
+  found = evidence(documents, target, query)
+  if found is None:
+    return [], []
+  key, value = found
+  return [f"<think> {key}", f" {value} </think>"], [1, 1]
+
+
 def demonstrations(world: dict, engine, instruction: str, seed: int, *,
                    bridge_fraction: float, baseline_fraction: float,
-                   documents: int = 0, shuffle_documents: bool = False) -> list[dict]:
+                   documents: int = 0, shuffle_documents: bool = False,
+                   think: bool = False) -> list[dict]:
   """Correct demonstrations on ``world`` (never the test world), each a row
   ``{"prompt", "target", "target_segments", "target_loss", "format", "hops"}``:
 
@@ -60,7 +93,16 @@ def demonstrations(world: dict, engine, instruction: str, seed: int, *,
   a field of the first document by its distance from the answer tag, not to find
   the document the question names (experiments/results/tiny_world_v4, "Stop 42"):
   such a reader fails when the answer is in another document or the documents are
-  of other lengths. In a random order only the question's subject finds it."""
+  of other lengths. In a random order only the question's subject finds it.
+
+  ``think``: after each observation that states what the hop looks for (the
+  bridge entity of a two-hop question's first search, else the answer), the
+  target quotes it in ``<think>`` (``think_segments``: "<think> Employer of Liomves:
+  Thulbon </think>"), the same in the RAG rows. The name is then read right after
+  the document's own words for it, a copy that one circuit does for every relation
+  and every position of the document (an induction head), and the answer or the
+  next query copies it from a few tokens back. Without it the answer tag sits a
+  document-dependent distance from both the question's subject and the evidence."""
   rng = np.random.default_rng(seed)
   order = np.random.default_rng([seed, 1]) if shuffle_documents else None
   rows = []
@@ -76,7 +118,10 @@ def demonstrations(world: dict, engine, instruction: str, seed: int, *,
     if q["bridge"] and rng.random() < bridge_fraction:
       queries.append(q["bridge"])
     segments, loss, first_docs = [], [], None
-    for query in queries:
+    # what each search's documents are read for: a two-hop question's bridge entity first
+    targets = ([q["bridge"], q["golden_answers"][0]] if len(queries) == 2
+               else [q["bridge"] or q["golden_answers"][0]])
+    for query, sought in zip(queries, targets):
       docs = engine.search([SearchRequest(query)]).documents[0]
       if documents:
         gold = q["golden_answers"][0]
@@ -88,6 +133,9 @@ def demonstrations(world: dict, engine, instruction: str, seed: int, *,
       first_docs = docs if first_docs is None else first_docs
       segments += [f"<search> {query} </search>", render_observation(docs)]
       loss += [1, 0]  # the documents are inserted, not written: no loss on them
+      if think:
+        quote, quote_loss = think_segments(docs, sought, query)
+        segments, loss = segments + quote, loss + quote_loss
     tail, tail_loss = answer("".join(segments))
     common = {"hops": q["hops"], "relation": q.get("relation", "")}
     rows.append({"prompt": render_prompt(q["question"], None, instruction, False),
@@ -97,9 +145,12 @@ def demonstrations(world: dict, engine, instruction: str, seed: int, *,
     for fmt, low in (("rag", 0.0), ("direct", baseline_fraction)):
       if low <= draw < low + baseline_fraction:
         prompt = method_prompt(fmt, q["question"], None, first_docs if fmt == "rag" else ())
+        quote, quote_loss = (think_segments(first_docs, q["golden_answers"][0], q["question"])
+                             if think and fmt == "rag" and q["hops"] == 1 else ([], []))
         tail, tail_loss = answer(prompt)
-        rows.append({"prompt": prompt, "target": "".join(tail), "target_segments": tail,
-                     "target_loss": tail_loss, "format": fmt, **common})
+        rows.append({"prompt": prompt, "target": "".join(quote + tail),
+                     "target_segments": quote + tail, "target_loss": quote_loss + tail_loss,
+                     "format": fmt, **common})
   return rows
 
 
@@ -253,7 +304,8 @@ def warm_start_rows(config, documents: int = 0) -> list[dict]:
     rows += demonstrations(world, engine, config.instruction, config.seed + k,
                            bridge_fraction=config.demo_bridge_fraction,
                            baseline_fraction=config.demo_baseline_fraction,
-                           documents=documents, shuffle_documents=config.demo_shuffle_documents)
+                           documents=documents, shuffle_documents=config.demo_shuffle_documents,
+                           think=config.demo_think)
   if config.demo_balance_relations:
     rows = balance_relations(rows)
   return ([dict(r, split="train") for r in rows]
@@ -286,15 +338,29 @@ def answer_check_rows(world: dict, config, seed: int, hops=(1, 2)) -> list[dict]
   template with ``config.instruction``) whose documents hold the answer, for
   questions of ``hops``, with loss on the answer only: a check of reading. With
   ``config.demo_shuffle_documents`` the documents are in a random order, as in the
-  demonstrations: the check then asks for a reader, not a copier of Doc 1."""
+  demonstrations: the check then asks for a reader, not a copier of Doc 1. The
+  loss is on the segment where the policy first writes the answer: the answer's,
+  or with ``config.demo_think`` the quote's (the answer then copies the quote)."""
   engine = BM25Engine([d["contents"] for d in world["corpus"]], top_k=config.top_k)
-  return [dict(r, target_loss=[0] * (len(r["target_loss"]) - 1) + [1])
-          for r in demonstrations(world, engine, config.instruction, seed,
-                                  bridge_fraction=0.0, baseline_fraction=0.0,
-                                  shuffle_documents=config.demo_shuffle_documents)
+  rows = [r for r in demonstrations(world, engine, config.instruction, seed,
+                                    bridge_fraction=0.0, baseline_fraction=0.0,
+                                    shuffle_documents=config.demo_shuffle_documents,
+                                    think=config.demo_think)
           if r["hops"] in hops and r["target_loss"][-1]]  # the documents hold the answer
+  return [dict(r, target_loss=[int(i == first_answer(r)) for i in range(len(r["target_loss"]))])
+          for r in rows]
+
+
+def first_answer(row: dict) -> int:
+  """The index of the first segment of ``row``'s target that the policy writes (loss
+  1) and that holds its answer (the name in its last segment, `` X </answer>``)."""
+  gold = row["target_segments"][-1].removesuffix("</answer>").strip()
+  word = re.compile(rf"(?<!\w){re.escape(gold)}(?!\w)")
+  return next(i for i, (text, loss) in enumerate(zip(row["target_segments"], row["target_loss"]))
+              if loss and word.search(text))
 
 
 __all__ = ["DEMO_FORMATS", "demonstrations", "QueryJudge", "oracle_searches",
            "demonstration_worlds", "held_out_world", "reading_drills", "reading_rows", "warm_start_rows",
-           "answer_check_rows", "reading_check_rows", "balance_relations"]
+           "answer_check_rows", "reading_check_rows", "balance_relations", "evidence",
+           "think_segments", "first_answer"]
