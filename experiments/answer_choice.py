@@ -5,8 +5,10 @@
 
 For every other check row of ``relations`` (the warm start's held-out check,
 ``demonstrations.reading_check_rows``), every capitalised name in the row's three
-documents is scored as the answer (its answer NLL, the policy restored from the
-stage's Orbax checkpoint at ``--step``, so a stage still training can be read), and
+documents is scored as the answer (where the row first writes it: the answer, or
+with ``demo_think`` the quote) (its answer NLL, the policy restored from the
+stage's Orbax checkpoint at ``--step``, so a stage still training can be read; or a
+reading probe's, ``experiments/reading_probe.py --checkpoint_every``), and
 the best one is counted by where it stands: ``gold``, or ``docK:<the word before
 it>`` (e.g. ``doc2:Employer``, another document's field of the same name). Prints a
 count per relation and a final JSON line.
@@ -52,14 +54,18 @@ def main(argv=None) -> dict:
     job, sft, state = warm_start_state.restore(run, config, args.step, data, Path(tmp),
                                                stop_nll=0.0, stop_group="")
     for row in check[::2]:
-      gold = row["target_segments"][-1].split("<")[0].strip()
+      # the segment that first writes the answer: the answer's, or the quote's in <think>
+      segments, at = row["target_segments"], demonstrations.first_answer(row)
+      gold = segments[at].split(" </")[0].strip()
+      close = segments[at][len(f" {gold}"):]
+      observation = [s for s in segments[:at] if s.startswith("\n\n<information>")][-1]
       names = {}
-      for k, doc in enumerate(warm_start_state.DOCUMENTS.findall(row["target_segments"][1])):
+      for k, doc in enumerate(warm_start_state.DOCUMENTS.findall(observation)):
         for name in re.findall(r"\b[A-Z][a-z]+\b", doc):
           names.setdefault(name, where(name, gold, k, doc))
       nll = {}
       for name in names:
-        answer = dict(row, target_segments=row["target_segments"][:-1] + [f" {name} </answer>"])
+        answer = dict(row, target_segments=segments[:at] + [f" {name}{close}"] + segments[at + 1:])
         nll[name] = warm_start_state.answer_nll(job, sft, state.params, [answer])
       counts[row["relation"]][names[min(nll, key=nll.get)]] += 1
   result = {"workdir": str(run), "step": args.step,

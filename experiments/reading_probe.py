@@ -69,6 +69,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--documents", type=int, default=1, help="drills: most documents shown")
   parser.add_argument("--init", default="", help="an HF export to start from")
   parser.add_argument("--export", action="store_true", help="write hf_export/ (for --init)")
+  parser.add_argument("--checkpoint_every", type=int, default=0,
+                      help="keep an Orbax checkpoint every N steps (answer_choice.py reads them); "
+                           "0: none")
   parser.add_argument("--set", action="append", default=[], help="FIELD=VALUE of the sft job")
   parser.add_argument("--config_set", action="append", default=[],
                       help="FIELD=VALUE of the tiny world's config (e.g. demo_balance_relations=True)")
@@ -101,7 +104,7 @@ def main(argv=None) -> dict:
                                  zip(r["target_segments"], r["target_loss"])]) for r in rows]
   job = pipeline.job_config(config, "warm_start", {"tokenizer": world["tokenizer"]})
   apply_overrides(job, dict(item.split("=", 1) for item in args.set))
-  job.checkpoint.export_hf, job.checkpoint.every = args.export, 10**9
+  job.checkpoint.export_hf, job.checkpoint.every = args.export, args.checkpoint_every or 10**9
   if args.init:
     job.model.checkpoint = args.init
   probes = probe_rows(args.seed, config)

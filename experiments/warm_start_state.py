@@ -40,13 +40,14 @@ def run_config(args, overrides: dict | None = None):
 def restore(run: Path, config, step: int, data: str, workdir: Path, **sft_fields):
   """``(job, sft, state)``: the warm-start job of ``config`` on ``data`` (a jsonl of
   rows) with the run's tokenizer and ``sft_fields`` set, set up in ``workdir``, and
-  its train state restored from ``run``'s warm-start checkpoint ``step``."""
+  its train state restored from ``run``'s warm-start checkpoint ``step`` (a pipeline
+  workdir's ``warm_start/checkpoints``, or a reading probe's ``checkpoints``)."""
   job = pipeline.job_config(config, "warm_start", {"tokenizer": str(run / "world" / "tokenizer"),
                                                    "sft.data": data})
   job.sft.update(sft_fields)
   sft = train_sft.setup(job, workdir)
-  checkpointer = Checkpointer.from_config((run / "warm_start").resolve() / "checkpoints",
-                                          job.checkpoint)
+  stage = run / "warm_start" if (run / "warm_start").exists() else run  # a pipeline's or a probe's
+  checkpointer = Checkpointer.from_config(stage.resolve() / "checkpoints", job.checkpoint)
   try:
     state, _ = checkpointer.restore(sft.target, step)
   finally:

@@ -177,3 +177,45 @@ def test_main_names_a_mesh_that_does_not_fit(tmp_path):
   result = run_main(tmp_path, "--config=configs/model_check.py", "--config.mesh.data=3", devices=8)
   assert result.returncode != 0
   assert "has 3 devices but 8 are available" in result.stderr
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def test_the_tiny_worlds_v5_arg_is_v4_quoting_its_evidence_and_its_turns_fit(tmp_path):
+  from transformers import AutoTokenizer
+
+  from zsjax import demonstrations, tinyworld
+  from zsjax.search import BM25Engine
+
+  config = load_config(ROOT / "configs/tiny_world.py", "v5")
+  v5 = _flatten(config.to_dict())
+  v4 = _flatten(load_config(ROOT / "configs/tiny_world.py", "v4").to_dict())
+  assert set(v5) == set(v4)
+  assert {k for k in v5 if v5[k] != v4[k]} == {"world.version", "demo_think",
+                                                 "rl.rollout.max_new_tokens"}
+  assert config.world.version == 3 and config.demo_think
+  # every turn a v5 demonstration writes after its documents (the quote, then a
+  # search or the answer) fits a rollout turn, with its end token
+  size = tinyworld.WorldSize.from_config(config.world)
+  tokenizer = AutoTokenizer.from_pretrained(tinyworld.ensure(tmp_path, 0, size)["tokenizer"])
+  world = tinyworld.generate(0, size)
+  engine = BM25Engine([d["contents"] for d in world["corpus"]], top_k=config.top_k)
+  turns = []
+  for row in demonstrations.demonstrations(world, engine, config.instruction, 0,
+                                           bridge_fraction=1.0, baseline_fraction=0.0,
+                                           think=True):
+    segments = row["target_segments"]
+    for i, segment in enumerate(segments):
+      if segment.startswith("<think> "):
+        end = i + 4 if segments[i + 2] == "<answer>" else i + 3
+        turns.append("".join(segments[i:end]))
+  longest = max(len(tokenizer(turn)["input_ids"]) for turn in turns)
+  assert len(turns) > 100 and longest + 1 <= config.rl.rollout.max_new_tokens < longest + 16

@@ -693,3 +693,44 @@ def test_reading_order_moves_the_answers_document_and_keeps_the_rest():
     assert out["target"] == "".join(out["target_segments"]) and out["target_segments"][2:] == segments[2:]
   one = dict(row, target_segments=[segments[0], template.render_observation(docs[:1])] + segments[2:])
   assert reading_order.moved(one, "last") is None
+
+
+def test_think_quotes_the_documents_clause_for_what_each_search_sought():
+  config = load_config("tiny_world", "ci")
+  config.demo_worlds, config.world.version = 2, 3
+  plain = demonstrations.warm_start_rows(config)
+  config.demo_think = True
+  thinking = demonstrations.warm_start_rows(config)
+  assert len(plain) == len(thinking)
+  quotes = 0
+  for a, b in zip(plain, thinking):
+    assert a["prompt"] == b["prompt"] and a["format"] == b["format"]
+    think = [i for i, s in enumerate(b["target_segments"]) if s.startswith("<think> ")]
+    # without the quotes, the same target and loss as before
+    keep = [i for i in range(len(b["target_segments"])) if i not in think and i - 1 not in think]
+    assert [b["target_segments"][i] for i in keep] == a["target_segments"]
+    if b["split"] == "train":
+      assert [b["target_loss"][i] for i in keep] == a["target_loss"]
+    if b["format"] == "direct":
+      assert not think
+    for i in think:
+      key, value = b["target_segments"][i][len("<think> "):], b["target_segments"][i + 1]
+      assert value.endswith(" </think>")
+      value = value[1:-len(" </think>")]
+      # the quote is a clause of a document the search showed, about the query's subject
+      context = b["prompt"] if b["format"] == "rag" else b["target_segments"][i - 1]
+      query = (b["prompt"] if b["format"] == "rag" else
+               re.fullmatch(r"<search> (.*) </search>", b["target_segments"][i - 2]).group(1))
+      doc = next(d for d in re.findall(r"Doc \d+: (.*?)(?=\nDoc \d+:|</information>|\n|$)", context)
+                 if f"{key} {value}." in d)
+      assert doc.split(" is ")[0] in query and key.endswith(":")
+      gold = b["target_segments"][-1][1:-len(" </answer>")]
+      # it is the answer or the entity the next search looks up
+      after = b["target_segments"][i + 2]
+      assert value == gold or after == f"<search> {value} </search>" or b["hops"] == 2
+      if b["hops"] == 1:
+        assert value == gold
+      quotes += 1
+    if b["split"] == "test":  # the check's loss is on the quote's name, the first written
+      assert think and b["target_loss"] == [int(i == think[0] + 1) for i in range(len(b["target_loss"]))]
+  assert quotes > len(thinking) / 2
