@@ -141,7 +141,7 @@ TINY_WORLD_V4 = {**WARM_START_V3, "world.version": 2, "demo_balance_relations": 
 # it, so the field is found by the same token in the quote and the document, one match
 # for every relation. The turn that quotes and then searches is 21 tokens of the
 # world's tokenizer, so a turn may write 32.
-TINY_WORLD_V5 = {**TINY_WORLD_V4, "world.version": 3, "demo_think": True,
+TINY_WORLD_V5 = {**TINY_WORLD_V4, "world.version": 3, "demo_think": "quote",
                  "rl.rollout.max_new_tokens": 32}
 
 
@@ -190,8 +190,10 @@ def get_config(arg=None):
   # After each search, quote in <think> the clause of the documents that states what
   # the search was for ("<think> Employer of Liomves: Thulbon </think>"), then answer
   # or search on (demonstrations.demonstrations): the name is read right after the
-  # document's own words for it, wherever the document is (being measured: issue 27).
-  config.demo_think = False
+  # document's own words for it, wherever the document is; "cite" also names the
+  # document ("<think> Doc 1: Employer of Liomves: Thulbon </think>"); "" none
+  # (being measured: issue 27).
+  config.demo_think = ""
   # Other worlds whose oracle searches also give simulator-tuning pairs. Seed 0, with
   # 1500 pretraining steps: 2 such worlds lowered useful results holding the answer
   # (answerable test queries) from 93% to 80% and noisy ones from 20% to 17%: none.

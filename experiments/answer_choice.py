@@ -33,10 +33,18 @@ import warm_start_state  # noqa: E402
 
 
 def where(name: str, gold: str, k: int, doc: str) -> str:
+  """``gold``, or ``docK:`` and what precedes ``name`` in its sentence, the document's
+  subject written S: ``doc2:Employer`` (version 2 worlds), ``doc2:Employer of S``
+  (version 3), ``doc1:subject`` (the document's own subject)."""
   if name == gold:
     return "gold"
   before = doc.split(name)[0].strip()
-  return f"doc{k + 1}:" + (before.split()[-1].rstrip(":") if before else "subject")
+  if not before:
+    return f"doc{k + 1}:subject"
+  clause = before.split(". ")[-1].rstrip(":")
+  subject = doc.split(" is ", 1)[0]
+  return f"doc{k + 1}:" + (clause.replace(subject, "S") if ":" in before[-1:] else
+                           before.split()[-1])
 
 
 def main(argv=None) -> dict:

@@ -695,11 +695,12 @@ def test_reading_order_moves_the_answers_document_and_keeps_the_rest():
   assert reading_order.moved(one, "last") is None
 
 
-def test_think_quotes_the_documents_clause_for_what_each_search_sought():
+@pytest.mark.parametrize("style", ["quote", "cite"])
+def test_think_quotes_the_documents_clause_for_what_each_search_sought(style):
   config = load_config("tiny_world", "ci")
   config.demo_worlds, config.world.version = 2, 3
   plain = demonstrations.warm_start_rows(config)
-  config.demo_think = True
+  config.demo_think = style
   thinking = demonstrations.warm_start_rows(config)
   assert len(plain) == len(thinking)
   quotes = 0
@@ -721,9 +722,12 @@ def test_think_quotes_the_documents_clause_for_what_each_search_sought():
       context = b["prompt"] if b["format"] == "rag" else b["target_segments"][i - 1]
       query = (b["prompt"] if b["format"] == "rag" else
                re.fullmatch(r"<search> (.*) </search>", b["target_segments"][i - 2]).group(1))
-      doc = next(d for d in re.findall(r"Doc \d+: (.*?)(?=\nDoc \d+:|</information>|\n|$)", context)
-                 if f"{key} {value}." in d)
-      assert doc.split(" is ")[0] in query and key.endswith(":")
+      docs = re.findall(r"Doc (\d+): (.*?)(?=\nDoc \d+:|</information>|\n|$)", context)
+      if style == "cite":  # "Doc k: " and then the clause of that very document
+        number, key = re.fullmatch(r"Doc (\d+): (.*)", key).groups()
+        docs = [(n, d) for n, d in docs if n == number]
+      doc = next(d for _, d in docs if f"{key} {value}." in d)
+      assert doc.split(" is ")[0] in query and key.endswith(":") and "Doc" not in key
       gold = b["target_segments"][-1][1:-len(" </answer>")]
       # it is the answer or the entity the next search looks up
       after = b["target_segments"][i + 2]
@@ -734,3 +738,6 @@ def test_think_quotes_the_documents_clause_for_what_each_search_sought():
     if b["split"] == "test":  # the check's loss is on the quote's name, the first written
       assert think and b["target_loss"] == [int(i == think[0] + 1) for i in range(len(b["target_loss"]))]
   assert quotes > len(thinking) / 2
+  config.demo_think = "yes"
+  with pytest.raises(ValueError, match=r"config.demo_think='yes'.*'quote'"):
+    demonstrations.warm_start_rows(config)

@@ -29,40 +29,49 @@ from zsjax.template import render_observation, render_prompt
 DEMO_FORMATS = ("search", "rag", "direct")
 
 
-def evidence(documents, target: str, query: str) -> tuple[str, str] | None:
+THINK_STYLES = ("", "quote", "cite")  # config.demo_think: none, the clause, "Doc k:" and the clause
+
+
+def evidence(documents, target: str, query: str) -> tuple[int, str, str] | None:
   """The clause of ``documents`` that states ``target`` about the query's subject,
-  split before the target: ``("Employer of Liomves:", "Thulbon")`` from "Liomves is a
-  painter. Birthplace of Liomves: Baibrer. Employer of Liomves: Thulbon." for a query
-  that names Liomves. The document is the first that holds ``target`` (as a word) and
-  whose subject (its text before " is ") the query names; the clause is its sentence
-  holding the target, cut after it. None where no document qualifies."""
+  split before the target, with the document's index: ``(0, "Employer of Liomves:",
+  "Thulbon")`` from "Liomves is a painter. Birthplace of Liomves: Baibrer. Employer of
+  Liomves: Thulbon." (the first document) for a query that names Liomves. The document
+  is the first that holds ``target`` (as a word) and whose subject (its text before
+  " is ") the query names; the clause is its sentence holding the target, cut after
+  it. None where no document qualifies."""
   word = re.compile(rf"(?<!\w){re.escape(target)}(?!\w)")
-  for doc in documents:
+  for index, doc in enumerate(documents):
     subject = doc.split(" is ", 1)[0]
     if subject and re.search(rf"(?<!\w){re.escape(subject)}(?!\w)", query):
       for sentence in re.split(r"(?<=\.) ", doc):
         found = word.search(sentence)
         if found and sentence[:found.start()].strip():
-          return sentence[:found.start()].strip(), target
+          return index, sentence[:found.start()].strip(), target
   return None
 
 
-def think_segments(documents, target: str, query: str) -> tuple[list[str], list[int]]:
+def think_segments(documents, target: str, query: str,
+                   style: str = "quote") -> tuple[list[str], list[int]]:
   """``demo_think``'s reasoning after an observation: ``<think>`` quoting the
   clause that states ``target`` (``evidence``), as two segments, the clause's words
   and then the target with ``</think>``, both written by the policy (loss on both);
-  nothing where no document states it."""
+  nothing where no document states it. ``style="cite"`` names the document first
+  ("<think> Doc 1: Employer of Liomves: Thulbon </think>", as the observation numbers
+  it), so the name is found by two tokens the quote and the document share, its
+  number and its field, each of a handful of values."""
   found = evidence(documents, target, query)
   if found is None:
     return [], []
-  key, value = found
+  index, key, value = found
+  key = f"Doc {index + 1}: {key}" if style == "cite" else key
   return [f"<think> {key}", f" {value} </think>"], [1, 1]
 
 
 def demonstrations(world: dict, engine, instruction: str, seed: int, *,
                    bridge_fraction: float, baseline_fraction: float,
                    documents: int = 0, shuffle_documents: bool = False,
-                   think: bool = False) -> list[dict]:
+                   think: str = "") -> list[dict]:
   """Correct demonstrations on ``world`` (never the test world), each a row
   ``{"prompt", "target", "target_segments", "target_loss", "format", "hops"}``:
 
@@ -95,14 +104,17 @@ def demonstrations(world: dict, engine, instruction: str, seed: int, *,
   such a reader fails when the answer is in another document or the documents are
   of other lengths. In a random order only the question's subject finds it.
 
-  ``think``: after each observation that states what the hop looks for (the
-  bridge entity of a two-hop question's first search, else the answer), the
-  target quotes it in ``<think>`` (``think_segments``: "<think> Employer of Liomves:
-  Thulbon </think>"), the same in the RAG rows. The name is then read right after
+  ``think`` ("quote" or "cite"; "" none): after each observation that states what
+  the hop looks for (the bridge entity of a two-hop question's first search, else
+  the answer), the target quotes it in ``<think>`` (``think_segments``: "<think>
+  Employer of Liomves: Thulbon </think>"), the same in the RAG rows. The name is then read right after
   the document's own words for it, a copy that one circuit does for every relation
   and every position of the document (an induction head), and the answer or the
   next query copies it from a few tokens back. Without it the answer tag sits a
   document-dependent distance from both the question's subject and the evidence."""
+  if think not in THINK_STYLES:
+    raise ValueError(f"config.demo_think={think!r} is not one of {THINK_STYLES}: '' (no "
+                     "<think>), 'quote' (the evidence's clause) or 'cite' ('Doc k:' and the clause).")
   rng = np.random.default_rng(seed)
   order = np.random.default_rng([seed, 1]) if shuffle_documents else None
   rows = []
@@ -134,7 +146,7 @@ def demonstrations(world: dict, engine, instruction: str, seed: int, *,
       segments += [f"<search> {query} </search>", render_observation(docs)]
       loss += [1, 0]  # the documents are inserted, not written: no loss on them
       if think:
-        quote, quote_loss = think_segments(docs, sought, query)
+        quote, quote_loss = think_segments(docs, sought, query, think)
         segments, loss = segments + quote, loss + quote_loss
     tail, tail_loss = answer("".join(segments))
     common = {"hops": q["hops"], "relation": q.get("relation", "")}
@@ -145,7 +157,7 @@ def demonstrations(world: dict, engine, instruction: str, seed: int, *,
     for fmt, low in (("rag", 0.0), ("direct", baseline_fraction)):
       if low <= draw < low + baseline_fraction:
         prompt = method_prompt(fmt, q["question"], None, first_docs if fmt == "rag" else ())
-        quote, quote_loss = (think_segments(first_docs, q["golden_answers"][0], q["question"])
+        quote, quote_loss = (think_segments(first_docs, q["golden_answers"][0], q["question"], think)
                              if think and fmt == "rag" and q["hops"] == 1 else ([], []))
         tail, tail_loss = answer(prompt)
         rows.append({"prompt": prompt, "target": "".join(quote + tail),
@@ -363,4 +375,4 @@ def first_answer(row: dict) -> int:
 __all__ = ["DEMO_FORMATS", "demonstrations", "QueryJudge", "oracle_searches",
            "demonstration_worlds", "held_out_world", "reading_drills", "reading_rows", "warm_start_rows",
            "answer_check_rows", "reading_check_rows", "balance_relations", "evidence",
-           "think_segments", "first_answer"]
+           "think_segments", "first_answer", "THINK_STYLES"]

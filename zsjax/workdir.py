@@ -105,7 +105,7 @@ LATER_FIELDS = {
     "rl.schedule_steps": 0,
     "demo_balance_relations": False,
     "demo_shuffle_documents": False,
-    "demo_think": False,
+    "demo_think": "",
     "policy.logits_chunk": 0,
     "model.logits_chunk": 0,
     "policy.attention_impl": "auto",
