@@ -201,7 +201,7 @@ def test_the_tiny_worlds_v5_arg_is_v4_quoting_its_evidence_and_its_turns_fit(tmp
   assert set(v5) == set(v4)
   assert {k for k in v5 if v5[k] != v4[k]} == {"world.version", "demo_think",
                                                  "rl.rollout.max_new_tokens"}
-  assert config.world.version == 3 and config.demo_think == "quote"
+  assert config.world.version == 3 and config.demo_think == "cite"
   # every turn a v5 demonstration writes after its documents (the quote, then a
   # search or the answer) fits a rollout turn, with its end token
   size = tinyworld.WorldSize.from_config(config.world)
