@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -33,15 +34,19 @@ POSITIONS = ("first", "second", "last")
 
 def moved(row: dict, position: str) -> dict | None:
   """``row`` with the first document holding its answer moved to ``position``;
-  None when the search shows fewer than two documents."""
+  None when the search shows fewer than two documents. A citation in ``<think>``
+  (``demo_think="cite"``: "Doc 1: Employer of S:") follows the document to its new
+  number, so the check asks for the cited document's name wherever it stands."""
   segments = list(row["target_segments"])
   docs = [d.strip() for d in warm_start_state.DOCUMENTS.findall(segments[1])]
   gold = segments[-1].split("<")[0].strip()
   if len(docs) < 2:
     return None
   held = docs.pop(next(i for i, d in enumerate(docs) if gold in d))
-  docs.insert({"first": 0, "second": 1, "last": len(docs)}[position], held)
+  at = {"first": 0, "second": 1, "last": len(docs)}[position]
+  docs.insert(at, held)
   segments[1] = template.render_observation(docs)
+  segments = [re.sub(r"^<think> Doc \d+:", f"<think> Doc {at + 1}:", s) for s in segments]
   return dict(row, target_segments=segments, target="".join(segments))
 
 

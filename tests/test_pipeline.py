@@ -693,6 +693,13 @@ def test_reading_order_moves_the_answers_document_and_keeps_the_rest():
     assert out["target"] == "".join(out["target_segments"]) and out["target_segments"][2:] == segments[2:]
   one = dict(row, target_segments=[segments[0], template.render_observation(docs[:1])] + segments[2:])
   assert reading_order.moved(one, "last") is None
+  # a citation (demo_think="cite") follows its document
+  cited = segments[:2] + ["<think> Doc 1: Country:", " Cd </think>"] + segments[2:]
+  cited = {"prompt": "p", "target_segments": cited, "target": "".join(cited)}
+  for position, number in (("first", 1), ("second", 2), ("last", 3)):
+    out = reading_order.moved(cited, position)
+    assert out["target_segments"][2] == f"<think> Doc {number}: Country:"
+    assert out["target_segments"][3:] == cited["target_segments"][3:]
 
 
 @pytest.mark.parametrize("style", ["quote", "cite"])

@@ -102,6 +102,8 @@ WORLD_VERSIONS = {
        "one-word film titles from their own pool",
     3: "version 2 with fields that restate their subject in the question's words ('Employer "
        "of X: Y' for 'What is the employer of X?'); not yet measured end to end",
+    4: "version 3 with one fact a document: a person's birthplace and employer in two "
+       "documents; being measured",
 }
 # Per version: each kind's document and each relation's question (``s``: the subject).
 PHRASINGS = {
@@ -142,6 +144,14 @@ PHRASINGS[3] = dict(
     person="{s} is {article} {job}. Birthplace of {s}: {city}. Employer of {s}: {org}.",
     film="{s} is a film from {year}. Director of {s}: {person}.",
     organization="{s} is an organization from {year}. Founding city of {s}: {city}.")
+# Version 4: the v3/v4 warm starts that left a relation behind left a person's birthplace
+# or employer, the two fields of one document, answering with the other field of Doc 1 or
+# the same field of another document (experiments/answer_choice.py, tiny_world_v4 "Stop
+# 43"). With one fact a document every answer is the one name its document states.
+PHRASINGS[4] = dict(
+    PHRASINGS[3],
+    person="{s} is {article} {job}. Birthplace of {s}: {city}.",
+    person_employer="{s} is {article} {job}. Employer of {s}: {org}.")
 
 
 def size_record(size: WorldSize) -> dict:
@@ -239,6 +249,9 @@ def generate(seed: int, size: WorldSize = WorldSize()) -> dict:
     article = "an" if job[p][0] in "aeiou" else "a"
     docs.append((p, text["person"].format(s=p, job=job[p], article=article, city=born_in[p],
                                           org=works_for[p])))
+    if "person_employer" in text:  # one fact a document (version 4)
+      docs.append((p, text["person_employer"].format(s=p, job=job[p], article=article,
+                                                     org=works_for[p])))
   for f in films:
     docs.append((f, text["film"].format(s=f, year=film_year[f], person=directed_by[f])))
   for o in orgs:
