@@ -81,6 +81,20 @@ def test_a_version_2_worlds_questions_name_the_field_their_answer_follows(tmp_pa
     phrase = r["question"].rstrip("?").split(" the ", 1)[1]  # "employer of X"
     subject = phrase.split(" of ")[-1]
     assert f"{phrase[0].upper()}{phrase[1:]}: {r['golden_answers'][0]}." in docs[subject], r
+  # v4: v3's facts, one a document (a person's two in two documents), and the engine
+  # ranks the one that answers a single-hop question first
+  v4 = tinyworld.generate(4, tinyworld.WorldSize(version=4))
+  assert v4["splits"] == v3["splits"]
+  facts = lambda corpus: sorted({f.rstrip(".") for d in corpus for f in d["contents"].split(". ")})  # noqa: E731
+  assert facts(v4["corpus"]) == facts(v3["corpus"])
+  assert all(d["contents"].count(": ") <= 1 or d["kind"] == "country" for d in v4["corpus"])
+  people = [d for d in v3["corpus"] if d["kind"] == "person"]
+  assert len(v4["corpus"]) == len(v3["corpus"]) + len(people)
+  from zsjax.search import BM25Engine, SearchRequest
+  engine = BM25Engine([d["contents"] for d in v4["corpus"]], top_k=3)
+  for r in single:
+    first = engine.search([SearchRequest(r["question"])]).documents[0][0]
+    assert first.endswith(f": {r['golden_answers'][0]}."), (r, first)
   titles = [d["title"] for d in new["corpus"] if d["kind"] == "film"]
   assert all(t in tinyworld.name_pools(2)["film"] for t in titles)  # one word each
   assert len(titles) == len(set(titles))
@@ -134,6 +148,14 @@ def test_oracle_searches_are_labelled_by_what_answers_the_query():
                           [d for t, d in docs_of.items() if t != bridge_q["bridge"]][:3])
   labels = sim_tuning.label_counts(pairs)
   assert labels["useful"] > 0 and labels["noisy"] > 0
+  # a person of a version 4 world has two documents: either answers a query naming them
+  v4 = tinyworld.generate(3, tinyworld.WorldSize(version=4))
+  person = next(d["title"] for d in v4["corpus"] if d["kind"] == "person")
+  own = [d["contents"] for d in v4["corpus"] if d["title"] == person]
+  judge4 = demonstrations.QueryJudge(v4["splits"]["train"], v4["corpus"])
+  assert len(own) == 2 and all(judge4.useful("", [], person, [d]) for d in own)
+  assert not judge4.useful("", [], person, [d["contents"] for d in v4["corpus"]
+                                             if d["title"] != person][:3])
   assert len(pairs) == sum(bool(s["documents"]) for t in trajectories for s in t["searches"])
 
 

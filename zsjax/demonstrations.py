@@ -209,20 +209,22 @@ class QueryJudge:
   *query* (the paper labels a result useful "if it holds enough to answer the
   query"), which the world knows: a query that is one of its questions is
   answered by a gold answer of that question, a query that names an entity by
-  the entity's own document. Other queries fall back to the trajectory's own
-  question (``sim_tuning.RuleJudge``). Judging the query, not the question, is
+  the entity's own documents (any of them). Other queries fall back to the
+  trajectory's own question (``sim_tuning.RuleJudge``). Judging the query, not the question, is
   what keeps a tuned simulator from writing the answer into the results of a
   query about something else."""
 
   def __init__(self, questions: list[dict], corpus: list[dict]):
     self.golds = {q["question"]: list(q["golden_answers"]) for q in questions}
-    self.entity_docs = {d["title"]: d["contents"] for d in corpus}
+    self.entity_docs: dict[str, set[str]] = {}  # a person has two in a version 4 world
+    for d in corpus:
+      self.entity_docs.setdefault(d["title"], set()).add(d["contents"])
     self.by_answer = RuleJudge()
 
   def useful(self, question, golds, query, documents) -> bool:
     query = query.strip()
-    if query in self.entity_docs:
-      return any(self.entity_docs[query] == d.strip() for d in documents)
+    if query in self.entity_docs:  # any of the entity's own documents
+      return any(d.strip() in self.entity_docs[query] for d in documents)
     return self.by_answer.useful(question, self.golds.get(query, golds), query, documents)
 
 
