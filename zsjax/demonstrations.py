@@ -58,8 +58,8 @@ def think_segments(documents, target: str, query: str,
   and then the target with ``</think>``, both written by the policy (loss on both);
   nothing where no document states it. ``style="cite"`` names the document first
   ("<think> Doc 1: Employer of Liomves: Thulbon </think>", as the observation numbers
-  it), so the name is found by two tokens the quote and the document share, its
-  number and its field, each of a handful of values."""
+  it). In the engine's order that number is nearly always 1, so it tells the policy
+  nothing it could learn to use; it matters where the documents are shuffled."""
   found = evidence(documents, target, query)
   if found is None:
     return [], []
@@ -107,11 +107,12 @@ def demonstrations(world: dict, engine, instruction: str, seed: int, *,
   ``think`` ("quote" or "cite"; "" none): after each observation that states what
   the hop looks for (the bridge entity of a two-hop question's first search, else
   the answer), the target quotes it in ``<think>`` (``think_segments``: "<think>
-  Employer of Liomves: Thulbon </think>"), the same in the RAG rows. The name is then read right after
-  the document's own words for it, a copy that one circuit does for every relation
-  and every position of the document (an induction head), and the answer or the
-  next query copies it from a few tokens back. Without it the answer tag sits a
-  document-dependent distance from both the question's subject and the evidence."""
+  Employer of Liomves: Thulbon </think>"), the same in single-hop RAG rows. The
+  name is then written right after the document's own words for it, and the
+  answer or the next query copies it from a few tokens back. The intent: a match
+  of shared tokens instead of a distance from the answer tag. Measured (probes,
+  experiments/results/tiny_world_v4, "Stop 43"): in the engine's order the
+  relations form sooner, and the reader is still Doc 1's by position."""
   if think not in THINK_STYLES:
     raise ValueError(f"config.demo_think={think!r} is not one of {THINK_STYLES}: '' (no "
                      "<think>), 'quote' (the evidence's clause) or 'cite' ('Doc k:' and the clause).")
@@ -210,9 +211,9 @@ class QueryJudge:
   query"), which the world knows: a query that is one of its questions is
   answered by a gold answer of that question, a query that names an entity by
   the entity's own documents (any of them). Other queries fall back to the
-  trajectory's own question (``sim_tuning.RuleJudge``). Judging the query, not the question, is
-  what keeps a tuned simulator from writing the answer into the results of a
-  query about something else."""
+  trajectory's own question (``sim_tuning.RuleJudge``). Judging the query, not the
+  question, is what keeps a tuned simulator from writing the answer into the
+  results of a query about something else."""
 
   def __init__(self, questions: list[dict], corpus: list[dict]):
     self.golds = {q["question"]: list(q["golden_answers"]) for q in questions}
