@@ -134,14 +134,14 @@ TINY_WORLD_V4 = {**WARM_START_V3, "world.version": 2, "demo_balance_relations": 
 # Tiny world v5 (arg "v5"; issue 27, being measured): v4's warm start read by copying a
 # field of Doc 1 at the distance its head had learned, one first-layer head per kind of
 # field, and a run whose draw left a kind without a head never read that relation
-# (experiments/results/tiny_world_v4, "Stop 42"). v5 demonstrates a citation of the
-# evidence before each answer and each second search ("<think> Doc 1: Employer of
-# Liomves: Thulbon </think>", demonstrations.think_segments) in a version 3 world,
-# whose fields restate their subject: the name is then read right after the
-# document's number and its field, tokens the citation and the document share, so one
-# match of a handful of tokens finds every relation's answer. Probes (one core, seeds 0
-# and 1): every relation <= 0.3 by step 800 where v4 took 1400-1700 or never read one
-# relation, and where quoting the clause without the number left one relation behind
+# (experiments/results/tiny_world_v4, "Stop 42"). v5's demonstrations, after each
+# search whose documents state what it was for (the answer, or a two-hop question's
+# bridge entity), cite that clause ("<think> Doc 1: Employer of Liomves: Thulbon
+# </think>", demonstrations.think_segments) before answering or searching on, in a
+# version 3 world whose fields restate their subject, so the name is written right
+# after the document's own words for it. Probes (one core): every relation <= 0.3 by
+# step 700 / 900 on seeds 0 / 1, where v4 took 1400-1700 or never read one relation;
+# seed 2 left the birthplace behind; the reader is still Doc 1's by position
 # (experiments/results/tiny_world_v4, "Stop 43"). The turn that cites and then
 # searches is ~25 tokens of the world's tokenizer, so a turn may write 32.
 TINY_WORLD_V5 = {**TINY_WORLD_V4, "world.version": 3, "demo_think": "cite",

@@ -33,16 +33,18 @@ POSITIONS = ("first", "second", "last")
 
 
 def moved(row: dict, position: str) -> dict | None:
-  """``row`` with the first document holding its answer moved to ``position``;
-  None when the search shows fewer than two documents. A citation in ``<think>``
-  (``demo_think="cite"``: "Doc 1: Employer of S:") follows the document to its new
-  number, so the check asks for the cited document's name wherever it stands."""
+  """``row`` with the document holding its answer (the first that does, or the one
+  its ``<think>`` cites, ``demo_think="cite"``: "Doc 2: Employer of S:") moved to
+  ``position``; None when the search shows fewer than two documents. The citation
+  follows the document to its new number, so the check asks for the cited
+  document's name wherever it stands."""
   segments = list(row["target_segments"])
   docs = [d.strip() for d in warm_start_state.DOCUMENTS.findall(segments[1])]
   gold = segments[-1].split("<")[0].strip()
   if len(docs) < 2:
     return None
-  held = docs.pop(next(i for i, d in enumerate(docs) if gold in d))
+  cited = [int(m.group(1)) - 1 for m in (re.match(r"<think> Doc (\d+):", s) for s in segments) if m]
+  held = docs.pop(cited[0] if cited else next(i for i, d in enumerate(docs) if gold in d))
   at = {"first": 0, "second": 1, "last": len(docs)}[position]
   docs.insert(at, held)
   segments[1] = template.render_observation(docs)
@@ -53,10 +55,9 @@ def moved(row: dict, position: str) -> dict | None:
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   warm_start_state.add_run_arguments(parser)
-  parser.add_argument("--set", action="append", default=[], help="FIELD=VALUE, as the run's")
   args = parser.parse_args(argv)
   run = Path(args.workdir)
-  config = warm_start_state.run_config(args, dict(item.split("=", 1) for item in args.set))
+  config = warm_start_state.run_config(args)
   config.demo_shuffle_documents = False  # the engine's order: the answer's document first
   check = demonstrations.reading_check_rows(config)
   result = {"workdir": str(run), "step": args.step, "nll": {}}

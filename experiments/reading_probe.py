@@ -105,6 +105,8 @@ def main(argv=None) -> dict:
   job = pipeline.job_config(config, "warm_start", {"tokenizer": world["tokenizer"]})
   apply_overrides(job, dict(item.split("=", 1) for item in args.set))
   job.checkpoint.export_hf, job.checkpoint.every = args.export, args.checkpoint_every or 10**9
+  if args.checkpoint_every:  # keep them all: answer_choice.py reads any of them
+    job.checkpoint.max_to_keep = 10**4
   if args.init:
     job.model.checkpoint = args.init
   probes = probe_rows(args.seed, config)

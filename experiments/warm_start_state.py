@@ -19,19 +19,25 @@ DOCUMENTS = re.compile(r"Doc \d+: (.*?)(?=\nDoc \d+:|</information>)", re.S)
 
 
 def add_run_arguments(parser) -> None:
-  """The flags that name a run's warm-start checkpoint: --workdir, --seed, --step, --arg."""
+  """The flags that name a run's warm-start checkpoint: --workdir, --seed, --step, --arg,
+  and --set FIELD=VALUE for each config field the run set apart from its arg (a probe's
+  ``--config_set``: e.g. ``--arg=v4 --set=world.version=3 --set=demo_think=cite``)."""
   parser.add_argument("--workdir", required=True, help="a tiny world run")
   parser.add_argument("--seed", type=int, required=True, help="the run's config.seed")
   parser.add_argument("--step", type=int, required=True, help="a warm-start checkpoint step")
   parser.add_argument("--arg", default="v4", help="the run's config arg")
+  parser.add_argument("--set", action="append", default=[],
+                      help="FIELD=VALUE of the run's config, as the run had it")
 
 
 def run_config(args, overrides: dict | None = None):
-  """The tiny world config of the run ``args`` names (``add_run_arguments``), with
-  ``overrides`` (``{"field.path": "text"}``, typed as each field is)."""
+  """The tiny world config of the run ``args`` names (``add_run_arguments``: its arg
+  and ``--set`` fields), with ``overrides`` (``{"field.path": "text"}``, typed as each
+  field is) on top."""
   from plan_rl import apply_overrides
 
   config = tiny_world.get_config(args.arg)
+  apply_overrides(config, dict(item.split("=", 1) for item in getattr(args, "set", [])))
   apply_overrides(config, overrides or {})
   config.seed, config.progress = args.seed, False
   return config

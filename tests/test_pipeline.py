@@ -715,12 +715,18 @@ def test_reading_order_moves_the_answers_document_and_keeps_the_rest():
     assert out["target"] == "".join(out["target_segments"]) and out["target_segments"][2:] == segments[2:]
   one = dict(row, target_segments=[segments[0], template.render_observation(docs[:1])] + segments[2:])
   assert reading_order.moved(one, "last") is None
-  # a citation (demo_think="cite") follows its document
-  cited = segments[:2] + ["<think> Doc 1: Country:", " Cd </think>"] + segments[2:]
+  # a citation (demo_think="cite") follows its document, the cited one where another
+  # document also holds the answer (a country's lists its cities)
+  docs = ["Cd is a country. Cities of Cd: Ab, Ef.", "Ab is a city. Country of Ab: Cd.",
+          "Ij is a city. Country of Ij: Kl."]
+  cited = [segments[0], template.render_observation(docs), "<think> Doc 2: Country of Ab:",
+           " Cd </think>"] + segments[2:]
   cited = {"prompt": "p", "target_segments": cited, "target": "".join(cited)}
-  for position, number in (("first", 1), ("second", 2), ("last", 3)):
+  for position, number, want in (("first", 1, [docs[1], docs[0], docs[2]]),
+                                 ("second", 2, docs), ("last", 3, [docs[0], docs[2], docs[1]])):
     out = reading_order.moved(cited, position)
-    assert out["target_segments"][2] == f"<think> Doc {number}: Country:"
+    assert out["target_segments"][1] == template.render_observation(want)
+    assert out["target_segments"][2] == f"<think> Doc {number}: Country of Ab:"
     assert out["target_segments"][3:] == cited["target_segments"][3:]
 
 
@@ -758,14 +764,22 @@ def test_think_quotes_the_documents_clause_for_what_each_search_sought(style):
       doc = next(d for _, d in docs if f"{key} {value}." in d)
       assert doc.split(" is ")[0] in query and key.endswith(":") and "Doc" not in key
       gold = b["target_segments"][-1][1:-len(" </answer>")]
-      # it is the answer or the entity the next search looks up
+      # the answer, or the bridge entity: what the next search looks up, or (a two-hop
+      # question answered after one search) not the answer
       after = b["target_segments"][i + 2]
-      assert value == gold or after == f"<search> {value} </search>" or b["hops"] == 2
+      searches = sum(s.startswith("<search> ") for s in b["target_segments"])
       if b["hops"] == 1:
-        assert value == gold
+        assert value == gold and after == "<answer>"
+      elif after.startswith("<search> "):
+        assert after == f"<search> {value} </search>" and value != gold
+      elif searches == 2:  # the second search's quote
+        assert value == gold and after == "<answer>"
+      else:
+        assert value != gold and after == "<answer>"
       quotes += 1
     if b["split"] == "test":  # the check's loss is on the quote's name, the first written
       assert think and b["target_loss"] == [int(i == think[0] + 1) for i in range(len(b["target_loss"]))]
+      assert a["target_loss"] == [0] * (len(a["target_loss"]) - 1) + [1]  # without: the answer's
   assert quotes > len(thinking) / 2
   config.demo_think = "yes"
   with pytest.raises(ValueError, match=r"config.demo_think='yes'.*'quote'"):

@@ -362,8 +362,11 @@ def answer_check_rows(world: dict, config, seed: int, hops=(1, 2)) -> list[dict]
                                     shuffle_documents=config.demo_shuffle_documents,
                                     think=config.demo_think)
           if r["hops"] in hops and r["target_loss"][-1]]  # the documents hold the answer
-  return [dict(r, target_loss=[int(i == first_answer(r)) for i in range(len(r["target_loss"]))])
-          for r in rows]
+  out = []
+  for r in rows:
+    at = first_answer(r)
+    out.append(dict(r, target_loss=[int(i == at) for i in range(len(r["target_loss"]))]))
+  return out
 
 
 def first_answer(row: dict) -> int:
@@ -371,8 +374,12 @@ def first_answer(row: dict) -> int:
   1) and that holds its answer (the name in its last segment, `` X </answer>``)."""
   gold = row["target_segments"][-1].removesuffix("</answer>").strip()
   word = re.compile(rf"(?<!\w){re.escape(gold)}(?!\w)")
-  return next(i for i, (text, loss) in enumerate(zip(row["target_segments"], row["target_loss"]))
-              if loss and word.search(text))
+  at = next((i for i, (text, loss) in enumerate(zip(row["target_segments"], row["target_loss"]))
+             if loss and word.search(text)), None)
+  if at is None:
+    raise ValueError(f"a row whose target never writes its answer {gold!r} with loss (a direct "
+                     f"row, or documents without it): {row['target_segments']!r}")
+  return at
 
 
 __all__ = ["DEMO_FORMATS", "demonstrations", "QueryJudge", "oracle_searches",

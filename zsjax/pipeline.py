@@ -128,7 +128,8 @@ def make_pretrain(run: StageRun) -> None:
   its BM25 top-k rendered the way the simulator will have to write them."""
   config, paths = run.config, _world_paths(run)
   engine = search.BM25Engine.from_jsonl(paths["corpus"], top_k=config.top_k)
-  titles = [d["title"] for d in read_jsonl(paths["corpus"])]
+  # each entity once (a version 4 world gives a person two documents of one title)
+  titles = list(dict.fromkeys(d["title"] for d in read_jsonl(paths["corpus"])))
   results = engine.search([search.SearchRequest(t) for t in titles]).documents
   rows = [{"prompt": f"Query: {t}\nDocuments:\n", "target": render_documents(docs)}
           for t, docs in zip(titles, results)]

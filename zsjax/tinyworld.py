@@ -65,7 +65,8 @@ class WorldSize:
   vocab_size: int = 1536
   # The world's phrasing (WORLD_VERSIONS, PHRASINGS): 1, the worlds of tiny world v2
   # and v3; 2, facts as fields that questions name, one-word film titles (tiny world
-  # v4); 3, version 2 with fields that restate their subject.
+  # v4); 3, version 2 with fields that restate their subject (v5); 4, version 3 with
+  # one field a document.
   version: int = 1
 
   @classmethod
@@ -102,8 +103,8 @@ WORLD_VERSIONS = {
        "one-word film titles from their own pool",
     3: "version 2 with fields that restate their subject in the question's words ('Employer "
        "of X: Y' for 'What is the employer of X?'); not yet measured end to end",
-    4: "version 3 with one fact a document: a person's birthplace and employer in two "
-       "documents; being measured",
+    4: "version 3 with one field a document: a person's birthplace and employer in two "
+       "documents, each with the person's job; being measured",
 }
 # Per version: each kind's document and each relation's question (``s``: the subject).
 PHRASINGS = {
