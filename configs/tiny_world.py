@@ -141,7 +141,8 @@ TINY_WORLD_V4 = {**WARM_START_V3, "world.version": 2, "demo_balance_relations": 
 # version 3 world whose fields restate their subject, so the name is written right
 # after the document's own words for it. Probes (one core): every relation <= 0.3 by
 # step 700 / 900 on seeds 0 / 1, where v4 took 1400-1700 or never read one relation;
-# seed 2 left the birthplace behind; the reader is still Doc 1's by position
+# seed 2 left the birthplace behind, and the pipeline on seed 1 at two cores the
+# employer: 2 of 4 warm starts read every relation; the reader is still Doc 1's by position
 # (experiments/results/tiny_world_v4, "Stop 43"). The turn that cites and then
 # searches is ~25 tokens of the world's tokenizer, so a turn may write 32.
 TINY_WORLD_V5 = {**TINY_WORLD_V4, "world.version": 3, "demo_think": "cite",
