@@ -66,7 +66,7 @@ class WorldSize:
   # The world's phrasing (WORLD_VERSIONS, PHRASINGS): 1, the worlds of tiny world v2
   # and v3; 2, facts as fields that questions name, one-word film titles (tiny world
   # v4); 3, version 2 with fields that restate their subject (v5); 4, version 3 with
-  # one field a document.
+  # one field a document; 5, each name right after its subject and field.
   version: int = 1
 
   @classmethod
@@ -105,6 +105,9 @@ WORLD_VERSIONS = {
        "of X: Y' for 'What is the employer of X?'); not yet measured end to end",
     4: "version 3 with one field a document: a person's birthplace and employer in two "
        "documents, each with the person's job; being measured",
+    5: "each field's name right after its subject, the name right after it ('Liomves employer "
+       "Thulbon'), so the two words before a name say whose and which it is; one-word fields "
+       "('headquarters' for an organization's founding city); being measured",
 }
 # Per version: each kind's document and each relation's question (``s``: the subject).
 PHRASINGS = {
@@ -153,6 +156,23 @@ PHRASINGS[4] = dict(
     PHRASINGS[3],
     person="{s} is {article} {job}. Birthplace of {s}: {city}.",
     person_employer="{s} is {article} {job}. Employer of {s}: {org}.")
+# Version 5: the v5 (cite) warm starts that left a relation behind left one of the
+# person's two fields, whose clauses ("Birthplace of Liomves:", "Employer of Liomves:")
+# end in the same two tokens, so the quote and its document agree on the name only four
+# tokens back. Here the two tokens before each name are its subject and its field
+# ("Liomves employer Thulbon"), a match a two-layer model makes with one head a token
+# back in each of its layers; every field is one word, so an organization's founding
+# city is its "headquarters".
+PHRASINGS[5] = dict(
+    PHRASINGS[2],
+    country="{s} is a country. {s} cities {cities}.",
+    city="{s} is a city. {s} country {country}.",
+    person="{s} is {article} {job}. {s} birthplace {city}. {s} employer {org}.",
+    film="{s} is a film from {year}. {s} director {person}.",
+    organization="{s} is an organization from {year}. {s} headquarters {city}.",
+    employer_city="What is the headquarters of the employer of {s}?",
+    founded_in="What is the headquarters of {s}?",
+    founded_country="What is the country of the headquarters of {s}?")
 
 
 def size_record(size: WorldSize) -> dict:
