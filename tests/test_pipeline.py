@@ -95,6 +95,23 @@ def test_a_version_2_worlds_questions_name_the_field_their_answer_follows(tmp_pa
   for r in single:
     first = engine.search([SearchRequest(r["question"])]).documents[0][0]
     assert first.endswith(f": {r['golden_answers'][0]}."), (r, first)
+  # v5: v3's facts and questions (one-word fields), each name right after "<subject> <field>",
+  # a pair that stands nowhere else in the corpus; each field one token
+  v5 = tinyworld.generate(4, tinyworld.WorldSize(version=5))
+  strip = lambda world: [(r["id"], r["relation"], r["golden_answers"], r["bridge"])  # noqa: E731
+                         for rows in world["splits"].values() for r in rows]
+  assert strip(v5) == strip(v3)
+  text = " ".join(d["contents"] for d in v5["corpus"])
+  fields = set()
+  for r in (r for rows in v5["splits"].values() for r in rows if r["hops"] == 1):
+    field, subject = r["question"].rstrip("?").split(" the ", 1)[1].split(" of ")
+    fields.add(field)
+    assert text.count(f" {subject} {field} ") + text.startswith(f"{subject} {field} ") == 1, r
+    assert f"{subject} {field} {r['golden_answers'][0]}" in text, r
+  assert len(fields) == 5 and all(" " not in f for f in fields), fields
+  v5_tokenizer = AutoTokenizer.from_pretrained(
+      tinyworld.build(tmp_path / "v5", 4, tinyworld.WorldSize(version=5))["tokenizer"])
+  assert all(len(v5_tokenizer.tokenize(" " + f)) == 1 for f in fields)
   titles = [d["title"] for d in new["corpus"] if d["kind"] == "film"]
   assert all(t in tinyworld.name_pools(2)["film"] for t in titles)  # one word each
   assert len(titles) == len(set(titles))
