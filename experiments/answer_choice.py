@@ -35,16 +35,17 @@ import warm_start_state  # noqa: E402
 def where(name: str, gold: str, k: int, doc: str) -> str:
   """``gold``, or ``docK:`` and what precedes ``name`` in its sentence, the document's
   subject written S: ``doc2:Employer`` (version 2 worlds), ``doc2:Employer of S``
-  (version 3), ``doc1:subject`` (the document's own subject)."""
+  (version 3), ``doc2:S employer`` (version 5), ``doc1:subject`` (the document's own
+  subject); a name in a list, the word before it."""
   if name == gold:
     return "gold"
   before = doc.split(name)[0].strip()
   if not before:
     return f"doc{k + 1}:subject"
   clause = before.split(". ")[-1].rstrip(":")
-  subject = doc.split(" is ", 1)[0]
-  return f"doc{k + 1}:" + (clause.replace(subject, "S") if ":" in before[-1:] else
-                           before.split()[-1])
+  subject = demonstrations.document_subject(doc)
+  field = ":" in before[-1:] or (clause.startswith(subject + " ") and len(clause.split()) == 2)
+  return f"doc{k + 1}:" + (clause.replace(subject, "S") if field else before.split()[-1])
 
 
 def main(argv=None) -> dict:
@@ -64,7 +65,7 @@ def main(argv=None) -> dict:
     for row in check[::2]:
       # the segment that first writes the answer: the answer's, or the quote's in <think>
       segments, at = row["target_segments"], demonstrations.first_answer(row)
-      gold = segments[at].split(" </")[0].strip()
+      gold = demonstrations.answer_name(row)
       close = segments[at][len(f" {gold}"):]
       observation = [s for s in segments[:at] if s.startswith("\n\n<information>")][-1]
       names = {}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -40,15 +39,16 @@ def moved(row: dict, position: str) -> dict | None:
   document's name wherever it stands."""
   segments = list(row["target_segments"])
   docs = [d.strip() for d in warm_start_state.DOCUMENTS.findall(segments[1])]
-  gold = segments[-1].split("<")[0].strip()
+  gold = demonstrations.answer_name(row)
   if len(docs) < 2:
     return None
-  cited = [int(m.group(1)) - 1 for m in (re.match(r"<think> Doc (\d+):", s) for s in segments) if m]
+  cited = [int(m.group(1)) - 1 for m in map(demonstrations.CITED.match, segments) if m]
   held = docs.pop(cited[0] if cited else next(i for i, d in enumerate(docs) if gold in d))
   at = {"first": 0, "second": 1, "last": len(docs)}[position]
   docs.insert(at, held)
   segments[1] = template.render_observation(docs)
-  segments = [re.sub(r"^<think> Doc \d+:", f"<think> Doc {at + 1}:", s) for s in segments]
+  segments = [demonstrations.CITED.sub(f"<think> {demonstrations.CITATION.format(at + 1)}", s)
+              for s in segments]
   return dict(row, target_segments=segments, target="".join(segments))
 
 

@@ -30,6 +30,16 @@ DEMO_FORMATS = ("search", "rag", "direct")
 
 
 THINK_STYLES = ("", "quote", "cite")  # config.demo_think: none, the clause, "Doc k:" and the clause
+# How ``cite`` names the document (its 1-based number, as the observation numbers it),
+# and the pattern that reads the number back from a ``<think>`` segment.
+CITATION = "Doc {}:"
+CITED = re.compile(r"^<think> Doc (\d+):")
+
+
+def document_subject(document: str) -> str:
+  """The entity a tiny-world document is about: its text before " is " (every
+  document opens "<subject> is ...")."""
+  return document.split(" is ", 1)[0]
 
 
 def evidence(documents, target: str, query: str) -> tuple[int, str, str] | None:
@@ -42,7 +52,7 @@ def evidence(documents, target: str, query: str) -> tuple[int, str, str] | None:
   it. None where no document qualifies."""
   word = re.compile(rf"(?<!\w){re.escape(target)}(?!\w)")
   for index, doc in enumerate(documents):
-    subject = doc.split(" is ", 1)[0]
+    subject = document_subject(doc)
     if subject and re.search(rf"(?<!\w){re.escape(subject)}(?!\w)", query):
       for sentence in re.split(r"(?<=\.) ", doc):
         found = word.search(sentence)
@@ -64,7 +74,7 @@ def think_segments(documents, target: str, query: str,
   if found is None:
     return [], []
   index, key, value = found
-  key = f"Doc {index + 1}: {key}" if style == "cite" else key
+  key = f"{CITATION.format(index + 1)} {key}" if style == "cite" else key
   return [f"<think> {key}", f" {value} </think>"], [1, 1]
 
 
@@ -369,10 +379,15 @@ def answer_check_rows(world: dict, config, seed: int, hops=(1, 2)) -> list[dict]
   return out
 
 
+def answer_name(row: dict) -> str:
+  """The name ``row``'s target answers: its last segment is `` X </answer>``."""
+  return row["target_segments"][-1].removesuffix("</answer>").strip()
+
+
 def first_answer(row: dict) -> int:
   """The index of the first segment of ``row``'s target that the policy writes (loss
-  1) and that holds its answer (the name in its last segment, `` X </answer>``)."""
-  gold = row["target_segments"][-1].removesuffix("</answer>").strip()
+  1) and that holds its answer (``answer_name``)."""
+  gold = answer_name(row)
   word = re.compile(rf"(?<!\w){re.escape(gold)}(?!\w)")
   at = next((i for i, (text, loss) in enumerate(zip(row["target_segments"], row["target_loss"]))
              if loss and word.search(text)), None)
@@ -385,4 +400,4 @@ def first_answer(row: dict) -> int:
 __all__ = ["DEMO_FORMATS", "demonstrations", "QueryJudge", "oracle_searches",
            "demonstration_worlds", "held_out_world", "reading_drills", "reading_rows", "warm_start_rows",
            "answer_check_rows", "reading_check_rows", "balance_relations", "evidence",
-           "think_segments", "first_answer", "THINK_STYLES"]
+           "document_subject", "think_segments", "CITATION", "CITED", "answer_name", "first_answer", "THINK_STYLES"]
