@@ -9,7 +9,8 @@ Arg: "default" (tiny world v2) | "v2" (the same config, by name) | "v3" (the
      world whose questions share their relation's words with the documents, with
      relation-balanced demonstrations and a check every relation must pass; see
      TINY_WORLD_V4) | "v5" (v4 in a world whose fields restate their subject, the
-     demonstrations citing their evidence in <think>; see TINY_WORLD_V5) | "ci" (a
+     demonstrations citing their evidence in <think>; see TINY_WORLD_V5) | "v6" (v5 in
+     a world that writes each name right after its subject and field; TINY_WORLD_V6) | "ci" (a
      smaller world and shorter stages, for the test suite).
 Hardware: a 2-core CPU, no accelerator, nothing downloaded.
 
@@ -148,11 +149,21 @@ TINY_WORLD_V4 = {**WARM_START_V3, "world.version": 2, "demo_balance_relations": 
 TINY_WORLD_V5 = {**TINY_WORLD_V4, "world.version": 3, "demo_think": "cite",
                  "rl.rollout.max_new_tokens": 32}
 
+# Tiny world v6 (arg "v6"; issue 27, being measured): v5 in a version 5 world. Every
+# relation v5 left behind was one of a person's two fields, whose clauses ("Birthplace of
+# Liomves:", "Employer of Liomves:") end in the same two tokens, so the citation and the
+# document agree on which name only four tokens back. A version 5 document puts each
+# name right after its subject and its one-word field ("Liomves employer Thulbon"), the
+# citation writes the same two words. Probes (one core): seed 2, where v5 left the
+# birthplace behind, passed at step 500 (experiments/results/tiny_world_v4, "Stop 44").
+TINY_WORLD_V6 = {**TINY_WORLD_V5, "world.version": 5}
+
 
 def get_config(arg=None):
   arg = arg or "default"
-  if arg not in ("default", "v5", "v4", "v3", "v2", "ci"):
-    raise ValueError(f"config arg {arg!r} is not 'default', 'v5', 'v4', 'v3', 'v2' or 'ci'.")
+  if arg not in ("default", "v6", "v5", "v4", "v3", "v2", "ci"):
+    raise ValueError(f"config arg {arg!r} is not 'default', 'v6', 'v5', 'v4', 'v3', 'v2' "
+                     "or 'ci'.")
   ci = arg == "ci"
   config = ml_collections.ConfigDict()
   config.job = "tiny_world"
@@ -321,6 +332,8 @@ def get_config(arg=None):
     config.update_from_flattened_dict(TINY_WORLD_V4)
   if arg == "v5":
     config.update_from_flattened_dict(TINY_WORLD_V5)
+  if arg == "v6":
+    config.update_from_flattened_dict(TINY_WORLD_V6)
   return config
 
 

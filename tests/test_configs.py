@@ -189,19 +189,22 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
   return out
 
 
-def test_the_tiny_worlds_v5_arg_is_v4_quoting_its_evidence_and_its_turns_fit(tmp_path):
+@pytest.mark.parametrize("arg", ["v5", "v6"])
+def test_the_tiny_worlds_v5_arg_is_v4_quoting_its_evidence_and_its_turns_fit(tmp_path, arg):
   from transformers import AutoTokenizer
 
   from zsjax import demonstrations, tinyworld
   from zsjax.search import BM25Engine
 
-  config = load_config(ROOT / "configs/tiny_world.py", "v5")
-  v5 = _flatten(config.to_dict())
+  config = load_config(ROOT / "configs/tiny_world.py", arg)
+  new = _flatten(config.to_dict())
   v4 = _flatten(load_config(ROOT / "configs/tiny_world.py", "v4").to_dict())
-  assert set(v5) == set(v4)
+  v5 = _flatten(load_config(ROOT / "configs/tiny_world.py", "v5").to_dict())
+  assert set(new) == set(v4)
   assert {k for k in v5 if v5[k] != v4[k]} == {"world.version", "demo_think",
                                                  "rl.rollout.max_new_tokens"}
-  assert config.world.version == 3 and config.demo_think == "cite"
+  assert {k for k in new if new[k] != v5[k]} == ({"world.version"} if arg == "v6" else set())
+  assert config.world.version == {"v5": 3, "v6": 5}[arg] and config.demo_think == "cite"
   # every turn a v5 demonstration writes after its documents (the quote, then a
   # search or the answer) fits a rollout turn, with its end token
   size = tinyworld.WorldSize.from_config(config.world)
