@@ -275,3 +275,71 @@ def test_bad_focus_settings_are_named(world, tmp_path):
   config.sft.update(dict(focus=0.01, stop_group="kind"))
   with pytest.raises(ValueError, match=r"less than one row"):
     train_sft.check_config(config)
+
+
+def _signalled(job, at_step, times):
+  """``job`` whose update sends SIGTERM ``times`` times while step ``at_step`` runs."""
+  import os
+  import signal
+  build = job.make_update
+
+  def make_update(cooldown):
+    update = build(cooldown)
+
+    def signalled(state, batch, key):
+      if int(state.step) + 1 == at_step:
+        for _ in range(times):
+          os.kill(os.getpid(), signal.SIGTERM)
+      return update(state, batch, key)
+    return signalled
+
+  job.make_update = make_update
+  job.update = make_update(train_sft.first_cooldown(job.config.sft))
+  return job
+
+
+@pytest.fixture
+def sigterm_raises():
+  import signal
+
+  from zsjax import interrupts
+  previous = signal.getsignal(signal.SIGTERM)
+  interrupts.install()
+  yield
+  signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_finishes_the_step_under_way_and_saves_it(world, tmp_path, sigterm_raises):
+  from zsjax import interrupts
+
+  config = _config(world, tmp_path, stop_nll=1e-9)  # the check never passes: no cooldown
+  config.sft.total_steps = 12
+  config.checkpoint.every = 1000  # no periodic save before the end
+  whole = train_sft.run(config, str(tmp_path / "whole"))
+  # one SIGTERM during step 7, long before any periodic save: step 7 finishes and is
+  # saved, so nothing run is lost; the rerun ends with the whole run's parameters
+  with pytest.raises(interrupts.Terminated):
+    train_sft.train(_signalled(train_sft.setup(config, tmp_path / "killed"), 7, times=1))
+  checkpointer = Checkpointer.from_config(tmp_path / "killed" / "checkpoints", config.checkpoint)
+  assert checkpointer.all_steps() == [7]
+  checkpointer.close()
+  assert [r["step"] for r in read_jsonl(tmp_path / "killed" / "metrics.jsonl")] == list(range(1, 8))
+  resumed_job = train_sft.setup(config, tmp_path / "killed")
+  resumed = train_sft.train(resumed_job)
+  assert resumed["resumed_from"] == 7 and resumed["sft/steps"] == 12
+  assert resumed["loss/nll"] == pytest.approx(whole["loss/nll"], rel=1e-5)
+  final = {}
+  for name in ("whole", "killed"):
+    checkpointer = Checkpointer.from_config(tmp_path / name / "checkpoints", config.checkpoint)
+    final[name] = checkpointer.restore(resumed_job.target, 12)[0].params
+    checkpointer.close()
+  for a, b in zip(jax.tree_util.tree_leaves(final["whole"]),
+                  jax.tree_util.tree_leaves(final["killed"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  # two SIGTERMs in one step: it stops at once, within the step, and saves nothing
+  # half-done (no checkpoint: the rerun starts from the beginning)
+  with pytest.raises(interrupts.Terminated):
+    train_sft.train(_signalled(train_sft.setup(config, tmp_path / "twice"), 3, times=2))
+  checkpointer = Checkpointer.from_config(tmp_path / "twice" / "checkpoints", config.checkpoint)
+  assert checkpointer.all_steps() == []
+  checkpointer.close()

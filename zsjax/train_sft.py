@@ -395,65 +395,82 @@ def train(job: SFTJob) -> dict:
               if k in check}
   summary.update(before)
   step = start
+
+  def extra_at(at: int) -> dict:  # what a checkpoint at step `at` keeps besides the state
+    return {"step": at, "seed": config.seed, "schedule_steps": schedule_steps(s),
+            "inputs": inputs,
+            **({"check_passes": passes} if s.stop_nll else {}),
+            **({"check_before": before} if before else {}),
+            **({"focus_group": focus} if job.train_groups else {}),
+            **({"cooldown": list(cooldown), "formed_step": formed} if formed >= 0 else {}),
+            **({"record": record} if record else {})}
+
+  done, done_state = start, state  # the last step whose state, check and metrics are complete
   try:
     with MetricWriter(workdir, resume_from=start) as writer, tqdm(
         total=end, initial=start, desc="sft", unit="step",
         disable=not is_main_process() or not config.progress) as bar:
       while step < end:
-        step += 1
-        t0 = time.perf_counter()
-        rows = batch_of(job, step, focus)
-        state, metrics = update(state, plan.put_batch(rows), job.key)
-        metrics = dict(jax.device_get(metrics))
-        metrics["time/step_s"] = time.perf_counter() - t0
-        metrics["perf/tokens_per_s"] = float(rows["segment_ids"].astype(bool).sum()) / \
-            metrics["time/step_s"]
-        if job.train_groups:
-          metrics["data/focus_rows"] = float(focus_rows(s) if focus is not None else 0)
-        if job.held_out is not None and (step % s.eval_every == 0 or step == end):
-          metrics.update(evaluate_check(job.eval_fn, state.params, job.held_out,
-                                        job.held_out_groups, s.batch_size, plan))
-          nll = check_value(s, metrics)
-          if job.train_groups and (worst := focus_group(s, metrics)) != focus:
-            focus = worst
-            console(f"SFT step {step}: " + (f"every group's NLL <= {s.stop_nll}; no focus." if
-                    focus is None else f"{s.stop_group}={focus!r} fails worst (NLL "
-                    f"{metrics[f'eval/nll/{focus}']:.4f}); {focus_rows(s)} of "
-                    f"{s.batch_size} rows a step are drawn from it (config.sft.focus={s.focus})."))
-          passes = passes + 1 if s.stop_nll and nll <= s.stop_nll else 0
-          if s.stop_nll and formed < 0 and passes >= s.get("stop_passes", 1):
-            formed = step  # the check passed: cool down from here (unless the cap's has begun)
-            if step < cooldown[0]:
-              cooldown, end = (step, s.cooldown_steps), step + s.cooldown_steps
-              update, bar.total = job.make_update(cooldown), end
-              what = "worst group's" if s.get("stop_group", "") else "held-out"
-              console(f"SFT step {step}: {what} NLL {nll:.4f} <= config.sft.stop_nll="
-                      f"{s.stop_nll} ({passes} checks in a row); cooling down over "
-                      f"{s.cooldown_steps} steps.")
-        try:
-          last = writer.write(step, metrics)
-        except FloatingPointError as e:
-          checkpointer.close()
-          raise FloatingPointError(f"SFT step {step}: {e} The last checkpoint: "
-                                   f"{checkpointer.latest()}.") from None
-        summary.setdefault("loss/first", last["loss/nll"])
-        summary.update(last)
-        bar.set_postfix({"nll": f"{last['loss/nll']:.3f}"}, refresh=False)
-        bar.update(1)
-        if step % config.checkpoint.every == 0 or step == end:
-          checkpointer.save(step, state, extra={"step": step, "seed": config.seed,
-                                                "schedule_steps": schedule_steps(s),
-                                                "inputs": inputs,
-                                                **({"check_passes": passes} if s.stop_nll else {}),
-                                                **({"check_before": before} if before else {}),
-                                                **({"focus_group": focus} if job.train_groups
-                                                   else {}),
-                                                **({"cooldown": list(cooldown),
-                                                    "formed_step": formed} if formed >= 0 else {}),
-                                                **({"record": record} if record else {})})
+        # a signal lands between steps, so the step under way finishes and the
+        # interrupt path below saves it; a second signal stops at once
+        with interrupts.deferred(f"SFT step {step + 1} (then saving it)",
+                                 second_stops=True):
+          step += 1
+          t0 = time.perf_counter()
+          rows = batch_of(job, step, focus)
+          state, metrics = update(state, plan.put_batch(rows), job.key)
+          metrics = dict(jax.device_get(metrics))
+          metrics["time/step_s"] = time.perf_counter() - t0
+          metrics["perf/tokens_per_s"] = float(rows["segment_ids"].astype(bool).sum()) / \
+              metrics["time/step_s"]
+          if job.train_groups:
+            metrics["data/focus_rows"] = float(focus_rows(s) if focus is not None else 0)
+          if job.held_out is not None and (step % s.eval_every == 0 or step == end):
+            metrics.update(evaluate_check(job.eval_fn, state.params, job.held_out,
+                                          job.held_out_groups, s.batch_size, plan))
+            nll = check_value(s, metrics)
+            if job.train_groups and (worst := focus_group(s, metrics)) != focus:
+              focus = worst
+              console(f"SFT step {step}: " + (
+                      f"every group's NLL <= {s.stop_nll}; no focus." if focus is None else
+                      f"{s.stop_group}={focus!r} fails worst (NLL "
+                      f"{metrics[f'eval/nll/{focus}']:.4f}); {focus_rows(s)} of "
+                      f"{s.batch_size} rows a step are drawn from it "
+                      f"(config.sft.focus={s.focus})."))
+            passes = passes + 1 if s.stop_nll and nll <= s.stop_nll else 0
+            if s.stop_nll and formed < 0 and passes >= s.get("stop_passes", 1):
+              formed = step  # the check passed: cool down from here (unless the cap's has begun)
+              if step < cooldown[0]:
+                cooldown, end = (step, s.cooldown_steps), step + s.cooldown_steps
+                update, bar.total = job.make_update(cooldown), end
+                what = "worst group's" if s.get("stop_group", "") else "held-out"
+                console(f"SFT step {step}: {what} NLL {nll:.4f} <= config.sft.stop_nll="
+                        f"{s.stop_nll} ({passes} checks in a row); cooling down over "
+                        f"{s.cooldown_steps} steps.")
+          try:
+            last = writer.write(step, metrics)
+          except FloatingPointError as e:
+            checkpointer.close()
+            raise FloatingPointError(f"SFT step {step}: {e} The last checkpoint: "
+                                     f"{checkpointer.latest()}.") from None
+          summary.setdefault("loss/first", last["loss/nll"])
+          summary.update(last)
+          bar.set_postfix({"nll": f"{last['loss/nll']:.3f}"}, refresh=False)
+          bar.update(1)
+          done, done_state = step, state
+          if step % config.checkpoint.every == 0 or step == end:
+            checkpointer.save(step, state, extra=extra_at(step))
   except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (zsjax.interrupts)
-    checkpointer.close()  # a save in flight completes first
-    console(f"{interrupts.describe(e)} during SFT step {step}; the last complete checkpoint: "
+    checkpointer.wait()  # a save in flight completes first
+    # Stopped between steps (the held signal): save the step just finished, so the
+    # steps since the last periodic checkpoint are kept (before, a stop ahead of the
+    # first save lost the run). Stopped within a step (a second signal): its state
+    # may be half-updated, so the last complete checkpoint stands.
+    if step == done > (checkpointer.latest_step() or 0):
+      checkpointer.save(done, done_state, extra=extra_at(done), force=True)
+    checkpointer.close()
+    where = f"after SFT step {step}" if step == done else f"during SFT step {step}"
+    console(f"{interrupts.describe(e)} {where}; the last complete checkpoint: "
             f"{checkpointer.latest()}. Rerun the same command to resume.")
     raise
   except BaseException:
