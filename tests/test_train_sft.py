@@ -309,12 +309,14 @@ def sigterm_raises():
   signal.signal(signal.SIGTERM, previous)
 
 
-def test_sigterm_finishes_the_step_under_way_and_saves_it(world, tmp_path, sigterm_raises):
+@pytest.mark.parametrize("async_save", [False, True])
+def test_sigterm_finishes_the_step_under_way_and_saves_it(world, tmp_path, sigterm_raises,
+                                                          async_save):
   from zsjax import interrupts
 
   config = _config(world, tmp_path, stop_nll=1e-9)  # the check never passes: no cooldown
   config.sft.total_steps = 12
-  config.checkpoint.every = 1000  # no periodic save before the end
+  config.checkpoint.update(every=1000, async_save=async_save)  # no periodic save till the end
   whole = train_sft.run(config, str(tmp_path / "whole"))
   # one SIGTERM during step 7, long before any periodic save: step 7 finishes and is
   # saved, so nothing run is lost; the rerun ends with the whole run's parameters
@@ -336,10 +338,11 @@ def test_sigterm_finishes_the_step_under_way_and_saves_it(world, tmp_path, sigte
   for a, b in zip(jax.tree_util.tree_leaves(final["whole"]),
                   jax.tree_util.tree_leaves(final["killed"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
-  # two SIGTERMs in one step: it stops at once, within the step, and saves nothing
-  # half-done (no checkpoint: the rerun starts from the beginning)
+  # two SIGTERMs in one step, one on a periodic save's step (every 4): the step
+  # finishes, is saved once, and the run stops
+  config.checkpoint.every = 4
   with pytest.raises(interrupts.Terminated):
-    train_sft.train(_signalled(train_sft.setup(config, tmp_path / "twice"), 3, times=2))
+    train_sft.train(_signalled(train_sft.setup(config, tmp_path / "twice"), 8, times=2))
   checkpointer = Checkpointer.from_config(tmp_path / "twice" / "checkpoints", config.checkpoint)
-  assert checkpointer.all_steps() == []
+  assert checkpointer.all_steps() == [4, 8]
   checkpointer.close()

@@ -400,4 +400,5 @@ def first_answer(row: dict) -> int:
 __all__ = ["DEMO_FORMATS", "demonstrations", "QueryJudge", "oracle_searches",
            "demonstration_worlds", "held_out_world", "reading_drills", "reading_rows", "warm_start_rows",
            "answer_check_rows", "reading_check_rows", "balance_relations", "evidence",
-           "document_subject", "think_segments", "CITATION", "CITED", "answer_name", "first_answer", "THINK_STYLES"]
+           "document_subject", "think_segments", "CITATION", "CITED", "answer_name",
+           "first_answer", "THINK_STYLES"]

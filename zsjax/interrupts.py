@@ -7,14 +7,14 @@ whose default action kills it on the spot, losing a checkpoint save in flight.
 flight finishes and the last complete checkpoint is printed.
 
 ``deferred()`` holds both signals back while its body runs (the blocking part of
-a checkpoint save, the wait for a background save) and raises the held one when
-the body is done, so an interrupt never lands half-way through writing a step.
-A signal held while an interrupt is already being handled is dropped: the run is
-stopping anyway. ``deferred(what, second_stops=True)`` holds a signal the same way
-over a training step (so the loop can save the step it finishes), but a second
-signal raises at once, unless a checkpoint write is under way inside it: a hung
-step still stops on a second Ctrl-C. Outside the main thread (where Python delivers
-no signals) both are no-ops.
+a checkpoint save, the wait for a background save, a training step) and raises the
+held one when the body is done, so an interrupt never lands half-way through
+writing a step; ``what`` names the body in the message a held signal prints. A
+signal held while an interrupt is already being handled is dropped: the run is
+stopping anyway. The handler only records a signal, never raises, so nothing can
+interrupt the bookkeeping of nested bodies. Python runs a handler only between
+bytecodes: a step blocked inside XLA sees the signal when it returns, as before.
+Outside the main thread (where Python delivers no signals) both are no-ops.
 """
 
 from __future__ import annotations
@@ -68,19 +68,17 @@ def install() -> None:
 
 
 class deferred:
-  """``with deferred():`` SIGINT and SIGTERM arriving in the body are raised after it."""
+  """``with deferred(what):`` SIGINT and SIGTERM arriving in the body are raised after it."""
 
   _depth = 0  # nested bodies: only the outermost installs and raises
-  _writing = 0  # bodies under way that write a checkpoint (second_stops=False)
 
-  def __init__(self, what: str = "a checkpoint write", second_stops: bool = False):
-    self.what, self.second_stops = what, second_stops
+  def __init__(self, what: str = "a checkpoint write"):
+    self.what = what
 
   def __enter__(self):
     self.active = _main_thread() and deferred._depth == 0
     if _main_thread():
       deferred._depth += 1
-      deferred._writing += not self.second_stops
     if self.active:
       self.pending: list[int] = []
       self.previous = {s: signal.signal(s, self._hold) for s in SIGNALS}
@@ -88,19 +86,14 @@ class deferred:
 
   def _hold(self, signum, frame):
     del frame
-    if self.second_stops and self.pending and not deferred._writing:
-      _raise_for(signum)  # a second signal: stop now (__exit__ restores the handlers)
     self.pending.append(signum)
-    later = ("a second signal stops at once" if self.second_stops else
-             "SIGKILL stops at once, losing that write")
     sys.stderr.write(f"zsjax: {signal.Signals(signum).name} received; finishing {self.what} "
-                     f"first ({later}).\n")
+                     "first (SIGKILL stops at once, losing it).\n")
     sys.stderr.flush()
 
   def __exit__(self, exc_type, exc, tb):
     if _main_thread():
       deferred._depth -= 1
-      deferred._writing -= not self.second_stops
     if not self.active:
       return False
     for s, handler in self.previous.items():

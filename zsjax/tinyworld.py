@@ -105,9 +105,9 @@ WORLD_VERSIONS = {
        "of X: Y' for 'What is the employer of X?'); not yet measured end to end",
     4: "version 3 with one field a document: a person's birthplace and employer in two "
        "documents, each with the person's job; being measured",
-    5: "each field's name right after its subject, the name right after it ('Liomves employer "
-       "Thulbon'), so the two words before a name say whose and which it is; one-word fields "
-       "('headquarters' for an organization's founding city); being measured",
+    5: "each field's name right after its subject, the value right after it ('Liomves employer "
+       "Thulbon'), so the two words before a field's value say whose and which it is; one-word "
+       "fields ('headquarters' for an organization's founding city); being measured",
 }
 # Per version: each kind's document and each relation's question (``s``: the subject).
 PHRASINGS = {

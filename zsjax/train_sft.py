@@ -411,10 +411,9 @@ def train(job: SFTJob) -> dict:
         total=end, initial=start, desc="sft", unit="step",
         disable=not is_main_process() or not config.progress) as bar:
       while step < end:
-        # a signal lands between steps, so the step under way finishes and the
-        # interrupt path below saves it; a second signal stops at once
-        with interrupts.deferred(f"SFT step {step + 1} (then saving it)",
-                                 second_stops=True):
+        # a signal lands between steps: the step under way finishes (its check too,
+        # every eval_every steps) and the interrupt path below saves it
+        with interrupts.deferred(f"SFT step {step + 1} (then saving it)"):
           step += 1
           t0 = time.perf_counter()
           rows = batch_of(job, step, focus)
@@ -462,11 +461,14 @@ def train(job: SFTJob) -> dict:
             checkpointer.save(step, state, extra=extra_at(step))
   except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (zsjax.interrupts)
     checkpointer.wait()  # a save in flight completes first
-    # Stopped between steps (the held signal): save the step just finished, so the
-    # steps since the last periodic checkpoint are kept (before, a stop ahead of the
-    # first save lost the run). Stopped within a step (a second signal): its state
-    # may be half-updated, so the last complete checkpoint stands.
-    if step == done > (checkpointer.latest_step() or 0):
+    # Stopped between steps (a signal): save the step just finished, so the steps
+    # since the last periodic checkpoint are kept (before, a stop ahead of the first
+    # save lost the run). Stopped within a step (an exception raised in it): its
+    # state may be half-updated, so the last complete checkpoint stands. With several
+    # processes each may stop after another step, and a save is a collective: only
+    # the saves already in flight complete there.
+    if (step == done and done > (checkpointer.latest_step() or 0)
+        and jax.process_count() == 1):
       checkpointer.save(done, done_state, extra=extra_at(done), force=True)
     checkpointer.close()
     where = f"after SFT step {step}" if step == done else f"during SFT step {step}"
