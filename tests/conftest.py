@@ -87,3 +87,16 @@ def optimized(test_file: str, test_name: str, tmp_path) -> bool:
   ran = re.search(r"^1 passed", done.stdout, re.M)
   assert done.returncode == 0 and ran, (done.stdout + done.stderr)[-6000:]
   return True
+
+
+@pytest.fixture
+def sigterm_raises():
+  """SIGTERM raises ``zsjax.interrupts.Terminated`` (as under ``zsjax.main``) for the
+  test; the previous handler is restored after it."""
+  import signal
+
+  from zsjax import interrupts
+  previous = signal.getsignal(signal.SIGTERM)
+  interrupts.install()
+  yield
+  signal.signal(signal.SIGTERM, previous)

@@ -12,14 +12,6 @@ from zsjax import checkpoint as C
 from zsjax import interrupts
 
 
-@pytest.fixture
-def sigterm_raises():
-  previous = signal.getsignal(signal.SIGTERM)
-  interrupts.install()
-  yield
-  signal.signal(signal.SIGTERM, previous)
-
-
 def test_sigterm_raises_terminated_with_its_exit_code(sigterm_raises):
   with pytest.raises(interrupts.Terminated) as caught:
     os.kill(os.getpid(), signal.SIGTERM)

@@ -298,17 +298,6 @@ def _signalled(job, at_step, times):
   return job
 
 
-@pytest.fixture
-def sigterm_raises():
-  import signal
-
-  from zsjax import interrupts
-  previous = signal.getsignal(signal.SIGTERM)
-  interrupts.install()
-  yield
-  signal.signal(signal.SIGTERM, previous)
-
-
 @pytest.mark.parametrize("async_save", [False, True])
 def test_sigterm_finishes_the_step_under_way_and_saves_it(world, tmp_path, sigterm_raises,
                                                           async_save):
