@@ -155,7 +155,7 @@ TINY_WORLD_V5 = {**TINY_WORLD_V4, "world.version": 3, "demo_think": "cite",
 # document agree on which name only four tokens back. A version 5 document puts each
 # name right after its subject and its one-word field ("Liomves employer Thulbon"), the
 # citation writes the same two words. Probes (one core): seed 2, where v5 left the
-# birthplace behind, passed at step 500; end to end (5 of the 10-run set, stop 44), every
+# birthplace behind, passed at step 500; end to end (6 of the 10-run set, stop 44), every
 # warm start read every relation by step 500-700 and every per-run target of issue 27
 # but the time was met (experiments/results/tiny_world_v6).
 TINY_WORLD_V6 = {**TINY_WORLD_V5, "world.version": 5}
