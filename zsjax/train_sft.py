@@ -405,7 +405,7 @@ def train(job: SFTJob) -> dict:
             **({"cooldown": list(cooldown), "formed_step": formed} if formed >= 0 else {}),
             **({"record": record} if record else {})}
 
-  done, done_state = start, state  # the last step whose state, check and metrics are complete
+  done = start  # the last step whose state, check and metrics are complete
   try:
     with MetricWriter(workdir, resume_from=start) as writer, tqdm(
         total=end, initial=start, desc="sft", unit="step",
@@ -456,7 +456,7 @@ def train(job: SFTJob) -> dict:
           summary.update(last)
           bar.set_postfix({"nll": f"{last['loss/nll']:.3f}"}, refresh=False)
           bar.update(1)
-          done, done_state = step, state
+          done = step
           if step % config.checkpoint.every == 0 or step == end:
             checkpointer.save(step, state, extra=extra_at(step))
   except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (zsjax.interrupts)
@@ -469,7 +469,7 @@ def train(job: SFTJob) -> dict:
     # the saves already in flight complete there.
     if (step == done and done > (checkpointer.latest_step() or 0)
         and jax.process_count() == 1):
-      checkpointer.save(done, done_state, extra=extra_at(done), force=True)
+      checkpointer.save(done, state, extra=extra_at(done), force=True)  # step == done: its state
     checkpointer.close()
     where = f"after SFT step {step}" if step == done else f"during SFT step {step}"
     console(f"{interrupts.describe(e)} {where}; the last complete checkpoint: "
