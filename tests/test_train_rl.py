@@ -357,7 +357,7 @@ def test_interrupted_resumed_and_mismatched_runs_keep_the_workdir_whole(tmp_path
       train_rl.train(job)
   finally:
     signal.signal(signal.SIGTERM, previous)
-  assert ("stopped by SIGTERM during RL step 2; the last complete checkpoint: step 2. Rerun"
+  assert ("stopped by SIGTERM after RL step 2; the last complete checkpoint: step 2. Rerun"
           in capsys.readouterr().err)
   assert Checkpointer(tmp_path / "run" / "checkpoints").all_steps() == [1, 2]
   monkeypatch.setattr(ocp.CheckpointManager, "save", manager_save)
@@ -400,6 +400,49 @@ def test_interrupted_resumed_and_mismatched_runs_keep_the_workdir_whole(tmp_path
                                            r"of \d+ tokens, more than "
                                            r"config.rollout.max_prompt_tokens"):
     train_rl.setup(config, tmp_path / "other")
+
+
+def test_sigterm_finishes_the_rl_step_under_way_and_saves_it(tmp_path, world, monkeypatch,
+                                                            sigterm_raises, capsys):
+  """A SIGTERM during step 1, with no periodic save till the end: step 1 finishes and is
+  saved, so the rerun resumes from it and ends where the uninterrupted run ends."""
+  import signal
+
+  from zsjax import interrupts
+  from zsjax.checkpoint import Checkpointer
+
+  config = with_world(tiny_config(steps=2), world)
+  config.checkpoint.update(every=1000, export_hf=False)
+  whole = train_rl.run(config, str(tmp_path / "whole"))
+  step_of = train_rl.train_step
+
+  def signalled_in_1(job_, state, step):
+    if step == 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return step_of(job_, state, step)
+
+  monkeypatch.setattr(train_rl, "train_step", signalled_in_1)
+  with pytest.raises(interrupts.Terminated):
+    train_rl.run(config, str(tmp_path / "killed"))
+  err = capsys.readouterr().err
+  assert "SIGTERM received; finishing RL step 1 (then saving it) first" in err
+  assert "stopped by SIGTERM after RL step 1; the last complete checkpoint: step 1." in err
+  assert Checkpointer(tmp_path / "killed" / "checkpoints").all_steps() == [1]
+  monkeypatch.setattr(train_rl, "train_step", step_of)
+  resumed = train_rl.run(config, str(tmp_path / "killed"))
+  assert resumed["resumed_from"] == 1 and resumed["final_step"] == 2
+  assert (comparable(read_jsonl(tmp_path / "killed" / "metrics.jsonl"))
+          == comparable(read_jsonl(tmp_path / "whole" / "metrics.jsonl")))
+  assert resumed["reward/train"] == whole["reward/train"]
+  job = train_rl.setup(config, tmp_path / "whole")
+  final = {}
+  for name in ("whole", "killed"):
+    checkpointer = Checkpointer(tmp_path / name / "checkpoints")
+    final[name] = checkpointer.restore(job.programs.state_target(), 2)[0].policy.params
+    checkpointer.close()
+  for a, b in zip(jax.tree_util.tree_leaves(final["whole"]),
+                  jax.tree_util.tree_leaves(final["killed"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize("decay", ["constant", "cosine"])

@@ -225,7 +225,8 @@ def write_samples(job: RLJob, step: int, traj, golds, scores: AnswerScores) -> N
 def train(job: RLJob) -> dict:
   """The loop: restore or start, then step, write, checkpoint; export at the end.
   A failing engine stops it before the failing step's checkpoint; Ctrl-C or SIGTERM
-  lets a save in flight finish and names the last complete checkpoint."""
+  lets the step under way finish, saves it (one process) and names the last complete
+  checkpoint."""
   config, r, workdir = job.config, job.settings, job.workdir
   workdir.mkdir(parents=True, exist_ok=True)
   ck = config.checkpoint
@@ -252,37 +253,54 @@ def train(job: RLJob) -> dict:
   if is_main_process():
     drop_steps_after(workdir / "samples.jsonl", start)  # as MetricWriter does for metrics
   failures = search.FailingSteps.from_config(config.engine)
-  last, done, step = {}, start, start
+
+  def extra_at(at: int) -> dict:  # what a checkpoint at step `at` keeps besides the state
+    return {"step": at, "algorithm": r.algorithm, "seed": config.seed,
+            "schedule_steps": r.horizon, "inputs": inputs,
+            "data_position": at * r.prompts_per_step,
+            **({"record": record} if record else {})}
+
+  last, done, step = {}, start, start  # done: the last step whose state and metrics are complete
   try:
     with MetricWriter(workdir, resume_from=start) as writer, tqdm(
         total=r.total_steps, initial=min(start, r.total_steps), desc=f"rl/{r.algorithm}",
         unit="step", disable=not is_main_process() or not config.progress) as bar:
-      for step in range(start + 1, r.total_steps + 1):
-        state, metrics, samples = train_step(job, state, step)
-        if r.sample_every and step % r.sample_every == 0 and is_main_process():
-          write_samples(job, step, *samples)  # before the write: a NaN step keeps its samples
-        try:
-          last = writer.write(step, metrics)
-        except FloatingPointError as e:
-          raise FloatingPointError(
-              f"RL step {step}: {e} The update was not applied; the last checkpoint: "
-              f"{checkpointer.latest()}. Lower config.rl.learning_rate or check the "
-              "rewards.") from None
-        failures.observe(step, last["rollout/failed_share"], job.engine.last_error,
-                         log=console if is_main_process() else None)
-        bar.set_postfix({"reward": f"{last['reward/train']:.3f}",
-                         "p_noise": f"{last['curriculum/p_noise']:.3f}"}, refresh=False)
-        bar.update(1)
-        if step % ck.every == 0 or step == r.total_steps:
-          checkpointer.save(step, state, extra={
-              "step": step, "algorithm": r.algorithm, "seed": config.seed,
-              "schedule_steps": r.horizon, "inputs": inputs,
-              "data_position": step * r.prompts_per_step,
-              **({"record": record} if record else {})})
-        done = step
+      while step < r.total_steps:
+        # a signal lands between steps: the step under way finishes (rollout, update,
+        # metrics) and the interrupt path below saves it
+        with interrupts.deferred(f"RL step {step + 1} (then saving it)"):
+          step += 1
+          state, metrics, samples = train_step(job, state, step)
+          if r.sample_every and step % r.sample_every == 0 and is_main_process():
+            write_samples(job, step, *samples)  # before the write: a NaN step keeps its samples
+          try:
+            last = writer.write(step, metrics)
+          except FloatingPointError as e:
+            raise FloatingPointError(
+                f"RL step {step}: {e} The update was not applied; the last checkpoint: "
+                f"{checkpointer.latest()}. Lower config.rl.learning_rate or check the "
+                "rewards.") from None
+          failures.observe(step, last["rollout/failed_share"], job.engine.last_error,
+                           log=console if is_main_process() else None)
+          bar.set_postfix({"reward": f"{last['reward/train']:.3f}",
+                           "p_noise": f"{last['curriculum/p_noise']:.3f}"}, refresh=False)
+          bar.update(1)
+          done = step
+          if step % ck.every == 0 or step == r.total_steps:
+            checkpointer.save(step, state, extra=extra_at(step))
   except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (zsjax.interrupts)
-    checkpointer.close()  # an asynchronous save in progress completes first
-    console(f"{interrupts.describe(e)} during RL step {step}; the last complete checkpoint: "
+    checkpointer.wait()  # a save in flight completes first
+    # Stopped between steps (a signal): save the step just finished, so the steps since
+    # the last periodic checkpoint are kept. Stopped within a step (an exception raised
+    # in it): its state may be half-updated, so the last complete checkpoint stands.
+    # With several processes each may stop after another step and a save is a
+    # collective: only the saves already in flight complete there.
+    if (step == done and done > (checkpointer.latest_step() or 0)
+        and jax.process_count() == 1):
+      checkpointer.save(done, state, extra=extra_at(done), force=True)  # step == done: its state
+    checkpointer.close()
+    where = f"after RL step {step}" if step == done else f"during RL step {step}"
+    console(f"{interrupts.describe(e)} {where}; the last complete checkpoint: "
             f"{checkpointer.latest()}. Rerun the same command to resume.")
     raise
   except search.EngineError as e:
