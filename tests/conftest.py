@@ -91,12 +91,34 @@ def optimized(test_file: str, test_name: str, tmp_path) -> bool:
 
 @pytest.fixture
 def sigterm_raises():
-  """SIGTERM raises ``zsjax.interrupts.Terminated`` (as under ``zsjax.main``) for the
-  test; the previous handler is restored after it."""
+  """SIGTERM raises ``zsjax.interrupts.Terminated`` (as under ``zsjax.main``) and SIGINT
+  ``KeyboardInterrupt`` (as in a foreground run; a suite started in the background
+  ignores it) for the test; the previous handlers are restored after it."""
   import signal
 
   from zsjax import interrupts
-  previous = signal.getsignal(signal.SIGTERM)
+  previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
   interrupts.install()
+  signal.signal(signal.SIGINT, signal.default_int_handler)
   yield
-  signal.signal(signal.SIGTERM, previous)
+  for s, handler in previous.items():
+    signal.signal(s, handler)
+
+
+@pytest.fixture(autouse=True)
+def signals_put_back():
+  """After every test: no ``zsjax.interrupts.deferred`` body left open and SIGINT's
+  handler the one before the test (the default, or ignored when the suite was started
+  in the background), so a test that leaves them otherwise fails by name: a leaked
+  body would silently stop later tests' signals being held back."""
+  import signal
+
+  from zsjax import interrupts
+  before = signal.getsignal(signal.SIGINT)
+  yield
+  depth, handler = interrupts.deferred._depth, signal.getsignal(signal.SIGINT)
+  interrupts.deferred._depth = 0
+  signal.signal(signal.SIGINT, before)
+  assert depth == 0 and handler is before, (
+      f"the test left interrupts.deferred._depth={depth} and SIGINT's handler {handler!r} "
+      f"(before it: {before!r})")

@@ -36,6 +36,17 @@ def test_a_signal_in_a_deferred_body_is_raised_after_it(sigterm_raises, signum, 
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
 
 
+def test_an_ignored_signal_stays_ignored_in_a_deferred_body(sigterm_raises):
+  signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a job started in the background
+  with interrupts.deferred():
+    os.kill(os.getpid(), signal.SIGINT)
+  assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  with pytest.raises(interrupts.Terminated):  # SIGTERM is still held and raised after
+    with interrupts.deferred():
+      os.kill(os.getpid(), signal.SIGTERM)
+  assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
 def test_a_signal_while_already_stopping_is_dropped(sigterm_raises):
   with pytest.raises(KeyboardInterrupt) as caught:
     try:

@@ -9,7 +9,8 @@ flight finishes and the last complete checkpoint is printed.
 ``deferred()`` holds both signals back while its body runs (the blocking part of
 a checkpoint save, the wait for a background save, a training step) and raises the
 held one when the body is done, so an interrupt never lands half-way through
-writing a step; ``what`` names the body in the message a held signal prints. A
+writing a step; ``what`` names the body in the message a held signal prints; a
+signal the process ignores (SIGINT in a background job) stays ignored. A
 signal held while an interrupt is already being handled is dropped: the run is
 stopping anyway. The handler only records a signal, never raises, so nothing can
 interrupt the bookkeeping of nested bodies. Python runs a handler only between
@@ -81,7 +82,10 @@ class deferred:
       deferred._depth += 1
     if self.active:
       self.pending: list[int] = []
-      self.previous = {s: signal.signal(s, self._hold) for s in SIGNALS}
+      # a signal the process ignores (SIGINT in a job started in the background, or
+      # under nohup) stays ignored
+      self.previous = {s: signal.signal(s, self._hold) for s in SIGNALS
+                       if signal.getsignal(s) is not signal.SIG_IGN}
     return self
 
   def _hold(self, signum, frame):
