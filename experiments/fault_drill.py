@@ -22,8 +22,10 @@ fault (checkpoints, metrics, scored sets) is still there. Writes
 printed is a JSON summary. ``--scenarios`` and ``--jobs`` run a subset (the
 test suite runs a short drill). The ``sig*`` scenarios stop a healthy RL run
 with SIGTERM or Ctrl-C (SIGINT) during a checkpoint save or a step, then rerun
-it: the step under way must finish and be saved (a save in flight completes),
-the message must name that checkpoint, and the rerun must finish every step. About 6 minutes on
+it: the step under way must finish and be saved (a save in flight completes;
+a second signal in a step stops it at once and the last complete checkpoint
+stands), the message must name that checkpoint, and the rerun must finish every
+step. About 6 minutes on
 2 cores.
 """
 
@@ -59,12 +61,15 @@ SCENARIOS = {
     "fewer": dict(mode="fewer", healthy_for=2),
     "no_index": dict(mode="no_index", healthy_for=2),
     # a healthy server; the run is stopped by a signal (RL only): during the blocking
-    # part of step 2's checkpoint save, or in the middle of step 3
+    # part of step 2's checkpoint save, or in the middle of step 3 with checkpoints
+    # every 2 steps (the stop saves step 3), or twice in step 3 (stops at once: step 2)
     "sigterm_in_save": dict(mode="ok", signal="SIGTERM", at="save", step=2),
     "sigint_in_save": dict(mode="ok", signal="SIGINT", at="save", step=2),
-    "sigterm_in_step": dict(mode="ok", signal="SIGTERM", at="step", step=3),
+    "sigterm_in_step": dict(mode="ok", signal="SIGTERM", at="step", step=3, every=2),
+    "sigterm_twice_in_step": dict(mode="ok", signal="SIGTERM", at="step", step=3, every=2,
+                                  times=2),
 }
-RL_ONLY = ("sigterm_in_save", "sigint_in_save", "sigterm_in_step")
+RL_ONLY = ("sigterm_in_save", "sigint_in_save", "sigterm_in_step", "sigterm_twice_in_step")
 ENGINE = dict(timeout_s=0.5, max_retries=1, backoff_s=0.05, max_failed_share=0.2,
               max_failed_steps=2)
 RL_STEPS = 4
@@ -111,7 +116,8 @@ def rl_case(name: str, world: dict, work: Path) -> dict:
   config.data.train_files, config.tokenizer = world["train"], world["tokenizer"]
   config.rl.total_steps = RL_STEPS
   config.rollout.update(dict(max_new_tokens=12, max_turns=1))
-  config.checkpoint.update(dict(async_save=False, export_hf=False, every=1))
+  config.checkpoint.update(dict(async_save=False, export_hf=False,
+                                every=scenario.get("every", 1)))
   _engine_section(config, server.url)
   rows = config.rl.prompts_per_step * config.rl.samples_per_prompt
   original = sampling.from_config
@@ -180,7 +186,9 @@ def _signal_at(scenario: dict):
     yield armed
     return
   signum = getattr(signal, scenario["signal"])
-  previous = signal.getsignal(signal.SIGTERM)
+  # both handlers as in a foreground `zsjax.main` run (a drill started with `&` from a
+  # script ignores SIGINT), put back after
+  previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
   save, score = ocp.CheckpointManager.save, train_rl.score_answers
   calls = [0]
 
@@ -192,16 +200,19 @@ def _signal_at(scenario: dict):
   def score_then(*args, **kwargs):
     calls[0] += 1
     if armed and scenario["at"] == "step" and calls[0] == scenario["step"]:
-      os.kill(os.getpid(), signum)
+      for _ in range(scenario.get("times", 1)):
+        os.kill(os.getpid(), signum)
     return score(*args, **kwargs)
 
   interrupts.install()
+  signal.signal(signal.SIGINT, signal.default_int_handler)
   ocp.CheckpointManager.save, train_rl.score_answers = save_then, score_then
   try:
     yield armed
   finally:
     ocp.CheckpointManager.save, train_rl.score_answers = save, score
-    signal.signal(signal.SIGTERM, previous)
+    for s, handler in previous.items():
+      signal.signal(s, handler)
 
 
 def eval_case(name: str, world: dict, work: Path, policy: Path) -> dict:
@@ -340,13 +351,14 @@ def check(row: dict) -> list[str]:
     bad.append(f"took {row['seconds']:.0f} s, past the bound")
   scenario = SCENARIOS[name]
   if "signal" in scenario:
-    kept = scenario["step"]  # the step under way finishes and is saved, wherever it stopped
+    # the step under way finishes and is saved; a second signal stops it at once
+    kept = scenario["step"] - (scenario.get("times", 1) > 1)
     if not row["outcome"].startswith("interrupted"):
       bad.append(f"the run did not stop on {scenario['signal']}")
     if f"the last complete checkpoint: step {kept}" not in row["message"]:
       bad.append(f"the message did not name checkpoint step {kept}")
-    if kept not in row["checkpoints"]:
-      bad.append(f"checkpoint step {kept} (its save in flight) is missing")
+    if kept not in row["checkpoints"] or max(row["checkpoints"]) != kept:
+      bad.append(f"checkpoint step {kept} is missing or not the last")
     if row["resumed_steps"] != list(range(1, RL_STEPS + 1)):
       bad.append(f"the rerun did not resume and finish (steps {row['resumed_steps']})")
   elif name == "ok":

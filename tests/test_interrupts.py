@@ -36,6 +36,35 @@ def test_a_signal_in_a_deferred_body_is_raised_after_it(sigterm_raises, signum, 
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
 
 
+def test_a_second_signal_in_a_step_body_stops_it_at_once_but_not_a_write(sigterm_raises,
+                                                                          capsys):
+  done = []
+  with pytest.raises(interrupts.Terminated):
+    with interrupts.deferred("step 3", escalate=True):
+      os.kill(os.getpid(), signal.SIGTERM)
+      done.append("held")
+      os.kill(os.getpid(), signal.SIGTERM)  # the second: raised here
+      done.append("finished")
+  assert done == ["held"] and interrupts.deferred._depth == 0
+  assert "finishing step 3 first; send it again to stop at once" in capsys.readouterr().err
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+  # inside a checkpoint write (a nested body) both are held: the write finishes
+  done = []
+  with pytest.raises(KeyboardInterrupt):
+    with interrupts.deferred("step 4", escalate=True):
+      with interrupts.deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        done.append("written")
+      done.append("finished")
+  assert done == ["written", "finished"] and interrupts.deferred._depth == 0
+  with interrupts.deferred("step 5", escalate=True):  # later bodies hold signals again
+    os.kill(os.getpid(), signal.SIGTERM)
+    done.append("step 5")
+    pytest.raises(interrupts.Terminated, os.kill, os.getpid(), signal.SIGTERM)
+  assert done[-1] == "step 5" and interrupts.deferred._depth == 0
+
+
 def test_an_ignored_signal_stays_ignored_in_a_deferred_body(sigterm_raises):
   signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a job started in the background
   with interrupts.deferred():

@@ -10,10 +10,15 @@ flight finishes and the last complete checkpoint is printed.
 a checkpoint save, the wait for a background save, a training step) and raises the
 held one when the body is done, so an interrupt never lands half-way through
 writing a step; ``what`` names the body in the message a held signal prints; a
-signal the process ignores (SIGINT in a background job) stays ignored. A
+signal the process ignores (SIGINT in a job started with ``&`` from a script) stays
+ignored. In a training step's body (``escalate=True``) a second signal stops the
+run at once, losing the step under way, so a step stuck on a slow server never
+needs SIGKILL (the checkpoint write inside a step still finishes first). A
 signal held while an interrupt is already being handled is dropped: the run is
-stopping anyway. The handler only records a signal, never raises, so nothing can
-interrupt the bookkeeping of nested bodies. Python runs a handler only between
+stopping anyway. The handler raises only for a step's second signal, and only
+while no nested body is open, so nothing interrupts a nested body's bookkeeping
+(the counts are ordered so that a signal between any two statements leaves them
+whole). Python runs a handler only between
 bytecodes: a step blocked inside XLA sees the signal when it returns, as before.
 Outside the main thread (where Python delivers no signals) both are no-ops.
 """
@@ -69,39 +74,66 @@ def install() -> None:
 
 
 class deferred:
-  """``with deferred(what):`` SIGINT and SIGTERM arriving in the body are raised after it."""
+  """``with deferred(what):`` SIGINT and SIGTERM arriving in the body are raised after it.
+
+  ``escalate=True`` (a training step, which may wait minutes on a search server): a
+  second signal while the body runs, outside any nested body (a checkpoint write),
+  stops it at once, and the step under way is lost; the last complete checkpoint
+  stands."""
 
   _depth = 0  # nested bodies: only the outermost installs and raises
 
-  def __init__(self, what: str = "a checkpoint write"):
-    self.what = what
+  def __init__(self, what: str = "a checkpoint write", escalate: bool = False):
+    self.what, self.escalate = what, escalate
 
   def __enter__(self):
-    self.active = _main_thread() and deferred._depth == 0
-    if _main_thread():
-      deferred._depth += 1
-    if self.active:
+    self.active = self.counted = False
+    if not _main_thread():
+      return self
+    if deferred._depth == 0:
       self.pending: list[int] = []
-      # a signal the process ignores (SIGINT in a job started in the background, or
-      # under nohup) stays ignored
-      self.previous = {s: signal.signal(s, self._hold) for s in SIGNALS
-                       if signal.getsignal(s) is not signal.SIG_IGN}
+      self.previous = {}
+      try:
+        for s in SIGNALS:
+          # a signal the process ignores (SIGINT in a job started with `&` from a
+          # script) stays ignored
+          if signal.getsignal(s) is not signal.SIG_IGN:
+            self.previous[s] = signal.signal(s, self._hold)
+      except BaseException:  # a signal before every handler was in place
+        self._restore()
+        raise
+      self.active = True
+    self.counted = True  # before the count: a signal in between is only recorded
+    deferred._depth += 1
     return self
+
+  def _restore(self):
+    for s, handler in self.previous.items():
+      signal.signal(s, handler)
 
   def _hold(self, signum, frame):
     del frame
+    if self.pending and self.escalate and self.counted and deferred._depth == 1:
+      # the second signal, and no checkpoint write open inside the body: stop now
+      self.escalate = self.active = self.counted = False
+      deferred._depth -= 1
+      self._restore()
+      _raise_for(signum)
     self.pending.append(signum)
+    again = ("; send it again to stop at once, losing it" if self.escalate
+             else " (SIGKILL stops at once, losing it)")
     sys.stderr.write(f"zsjax: {signal.Signals(signum).name} received; finishing {self.what} "
-                     "first (SIGKILL stops at once, losing it).\n")
+                     f"first{again}.\n")
     sys.stderr.flush()
 
   def __exit__(self, exc_type, exc, tb):
-    if _main_thread():
+    self.escalate = False  # from here on a signal is only recorded
+    if self.counted:
+      self.counted = False
       deferred._depth -= 1
     if not self.active:
       return False
-    for s, handler in self.previous.items():
-      signal.signal(s, handler)
+    self._restore()
     handling = isinstance(sys.exc_info()[1], KeyboardInterrupt)  # already stopping
     if self.pending and exc_type is None and not handling:
       _raise_for(self.pending[0])

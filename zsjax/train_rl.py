@@ -260,6 +260,7 @@ def train(job: RLJob) -> dict:
             "data_position": at * r.prompts_per_step,
             **({"record": record} if record else {})}
 
+  saving = " (then saving it)" if jax.process_count() == 1 else ""  # (the interrupt path)
   last, done, step = {}, start, start  # done: the last step whose state and metrics are complete
   try:
     with MetricWriter(workdir, resume_from=start) as writer, tqdm(
@@ -267,8 +268,8 @@ def train(job: RLJob) -> dict:
         unit="step", disable=not is_main_process() or not config.progress) as bar:
       while step < r.total_steps:
         # a signal lands between steps: the step under way finishes (rollout, update,
-        # metrics) and the interrupt path below saves it
-        with interrupts.deferred(f"RL step {step + 1} (then saving it)"):
+        # metrics) and the interrupt path below saves it; a second signal stops it at once
+        with interrupts.deferred(f"RL step {step + 1}" + saving, escalate=True):
           step += 1
           state, metrics, samples = train_step(job, state, step)
           if r.sample_every and step % r.sample_every == 0 and is_main_process():

@@ -405,6 +405,7 @@ def train(job: SFTJob) -> dict:
             **({"cooldown": list(cooldown), "formed_step": formed} if formed >= 0 else {}),
             **({"record": record} if record else {})}
 
+  saving = " (then saving it)" if jax.process_count() == 1 else ""  # (the interrupt path)
   done = start  # the last step whose state, check and metrics are complete
   try:
     with MetricWriter(workdir, resume_from=start) as writer, tqdm(
@@ -412,8 +413,9 @@ def train(job: SFTJob) -> dict:
         disable=not is_main_process() or not config.progress) as bar:
       while step < end:
         # a signal lands between steps: the step under way finishes (its check too,
-        # every eval_every steps) and the interrupt path below saves it
-        with interrupts.deferred(f"SFT step {step + 1} (then saving it)"):
+        # every eval_every steps) and the interrupt path below saves it; a second
+        # signal stops it at once
+        with interrupts.deferred(f"SFT step {step + 1}" + saving, escalate=True):
           step += 1
           t0 = time.perf_counter()
           rows = batch_of(job, step, focus)
