@@ -1,5 +1,6 @@
 """Signals and damaged checkpoints: SIGINT/SIGTERM held back while a checkpoint
-is written, and a resume that falls back to the newest intact checkpoint."""
+is written or a step runs (a second signal stops a step at once), and a resume
+that falls back to the newest intact checkpoint."""
 
 import os
 import signal

@@ -320,10 +320,11 @@ def test_nan_loss_stops_naming_step_and_metric_and_saves_nothing_corrupt(tmp_pat
 def test_interrupted_resumed_and_mismatched_runs_keep_the_workdir_whole(tmp_path, world,
                                                                        monkeypatch, capsys,
                                                                        caplog):
-  """SIGTERM while a save is written and Ctrl-C while an asynchronous save is in
-  flight: the save completes and the message names it; a resume under another algorithm is refused before Orbax reads
-  a tree; a resume with fewer steps reports the step its export holds; an overlong
-  question is skipped when the data loads, named by file and row."""
+  """SIGTERM while an asynchronous save is written: the save completes and the message
+  names it; Ctrl-C raised inside a step: the last complete checkpoint stands; a resume
+  under another algorithm is refused before Orbax reads a tree; a resume with fewer
+  steps reports the step its export holds; an overlong question is skipped when the
+  data loads, named by file and row."""
   import datasets
   from zsjax.checkpoint import Checkpointer
 

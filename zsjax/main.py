@@ -107,7 +107,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # Orbax's INFO lines would bury the progress bar
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger().setLevel(logging.WARNING)  # libraries logging through the root logger
-  interrupts.install()  # SIGTERM ends a run as Ctrl-C does: the save in flight finishes
+  interrupts.install()  # SIGTERM ends a run as Ctrl-C does: the step under way finishes
   try:
     report = run_job(_CONFIG.value, _WORKDIR.value)
   except (workdir_lib.WorkdirBusy, workdir_lib.RunMismatch, search.EngineError) as e:
