@@ -2,16 +2,17 @@
 
 Command:  python -m zsjax.main --config=configs/tiny_world.py --workdir=/tmp/zsjax_tiny
           (--config.seed=N makes a different world and training run)
-Arg: "default" (tiny world v2) | "v2" (the same config, by name) | "v3" (the
-     warm start measured for tiny world v3, issue 27: a policy with 8 full
-     attention heads, a short instruction, and a warm start that stops a cooldown
-     after its held-out reading check passes; see WARM_START_V3) | "v4" (v3 in a
-     world whose questions share their relation's words with the documents, with
+Arg: "default" (tiny world v6, the same config as "v6") | "v2" (the default until
+     stop 45: the config of experiments/results/tiny_world_v2 and of the ablation
+     sweeps) | "v3" (the warm start measured for tiny world v3, issue 27: a policy
+     with 8 full attention heads, a short instruction, and a warm start that stops a
+     cooldown after its held-out reading check passes; see WARM_START_V3) | "v4" (v3
+     in a world whose questions share their relation's words with the documents, with
      relation-balanced demonstrations and a check every relation must pass; see
      TINY_WORLD_V4) | "v5" (v4 in a world whose fields restate their subject, the
      demonstrations citing their evidence in <think>; see TINY_WORLD_V5) | "v6" (v5 in
-     a world that writes each name right after its subject and field; TINY_WORLD_V6) | "ci" (a
-     smaller world and shorter stages, for the test suite).
+     a world that writes each name right after its subject and field; TINY_WORLD_V6) |
+     "ci" (a smaller world and shorter stages, for the test suite; v2's design).
 Hardware: a 2-core CPU, no accelerator, nothing downloaded.
 
 Stages (zsjax/pipeline.py, data from zsjax/demonstrations.py; each skipped when its output exists): build the world
@@ -334,7 +335,7 @@ def get_config(arg=None):
     config.update_from_flattened_dict(TINY_WORLD_V4)
   if arg == "v5":
     config.update_from_flattened_dict(TINY_WORLD_V5)
-  if arg == "v6":
+  if arg in ("v6", "default"):
     config.update_from_flattened_dict(TINY_WORLD_V6)
   return config
 

@@ -44,6 +44,13 @@ def test_config_builds_and_names_a_known_job(path):
   assert "python -m zsjax.main" in doc and "Expected" in doc
 
 
+def test_the_tiny_worlds_default_is_v6():
+  default = load_config(ROOT / "configs/tiny_world.py").to_dict()
+  assert default == load_config(ROOT / "configs/tiny_world.py", "v6").to_dict()
+  v2 = load_config(ROOT / "configs/tiny_world.py", "v2")
+  assert default["world"]["version"] == 5 and v2.world.version == 1
+
+
 def test_the_tiny_worlds_v3_arg_changes_only_the_warm_start_it_names():
   def flat(config, prefix=""):
     out = {}
@@ -54,10 +61,8 @@ def test_the_tiny_worlds_v3_arg_changes_only_the_warm_start_it_names():
         out[f"{prefix}{key}"] = value
     return out
 
-  default = flat(load_config(ROOT / "configs/tiny_world.py"))
   v3 = flat(load_config(ROOT / "configs/tiny_world.py", "v3"))
   v2 = flat(load_config(ROOT / "configs/tiny_world.py", "v2"))
-  assert v2 == default  # v2 by name
   changed = {k for k in v2 if v2[k] != v3[k]}
   assert set(v3) == set(v2) and changed
   assert changed == {"instruction"} | {k for k in changed if k.startswith("warm_start.")}
