@@ -9,7 +9,7 @@ minibatches: ``rl_step.update_epochs``) twice, by the same programs but for
 trajectories packed into rows of it, ``zsjax.packing``). Both runs see the same
 batch; each time is the median of ``--repeats`` after a compile run.
 
-  tiny:   the tiny world's RL trajectories (``configs/tiny_world.py``: a 384-token
+  tiny:   the tiny world's RL trajectories (``configs/tiny_world.py:v2``: a 384-token
           cap, prompts of ~60 tokens, responses of ~110 +- 40, from
           ``experiments/results/tiny_world_v2``), its 96-wide 2-layer policy;
   paper:  300 to 4096 tokens, uniform (the paper's 4096 cap; search-RL
