@@ -217,6 +217,23 @@ class Checkpointer:
       self.manager.wait_until_finished()
       self.manager.close()
 
+  def close_on_interrupt(self, error: KeyboardInterrupt, name: str, step: int, done: int,
+                         state, extra_at, log) -> None:
+    """A training loop's Ctrl-C / SIGTERM path: the save in flight completes; a loop
+    stopped between steps (``step == done``, ``state`` that step's) saves that step, so
+    the steps since the last periodic checkpoint are kept; one stopped within a step
+    (an exception raised in it, or a second signal) keeps the last complete checkpoint,
+    since its state may be half-updated. With several processes each may stop after
+    another step and a save is a collective: only the saves already in flight complete.
+    ``log`` gets the line naming where it stopped and the last complete checkpoint."""
+    self.wait()
+    if step == done and done > (self.latest_step() or 0) and jax.process_count() == 1:
+      self.save(done, state, extra=extra_at(done), force=True)
+    self.close()
+    where = f"after {name} step {step}" if step == done else f"during {name} step {step}"
+    log(f"{interrupts.describe(error)} {where}; the last complete checkpoint: "
+        f"{self.latest()}. Rerun the same command to resume.")
+
 
 def horizon_message(workdir, recorded: int, horizon: int, total_steps: int, section: str,
                     where: str) -> str:

@@ -290,19 +290,7 @@ def train(job: RLJob) -> dict:
           if step % ck.every == 0 or step == r.total_steps:
             checkpointer.save(step, state, extra=extra_at(step))
   except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (zsjax.interrupts)
-    checkpointer.wait()  # a save in flight completes first
-    # Stopped between steps (a signal): save the step just finished, so the steps since
-    # the last periodic checkpoint are kept. Stopped within a step (an exception raised
-    # in it): its state may be half-updated, so the last complete checkpoint stands.
-    # With several processes each may stop after another step and a save is a
-    # collective: only the saves already in flight complete there.
-    if (step == done and done > (checkpointer.latest_step() or 0)
-        and jax.process_count() == 1):
-      checkpointer.save(done, state, extra=extra_at(done), force=True)  # step == done: its state
-    checkpointer.close()
-    where = f"after RL step {step}" if step == done else f"during RL step {step}"
-    console(f"{interrupts.describe(e)} {where}; the last complete checkpoint: "
-            f"{checkpointer.latest()}. Rerun the same command to resume.")
+    checkpointer.close_on_interrupt(e, "RL", step, done, state, extra_at, console)
     raise
   except search.EngineError as e:
     checkpointer.close()

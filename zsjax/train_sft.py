@@ -462,20 +462,7 @@ def train(job: SFTJob) -> dict:
           if step % config.checkpoint.every == 0 or step == end:
             checkpointer.save(step, state, extra=extra_at(step))
   except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (zsjax.interrupts)
-    checkpointer.wait()  # a save in flight completes first
-    # Stopped between steps (a signal): save the step just finished, so the steps
-    # since the last periodic checkpoint are kept (before, a stop ahead of the first
-    # save lost the run). Stopped within a step (an exception raised in it): its
-    # state may be half-updated, so the last complete checkpoint stands. With several
-    # processes each may stop after another step, and a save is a collective: only
-    # the saves already in flight complete there.
-    if (step == done and done > (checkpointer.latest_step() or 0)
-        and jax.process_count() == 1):
-      checkpointer.save(done, state, extra=extra_at(done), force=True)  # step == done: its state
-    checkpointer.close()
-    where = f"after SFT step {step}" if step == done else f"during SFT step {step}"
-    console(f"{interrupts.describe(e)} {where}; the last complete checkpoint: "
-            f"{checkpointer.latest()}. Rerun the same command to resume.")
+    checkpointer.close_on_interrupt(e, "SFT", step, done, state, extra_at, console)
     raise
   except BaseException:
     checkpointer.close()  # a save in flight completes whatever stopped the loop
