@@ -114,11 +114,14 @@ def signals_put_back():
   import signal
 
   from zsjax import interrupts
-  before = signal.getsignal(signal.SIGINT)
+  before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
   yield
-  depth, handler = interrupts.deferred._depth, signal.getsignal(signal.SIGINT)
+  depth = interrupts.deferred._depth
+  handler, term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
   interrupts.deferred._depth = 0
-  signal.signal(signal.SIGINT, before)
-  assert depth == 0 and handler is before, (
-      f"the test left interrupts.deferred._depth={depth} and SIGINT's handler {handler!r} "
-      f"(before it: {before!r})")
+  for s, previous in before.items():
+    signal.signal(s, previous)
+  stale = isinstance(getattr(term, "__self__", None), interrupts.deferred)
+  assert depth == 0 and handler is before[signal.SIGINT] and not stale, (
+      f"the test left interrupts.deferred._depth={depth}, SIGINT's handler {handler!r} "
+      f"(before it: {before[signal.SIGINT]!r}) and SIGTERM's {term!r}")

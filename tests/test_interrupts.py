@@ -49,6 +49,7 @@ def test_a_second_signal_in_a_step_body_stops_it_at_once_but_not_a_write(sigterm
   assert done == ["held"] and interrupts.deferred._depth == 0
   assert "finishing step 3 first; send it again to stop at once" in capsys.readouterr().err
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+  assert signal.getsignal(signal.SIGTERM) is interrupts._on_terminate
   # inside a checkpoint write (a nested body) both are held: the write finishes
   done = []
   with pytest.raises(KeyboardInterrupt):
@@ -59,11 +60,27 @@ def test_a_second_signal_in_a_step_body_stops_it_at_once_but_not_a_write(sigterm
         done.append("written")
       done.append("finished")
   assert done == ["written", "finished"] and interrupts.deferred._depth == 0
-  with interrupts.deferred("step 5", escalate=True):  # later bodies hold signals again
+  # later bodies hold signals again; a second signal whose raise is lost (caught here,
+  # as a finalizer would swallow it) still stops the run when the body ends
+  with pytest.raises(interrupts.Terminated):
+    with interrupts.deferred("step 5", escalate=True):
+      os.kill(os.getpid(), signal.SIGTERM)
+      done.append("step 5")
+      pytest.raises(interrupts.Terminated, os.kill, os.getpid(), signal.SIGTERM)
+      done.append("step 5 went on")
+  assert done[-2:] == ["step 5", "step 5 went on"] and interrupts.deferred._depth == 0
+  assert signal.getsignal(signal.SIGTERM) is interrupts._on_terminate
+
+
+def test_a_handler_left_by_an_interrupted_exit_puts_itself_back(sigterm_raises):
+  body = interrupts.deferred("step 1", escalate=True)
+  body.__enter__()
+  body.closing = True  # as if a signal cut its exit short before SIGTERM was put back
+  with pytest.raises(interrupts.Terminated):  # the next SIGTERM: passed on, not swallowed
     os.kill(os.getpid(), signal.SIGTERM)
-    done.append("step 5")
-    pytest.raises(interrupts.Terminated, os.kill, os.getpid(), signal.SIGTERM)
-  assert done[-1] == "step 5" and interrupts.deferred._depth == 0
+  assert signal.getsignal(signal.SIGTERM) is interrupts._on_terminate
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  interrupts.deferred._depth = 0  # the body never exited
 
 
 def test_an_ignored_signal_stays_ignored_in_a_deferred_body(sigterm_raises):

@@ -87,7 +87,7 @@ class deferred:
     self.what, self.escalate = what, escalate
 
   def __enter__(self):
-    self.active = self.counted = False
+    self.active = self.counted = self.closing = False
     if not _main_thread():
       return self
     if deferred._depth == 0:
@@ -97,8 +97,10 @@ class deferred:
         for s in SIGNALS:
           # a signal the process ignores (SIGINT in a job started with `&` from a
           # script) stays ignored
-          if signal.getsignal(s) is not signal.SIG_IGN:
-            self.previous[s] = signal.signal(s, self._hold)
+          previous = signal.getsignal(s)
+          if previous is not signal.SIG_IGN:
+            self.previous[s] = previous  # known before our handler is: restorable
+            signal.signal(s, self._hold)
       except BaseException:  # a signal before every handler was in place
         self._restore()
         raise
@@ -112,10 +114,18 @@ class deferred:
       signal.signal(s, handler)
 
   def _hold(self, signum, frame):
-    del frame
+    if self.closing:  # left installed by an exit a signal cut short: put back, pass on
+      self._restore()
+      handler = self.previous.get(signum)
+      if callable(handler):
+        return handler(signum, frame)
+      if handler is not signal.SIG_IGN:
+        _raise_for(signum)
+      return None
     if self.pending and self.escalate and self.counted and deferred._depth == 1:
-      # the second signal, and no checkpoint write open inside the body: stop now
-      self.escalate = self.active = self.counted = False
+      # the second signal, and no checkpoint write open inside the body: stop now (the
+      # body stays active: were this raise lost, in a finalizer, its exit raises the first)
+      self.escalate = self.counted = False
       deferred._depth -= 1
       self._restore()
       _raise_for(signum)
@@ -131,6 +141,7 @@ class deferred:
     if self.counted:
       self.counted = False
       deferred._depth -= 1
+    self.closing = self.active  # from here on a signal goes to the handler put back
     if not self.active:
       return False
     self._restore()
