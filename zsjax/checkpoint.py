@@ -217,6 +217,13 @@ class Checkpointer:
       self.manager.wait_until_finished()
       self.manager.close()
 
+  @staticmethod
+  def step_body(name: str, step: int) -> interrupts.deferred:
+    """``with``-body of a training loop's step ``step``: a signal waits for it to end
+    (then ``close_on_interrupt`` saves it, with one process), a second stops it at once."""
+    saving = " (then saving it)" if jax.process_count() == 1 else ""
+    return interrupts.deferred(f"{name} step {step}{saving}", escalate=True)
+
   def close_on_interrupt(self, error: KeyboardInterrupt, name: str, step: int, done: int,
                          state, extra_at, log) -> None:
     """A training loop's Ctrl-C / SIGTERM path: the save in flight completes; a loop

@@ -37,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from zsjax import data as data_lib
-from zsjax import hf, interrupts, rl_settings, rl_step, sampling, search, template, tinyworld
+from zsjax import hf, rl_settings, rl_step, sampling, search, template, tinyworld
 from zsjax import rollout as rollout_lib
 from zsjax import workdir as workdir_lib
 from zsjax.checkpoint import Checkpointer, export_hf
@@ -260,7 +260,6 @@ def train(job: RLJob) -> dict:
             "data_position": at * r.prompts_per_step,
             **({"record": record} if record else {})}
 
-  saving = " (then saving it)" if jax.process_count() == 1 else ""  # (the interrupt path)
   last, done, step = {}, start, start  # done: the last step whose state and metrics are complete
   try:
     with MetricWriter(workdir, resume_from=start) as writer, tqdm(
@@ -269,7 +268,7 @@ def train(job: RLJob) -> dict:
       while step < r.total_steps:
         # a signal lands between steps: the step under way finishes (rollout, update,
         # metrics) and the interrupt path below saves it; a second signal stops it at once
-        with interrupts.deferred(f"RL step {step + 1}" + saving, escalate=True):
+        with checkpointer.step_body("RL", step + 1):
           step += 1
           state, metrics, samples = train_step(job, state, step)
           if r.sample_every and step % r.sample_every == 0 and is_main_process():

@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from zsjax import data as data_lib
-from zsjax import hf, interrupts
+from zsjax import hf
 from zsjax import workdir as workdir_lib
 from zsjax.checkpoint import Checkpointer, abstract_like, check_checkpoint_config, export_hf
 from zsjax.metrics import MetricWriter, console, metrics_at
@@ -405,7 +405,6 @@ def train(job: SFTJob) -> dict:
             **({"cooldown": list(cooldown), "formed_step": formed} if formed >= 0 else {}),
             **({"record": record} if record else {})}
 
-  saving = " (then saving it)" if jax.process_count() == 1 else ""  # (the interrupt path)
   done = start  # the last step whose state, check and metrics are complete
   try:
     with MetricWriter(workdir, resume_from=start) as writer, tqdm(
@@ -415,7 +414,7 @@ def train(job: SFTJob) -> dict:
         # a signal lands between steps: the step under way finishes (its check too,
         # every eval_every steps) and the interrupt path below saves it; a second
         # signal stops it at once
-        with interrupts.deferred(f"SFT step {step + 1}" + saving, escalate=True):
+        with checkpointer.step_body("SFT", step + 1):
           step += 1
           t0 = time.perf_counter()
           rows = batch_of(job, step, focus)
