@@ -179,6 +179,10 @@ def get_config(arg=None):
       # (>= rollout.max_length; zsjax.packing); 0: each in its own padded row. The same
       # loss and gradients up to float rounding (tests/test_packing.py)
       pack_tokens=0 if tiny else 4096,
+      # False: no scoring pass for the old log-probs; the update's own, held fixed, stand
+      # in (one update a step only: epochs 1 and one minibatch; not PPO). The paper's
+      # 320 trajectories make two updates (256 + 64), so its step needs the pass
+      old_logp_pass=True,
       # keep the reference / the optimizer state in host memory ("pinned_host") between
       # the phases that use them: less device memory, a copy each way a step
       # (experiments/plan_rl.py counts both)

@@ -44,11 +44,16 @@ def test_config_builds_and_names_a_known_job(path):
   assert "python -m zsjax.main" in doc and "Expected" in doc
 
 
-def test_the_tiny_worlds_default_is_v6():
+def test_the_tiny_worlds_default_is_v7_which_is_v6_but_for_its_rl_stages():
   default = load_config(ROOT / "configs/tiny_world.py").to_dict()
-  assert default == load_config(ROOT / "configs/tiny_world.py", "v6").to_dict()
+  assert default == load_config(ROOT / "configs/tiny_world.py", "v7").to_dict()
   v2 = load_config(ROOT / "configs/tiny_world.py", "v2")
   assert default["world"]["version"] == 5 and v2.world.version == 1
+  v6 = _flatten(load_config(ROOT / "configs/tiny_world.py", "v6").to_dict())
+  new = _flatten(default)
+  assert set(new) == set(v6)
+  assert {k.split(".")[0] for k in new if new[k] != v6[k]} == {"rl"}  # v6's stages cache
+  assert new["rl.rl.total_steps"] == 25 and new["rl.rl.old_logp_pass"] is False
 
 
 def test_the_tiny_worlds_v3_arg_changes_only_the_warm_start_it_names():

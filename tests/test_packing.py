@@ -114,6 +114,60 @@ def test_a_packed_step_equals_the_padded_step(algorithm, aggregation):
         jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(params)))  # it moved
 
 
+@pytest.mark.parametrize("algorithm,pack_tokens", [("reinforce", 48), ("grpo", 0)])
+def test_a_step_without_the_old_logp_pass_equals_the_step_with_it(algorithm, pack_tokens):
+  """rl.old_logp_pass=False (one update a step): no scoring pass for the old
+  log-probs, the update's own held fixed instead. The same loss, metrics and new
+  parameters as with the pass (float32 rounding apart), a ratio of exactly 1, and
+  the policy's log-probs scored once (the reference's pass only)."""
+  plan = S.ShardingPlan(S.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]),
+                        S.rules_for("dp"), "dp")
+  params = M.init_params(CFG, jax.random.key(4))
+  traj, rewards = _traj(16, 20, 5)
+
+  def step(old_logp_pass):
+    section = load_config("zerosearch", f"tiny,{algorithm}").rl
+    section.update(prompts_per_step=4, samples_per_prompt=4, minibatch_size=16, epochs=1,
+                   micro_batch_size=4, score_batch_size=4, kl_coef=0.1, learning_rate=1e-2,
+                   pack_tokens=pack_tokens, old_logp_pass=old_logp_pass)
+    r = rl_settings.RLSettings.from_config(section).check()
+    programs = rl_step.build_programs(r, CFG, plan, 1.0)
+    scored = []
+    name = "packed_log_probs" if pack_tokens else "log_probs"
+    inner = getattr(programs, name)
+    programs = dataclasses.replace(programs, **{name: lambda *a: scored.append(1) or inner(*a)})
+    state = programs.initial_state(params, jax.random.key(0))
+    batch = rl_step.make_rl_batch(programs, state, programs.reference_params(params), traj,
+                                  rewards)
+    new, metrics = rl_step.update_epochs(programs, state, batch, np.random.default_rng(1),
+                                         jax.random.key(3))
+    return len(scored), jax.device_get(new.policy.params), jax.device_get(metrics)
+
+  calls, new, metrics = step(True)
+  calls2, new2, metrics2 = step(False)
+  assert calls2 >= 1 and calls == 2 * calls2  # the reference's pass and the policy's, or one
+  assert len(metrics) == len(metrics2) == 1
+  assert metrics2[0]["loss/ratio_mean"] == 1.0 and metrics2[0]["loss/clip_frac"] == 0.0
+  for key in metrics[0]:
+    assert metrics2[0][key] == pytest.approx(metrics[0][key], rel=2e-4, abs=2e-6), key
+  for x, y in zip(jax.tree_util.tree_leaves(new2), jax.tree_util.tree_leaves(new)):
+    np.testing.assert_allclose(x, y, atol=2e-5, rtol=1e-4)
+  assert not all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(new),
+                                                       jax.tree_util.tree_leaves(params)))
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(epochs=2), "make 2"), (dict(minibatch_size=8), "make 2"),
+    (dict(algorithm="ppo"), "PPO reads the old log-probs")])
+def test_old_logp_pass_off_is_refused_where_the_old_log_probs_are_not_the_updates(fields, match):
+  section = load_config("zerosearch", "tiny").rl
+  section.update(prompts_per_step=4, samples_per_prompt=4, minibatch_size=16, epochs=1,
+                 micro_batch_size=4, score_batch_size=4, old_logp_pass=False)
+  section.update(**fields)
+  with pytest.raises(ValueError, match=f"config.rl.old_logp_pass=False.*{match}"):
+    rl_settings.RLSettings.from_config(section).check()
+
+
 def test_pack_tokens_narrower_than_the_context_is_named():
   config = load_config("zerosearch", "tiny")
   config.rl.pack_tokens = config.rollout.max_length - 1

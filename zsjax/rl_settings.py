@@ -68,6 +68,11 @@ class RLSettings:
   # padding-free scoring and update (zsjax.packing): trajectories packed into rows of
   # this many tokens (>= rollout.max_length); 0: padded rows of rollout.max_length
   pack_tokens: int = 0
+  # False: no scoring pass for the old log-probs where a step makes one update (epochs
+  # 1, one minibatch; REINFORCE or GRPO): the update's own log-probs, stop-gradient,
+  # stand in for them. On-policy the ratio is 1 and the gradient the same either way;
+  # the step saves one forward pass over its tokens (the reference's pass stays)
+  old_logp_pass: bool = True
   reference_dtype: str = ""
   offload_reference: bool = False
   offload_optimizer: bool = False
@@ -142,6 +147,7 @@ class RLSettings:
     if not 0 <= self.warmup_fraction < 1:
       raise ValueError(f"config.rl.warmup_fraction={self.warmup_fraction} must lie in [0, 1).")
     self._check_batches()
+    self.check_old_logp_pass()
     if self.algorithm == "grpo" and self.samples_per_prompt < 2:
       raise ValueError(f"config.rl.samples_per_prompt={self.samples_per_prompt}: GRPO needs "
                        "groups of at least 2 samples per prompt.")
@@ -175,6 +181,23 @@ class RLSettings:
     if self.score_batch_size <= 0 or n % self.score_batch_size:
       raise ValueError(f"config.rl.score_batch_size={self.score_batch_size} must divide the {n} "
                        "trajectories of a step.")
+
+  def check_old_logp_pass(self) -> None:
+    """``old_logp_pass=False`` only where the old log-probs are the update's own."""
+    if self.old_logp_pass is True:
+      return
+    if self.old_logp_pass is not False:
+      raise ValueError(f"config.rl.old_logp_pass={self.old_logp_pass!r} must be True or False.")
+    updates = self.epochs * -(-self.rows // self.minibatch_size)
+    if self.algorithm == "ppo":
+      raise ValueError("config.rl.old_logp_pass=False: PPO reads the old log-probs before its "
+                       "update (its KL is in the reward); set config.rl.old_logp_pass=True.")
+    if updates != 1:
+      raise ValueError(
+          f"config.rl.old_logp_pass=False needs one update a step (then the old log-probs "
+          f"are the update's own), but epochs={self.epochs} with minibatch_size="
+          f"{self.minibatch_size} of the {self.rows} trajectories of a step make {updates}. "
+          f"Set config.rl.old_logp_pass=True, or epochs=1 and minibatch_size={self.rows}.")
 
   def check_memory(self, devices) -> None:
     """Host offload needs a backend with a ``pinned_host`` memory (GPU, TPU and CPU

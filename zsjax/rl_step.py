@@ -54,6 +54,7 @@ class RLBatch:
   segment_ids: jax.Array  # [N, S] 1 on held tokens, 0 on padding
   loss_mask: jax.Array  # [N, S] 1 on the tokens the loss covers
   old_logp: jax.Array  # [N, S] the current policy's log-probs at the sampling temperature
+  # (zeros with rl.old_logp_pass False: the update uses its own)
   ref_logp: jax.Array  # [N, S] the frozen reference's
   advantages: jax.Array  # [N, S]
   returns: jax.Array  # [N, S] PPO's value targets (zeros otherwise)
@@ -75,8 +76,11 @@ def _policy_objective(settings: RLSettings, cfg: ModelConfig, temperature: float
   logp, entropy = token_log_probs(cfg, params, mb.tokens, mb.segment_ids,
                                   getattr(mb, "positions", None),
                                   temperature=temperature, with_entropy=True)
+  # without the scoring pass (rl.old_logp_pass False: one update a step, on-policy) the
+  # old log-probs are these, held fixed: the ratio is 1, its gradient the policy's
+  old_logp = mb.old_logp if settings.old_logp_pass else jax.lax.stop_gradient(logp)
   return rl.policy_loss(
-      logp, mb.old_logp, mb.ref_logp, mb.advantages, mb.loss_mask, clip_eps=settings.clip_eps,
+      logp, old_logp, mb.ref_logp, mb.advantages, mb.loss_mask, clip_eps=settings.clip_eps,
       kl_coef=settings.loss_kl_coef, kl_type=settings.kl_type,
       entropy=entropy, entropy_coef=settings.entropy_coef, dual_clip=settings.dual_clip or None,
       aggregation=settings.aggregation, normalizer=normalizer)
@@ -320,7 +324,9 @@ def make_rl_batch(programs: RLPrograms, state: RLState, ref_params, traj, reward
     ref_params = jax.device_put(ref_params, in_memory(programs.shardings.params, "device"))
   ref_logp = log_probs(ref_params)
   del ref_params
-  old_logp = log_probs(state.policy.params)
+  # rl.old_logp_pass False: the update computes them (zeros here, never read)
+  old_logp = (log_probs(state.policy.params) if r.old_logp_pass
+              else jnp.zeros_like(ref_logp))
   if programs.values is not None:
     old_values = values(state.critic.params)
   else:

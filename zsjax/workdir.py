@@ -60,6 +60,7 @@ MAY_CHANGE = {
     "rl": _EVERY_JOB + ("rl.total_steps", "rl.schedule_steps", "rl.sample_every",
                         "rl.sample_rows", "rl.micro_batch_size", "rl.score_batch_size",
                         "rl.offload_reference", "rl.offload_optimizer", "rl.pack_tokens",
+                        "rl.old_logp_pass",  # the same gradient without a pass
                         # memory: the same trajectories' distribution (another random
                         # stream with more waves; a shared prefill is the same cache)
                         "rollout.waves", "rollout.share_prompt",
@@ -93,6 +94,7 @@ LATER_FIELDS = {
     "rl.offload_reference": False,
     "rl.offload_optimizer": False,
     "rl.pack_tokens": 0,
+    "rl.old_logp_pass": True,
     "sampling.method": "gumbel",
     "simulator.sampling_method": "gumbel",
     "simulator.top_p": 1.0,
