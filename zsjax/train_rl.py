@@ -276,6 +276,7 @@ def train(job: RLJob) -> dict:
           try:
             last = writer.write(step, metrics)
           except FloatingPointError as e:
+            checkpointer.close()  # an asynchronous save in flight lands before it is named
             raise FloatingPointError(
                 f"RL step {step}: {e} The update was not applied; the last checkpoint: "
                 f"{checkpointer.latest()}. Lower config.rl.learning_rate or check the "
