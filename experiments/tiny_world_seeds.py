@@ -221,8 +221,29 @@ def _nll(warm_start: dict, key: str) -> str:
   return f"{warm_start[key]:.3f}" if key in warm_start else "-"
 
 
+AGAINST_KEYS = ("warm start", "RL(sim)", "RL(BM25)", "RL(sim) - warm start", "RL(sim) two-hop")
+
+
+def against(summary: dict, baseline: dict, name: str) -> tuple[list[str], dict]:
+  """This set's runs minus the same-named runs of another set's ``summary.json``
+  (``baseline``; e.g. an earlier design on the same seeds): per run and mean ± std
+  over the runs both hold, for ``AGAINST_KEYS``. Markdown lines and the numbers."""
+  both = [run for run in summary["runs"] if run in baseline["runs"]]
+  diffs = {run: {k: summary["runs"][run][k] - baseline["runs"][run][k] for k in AGAINST_KEYS}
+           for run in both}
+  lines = ["", f"## Against {name}: this set minus it, run by run (EM points)", "",
+           "| run | " + " | ".join(AGAINST_KEYS) + " |", "|---|" + "---|" * len(AGAINST_KEYS)]
+  lines += [f"| {run} | " + " | ".join(f"{d[k]:+.1f}" for k in AGAINST_KEYS) + " |"
+            for run, d in diffs.items()]
+  stats = {k: mean_std([d[k] for d in diffs.values()]) for k in AGAINST_KEYS} if both else {}
+  if both:
+    lines.append(f"| mean ± std ({len(both)} runs) | " + " | ".join(
+        f"{fmt([d[k] for d in diffs.values()], 1)}" for k in AGAINST_KEYS) + " |")
+  return lines, {"baseline": name, "runs": diffs, "mean_std": stats}
+
+
 def report(root: Path, seeds: list[int], runs: dict, out: Path,
-           roundings: dict[str, str]) -> dict:
+           roundings: dict[str, str], baseline: Path | None = None) -> dict:
   """``report.md``, ``summary.json`` and ``plots/`` under ``out`` for ``runs``
   (``collect``'s, of ``seeds``) under ``root``."""
   labels = [r for r in roundings if any(k[1] == r for k in runs)]
@@ -298,6 +319,10 @@ def report(root: Path, seeds: list[int], runs: dict, out: Path,
     lines.append(f"| {name(seed, label)} | {both(a, 'useful')} | {both(a, 'noisy')} | "
                  f"{both(a, 'real')} | {100 * t['useful']:.1f} / {100 * t['noisy']:.1f} / "
                  f"{100 * t['real']:.1f} | {100 * o['useful']:.1f} / {100 * o['noisy']:.1f} |")
+  if baseline is not None:
+    extra, summary["against"] = against(summary, json.loads(baseline.read_text()),
+                                        str(baseline))
+    lines += extra
   checks = targets(runs)
   summary["targets"] = checks
   lines += ["", "## Targets (issue 27)", "", "| target | value | met |", "|---|---|---|"]
@@ -352,6 +377,8 @@ def main(argv=None):
   parser.add_argument("--keep", default="", help="copy each finished run's small files "
                       "(KEEP, the warm start's curve) to KEEP/<name>; the report can then "
                       "be made from there (--root=KEEP)")
+  parser.add_argument("--against", default="", help="another set's summary.json (the same "
+                      "run names): a section of this set's runs minus those")
   parser.add_argument("--roundings", default=ROUNDINGS,
                       help="LABEL=NAME,...: the workdir names (NAME formatted with the seed) "
                            "of each rounding the report compares")
@@ -370,7 +397,8 @@ def main(argv=None):
   if not runs:
     print(json.dumps({"runs": 0, "note": "no finished run under the root"}))
     return
-  summary = report(root, seeds, runs, Path(args.out) if args.out else root, roundings)
+  summary = report(root, seeds, runs, Path(args.out) if args.out else root, roundings,
+                   Path(args.against) if args.against else None)
   print(json.dumps({"runs": len(runs), "targets_met": sum(t["met"] for t in summary["targets"]),
                     "targets": len(summary["targets"]),
                     **{f"{label}: {k}": v for label, g in summary["by_rounding"].items()

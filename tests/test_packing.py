@@ -2,6 +2,7 @@
 scoring and updates equal to the padded ones."""
 
 import dataclasses
+import functools
 import types
 
 import jax
@@ -69,33 +70,41 @@ def _traj(n, s, seed):
       lengths=lengths, prompt_lengths=prompt), rng.random(n).astype(np.float32)
 
 
+def _one_step(algorithm: str, params, traj, rewards, **rl_fields):
+  """One RL step (scoring, advantages, updates) of the tiny zerosearch config with
+  ``rl_fields`` on one device: ``(host batch, host new state, metrics, scoring calls)``,
+  the calls counted on the program that scores log-probs (padded or packed)."""
+  plan = S.ShardingPlan(S.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]),
+                        S.rules_for("dp"), "dp")
+  section = load_config("zerosearch", f"tiny,{algorithm}").rl
+  section.update(prompts_per_step=4, samples_per_prompt=4, micro_batch_size=4,
+                 score_batch_size=4, kl_coef=0.1, learning_rate=1e-2, **rl_fields)
+  r = rl_settings.RLSettings.from_config(section).check()
+  programs = rl_step.build_programs(r, CFG, plan, 1.0)
+  calls = []
+  name = "packed_log_probs" if r.pack_tokens else "log_probs"
+  inner = getattr(programs, name)
+  programs = dataclasses.replace(programs, **{name: lambda *a: calls.append(1) or inner(*a)})
+  state = programs.initial_state(params, jax.random.key(0))
+  batch = rl_step.make_rl_batch(programs, state, programs.reference_params(params), traj,
+                                rewards)
+  new, metrics = rl_step.update_epochs(programs, state, batch, np.random.default_rng(1),
+                                       jax.random.key(3))
+  return jax.device_get(batch), jax.device_get(new), jax.device_get(metrics), len(calls)
+
+
 @pytest.mark.parametrize("algorithm,aggregation", [("grpo", "seq_mean_token_mean"),
                                                    ("ppo", "token_mean")])
 def test_a_packed_step_equals_the_padded_step(algorithm, aggregation):
   """Scoring (reference, old log-probs, PPO values), advantages, and two updates
   (two minibatches) of a packed step equal the padded step's: the same loss and
   metrics, and parameters equal to float32 rounding."""
-  plan = S.ShardingPlan(S.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]),
-                        S.rules_for("dp"), "dp")
   params = M.init_params(CFG, jax.random.key(2))
   traj, rewards = _traj(16, 20, 3)
-
-  def step(pack_tokens):
-    section = load_config("zerosearch", f"tiny,{algorithm}").rl
-    section.update(prompts_per_step=4, samples_per_prompt=4, minibatch_size=8,
-                   micro_batch_size=4, score_batch_size=4, kl_coef=0.1, learning_rate=1e-2,
-                   aggregation=aggregation, pack_tokens=pack_tokens)
-    r = rl_settings.RLSettings.from_config(section).check()
-    programs = rl_step.build_programs(r, CFG, plan, 1.0)
-    state = programs.initial_state(params, jax.random.key(0))
-    batch = rl_step.make_rl_batch(programs, state, programs.reference_params(params), traj,
-                                  rewards)
-    new, metrics = rl_step.update_epochs(programs, state, batch, np.random.default_rng(1),
-                                         jax.random.key(3))
-    return jax.device_get(batch), jax.device_get(new), jax.device_get(metrics)
-
-  batch, state, metrics = step(0)
-  batch2, state2, metrics2 = step(48)  # about two trajectories a row
+  step = functools.partial(_one_step, algorithm, params, traj, rewards, minibatch_size=8,
+                           aggregation=aggregation)
+  batch, state, metrics, _ = step(pack_tokens=0)
+  batch2, state2, metrics2, _ = step(pack_tokens=48)  # about two trajectories a row
   for name in ("old_logp", "ref_logp", "old_values", "advantages", "returns"):
     np.testing.assert_allclose(getattr(batch2, name), getattr(batch, name), atol=2e-5,
                                err_msg=name)
@@ -120,31 +129,13 @@ def test_a_step_without_the_old_logp_pass_equals_the_step_with_it(algorithm, pac
   log-probs, the update's own held fixed instead. The same loss, metrics and new
   parameters as with the pass (float32 rounding apart), a ratio of exactly 1, and
   the policy's log-probs scored once (the reference's pass only)."""
-  plan = S.ShardingPlan(S.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]),
-                        S.rules_for("dp"), "dp")
   params = M.init_params(CFG, jax.random.key(4))
   traj, rewards = _traj(16, 20, 5)
-
-  def step(old_logp_pass):
-    section = load_config("zerosearch", f"tiny,{algorithm}").rl
-    section.update(prompts_per_step=4, samples_per_prompt=4, minibatch_size=16, epochs=1,
-                   micro_batch_size=4, score_batch_size=4, kl_coef=0.1, learning_rate=1e-2,
-                   pack_tokens=pack_tokens, old_logp_pass=old_logp_pass)
-    r = rl_settings.RLSettings.from_config(section).check()
-    programs = rl_step.build_programs(r, CFG, plan, 1.0)
-    scored = []
-    name = "packed_log_probs" if pack_tokens else "log_probs"
-    inner = getattr(programs, name)
-    programs = dataclasses.replace(programs, **{name: lambda *a: scored.append(1) or inner(*a)})
-    state = programs.initial_state(params, jax.random.key(0))
-    batch = rl_step.make_rl_batch(programs, state, programs.reference_params(params), traj,
-                                  rewards)
-    new, metrics = rl_step.update_epochs(programs, state, batch, np.random.default_rng(1),
-                                         jax.random.key(3))
-    return len(scored), jax.device_get(new.policy.params), jax.device_get(metrics)
-
-  calls, new, metrics = step(True)
-  calls2, new2, metrics2 = step(False)
+  step = functools.partial(_one_step, algorithm, params, traj, rewards, minibatch_size=16,
+                           epochs=1, pack_tokens=pack_tokens)
+  _, new, metrics, calls = step(old_logp_pass=True)
+  _, new2, metrics2, calls2 = step(old_logp_pass=False)
+  new, new2 = new.policy.params, new2.policy.params
   assert calls2 >= 1 and calls == 2 * calls2  # the reference's pass and the policy's, or one
   assert len(metrics) == len(metrics2) == 1
   assert metrics2[0]["loss/ratio_mean"] == 1.0 and metrics2[0]["loss/clip_frac"] == 0.0

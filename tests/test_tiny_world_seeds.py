@@ -48,6 +48,20 @@ def test_spread_pools_within_seed_and_within_rounding_variances(tmp_path):
   assert np.isclose(every["value"], g.min()) and every["met"] == (g.min() >= 20)
 
 
+def test_against_another_set_subtracts_run_by_run():
+  rng = np.random.default_rng(2)
+  runs = {f"seed_{s}": {k: float(v) for k, v in zip(tiny_world_seeds.AGAINST_KEYS,
+                                                       rng.uniform(0, 100, 5))} for s in range(3)}
+  base = {run: {k: v - 1.0 - i for k, v in row.items()} for i, (run, row) in enumerate(runs.items())}
+  base["seed_7"] = base.pop("seed_2")  # not in this set: left out
+  lines, out = tiny_world_seeds.against({"runs": runs}, {"runs": base}, "v0")
+  assert sorted(out["runs"]) == ["seed_0", "seed_1"]
+  assert out["runs"]["seed_1"]["RL(sim)"] == 2.0
+  mean, std = out["mean_std"]["RL(BM25)"]
+  assert np.isclose(mean, 1.5) and np.isclose(std, np.std([1.0, 2.0], ddof=1))
+  assert "| seed_1 | +2.0 |" in "\n".join(lines) and "mean ± std (2 runs)" in lines[-1]
+
+
 def test_a_single_run_below_a_per_run_target_fails_it():
   rng = np.random.default_rng(1)
   runs = {(s, "all cores"): fake_run(rng, 0.3) for s in range(3)}
