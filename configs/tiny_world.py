@@ -28,16 +28,16 @@ this world's facts; a second search on a quarter of two-hop questions), until a
 held-out reading check passes for every relation -> RL against the simulator
 (REINFORCE, noise curriculum) and, for comparison, against BM25 -> evaluate
 everything with BM25, greedy, and measure how well the simulator controls quality.
-Expected (default, v6; ~{MIN_ALONE} min alone on a 2-core Intel Xeon Processor):
+Expected (default, v7; ~19 min alone on a 2-core Intel Xeon Processor):
 WORKDIR/results.json (with the machine, package versions and commit), results.md
 (EM / substring EM / F1 on single-hop, two-hop and all test questions for
 warm_start, direct, rag, rl_simulator, rl_real_search; paired gains; the
 simulator's control), plots/*.png, per-stage TensorBoard logs and checkpoints,
 final_policy/ (HF). Over seeds 0-4, each on two cores and on one, the numbers to
-expect are in experiments/results/tiny_world_v6/report.md (RL against the
-simulator +43 to +50 EM over the warm start in every run; made by
-experiments/tiny_world_seeds.py); v2's, over seeds 0-2, in
-experiments/results/tiny_world_v2/report.md.
+expect are in experiments/results/tiny_world_v7/report.md (RL against the
+simulator +28 to +50 EM over the warm start in every run; made by
+experiments/tiny_world_seeds.py); v6's in experiments/results/tiny_world_v6, v2's,
+over seeds 0-2, in experiments/results/tiny_world_v2/report.md.
 """
 
 import ml_collections
@@ -155,7 +155,7 @@ TINY_WORLD_V4 = {**WARM_START_V3, "world.version": 2, "demo_balance_relations": 
 TINY_WORLD_V5 = {**TINY_WORLD_V4, "world.version": 3, "demo_think": "cite",
                  "rl.rollout.max_new_tokens": 32}
 
-# Tiny world v6 (arg "v6", the default since stop 45; issue 27): v5 in a version 5
+# Tiny world v6 (arg "v6", the default in stop 45; issue 27): v5 in a version 5
 # world. Every relation v5 left behind was one of a person's two fields, whose clauses
 # ("Birthplace of Liomves:", "Employer of Liomves:") end in the same two tokens, so the
 # citation and the document agree on which name only four tokens back. A version 5
@@ -235,7 +235,7 @@ def get_config(arg=None):
   # or search on (demonstrations.demonstrations): the name is read right after the
   # document's own words for it, wherever the document is; "cite" also names the
   # document ("<think> Doc 1: Employer of Liomves: Thulbon </think>"); "" none
-  # (v5 and v6, the default, set "cite").
+  # (v5, v6 and v7, the default, set "cite").
   config.demo_think = ""
   # Other worlds whose oracle searches also give simulator-tuning pairs. Seed 0, with
   # 1500 pretraining steps: 2 such worlds lowered useful results holding the answer
