@@ -70,8 +70,10 @@ class RLSettings:
   pack_tokens: int = 0
   # False: no scoring pass for the old log-probs where a step makes one update (epochs
   # 1, one minibatch; REINFORCE or GRPO): the update's own log-probs, stop-gradient,
-  # stand in for them. On-policy the ratio is 1 and the gradient the same either way;
-  # the step saves one forward pass over its tokens (the reference's pass stays)
+  # stand in for them. On-policy the ratio is 1 and the gradient the same either way
+  # (with a scoring_dtype other than the policy's the pass adds that dtype's rounding
+  # to the ratio; without it the gradient is the exact on-policy one); the step saves
+  # one forward pass over its tokens (the reference's pass stays)
   old_logp_pass: bool = True
   reference_dtype: str = ""
   offload_reference: bool = False
